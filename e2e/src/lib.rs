@@ -1,0 +1,1 @@
+//! Test support for pgsnap's end-to-end tests: the local cluster and its node agent.
