@@ -1,6 +1,147 @@
-//! The custom resources of group `pgsnap.io`.
+//! The custom resources of group `pgsnap.io`, and the CSI snapshot types pgsnap uses.
+
+pub mod backup;
+pub mod snapshot;
+
+pub use backup::{Backup, BackupSpec, BackupStatus, Phase};
+
+use kube::CustomResourceExt;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// The API group of every pgsnap resource; also the prefix of its labels and annotations.
+pub const GROUP: &str = "pgsnap.io";
 
 /// All CRDs as one multi-document YAML stream, as `pgsnap crd` prints and `crds/` holds.
 pub fn crds_yaml() -> Result<String, serde_yaml::Error> {
-    Ok(String::new())
+    let mut out = String::new();
+    for crd in [Backup::crd()] {
+        out.push_str("---\n");
+        out.push_str(&serde_yaml::to_string(&crd)?);
+    }
+    Ok(out)
+}
+
+/// A key of a Secret in the resource's own namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct SecretKeyRef {
+    pub name: String,
+    pub key: String,
+}
+
+/// A duration written the Go way (`90s`, `10m`, `1h30m`), as Kubernetes users expect and
+/// CEL's `duration()` checks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Duration(pub std::time::Duration);
+
+impl Duration {
+    pub const fn from_secs(secs: u64) -> Self {
+        Duration(std::time::Duration::from_secs(secs))
+    }
+}
+
+impl std::str::FromStr for Duration {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("{s:?} is not a duration like 90s, 10m or 1h30m");
+        let mut total = 0f64;
+        let mut rest = s;
+        if rest.is_empty() {
+            return Err(bad());
+        }
+        while !rest.is_empty() {
+            let num_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or_else(bad)?;
+            let value: f64 = rest[..num_len].parse().map_err(|_| bad())?;
+            rest = &rest[num_len..];
+            let unit_len = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
+            let scale = match &rest[..unit_len] {
+                "ms" => 0.001,
+                "s" => 1.0,
+                "m" => 60.0,
+                "h" => 3600.0,
+                _ => return Err(bad()),
+            };
+            total += value * scale;
+            rest = &rest[unit_len..];
+        }
+        Ok(Duration(std::time::Duration::from_secs_f64(total)))
+    }
+}
+
+impl std::fmt::Display for Duration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let secs = self.0.as_secs();
+        let millis = self.0.subsec_millis();
+        let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
+        if h > 0 {
+            write!(f, "{h}h")?;
+        }
+        if m > 0 {
+            write!(f, "{m}m")?;
+        }
+        match (s, millis) {
+            (0, 0) if secs > 0 => Ok(()),
+            (s, 0) => write!(f, "{s}s"),
+            (0, ms) if secs == 0 => write!(f, "{ms}ms"),
+            (s, ms) => write!(f, "{s}.{ms:03}s"),
+        }
+    }
+}
+
+impl Serialize for Duration {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Duration {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl JsonSchema for Duration {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Duration".into()
+    }
+
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({"type": "string", "maxLength": 32})
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_the_go_way_and_print_back() {
+        for (text, secs) in [("10m", 600.0), ("1h30m", 5400.0), ("90s", 90.0), ("1.5s", 1.5), ("250ms", 0.25)] {
+            let d: Duration = text.parse().unwrap();
+            assert_eq!(d.0.as_secs_f64(), secs, "{text}");
+        }
+        assert_eq!(Duration::from_secs(5400).to_string(), "1h30m");
+        assert_eq!(Duration::from_secs(600).to_string(), "10m");
+        assert_eq!(Duration::from_secs(61).to_string(), "1m1s");
+        assert_eq!(Duration(std::time::Duration::from_millis(1500)).to_string(), "1.500s");
+        for bad in ["", "10", "m", "10d", "1h-5m", "ten minutes"] {
+            assert!(bad.parse::<Duration>().is_err(), "{bad:?} should be refused");
+        }
+    }
+
+    #[test]
+    fn crds_in_the_repository_match_the_rust_types() {
+        let generated = crds_yaml().unwrap();
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/crds/pgsnap.io.yaml");
+        let committed = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            committed == generated,
+            "crds/pgsnap.io.yaml differs from the Rust types in src/api: run `make crds` and commit the result"
+        );
+    }
 }

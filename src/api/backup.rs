@@ -1,0 +1,291 @@
+//! The `Backup` resource: one online backup of one PostgreSQL server into CSI snapshots.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+use super::{Duration, SecretKeyRef};
+
+/// One online backup of one PostgreSQL server: a non-exclusive backup session held open
+/// while CSI VolumeSnapshots of every volume the database lives on are cut.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "pgsnap.io",
+    version = "v1alpha1",
+    kind = "Backup",
+    namespaced,
+    status = "BackupStatus",
+    shortname = "pgbackup",
+    category = "pgsnap",
+    doc = "One online backup of one PostgreSQL server into CSI VolumeSnapshots and a backup_label ConfigMap",
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Pod", type_ = "string", json_path = ".status.postgres.pod"),
+    printcolumn(name = "Window", type_ = "string", description = "Seconds the server spent in backup mode", json_path = ".status.backupWindow.seconds"),
+    printcolumn(name = "Reason", type_ = "string", json_path = ".status.error.reason", priority = 1),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[x_kube(validation = Rule::new("self == oldSelf").message("a Backup's spec is immutable: create a new Backup instead"))]
+#[serde(rename_all = "camelCase")]
+pub struct BackupSpec {
+    /// The pod whose PostgreSQL server is backed up.
+    pub target: Target,
+    /// How pgsnap reaches the server in that pod.
+    #[serde(default)]
+    pub connection: Connection,
+    /// The VolumeSnapshotClass for every snapshot. Default: the default class of each
+    /// PVC's CSI driver.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_snapshot_class_name: Option<String>,
+    /// `Fast` requests an immediate checkpoint; `Spread` waits for a spread one (minutes
+    /// with default settings, but no I/O burst).
+    #[serde(default)]
+    pub checkpoint: Checkpoint,
+    /// Whether stopping waits until the last WAL segment of the backup is archived. Without
+    /// an archive, WAL needed for restore must be kept some other way.
+    #[serde(default = "default_true")]
+    pub wait_for_archive: bool,
+    /// Hard limit on the time the server spends in backup mode (Go duration, 10s–24h).
+    #[serde(default = "default_deadline")]
+    #[x_kube(validation = Rule::new("self.matches('^([0-9]+(\\\\.[0-9]+)?(ms|s|m|h))+$') && duration(self) >= duration('10s') && duration(self) <= duration('24h')").message("deadline must be a duration between 10s and 24h, e.g. 10m"))]
+    pub deadline: Duration,
+    /// What deleting the Backup does to its snapshots and label ConfigMap.
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
+    /// Explicit volumes to snapshot instead of discovering them from the database. Every
+    /// directory the database uses must still be on one of them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    #[x_kube(validation = Rule::new("self.all(v, self.exists_one(w, w.persistentVolumeClaim == v.persistentVolumeClaim))").message("each PVC may be listed once"))]
+    pub volumes: Vec<VolumeOverride>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_deadline() -> Duration {
+    Duration::from_secs(600)
+}
+
+/// Which pod holds the server: a name, or a label selector plus a role.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[x_kube(validation = Rule::new("has(self.podName) != has(self.selector)").message("set exactly one of podName and selector"))]
+#[x_kube(validation = Rule::new("!has(self.role) || has(self.selector)").message("role chooses among the pods of a selector; it needs selector"))]
+#[serde(rename_all = "camelCase")]
+pub struct Target {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub pod_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<LabelSelector>,
+    /// Which of the selected servers to back up, decided by `pg_is_in_recovery()`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<TargetRole>,
+}
+
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum TargetRole {
+    #[default]
+    Primary,
+    Standby,
+    PreferStandby,
+    Any,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Connection {
+    /// Default: the pod's container port named `postgresql`, else 5432.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 65535").message("port must be 1-65535"))]
+    pub port: Option<i32>,
+    #[serde(default = "default_database")]
+    pub database: String,
+    #[serde(default = "default_user")]
+    pub user: String,
+    /// The Secret key holding the password; none means password-less (trust, cert) auth.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_secret_ref: Option<SecretKeyRef>,
+    #[serde(default)]
+    pub ssl_mode: SslMode,
+    /// The CA certificate (PEM) that signs the server's certificate, for `VerifyFull`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret_ref: Option<SecretKeyRef>,
+}
+
+impl Default for Connection {
+    fn default() -> Self {
+        Connection {
+            port: None,
+            database: default_database(),
+            user: default_user(),
+            password_secret_ref: None,
+            ssl_mode: SslMode::default(),
+            ca_secret_ref: None,
+        }
+    }
+}
+
+fn default_database() -> String {
+    "postgres".into()
+}
+
+fn default_user() -> String {
+    "postgres".into()
+}
+
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum SslMode {
+    Disable,
+    #[default]
+    Prefer,
+    Require,
+    VerifyFull,
+}
+
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Checkpoint {
+    #[default]
+    Spread,
+    Fast,
+}
+
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DeletionPolicy {
+    /// Deleting the Backup deletes its snapshots and label ConfigMap.
+    #[default]
+    Delete,
+    /// Snapshots and label ConfigMap outlive the Backup; a Restore can still use them.
+    Retain,
+}
+
+/// A PVC to snapshot, named explicitly.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeOverride {
+    #[schemars(length(min = 1, max = 253))]
+    pub persistent_volume_claim: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+pub enum Phase {
+    Pending,
+    Starting,
+    Snapshotting,
+    Stopping,
+    Finalizing,
+    Completed,
+    Failed,
+}
+
+impl Phase {
+    /// Phases in which the server is (or may be) in backup mode, so only the task that holds
+    /// the session may move the Backup on.
+    pub fn holds_session(self) -> bool {
+        matches!(self, Phase::Starting | Phase::Snapshotting | Phase::Stopping)
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Phase::Completed | Phase::Failed)
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postgres: Option<PostgresStatus>,
+    #[serde(rename = "startLSN", default, skip_serializing_if = "Option::is_none")]
+    pub start_lsn: Option<String>,
+    #[serde(rename = "stopLSN", default, skip_serializing_if = "Option::is_none")]
+    pub stop_lsn: Option<String>,
+    #[serde(rename = "startWAL", default, skip_serializing_if = "Option::is_none")]
+    pub start_wal: Option<String>,
+    #[serde(rename = "stopWAL", default, skip_serializing_if = "Option::is_none")]
+    pub stop_wal: Option<String>,
+    /// Whether a temporary replication slot kept the backup's WAL from being recycled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wal_pinned: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup_window: Option<BackupWindow>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub snapshots: Vec<SnapshotStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label_config_map: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completed_at: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<BackupError>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PostgresStatus {
+    pub pod: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system_identifier: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeline: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<ServerRole>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+pub enum ServerRole {
+    Primary,
+    Standby,
+}
+
+/// Time the server spent in backup mode: from the start call's return to the stop call's.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupWindow {
+    pub started_at: Time,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped_at: Option<Time>,
+    /// Decimal seconds as a string, so the printer column stays readable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seconds: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, schemars::JsonSchema)]
+pub enum VolumeRole {
+    Data,
+    Wal,
+    Tablespace,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotStatus {
+    /// The VolumeSnapshot's name.
+    pub name: String,
+    pub persistent_volume_claim: String,
+    pub role: VolumeRole,
+    /// The tablespace's name, for role Tablespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tablespace: Option<String>,
+    /// The directory of the role's files inside the volume ("" = the volume's root).
+    pub path_in_volume: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cut_at: Option<Time>,
+    #[serde(default)]
+    pub ready_to_use: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_size: Option<String>,
+}
+
+/// Why a Backup failed, with a stable reason a user (or an alert) can act on.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
+pub struct BackupError {
+    pub reason: String,
+    pub message: String,
+}
