@@ -1,0 +1,333 @@
+//! What the server says about itself: the facts a backup needs to decide what to snapshot
+//! and to describe the backup in its status.
+
+use tokio_postgres::Client;
+
+use super::error::{Error, Step};
+
+/// PostgreSQL 10 is the first major with `pg_create_physical_replication_slot(.., true,
+/// true)`, `wait_for_archive` and the `pg_wal` naming; older servers are refused.
+pub const MIN_MAJOR: u32 = 10;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tablespace {
+    pub oid: u32,
+    pub name: String,
+    /// Absolute path the `pg_tblspc/<oid>` link points to.
+    pub location: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoleInfo {
+    pub name: String,
+    pub superuser: bool,
+    /// May create replication slots (needed to pin WAL).
+    pub replication: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerInfo {
+    /// `server_version_num`, e.g. 160004.
+    pub version_num: u32,
+    /// `server_version`, e.g. "16.4".
+    pub version: String,
+    pub major: u32,
+    pub in_recovery: bool,
+    pub system_identifier: u64,
+    /// Primary: the timeline it writes. Standby: the timeline of its last restartpoint.
+    pub timeline: u32,
+    pub data_directory: String,
+    /// Where the WAL really is. `data_directory/pg_wal` unless the link could be followed
+    /// (see `wal_directory_is_link`).
+    pub wal_directory: String,
+    /// `Some(true)`: `pg_wal` is a link and `wal_directory` is its target. `None`: it could
+    /// not be checked (that needs superuser), so `wal_directory` is `data_directory/pg_wal`
+    /// unverified.
+    pub wal_directory_is_link: Option<bool>,
+    pub wal_segment_size: u64,
+    pub tablespaces: Vec<Tablespace>,
+    pub archive_mode: String,
+    pub wal_level: String,
+    pub full_page_writes: bool,
+    pub role: RoleInfo,
+}
+
+impl ServerInfo {
+    pub(crate) async fn load(client: &Client) -> Result<ServerInfo, Error> {
+        let row = client
+            .query_one(
+                "select current_setting('server_version_num')::int4, \
+                        current_setting('server_version'), \
+                        pg_is_in_recovery(), current_user::text, \
+                        current_setting('wal_level'), current_setting('archive_mode'), \
+                        current_setting('full_page_writes')::bool",
+                &[],
+            )
+            .await
+            .map_err(|e| query_err("reading the server version", "", e))?;
+        let version_num = row.get::<_, i32>(0) as u32;
+        let version: String = row.get(1);
+        let user: String = row.get(3);
+        check_version(version_num, &version)?;
+        let in_recovery: bool = row.get(2);
+
+        let role = client
+            .query_one(
+                "select rolsuper, rolreplication from pg_roles where rolname = current_user",
+                &[],
+            )
+            .await
+            .map_err(|e| query_err("reading the role's attributes", &user, e))?;
+        let role = RoleInfo {
+            name: user.clone(),
+            superuser: role.get(0),
+            replication: role.get(1),
+        };
+
+        let data_directory: String = client
+            .query_one("select current_setting('data_directory')", &[])
+            .await
+            .map_err(|e| match query_err("reading data_directory", &user, e) {
+                Error::MissingPrivilege { user, missing, .. } => Error::MissingPrivilege {
+                    grant: format!("GRANT pg_read_all_settings TO {}", quote_ident(&user)),
+                    user,
+                    missing,
+                },
+                other => other,
+            })?
+            .get(0);
+
+        let system_identifier = client
+            .query_one("select system_identifier from pg_control_system()", &[])
+            .await
+            .map_err(|e| {
+                query_err("reading the system identifier", &user, e).with_grant(|| {
+                    format!(
+                        "GRANT EXECUTE ON FUNCTION pg_control_system() TO {}",
+                        quote_ident(&user)
+                    )
+                })
+            })?
+            .get::<_, i64>(0) as u64;
+
+        let timeline = if in_recovery {
+            client
+                .query_one("select timeline_id from pg_control_checkpoint()", &[])
+                .await
+                .map_err(|e| {
+                    query_err("reading the timeline", &user, e).with_grant(|| {
+                        format!(
+                            "GRANT EXECUTE ON FUNCTION pg_control_checkpoint() TO {}",
+                            quote_ident(&user)
+                        )
+                    })
+                })?
+                .get::<_, i32>(0) as u32
+        } else {
+            // The last checkpoint's timeline lags behind a promotion until the next
+            // checkpoint; the current WAL file's name does not.
+            let file: String = client
+                .query_one("select pg_walfile_name(pg_current_wal_lsn())", &[])
+                .await
+                .map_err(|e| query_err("reading the timeline", &user, e))?
+                .get(0);
+            u32::from_str_radix(file.get(..8).unwrap_or(""), 16).map_err(|_| Error::Query {
+                what: "reading the timeline",
+                detail: format!("unexpected WAL file name {file:?}"),
+                sqlstate: None,
+            })?
+        };
+
+        // PostgreSQL 10 reports the size in 8kB blocks, 11+ in bytes.
+        let wal_segment_size = client
+            .query_one(
+                "select setting::int8 * case unit when '8kB' then 8192 when 'MB' then 1048576 else 1 end \
+                 from pg_settings where name = 'wal_segment_size'",
+                &[],
+            )
+            .await
+            .map_err(|e| query_err("reading wal_segment_size", &user, e))?
+            .get::<_, i64>(0) as u64;
+
+        let tablespaces = client
+            .query(
+                "select oid, spcname::text, pg_tablespace_location(oid) from pg_tablespace \
+                 where spcname not in ('pg_default', 'pg_global') order by oid",
+                &[],
+            )
+            .await
+            .map_err(|e| query_err("listing tablespaces", &user, e))?
+            .into_iter()
+            .map(|r| Tablespace {
+                oid: r.get(0),
+                name: r.get(1),
+                location: r.get(2),
+            })
+            .collect();
+
+        let (wal_directory, wal_directory_is_link) =
+            match resolve_wal_directory(client, &data_directory).await {
+                Some(Some(target)) => (target, Some(true)),
+                Some(None) => (format!("{data_directory}/pg_wal"), Some(false)),
+                None => (format!("{data_directory}/pg_wal"), None),
+            };
+
+        Ok(ServerInfo {
+            version_num,
+            version,
+            major: major_of(version_num),
+            in_recovery,
+            system_identifier,
+            timeline,
+            data_directory,
+            wal_directory,
+            wal_directory_is_link,
+            wal_segment_size,
+            tablespaces,
+            archive_mode: row.get(5),
+            wal_level: row.get(4),
+            full_page_writes: row.get(6),
+            role,
+        })
+    }
+}
+
+/// 160004 -> 16. Before 10 a major had two parts (9.6 is 90600); those all map to 9,
+/// which is all the version check needs.
+pub(crate) fn major_of(version_num: u32) -> u32 {
+    version_num / 10_000
+}
+
+pub(crate) fn check_version(version_num: u32, version: &str) -> Result<(), Error> {
+    if major_of(version_num) < MIN_MAJOR {
+        return Err(Error::UnsupportedVersion {
+            version: version.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// A role name as it must appear in a GRANT statement.
+pub(crate) fn quote_ident(name: &str) -> String {
+    let plain = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if plain {
+        name.to_string()
+    } else {
+        format!("\"{}\"", name.replace('"', "\"\""))
+    }
+}
+
+fn query_err(what: &'static str, user: &str, e: tokio_postgres::Error) -> Error {
+    Error::from_query(what, Step::Connect, user, String::new, e)
+}
+
+impl Error {
+    fn with_grant(self, grant: impl FnOnce() -> String) -> Error {
+        match self {
+            Error::MissingPrivilege { user, missing, .. } => Error::MissingPrivilege {
+                user,
+                missing,
+                grant: grant(),
+            },
+            other => other,
+        }
+    }
+}
+
+/// Follows `pg_wal` when it is a link to another directory (`initdb --waldir`, or a WAL
+/// volume mounted elsewhere). SQL has no readlink, but the kernel resolves `..` after a
+/// link physically: `pg_wal/..` is the parent of the link's TARGET. So: when `pg_wal/..`
+/// lists differently from the data directory, `pg_wal` is a link; its target is found by
+/// walking up from `pg_wal/..` to `/` and back down, matching each ancestor by its listing
+/// and timestamps. Needs `..` and absolute paths in `pg_ls_dir`, i.e. superuser (or
+/// pg_read_server_files with EXECUTE on pg_ls_dir and pg_stat_file). `None` when not
+/// allowed or ambiguous, `Some(None)` for a plain directory, `Some(Some(path))` for a link.
+async fn resolve_wal_directory(client: &Client, data_directory: &str) -> Option<Option<String>> {
+    if listing(client, ".").await? == listing(client, "pg_wal/..").await? {
+        return Some(None);
+    }
+    // Ancestors of the target, nearest first, up to `/` (the one that is its own parent).
+    let mut ancestors = vec!["pg_wal/..".to_string()];
+    loop {
+        let rel = ancestors.last()?.clone();
+        let parent = format!("{rel}/..");
+        if ancestors.len() > 64 {
+            return None;
+        }
+        if fingerprint(client, &rel).await? == fingerprint(client, &parent).await? {
+            break;
+        }
+        ancestors.push(parent);
+    }
+    // Down from `/`: at each level exactly one child must match.
+    let mut path = String::new();
+    let steps = ancestors.iter().rev().skip(1).cloned().chain(["pg_wal".to_string()]);
+    for rel in steps {
+        let want = fingerprint(client, &rel).await?;
+        let parent = if path.is_empty() { "/" } else { path.as_str() };
+        let mut found = None;
+        for child in listing(client, parent).await? {
+            let candidate = format!("{path}/{child}");
+            if fingerprint(client, &candidate).await.as_ref() == Some(&want) {
+                if found.is_some() {
+                    return None;
+                }
+                found = Some(candidate);
+            }
+        }
+        path = found?;
+    }
+    Some(Some(path).filter(|p| *p != format!("{data_directory}/pg_wal")))
+}
+
+async fn listing(client: &Client, dir: &str) -> Option<Vec<String>> {
+    let rows = client
+        .query("select pg_ls_dir($1, true, false) as f order by f", &[&dir])
+        .await
+        .ok()?;
+    Some(rows.into_iter().map(|r| r.get(0)).collect())
+}
+
+/// The listing plus modification and change times: enough to tell sibling directories
+/// apart in practice, and compared whole so that a tie is detected rather than guessed.
+async fn fingerprint(client: &Client, dir: &str) -> Option<(Vec<String>, String)> {
+    let stat: String = client
+        .query_one(
+            "select (s.modification, s.change)::text from pg_stat_file($1, true) s where s.isdir",
+            &[&dir],
+        )
+        .await
+        .ok()?
+        .get(0);
+    Some((listing(client, dir).await?, stat))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn majors() {
+        assert_eq!(major_of(100023), 10);
+        assert_eq!(major_of(180004), 18);
+        assert_eq!(major_of(90624), 9);
+        assert!(check_version(100000, "10.0").is_ok());
+        let e = check_version(90624, "9.6.24").unwrap_err();
+        assert_eq!(e.reason(), "UnsupportedVersion");
+        assert!(e.to_string().contains("9.6.24"));
+    }
+
+    #[test]
+    fn quotes_role_names_for_grants() {
+        assert_eq!(quote_ident("pgsnap"), "pgsnap");
+        assert_eq!(quote_ident("Backup"), "\"Backup\"");
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+        assert_eq!(quote_ident("9x"), "\"9x\"");
+    }
+}

@@ -1,0 +1,565 @@
+//! One backup session: a single connection that pins WAL, starts a non-exclusive backup,
+//! stays open while the volumes are snapshotted and stops the backup. Non-exclusive backups
+//! live and die with their connection, so "abort" is "close the connection": dropping the
+//! [`Session`] or passing the deadline does exactly that, and PostgreSQL cleans up itself.
+
+use std::future::{Future, pending};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::watch;
+use tokio::time::{Instant, sleep_until, timeout};
+use tokio_postgres::{CancelToken, Client};
+use tokio_postgres_rustls::MakeRustlsConnect;
+use tracing::{info, warn};
+
+use super::catalog::{ServerInfo, quote_ident};
+use super::connect::ConnectOptions;
+use super::error::{Error, Step};
+use super::label::{BackupLabel, Lsn};
+
+/// PostgreSQL's limit on the label (MAXPGPATH).
+pub const MAX_LABEL_BYTES: usize = 1024;
+
+/// How long the cancel request sent on abort may take; the connection is closed anyway.
+const CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Started {
+    pub start_lsn: Lsn,
+    /// A temporary physical replication slot holds the WAL from before the start
+    /// checkpoint until the session ends.
+    pub wal_pinned: bool,
+    pub slot_name: Option<String>,
+    /// Why WAL is not pinned, when it is not.
+    pub wal_not_pinned_reason: Option<String>,
+    /// When start was called: the server is in backup mode from here on.
+    pub called_at: SystemTime,
+    /// Start called → returned: the checkpoint.
+    pub took: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stopped {
+    pub stop_lsn: Lsn,
+    /// The last WAL segment a restore of this backup needs.
+    pub stop_wal_file: String,
+    /// `backup_label`, byte for byte as the server returned it.
+    pub labelfile: String,
+    /// `tablespace_map`, byte for byte; empty without tablespaces.
+    pub spcmapfile: String,
+    pub label: BackupLabel,
+    /// Stop called → returned: the end-of-backup record and, when asked, the archive wait.
+    pub took: Duration,
+    /// Start returned → stop returned.
+    pub backup_window: Duration,
+}
+
+/// What the connection task is told to do besides driving the connection.
+#[derive(Debug, Clone, Copy)]
+enum Control {
+    Idle,
+    /// Close the connection at this instant unless told otherwise first.
+    Deadline(Instant),
+    Abort,
+}
+
+#[derive(Default)]
+struct Shared {
+    deadline_passed: AtomicBool,
+    /// Why the connection ended, when it ended on the server's or network's side.
+    lost: Mutex<Option<String>>,
+}
+
+#[derive(Debug)]
+enum State {
+    Idle,
+    InBackup {
+        called_at: Instant,
+        returned_at: Instant,
+        deadline: Duration,
+        slot_name: Option<String>,
+        from_standby: bool,
+    },
+    /// The connection is gone or being closed; a new session is needed.
+    Broken,
+}
+
+pub struct Session {
+    client: Client,
+    info: ServerInfo,
+    control: watch::Sender<Control>,
+    shared: Arc<Shared>,
+    state: State,
+    backend_pid: i32,
+}
+
+impl Session {
+    /// Connects and reads the server's facts. Refuses servers older than 10.
+    pub async fn connect(opts: &ConnectOptions) -> Result<Session, Error> {
+        let target = opts.target();
+        let tls = opts.tls()?;
+        // tokio-postgres' own timeout covers the TCP connect only, not TLS or auth.
+        let (client, connection) = timeout(opts.connect_timeout, opts.config().connect(tls.clone()))
+            .await
+            .map_err(|_| Error::Unreachable {
+                target: target.clone(),
+                detail: format!("no answer within {:?}", opts.connect_timeout),
+            })?
+            .map_err(|e| Error::from_connect(&target, &opts.user, e))?;
+
+        let shared = Arc::new(Shared::default());
+        let (control, control_rx) = watch::channel(Control::Idle);
+        tokio::spawn(drive(
+            connection,
+            control_rx,
+            shared.clone(),
+            client.cancel_token(),
+            tls,
+        ));
+
+        let info = ServerInfo::load(&client).await?;
+        let backend_pid: i32 = client
+            .query_one("select pg_backend_pid()", &[])
+            .await
+            .map_err(|e| Error::from_query("pg_backend_pid()", Step::Connect, &opts.user, String::new, e))?
+            .get(0);
+        Ok(Session {
+            client,
+            info,
+            control,
+            shared,
+            state: State::Idle,
+            backend_pid,
+        })
+    }
+
+    pub fn server(&self) -> &ServerInfo {
+        &self.info
+    }
+
+    /// The server process serving this session (`pg_stat_activity.pid`).
+    pub fn backend_pid(&self) -> i32 {
+        self.backend_pid
+    }
+
+    /// Time since start was called, while the server is in backup mode for this session.
+    pub fn time_in_backup_mode(&self) -> Option<Duration> {
+        match self.state {
+            State::InBackup { called_at, .. } => Some(called_at.elapsed()),
+            State::Idle | State::Broken => None,
+        }
+    }
+
+    /// Pins WAL (when the role may) and starts a non-exclusive backup. From the moment this
+    /// is called, the server is in backup mode for at most `deadline`: when it passes, the
+    /// connection is closed by itself, whatever the caller is doing.
+    pub async fn start(&mut self, label: &str, fast: bool, deadline: Duration) -> Result<Started, Error> {
+        match self.state {
+            State::Idle => {}
+            State::InBackup { .. } => {
+                return Err(Error::InvalidState {
+                    step: Step::Start,
+                    detail: "this session is already in backup mode",
+                });
+            }
+            State::Broken => return Err(self.lost(Step::Start)),
+        }
+        if label.len() > MAX_LABEL_BYTES {
+            return Err(Error::LabelTooLong {
+                len: label.len(),
+                max: MAX_LABEL_BYTES,
+            });
+        }
+        if self.info.wal_level == "minimal" {
+            return Err(Error::WalLevelTooLow {
+                wal_level: self.info.wal_level.clone(),
+            });
+        }
+        self.check_privileges().await?;
+        self.check_role_and_full_page_writes().await?;
+
+        let called_at = SystemTime::now();
+        let t0 = Instant::now();
+        self.control.send_replace(Control::Deadline(t0 + deadline));
+
+        let (slot_name, wal_not_pinned_reason) = self.pin_wal().await;
+        let sql = if self.info.major >= 15 {
+            "select pg_backup_start($1, $2)::text"
+        } else {
+            "select pg_start_backup($1, $2, false)::text"
+        };
+        let result = bounded(&self.shared, t0 + deadline, self.client.query_one(sql, &[&label, &fast])).await;
+        let row = match result {
+            Ok(row) => row,
+            Err(e) => {
+                let err = self.step_error(Step::Start, deadline, e);
+                self.close_on_failure();
+                return Err(err);
+            }
+        };
+        let took = t0.elapsed();
+        let start_lsn: Lsn = row.get::<_, String>(0).parse().map_err(Error::InvalidLabel)?;
+        info!(
+            pid = self.backend_pid,
+            %start_lsn,
+            fast,
+            took_ms = took.as_millis() as u64,
+            slot = slot_name.as_deref().unwrap_or(""),
+            "backup started"
+        );
+        self.state = State::InBackup {
+            called_at: t0,
+            returned_at: Instant::now(),
+            deadline,
+            slot_name: slot_name.clone(),
+            from_standby: self.info.in_recovery,
+        };
+        Ok(Started {
+            start_lsn,
+            wal_pinned: slot_name.is_some(),
+            slot_name,
+            wal_not_pinned_reason,
+            called_at,
+            took,
+        })
+    }
+
+    /// Stops the backup in this session and returns the files a restore needs.
+    pub async fn stop(&mut self, wait_for_archive: bool) -> Result<Stopped, Error> {
+        let (called_at, returned_at, deadline, slot_name, from_standby) = match &self.state {
+            State::InBackup {
+                called_at,
+                returned_at,
+                deadline,
+                slot_name,
+                from_standby,
+            } => (*called_at, *returned_at, *deadline, slot_name.clone(), *from_standby),
+            State::Idle => {
+                return Err(Error::InvalidState {
+                    step: Step::Stop,
+                    detail: "this session has no backup in progress",
+                });
+            }
+            State::Broken => return Err(self.lost(Step::Stop)),
+        };
+        if self.shared.deadline_passed.load(Ordering::SeqCst) {
+            self.state = State::Broken;
+            return Err(Error::DeadlineExceeded {
+                step: Step::InBackup,
+                deadline,
+            });
+        }
+        if self.client.is_closed() {
+            self.state = State::Broken;
+            return Err(self.lost(Step::InBackup));
+        }
+
+        let t0 = Instant::now();
+        let sql = if self.info.major >= 15 {
+            "select lsn::text, labelfile, spcmapfile from pg_backup_stop($1)"
+        } else {
+            "select lsn::text, labelfile, spcmapfile from pg_stop_backup(false, $1)"
+        };
+        let result = bounded(&self.shared, called_at + deadline, self.client.query_one(sql, &[&wait_for_archive])).await;
+        let row = match result {
+            Ok(row) => row,
+            Err(e) => {
+                let err = self.step_error(Step::Stop, deadline, e);
+                self.close_on_failure();
+                return Err(err);
+            }
+        };
+        let took = t0.elapsed();
+        let backup_window = returned_at.elapsed();
+        // The server is out of backup mode: nothing left for the deadline to abort.
+        self.control.send_replace(Control::Idle);
+
+        let stop_lsn: Lsn = row.get::<_, String>(0).parse().map_err(Error::InvalidLabel)?;
+        let labelfile: String = row.get(1);
+        let spcmapfile: Option<String> = row.get(2);
+        let label: BackupLabel = labelfile.parse()?;
+
+        if from_standby {
+            // The server refuses the stop itself after a promotion; this also covers a
+            // promotion that lands between its check and our reply.
+            let still_standby: bool = self
+                .client
+                .query_one("select pg_is_in_recovery()", &[])
+                .await
+                .map_err(|e| self.query_error("pg_is_in_recovery()", Step::Stop, e))?
+                .get(0);
+            if !still_standby {
+                self.state = State::Broken;
+                self.close_on_failure();
+                return Err(Error::StandbyPromoted {
+                    detail: "the server left recovery before the backup was stopped".into(),
+                });
+            }
+        }
+        if let Some(slot) = &slot_name {
+            // Temporary slots vanish with the session anyway; dropping it now releases WAL
+            // while the caller still holds the session for the snapshots' readyToUse.
+            if let Err(e) = self
+                .client
+                .execute("select pg_drop_replication_slot($1)", &[slot])
+                .await
+            {
+                warn!(slot, error = %e, "could not drop the temporary replication slot");
+            }
+        }
+        self.state = State::Idle;
+
+        let timeline = label.start_timeline.unwrap_or(self.info.timeline);
+        let stop_wal_file = Lsn(stop_lsn.0.saturating_sub(1)).wal_file_name(timeline, self.info.wal_segment_size);
+        info!(
+            pid = self.backend_pid,
+            %stop_lsn,
+            took_ms = took.as_millis() as u64,
+            window_ms = backup_window.as_millis() as u64,
+            "backup stopped"
+        );
+        Ok(Stopped {
+            stop_lsn,
+            stop_wal_file,
+            labelfile,
+            spcmapfile: spcmapfile.unwrap_or_default(),
+            label,
+            took,
+            backup_window,
+        })
+    }
+
+    /// Fails before the backup starts rather than after the snapshots are cut.
+    async fn check_privileges(&self) -> Result<(), Error> {
+        if self.info.role.superuser {
+            return Ok(());
+        }
+        for signature in backup_functions(self.info.major) {
+            let allowed: bool = self
+                .client
+                .query_one("select has_function_privilege($1, 'EXECUTE')", &[&signature])
+                .await
+                .map_err(|e| self.query_error("has_function_privilege()", Step::Start, e))?
+                .get(0);
+            if !allowed {
+                return Err(Error::MissingPrivilege {
+                    user: self.info.role.name.clone(),
+                    missing: format!("may not execute {signature}"),
+                    grant: format!(
+                        "GRANT EXECUTE ON FUNCTION {signature} TO {}",
+                        quote_ident(&self.info.role.name)
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The role may have changed since connect (failover). On a standby, a backup is only
+    /// sound when the primary writes full-page images.
+    async fn check_role_and_full_page_writes(&mut self) -> Result<(), Error> {
+        let in_recovery: bool = self
+            .client
+            .query_one("select pg_is_in_recovery()", &[])
+            .await
+            .map_err(|e| self.query_error("pg_is_in_recovery()", Step::Start, e))?
+            .get(0);
+        self.info.in_recovery = in_recovery;
+        if !in_recovery {
+            return Ok(());
+        }
+        // The last restartpoint records the primary's setting; when it may not be read,
+        // the server's own check at start and stop still applies.
+        if let Ok(row) = self
+            .client
+            .query_one("select full_page_writes from pg_control_checkpoint()", &[])
+            .await
+            && !row.get::<_, bool>(0)
+        {
+            return Err(Error::FullPageWritesOff {
+                detail: "the standby's last restartpoint was written with full_page_writes = off".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Creates a temporary slot that reserves WAL now, before the start checkpoint. Never
+    /// fails the backup: without a slot it proceeds and says why WAL is not pinned.
+    async fn pin_wal(&self) -> (Option<String>, Option<String>) {
+        let role = &self.info.role;
+        if !role.superuser && !role.replication {
+            return (
+                None,
+                Some(format!(
+                    "role \"{}\" has no REPLICATION attribute (ALTER ROLE {} REPLICATION)",
+                    role.name,
+                    quote_ident(&role.name)
+                )),
+            );
+        }
+        // Unique among live backends; a temporary slot dies with its backend.
+        let name = format!("pgsnap_{}", self.backend_pid);
+        match self
+            .client
+            .execute("select pg_create_physical_replication_slot($1, true, true)", &[&name])
+            .await
+        {
+            Ok(_) => (Some(name), None),
+            Err(e) => {
+                let why = e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| e.to_string());
+                warn!(slot = name, error = why, "WAL is not pinned for this backup");
+                (None, Some(format!("creating a temporary replication slot failed: {why}")))
+            }
+        }
+    }
+
+    fn step_error(&self, step: Step, deadline: Duration, failure: Failure) -> Error {
+        let e = match failure {
+            Failure::Pg(e) if !self.shared.deadline_passed.load(Ordering::SeqCst) => e,
+            Failure::Pg(_) | Failure::Deadline => return Error::DeadlineExceeded { step, deadline },
+        };
+        if e.as_db_error().is_none() {
+            return self.lost(step);
+        }
+        self.query_error(if step == Step::Start { "start backup" } else { "stop backup" }, step, e)
+    }
+
+    fn query_error(&self, what: &'static str, step: Step, e: tokio_postgres::Error) -> Error {
+        let major = self.info.major;
+        let user = self.info.role.name.clone();
+        Error::from_query(what, step, &self.info.role.name, move || grants(major, &user).join("; "), e)
+    }
+
+    fn lost(&self, step: Step) -> Error {
+        let detail = self
+            .shared
+            .lost
+            .lock()
+            .ok()
+            .and_then(|g| g.clone())
+            .unwrap_or_else(|| "the connection was closed".to_string());
+        Error::SessionLost { step, detail }
+    }
+
+    /// After a failed start or stop the server's backup state is unknown: close the
+    /// connection, so whatever is left of the backup is aborted by the server.
+    fn close_on_failure(&mut self) {
+        self.state = State::Broken;
+        self.control.send_replace(Control::Abort);
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // The connection task sees the control channel close, cancels a running statement
+        // and closes the connection: PostgreSQL aborts the backup.
+        if matches!(self.state, State::InBackup { .. }) {
+            self.control.send_replace(Control::Abort);
+        }
+    }
+}
+
+/// The function signatures a non-superuser needs EXECUTE on, per major.
+pub fn backup_functions(major: u32) -> [&'static str; 2] {
+    if major >= 15 {
+        ["pg_backup_start(text, boolean)", "pg_backup_stop(boolean)"]
+    } else {
+        ["pg_start_backup(text, boolean, boolean)", "pg_stop_backup(boolean, boolean)"]
+    }
+}
+
+/// Every statement a superuser runs so that `role` can take backups on this major.
+pub fn grants(major: u32, role: &str) -> Vec<String> {
+    let role = quote_ident(role);
+    let mut out = vec![
+        format!("ALTER ROLE {role} REPLICATION"),
+        format!("GRANT pg_read_all_settings TO {role}"),
+    ];
+    out.extend(
+        backup_functions(major)
+            .iter()
+            .map(|f| format!("GRANT EXECUTE ON FUNCTION {f} TO {role}")),
+    );
+    out
+}
+
+/// Why a statement of the backup did not return a row.
+enum Failure {
+    Deadline,
+    Pg(tokio_postgres::Error),
+}
+
+/// Runs a statement of the backup, bounded by the backup's deadline. The connection task
+/// closes the connection at the deadline, which ends the statement; the timeout here only
+/// guards against a cancel request or a close that hangs.
+async fn bounded<T>(
+    shared: &Shared,
+    deadline: Instant,
+    fut: impl Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Result<T, Failure> {
+    match tokio::time::timeout_at(deadline + CANCEL_TIMEOUT * 2, fut).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(Failure::Pg(e)),
+        Err(_) => {
+            shared.deadline_passed.store(true, Ordering::SeqCst);
+            Err(Failure::Deadline)
+        }
+    }
+}
+
+/// The connection task: drives the connection, and closes it on Abort, at the deadline or
+/// when the Session is dropped mid-backup. Before closing, a cancel request ends a statement
+/// the server may be blocked in (the checkpoint wait, the archive wait): a backend notices a
+/// closed client only when it next talks to it.
+async fn drive<C>(
+    connection: C,
+    mut control: watch::Receiver<Control>,
+    shared: Arc<Shared>,
+    cancel: CancelToken,
+    tls: MakeRustlsConnect,
+) where
+    C: Future<Output = Result<(), tokio_postgres::Error>>,
+{
+    tokio::pin!(connection);
+    loop {
+        let current = *control.borrow_and_update();
+        let deadline = async move {
+            match current {
+                Control::Deadline(at) => sleep_until(at).await,
+                Control::Abort => {}
+                Control::Idle => pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            result = &mut connection => {
+                let why = match result {
+                    Ok(()) => "the server closed the connection".to_string(),
+                    Err(e) => e.to_string(),
+                };
+                if let Ok(mut lost) = shared.lost.lock() {
+                    *lost = Some(why);
+                }
+                return;
+            }
+            changed = control.changed() => {
+                if changed.is_err() {
+                    // The Session is gone: close, cancelling first if it was in backup mode.
+                    if !matches!(*control.borrow(), Control::Idle) {
+                        let _ = timeout(CANCEL_TIMEOUT, cancel.cancel_query(tls.clone())).await;
+                    }
+                    return;
+                }
+            }
+            () = deadline => {
+                if matches!(current, Control::Deadline(_)) {
+                    shared.deadline_passed.store(true, Ordering::SeqCst);
+                    warn!("backup deadline passed: closing the session so PostgreSQL aborts the backup");
+                }
+                let _ = timeout(CANCEL_TIMEOUT, cancel.cancel_query(tls.clone())).await;
+                return;
+            }
+        }
+    }
+}
