@@ -1,5 +1,14 @@
 //! pgsnap: a Kubernetes operator that takes online, restorable CSI snapshot backups of
-//! PostgreSQL. See DESIGN in the README for the resources and the backup's steps.
+//! PostgreSQL. One database session holds a non-exclusive backup open while the volumes are
+//! snapshotted; `backup_label` and `tablespace_map` are kept beside the snapshots.
 
 pub mod api;
+pub mod backup;
+pub mod label_store;
+pub mod leader;
 pub mod postgres;
+pub mod snapshots;
+pub mod telemetry;
+
+/// The field manager of every server-side apply pgsnap makes.
+pub const FIELD_MANAGER: &str = "pgsnap";

@@ -1,4 +1,13 @@
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
 use clap::{Parser, Subcommand};
+use pgsnap::telemetry::{self, Health, LogFormat, Metrics};
+use pgsnap::{backup, leader};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::info;
 
 /// pgsnap: online, restorable CSI snapshot backups of PostgreSQL in Kubernetes.
 #[derive(Parser)]
@@ -10,13 +19,125 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the operator (in-cluster configuration, or KUBECONFIG).
+    Run(RunArgs),
     /// Print the CustomResourceDefinitions as YAML.
     Crd,
 }
 
-fn main() -> anyhow::Result<()> {
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Backups holding a database session at once, across all databases.
+    #[arg(long, env = "PGSNAP_MAX_CONCURRENT_BACKUPS", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
+    max_concurrent_backups: u16,
+    /// Watch Backups in this namespace only (default: all namespaces).
+    #[arg(long, env = "PGSNAP_WATCH_NAMESPACE")]
+    namespace: Option<String>,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, env = "PGSNAP_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    metrics_addr: SocketAddr,
+    #[arg(long, env = "PGSNAP_LOG_LEVEL", default_value = "info")]
+    log_level: String,
+    #[arg(long, env = "PGSNAP_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
+    /// Run the controller only while holding a Lease, so replicas never run one backup twice.
+    #[arg(long, env = "PGSNAP_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    leader_election: bool,
+    #[arg(long, env = "PGSNAP_LEASE_NAME", default_value = "pgsnap-leader")]
+    lease_name: String,
+    /// Namespace of the Lease (default: the operator's own, from POD_NAMESPACE).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    /// This replica's name in the Lease (default: POD_NAME, else the host name).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Crd => print!("{}", pgsnap::api::crds_yaml()?),
+        Command::Run(args) => run(args).await?,
     }
     Ok(())
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    telemetry::init_logging(&args.log_level, args.log_format);
+    let client = kube::Client::try_default().await?;
+    let metrics = Arc::new(Metrics::default());
+    let health = Arc::new(Health::default());
+    tokio::spawn(telemetry::serve(args.metrics_addr, metrics.clone(), health.clone()));
+    info!(addr = %args.metrics_addr, "serving /metrics, /healthz and /readyz");
+
+    let settings = backup::Settings {
+        max_concurrent: args.max_concurrent_backups.into(),
+        connect_timeout: Duration::from_secs(10),
+        namespace: args.namespace.clone(),
+    };
+    let lease = leader::LeaseSettings {
+        name: args.lease_name.clone(),
+        namespace: args.lease_namespace.clone(),
+        identity: args.identity.clone().unwrap_or_else(hostname),
+        duration: Duration::from_secs(15),
+    };
+
+    // A signal cancels `stop`; so does losing the leader lease.
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let mut term = match signal(SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(e) => return tracing::error!(error = %e, "cannot handle SIGTERM"),
+            };
+            tokio::select! {
+                _ = term.recv() => info!("SIGTERM: stopping"),
+                _ = tokio::signal::ctrl_c() => info!("interrupted: stopping"),
+            }
+            stop.cancel();
+        }
+    });
+    let lease_api = if args.leader_election {
+        tokio::select! {
+            api = leader::acquire(&client, &lease) => Some(api),
+            _ = stop.cancelled() => return Ok(()),
+        }
+    } else {
+        None
+    };
+    if let Some(api) = lease_api.clone() {
+        let (stop, lease) = (stop.clone(), lease.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = leader::hold(api, lease) => stop.cancel(),
+                _ = stop.cancelled() => {}
+            }
+        });
+    }
+    // The controller wants a Sync future; a oneshot receiver is one.
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            stop.cancelled().await;
+            let _ = stop_tx.send(());
+        }
+    });
+    let shutdown = async move {
+        let _ = stop_rx.await;
+    };
+    let ready = {
+        let health = health.clone();
+        move || health.ready.store(true, Ordering::Relaxed)
+    };
+    backup::run(client, settings, metrics, ready, shutdown).await;
+    if let Some(api) = lease_api {
+        leader::release(&api, &lease).await;
+    }
+    Ok(())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "pgsnap".into())
 }

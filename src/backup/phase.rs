@@ -1,0 +1,202 @@
+//! The Backup's state machine as pure decisions: what to do in each phase, given what was
+//! observed. The reconciler and the session task do the I/O these decisions ask for.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+use crate::api::backup::{Phase, TargetRole};
+
+/// What the reconciler does with a Backup in a given phase.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Pending: check the inputs and wait for a slot, then hand over to a session task.
+    Admit,
+    /// A task holds the session: it alone moves the Backup on.
+    LeaveToTask,
+    /// The phase says a session is open but no task of this process holds it: the operator
+    /// restarted or lost leadership mid-backup. The server has aborted the backup itself.
+    SessionLost,
+    /// Out of backup mode: wait for every snapshot to be ready to use.
+    AwaitReady,
+    /// Completed or Failed: nothing left to do.
+    Done,
+}
+
+pub fn step(phase: Option<Phase>, task_running: bool) -> Step {
+    match phase.unwrap_or(Phase::Pending) {
+        Phase::Pending if task_running => Step::LeaveToTask,
+        Phase::Pending => Step::Admit,
+        p if p.holds_session() && task_running => Step::LeaveToTask,
+        p if p.holds_session() => Step::SessionLost,
+        Phase::Finalizing => Step::AwaitReady,
+        _ => Step::Done,
+    }
+}
+
+/// Whether a Pending backup may open its session now.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Admission {
+    Go,
+    /// Another backup of the same database is running: backups of one database queue.
+    DatabaseBusy { running: String },
+    /// The operator-wide limit of concurrent sessions is reached.
+    LimitReached { limit: usize },
+}
+
+/// `running` holds (database key, backup name) of every backup holding a session.
+pub fn admit(database: &str, running: &[(String, String)], limit: usize) -> Admission {
+    if let Some((_, name)) = running.iter().find(|(db, _)| db == database) {
+        return Admission::DatabaseBusy { running: name.clone() };
+    }
+    if running.len() >= limit {
+        return Admission::LimitReached { limit };
+    }
+    Admission::Go
+}
+
+/// One snapshot as the Finalizing phase sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotObservation {
+    pub name: String,
+    pub exists: bool,
+    pub ready: bool,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Readiness {
+    Complete,
+    Wait,
+    Fail { reason: &'static str, message: String },
+}
+
+/// After the stop: done when every snapshot is ready; a lost or failed snapshot fails the
+/// backup, since the label without its data restores nothing.
+pub fn readiness(snapshots: &[SnapshotObservation]) -> Readiness {
+    if snapshots.is_empty() {
+        return Readiness::Fail { reason: "SnapshotMissing", message: "the backup records no snapshots".into() };
+    }
+    if let Some(s) = snapshots.iter().find(|s| !s.exists) {
+        return Readiness::Fail { reason: "SnapshotMissing", message: format!("snapshot {} was deleted before it was ready", s.name) };
+    }
+    if let Some((name, err)) = snapshots.iter().find_map(|s| Some((&s.name, s.error.as_ref()?))) {
+        return Readiness::Fail { reason: "SnapshotFailed", message: format!("snapshot {name} failed: {err}") };
+    }
+    if snapshots.iter().all(|s| s.ready) { Readiness::Complete } else { Readiness::Wait }
+}
+
+/// Picks the server to back up among the selected pods (name, in recovery), by role. Pods are
+/// considered in name order, so the choice is stable.
+pub fn choose_server(role: TargetRole, candidates: &[(String, bool)]) -> Option<String> {
+    let mut sorted: Vec<_> = candidates.to_vec();
+    sorted.sort();
+    let first = |standby: bool| sorted.iter().find(|(_, r)| *r == standby).map(|(n, _)| n.clone());
+    match role {
+        TargetRole::Primary => first(false),
+        TargetRole::Standby => first(true),
+        TargetRole::PreferStandby => first(true).or_else(|| first(false)),
+        TargetRole::Any => sorted.first().map(|(n, _)| n.clone()),
+    }
+}
+
+/// The time pgsnap itself adds to backup mode: the window minus the parts it waits on.
+pub fn overhead(window: f64, cut_wait: f64, stop_call: f64) -> f64 {
+    (window - cut_wait - stop_call).max(0.0)
+}
+
+/// The `Ready` condition for a phase: True only when Completed.
+pub fn ready_condition(phase: Phase, reason: &str, message: &str, generation: Option<i64>, now: Time) -> Condition {
+    Condition {
+        type_: "Ready".into(),
+        status: if phase == Phase::Completed { "True" } else { "False" }.into(),
+        reason: reason.into(),
+        message: message.into(),
+        observed_generation: generation,
+        last_transition_time: now,
+    }
+}
+
+/// Replaces the condition of the same type, keeping its transition time when the status
+/// did not change, as the Kubernetes API conventions ask.
+pub fn set_condition(conditions: &mut Vec<Condition>, new: Condition) {
+    match conditions.iter_mut().find(|c| c.type_ == new.type_) {
+        Some(old) => {
+            let keep_time = old.status == new.status;
+            let time = old.last_transition_time.clone();
+            *old = new;
+            if keep_time {
+                old.last_transition_time = time;
+            }
+        }
+        None => conditions.push(new),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_phase_has_one_step() {
+        assert_eq!(step(None, false), Step::Admit);
+        assert_eq!(step(Some(Phase::Pending), false), Step::Admit);
+        assert_eq!(step(Some(Phase::Pending), true), Step::LeaveToTask);
+        for p in [Phase::Starting, Phase::Snapshotting, Phase::Stopping] {
+            assert_eq!(step(Some(p), true), Step::LeaveToTask);
+            assert_eq!(step(Some(p), false), Step::SessionLost, "{p:?} without a task");
+        }
+        assert_eq!(step(Some(Phase::Finalizing), false), Step::AwaitReady);
+        assert_eq!(step(Some(Phase::Completed), false), Step::Done);
+        assert_eq!(step(Some(Phase::Failed), true), Step::Done);
+    }
+
+    #[test]
+    fn one_backup_per_database_and_a_global_limit() {
+        let running = vec![("shop/db-0".to_string(), "b1".to_string()), ("shop/db-1".to_string(), "b2".to_string())];
+        assert_eq!(admit("shop/db-0", &running, 10), Admission::DatabaseBusy { running: "b1".into() });
+        assert_eq!(admit("shop/db-2", &running, 2), Admission::LimitReached { limit: 2 });
+        assert_eq!(admit("shop/db-2", &running, 3), Admission::Go);
+    }
+
+    fn obs(name: &str, exists: bool, ready: bool, error: Option<&str>) -> SnapshotObservation {
+        SnapshotObservation { name: name.into(), exists, ready, error: error.map(str::to_string) }
+    }
+
+    #[test]
+    fn readiness_waits_for_all_and_fails_on_any_loss() {
+        assert_eq!(readiness(&[obs("a", true, true, None), obs("b", true, false, None)]), Readiness::Wait);
+        assert_eq!(readiness(&[obs("a", true, true, None), obs("b", true, true, None)]), Readiness::Complete);
+        assert!(matches!(readiness(&[obs("a", true, true, None), obs("b", false, false, None)]), Readiness::Fail { reason: "SnapshotMissing", .. }));
+        assert!(matches!(readiness(&[obs("a", true, false, Some("disk full"))]), Readiness::Fail { reason: "SnapshotFailed", .. }));
+        assert!(matches!(readiness(&[]), Readiness::Fail { .. }));
+    }
+
+    #[test]
+    fn servers_are_chosen_by_role() {
+        let pods = [("db-1".to_string(), true), ("db-0".to_string(), false), ("db-2".to_string(), true)];
+        assert_eq!(choose_server(TargetRole::Primary, &pods).as_deref(), Some("db-0"));
+        assert_eq!(choose_server(TargetRole::Standby, &pods).as_deref(), Some("db-1"));
+        assert_eq!(choose_server(TargetRole::PreferStandby, &pods).as_deref(), Some("db-1"));
+        assert_eq!(choose_server(TargetRole::PreferStandby, &pods[1..2]).as_deref(), Some("db-0"));
+        assert_eq!(choose_server(TargetRole::Standby, &pods[1..2]), None);
+        assert_eq!(choose_server(TargetRole::Any, &pods).as_deref(), Some("db-0"));
+    }
+
+    #[test]
+    fn overhead_is_what_remains_of_the_window() {
+        assert!((overhead(1.30, 1.0, 0.25) - 0.05).abs() < 1e-9);
+        assert_eq!(overhead(0.1, 0.2, 0.0), 0.0);
+    }
+
+    #[test]
+    fn conditions_keep_their_transition_time_until_the_status_changes() {
+        let t = |s: i64| Time(k8s_openapi::jiff::Timestamp::from_second(s).unwrap());
+        let mut conditions = vec![];
+        set_condition(&mut conditions, ready_condition(Phase::Pending, "SecretNotFound", "m", Some(1), t(1)));
+        set_condition(&mut conditions, ready_condition(Phase::Snapshotting, "Snapshotting", "m", Some(1), t(2)));
+        assert_eq!(conditions.len(), 1);
+        assert_eq!(conditions[0].last_transition_time, t(1));
+        assert_eq!(conditions[0].reason, "Snapshotting");
+        set_condition(&mut conditions, ready_condition(Phase::Completed, "Completed", "m", Some(1), t(3)));
+        assert_eq!((conditions[0].status.as_str(), &conditions[0].last_transition_time), ("True", &t(3)));
+    }
+}

@@ -1,0 +1,347 @@
+//! The session task: one per running backup. It holds the database session from the start
+//! call to the stop call, with the snapshots cut in between, and never longer than the
+//! Backup's deadline. Dropping it (abort, deadline, operator exit) closes the session, and
+//! PostgreSQL then aborts the backup by itself.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::ListParams;
+use kube::runtime::events::EventType;
+use kube::{Api, Client, ResourceExt};
+use tokio::sync::oneshot;
+use tokio::time::timeout_at;
+use tracing::info;
+
+use super::volumes::{self, DatabaseDir, PlannedSnapshot};
+use super::{Context, Failure, now, phase, set_phase};
+use crate::api::backup::{
+    Backup, BackupStatus, BackupWindow, Checkpoint, Phase, PostgresStatus, ServerRole, SnapshotStatus, SslMode, TargetRole, VolumeRole,
+};
+use crate::api::snapshot::VolumeSnapshot;
+use crate::label_store::{self, LABEL_CONFIGMAP_ANNOTATION, SnapshotLocation};
+use crate::postgres::{self, ConnectOptions, Session};
+use crate::snapshots;
+use crate::telemetry::Step;
+
+/// What the reconciler resolved for a backup before admitting it.
+pub struct Job {
+    pub backup: Arc<Backup>,
+    /// The candidate pods, Running, in name order.
+    pub pods: Vec<Pod>,
+    pub password: Option<String>,
+    pub ca_cert: Option<Vec<u8>>,
+}
+
+/// The pods that may hold the server: the named one, or the selected ones that run.
+pub async fn target_pods(client: &Client, backup: &Backup) -> Result<Vec<Pod>, Failure> {
+    let ns = backup.namespace().unwrap_or_default();
+    let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let target = &backup.spec.target;
+    if let Some(name) = &target.pod_name {
+        let pod = api
+            .get_opt(name)
+            .await?
+            .ok_or_else(|| Failure::new("TargetPodNotFound", format!("pod {ns}/{name} does not exist")))?;
+        if !is_running(&pod) {
+            return Err(Failure::new("TargetPodNotRunning", format!("pod {ns}/{name} is not running (phase {})", pod_phase(&pod))));
+        }
+        return Ok(vec![pod]);
+    }
+    let selector = target.selector.clone().unwrap_or_default();
+    let selector_text = selector_string(&selector);
+    let mut pods: Vec<Pod> = api.list(&ListParams::default().labels(&selector_text)).await?.items.into_iter().filter(is_running).collect();
+    if pods.is_empty() {
+        return Err(Failure::new("NoTargetPod", format!("no running pod in {ns} matches the selector {selector_text:?}")));
+    }
+    pods.sort_by_key(|p| p.name_any());
+    Ok(pods)
+}
+
+fn is_running(pod: &Pod) -> bool {
+    pod.metadata.deletion_timestamp.is_none() && pod_phase(pod) == "Running"
+}
+
+fn pod_phase(pod: &Pod) -> String {
+    pod.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_else(|| "Unknown".into())
+}
+
+fn selector_string(selector: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector) -> String {
+    let mut parts: Vec<String> = selector.match_labels.iter().flatten().map(|(k, v)| format!("{k}={v}")).collect();
+    for expr in selector.match_expressions.iter().flatten() {
+        let values = expr.values.clone().unwrap_or_default().join(",");
+        parts.push(match expr.operator.as_str() {
+            "In" => format!("{} in ({values})", expr.key),
+            "NotIn" => format!("{} notin ({values})", expr.key),
+            "Exists" => expr.key.clone(),
+            _ => format!("!{}", expr.key),
+        });
+    }
+    parts.join(",")
+}
+
+/// Backups of the same database queue behind each other: the named pod, or the selector.
+pub fn database_key(backup: &Backup) -> String {
+    let ns = backup.namespace().unwrap_or_default();
+    match (&backup.spec.target.pod_name, &backup.spec.target.selector) {
+        (Some(pod), _) => format!("{ns}/pod/{pod}"),
+        (None, selector) => format!("{ns}/selector/{}", selector.as_ref().map(selector_string).unwrap_or_default()),
+    }
+}
+
+/// The port: the spec's, else the container port named `postgresql`, else 5432.
+pub fn port_of(pod: &Pod, requested: Option<i32>) -> u16 {
+    let named = || {
+        pod.spec.as_ref()?.containers.iter().flat_map(|c| c.ports.iter().flatten()).find(|p| p.name.as_deref() == Some("postgresql")).map(|p| p.container_port)
+    };
+    requested.or_else(named).and_then(|p| u16::try_from(p).ok()).unwrap_or(5432)
+}
+
+fn connect_options(job: &Job, pod: &Pod) -> Result<ConnectOptions, Failure> {
+    let conn = &job.backup.spec.connection;
+    let host = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.pod_ip.clone())
+        .ok_or_else(|| Failure::new("TargetPodNotRunning", format!("pod {} has no IP address yet", pod.name_any())))?;
+    Ok(ConnectOptions {
+        host,
+        port: port_of(pod, conn.port),
+        user: conn.user.clone(),
+        password: job.password.clone(),
+        database: conn.database.clone(),
+        ssl_mode: match conn.ssl_mode {
+            SslMode::Disable => postgres::SslMode::Disable,
+            SslMode::Prefer => postgres::SslMode::Prefer,
+            SslMode::Require => postgres::SslMode::Require,
+            SslMode::VerifyFull => postgres::SslMode::VerifyFull,
+        },
+        ca_cert_pem: job.ca_cert.clone(),
+        application_name: "pgsnap".into(),
+        connect_timeout: std::time::Duration::from_secs(10),
+    })
+}
+
+/// Connects to the server the target names; with a selector, to each pod until the role fits.
+async fn connect(job: &Job) -> Result<(Session, Pod), Failure> {
+    let target = &job.backup.spec.target;
+    if target.pod_name.is_some() {
+        let pod = job.pods[0].clone();
+        return Ok((Session::connect(&connect_options(job, &pod)?).await?, pod));
+    }
+    let role = target.role.unwrap_or(TargetRole::Primary);
+    let mut sessions = Vec::new();
+    for pod in &job.pods {
+        let session = Session::connect(&connect_options(job, pod)?).await?;
+        sessions.push((pod.clone(), session));
+    }
+    let candidates: Vec<(String, bool)> = sessions.iter().map(|(p, s)| (p.name_any(), s.server().in_recovery)).collect();
+    let chosen = phase::choose_server(role, &candidates).ok_or_else(|| {
+        Failure::new("NoServerWithRole", format!("none of the selected pods {:?} runs a server with role {role:?}", candidates.iter().map(|c| &c.0).collect::<Vec<_>>()))
+    })?;
+    let (pod, session) = sessions.into_iter().find(|(p, _)| p.name_any() == chosen).expect("the chosen pod is a candidate");
+    Ok((session, pod))
+}
+
+fn database_dirs(server: &postgres::ServerInfo) -> Vec<DatabaseDir> {
+    let mut dirs = vec![
+        DatabaseDir { role: VolumeRole::Data, tablespace: None, tablespace_oid: None, path: server.data_directory.clone() },
+        DatabaseDir { role: VolumeRole::Wal, tablespace: None, tablespace_oid: None, path: server.wal_directory.clone() },
+    ];
+    dirs.extend(server.tablespaces.iter().map(|t| DatabaseDir {
+        role: VolumeRole::Tablespace,
+        tablespace: Some(t.name.clone()),
+        tablespace_oid: Some(t.oid),
+        path: t.location.clone(),
+    }));
+    dirs
+}
+
+/// Runs one backup to Finalizing, or to Failed with everything it made removed.
+pub async fn run(ctx: &Context, job: Job, abort: oneshot::Receiver<Failure>) {
+    let mut status = job.backup.status.clone().unwrap_or_default();
+    let result = tokio::select! {
+        result = execute(ctx, &job, &mut status) => result,
+        why = abort => Err(why.unwrap_or_else(|_| Failure::new("OperatorShutdown", "the operator stopped mid-backup"))),
+    };
+    // The select dropped `execute` and with it the session: the server is out of backup mode.
+    if let Err(failure) = result {
+        if let Err(e) = ctx.fail(&job.backup, &mut status, failure).await {
+            tracing::error!(error = %e, "could not record the failure; the next reconcile will find the session lost");
+        }
+    }
+}
+
+async fn execute(ctx: &Context, job: &Job, status: &mut BackupStatus) -> Result<(), Failure> {
+    let backup = &*job.backup;
+    let ns = backup.namespace().unwrap_or_default();
+    let name = backup.name_any();
+    let spec = &backup.spec;
+    let snapshot_api: Api<VolumeSnapshot> = Api::namespaced(ctx.client.clone(), &ns);
+
+    let (mut session, pod) = connect(job).await?;
+    let server = session.server().clone();
+    let standby = server.in_recovery;
+    status.postgres = Some(PostgresStatus {
+        pod: pod.name_any(),
+        version: Some(server.version.clone()),
+        system_identifier: Some(server.system_identifier.to_string()),
+        timeline: Some(server.timeline),
+        role: Some(if standby { ServerRole::Standby } else { ServerRole::Primary }),
+    });
+
+    let overrides: Vec<String> = spec.volumes.iter().map(|v| v.persistent_volume_claim.clone()).collect();
+    let pod_spec = pod.spec.clone().unwrap_or_default();
+    let plan = volumes::plan(&pod_spec, &database_dirs(&server), &overrides)?;
+    let mut classes = Vec::with_capacity(plan.len());
+    for s in &plan {
+        classes.push(snapshots::resolve_class(&ctx.client, &ns, &s.persistent_volume_claim, spec.volume_snapshot_class_name.as_deref()).await?);
+    }
+
+    let message = format!("starting the backup on {} (PostgreSQL {}, {})", pod.name_any(), server.version, if standby { "standby" } else { "primary" });
+    set_phase(status, backup, Phase::Starting, "Starting", &message);
+    ctx.patch_status(backup, status).await?;
+    ctx.publish(backup, EventType::Normal, "Starting", message).await;
+
+    // Backup mode begins here: from now on every step races the deadline.
+    let label = format!("pgsnap {ns}/{name}");
+    let deadline = Instant::now() + spec.deadline.0;
+    let started = session.start(&label, spec.checkpoint == Checkpoint::Fast, spec.deadline.0).await?;
+    let window_start = Instant::now();
+    ctx.metrics.observe(Step::Start, started.took.as_secs_f64());
+    status.start_lsn = Some(started.start_lsn.to_string());
+    status.wal_pinned = Some(started.wal_pinned);
+    status.backup_window = Some(BackupWindow { started_at: now(), stopped_at: None, seconds: None });
+    info!(start_lsn = %started.start_lsn, checkpoint_seconds = started.took.as_secs_f64(), wal_pinned = started.wal_pinned, "in backup mode");
+
+    let cm_name = label_store::config_map_name(&name);
+    let cut_begin = Instant::now();
+    let mut cut: Vec<(PlannedSnapshot, VolumeSnapshot)> = Vec::new();
+    set_phase(status, backup, Phase::Snapshotting, "Snapshotting", &format!("cutting {} snapshot(s) in backup mode", plan.len()));
+    let mut status_written = false;
+    for batch in volumes::batches(&plan, standby) {
+        let mut names = Vec::new();
+        for planned in &batch {
+            let class = &classes[plan.iter().position(|p| p == *planned).unwrap_or(0)];
+            let annotations = BTreeMap::from([(LABEL_CONFIGMAP_ANNOTATION.to_string(), cm_name.clone())]);
+            let created = snapshots::create(&snapshot_api, &name, &planned.persistent_volume_claim, class, annotations).await?;
+            names.push(created.name_any());
+        }
+        // The status write overlaps the driver's cut instead of lengthening backup mode.
+        let wait = timeout_at(deadline.into(), snapshots::wait_until(&snapshot_api, &name, &names, VolumeSnapshot::is_cut));
+        let done = if status_written {
+            wait.await
+        } else {
+            status_written = true;
+            let (done, written) = tokio::join!(wait, ctx.patch_status(backup, status));
+            written?;
+            done
+        };
+        let snapshots = done.map_err(|_| deadline_exceeded(spec.deadline, "waiting for the snapshots to be cut"))??;
+        cut.extend(batch.iter().map(|p| (*p).clone()).zip(snapshots));
+    }
+    let cut_wait = cut_begin.elapsed();
+    ctx.metrics.observe(Step::Cut, cut_wait.as_secs_f64());
+
+    set_phase(status, backup, Phase::Stopping, "Stopping", "all snapshots cut; stopping the backup");
+    status.snapshots = cut.iter().map(|(p, v)| snapshot_status(p, v)).collect();
+    let stop = timeout_at(deadline.into(), session.stop(spec.wait_for_archive));
+    let (stopped, written) = tokio::join!(stop, ctx.patch_status(backup, status));
+    let stopped = stopped.map_err(|_| deadline_exceeded(spec.deadline, "stopping the backup (waiting for WAL archiving)"))??;
+    let window = window_start.elapsed();
+    drop(session);
+    written?;
+    ctx.metrics.observe(Step::Stop, stopped.took.as_secs_f64());
+    ctx.metrics.backup_mode_seconds.observe(window.as_secs_f64());
+    ctx.metrics.observe(Step::Overhead, phase::overhead(window.as_secs_f64(), cut_wait.as_secs_f64(), stopped.took.as_secs_f64()));
+    info!(
+        stop_lsn = %stopped.stop_lsn,
+        window_seconds = window.as_secs_f64(),
+        cut_seconds = cut_wait.as_secs_f64(),
+        stop_seconds = stopped.took.as_secs_f64(),
+        "out of backup mode"
+    );
+
+    let data = cut
+        .iter()
+        .find(|(p, _)| p.role == VolumeRole::Data)
+        .map(|(_, v)| v.clone())
+        .ok_or_else(|| Failure::new("PathNotOnClaim", "no snapshot holds the data directory"))?;
+    let record = label_store::BackupLabel {
+        backup: name.clone(),
+        backup_label: stopped.labelfile.clone(),
+        tablespace_map: stopped.spcmapfile.clone(),
+        start_lsn: started.start_lsn.to_string(),
+        stop_lsn: stopped.stop_lsn.to_string(),
+        timeline: stopped.label.start_timeline.unwrap_or(server.timeline),
+        server_version: server.version.clone(),
+        system_identifier: server.system_identifier.to_string(),
+        volumes: cut
+            .iter()
+            .flat_map(|(p, v)| p.locations.iter().map(|l| SnapshotLocation { volume_snapshot: v.name_any(), location: l.clone() }))
+            .collect(),
+    };
+    label_store::store(&ctx.client, &record, &ns, &data).await?;
+
+    let seconds = format!("{:.3}", window.as_secs_f64());
+    status.stop_lsn = Some(stopped.stop_lsn.to_string());
+    status.start_wal = Some(stopped.label.start_wal_file.clone());
+    status.stop_wal = Some(stopped.stop_wal_file.clone());
+    status.label_config_map = Some(cm_name);
+    if let Some(w) = status.backup_window.as_mut() {
+        w.stopped_at = Some(now());
+        w.seconds = Some(seconds.clone());
+    }
+    let message = format!("out of backup mode after {seconds}s; waiting for the snapshots to be ready to use");
+    set_phase(status, backup, Phase::Finalizing, "WaitingForReady", &message);
+    ctx.patch_status(backup, status).await?;
+    ctx.publish(backup, EventType::Normal, "BackupModeEnded", message).await;
+    Ok(())
+}
+
+fn deadline_exceeded(deadline: crate::api::Duration, step: &str) -> Failure {
+    Failure::new("DeadlineExceeded", format!("the backup exceeded its deadline of {deadline} while {step}; the session was closed, so PostgreSQL aborted the backup"))
+}
+
+fn snapshot_status(planned: &PlannedSnapshot, snapshot: &VolumeSnapshot) -> SnapshotStatus {
+    let main = planned.main_location();
+    SnapshotStatus {
+        name: snapshot.name_any(),
+        persistent_volume_claim: planned.persistent_volume_claim.clone(),
+        role: planned.role,
+        tablespace: main.tablespace.clone(),
+        path_in_volume: main.path_in_volume.clone(),
+        cut_at: snapshot.status.as_ref().and_then(|s| s.creation_time.clone()),
+        ready_to_use: snapshot.is_ready(),
+        restore_size: snapshot.status.as_ref().and_then(|s| s.restore_size.as_ref()).map(|q| q.0.clone()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{Container, ContainerPort, PodSpec};
+
+    #[test]
+    fn the_port_comes_from_the_spec_then_the_named_container_port() {
+        let pod = Pod {
+            spec: Some(PodSpec {
+                containers: vec![Container {
+                    name: "db".into(),
+                    ports: Some(vec![
+                        ContainerPort { name: Some("metrics".into()), container_port: 9187, ..Default::default() },
+                        ContainerPort { name: Some("postgresql".into()), container_port: 5433, ..Default::default() },
+                    ]),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(port_of(&pod, Some(6000)), 6000);
+        assert_eq!(port_of(&pod, None), 5433);
+        assert_eq!(port_of(&Pod::default(), None), 5432);
+    }
+}

@@ -1,0 +1,284 @@
+//! Which PVCs a backup must snapshot: the directories the database reports (data directory,
+//! the real pg_wal, tablespaces) mapped through the pod's volumeMounts to its claims.
+//! Pure functions; the session and the pod spec are read elsewhere.
+
+use std::collections::BTreeMap;
+use std::path::{Component, Path, PathBuf};
+
+use k8s_openapi::api::core::v1::PodSpec;
+
+use crate::api::backup::VolumeRole;
+
+/// A directory of the database, as the server reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DatabaseDir {
+    pub role: VolumeRole,
+    /// The tablespace's name, for role Tablespace.
+    pub tablespace: Option<String>,
+    /// The tablespace's OID: the name of its link in `pg_tblspc`, which `tablespace_map` keys on.
+    pub tablespace_oid: Option<u32>,
+    pub path: String,
+}
+
+/// Where one database directory lives: in which claim, at which path inside the volume.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Location {
+    pub role: VolumeRole,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tablespace: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tablespace_oid: Option<u32>,
+    /// The directory as the server sees it.
+    pub server_path: String,
+    pub persistent_volume_claim: String,
+    /// The directory inside the volume ("" = the volume's root).
+    pub path_in_volume: String,
+}
+
+/// One snapshot to take: a claim and the database directories it holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlannedSnapshot {
+    pub persistent_volume_claim: String,
+    /// The most important role on the volume: Data before Wal before Tablespace.
+    pub role: VolumeRole,
+    pub locations: Vec<Location>,
+}
+
+impl PlannedSnapshot {
+    /// The location that gives the snapshot its role (the data directory on the data volume).
+    pub fn main_location(&self) -> &Location {
+        self.locations.iter().find(|l| l.role == self.role).unwrap_or(&self.locations[0])
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PlanError {
+    #[error("the {what} {path} is on the container's own filesystem, not on a volume: it cannot be snapshotted; put it on a PersistentVolumeClaim")]
+    NotOnVolume { what: String, path: String },
+    #[error("the {what} {path} is on volume {volume:?}, which is not a PersistentVolumeClaim: it cannot be snapshotted")]
+    NotOnClaim { what: String, path: String, volume: String },
+    #[error("the {what} {path} is on PVC {claim}, which spec.volumes does not list: add it, or remove spec.volumes to discover volumes from the database")]
+    NotInOverride { what: String, path: String, claim: String },
+    #[error("spec.volumes lists PVC {0}, which no database directory uses")]
+    UnusedOverride(String),
+    #[error("the database reported a relative path {0:?}; expected an absolute one")]
+    RelativePath(String),
+}
+
+impl PlanError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            PlanError::NotOnVolume { .. } | PlanError::NotOnClaim { .. } | PlanError::RelativePath(_) => "PathNotOnClaim",
+            PlanError::NotInOverride { .. } | PlanError::UnusedOverride(_) => "VolumeOverrideMismatch",
+        }
+    }
+}
+
+fn describe(dir: &DatabaseDir) -> String {
+    match (&dir.role, &dir.tablespace) {
+        (VolumeRole::Data, _) => "data directory".into(),
+        (VolumeRole::Wal, _) => "WAL directory".into(),
+        (VolumeRole::Tablespace, Some(name)) => format!("tablespace {name}"),
+        (VolumeRole::Tablespace, None) => "tablespace".into(),
+    }
+}
+
+/// Lexical normalisation: the server reports canonical paths, but mountPaths are user text.
+fn normalise(path: &str) -> PathBuf {
+    let mut out = PathBuf::from("/");
+    for component in Path::new(path).components() {
+        match component {
+            Component::Normal(c) => out.push(c),
+            Component::ParentDir => {
+                out.pop();
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Maps the database's directories to the claims the pod mounts them from. Every directory
+/// must be on a PVC (and on one of `overrides`, when given); anything else is refused rather
+/// than silently left out of the backup.
+pub fn plan(pod: &PodSpec, dirs: &[DatabaseDir], overrides: &[String]) -> Result<Vec<PlannedSnapshot>, PlanError> {
+    let claims: BTreeMap<&str, &str> = pod
+        .volumes
+        .iter()
+        .flatten()
+        .filter_map(|v| Some((v.name.as_str(), v.persistent_volume_claim.as_ref()?.claim_name.as_str())))
+        .collect();
+    let mounts: Vec<_> = pod
+        .containers
+        .iter()
+        .chain(pod.init_containers.iter().flatten())
+        .flat_map(|c| c.volume_mounts.iter().flatten())
+        .collect();
+
+    let mut by_claim: BTreeMap<String, Vec<Location>> = BTreeMap::new();
+    for dir in dirs {
+        if !dir.path.starts_with('/') {
+            return Err(PlanError::RelativePath(dir.path.clone()));
+        }
+        let path = normalise(&dir.path);
+        let mount = mounts
+            .iter()
+            .filter(|m| path.starts_with(normalise(&m.mount_path)))
+            .max_by_key(|m| normalise(&m.mount_path).components().count())
+            .ok_or_else(|| PlanError::NotOnVolume { what: describe(dir), path: dir.path.clone() })?;
+        let claim = claims.get(mount.name.as_str()).ok_or_else(|| PlanError::NotOnClaim {
+            what: describe(dir),
+            path: dir.path.clone(),
+            volume: mount.name.clone(),
+        })?;
+        if !overrides.is_empty() && !overrides.iter().any(|o| o == claim) {
+            return Err(PlanError::NotInOverride { what: describe(dir), path: dir.path.clone(), claim: claim.to_string() });
+        }
+        let rest = path.strip_prefix(normalise(&mount.mount_path)).unwrap_or(Path::new(""));
+        let in_volume = Path::new(mount.sub_path.as_deref().unwrap_or("")).join(rest);
+        by_claim.entry(claim.to_string()).or_default().push(Location {
+            role: dir.role,
+            tablespace: dir.tablespace.clone(),
+            tablespace_oid: dir.tablespace_oid,
+            server_path: dir.path.clone(),
+            persistent_volume_claim: claim.to_string(),
+            path_in_volume: in_volume.to_string_lossy().trim_end_matches('/').to_string(),
+        });
+    }
+    if let Some(unused) = overrides.iter().find(|o| !by_claim.contains_key(o.as_str())) {
+        return Err(PlanError::UnusedOverride(unused.clone()));
+    }
+    Ok(by_claim
+        .into_iter()
+        .map(|(claim, locations)| PlannedSnapshot {
+            role: locations.iter().map(|l| l.role).min().unwrap_or(VolumeRole::Data),
+            persistent_volume_claim: claim,
+            locations,
+        })
+        .collect())
+}
+
+/// The order in which snapshots are cut. From a standby, the volume holding `global/pg_control`
+/// (the data volume) is cut last, after the others, as the server's documentation requires;
+/// a primary's volumes are all cut at once to keep backup mode short.
+pub fn batches(plan: &[PlannedSnapshot], from_standby: bool) -> Vec<Vec<&PlannedSnapshot>> {
+    if !from_standby {
+        return vec![plan.iter().collect()];
+    }
+    let (data, others): (Vec<_>, Vec<_>) = plan.iter().partition(|s| s.role == VolumeRole::Data);
+    [others, data].into_iter().filter(|b| !b.is_empty()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{Container, EmptyDirVolumeSource, PersistentVolumeClaimVolumeSource, Volume, VolumeMount};
+
+    fn pod(mounts: &[(&str, &str, Option<&str>)], volumes: &[(&str, Option<&str>)]) -> PodSpec {
+        PodSpec {
+            containers: vec![Container {
+                name: "postgres".into(),
+                volume_mounts: Some(
+                    mounts
+                        .iter()
+                        .map(|(name, path, sub)| VolumeMount {
+                            name: name.to_string(),
+                            mount_path: path.to_string(),
+                            sub_path: sub.map(str::to_string),
+                            ..Default::default()
+                        })
+                        .collect(),
+                ),
+                ..Default::default()
+            }],
+            volumes: Some(
+                volumes
+                    .iter()
+                    .map(|(name, claim)| Volume {
+                        name: name.to_string(),
+                        persistent_volume_claim: claim.map(|c| PersistentVolumeClaimVolumeSource { claim_name: c.into(), read_only: None }),
+                        empty_dir: claim.is_none().then(EmptyDirVolumeSource::default),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+            ..Default::default()
+        }
+    }
+
+    fn dir(role: VolumeRole, path: &str) -> DatabaseDir {
+        DatabaseDir { role, tablespace: None, tablespace_oid: None, path: path.into() }
+    }
+
+    #[test]
+    fn data_wal_and_tablespace_on_three_claims() {
+        let spec = pod(
+            &[("data", "/var/lib/postgresql/data", None), ("wal", "/wal", None), ("ts", "/ts", Some("spaces"))],
+            &[("data", Some("data-db-0")), ("wal", Some("wal-db-0")), ("ts", Some("ts-db-0"))],
+        );
+        let mut ts = dir(VolumeRole::Tablespace, "/ts/fast");
+        ts.tablespace = Some("fast".into());
+        ts.tablespace_oid = Some(16400);
+        let dirs = [dir(VolumeRole::Data, "/var/lib/postgresql/data/pgdata"), dir(VolumeRole::Wal, "/wal/pg_wal"), ts];
+        let plan = plan(&spec, &dirs, &[]).unwrap();
+        let summary: Vec<_> =
+            plan.iter().map(|s| (s.persistent_volume_claim.as_str(), s.role, s.main_location().path_in_volume.as_str())).collect();
+        assert_eq!(
+            summary,
+            [("data-db-0", VolumeRole::Data, "pgdata"), ("ts-db-0", VolumeRole::Tablespace, "spaces/fast"), ("wal-db-0", VolumeRole::Wal, "pg_wal")]
+        );
+    }
+
+    #[test]
+    fn wal_inside_the_data_volume_is_one_snapshot() {
+        let spec = pod(&[("data", "/pg/", None)], &[("data", Some("data-db-0"))]);
+        let plan = plan(&spec, &[dir(VolumeRole::Data, "/pg/data"), dir(VolumeRole::Wal, "/pg/data/pg_wal")], &[]).unwrap();
+        assert_eq!(plan.len(), 1);
+        assert_eq!(plan[0].role, VolumeRole::Data);
+        assert_eq!(plan[0].locations.len(), 2);
+    }
+
+    #[test]
+    fn the_longest_mount_wins() {
+        let spec = pod(&[("root", "/pg", None), ("wal", "/pg/wal", None)], &[("root", Some("a")), ("wal", Some("b"))]);
+        let plan = plan(&spec, &[dir(VolumeRole::Data, "/pg/data"), dir(VolumeRole::Wal, "/pg/wal")], &[]).unwrap();
+        assert_eq!(plan.iter().map(|s| s.persistent_volume_claim.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(plan[1].main_location().path_in_volume, "");
+    }
+
+    #[test]
+    fn a_directory_off_any_claim_is_refused() {
+        let spec = pod(&[("data", "/pg", None), ("scratch", "/wal", None)], &[("data", Some("a")), ("scratch", None)]);
+        let err = plan(&spec, &[dir(VolumeRole::Data, "/pg/data"), dir(VolumeRole::Wal, "/wal/pg_wal")], &[]).unwrap_err();
+        assert_eq!(err.reason(), "PathNotOnClaim");
+        assert!(err.to_string().contains("WAL directory /wal/pg_wal is on volume \"scratch\""), "{err}");
+        let err = plan(&spec, &[dir(VolumeRole::Data, "/elsewhere/data")], &[]).unwrap_err();
+        assert!(matches!(err, PlanError::NotOnVolume { .. }));
+        // "/pgdata" must not match mount "/pg" just because the string starts the same.
+        assert!(plan(&spec, &[dir(VolumeRole::Data, "/pgdata")], &[]).is_err());
+    }
+
+    #[test]
+    fn overrides_must_cover_every_directory_and_nothing_else() {
+        let spec = pod(&[("data", "/pg", None), ("wal", "/wal", None)], &[("data", Some("a")), ("wal", Some("b"))]);
+        let dirs = [dir(VolumeRole::Data, "/pg/data"), dir(VolumeRole::Wal, "/wal")];
+        assert!(plan(&spec, &dirs, &["a".into(), "b".into()]).is_ok());
+        assert!(matches!(plan(&spec, &dirs, &["a".into()]), Err(PlanError::NotInOverride { .. })));
+        assert!(matches!(plan(&spec, &dirs[..1], &["a".into(), "b".into()]), Err(PlanError::UnusedOverride(_))));
+    }
+
+    #[test]
+    fn a_standby_cuts_the_data_volume_last() {
+        let spec = pod(&[("data", "/pg", None), ("wal", "/wal", None)], &[("data", Some("a")), ("wal", Some("b"))]);
+        let plan = plan(&spec, &[dir(VolumeRole::Data, "/pg/data"), dir(VolumeRole::Wal, "/wal")], &[]).unwrap();
+        let order = |standby| {
+            batches(&plan, standby)
+                .iter()
+                .map(|b| b.iter().map(|s| s.persistent_volume_claim.as_str()).collect::<Vec<_>>())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(order(false), [vec!["a", "b"]]);
+        assert_eq!(order(true), [vec!["b"], vec!["a"]]);
+    }
+}

@@ -1,0 +1,139 @@
+//! Logs, metrics and the health endpoints.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Logs go to stderr; `RUST_LOG` (or `--log-level`) filters them.
+pub fn init_logging(level: &str, format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: BackupResult,
+    pub reason: String,
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum BackupResult {
+    Completed,
+    Failed,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StepLabels {
+    pub step: Step,
+}
+
+/// The timed steps of a backup.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum Step {
+    /// `pg_backup_start` called → returned: the checkpoint.
+    Start,
+    /// Snapshots requested → all cut: the storage driver.
+    Cut,
+    /// `pg_backup_stop` called → returned: mostly the archive wait.
+    Stop,
+    /// Cut → ready to use, outside backup mode.
+    Ready,
+    /// Time in backup mode minus start, cut and stop: what pgsnap itself adds.
+    Overhead,
+}
+
+/// The operator's metrics, registered once and shared by every reconciler.
+pub struct Metrics {
+    pub registry: Registry,
+    pub backups: Family<ResultLabels, Counter>,
+    pub step_seconds: Family<StepLabels, Histogram>,
+    pub backup_mode_seconds: Histogram,
+    pub in_flight: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("pgsnap");
+        let backups = Family::<ResultLabels, Counter>::default();
+        let step_seconds = Family::<StepLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0])
+        });
+        let backup_mode_seconds = Histogram::new([0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0]);
+        let in_flight = Gauge::default();
+        registry.register("backups", "Backups that ended, by result and reason", backups.clone());
+        registry.register("backup_step_seconds", "Duration of each step of a backup", step_seconds.clone());
+        registry.register("backup_mode_seconds", "Time a server spent in backup mode", backup_mode_seconds.clone());
+        registry.register("backups_in_flight", "Backups holding a database session now", in_flight.clone());
+        Metrics { registry, backups, step_seconds, backup_mode_seconds, in_flight }
+    }
+}
+
+impl Metrics {
+    pub fn observe(&self, step: Step, seconds: f64) {
+        self.step_seconds.get_or_create(&StepLabels { step }).observe(seconds);
+    }
+
+    pub fn ended(&self, result: BackupResult, reason: &str) {
+        self.backups.get_or_create(&ResultLabels { result, reason: reason.to_string() }).inc();
+    }
+}
+
+/// Readiness: true once this replica's controller runs (it leads, and its caches are warm).
+#[derive(Default)]
+pub struct Health {
+    pub ready: AtomicBool,
+}
+
+#[derive(Clone)]
+struct Shared {
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` until the process ends.
+pub async fn serve(addr: std::net::SocketAddr, metrics: Arc<Metrics>, health: Arc<Health>) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(render_metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .with_state(Shared { metrics, health });
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    axum::serve(listener, app).await
+}
+
+async fn render_metrics(State(shared): State<Shared>) -> impl IntoResponse {
+    let mut body = String::new();
+    match prometheus_client::encoding::text::encode(&mut body, &shared.metrics.registry) {
+        Ok(()) => (StatusCode::OK, [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body),
+        Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, [(header::CONTENT_TYPE, "text/plain")], "encoding failed".into()),
+    }
+}
+
+async fn readyz(State(shared): State<Shared>) -> impl IntoResponse {
+    if shared.health.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not leading yet")
+    }
+}
