@@ -1,1 +1,3 @@
 //! Test support for pgsnap's end-to-end tests: the local cluster and its node agent.
+
+pub mod agent;

@@ -1,0 +1,434 @@
+//! One container: its launch spec (program, env, mounts, user) and its process.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Container, Pod, Probe};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use k8s_openapi::jiff::Timestamp;
+use tokio::sync::watch;
+
+use super::env::{Refs, expand, resolve};
+use super::images::{Image, postgres_mount_point};
+use super::sandbox::{LaunchSpec, Mount};
+use super::status::Exit;
+use super::{PodError, Shared};
+
+/// A resolved image: what the table says plus, for PostgreSQL, where its binaries are.
+#[derive(Debug, Clone)]
+pub struct ImageRun {
+    pub image: Image,
+    pub postgres_dir: Option<PathBuf>,
+}
+
+const SYSTEM_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// The uid/gid a container runs as: container securityContext over the pod's, else root
+/// (like an image without USER), the primary group from the pod's passwd view.
+pub fn user(pod: &Pod, c: &Container) -> (u32, u32) {
+    let psc = pod.spec.as_ref().and_then(|s| s.security_context.as_ref());
+    let csc = c.security_context.as_ref();
+    let uid = csc
+        .and_then(|s| s.run_as_user)
+        .or(psc.and_then(|s| s.run_as_user))
+        .unwrap_or(0) as u32;
+    let gid = csc
+        .and_then(|s| s.run_as_group)
+        .or(psc.and_then(|s| s.run_as_group))
+        .map(|g| g as u32);
+    (
+        uid,
+        gid.unwrap_or(if uid == super::entrypoint::POSTGRES_UID {
+            uid
+        } else {
+            0
+        }),
+    )
+}
+
+/// `/etc/passwd` and `/etc/group` as the pod sees them: the host's, plus the image's
+/// `postgres` (999) and any runAsUser the host does not know, so `initdb` (which looks its
+/// user up) works for any uid without touching the host's files.
+pub fn write_identity_files(pod: &Pod, pod_dir: &Path) -> std::io::Result<(PathBuf, PathBuf)> {
+    let spec = pod.spec.as_ref();
+    let all = spec.iter().flat_map(|s| {
+        s.init_containers
+            .iter()
+            .flatten()
+            .chain(s.containers.iter())
+    });
+    let mut uids: Vec<(u32, u32)> = all.map(|c| user(pod, c)).collect();
+    uids.push((
+        super::entrypoint::POSTGRES_UID,
+        super::entrypoint::POSTGRES_UID,
+    ));
+    let mut passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let mut group = std::fs::read_to_string("/etc/group").unwrap_or_default();
+    let has = |text: &str, id: u32| {
+        text.lines()
+            .any(|l| l.split(':').nth(2) == Some(&id.to_string()))
+    };
+    for (uid, gid) in uids {
+        let name = if uid == super::entrypoint::POSTGRES_UID {
+            "postgres".to_string()
+        } else {
+            format!("user{uid}")
+        };
+        if !has(&passwd, uid) {
+            passwd.push_str(&format!(
+                "{name}:x:{uid}:{gid}::/var/lib/postgresql:/bin/sh\n"
+            ));
+        }
+        if !has(&group, gid) {
+            group.push_str(&format!("{name}:x:{gid}:\n"));
+        }
+    }
+    let etc = pod_dir.join("etc");
+    std::fs::create_dir_all(&etc)?;
+    std::fs::write(etc.join("passwd"), passwd)?;
+    std::fs::write(etc.join("group"), group)?;
+    Ok((etc.join("passwd"), etc.join("group")))
+}
+
+/// Builds the launch spec of a container (without starting it).
+pub async fn launch_spec(
+    shared: &Shared,
+    pod: &Pod,
+    c: &Container,
+    run: &ImageRun,
+    volumes: &HashMap<String, PathBuf>,
+    pod_dir: &Path,
+    refs: &Refs,
+) -> Result<LaunchSpec, PodError> {
+    let name = pod.metadata.name.clone().unwrap_or_default();
+    let mut env: Vec<(String, String)> = vec![("HOSTNAME".into(), name.clone())];
+    let path = match run.image {
+        Image::Postgres { major } => {
+            env.push(("PGDATA".into(), "/var/lib/postgresql/data".into()));
+            env.push(("LANG".into(), "en_US.utf8".into()));
+            format!(
+                "{}/bin:{SYSTEM_PATH}",
+                postgres_mount_point(major).display()
+            )
+        }
+        _ => SYSTEM_PATH.into(),
+    };
+    env.push(("PATH".into(), path));
+    env.push(("HOME".into(), "/root".into()));
+    let (host, port) = (&shared.api_host, &shared.api_port);
+    env.extend([
+        ("KUBERNETES_SERVICE_HOST".to_string(), host.clone()),
+        ("KUBERNETES_SERVICE_PORT".to_string(), port.clone()),
+        ("KUBERNETES_SERVICE_PORT_HTTPS".to_string(), port.clone()),
+        (
+            "KUBERNETES_PORT".to_string(),
+            format!("tcp://{host}:{port}"),
+        ),
+    ]);
+    for (k, v) in resolve(pod, c, refs).await? {
+        env.retain(|(n, _)| *n != k);
+        env.push((k, v));
+    }
+    let lookup = |n: &str| {
+        env.iter()
+            .rev()
+            .find(|(k, _)| k == n)
+            .map(|(_, v)| v.clone())
+    };
+    let command: Vec<String> = c
+        .command
+        .iter()
+        .flatten()
+        .map(|s| expand(s, &lookup))
+        .collect();
+    let args: Vec<String> = c
+        .args
+        .iter()
+        .flatten()
+        .map(|s| expand(s, &lookup))
+        .collect();
+    let argv = match run.image {
+        Image::Postgres { major } if command.is_empty() => {
+            let bin = postgres_mount_point(major).join("bin");
+            let mut v = vec![
+                shared.agent_exe.display().to_string(),
+                "entrypoint".into(),
+                "postgres".into(),
+            ];
+            v.extend([
+                "--bin".into(),
+                bin.display().to_string(),
+                "--major".into(),
+                major.to_string(),
+                "--".into(),
+            ]);
+            v.extend(args);
+            v
+        }
+        Image::Pgsnap if command.is_empty() => {
+            std::iter::once(shared.pgsnap_bin.display().to_string())
+                .chain(args)
+                .collect()
+        }
+        Image::Pgsnap
+            if matches!(
+                command[0].as_str(),
+                "pgsnap" | "/pgsnap" | "/usr/local/bin/pgsnap" | "/usr/bin/pgsnap"
+            ) =>
+        {
+            std::iter::once(shared.pgsnap_bin.display().to_string())
+                .chain(command[1..].iter().cloned())
+                .chain(args)
+                .collect()
+        }
+        Image::Shell if command.is_empty() && args.is_empty() => vec!["sh".into()],
+        _ if command.is_empty() => args,
+        _ => command.into_iter().chain(args).collect(),
+    };
+
+    let mut mounts = Vec::new();
+    for m in c.volume_mounts.iter().flatten() {
+        let source = volumes.get(&m.name).ok_or_else(|| {
+            PodError::Config(format!("volumeMount {}: no volume of that name", m.name))
+        })?;
+        let source = match m.sub_path.as_deref().filter(|s| !s.is_empty()) {
+            Some(sub) => {
+                let p = source.join(sub);
+                if !p.exists() {
+                    // The kubelet creates a missing subPath as a directory.
+                    std::fs::create_dir_all(&p)
+                        .map_err(|e| PodError::Volume(format!("subPath {sub}: {e}")))?;
+                }
+                p
+            }
+            None => source.clone(),
+        };
+        mounts.push(Mount {
+            source,
+            target: m.mount_path.clone().into(),
+            read_only: m.read_only.unwrap_or(false),
+        });
+    }
+    // Parents before children, so a volume mounted inside another one stays visible.
+    mounts.sort_by_key(|m| m.target.components().count());
+    let (passwd, group) = write_identity_files(pod, pod_dir)
+        .map_err(|e| PodError::Launch(format!("/etc/passwd: {e}")))?;
+    mounts.push(Mount {
+        source: passwd,
+        target: "/etc/passwd".into(),
+        read_only: true,
+    });
+    mounts.push(Mount {
+        source: group,
+        target: "/etc/group".into(),
+        read_only: true,
+    });
+    if let (Image::Postgres { major }, Some(dir)) = (run.image, &run.postgres_dir) {
+        mounts.push(Mount {
+            source: dir.clone(),
+            target: postgres_mount_point(major),
+            read_only: true,
+        });
+    }
+
+    let (uid, gid) = user(pod, c);
+    let psc = pod.spec.as_ref().and_then(|s| s.security_context.as_ref());
+    let mut groups: Vec<u32> = psc
+        .and_then(|s| s.supplemental_groups.clone())
+        .unwrap_or_default()
+        .iter()
+        .map(|g| *g as u32)
+        .collect();
+    groups.extend(psc.and_then(|s| s.fs_group).map(|g| g as u32));
+    let hostname = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.hostname.clone())
+        .unwrap_or(name);
+    Ok(LaunchSpec {
+        argv,
+        env,
+        working_dir: c.working_dir.clone().map(PathBuf::from),
+        uid,
+        gid,
+        supplementary_groups: groups,
+        mounts,
+        hostname: hostname.chars().take(64).collect(),
+    })
+}
+
+/// How to stop a running container: the image's stop signal, then SIGKILL after `grace`.
+#[derive(Debug, Clone, Copy)]
+pub struct Stop {
+    pub grace: Duration,
+}
+
+fn signal_group(pgid: u32, sig: libc::c_int) {
+    // SAFETY: kill has no memory-safety preconditions; a vanished group is ESRCH, ignored.
+    unsafe { libc::kill(-(pgid as libc::pid_t), sig) };
+}
+
+/// Starts the sandbox for `spec`; its output goes to `log` (or nowhere).
+fn spawn(
+    shared: &Shared,
+    spec: &LaunchSpec,
+    spec_file: &Path,
+    log: Option<&Path>,
+) -> std::io::Result<tokio::process::Child> {
+    std::fs::write(spec_file, serde_json::to_vec_pretty(spec)?)?;
+    let (out, err) = match log {
+        Some(path) => {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)?;
+            (Stdio::from(f.try_clone()?), Stdio::from(f))
+        }
+        None => (Stdio::null(), Stdio::null()),
+    };
+    let mut cmd = tokio::process::Command::new(&shared.agent_exe);
+    cmd.arg("sandbox")
+        .arg(spec_file)
+        .env_clear()
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err);
+    // Its own process group: stop and kill reach every process of the container.
+    cmd.process_group(0);
+    // SAFETY: prctl is async-signal-safe. The container dies with the agent (and with the
+    // runtime thread that forked it, which lives as long as the agent).
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        })
+    };
+    cmd.spawn()
+}
+
+/// A started container process.
+pub struct Running {
+    child: tokio::process::Child,
+    pgid: u32,
+    pub started: Timestamp,
+}
+
+/// Starts a container's process (in its sandbox, logging to `log`).
+pub fn start(
+    shared: &Shared,
+    spec: &LaunchSpec,
+    spec_file: &Path,
+    log: &Path,
+) -> Result<Running, PodError> {
+    let started = Timestamp::now();
+    let child = spawn(shared, spec, spec_file, Some(log))
+        .map_err(|e| PodError::Launch(format!("starting the sandbox: {e}")))?;
+    let pgid = child.id().unwrap_or_default();
+    shared
+        .groups
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(pgid);
+    Ok(Running {
+        child,
+        pgid,
+        started,
+    })
+}
+
+impl Running {
+    /// Waits for the process to end, or stops it (stop signal, then SIGKILL after the
+    /// grace period) when `stop` fires.
+    pub async fn finish(
+        mut self,
+        shared: &Shared,
+        stop_signal: libc::c_int,
+        stop: &mut watch::Receiver<Option<Stop>>,
+    ) -> Exit {
+        let status = tokio::select! {
+            s = self.child.wait() => s,
+            Ok(grace) = async { stop.wait_for(Option::is_some).await.map(|s| s.map_or(Duration::ZERO, |s| s.grace)) } => {
+                signal_group(self.pgid, stop_signal);
+                match tokio::time::timeout(grace, self.child.wait()).await {
+                    Ok(s) => s,
+                    Err(_) => {
+                        signal_group(self.pgid, libc::SIGKILL);
+                        self.child.wait().await
+                    }
+                }
+            }
+        };
+        // When a container's main process ends, so does everything else in it.
+        signal_group(self.pgid, libc::SIGKILL);
+        shared
+            .groups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.pgid);
+        let finished = Timestamp::now();
+        use std::os::unix::process::ExitStatusExt;
+        match status {
+            Ok(s) => Exit {
+                // Like a container runtime: death by signal N is exit code 128+N.
+                exit_code: s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0)),
+                signal: s.signal(),
+                started: self.started,
+                finished,
+                message: None,
+            },
+            Err(e) => Exit {
+                exit_code: 128,
+                signal: None,
+                started: self.started,
+                finished,
+                message: Some(format!("waiting for the process: {e}")),
+            },
+        }
+    }
+}
+
+/// One readiness check. Exec probes run in the container's sandbox (same mounts and user).
+pub async fn probe_once(
+    shared: &Shared,
+    probe: &Probe,
+    c: &Container,
+    spec: &LaunchSpec,
+    spec_file: &Path,
+) -> bool {
+    let timeout = Duration::from_secs(probe.timeout_seconds.unwrap_or(1).max(1) as u64);
+    if let Some(exec) = &probe.exec {
+        let spec = LaunchSpec {
+            argv: exec.command.clone().unwrap_or_default(),
+            ..spec.clone()
+        };
+        let Ok(mut child) = spawn(shared, &spec, spec_file, None) else {
+            return false;
+        };
+        let pgid = child.id().unwrap_or_default();
+        let ok =
+            matches!(tokio::time::timeout(timeout, child.wait()).await, Ok(Ok(s)) if s.success());
+        signal_group(pgid, libc::SIGKILL);
+        return ok;
+    }
+    if let Some(tcp) = &probe.tcp_socket {
+        let port = match &tcp.port {
+            IntOrString::Int(p) => Some(*p),
+            IntOrString::String(name) => c
+                .ports
+                .iter()
+                .flatten()
+                .find(|p| p.name.as_deref() == Some(name))
+                .map(|p| p.container_port),
+        };
+        let Some(port) = port else { return false };
+        let addr = format!("{}:{port}", tcp.host.as_deref().unwrap_or(super::POD_IP));
+        return matches!(
+            tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await,
+            Ok(Ok(_))
+        );
+    }
+    // httpGet and gRPC probes are not implemented: report ready rather than never.
+    true
+}
