@@ -19,6 +19,7 @@ use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::finalizer::{self, finalizer};
 use kube::runtime::reflector::ObjectRef;
+use kube::core::PartialObjectMeta;
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
 use tokio::sync::{oneshot, watch};
@@ -423,7 +424,7 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>, read
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
-    let secrets: Api<Secret> = match &settings.namespace {
+    let secrets: Api<PartialObjectMeta<Secret>> = match &settings.namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
@@ -444,16 +445,18 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>, read
             let backup = s.labels().get(BACKUP_NAME_LABEL)?.clone();
             Some(ObjectRef::new(&backup).within(&s.namespace()?))
         })
-        // A Pending backup waits for its password Secret.
-        .watches(secrets, watcher::Config::default(), move |s: Secret| {
+        // A Pending backup waits for its password Secret. Metadata only: the operator never
+        // holds Secret values it does not need.
+        .watches(secrets, watcher::Config::default(), move |s: PartialObjectMeta<Secret>| {
             let ns = s.namespace();
+            let name = s.name_any();
             store
                 .state()
                 .into_iter()
                 .filter(|b| b.namespace() == ns && b.status.as_ref().and_then(|st| st.phase).is_none_or(|p| p == Phase::Pending))
                 .filter(|b| {
                     let c = &b.spec.connection;
-                    [&c.password_secret_ref, &c.ca_secret_ref].into_iter().flatten().any(|r| r.name == s.name_any())
+                    [&c.password_secret_ref, &c.ca_secret_ref].into_iter().flatten().any(|r| r.name == name)
                 })
                 .map(|b| ObjectRef::from_obj(&*b))
                 .collect::<Vec<_>>()

@@ -1,0 +1,17 @@
+# pgsnap's image: a static-enough Rust build on Debian, run from distroless as non-root.
+FROM rust:1.95-slim-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY src ./src
+COPY crds ./crds
+COPY e2e/Cargo.toml ./e2e/Cargo.toml
+# The workspace names e2e as a member; an empty library satisfies it for this build.
+RUN mkdir -p e2e/src && touch e2e/src/lib.rs \
+ && cargo build --release --locked -p pgsnap \
+ && strip target/release/pgsnap
+
+FROM gcr.io/distroless/cc-debian12:nonroot
+COPY --from=build /src/target/release/pgsnap /usr/local/bin/pgsnap
+USER 65532:65532
+ENTRYPOINT ["/usr/local/bin/pgsnap"]
+CMD ["run"]
