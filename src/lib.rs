@@ -7,6 +7,7 @@ pub mod backup;
 pub mod label_store;
 pub mod leader;
 pub mod postgres;
+pub mod restore;
 pub mod snapshots;
 pub mod telemetry;
 

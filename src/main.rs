@@ -23,6 +23,8 @@ enum Command {
     Run(RunArgs),
     /// Print the CustomResourceDefinitions as YAML.
     Crd,
+    /// Prepare a restored data directory for recovery from a pgsnap backup.
+    RestorePrepare(pgsnap::restore::prepare::Args),
 }
 
 #[derive(clap::Args)]
@@ -58,6 +60,7 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Crd => print!("{}", pgsnap::api::crds_yaml()?),
         Command::Run(args) => run(args).await?,
+        Command::RestorePrepare(args) => std::process::exit(pgsnap::restore::prepare::main(args)),
     }
     Ok(())
 }

@@ -1,0 +1,728 @@
+//! `pgsnap restore-prepare`: turns a restored data directory (a volume made from a backup's
+//! snapshot) into one PostgreSQL recovers from correctly, or refuses with a stable reason.
+//!
+//! The order of the writes is the safety argument. `backup_label` goes in first: from then
+//! on any start of PostgreSQL replays from the backup's checkpoint and, lacking WAL, fails
+//! loudly ("WAL ends before end of online backup") instead of doing plain crash recovery
+//! from `pg_control`, which silently corrupts a fuzzy copy. The recovery signal comes after
+//! the label, and the `pgsnap-restore.done` marker last: a run cut short is simply run again.
+//! The marker also keeps a second run (an initContainer on every pod start) from putting the
+//! label back after PostgreSQL has recovered and moved on, which would rewind the database.
+
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt, symlink};
+use std::path::{Path, PathBuf};
+
+use crate::label_store::{BACKUP_LABEL_KEY, TABLESPACE_MAP_KEY, sha256_hex};
+
+/// Written last, holding the sha256 of the `backup_label` it prepared the directory with.
+pub const DONE_MARKER: &str = "pgsnap-restore.done";
+/// Delimits the settings pgsnap appends to `postgresql.auto.conf`, so a run replaces them.
+const BLOCK_BEGIN: &str = "# pgsnap restore-prepare: begin";
+const BLOCK_END: &str = "# pgsnap restore-prepare: end";
+/// Exit status of a refusal; 1 stays what it is for any Rust program (a crash).
+pub const EXIT_REFUSED: i32 = 3;
+
+/// Where recovery stops.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// As soon as the restored data is consistent: the end of the backup.
+    Immediate,
+    /// A timestamp as PostgreSQL reads it, e.g. `2026-11-21 10:00:00+00`.
+    Time(String),
+    /// A WAL location, e.g. `0/3000060`.
+    Lsn(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Recovery {
+    /// Fetches archived WAL (`%f`, `%p`). None: WAL is read from `pg_wal` only.
+    pub restore_command: Option<String>,
+    pub target: Target,
+    /// Promote at the target (a new timeline, read-write); otherwise pause there.
+    pub promote: bool,
+}
+
+/// Everything restore-prepare needs; the CLI flags map one to one.
+#[derive(Clone, Debug)]
+pub struct Inputs {
+    /// The restored data directory (PGDATA) as this process sees it.
+    pub data_dir: PathBuf,
+    /// A directory holding `backup_label` and `tablespace_map` (the mounted label ConfigMap).
+    pub label_dir: PathBuf,
+    /// The sha256 the backup recorded for `backup_label` (annotation `pgsnap.io/backup-label-sha256`).
+    pub backup_label_sha256: String,
+    /// The sha256 recorded for `tablespace_map`; None skips the check.
+    pub tablespace_map_sha256: Option<String>,
+    /// The backed-up server's system identifier (annotation `pgsnap.io/system-identifier`).
+    pub system_identifier: u64,
+    /// New location of the WAL directory, when `pg_wal` is a link and the WAL volume is
+    /// mounted elsewhere than on the backed-up server.
+    pub wal_dir: Option<PathBuf>,
+    /// New locations of tablespaces (OID, path as the server will see it).
+    pub tablespaces: Vec<(u32, PathBuf)>,
+    pub recovery: Recovery,
+    /// Remove `standby.signal` (12+), which would otherwise win over `recovery.signal`.
+    pub remove_standby_signal: bool,
+}
+
+/// Why restore-prepare refuses. `reason()` is stable: Job status, Events and scripts use it.
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    #[error("no backup_label in {0}: without it PostgreSQL would do plain crash recovery of a fuzzy copy (silent corruption); mount the backup's label ConfigMap there")]
+    LabelMissing(PathBuf),
+    #[error("{file} does not match the backup: sha256 {actual}, the backup recorded {expected}; the label ConfigMap was altered")]
+    LabelTampered { file: &'static str, expected: String, actual: String },
+    #[error("backup_label is not a PostgreSQL backup label: {0}")]
+    LabelInvalid(#[from] crate::postgres::LabelError),
+    #[error("the data directory belongs to database system {found}, the label to {expected}: the label is from another database")]
+    SystemIdentifierMismatch { expected: u64, found: u64 },
+    #[error("{path} is not a PostgreSQL data directory: {detail}")]
+    NotADataDirectory { path: PathBuf, detail: String },
+    #[error("PostgreSQL {0} is not supported; restore-prepare knows 10 and later")]
+    UnsupportedMajor(String),
+    #[error("the data directory was already prepared from another backup_label (sha256 {found}); restore the snapshot again into a fresh volume")]
+    PreparedFromAnotherLabel { found: String },
+    #[error("invalid recovery setting {name}: {detail}")]
+    InvalidSetting { name: &'static str, detail: String },
+    #[error("cannot relocate: {0}")]
+    Relocation(String),
+    #[error("{action} {path}: {source}")]
+    Io { action: &'static str, path: PathBuf, source: io::Error },
+}
+
+impl PrepareError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            PrepareError::LabelMissing(_) => "LabelMissing",
+            PrepareError::LabelTampered { .. } => "LabelChecksumMismatch",
+            PrepareError::LabelInvalid(_) => "LabelInvalid",
+            PrepareError::SystemIdentifierMismatch { .. } => "SystemIdentifierMismatch",
+            PrepareError::NotADataDirectory { .. } => "NotADataDirectory",
+            PrepareError::UnsupportedMajor(_) => "UnsupportedMajor",
+            PrepareError::PreparedFromAnotherLabel { .. } => "PreparedFromAnotherBackup",
+            PrepareError::InvalidSetting { .. } => "InvalidRecoverySetting",
+            PrepareError::Relocation(_) => "RelocationFailed",
+            PrepareError::Io { .. } => "FilesystemError",
+        }
+    }
+}
+
+fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> PrepareError + 'a {
+    move |source| PrepareError::Io { action, path: path.to_path_buf(), source }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The directory was prepared; each entry says what was done.
+    Prepared { major: u32, actions: Vec<String> },
+    /// A previous run prepared it from the same label: nothing was changed.
+    AlreadyPrepared,
+}
+
+/// The system identifier in `global/pg_control`: its first field, a native-endian u64
+/// (little-endian on the x86-64 and arm64 servers pgsnap restores).
+pub fn system_identifier(data_dir: &Path) -> Result<u64, PrepareError> {
+    let path = data_dir.join("global/pg_control");
+    let bytes = fs::read(&path).map_err(|e| PrepareError::NotADataDirectory { path: data_dir.to_path_buf(), detail: format!("cannot read global/pg_control: {e}") })?;
+    let first: [u8; 8] = bytes.get(..8).and_then(|b| b.try_into().ok()).ok_or_else(|| PrepareError::NotADataDirectory {
+        path: data_dir.to_path_buf(),
+        detail: format!("global/pg_control is {} bytes long", bytes.len()),
+    })?;
+    Ok(u64::from_le_bytes(first))
+}
+
+/// The major version in `PG_VERSION` ("12", or "9.6" for old servers).
+pub fn major_version(data_dir: &Path) -> Result<u32, PrepareError> {
+    let text = fs::read_to_string(data_dir.join("PG_VERSION"))
+        .map_err(|e| PrepareError::NotADataDirectory { path: data_dir.to_path_buf(), detail: format!("cannot read PG_VERSION: {e}") })?;
+    let text = text.trim();
+    match text.parse::<u32>() {
+        Ok(major) if major >= crate::postgres::MIN_MAJOR => Ok(major),
+        _ => Err(PrepareError::UnsupportedMajor(text.to_string())),
+    }
+}
+
+/// A value quoted for postgresql.conf / recovery.conf: `'` doubled and `\` escaped, since
+/// the server reads backslash escapes inside quotes. Line breaks cannot be written at all.
+pub fn quote_setting(name: &'static str, value: &str) -> Result<String, PrepareError> {
+    if value.contains(['\n', '\r', '\0']) {
+        return Err(PrepareError::InvalidSetting { name, detail: "contains a line break or NUL".into() });
+    }
+    Ok(format!("'{}'", value.replace('\\', "\\\\").replace('\'', "''")))
+}
+
+/// The recovery settings for a major, one `name = 'value'` per line.
+pub fn recovery_settings(major: u32, recovery: &Recovery) -> Result<Vec<String>, PrepareError> {
+    // Without an archive, a command that always fails: PostgreSQL then reads pg_wal, yet
+    // archive recovery (targets, promotion) still works; it refuses to run with none at all.
+    let command = recovery.restore_command.as_deref().unwrap_or("false");
+    if command.trim().is_empty() {
+        return Err(PrepareError::InvalidSetting { name: "restore_command", detail: "is empty".into() });
+    }
+    let mut lines = Vec::new();
+    if major < 12 {
+        lines.push("standby_mode = 'off'".to_string());
+    }
+    lines.push(format!("restore_command = {}", quote_setting("restore_command", command)?));
+    match &recovery.target {
+        Target::Immediate => lines.push("recovery_target = 'immediate'".into()),
+        Target::Time(t) => lines.push(format!("recovery_target_time = {}", quote_setting("recovery_target_time", t)?)),
+        Target::Lsn(l) => {
+            l.parse::<crate::postgres::Lsn>()
+                .map_err(|_| PrepareError::InvalidSetting { name: "recovery_target_lsn", detail: format!("{l:?} is not an LSN like 0/3000060") })?;
+            lines.push(format!("recovery_target_lsn = '{l}'"));
+        }
+    }
+    // 12+ defaults to 'latest', which would follow a later timeline found in a shared
+    // archive (an earlier restore that promoted); stay on the backup's own. 10 and 11
+    // default to the current timeline and do not know the word.
+    if major >= 12 {
+        lines.push("recovery_target_timeline = 'current'".into());
+    }
+    lines.push(format!("recovery_target_action = '{}'", if recovery.promote { "promote" } else { "pause" }));
+    Ok(lines)
+}
+
+/// `postgresql.auto.conf` with pgsnap's block replaced by `settings` (appended if absent).
+pub fn with_settings_block(auto_conf: &str, header: &str, settings: &[String]) -> String {
+    let mut out = String::new();
+    let mut inside = false;
+    for line in auto_conf.lines() {
+        if line.starts_with(BLOCK_BEGIN) {
+            inside = true;
+        } else if line == BLOCK_END {
+            inside = false;
+        } else if !inside {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out.push_str(&format!("{BLOCK_BEGIN} ({header})\n"));
+    for s in settings {
+        out.push_str(s);
+        out.push('\n');
+    }
+    out.push_str(BLOCK_END);
+    out.push('\n');
+    out
+}
+
+/// One `tablespace_map` entry: `<oid> <path>`, the path backslash-escaped by 14+.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapEntry {
+    pub oid: u32,
+    pub path: String,
+}
+
+pub fn parse_tablespace_map(map: &str) -> Result<Vec<MapEntry>, PrepareError> {
+    let bad = |detail: String| PrepareError::Relocation(format!("tablespace_map: {detail}"));
+    let mut entries = Vec::new();
+    let mut chars = map.chars().peekable();
+    while chars.peek().is_some() {
+        let oid: String = chars.by_ref().take_while(|c| *c != ' ').collect();
+        let mut path = String::new();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => path.extend(chars.next()),
+                '\n' => break,
+                c => path.push(c),
+            }
+        }
+        let oid = oid.parse().map_err(|_| bad(format!("{oid:?} is not a tablespace OID")))?;
+        entries.push(MapEntry { oid, path: path.trim_end_matches('\r').to_string() });
+    }
+    Ok(entries)
+}
+
+pub fn render_tablespace_map(entries: &[MapEntry]) -> String {
+    let mut out = String::new();
+    for e in entries {
+        let mut escaped = String::new();
+        for c in e.path.chars() {
+            if matches!(c, '\n' | '\r' | '\\') {
+                escaped.push('\\');
+            }
+            escaped.push(c);
+        }
+        out.push_str(&format!("{} {escaped}\n", e.oid));
+    }
+    out
+}
+
+/// The map to write: byte for byte when nothing moves. A relocated tablespace gets its new
+/// path, because PostgreSQL recreates every `pg_tblspc/<oid>` link from this file at
+/// startup: fixing only the link would be undone.
+pub fn relocated_map(original: &str, moves: &[(u32, PathBuf)]) -> Result<String, PrepareError> {
+    if moves.is_empty() {
+        return Ok(original.to_string());
+    }
+    let mut entries = parse_tablespace_map(original)?;
+    for (oid, path) in moves {
+        let entry = entries
+            .iter_mut()
+            .find(|e| e.oid == *oid)
+            .ok_or_else(|| PrepareError::Relocation(format!("tablespace {oid} is not in the backup's tablespace_map")))?;
+        entry.path = path.to_str().ok_or_else(|| PrepareError::Relocation(format!("{path:?} is not UTF-8")))?.to_string();
+    }
+    Ok(render_tablespace_map(&entries))
+}
+
+/// Writes a file atomically (temporary file, fsync, rename) with mode 0600, owned like the
+/// data directory: a Job running as root must not leave files the server cannot read.
+fn write_file(data_dir: &Path, name: &str, contents: &[u8]) -> Result<(), PrepareError> {
+    let path = data_dir.join(name);
+    let tmp = data_dir.join(format!(".{name}.pgsnap-tmp"));
+    let mut file = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(io_err("create", &tmp))?;
+    file.write_all(contents).map_err(io_err("write", &tmp))?;
+    file.sync_all().map_err(io_err("fsync", &tmp))?;
+    own_like_data_dir(data_dir, &tmp)?;
+    fs::rename(&tmp, &path).map_err(io_err("rename into", &path))?;
+    fs::File::open(data_dir).and_then(|d| d.sync_all()).map_err(io_err("fsync", data_dir))
+}
+
+fn own_like_data_dir(data_dir: &Path, path: &Path) -> Result<(), PrepareError> {
+    let meta = fs::metadata(data_dir).map_err(io_err("stat", data_dir))?;
+    match std::os::unix::fs::lchown(path, Some(meta.uid()), Some(meta.gid())) {
+        // Not root: the file is ours, and ours is what the directory's owner can read when
+        // we run as that owner, the only way a non-root prepare can work at all.
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => Ok(()),
+        other => other.map_err(io_err("chown", path)),
+    }
+}
+
+fn remove_file(path: &Path, actions: &mut Vec<String>, why: &str) -> Result<(), PrepareError> {
+    match fs::remove_file(path) {
+        Ok(()) => {
+            actions.push(format!("removed {} ({why})", path.display()));
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(PrepareError::Io { action: "remove", path: path.to_path_buf(), source: e }),
+    }
+}
+
+/// Empties a directory (keeping it): stale slots, temporary files.
+fn empty_dir(dir: &Path, actions: &mut Vec<String>, why: &str) -> Result<(), PrepareError> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(PrepareError::Io { action: "list", path: dir.to_path_buf(), source: e }),
+    };
+    for entry in entries {
+        let path = entry.map_err(io_err("list", dir))?.path();
+        let removed = if fs::symlink_metadata(&path).map_err(io_err("stat", &path))?.is_dir() { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
+        removed.map_err(io_err("remove", &path))?;
+        actions.push(format!("removed {} ({why})", path.display()));
+    }
+    Ok(())
+}
+
+/// Replaces the symbolic link `link` by one to `target`; refuses to touch a real directory.
+fn relink(link: &Path, target: &Path, actions: &mut Vec<String>) -> Result<(), PrepareError> {
+    match fs::symlink_metadata(link) {
+        Ok(m) if m.file_type().is_symlink() => {
+            if fs::read_link(link).map_err(io_err("read link", link))? == target {
+                return Ok(());
+            }
+            fs::remove_file(link).map_err(io_err("remove", link))?;
+        }
+        Ok(_) => return Err(PrepareError::Relocation(format!("{} is a directory, not a link; its files are in the data volume", link.display()))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(PrepareError::Io { action: "stat", path: link.to_path_buf(), source: e }),
+    }
+    symlink(target, link).map_err(io_err("link", link))?;
+    actions.push(format!("linked {} -> {}", link.display(), target.display()));
+    Ok(())
+}
+
+fn read_optional(path: &Path) -> Result<Option<Vec<u8>>, PrepareError> {
+    match fs::read(path) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(PrepareError::Io { action: "read", path: path.to_path_buf(), source: e }),
+    }
+}
+
+/// Checks everything, then prepares the data directory (see the module's comment for the
+/// order). Nothing is written before every check has passed.
+pub fn prepare(inputs: &Inputs) -> Result<Outcome, PrepareError> {
+    let data = &inputs.data_dir;
+    // 1. The label: present, untampered, a label.
+    let label = read_optional(&inputs.label_dir.join(BACKUP_LABEL_KEY))?
+        .filter(|l| !l.is_empty())
+        .ok_or_else(|| PrepareError::LabelMissing(inputs.label_dir.clone()))?;
+    let label_sha = sha256_hex(&label);
+    if !label_sha.eq_ignore_ascii_case(inputs.backup_label_sha256.trim()) {
+        return Err(PrepareError::LabelTampered { file: BACKUP_LABEL_KEY, expected: inputs.backup_label_sha256.clone(), actual: label_sha });
+    }
+    let map = read_optional(&inputs.label_dir.join(TABLESPACE_MAP_KEY))?.unwrap_or_default();
+    if let Some(expected) = &inputs.tablespace_map_sha256 {
+        let actual = sha256_hex(&map);
+        if !actual.eq_ignore_ascii_case(expected.trim()) {
+            return Err(PrepareError::LabelTampered { file: TABLESPACE_MAP_KEY, expected: expected.clone(), actual });
+        }
+    }
+    let label_text = String::from_utf8_lossy(&label);
+    label_text.parse::<crate::postgres::BackupLabel>()?;
+    let map_text = String::from_utf8(map).map_err(|_| PrepareError::Relocation("tablespace_map is not UTF-8".into()))?;
+
+    // 2. The data directory: a PostgreSQL one, of the same database system.
+    let major = major_version(data)?;
+    let found = system_identifier(data)?;
+    if found != inputs.system_identifier {
+        return Err(PrepareError::SystemIdentifierMismatch { expected: inputs.system_identifier, found });
+    }
+    if let Some(done) = read_optional(&data.join(DONE_MARKER))? {
+        let done = String::from_utf8_lossy(&done).trim().to_string();
+        return if done == label_sha { Ok(Outcome::AlreadyPrepared) } else { Err(PrepareError::PreparedFromAnotherLabel { found: done }) };
+    }
+    let map_out = relocated_map(&map_text, &inputs.tablespaces)?;
+    let settings = recovery_settings(major, &inputs.recovery)?;
+
+    // 3. Writes: the label first, the marker last.
+    let mut actions = Vec::new();
+    write_file(data, "backup_label", &label)?;
+    actions.push(format!("wrote backup_label ({} bytes, sha256 {label_sha})", label.len()));
+    if map_out.is_empty() {
+        // No tablespaces; a stale map would make PostgreSQL recreate links that are not there.
+        remove_file(&data.join("tablespace_map"), &mut actions, "the backup has no tablespaces")?;
+    } else {
+        write_file(data, "tablespace_map", map_out.as_bytes())?;
+        let how = if map_out == map_text { "byte for byte" } else { "with relocated paths" };
+        actions.push(format!("wrote tablespace_map ({how})"));
+    }
+    for (oid, path) in &inputs.tablespaces {
+        relink(&data.join("pg_tblspc").join(oid.to_string()), path, &mut actions)?;
+    }
+    if let Some(wal) = &inputs.wal_dir {
+        relink(&data.join("pg_wal"), wal, &mut actions)?;
+    }
+
+    remove_file(&data.join("postmaster.pid"), &mut actions, "the backed-up server's lock file")?;
+    remove_file(&data.join("postmaster.opts"), &mut actions, "the backed-up server's command line")?;
+    empty_dir(&data.join("pg_replslot"), &mut actions, "a replication slot of the backed-up server")?;
+    empty_dir(&data.join("base/pgsql_tmp"), &mut actions, "a temporary file")?;
+    if let Ok(links) = fs::read_dir(data.join("pg_tblspc")) {
+        for link in links.flatten() {
+            // pg_tblspc/<oid>/PG_<major>_<catversion>/pgsql_tmp; an unreachable tablespace
+            // is the server's problem to report, not ours to guess about.
+            for version_dir in fs::read_dir(link.path()).into_iter().flatten().flatten() {
+                empty_dir(&version_dir.path().join("pgsql_tmp"), &mut actions, "a temporary file")?;
+            }
+        }
+    }
+    if inputs.remove_standby_signal {
+        remove_file(&data.join("standby.signal"), &mut actions, "asked to; it would make the server a standby")?;
+    }
+
+    let header = format!("backup_label sha256 {label_sha}");
+    if major >= 12 {
+        // 12+ refuses to start with a recovery.conf.
+        remove_file(&data.join("recovery.conf"), &mut actions, "12+ refuses to start with one")?;
+        let auto = data.join("postgresql.auto.conf");
+        let current = read_optional(&auto)?.map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+        write_file(data, "postgresql.auto.conf", with_settings_block(&current, &header, &settings).as_bytes())?;
+        actions.push(format!("set in postgresql.auto.conf: {}", settings.join("; ")));
+        write_file(data, "recovery.signal", b"")?;
+        actions.push("wrote recovery.signal".into());
+    } else {
+        let conf = format!("# written by pgsnap restore-prepare ({header})\n{}\n", settings.join("\n"));
+        write_file(data, "recovery.conf", conf.as_bytes())?;
+        actions.push(format!("wrote recovery.conf: {}", settings.join("; ")));
+    }
+    write_file(data, DONE_MARKER, format!("{label_sha}\n").as_bytes())?;
+    actions.push(format!("wrote {DONE_MARKER}"));
+    Ok(Outcome::Prepared { major, actions })
+}
+
+/// `pgsnap restore-prepare`: prepare a restored PostgreSQL data directory for recovery from
+/// a pgsnap backup, or refuse (exit status 3) with a stable reason.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The restored data directory (PGDATA).
+    #[arg(long, env = "PGDATA")]
+    pub data_dir: PathBuf,
+    /// The directory holding backup_label and tablespace_map: the mounted label ConfigMap.
+    #[arg(long)]
+    pub label_dir: PathBuf,
+    /// sha256 of backup_label, from the ConfigMap's annotation pgsnap.io/backup-label-sha256.
+    #[arg(long)]
+    pub backup_label_sha256: String,
+    /// sha256 of tablespace_map, from pgsnap.io/tablespace-map-sha256.
+    #[arg(long)]
+    pub tablespace_map_sha256: Option<String>,
+    /// The backed-up server's system identifier, from pgsnap.io/system-identifier.
+    #[arg(long)]
+    pub system_identifier: u64,
+    /// Point the pg_wal link here (the WAL volume's new location).
+    #[arg(long)]
+    pub wal_dir: Option<PathBuf>,
+    /// A tablespace's new location, OID=PATH as the server will see it; repeatable.
+    #[arg(long = "tablespace", value_parser = parse_tablespace_move)]
+    pub tablespaces: Vec<(u32, PathBuf)>,
+    /// Fetches archived WAL; %f and %p as in PostgreSQL. Without it, WAL comes from pg_wal.
+    #[arg(long)]
+    pub restore_command: Option<String>,
+    /// Stop recovery at this time instead of as soon as the data is consistent.
+    #[arg(long, conflicts_with = "target_lsn")]
+    pub target_time: Option<String>,
+    /// Stop recovery at this WAL location instead of as soon as the data is consistent.
+    #[arg(long)]
+    pub target_lsn: Option<String>,
+    /// Promote at the target (true) or pause there (false).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub promote: bool,
+    #[arg(long)]
+    pub remove_standby_signal: bool,
+    /// Also write "<Reason>: <message>" here on refusal (Kubernetes: /dev/termination-log).
+    #[arg(long, env = "PGSNAP_TERMINATION_MESSAGE_PATH")]
+    pub termination_message_path: Option<PathBuf>,
+}
+
+fn parse_tablespace_move(s: &str) -> Result<(u32, PathBuf), String> {
+    let (oid, path) = s.split_once('=').ok_or("expected OID=PATH")?;
+    let oid = oid.parse().map_err(|_| format!("{oid:?} is not a tablespace OID"))?;
+    if !path.starts_with('/') {
+        return Err(format!("{path:?} is not an absolute path"));
+    }
+    Ok((oid, PathBuf::from(path)))
+}
+
+impl Args {
+    pub fn inputs(&self) -> Inputs {
+        let target = match (&self.target_time, &self.target_lsn) {
+            (Some(t), _) => Target::Time(t.clone()),
+            (None, Some(l)) => Target::Lsn(l.clone()),
+            (None, None) => Target::Immediate,
+        };
+        Inputs {
+            data_dir: self.data_dir.clone(),
+            label_dir: self.label_dir.clone(),
+            backup_label_sha256: self.backup_label_sha256.clone(),
+            tablespace_map_sha256: self.tablespace_map_sha256.clone(),
+            system_identifier: self.system_identifier,
+            wal_dir: self.wal_dir.clone(),
+            tablespaces: self.tablespaces.clone(),
+            recovery: Recovery { restore_command: self.restore_command.clone(), target, promote: self.promote },
+            remove_standby_signal: self.remove_standby_signal,
+        }
+    }
+}
+
+/// Runs the subcommand; returns the process exit status.
+pub fn main(args: Args) -> i32 {
+    let data_dir = args.data_dir.display().to_string();
+    match prepare(&args.inputs()) {
+        Ok(Outcome::Prepared { major, actions }) => {
+            for a in &actions {
+                println!("restore-prepare: {a}");
+            }
+            println!("restore-prepare: prepared {data_dir} for recovery (PostgreSQL {major})");
+            0
+        }
+        Ok(Outcome::AlreadyPrepared) => {
+            println!("restore-prepare: {data_dir} is already prepared from this backup_label; nothing changed");
+            0
+        }
+        Err(e) => {
+            let line = format!("{}: {e}", e.reason());
+            eprintln!("restore-prepare refused: {line}");
+            if let Some(path) = &args.termination_message_path {
+                // Best effort: the exit status and stderr already carry the refusal.
+                let _ = fs::write(path, &line);
+            }
+            EXIT_REFUSED
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LABEL: &str = "START WAL LOCATION: 0/2000028 (file 000000010000000000000002)\nCHECKPOINT LOCATION: 0/2000060\nBACKUP METHOD: streamed\nBACKUP FROM: primary\nSTART TIME: 2026-11-21 10:00:00 UTC\nLABEL: t\nSTART TIMELINE: 1\n";
+    const SYSID: u64 = 7_312_345_678_901_234_567;
+
+    struct Dir(PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn scratch(major: &str) -> (Dir, Inputs) {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let root = std::env::temp_dir().join(format!("pgsnap-prepare-unit-{}-{n}", std::process::id()));
+        let (data, labels) = (root.join("data"), root.join("label"));
+        fs::create_dir_all(data.join("global")).unwrap();
+        fs::create_dir_all(data.join("pg_replslot/old_slot")).unwrap();
+        fs::create_dir_all(data.join("base/pgsql_tmp")).unwrap();
+        fs::create_dir_all(&labels).unwrap();
+        fs::write(data.join("PG_VERSION"), format!("{major}\n")).unwrap();
+        let mut control = SYSID.to_le_bytes().to_vec();
+        control.resize(8192, 0);
+        fs::write(data.join("global/pg_control"), control).unwrap();
+        fs::write(data.join("postmaster.pid"), "42\n").unwrap();
+        fs::write(data.join("pg_replslot/old_slot/state"), "x").unwrap();
+        fs::write(data.join("base/pgsql_tmp/pgsql_tmp42.0"), "x").unwrap();
+        fs::write(data.join("postgresql.auto.conf"), "# Do not edit this file manually!\nwork_mem = '8MB'\n").unwrap();
+        fs::write(labels.join("backup_label"), LABEL).unwrap();
+        fs::write(labels.join("tablespace_map"), "").unwrap();
+        let inputs = Inputs {
+            data_dir: data,
+            label_dir: labels,
+            backup_label_sha256: sha256_hex(LABEL.as_bytes()),
+            tablespace_map_sha256: Some(sha256_hex(b"")),
+            system_identifier: SYSID,
+            wal_dir: None,
+            tablespaces: vec![],
+            recovery: Recovery { restore_command: Some("cp '/archive/%f' %p".into()), target: Target::Immediate, promote: true },
+            remove_standby_signal: false,
+        };
+        (Dir(root), inputs)
+    }
+
+    #[test]
+    fn prepares_a_12_plus_directory_once_and_then_changes_nothing() {
+        let (_dir, inputs) = scratch("16");
+        let data = &inputs.data_dir;
+        let Outcome::Prepared { major, .. } = prepare(&inputs).unwrap() else { panic!("not prepared") };
+        assert_eq!(major, 16);
+        assert_eq!(fs::read_to_string(data.join("backup_label")).unwrap(), LABEL);
+        assert!(data.join("recovery.signal").exists());
+        assert!(!data.join("tablespace_map").exists(), "an empty map is no map");
+        assert!(!data.join("postmaster.pid").exists());
+        assert_eq!(fs::read_dir(data.join("pg_replslot")).unwrap().count(), 0);
+        assert_eq!(fs::read_dir(data.join("base/pgsql_tmp")).unwrap().count(), 0);
+        let auto = fs::read_to_string(data.join("postgresql.auto.conf")).unwrap();
+        assert!(auto.starts_with("# Do not edit this file manually!\nwork_mem = '8MB'\n"), "{auto}");
+        assert!(auto.contains("restore_command = 'cp ''/archive/%f'' %p'\nrecovery_target = 'immediate'\n"), "{auto}");
+        assert!(auto.contains("recovery_target_action = 'promote'"));
+        assert_eq!(fs::metadata(data.join("backup_label")).unwrap().permissions().mode() & 0o777, 0o600);
+
+        let before: Vec<_> = walk(data);
+        assert_eq!(prepare(&inputs).unwrap(), Outcome::AlreadyPrepared);
+        assert_eq!(walk(data), before, "a second run changed the directory");
+
+        // After recovery PostgreSQL renames the label; a rerun must not put it back.
+        fs::rename(data.join("backup_label"), data.join("backup_label.old")).unwrap();
+        assert_eq!(prepare(&inputs).unwrap(), Outcome::AlreadyPrepared);
+        assert!(!data.join("backup_label").exists());
+    }
+
+    fn walk(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+        let mut out = vec![];
+        for e in fs::read_dir(dir).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push((p.clone(), fs::read(&p).unwrap()));
+            }
+        }
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn writes_recovery_conf_on_10_and_11() {
+        let (_dir, inputs) = scratch("11");
+        prepare(&inputs).unwrap();
+        let conf = fs::read_to_string(inputs.data_dir.join("recovery.conf")).unwrap();
+        assert!(conf.contains("standby_mode = 'off'\nrestore_command = "), "{conf}");
+        assert!(!conf.contains("recovery_target_timeline"), "11 does not know 'current'");
+        assert!(!inputs.data_dir.join("recovery.signal").exists());
+        assert!(!fs::read_to_string(inputs.data_dir.join("postgresql.auto.conf")).unwrap().contains("restore_command"));
+    }
+
+    #[test]
+    fn refuses_a_missing_tampered_or_foreign_label_and_writes_nothing() {
+        let (_dir, inputs) = scratch("15");
+        fs::remove_file(inputs.label_dir.join("backup_label")).unwrap();
+        assert_eq!(prepare(&inputs).unwrap_err().reason(), "LabelMissing");
+
+        fs::write(inputs.label_dir.join("backup_label"), LABEL.replace("0/2000060", "0/3000060")).unwrap();
+        assert_eq!(prepare(&inputs).unwrap_err().reason(), "LabelChecksumMismatch");
+
+        fs::write(inputs.label_dir.join("backup_label"), LABEL).unwrap();
+        fs::write(inputs.label_dir.join("tablespace_map"), "16400 /elsewhere\n").unwrap();
+        assert_eq!(prepare(&inputs).unwrap_err().reason(), "LabelChecksumMismatch");
+
+        fs::write(inputs.label_dir.join("tablespace_map"), "").unwrap();
+        let foreign = Inputs { system_identifier: SYSID + 1, ..inputs.clone() };
+        assert_eq!(prepare(&foreign).unwrap_err().reason(), "SystemIdentifierMismatch");
+
+        assert!(!inputs.data_dir.join("backup_label").exists());
+        assert!(inputs.data_dir.join("postmaster.pid").exists(), "a refusal touched the directory");
+        assert!(prepare(&inputs).is_ok());
+
+        let other = Inputs { backup_label_sha256: sha256_hex(b"other"), ..inputs.clone() };
+        fs::write(inputs.label_dir.join("backup_label"), "other").unwrap();
+        assert_eq!(prepare(&other).unwrap_err().reason(), "LabelInvalid");
+    }
+
+    #[test]
+    fn a_directory_prepared_from_another_label_is_refused() {
+        let (_dir, inputs) = scratch("17");
+        fs::write(inputs.data_dir.join(DONE_MARKER), "abc\n").unwrap();
+        assert_eq!(prepare(&inputs).unwrap_err().reason(), "PreparedFromAnotherBackup");
+    }
+
+    #[test]
+    fn recovery_settings_follow_target_and_promotion() {
+        let r = |target, promote| Recovery { restore_command: None, target, promote };
+        assert_eq!(
+            recovery_settings(18, &r(Target::Time("2026-11-21 10:00:00+00".into()), false)).unwrap(),
+            [
+                "restore_command = 'false'",
+                "recovery_target_time = '2026-11-21 10:00:00+00'",
+                "recovery_target_timeline = 'current'",
+                "recovery_target_action = 'pause'"
+            ]
+        );
+        assert!(recovery_settings(12, &r(Target::Lsn("0/3000060".into()), true)).unwrap().contains(&"recovery_target_lsn = '0/3000060'".to_string()));
+        assert_eq!(recovery_settings(12, &r(Target::Lsn("x'; drop".into()), true)).unwrap_err().reason(), "InvalidRecoverySetting");
+        let bad = Recovery { restore_command: Some("cp a b\nrecovery_target = 'x'".into()), ..r(Target::Immediate, true) };
+        assert_eq!(recovery_settings(12, &bad).unwrap_err().reason(), "InvalidRecoverySetting");
+        assert_eq!(quote_setting("x", r"c:\a'b").unwrap(), r"'c:\\a''b'");
+    }
+
+    #[test]
+    fn the_settings_block_is_replaced_not_appended_twice() {
+        let once = with_settings_block("a = 1\n", "h1", &["x = '1'".into()]);
+        let twice = with_settings_block(&once, "h2", &["x = '2'".into()]);
+        assert_eq!(twice, format!("a = 1\n{BLOCK_BEGIN} (h2)\nx = '2'\n{BLOCK_END}\n"));
+    }
+
+    #[test]
+    fn tablespace_maps_round_trip_and_relocate() {
+        let map = "16400 /var/lib/ts one\n16401 /weird\\\\path\\\nname\n";
+        let entries = parse_tablespace_map(map).unwrap();
+        assert_eq!(entries, [MapEntry { oid: 16400, path: "/var/lib/ts one".into() }, MapEntry { oid: 16401, path: "/weird\\path\nname".into() }]);
+        assert_eq!(render_tablespace_map(&entries), map);
+        assert_eq!(relocated_map(map, &[]).unwrap(), map);
+        let moved = relocated_map(map, &[(16400, "/mnt/ts".into())]).unwrap();
+        assert!(moved.starts_with("16400 /mnt/ts\n16401 "), "{moved}");
+        assert_eq!(relocated_map(map, &[(1, "/x".into())]).unwrap_err().reason(), "RelocationFailed");
+    }
+
+    #[test]
+    fn relocation_rewrites_the_map_and_the_links() {
+        let (_dir, mut inputs) = scratch("14");
+        let map = "16400 /old/ts\n";
+        fs::write(inputs.label_dir.join("tablespace_map"), map).unwrap();
+        inputs.tablespace_map_sha256 = Some(sha256_hex(map.as_bytes()));
+        fs::create_dir_all(inputs.data_dir.join("pg_tblspc")).unwrap();
+        symlink("/old/ts", inputs.data_dir.join("pg_tblspc/16400")).unwrap();
+        symlink("/old/wal", inputs.data_dir.join("pg_wal")).unwrap();
+        inputs.tablespaces = vec![(16400, "/new/ts".into())];
+        inputs.wal_dir = Some("/new/wal".into());
+        prepare(&inputs).unwrap();
+        assert_eq!(fs::read_to_string(inputs.data_dir.join("tablespace_map")).unwrap(), "16400 /new/ts\n");
+        assert_eq!(fs::read_link(inputs.data_dir.join("pg_tblspc/16400")).unwrap(), Path::new("/new/ts"));
+        assert_eq!(fs::read_link(inputs.data_dir.join("pg_wal")).unwrap(), Path::new("/new/wal"));
+    }
+}
