@@ -629,7 +629,7 @@ pub async fn insert_known(client: &Client, from: i64, n: i64) -> Vec<i64> {
     let ids: Vec<i64> = (from..from + n).collect();
     for id in &ids {
         client
-            .execute("insert into known values ($1, md5($1::text))", &[id])
+            .execute("insert into known values ($1::int8, md5($1::int8::text))", &[id])
             .await
             .unwrap();
     }

@@ -1,0 +1,148 @@
+//! A backup is only as good as its restore. On every major 10-18: pgbench writes while the
+//! data directory and a tablespace are copied file by file in backup mode (a fuzzy,
+//! non-atomic copy, like the hostpath CSI driver's tar); then the copy plus backup_label,
+//! tablespace_map and the WAL archive must recover to a server holding every row committed
+//! before the stop call, with balanced pgbench sums and silent amcheck. The same restore
+//! without backup_label, and without the archived WAL, must be caught by that check.
+
+mod pgharness;
+
+use std::path::Path;
+use std::time::Duration;
+
+use pgharness::{Expect, Pg, RestorePlan, TestDir, archive_command, check_restore, fuzzy_copy, insert_known, prepare_restore};
+use pgsnap::postgres::{BackupFrom, Session};
+
+async fn restore_matrix(major: u32) {
+    let dir = TestDir::new(&format!("restore{major}"));
+    let archive = dir.owned("archive");
+    let empty_archive = dir.owned("no-archive");
+    let tablespace = dir.owned("tablespace");
+    let mut pg = Pg::init(
+        major,
+        &dir,
+        "primary",
+        &[
+            ("archive_mode", "on"),
+            ("archive_command", &archive_command(&archive)),
+            // Checkpoints during the copy make the fuzzy copy fuzzier.
+            ("checkpoint_timeout", "'30s'"),
+        ],
+    );
+    pg.start(Duration::from_secs(60)).await.unwrap();
+    pg.exec(&format!(
+        "create tablespace ts location '{}'",
+        tablespace.display()
+    ))
+    .await;
+    pg.exec("create table in_ts (id int8 primary key, v text not null) tablespace ts").await;
+    pg.exec("insert into in_ts select g, md5(g::text) from generate_series(1, 1000) g").await;
+    pg.pgbench_init(1);
+    let client = pg.client().await;
+    let mut known = insert_known(&client, 1, 10).await;
+
+    let load = pg.pgbench_load(2, 120);
+    let mut s = Session::connect(&pg.opts("postgres", None)).await.unwrap();
+    assert_eq!(s.server().tablespaces.len(), 1);
+    assert_eq!(s.server().tablespaces[0].location, tablespace.display().to_string());
+    let oid = s.server().tablespaces[0].oid;
+    let started = s.start(&format!("restore proof {major}"), true, Duration::from_secs(300)).await.unwrap();
+    assert!(started.wal_pinned);
+
+    // The "snapshots": data directory and tablespace, each copied while pgbench writes.
+    let copy = dir.0.join("copy");
+    tokio::task::block_in_place(|| {
+        fuzzy_copy(&pg.data, &copy.join("data"), Duration::from_millis(5));
+        fuzzy_copy(&tablespace, &copy.join("tablespace"), Duration::from_millis(5));
+    });
+    // Committed after the copy, before the stop: only WAL can bring these back.
+    known.extend(insert_known(&client, 1000, 50).await);
+    client
+        .batch_execute("insert into in_ts select g, md5(g::text) from generate_series(1001, 1100) g")
+        .await
+        .unwrap();
+    let stopped = s.stop(true).await.unwrap();
+    load.finish();
+    let written: i64 = client.query_one("select count(*) from pgbench_history", &[]).await.unwrap().get(0);
+    assert!(written > 0, "pgbench wrote during the backup");
+    eprintln!("PostgreSQL {major}: {written} pgbench transactions during the backup");
+
+    assert_eq!(stopped.label.backup_from, BackupFrom::Primary);
+    // 7. tablespace_map: "<oid> <location>\n".
+    assert_eq!(stopped.spcmapfile, format!("{oid} {}\n", tablespace.display()));
+
+    let expect = Expect {
+        known: known.clone(),
+        in_tablespace: (1..=1100).collect(),
+        pgbench: true,
+    };
+    let restore = |name: &str, with_label: bool, wal: &Path| {
+        let target = dir.0.join(name);
+        tokio::task::block_in_place(|| {
+            fuzzy_copy(&copy, &target, Duration::ZERO);
+        });
+        prepare_restore(
+            major,
+            &target.join("data"),
+            &RestorePlan {
+                labelfile: with_label.then_some(stopped.labelfile.as_str()),
+                spcmapfile: &stopped.spcmapfile,
+                tablespaces: vec![(tablespace.display().to_string(), target.join("tablespace"))],
+                wal_source: wal,
+                immediate: true,
+            },
+        );
+        Pg::existing(major, &target.join("data"), dir.0.join(format!("{name}.log")))
+    };
+
+    // 4. The restore proof.
+    let mut good = restore("restored", true, &archive);
+    let report = check_restore(&mut good, &expect).await;
+    assert!(report.is_ok(), "restore of PostgreSQL {major} failed: {report:?}");
+    // tablespace_map recreated the link, to the relocated copy.
+    let link = std::fs::read_link(good.data.join(format!("pg_tblspc/{oid}"))).unwrap();
+    assert_eq!(link, dir.0.join("restored/tablespace"));
+    good.stop();
+
+    // 5. Negative controls: the same check must fail.
+    let mut no_label = restore("no-label", false, &archive);
+    let report = check_restore(&mut no_label, &expect).await;
+    assert!(report.is_err(), "restore without backup_label passed the check on {major}");
+    eprintln!("PostgreSQL {major} without backup_label: {}", first_line(&report.unwrap_err()));
+    no_label.stop();
+
+    let mut no_wal = restore("no-wal", true, &empty_archive);
+    let report = check_restore(&mut no_wal, &expect).await;
+    let err = report.expect_err("restore without the archived WAL passed the check");
+    assert!(
+        [
+            "WAL ends before end of online backup",
+            "WAL ends before consistent recovery point",
+            // 13+ with recovery_target = 'immediate'
+            "recovery ended before configured recovery target was reached",
+        ]
+        .iter()
+        .any(|m| err.contains(m)),
+        "PostgreSQL {major} without WAL: {err}"
+    );
+    eprintln!("PostgreSQL {major} without WAL: {}", err.lines().filter(|l| l.contains("FATAL")).last().unwrap_or(""));
+    no_wal.stop();
+}
+
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or("")
+}
+
+macro_rules! per_major {
+    ($($name:ident: $major:expr),* $(,)?) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            restore_matrix($major).await;
+        }
+    )*};
+}
+
+per_major! {
+    restore_pg10: 10, restore_pg11: 11, restore_pg12: 12, restore_pg13: 13, restore_pg14: 14,
+    restore_pg15: 15, restore_pg16: 16, restore_pg17: 17, restore_pg18: 18,
+}
