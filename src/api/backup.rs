@@ -214,6 +214,9 @@ pub struct BackupStatus {
     pub wal_pinned: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backup_window: Option<BackupWindow>,
+    /// Where the backup window went: what the server and the storage took, and what pgsnap added.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timings: Option<BackupTimings>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub snapshots: Vec<SnapshotStatus>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -254,6 +257,20 @@ pub struct BackupWindow {
     /// Decimal seconds as a string, so the printer column stays readable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seconds: Option<String>,
+}
+
+/// Seconds spent in each step of the backup.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupTimings {
+    /// The start call: the checkpoint (before backup mode counts).
+    pub checkpoint_seconds: f64,
+    /// Snapshots requested → all cut: the storage driver.
+    pub cut_seconds: f64,
+    /// The stop call: mostly waiting for the archive.
+    pub stop_seconds: f64,
+    /// Backup window − cut − stop: what pgsnap itself added to backup mode.
+    pub overhead_seconds: f64,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, schemars::JsonSchema)]

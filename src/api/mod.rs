@@ -143,5 +143,7 @@ mod tests {
             committed == generated,
             "crds/pgsnap.io.yaml differs from the Rust types in src/api: run `make crds` and commit the result"
         );
+        let chart = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/charts/pgsnap/crds/pgsnap.io.yaml")).unwrap_or_default();
+        assert!(chart == generated, "charts/pgsnap/crds/ differs from crds/: run `make crds` and commit the result");
     }
 }

@@ -18,7 +18,7 @@ use tracing::info;
 use super::volumes::{self, DatabaseDir, PlannedSnapshot};
 use super::{Context, Failure, now, phase, set_phase};
 use crate::api::backup::{
-    Backup, BackupStatus, BackupWindow, Checkpoint, Phase, PostgresStatus, ServerRole, SnapshotStatus, SslMode, TargetRole, VolumeRole,
+    Backup, BackupStatus, BackupTimings, BackupWindow, Checkpoint, Phase, PostgresStatus, ServerRole, SnapshotStatus, SslMode, TargetRole, VolumeRole,
 };
 use crate::api::snapshot::VolumeSnapshot;
 use crate::label_store::{self, LABEL_CONFIGMAP_ANNOTATION, SnapshotLocation};
@@ -255,7 +255,14 @@ async fn execute(ctx: &Context, job: &Job, status: &mut BackupStatus) -> Result<
     written?;
     ctx.metrics.observe(Step::Stop, stopped.took.as_secs_f64());
     ctx.metrics.backup_mode_seconds.observe(window.as_secs_f64());
-    ctx.metrics.observe(Step::Overhead, phase::overhead(window.as_secs_f64(), cut_wait.as_secs_f64(), stopped.took.as_secs_f64()));
+    let overhead = phase::overhead(window.as_secs_f64(), cut_wait.as_secs_f64(), stopped.took.as_secs_f64());
+    ctx.metrics.observe(Step::Overhead, overhead);
+    status.timings = Some(BackupTimings {
+        checkpoint_seconds: started.took.as_secs_f64(),
+        cut_seconds: cut_wait.as_secs_f64(),
+        stop_seconds: stopped.took.as_secs_f64(),
+        overhead_seconds: overhead,
+    });
     info!(
         stop_lsn = %stopped.stop_lsn,
         window_seconds = window.as_secs_f64(),
