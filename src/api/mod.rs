@@ -1,6 +1,7 @@
 //! The custom resources of group `pgsnap.io`, and the CSI snapshot types pgsnap uses.
 
 pub mod backup;
+pub mod restore;
 pub mod snapshot;
 
 pub use backup::{Backup, BackupSpec, BackupStatus, Phase};
@@ -15,7 +16,7 @@ pub const GROUP: &str = "pgsnap.io";
 /// All CRDs as one multi-document YAML stream, as `pgsnap crd` prints and `crds/` holds.
 pub fn crds_yaml() -> Result<String, serde_yaml::Error> {
     let mut out = String::new();
-    for crd in [Backup::crd()] {
+    for crd in [Backup::crd(), restore::Restore::crd()] {
         out.push_str("---\n");
         out.push_str(&serde_yaml::to_string(&crd)?);
     }
