@@ -74,7 +74,8 @@ pub fn run_as() -> Option<(u32, u32)> {
     lookup("pgsnaptest").or(Some((65534, 65534)))
 }
 
-fn chown(path: &Path) {
+/// Gives `path` to the server user.
+pub fn chown(path: &Path) {
     if let Some((uid, gid)) = run_as() {
         let status = Command::new("chown")
             .arg("-R")
@@ -427,6 +428,7 @@ impl Drop for Load {
 /// Links are copied as links.
 pub fn fuzzy_copy(src: &Path, dst: &Path, pause: Duration) {
     fs::create_dir_all(dst).unwrap();
+    fs::set_permissions(dst, fs::Permissions::from_mode(0o700)).unwrap();
     let mut count = 0u32;
     copy_tree(src, dst, pause, &mut count);
     chown(dst);
@@ -465,8 +467,9 @@ fn copy_tree(src: &Path, dst: &Path, pause: Duration, count: &mut u32) {
     }
 }
 
+/// Copies to a temporary name and renames, so nobody ever reads a half-archived segment.
 pub fn archive_command(archive: &Path) -> String {
-    format!("'test ! -f {0}/%f && cp %p {0}/%f'", archive.display())
+    format!("'test ! -f {0}/%f && cp %p {0}/%f.part && mv {0}/%f.part {0}/%f'", archive.display())
 }
 
 /// How a copy is turned into a restore.

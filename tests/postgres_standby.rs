@@ -1,0 +1,165 @@
+//! Backups from a streaming standby. The standby itself is made the pgsnap way: a fuzzy
+//! copy of the primary taken inside a backup session, plus the returned backup_label. Then a
+//! backup of the standby under pgbench load says BACKUP FROM: standby and restores, and a
+//! promotion in the middle of a standby backup ends in StandbyPromoted.
+
+mod pgharness;
+
+use std::fs;
+use std::io::Write;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use pgharness::{Expect, Pg, RestorePlan, TestDir, archive_command, check_restore, fuzzy_copy, insert_known, prepare_restore};
+use pgsnap::postgres::{BackupFrom, Error, Session};
+
+/// A streaming standby of `primary` in `dir/standby`, seeded by a pgsnap backup.
+async fn make_standby(primary: &Pg, dir: &TestDir, archive: &Path) -> Pg {
+    let mut s = Session::connect(&primary.opts("postgres", None)).await.unwrap();
+    s.start("seed standby", true, Duration::from_secs(120)).await.unwrap();
+    let data = dir.0.join("standby/data");
+    tokio::task::block_in_place(|| fuzzy_copy(&primary.data, &data, Duration::ZERO));
+    let stopped = s.stop(true).await.unwrap();
+    fs::write(data.join("backup_label"), &stopped.labelfile).unwrap();
+
+    let conninfo = format!("host=127.0.0.1 port={} user=postgres application_name=standby", primary.port);
+    let restore = format!("cp {}/%f %p", archive.display());
+    if primary.major >= 12 {
+        fs::write(data.join("standby.signal"), "").unwrap();
+        let mut conf = fs::OpenOptions::new().append(true).open(data.join("postgresql.conf")).unwrap();
+        writeln!(conf, "archive_mode = off\nprimary_conninfo = '{conninfo}'\nrestore_command = '{restore}'").unwrap();
+    } else {
+        fs::write(
+            data.join("recovery.conf"),
+            format!("standby_mode = 'on'\nprimary_conninfo = '{conninfo}'\nrestore_command = '{restore}'\n"),
+        )
+        .unwrap();
+        let mut conf = fs::OpenOptions::new().append(true).open(data.join("postgresql.conf")).unwrap();
+        writeln!(conf, "archive_mode = off").unwrap();
+    }
+    let mut standby = Pg::existing(primary.major, &data, dir.0.join("standby.log"));
+    pgharness::chown(&data);
+    standby.start(Duration::from_secs(90)).await.unwrap();
+    standby
+}
+
+/// Waits until the standby has replayed the known row `id`.
+async fn wait_replayed(standby: &Pg, id: i64) {
+    let client = standby.client().await;
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        let n: i64 = client
+            .query_one("select count(*) from known where id = $1", &[&id])
+            .await
+            .unwrap()
+            .get(0);
+        if n == 1 {
+            return;
+        }
+        assert!(Instant::now() < until, "standby did not replay row {id}:\n{}", standby.log_tail(20));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn wait_archived(archive: &Path, file: &str) {
+    let until = Instant::now() + Duration::from_secs(60);
+    while !archive.join(file).exists() {
+        assert!(Instant::now() < until, "{file} never archived");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn standby_matrix(major: u32) {
+    let dir = TestDir::new(&format!("standby{major}"));
+    let archive = dir.owned("archive");
+    let mut primary = Pg::init(
+        major,
+        &dir,
+        "primary",
+        &[("archive_mode", "on"), ("archive_command", &archive_command(&archive))],
+    );
+    primary.start(Duration::from_secs(60)).await.unwrap();
+    primary.pgbench_init(1);
+    let pclient = primary.client().await;
+    let mut known = insert_known(&pclient, 1, 10).await;
+
+    let mut standby = make_standby(&primary, &dir, &archive).await;
+    wait_replayed(&standby, 10).await;
+
+    // 6. A backup of the standby, under load on the primary.
+    let load = primary.pgbench_load(2, 120);
+    let mut s = Session::connect(&standby.opts("postgres", None)).await.unwrap();
+    assert!(s.server().in_recovery);
+    assert_eq!(s.server().timeline, 1);
+    let started = s.start("from the standby", true, Duration::from_secs(120)).await.unwrap();
+    assert!(started.wal_pinned, "a temporary slot on a standby: {:?}", started.wal_not_pinned_reason);
+    let copy = dir.0.join("copy/data");
+    tokio::task::block_in_place(|| fuzzy_copy(&standby.data, &copy, Duration::from_millis(5)));
+    known.extend(insert_known(&pclient, 1000, 30).await);
+    wait_replayed(&standby, 1029).await;
+    let stopped = s.stop(true).await.unwrap();
+    load.finish();
+    assert_eq!(stopped.label.backup_from, BackupFrom::Standby);
+    assert!(stopped.labelfile.contains("BACKUP FROM: standby"));
+    assert!(stopped.stop_lsn >= started.start_lsn);
+
+    // The primary's archive must reach the standby's stop point (its minimum recovery
+    // point, which may lag behind what it replayed) and, for the known rows, beyond.
+    let last: String = pclient
+        .query_one("select pg_walfile_name(pg_switch_wal())", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(last >= stopped.stop_wal_file, "{last} < {}", stopped.stop_wal_file);
+    wait_archived(&archive, &last).await;
+
+    prepare_restore(
+        major,
+        &copy,
+        &RestorePlan {
+            labelfile: Some(&stopped.labelfile),
+            spcmapfile: &stopped.spcmapfile,
+            tablespaces: vec![],
+            wal_source: &archive,
+            // A standby backup is consistent at the standby's minimum recovery point, which
+            // may be behind what it had replayed: recover all archived WAL instead.
+            immediate: false,
+        },
+    );
+    let mut restored = Pg::existing(major, &copy, dir.0.join("restored.log"));
+    let report = check_restore(
+        &mut restored,
+        &Expect {
+            known: known.clone(),
+            in_tablespace: vec![],
+            pgbench: true,
+        },
+    )
+    .await;
+    assert!(report.is_ok(), "restore of a PostgreSQL {major} standby backup: {report:?}");
+    restored.stop();
+
+    // Promotion during a standby backup.
+    let mut p = Session::connect(&standby.opts("postgres", None)).await.unwrap();
+    p.start("interrupted by promotion", true, Duration::from_secs(120)).await.unwrap();
+    tokio::task::block_in_place(|| standby.pg_ctl(&["promote", "-w", "-t", "60"]));
+    let err = p.stop(true).await.unwrap_err();
+    assert!(matches!(err, Error::StandbyPromoted { .. }), "PostgreSQL {major}: {err:?}");
+    eprintln!("PostgreSQL {major} promoted mid-backup: {err}");
+    standby.stop();
+    primary.stop();
+}
+
+macro_rules! per_major {
+    ($($name:ident: $major:expr),* $(,)?) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            standby_matrix($major).await;
+        }
+    )*};
+}
+
+per_major! {
+    standby_pg10: 10, standby_pg11: 11, standby_pg12: 12, standby_pg13: 13, standby_pg14: 14,
+    standby_pg15: 15, standby_pg16: 16, standby_pg17: 17, standby_pg18: 18,
+}
