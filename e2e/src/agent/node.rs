@@ -123,6 +123,20 @@ pub async fn register(client: &Client, name: &str) -> Result<(), AgentError> {
             &Patch::Merge(json!({ "status": status(&now) })),
         )
         .await?;
+    // The API server's TaintNodesByCondition admission taints a new node not-ready; the node
+    // lifecycle controller, which would lift it, does not run in the test cluster (it would
+    // also evict pods when a heartbeat is late). The node is ready: lift it here.
+    let node = nodes.get(name).await?;
+    let taints = node.spec.and_then(|s| s.taints).unwrap_or_default();
+    let kept: Vec<_> = taints
+        .iter()
+        .filter(|t| !t.key.starts_with("node.kubernetes.io/"))
+        .cloned()
+        .collect();
+    if kept.len() != taints.len() {
+        let patch = Patch::Merge(json!({ "spec": { "taints": kept } }));
+        nodes.patch(name, &PatchParams::default(), &patch).await?;
+    }
     Ok(())
 }
 

@@ -1,0 +1,200 @@
+//! The operator under test: `pgsnap run` as a local process that authenticates with a
+//! ServiceAccount token bound to exactly the Helm chart's RBAC, so a missing verb in the
+//! chart fails the tests.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::ServiceAccount;
+use kube::api::PostParams;
+use kube::{Api, Client};
+
+use crate::cluster::{cluster_dir, repo_root};
+
+/// Where the operator's ServiceAccount and Lease live.
+pub const OPERATOR_NAMESPACE: &str = "pgsnap-system";
+const SERVICE_ACCOUNT: &str = "pgsnap";
+
+/// Runs a shell command with the cluster's kubectl and helm on PATH; panics with its output
+/// when it fails.
+pub fn cluster_shell(script: &str) -> String {
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "set -euo pipefail; eval \"$({}/e2e/cluster env)\"; {script}",
+            repo_root().display()
+        ))
+        .current_dir(repo_root())
+        .output()
+        .expect("bash runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "`{script}` failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// Applies pgsnap's CRDs, and the chart's ServiceAccount and RBAC (rendered by
+/// `helm template`), as an administrator would before installing the operator.
+pub fn install_chart_rbac() {
+    cluster_shell(&format!(
+        "kubectl apply --server-side --force-conflicts -f crds/ >/dev/null; \
+         kubectl wait --for condition=Established --timeout=30s -f crds/ >/dev/null; \
+         kubectl create namespace {OPERATOR_NAMESPACE} --dry-run=client -o yaml | kubectl apply -f - >/dev/null; \
+         helm template pgsnap charts/pgsnap --namespace {OPERATOR_NAMESPACE} \
+           --show-only templates/serviceaccount.yaml --show-only templates/rbac.yaml | kubectl apply -f - >/dev/null"
+    ));
+}
+
+pub struct Operator {
+    child: Child,
+    pub metrics_port: u16,
+    log: PathBuf,
+}
+
+impl Operator {
+    /// Starts `target/debug/pgsnap run` (built by `cargo build -p pgsnap` before the tests)
+    /// with the chart's RBAC and no other right.
+    pub async fn start(client: &Client, args: &[&str]) -> Operator {
+        install_chart_rbac();
+        let token = Api::<ServiceAccount>::namespaced(client.clone(), OPERATOR_NAMESPACE)
+            .create_token_request(
+                SERVICE_ACCOUNT,
+                &PostParams::default(),
+                &TokenRequest {
+                    spec: TokenRequestSpec {
+                        expiration_seconds: Some(3600),
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("a token for the operator's ServiceAccount")
+            .status
+            .expect("token status")
+            .token;
+        let dir = cluster_dir().join("operator");
+        std::fs::create_dir_all(&dir).expect("operator dir");
+        let port = free_port();
+        let kubeconfig = dir.join(format!("kubeconfig-{port}"));
+        std::fs::write(&kubeconfig, service_account_kubeconfig(&token)).expect("write kubeconfig");
+        let log = dir.join(format!("operator-{port}.log"));
+        let binary = repo_root().join("target/debug/pgsnap");
+        assert!(
+            binary.exists(),
+            "{} is missing: run `cargo build -p pgsnap` first (make test does)",
+            binary.display()
+        );
+        let child = Command::new(binary)
+            .arg("run")
+            .arg(format!("--metrics-addr=127.0.0.1:{port}"))
+            .args(args)
+            .env("KUBECONFIG", &kubeconfig)
+            .env("POD_NAMESPACE", OPERATOR_NAMESPACE)
+            .env("POD_NAME", format!("pgsnap-e2e-{port}"))
+            .env("PGSNAP_LOG_LEVEL", "info,pgsnap=debug")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("operator log"))
+            .spawn()
+            .expect("start pgsnap run");
+        let operator = Operator {
+            child,
+            metrics_port: port,
+            log,
+        };
+        operator.wait_ready().await;
+        operator
+    }
+
+    async fn wait_ready(&self) {
+        for _ in 0..300 {
+            if self.get("/readyz").await.is_some_and(|b| b == "ready") {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!(
+            "the operator did not become ready in 30s; its log:\n{}",
+            self.log_tail()
+        );
+    }
+
+    async fn get(&self, path: &str) -> Option<String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.metrics_port))
+            .await
+            .ok()?;
+        stream
+            .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+            .await
+            .ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.ok()?;
+        Some(response.split_once("\r\n\r\n")?.1.to_string())
+    }
+
+    /// The Prometheus exposition of `/metrics`.
+    pub async fn metrics(&self) -> String {
+        self.get("/metrics").await.unwrap_or_default()
+    }
+
+    /// Kills the operator at once, as a crash or an OOM kill would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, as Kubernetes stops a pod; returns whether it exited 0 within `grace`.
+    pub fn terminate(&mut self, grace: Duration) -> bool {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + grace;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.kill();
+        false
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(60)..].join("\n")
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- operator log tail ---\n{}", self.log_tail());
+        }
+        self.kill();
+    }
+}
+
+fn service_account_kubeconfig(token: &str) -> String {
+    let ca = cluster_dir().join("pki/ca.crt");
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: e2e\n  cluster:\n    server: https://127.0.0.1:16443\n    certificate-authority: {}\n\
+         users:\n- name: pgsnap\n  user:\n    token: {token}\ncontexts:\n- name: pgsnap\n  context: {{cluster: e2e, user: pgsnap}}\ncurrent-context: pgsnap\n",
+        ca.display()
+    )
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}

@@ -1,0 +1,273 @@
+//! Proof that a backup restores: rows written throughout the backup, each with the WAL
+//! position its commit reached, and a restore of the snapshots that must hold every row
+//! committed before the backup's stop LSN.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod};
+use kube::api::PostParams;
+use pgsnap::api::Backup;
+use pgsnap::api::backup::VolumeRole;
+use serde_json::json;
+use tokio::task::JoinHandle;
+use tokio_postgres::NoTls;
+
+use crate::cluster::Cluster;
+use crate::postgres::{
+    ARCHIVE_MOUNT, DATA_MOUNT, POSTGRES_UID, PostgresPod, TABLESPACE_MOUNT, WAL_MOUNT,
+};
+
+/// "X/Y" as PostgreSQL prints an LSN.
+pub fn parse_lsn(text: &str) -> u64 {
+    let (hi, lo) = text
+        .trim()
+        .split_once('/')
+        .unwrap_or_else(|| panic!("not an LSN: {text:?}"));
+    (u64::from_str_radix(hi, 16).expect("LSN") << 32) | u64::from_str_radix(lo, 16).expect("LSN")
+}
+
+/// Inserts numbered rows into `marks` one transaction at a time and records, after each
+/// commit, the server's WAL flush position: a row whose position is at or before a backup's
+/// stop LSN was committed before the stop and must survive the restore.
+pub struct Writer {
+    stop: Arc<AtomicBool>,
+    task: JoinHandle<Vec<(i64, u64)>>,
+}
+
+impl Writer {
+    pub async fn start(db: &PostgresPod) -> Writer {
+        db.sql("CREATE TABLE IF NOT EXISTS marks (v bigint PRIMARY KEY)")
+            .await;
+        let client = db.connect().await;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut written = Vec::new();
+            let mut i = 0i64;
+            while !flag.load(Ordering::Relaxed) {
+                i += 1;
+                if client
+                    .execute("INSERT INTO marks VALUES ($1)", &[&i])
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                let Ok(row) = client
+                    .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
+                    .await
+                else {
+                    break;
+                };
+                written.push((i, parse_lsn(row.get(0))));
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            written
+        });
+        Writer { stop, task }
+    }
+
+    /// Stops writing; returns (row, WAL position after its commit).
+    pub async fn finish(self) -> Vec<(i64, u64)> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.expect("writer task")
+    }
+}
+
+/// Rows that must be in any correct restore of a backup that stopped at `stop_lsn`.
+pub fn committed_before(written: &[(i64, u64)], stop_lsn: u64) -> BTreeSet<i64> {
+    written
+        .iter()
+        .filter(|(_, lsn)| *lsn <= stop_lsn)
+        .map(|(i, _)| *i)
+        .collect()
+}
+
+/// How the restore is prepared, so a negative control can leave something out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Prepare {
+    /// backup_label and tablespace_map from the ConfigMap, WAL from the archive.
+    Correct,
+    /// Everything but backup_label: PostgreSQL then silently does plain crash recovery.
+    WithoutLabel,
+}
+
+/// Restores `backup` into new PVCs (from its snapshots), writes what the label ConfigMap
+/// holds, starts PostgreSQL on them with WAL from the source's archive and a recovery
+/// target of "immediate" (the end of the backup), and returns the rows it holds, or why it
+/// could not start.
+pub async fn restore(
+    cluster: &Cluster,
+    source: &PostgresPod,
+    backup: &Backup,
+    how: Prepare,
+) -> Result<BTreeSet<i64>, String> {
+    let status = backup.status.clone().ok_or("backup has no status")?;
+    let cm_name = status
+        .label_config_map
+        .clone()
+        .ok_or("backup has no label ConfigMap")?;
+    let cm = cluster
+        .api::<ConfigMap>()
+        .get(&cm_name)
+        .await
+        .map_err(|e| format!("label ConfigMap: {e}"))?;
+    let data = cm.data.unwrap_or_default();
+    let suffix = match how {
+        Prepare::Correct => "r",
+        Prepare::WithoutLabel => "nolabel",
+    };
+    let name = format!("{}-{suffix}", source.name);
+    let mut mounts = vec![json!({"name": "archive", "mountPath": ARCHIVE_MOUNT})];
+    let mut volumes = vec![
+        json!({"name": "archive", "persistentVolumeClaim": {"claimName": source.claim("archive")}}),
+    ];
+    let mut pgdata = None;
+    for snap in &status.snapshots {
+        let claim = format!("{}-{suffix}", snap.persistent_volume_claim);
+        let pvc: PersistentVolumeClaim = serde_json::from_value(json!({
+            "metadata": {"name": claim},
+            "spec": {
+                "accessModes": ["ReadWriteOnce"],
+                "resources": {"requests": {"storage": "1Gi"}},
+                "dataSource": {"apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot", "name": snap.name},
+            }
+        }))
+        .map_err(|e| e.to_string())?;
+        cluster
+            .api::<PersistentVolumeClaim>()
+            .create(&PostParams::default(), &pvc)
+            .await
+            .map_err(|e| format!("PVC {claim}: {e}"))?;
+        let dir = cluster.pvc_host_dir(&claim).await;
+        let mount = match snap.role {
+            VolumeRole::Data => {
+                pgdata = Some(dir.join(&snap.path_in_volume));
+                DATA_MOUNT
+            }
+            VolumeRole::Wal => WAL_MOUNT,
+            VolumeRole::Tablespace => TABLESPACE_MOUNT,
+        };
+        mounts.push(json!({"name": claim, "mountPath": mount}));
+        volumes.push(json!({"name": claim, "persistentVolumeClaim": {"claimName": claim}}));
+    }
+    let pgdata = pgdata.ok_or("no data snapshot")?;
+    let write = |file: &str, text: &str| {
+        let path = pgdata.join(file);
+        std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+        std::os::unix::fs::lchown(&path, Some(POSTGRES_UID), Some(POSTGRES_UID))
+            .map_err(|e| e.to_string())
+    };
+    if how == Prepare::Correct {
+        write(
+            "backup_label",
+            data.get("backup_label")
+                .ok_or("no backup_label in the ConfigMap")?,
+        )?;
+        if let Some(map) = data.get("tablespace_map").filter(|m| !m.is_empty()) {
+            write("tablespace_map", map)?;
+        }
+    }
+    let _ = std::fs::remove_file(pgdata.join("postmaster.pid"));
+    write("recovery.signal", "")?;
+    let auto = std::fs::read_to_string(pgdata.join("postgresql.auto.conf")).unwrap_or_default();
+    write(
+        "postgresql.auto.conf",
+        &format!(
+            "{auto}\nrestore_command = 'cp {ARCHIVE_MOUNT}/%f %p'\nrecovery_target = 'immediate'\nrecovery_target_action = 'promote'\narchive_mode = 'off'\n"
+        ),
+    )?;
+    start_and_read(cluster, source, &name, mounts, volumes, &pgdata).await
+}
+
+async fn start_and_read(
+    cluster: &Cluster,
+    source: &PostgresPod,
+    name: &str,
+    mounts: Vec<serde_json::Value>,
+    volumes: Vec<serde_json::Value>,
+    pgdata: &Path,
+) -> Result<BTreeSet<i64>, String> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| e.to_string())?;
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {
+            "securityContext": {"runAsUser": POSTGRES_UID, "runAsGroup": POSTGRES_UID, "fsGroup": POSTGRES_UID},
+            "restartPolicy": "Never",
+            "terminationGracePeriodSeconds": 5,
+            "containers": [{
+                "name": "postgres",
+                "image": format!("postgres:{}", source.major),
+                "args": ["-c", format!("port={port}")],
+                "env": [
+                    {"name": "POSTGRES_PASSWORD", "value": source.password},
+                    {"name": "PGDATA", "value": format!("{DATA_MOUNT}/{}", pgdata.file_name().and_then(|n| n.to_str()).unwrap_or("pgdata"))},
+                ],
+                "volumeMounts": mounts,
+            }],
+            "volumes": volumes,
+        }
+    }))
+    .map_err(|e| e.to_string())?;
+    cluster
+        .api::<Pod>()
+        .create(&PostParams::default(), &pod)
+        .await
+        .map_err(|e| format!("pod {name}: {e}"))?;
+    let conninfo = format!(
+        "host=127.0.0.1 port={port} user={} password={} dbname=postgres",
+        source.user, source.password
+    );
+    let mut last = String::new();
+    // Recovery ends with a promotion; until then the server refuses or is in recovery.
+    for _ in 0..240 {
+        let phase = cluster
+            .api::<Pod>()
+            .get(name)
+            .await
+            .ok()
+            .and_then(|p| p.status)
+            .and_then(|s| s.phase)
+            .unwrap_or_default();
+        if phase == "Failed" || phase == "Succeeded" {
+            return Err(format!(
+                "the restored server exited ({phase}):\n{}",
+                cluster.pod_logs(name).await
+            ));
+        }
+        match tokio_postgres::connect(&conninfo, NoTls).await {
+            Ok((client, conn)) => {
+                tokio::spawn(conn);
+                match client.query_one("SELECT pg_is_in_recovery()", &[]).await {
+                    Ok(row) if !row.get::<_, bool>(0) => {
+                        let rows = client
+                            .query("SELECT v FROM marks", &[])
+                            .await
+                            .map_err(|e| format!("reading marks: {e}"))?;
+                        return Ok(rows.iter().map(|r| r.get::<_, i64>(0)).collect());
+                    }
+                    Ok(_) => last = "still in recovery".into(),
+                    Err(e) => last = e.to_string(),
+                }
+            }
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    Err(format!(
+        "the restored server did not finish recovery in 60s ({last}):\n{}",
+        cluster.pod_logs(name).await
+    ))
+}
+
+/// The check: every row committed before the stop is in the restore.
+pub fn missing(expected: &BTreeSet<i64>, restored: &BTreeSet<i64>) -> Vec<i64> {
+    expected.difference(restored).copied().collect()
+}
