@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use pgsnap::telemetry::{self, Health, LogFormat, Metrics};
-use pgsnap::{backup, leader};
+use pgsnap::{backup, leader, restore};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::info;
 
@@ -53,6 +53,9 @@ struct RunArgs {
     /// This replica's name in the Lease (default: POD_NAME, else the host name).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// The image of a Restore's prepare Job: this operator's own (it has restore-prepare).
+    #[arg(long, env = "PGSNAP_IMAGE", default_value = "pgsnap:dev")]
+    restore_image: String,
 }
 
 #[tokio::main]
@@ -118,23 +121,26 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         });
     }
-    // The controller wants a Sync future; a oneshot receiver is one.
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn({
-        let stop = stop.clone();
-        async move {
+    // A controller wants a Sync future; a oneshot receiver is one.
+    let shutdown_on = |stop: tokio_util::sync::CancellationToken| {
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
             stop.cancelled().await;
             let _ = stop_tx.send(());
+        });
+        async move {
+            let _ = stop_rx.await;
         }
-    });
-    let shutdown = async move {
-        let _ = stop_rx.await;
     };
+    let shutdown = shutdown_on(stop.clone());
+    let restore_settings = restore::Settings { namespace: args.namespace.clone(), image: args.restore_image.clone() };
+    let restores = restore::run(client.clone(), restore_settings, shutdown_on(stop.clone()));
     let ready = {
         let health = health.clone();
         move || health.ready.store(true, Ordering::Relaxed)
     };
-    backup::run(client, settings, metrics, ready, shutdown).await;
+    // Both controllers run under the same lease: a replica that loses it stops both.
+    tokio::join!(backup::run(client, settings, metrics, ready, shutdown), restores);
     if let Some(api) = lease_api {
         leader::release(&api, &lease).await;
     }
