@@ -37,13 +37,9 @@ pub struct ServerInfo {
     /// Primary: the timeline it writes. Standby: the timeline of its last restartpoint.
     pub timeline: u32,
     pub data_directory: String,
-    /// Where the WAL really is. `data_directory/pg_wal` unless the link could be followed
-    /// (see `wal_directory_is_link`).
+    /// `data_directory/pg_wal`, which may be a link to another volume: see
+    /// [`Session::locate_wal`](super::Session::locate_wal).
     pub wal_directory: String,
-    /// `Some(true)`: `pg_wal` is a link and `wal_directory` is its target. `None`: it could
-    /// not be checked (that needs superuser), so `wal_directory` is `data_directory/pg_wal`
-    /// unverified.
-    pub wal_directory_is_link: Option<bool>,
     pub wal_segment_size: u64,
     pub tablespaces: Vec<Tablespace>,
     pub archive_mode: String,
@@ -165,13 +161,6 @@ impl ServerInfo {
             })
             .collect();
 
-        let (wal_directory, wal_directory_is_link) =
-            match resolve_wal_directory(client, &data_directory).await {
-                Some(Some(target)) => (target, Some(true)),
-                Some(None) => (format!("{data_directory}/pg_wal"), Some(false)),
-                None => (format!("{data_directory}/pg_wal"), None),
-            };
-
         Ok(ServerInfo {
             version_num,
             version,
@@ -179,9 +168,8 @@ impl ServerInfo {
             in_recovery,
             system_identifier,
             timeline,
+            wal_directory: format!("{data_directory}/pg_wal"),
             data_directory,
-            wal_directory,
-            wal_directory_is_link,
             wal_segment_size,
             tablespaces,
             archive_mode: row.get(5),
@@ -240,72 +228,24 @@ impl Error {
     }
 }
 
-/// Follows `pg_wal` when it is a link to another directory (`initdb --waldir`, or a WAL
-/// volume mounted elsewhere). SQL has no readlink, but the kernel resolves `..` after a
-/// link physically: `pg_wal/..` is the parent of the link's TARGET. So: when `pg_wal/..`
-/// lists differently from the data directory, `pg_wal` is a link; its target is found by
-/// walking up from `pg_wal/..` to `/` and back down, matching each ancestor by its listing
-/// and timestamps. Needs `..` and absolute paths in `pg_ls_dir`, i.e. superuser (or
-/// pg_read_server_files with EXECUTE on pg_ls_dir and pg_stat_file). `None` when not
-/// allowed or ambiguous, `Some(None)` for a plain directory, `Some(Some(path))` for a link.
-async fn resolve_wal_directory(client: &Client, data_directory: &str) -> Option<Option<String>> {
-    if listing(client, ".").await? == listing(client, "pg_wal/..").await? {
-        return Some(None);
-    }
-    // Ancestors of the target, nearest first, up to `/` (the one that is its own parent).
-    let mut ancestors = vec!["pg_wal/..".to_string()];
-    loop {
-        let rel = ancestors.last()?.clone();
-        let parent = format!("{rel}/..");
-        if ancestors.len() > 64 {
-            return None;
-        }
-        if fingerprint(client, &rel).await? == fingerprint(client, &parent).await? {
-            break;
-        }
-        ancestors.push(parent);
-    }
-    // Down from `/`: at each level exactly one child must match.
-    let mut path = String::new();
-    let steps = ancestors.iter().rev().skip(1).cloned().chain(["pg_wal".to_string()]);
-    for rel in steps {
-        let want = fingerprint(client, &rel).await?;
-        let parent = if path.is_empty() { "/" } else { path.as_str() };
-        let mut found = None;
-        for child in listing(client, parent).await? {
-            let candidate = format!("{path}/{child}");
-            if fingerprint(client, &candidate).await.as_ref() == Some(&want) {
-                if found.is_some() {
-                    return None;
-                }
-                found = Some(candidate);
-            }
-        }
-        path = found?;
-    }
-    Some(Some(path).filter(|p| *p != format!("{data_directory}/pg_wal")))
-}
-
-async fn listing(client: &Client, dir: &str) -> Option<Vec<String>> {
-    let rows = client
-        .query("select pg_ls_dir($1, true, false) as f order by f", &[&dir])
-        .await
-        .ok()?;
-    Some(rows.into_iter().map(|r| r.get(0)).collect())
-}
-
-/// The listing plus modification and change times: enough to tell sibling directories
-/// apart in practice, and compared whole so that a tie is detected rather than guessed.
-async fn fingerprint(client: &Client, dir: &str) -> Option<(Vec<String>, String)> {
-    let stat: String = client
+/// Whether `candidate` is the directory `pg_wal` leads to. SQL has no readlink, and the
+/// file functions canonicalize `..` away, so the link cannot be followed; but a directory
+/// can be recognised: same entries (WAL segment names are unique to a cluster and moment)
+/// and same modification and change times, read in one statement.
+pub(crate) async fn is_wal_directory(client: &Client, candidate: &str) -> Result<bool, tokio_postgres::Error> {
+    let row = client
         .query_one(
-            "select (s.modification, s.change)::text from pg_stat_file($1, true) s where s.isdir",
-            &[&dir],
+            "with w as (select array_agg(f order by f) as files, \
+                               (select (s.modification, s.change)::text from pg_stat_file('pg_wal', true) s) as stat \
+                        from pg_ls_dir('pg_wal', true, false) f), \
+                  c as (select array_agg(f order by f) as files, \
+                               (select (s.modification, s.change)::text from pg_stat_file($1, true) s where s.isdir) as stat \
+                        from pg_ls_dir($1, true, false) f) \
+             select coalesce(w.files = c.files and w.stat = c.stat, false) from w, c",
+            &[&candidate],
         )
-        .await
-        .ok()?
-        .get(0);
-    Some((listing(client, dir).await?, stat))
+        .await?;
+    Ok(row.get(0))
 }
 
 #[cfg(test)]

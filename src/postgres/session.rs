@@ -14,7 +14,7 @@ use tokio_postgres::{CancelToken, Client};
 use tokio_postgres_rustls::MakeRustlsConnect;
 use tracing::{info, warn};
 
-use super::catalog::{ServerInfo, quote_ident};
+use super::catalog::{ServerInfo, is_wal_directory, quote_ident};
 use super::connect::ConnectOptions;
 use super::error::{Error, Step};
 use super::label::{BackupLabel, Lsn};
@@ -142,6 +142,40 @@ impl Session {
     /// The server process serving this session (`pg_stat_activity.pid`).
     pub fn backend_pid(&self) -> i32 {
         self.backend_pid
+    }
+
+    /// Which of `candidates` is the directory `pg_wal` really is, when `pg_wal` may be a
+    /// link to another volume: pass absolute directories, e.g. each volume mount of the pod
+    /// and its `pg_wal` subdirectory. `None` when none is. PostgreSQL 11+ only; needs
+    /// superuser, or `pg_read_server_files` with EXECUTE on
+    /// `pg_ls_dir(text, boolean, boolean)` and `pg_stat_file(text, boolean)`.
+    pub async fn locate_wal(&self, candidates: &[&str]) -> Result<Option<String>, Error> {
+        if self.info.major < 11 {
+            return Err(Error::Query {
+                what: "locating pg_wal",
+                detail: "PostgreSQL 10 lists no directory outside the data directory, not even for a superuser; take wal_directory by its path".into(),
+                sqlstate: None,
+            });
+        }
+        for candidate in candidates {
+            match is_wal_directory(&self.client, candidate).await {
+                Ok(true) => return Ok(Some(candidate.to_string())),
+                Ok(false) => {}
+                // A directory the server may not read is not its WAL directory.
+                Err(e) if e.as_db_error().is_some_and(|d| d.message().starts_with("could not")) => {}
+                Err(e) => {
+                    let role = quote_ident(&self.info.role.name);
+                    return Err(Error::from_query("locating pg_wal", Step::Connect, &self.info.role.name, move || {
+                        format!(
+                            "GRANT pg_read_server_files TO {role}; \
+                             GRANT EXECUTE ON FUNCTION pg_ls_dir(text, boolean, boolean) TO {role}; \
+                             GRANT EXECUTE ON FUNCTION pg_stat_file(text, boolean) TO {role}"
+                        )
+                    }, e));
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// Time since start was called, while the server is in backup mode for this session.

@@ -178,12 +178,18 @@ pub struct Pg {
 impl Pg {
     /// initdb a new cluster in `dir/name` and write `settings` (after the base settings).
     pub fn init(major: u32, dir: &TestDir, name: &str, settings: &[(&str, &str)]) -> Pg {
+        Pg::init_with(major, dir, name, settings, &[])
+    }
+
+    /// `init` with extra initdb arguments.
+    pub fn init_with(major: u32, dir: &TestDir, name: &str, settings: &[(&str, &str)], initdb_args: &[&str]) -> Pg {
         let bin = bin_dir(major);
         let data = dir.owned(name).join("data");
         let out = command(&bin.join("initdb"))
             .arg("-D")
             .arg(&data)
             .args(["-U", "postgres", "-A", "trust", "-N", "-E", "UTF8", "--locale=C"])
+            .args(initdb_args)
             .output()
             .expect("initdb");
         assert!(out.status.success(), "initdb {major}: {}", String::from_utf8_lossy(&out.stderr));
@@ -405,10 +411,11 @@ fn signal(child: &Child, sig: &str) {
 pub struct Load(Option<Child>);
 
 impl Load {
-    /// Ends the load and returns pgbench's output (it reports what it did on SIGINT).
+    /// Ends the load and returns pgbench's output. SIGTERM, because a shell may have left
+    /// SIGINT ignored for background jobs, and pgbench inherits that.
     pub fn finish(mut self) -> String {
         let Some(child) = self.0.take() else { return String::new() };
-        signal(&child, "INT");
+        signal(&child, "TERM");
         let out = child.wait_with_output().unwrap();
         format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
     }
