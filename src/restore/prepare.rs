@@ -476,7 +476,8 @@ pub struct Args {
     pub promote: bool,
     #[arg(long)]
     pub remove_standby_signal: bool,
-    /// Also write "<Reason>: <message>" here on refusal (Kubernetes: /dev/termination-log).
+    /// Also write "<Reason>: <message>" on refusal into this existing file (Kubernetes:
+    /// /dev/termination-log).
     #[arg(long, env = "PGSNAP_TERMINATION_MESSAGE_PATH")]
     pub termination_message_path: Option<PathBuf>,
 }
@@ -530,8 +531,10 @@ pub fn main(args: Args) -> i32 {
             let line = format!("{}: {e}", e.reason());
             eprintln!("restore-prepare refused: {line}");
             if let Some(path) = &args.termination_message_path {
-                // Best effort: the exit status and stderr already carry the refusal.
-                let _ = fs::write(path, &line);
+                // Only into a file that exists (the one kubelet mounts): never a stray file
+                // in a /dev that is not a container's. Best effort: the exit status and
+                // stderr carry the refusal too.
+                let _ = fs::OpenOptions::new().write(true).truncate(true).open(path).and_then(|mut f| f.write_all(line.as_bytes()));
             }
             EXIT_REFUSED
         }
