@@ -1,0 +1,320 @@
+//! The Restore controller end to end: Backup under load → Restore (PVCs from the snapshots,
+//! `pgsnap restore-prepare` in a Job) → a PostgreSQL pod on the restored claims → every row
+//! committed before the backup's stop is there. Plus the refusals, a retained snapshot whose
+//! Backup is gone, and a time target.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Secret};
+use kube::api::{DeleteParams, ObjectMeta, PostParams};
+use kube::runtime::wait::Condition;
+use kube::ResourceExt;
+use pgsnap::api::Backup;
+use pgsnap::api::backup::Phase;
+use pgsnap::api::restore::{Restore, RestorePhase};
+use pgsnap_e2e::operator::Operator;
+use pgsnap_e2e::postgres::{ARCHIVE_MOUNT, POSTGRES_UID};
+use pgsnap_e2e::verify::{self, Writer};
+use pgsnap_e2e::{Cluster, PostgresPod, postgres_pod};
+use serde_json::json;
+use tokio_postgres::NoTls;
+
+async fn operator(cluster: &Cluster) -> Operator {
+    Operator::start(&cluster.client, &["--leader-election=false", &format!("--namespace={}", cluster.namespace)]).await
+}
+
+async fn password_secret(cluster: &Cluster, db: &PostgresPod) -> String {
+    let name = format!("{}-password", db.name);
+    let secret = Secret {
+        metadata: ObjectMeta { name: Some(name.clone()), ..Default::default() },
+        string_data: Some(BTreeMap::from([("password".to_string(), db.password.clone())])),
+        ..Default::default()
+    };
+    cluster.api::<Secret>().create(&PostParams::default(), &secret).await.expect("secret");
+    name
+}
+
+async fn backup(cluster: &Cluster, db: &PostgresPod, name: &str, extra: serde_json::Value) -> Backup {
+    let secret = password_secret(cluster, db).await;
+    let mut spec = json!({
+        "target": {"podName": db.name},
+        "connection": {"passwordSecretRef": {"name": secret, "key": "password"}},
+        "checkpoint": "Fast",
+    });
+    if let (Some(spec), Some(extra)) = (spec.as_object_mut(), extra.as_object()) {
+        spec.extend(extra.clone());
+    }
+    let b: Backup = serde_json::from_value(json!({"apiVersion": "pgsnap.io/v1alpha1", "kind": "Backup", "metadata": {"name": name}, "spec": spec})).unwrap();
+    cluster.api::<Backup>().create(&PostParams::default(), &b).await.unwrap_or_else(|e| panic!("backup {name}: {e}"));
+    let done = |b: Option<&Backup>| b.and_then(|b| b.status.as_ref()).and_then(|s| s.phase).is_some_and(|p| p.is_terminal());
+    cluster.wait_for(cluster.api::<Backup>(), name, "Completed or Failed", Duration::from_secs(120), done).await
+}
+
+fn completed(b: &Backup) -> &pgsnap::api::BackupStatus {
+    let status = b.status.as_ref().expect("status");
+    assert_eq!(status.phase, Some(Phase::Completed), "backup {}: {:#?}", b.name_any(), status.error);
+    status
+}
+
+/// One claim per snapshot of the backup, named `<claim>-<suffix>`.
+fn claims_for(b: &Backup, suffix: &str) -> serde_json::Value {
+    let snapshots = &b.status.as_ref().expect("status").snapshots;
+    json!(snapshots
+        .iter()
+        .map(|s| {
+            let mut c = json!({"role": s.role, "name": format!("{}-{suffix}", s.persistent_volume_claim)});
+            if let Some(t) = &s.tablespace {
+                c["tablespace"] = json!(t);
+            }
+            c
+        })
+        .collect::<Vec<_>>())
+}
+
+async fn restore(cluster: &Cluster, name: &str, spec: serde_json::Value) -> Restore {
+    let r: Restore = serde_json::from_value(json!({"apiVersion": "pgsnap.io/v1alpha1", "kind": "Restore", "metadata": {"name": name}, "spec": spec})).unwrap();
+    cluster.api::<Restore>().create(&PostParams::default(), &r).await.unwrap_or_else(|e| panic!("restore {name}: {e}"));
+    cluster.wait_for(cluster.api::<Restore>(), name, "Completed or Failed", Duration::from_secs(180), restore_ended()).await
+}
+
+fn restore_ended() -> impl Condition<Restore> {
+    |r: Option<&Restore>| r.and_then(|r| r.status.as_ref()).and_then(|s| s.phase).is_some_and(|p| p.is_terminal())
+}
+
+fn failed_with(r: &Restore, reasons: &[&str]) {
+    let status = r.status.as_ref().expect("status");
+    assert_eq!(status.phase, Some(RestorePhase::Failed), "restore {}: {status:#?}", r.name_any());
+    let error = status.error.as_ref().expect("a failed restore says why");
+    assert!(reasons.contains(&error.reason.as_str()), "restore {}: reason {} not in {reasons:?}: {}", r.name_any(), error.reason, error.message);
+}
+
+fn assert_restored(r: &Restore) -> &pgsnap::api::restore::RestoreStatus {
+    let status = r.status.as_ref().expect("status");
+    assert_eq!(status.phase, Some(RestorePhase::Completed), "restore {}: {status:#?}", r.name_any());
+    let ready = status.conditions.iter().find(|c| c.type_ == "Ready").expect("Ready");
+    assert_eq!(ready.status, "True");
+    status
+}
+
+/// A PostgreSQL pod on the restored claims (each at its `mountPath`), WAL from the source's
+/// archive; waits for recovery to end. Returns a client and the recovery time.
+async fn start_restored(cluster: &Cluster, source: &PostgresPod, r: &Restore) -> Result<(tokio_postgres::Client, Duration), String> {
+    let status = r.status.as_ref().ok_or("no status")?;
+    let name = format!("{}-pg", r.name_any());
+    let mut mounts = vec![json!({"name": "archive", "mountPath": ARCHIVE_MOUNT})];
+    let mut volumes = vec![json!({"name": "archive", "persistentVolumeClaim": {"claimName": source.claim("archive")}})];
+    let mut pgdata = None;
+    for (i, c) in status.claims.iter().enumerate() {
+        mounts.push(json!({"name": format!("c{i}"), "mountPath": c.mount_path}));
+        volumes.push(json!({"name": format!("c{i}"), "persistentVolumeClaim": {"claimName": c.name}}));
+        if c.role == pgsnap::api::backup::VolumeRole::Data {
+            pgdata = Some(format!("{}/{}", c.mount_path.trim_end_matches('/'), c.path_in_volume));
+        }
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(|e| e.to_string())?.port();
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {
+            "securityContext": {"runAsUser": POSTGRES_UID, "runAsGroup": POSTGRES_UID, "fsGroup": POSTGRES_UID},
+            "restartPolicy": "Never",
+            "terminationGracePeriodSeconds": 5,
+            "containers": [{
+                "name": "postgres",
+                "image": format!("postgres:{}", source.major),
+                "args": ["-c", format!("port={port}"), "-c", "archive_mode=off"],
+                "env": [
+                    {"name": "POSTGRES_PASSWORD", "value": source.password},
+                    {"name": "PGDATA", "value": pgdata.ok_or("no Data claim")?},
+                ],
+                "volumeMounts": mounts,
+            }],
+            "volumes": volumes,
+        }
+    }))
+    .map_err(|e| e.to_string())?;
+    let t0 = Instant::now();
+    cluster.api::<Pod>().create(&PostParams::default(), &pod).await.map_err(|e| format!("pod {name}: {e}"))?;
+    let conninfo = format!("host=127.0.0.1 port={port} user={} password={} dbname=postgres", source.user, source.password);
+    let mut last = String::new();
+    while t0.elapsed() < Duration::from_secs(90) {
+        let phase = cluster.api::<Pod>().get(&name).await.ok().and_then(|p| p.status).and_then(|s| s.phase).unwrap_or_default();
+        if phase == "Failed" || phase == "Succeeded" {
+            return Err(format!("the restored server exited ({phase}):\n{}", cluster.pod_logs(&name).await));
+        }
+        match tokio_postgres::connect(&conninfo, NoTls).await {
+            Ok((client, conn)) => {
+                tokio::spawn(conn);
+                match client.query_one("SELECT pg_is_in_recovery()", &[]).await {
+                    Ok(row) if !row.get::<_, bool>(0) => return Ok((client, t0.elapsed())),
+                    Ok(_) => last = "still in recovery".into(),
+                    Err(e) => last = e.to_string(),
+                }
+            }
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Err(format!("recovery did not end in 90 s ({last}):\n{}", cluster.pod_logs(&name).await))
+}
+
+async fn marks(client: &tokio_postgres::Client) -> BTreeSet<i64> {
+    client.query("SELECT v FROM marks", &[]).await.expect("marks").iter().map(|r| r.get(0)).collect()
+}
+
+/// Backup under pgbench and a row writer; Restore; PostgreSQL on the claims; every row
+/// committed before the stop is there. `multi`: data + WAL + tablespace volumes.
+async fn round_trip(major: u32, multi: bool) {
+    let cluster = Cluster::from_env().await;
+    let _operator = operator(&cluster).await;
+    let db = postgres_pod(major).archive(true).wal_volume(multi).tablespace_volume(multi).create(&cluster).await;
+    if multi {
+        db.sql("CREATE TABLE in_ts (v bigint) TABLESPACE ts1").await;
+        db.sql("INSERT INTO in_ts SELECT generate_series(1, 1000)").await;
+    }
+    db.pgbench_init(1);
+    let writer = Writer::start(&db).await;
+    let load = {
+        let db = db.clone();
+        tokio::task::spawn_blocking(move || db.pgbench_run(8))
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let b = backup(&cluster, &db, &format!("b{major}"), json!({})).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let written = writer.finish().await;
+    load.await.expect("pgbench");
+    let status = completed(&b);
+    assert_eq!(status.snapshots.len(), if multi { 3 } else { 1 });
+    let expected = verify::committed_before(&written, verify::parse_lsn(status.stop_lsn.as_deref().unwrap()));
+
+    let t0 = Instant::now();
+    let r = restore(
+        &cluster,
+        &format!("r{major}"),
+        json!({"backupName": b.name_any(), "claims": claims_for(&b, "r"), "recovery": {"restoreCommand": format!("cp {ARCHIVE_MOUNT}/%f %p")}}),
+    )
+    .await;
+    let restore_took = t0.elapsed();
+    let rs = assert_restored(&r);
+    assert_eq!(rs.claims.len(), status.snapshots.len());
+    let timings = rs.timings.clone().unwrap_or_default();
+    let (client, recovery) = start_restored(&cluster, &db, &r).await.unwrap_or_else(|e| panic!("PostgreSQL {major} on the restored claims: {e}"));
+    eprintln!(
+        "PostgreSQL {major}{}: Restore took {:.1}s (provisioning {}s, prepare {}s); recovery {:.1}s",
+        if multi { " (data+WAL+tablespace)" } else { "" },
+        restore_took.as_secs_f64(),
+        timings.provisioning_seconds.as_deref().unwrap_or("?"),
+        timings.prepare_seconds.as_deref().unwrap_or("?"),
+        recovery.as_secs_f64()
+    );
+    let restored = marks(&client).await;
+    let missing = verify::missing(&expected, &restored);
+    assert!(missing.is_empty(), "{} of {} rows committed before the stop are missing: {:?}", missing.len(), expected.len(), &missing[..missing.len().min(20)]);
+    if multi {
+        let n: i64 = client.query_one("SELECT count(*) FROM in_ts", &[]).await.expect("in_ts").get(0);
+        assert_eq!(n, 1000, "rows in the restored tablespace");
+    }
+    // Deleting the Restore leaves the restored claims: they are the database.
+    cluster.api::<Restore>().delete(&r.name_any(), &DeleteParams::default()).await.expect("delete restore");
+    cluster.wait_deleted(cluster.api::<Restore>(), &r.name_any(), &r.uid().unwrap(), Duration::from_secs(30)).await;
+    for c in &rs.claims {
+        assert!(cluster.api::<PersistentVolumeClaim>().get_opt(&c.name).await.unwrap().is_some(), "claim {} was deleted with the Restore", c.name);
+    }
+}
+
+#[tokio::test]
+async fn restore_recovers_every_committed_row_on_postgres_12() {
+    round_trip(12, false).await;
+}
+
+#[tokio::test]
+async fn restore_of_data_wal_and_tablespace_volumes_on_postgres_15() {
+    round_trip(15, true).await;
+}
+
+#[tokio::test]
+async fn restore_recovers_every_committed_row_on_postgres_18() {
+    round_trip(18, false).await;
+}
+
+/// Refusals end Failed with a reason and leave no prepared data volume; a retained snapshot
+/// whose Backup is gone restores; a time target stops where asked.
+#[tokio::test]
+async fn refusals_retained_snapshots_and_a_time_target() {
+    let cluster = Cluster::from_env().await;
+    let _operator = operator(&cluster).await;
+    let db = postgres_pod(16).archive(true).create(&cluster).await;
+    let archive = format!("cp {ARCHIVE_MOUNT}/%f %p");
+    db.sql("CREATE TABLE marks (v bigint PRIMARY KEY)").await;
+    db.sql("INSERT INTO marks SELECT generate_series(1, 100)").await;
+    let b = backup(&cluster, &db, "b1", json!({"deletionPolicy": "Retain"})).await;
+    let status = completed(&b).clone();
+    let data_snapshot = status.snapshots[0].name.clone();
+    let cm_name = status.label_config_map.clone().unwrap();
+    let cms = cluster.api::<ConfigMap>();
+    let cm = cms.get(&cm_name).await.expect("label ConfigMap");
+
+    // An unknown Backup; a Backup that did not complete; another namespace.
+    let r = restore(&cluster, "unknown", json!({"backupName": "nope", "claims": [{"role": "Data", "name": "d-unknown"}]})).await;
+    failed_with(&r, &["BackupNotFound"]);
+    let bad = backup(&cluster, &db, "b-bad", json!({"target": {"podName": "no-such-pod"}})).await;
+    assert_eq!(bad.status.as_ref().and_then(|s| s.phase), Some(Phase::Failed));
+    let r = restore(&cluster, "not-completed", json!({"backupName": "b-bad", "claims": [{"role": "Data", "name": "d-nc"}]})).await;
+    failed_with(&r, &["BackupNotCompleted"]);
+    let r = restore(&cluster, "elsewhere", json!({"backupName": "b1", "sourceNamespace": "elsewhere", "claims": [{"role": "Data", "name": "d-x"}]})).await;
+    failed_with(&r, &["CrossNamespaceUnsupported"]);
+
+    // A tampered label ConfigMap: refused before any PVC exists.
+    let mut tampered = ConfigMap { metadata: ObjectMeta { name: Some("b1-tampered".into()), annotations: Some(cm.annotations().clone()), ..Default::default() }, data: cm.data.clone(), ..Default::default() };
+    let label = tampered.data.as_mut().unwrap().get_mut("backup_label").unwrap();
+    *label = label.replacen("LABEL: ", "LABEL: tampered ", 1);
+    cms.create(&PostParams::default(), &tampered).await.expect("tampered ConfigMap");
+    let r = restore(&cluster, "tampered", json!({"volumeSnapshotName": data_snapshot, "labelConfigMapName": "b1-tampered", "claims": [{"role": "Data", "name": "d-tampered"}], "recovery": {"restoreCommand": archive}})).await;
+    failed_with(&r, &["LabelChecksumMismatch"]);
+    assert!(cluster.api::<PersistentVolumeClaim>().get_opt("d-tampered").await.unwrap().is_none());
+
+    // A label of another database (consistent in itself) on this database's snapshot:
+    // restore-prepare finds another system identifier in pg_control and refuses.
+    let other = postgres_pod(16).name("other").archive(true).create(&cluster).await;
+    let b2 = backup(&cluster, &other, "b2", json!({})).await;
+    let cm2 = cms.get(completed(&b2).label_config_map.as_deref().unwrap()).await.expect("b2 label");
+    let mut ann = cm2.annotations().clone();
+    ann.insert("pgsnap.io/volumes".into(), cm.annotations()["pgsnap.io/volumes"].clone());
+    let foreign = ConfigMap { metadata: ObjectMeta { name: Some("b1-foreign".into()), annotations: Some(ann), ..Default::default() }, data: cm2.data.clone(), ..Default::default() };
+    cms.create(&PostParams::default(), &foreign).await.expect("foreign ConfigMap");
+    let r = restore(&cluster, "foreign", json!({"volumeSnapshotName": data_snapshot, "labelConfigMapName": "b1-foreign", "claims": [{"role": "Data", "name": "d-foreign"}], "recovery": {"restoreCommand": archive}})).await;
+    // The reason travels in the container's termination message; a node that does not
+    // report one leaves the Job controller's.
+    failed_with(&r, &["SystemIdentifierMismatch", "PrepareFailed"]);
+    let pgdata = cluster.pvc_host_dir("d-foreign").await.join(&status.snapshots[0].path_in_volume);
+    assert!(pgdata.join("PG_VERSION").exists(), "the restored volume holds the data directory");
+    for f in ["backup_label", "recovery.signal", "pgsnap-restore.done"] {
+        assert!(!pgdata.join(f).exists(), "a refused restore left {f} in the data volume");
+    }
+
+    // The retained snapshot after its Backup is gone, with a time target: rows committed
+    // before the target are there, rows after it are not.
+    let t: String = db.sql_value("SELECT to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    db.sql("INSERT INTO marks SELECT generate_series(1001, 1010)").await;
+    // The commit after the target must reach the archive, or recovery never sees it.
+    let segment = db.sql_value("SELECT pg_walfile_name(pg_switch_wal())").await;
+    let t0 = Instant::now();
+    while db.sql_value("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver").await < segment {
+        assert!(t0.elapsed() < Duration::from_secs(30), "segment {segment} not archived");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    cluster.api::<Backup>().delete("b1", &DeleteParams::default()).await.expect("delete backup");
+    cluster.wait_deleted(cluster.api::<Backup>(), "b1", &b.uid().unwrap(), Duration::from_secs(30)).await;
+    let r = restore(
+        &cluster,
+        "retained",
+        json!({"volumeSnapshotName": data_snapshot, "labelConfigMapName": cm_name, "claims": [{"role": "Data", "name": "d-retained"}],
+               "recovery": {"restoreCommand": archive, "target": {"time": t}}}),
+    )
+    .await;
+    assert_restored(&r);
+    let (client, _) = start_restored(&cluster, &db, &r).await.unwrap_or_else(|e| panic!("PostgreSQL on the retained snapshot: {e}"));
+    let rows = marks(&client).await;
+    assert_eq!(rows, (1..=100).collect::<BTreeSet<i64>>(), "a time target before rows 1001..1010");
+}
