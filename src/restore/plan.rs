@@ -337,6 +337,9 @@ pub fn prepare_args(claims: &[PlannedClaim], label: &Label, recovery: &RecoveryS
         recovery.promote.to_string(),
         "--termination-message-path".into(),
         "/dev/termination-log".into(),
+        // A backup of a standby carries standby.signal, which would win over recovery.signal
+        // and keep the restored server following a primary instead of recovering to the target.
+        "--remove-standby-signal".into(),
     ];
     if let Some(cmd) = &recovery.restore_command {
         args.extend(["--restore-command".into(), cmd.clone()]);
@@ -610,6 +613,7 @@ mod tests {
         assert_eq!(arg("--backup-label-sha256"), Some(sha256_hex(b"L\n").as_str()));
         assert_eq!(arg("--target-time"), Some("2026-11-21T10:00:00Z"));
         assert_eq!(arg("--promote"), Some("false"));
+        assert!(args.contains(&"--remove-standby-signal".to_string()));
         assert_eq!(arg("--restore-command"), Some("cp /archive/%f %p"));
         let mounts: Vec<_> = c.volume_mounts.as_ref().unwrap().iter().map(|m| m.mount_path.as_str()).collect();
         assert_eq!(mounts, [LABEL_MOUNT, "/var/lib/postgresql/data", "/ts", "/wal"]);
