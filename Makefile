@@ -2,11 +2,23 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: test demo unit crds deps
+.PHONY: test demo unit crds deps cluster-up cluster-down
 
 ## Every test: unit, CRD drift, the PostgreSQL 10-18 matrix, the cluster and end-to-end tests.
+## The tests run against the local cluster (e2e/cluster, docs/cluster.md): it comes up first,
+## its KUBECONFIG and PATH are exported, and it goes down at the end whatever the outcome
+## (PGSNAP_KEEP_CLUSTER=1 leaves it running). A cluster that cannot start fails the target.
 test: deps
+	@mkdir -p target; \
+	[[ -n "$$PGSNAP_KEEP_CLUSTER" ]] || trap 'e2e/cluster down' EXIT; \
+	e2e/cluster up && eval "$$(e2e/cluster env)" && \
 	$(CARGO) test --workspace --locked -- --nocapture 2>&1 | tee target/test.log; exit $${PIPESTATUS[0]}
+
+## The test cluster alone: make cluster-up, then eval "$$(e2e/cluster env)"; make cluster-down.
+cluster-up:
+	@e2e/cluster up
+cluster-down:
+	@e2e/cluster down
 
 deps:
 	@hack/deps
@@ -14,6 +26,7 @@ deps:
 ## Regenerate crds/ from the Rust types.
 crds:
 	$(CARGO) run --quiet -- crd > crds/pgsnap.io.yaml
+	cp crds/pgsnap.io.yaml charts/pgsnap/crds/pgsnap.io.yaml
 
 ## The main job, locally: cluster, database, operator, a backup, a restore, side by side.
 demo: deps

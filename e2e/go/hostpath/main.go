@@ -221,7 +221,7 @@ func (d *driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 		if s.Size > size {
 			return fail(status.Errorf(codes.OutOfRange, "snapshot %s (%d bytes) is larger than the volume (%d)", s.ID, s.Size, size))
 		}
-		if out, err := exec.CommandContext(ctx, "tar", "xzf", s.Path, "-C", v.Path).CombinedOutput(); err != nil {
+		if out, err := exec.CommandContext(ctx, "tar", "-x", "-z", "-f", s.Path, "-C", v.Path).CombinedOutput(); err != nil {
 			return fail(status.Errorf(codes.Internal, "restoring snapshot %s: %v: %s", s.ID, err, out))
 		}
 		v.Source = "snapshot:" + s.ID
@@ -320,10 +320,11 @@ func (d *driver) CreateSnapshot(ctx context.Context, req *csi.CreateSnapshotRequ
 	d.save()
 	d.mu.Unlock()
 
-	args := []string{"czf", s.Path, "-C", v.Path, "."}
+	args := []string{"-c", "-z", "-f", s.Path}
 	if strings.EqualFold(req.GetParameters()["ignoreFailedRead"], "true") {
-		args = append([]string{"--ignore-failed-read"}, args...)
+		args = append(args, "--ignore-failed-read")
 	}
+	args = append(args, "-C", v.Path, ".")
 	// Not ctx: the tar must finish even when the sidecar's call times out, so a retry finds it.
 	out, err := exec.Command("tar", args...).CombinedOutput()
 	var ee *exec.ExitError
