@@ -125,7 +125,7 @@ async fn restore_matrix(major: u32) {
         .any(|m| err.contains(m)),
         "PostgreSQL {major} without WAL: {err}"
     );
-    eprintln!("PostgreSQL {major} without WAL: {}", err.lines().filter(|l| l.contains("FATAL")).last().unwrap_or(""));
+    eprintln!("PostgreSQL {major} without WAL: {}", err.lines().rfind(|l| l.contains("FATAL")).unwrap_or(""));
     no_wal.stop();
 }
 

@@ -73,7 +73,7 @@ async fn session_matrix(major: u32) {
     assert_eq!(label.backup_from, BackupFrom::Primary);
     assert_eq!(label.label, "pgsnap test/one");
     assert_eq!(label.start_timeline, if major >= 11 { Some(1) } else { None });
-    assert!(stopped.labelfile.contains(&format!("LABEL: pgsnap test/one\n")));
+    assert!(stopped.labelfile.contains("LABEL: pgsnap test/one\n"));
     assert_eq!(stopped.spcmapfile, "");
     assert!(stopped.backup_window <= started.took + stopped.took + Duration::from_secs(5));
     // wait_for_archive: everything up to the stop is archived when stop returns.

@@ -61,6 +61,37 @@ async fn wait_replayed(standby: &Pg, id: i64) {
     }
 }
 
+/// Changes full_page_writes on the primary and lets the standby replay it and make a
+/// restartpoint, which is where a standby records the primary's setting.
+async fn set_full_page_writes(primary: &Pg, standby: &Pg, on: bool) {
+    primary.exec(&format!("alter system set full_page_writes = {on}")).await;
+    primary.exec("select pg_reload_conf()").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    primary.exec("checkpoint").await;
+    let target: String = primary
+        .client()
+        .await
+        .query_one("select pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let sclient = standby.client().await;
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        let caught_up: bool = sclient
+            .query_one("select pg_last_wal_replay_lsn() >= $1::text::pg_lsn", &[&target])
+            .await
+            .unwrap()
+            .get(0);
+        if caught_up {
+            break;
+        }
+        assert!(Instant::now() < until, "standby did not replay up to {target}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    sclient.batch_execute("checkpoint").await.unwrap();
+}
+
 async fn wait_archived(archive: &Path, file: &str) {
     let until = Instant::now() + Duration::from_secs(60);
     while !archive.join(file).exists() {
@@ -138,6 +169,15 @@ async fn standby_matrix(major: u32) {
     .await;
     assert!(report.is_ok(), "restore of a PostgreSQL {major} standby backup: {report:?}");
     restored.stop();
+
+    // full_page_writes = off on the primary makes standby backups unsafe: refused, typed.
+    set_full_page_writes(&primary, &standby, false).await;
+    let mut f = Session::connect(&standby.opts("postgres", None)).await.unwrap();
+    let err = f.start("torn pages", true, Duration::from_secs(60)).await.unwrap_err();
+    assert_eq!(err.reason(), "FullPageWritesOff", "PostgreSQL {major}: {err}");
+    eprintln!("PostgreSQL {major} standby, full_page_writes off: {err}");
+    drop(f);
+    set_full_page_writes(&primary, &standby, true).await;
 
     // Promotion during a standby backup.
     let mut p = Session::connect(&standby.opts("postgres", None)).await.unwrap();
