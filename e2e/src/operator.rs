@@ -45,7 +45,7 @@ pub fn install_chart_rbac() {
         "kubectl apply --server-side --force-conflicts -f crds/ >/dev/null; \
          kubectl wait --for condition=Established --timeout=30s -f crds/ >/dev/null; \
          kubectl create namespace {OPERATOR_NAMESPACE} --dry-run=client -o yaml | kubectl apply -f - >/dev/null; \
-         helm template pgsnap charts/pgsnap --namespace {OPERATOR_NAMESPACE} \
+         helm template pgsnap charts/pgsnap --namespace {OPERATOR_NAMESPACE} --kube-version 1.34.0 \
            --show-only templates/serviceaccount.yaml --show-only templates/rbac.yaml | kubectl apply -f - >/dev/null"
     ));
 }

@@ -111,7 +111,11 @@ impl PostgresPodBuilder {
             .clone()
             .unwrap_or_else(|| format!("pg{}", self.major));
         let port = free_port();
-        let password = format!("pw-{name}-{port}");
+        // A standby has its primary's catalog, so its password too.
+        let password = match &self.standby_of {
+            Some(p) => p.password.clone(),
+            None => format!("pw-{name}-{port}"),
+        };
         let claim = |role: &str| format!("{role}-{name}");
         let mut claims = vec![(claim("data"), DATA_MOUNT)];
         if self.wal_volume {
@@ -341,7 +345,11 @@ impl PostgresPod {
             let ready = status
                 .and_then(|s| s.conditions.as_ref())
                 .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
-            ready || matches!(phase, Some("Failed") | Some("Succeeded"))
+            // A server that keeps crashing will not get better: stop waiting, show its log.
+            let crashing = status
+                .and_then(|s| s.container_statuses.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.restart_count >= 2));
+            ready || crashing || matches!(phase, Some("Failed") | Some("Succeeded"))
         };
         let waited = tokio::time::timeout(
             Duration::from_secs(120),
@@ -366,10 +374,17 @@ impl PostgresPod {
                 );
             }
         };
-        let phase = pod.status.and_then(|s| s.phase).unwrap_or_default();
-        if phase != "Running" {
+        let phase = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.phase.clone())
+            .unwrap_or_default();
+        let restarts: i32 = (pod.status.as_ref())
+            .and_then(|s| s.container_statuses.as_ref())
+            .map_or(0, |c| c.iter().map(|c| c.restart_count).sum());
+        if phase != "Running" || restarts >= 2 {
             panic!(
-                "postgres pod {} ended {phase}:\n{}",
+                "postgres pod {} is {phase} after {restarts} restarts:\n{}",
                 self.name,
                 cluster.pod_logs(&self.name).await
             );

@@ -59,32 +59,28 @@ pub fn write_identity_files(pod: &Pod, pod_dir: &Path) -> std::io::Result<(PathB
             .flatten()
             .chain(s.containers.iter())
     });
-    let mut uids: Vec<(u32, u32)> = all.map(|c| user(pod, c)).collect();
-    uids.push((
-        super::entrypoint::POSTGRES_UID,
-        super::entrypoint::POSTGRES_UID,
-    ));
-    let mut passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
-    let mut group = std::fs::read_to_string("/etc/group").unwrap_or_default();
+    let uids: Vec<(u32, u32)> = all.map(|c| user(pod, c)).collect();
+    let host_passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let host_group = std::fs::read_to_string("/etc/group").unwrap_or_default();
     let has = |text: &str, id: u32| {
         text.lines()
             .any(|l| l.split(':').nth(2) == Some(&id.to_string()))
     };
+    // The image's own users come first, so a lookup of 999 finds `postgres` even when the
+    // host has another name for that uid.
+    let pg = super::entrypoint::POSTGRES_UID;
+    let mut passwd = format!("postgres:x:{pg}:{pg}:PostgreSQL:/var/lib/postgresql:/bin/sh\n");
+    let mut group = format!("postgres:x:{pg}:\n");
     for (uid, gid) in uids {
-        let name = if uid == super::entrypoint::POSTGRES_UID {
-            "postgres".to_string()
-        } else {
-            format!("user{uid}")
-        };
-        if !has(&passwd, uid) {
-            passwd.push_str(&format!(
-                "{name}:x:{uid}:{gid}::/var/lib/postgresql:/bin/sh\n"
-            ));
+        if uid != pg && !has(&host_passwd, uid) && !has(&passwd, uid) {
+            passwd.push_str(&format!("user{uid}:x:{uid}:{gid}::/tmp:/bin/sh\n"));
         }
-        if !has(&group, gid) {
-            group.push_str(&format!("{name}:x:{gid}:\n"));
+        if gid != pg && !has(&host_group, gid) && !has(&group, gid) {
+            group.push_str(&format!("group{gid}:x:{gid}:\n"));
         }
     }
+    passwd.push_str(&host_passwd);
+    group.push_str(&host_group);
     let etc = pod_dir.join("etc");
     std::fs::create_dir_all(&etc)?;
     std::fs::write(etc.join("passwd"), passwd)?;
@@ -107,7 +103,8 @@ pub async fn launch_spec(
     let path = match run.image {
         Image::Postgres { major } => {
             env.push(("PGDATA".into(), "/var/lib/postgresql/data".into()));
-            env.push(("LANG".into(), "en_US.utf8".into()));
+            // The image uses en_US.utf8; hosts reliably have only C.UTF-8 (same encoding).
+            env.push(("LANG".into(), "C.UTF-8".into()));
             format!(
                 "{}/bin:{SYSTEM_PATH}",
                 postgres_mount_point(major).display()
