@@ -42,7 +42,9 @@ async fn session_matrix(major: u32) {
     assert_eq!(info.data_directory, pg.data.display().to_string());
     assert_eq!(info.wal_directory, format!("{}/pg_wal", pg.data.display()));
     let plain_wal = info.wal_directory.clone();
-    assert_eq!(s.locate_wal(&[&plain_wal]).await.unwrap(), Some(plain_wal.clone()));
+    if major >= 11 {
+        assert_eq!(s.locate_wal(&[&plain_wal]).await.unwrap(), Some(plain_wal.clone()));
+    }
     assert_eq!(info.wal_level, "replica");
     assert_eq!(info.archive_mode, "on");
     assert!(info.full_page_writes);
@@ -162,6 +164,43 @@ async fn session_matrix(major: u32) {
     assert!(gone, "backend {pid} still waiting for the archive:\n{}", pg.log_tail(10));
     pg.exec("alter system reset archive_command").await;
     pg.exec("select pg_reload_conf()").await;
+
+    // ... and while start waits for a spread checkpoint with lots to write.
+    pg.exec("create table dirty as select g, md5(g::text) as v from generate_series(1, 100000) g").await;
+    pg.exec("alter system set checkpoint_completion_target = 0.9").await;
+    pg.exec("alter system set checkpoint_timeout = '1h'").await;
+    pg.exec("select pg_reload_conf()").await;
+    let mut h = Session::connect(&pg.opts("postgres", None)).await.unwrap();
+    let pid = h.backend_pid();
+    let err = h.start("slow checkpoint", false, Duration::from_secs(1)).await.unwrap_err();
+    assert!(matches!(err, Error::DeadlineExceeded { step: Step::Start, .. }), "{err:?}");
+    assert!(err.to_string().contains("checkpoint"), "{err}");
+    let mut gone = false;
+    for _ in 0..50 {
+        let n: i64 = client
+            .query_one("select count(*) from pg_stat_activity where pid = $1", &[&pid])
+            .await
+            .unwrap()
+            .get(0);
+        if n == 0 {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gone, "backend {pid} still waiting for the checkpoint");
+    pg.exec("alter system reset checkpoint_completion_target").await;
+    pg.exec("alter system reset checkpoint_timeout").await;
+    pg.exec("select pg_reload_conf()").await;
+
+    // The server ends the session mid-backup (pg_terminate_backend, a restart): SessionLost.
+    let mut k = Session::connect(&pg.opts("postgres", None)).await.unwrap();
+    k.start("terminated", true, Duration::from_secs(60)).await.unwrap();
+    client.execute("select pg_terminate_backend($1)", &[&k.backend_pid()]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let err = k.stop(true).await.unwrap_err();
+    assert_eq!(err.reason(), "SessionLost", "{err:?}");
+    assert!(err.is_retryable());
 
     // Label too long: refused before the server is asked.
     let mut g = Session::connect(&pg.opts("postgres", None)).await.unwrap();
