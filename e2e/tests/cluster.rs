@@ -1,0 +1,347 @@
+//! The test cluster itself: storage, snapshots, garbage collection, RBAC, and the node
+//! agent running PostgreSQL and Jobs. Needs `e2e/cluster up` (`make test` does it); a
+//! missing cluster fails these tests with a message saying so.
+
+use std::time::Duration;
+
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use kube::api::{ApiResource, DeleteParams, DynamicObject, GroupVersionKind, PostParams};
+use kube::{Api, Client, Resource};
+use pgsnap_e2e::{Cluster, postgres_pod};
+use serde_json::json;
+
+const T: Duration = Duration::from_secs(60);
+
+fn from_json<K: serde::de::DeserializeOwned>(v: serde_json::Value) -> K {
+    serde_json::from_value(v).expect("valid object")
+}
+
+async fn create<K>(api: &Api<K>, v: serde_json::Value) -> K
+where
+    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + serde::Serialize,
+{
+    api.create(&PostParams::default(), &from_json(v))
+        .await
+        .expect("create")
+}
+
+fn pvc(name: &str, from_snapshot: Option<&str>) -> serde_json::Value {
+    let mut v = json!({
+        "metadata": {"name": name},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}
+    });
+    if let Some(s) = from_snapshot {
+        v["spec"]["dataSource"] =
+            json!({"apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot", "name": s});
+    }
+    v
+}
+
+fn bound(p: Option<&PersistentVolumeClaim>) -> bool {
+    p.and_then(|p| p.status.as_ref())
+        .and_then(|s| s.phase.as_deref())
+        == Some("Bound")
+}
+
+#[tokio::test]
+async fn a_pvc_is_provisioned_and_bound() {
+    let cluster = Cluster::from_env().await;
+    let pvcs = cluster.api::<PersistentVolumeClaim>();
+    create(&pvcs, pvc("data", None)).await;
+    let claim = cluster.wait_for(pvcs, "data", "Bound", T, bound).await;
+    let pv = claim
+        .spec
+        .and_then(|s| s.volume_name)
+        .expect("a bound claim names its volume");
+    assert!(
+        cluster.pvc_host_dir("data").await.is_dir(),
+        "the hostpath directory of {pv} exists"
+    );
+}
+
+#[tokio::test]
+async fn a_volume_snapshot_restores_into_a_new_pvc() {
+    let cluster = Cluster::from_env().await;
+    let pvcs = cluster.api::<PersistentVolumeClaim>();
+    create(&pvcs, pvc("source", None)).await;
+    let dir = cluster.pvc_host_dir("source").await;
+    std::fs::create_dir_all(dir.join("sub")).unwrap();
+    std::fs::write(dir.join("sub/hello.txt"), "hello from the source volume\n").unwrap();
+
+    let ar = ApiResource::from_gvk(&GroupVersionKind::gvk(
+        "snapshot.storage.k8s.io",
+        "v1",
+        "VolumeSnapshot",
+    ));
+    let snapshots: Api<DynamicObject> =
+        Api::namespaced_with(cluster.client.clone(), &cluster.namespace, &ar);
+    let snapshot: DynamicObject = from_json(json!({
+        "apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshot",
+        "metadata": {"name": "snap"},
+        "spec": {"source": {"persistentVolumeClaimName": "source"}}
+    }));
+    snapshots
+        .create(&PostParams::default(), &snapshot)
+        .await
+        .expect("create VolumeSnapshot");
+    let ready = |s: Option<&DynamicObject>| {
+        s.is_some_and(|s| s.data["status"]["readyToUse"] == json!(true))
+    };
+    let snap = cluster
+        .wait_for(snapshots, "snap", "readyToUse", T, ready)
+        .await;
+    assert!(snap.data["status"]["boundVolumeSnapshotContentName"].is_string());
+    assert!(
+        snap.data["status"]["creationTime"].is_string(),
+        "a cut snapshot has a creationTime"
+    );
+
+    create(&pvcs, pvc("restored", Some("snap"))).await;
+    cluster.wait_for(pvcs, "restored", "Bound", T, bound).await;
+    let restored = cluster.pvc_host_dir("restored").await;
+    assert_ne!(restored, dir);
+    assert_eq!(
+        std::fs::read_to_string(restored.join("sub/hello.txt")).unwrap(),
+        "hello from the source volume\n"
+    );
+}
+
+#[tokio::test]
+async fn deleting_an_owner_deletes_its_dependent() {
+    let cluster = Cluster::from_env().await;
+    let cms = cluster.api::<ConfigMap>();
+    let owner = create(&cms, json!({"metadata": {"name": "owner"}})).await;
+    let owner_ref = owner.controller_owner_ref(&()).expect("owner reference");
+    create(
+        &cms,
+        json!({"metadata": {"name": "dependent", "ownerReferences": [owner_ref]}}),
+    )
+    .await;
+    cms.delete("owner", &DeleteParams::background())
+        .await
+        .expect("delete owner");
+    let uid = cms.get("dependent").await.unwrap().metadata.uid.unwrap();
+    cluster.wait_deleted(cms, "dependent", &uid, T).await;
+}
+
+#[tokio::test]
+async fn a_service_account_needs_a_role() {
+    let cluster = Cluster::from_env().await;
+    let ns = cluster.namespace.clone();
+    let sas = cluster.api::<ServiceAccount>();
+    create(&sas, json!({"metadata": {"name": "reader"}})).await;
+    let request = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: vec![],
+            expiration_seconds: Some(600),
+            bound_object_ref: None,
+        },
+        ..Default::default()
+    };
+    let token = sas
+        .create_token_request("reader", &PostParams::default(), &request)
+        .await
+        .expect("TokenRequest");
+    let token = token.status.expect("token").token;
+
+    let mut config = cluster.client_config().await;
+    config.auth_info = kube::config::AuthInfo {
+        token: Some(token.into()),
+        ..Default::default()
+    };
+    let reader = Client::try_from(config).unwrap();
+    let pods: Api<Pod> = Api::namespaced(reader, &ns);
+    match pods.list(&Default::default()).await {
+        Err(kube::Error::Api(s)) if s.code == 403 => {}
+        other => panic!("a ServiceAccount without a Role must be denied, got {other:?}"),
+    }
+
+    create(
+        &cluster.api::<Role>(),
+        json!({
+            "metadata": {"name": "pod-reader"},
+            "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]
+        }),
+    )
+    .await;
+    create(&cluster.api::<RoleBinding>(), json!({
+        "metadata": {"name": "reader-reads-pods"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "pod-reader"},
+        "subjects": [{"kind": "ServiceAccount", "name": "reader", "namespace": ns}]
+    }))
+    .await;
+    // The authorizer learns about new bindings through its informers: a moment's delay.
+    let mut last = None;
+    for _ in 0..50 {
+        match pods.list(&Default::default()).await {
+            Ok(_) => return,
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("with the Role bound, listing pods must be allowed: {last:?}");
+}
+
+#[tokio::test]
+async fn a_postgres_16_pod_runs_and_answers_sql() {
+    let cluster = Cluster::from_env().await;
+    let db = postgres_pod(16).create(&cluster).await;
+    assert!(db.sql_value("SHOW server_version").await.starts_with("16."));
+    db.sql("CREATE TABLE t (x int); INSERT INTO t VALUES (1), (2)")
+        .await;
+    assert_eq!(db.sql_value("SELECT sum(x) FROM t").await, "3");
+    assert_eq!(
+        db.sql_value("SHOW data_directory").await,
+        pgsnap_e2e::postgres::PGDATA
+    );
+    assert!(
+        db.pgdata_host_dir().join("PG_VERSION").is_file(),
+        "PGDATA lives on the PVC"
+    );
+
+    let pods = cluster.api::<Pod>();
+    let pod = pods.get(&db.name).await.unwrap();
+    let status = pod.status.unwrap();
+    assert_eq!(status.phase.as_deref(), Some("Running"));
+    assert_eq!(status.pod_ip.as_deref(), Some("127.0.0.1"));
+
+    // Deletion: the server gets its stop signal, the pod object goes away.
+    let uid = pod.metadata.uid.unwrap();
+    pods.delete(&db.name, &DeleteParams::default())
+        .await
+        .unwrap();
+    cluster.wait_deleted(pods, &db.name, &uid, T).await;
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", db.port)).is_err(),
+        "the server stopped"
+    );
+}
+
+#[tokio::test]
+async fn a_jobs_pod_runs_to_succeeded() {
+    let cluster = Cluster::from_env().await;
+    let jobs = cluster.api::<Job>();
+    create(&jobs, json!({
+        "metadata": {"name": "hello"},
+        "spec": {"backoffLimit": 0, "template": {"spec": {
+            "restartPolicy": "Never",
+            "containers": [{"name": "main", "image": "busybox:1.36",
+                "command": ["sh", "-c", "echo hello from $(POD_NAME) in $POD_NAMESPACE; cat /var/run/secrets/kubernetes.io/serviceaccount/namespace"],
+                "env": [
+                    {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                    {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}
+                ]}]
+        }}}
+    }))
+    .await;
+    let complete = |j: Option<&Job>| {
+        j.and_then(|j| j.status.as_ref())
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| {
+                c.iter()
+                    .any(|c| (c.type_ == "Complete" || c.type_ == "Failed") && c.status == "True")
+            })
+    };
+    let job = cluster
+        .wait_for(jobs, "hello", "finished", T, complete)
+        .await;
+    let pods = cluster
+        .api::<Pod>()
+        .list(&kube::api::ListParams::default().labels("job-name=hello"))
+        .await
+        .unwrap();
+    let pod = pods.items.first().expect("the Job made a pod");
+    let name = pod.metadata.name.clone().unwrap();
+    let log = cluster.container_log(&name, "main").await;
+    assert_eq!(
+        job.status.and_then(|s| s.succeeded),
+        Some(1),
+        "pod log:\n{log}"
+    );
+    assert_eq!(
+        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Succeeded")
+    );
+    assert_eq!(
+        log,
+        format!(
+            "hello from {name} in {}\n{}",
+            cluster.namespace, cluster.namespace
+        )
+    );
+}
+
+#[tokio::test]
+async fn an_unknown_image_fails_the_pod() {
+    let cluster = Cluster::from_env().await;
+    let pods = cluster.api::<Pod>();
+    create(
+        &pods,
+        json!({
+            "metadata": {"name": "nginx"},
+            "spec": {"containers": [{"name": "web", "image": "nginx:1.27"}]}
+        }),
+    )
+    .await;
+    let failed = |p: Option<&Pod>| {
+        p.and_then(|p| p.status.as_ref())
+            .and_then(|s| s.phase.as_deref())
+            == Some("Failed")
+    };
+    let pod = cluster.wait_for(pods, "nginx", "Failed", T, failed).await;
+    let state = pod.status.unwrap().container_statuses.unwrap()[0]
+        .state
+        .clone()
+        .unwrap();
+    let waiting = state.waiting.expect("waiting");
+    assert_eq!(waiting.reason.as_deref(), Some("ErrImagePull"));
+    assert!(
+        waiting
+            .message
+            .unwrap()
+            .contains("not in the node agent's image table")
+    );
+}
+
+#[tokio::test]
+async fn postgres_pods_with_wal_tablespace_and_archive_volumes_and_a_standby() {
+    let cluster = Cluster::from_env().await;
+    for major in [11, 18] {
+        let primary = postgres_pod(major)
+            .name(&format!("primary{major}"))
+            .archive(true)
+            .wal_volume(true)
+            .tablespace_volume(true)
+            .setting("max_wal_senders", "5")
+            .create(&cluster)
+            .await;
+        primary.sql("CREATE TABLE t (x int) TABLESPACE ts1; INSERT INTO t SELECT generate_series(1, 1000)").await;
+        primary.sql("SELECT pg_switch_wal()").await;
+        let standby = postgres_pod(major)
+            .name(&format!("standby{major}"))
+            .standby_of(&primary)
+            .create(&cluster)
+            .await;
+        assert_eq!(standby.sql_value("SELECT pg_is_in_recovery()").await, "t");
+        primary.sql("INSERT INTO t VALUES (1001)").await;
+        let mut count = String::new();
+        for _ in 0..50 {
+            count = standby.sql_value("SELECT count(*) FROM t").await;
+            if count == "1001" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert_eq!(count, "1001", "the standby streams from the primary");
+        let archive = primary.archive_dir.clone().unwrap();
+        assert!(
+            std::fs::read_dir(&archive).unwrap().count() > 0,
+            "WAL is archived"
+        );
+        primary.pgbench_init(1);
+        assert!(primary.pgbench_run(1).contains("tps"));
+    }
+}
