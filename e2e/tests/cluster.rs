@@ -345,3 +345,106 @@ async fn postgres_pods_with_wal_tablespace_and_archive_volumes_and_a_standby() {
         assert!(primary.pgbench_run(1).contains("tps"));
     }
 }
+
+#[tokio::test]
+async fn a_pod_gets_its_volumes_env_identity_and_readiness() {
+    let cluster = Cluster::from_env().await;
+    create(
+        &cluster.api::<ConfigMap>(),
+        json!({
+            "metadata": {"name": "settings"},
+            "data": {"greeting": "hello", "other": "x"}
+        }),
+    )
+    .await;
+    create(
+        &cluster.api::<k8s_openapi::api::core::v1::Secret>(),
+        json!({
+            "metadata": {"name": "creds"},
+            "stringData": {"password": "s3cret"}
+        }),
+    )
+    .await;
+    // The script checks what a container sees, then becomes ready (an exec probe that runs
+    // in the container's own mounts) and waits to be stopped.
+    let script = r#"
+        set -ex
+        test "$(cat /config/hello.txt)" = hello
+        test "$(stat -c %a /config/hello.txt)" = 640  # 0600 plus fsGroup read
+        test "$PASSWORD" = s3cret && test "$CFG_greeting" = hello
+        test "$(id -u):$(id -g)" = 1234:2345 && id -G | grep -qw 3456
+        test "$(stat -c %g /scratch)" = 3456
+        SA=/var/run/secrets/kubernetes.io/serviceaccount
+        test "$(cat $SA/namespace)" = "$NS"
+        code=$(curl -s -o /scratch/answer -w '%{http_code}' --cacert $SA/ca.crt \
+          -H "Authorization: Bearer $(cat $SA/token)" \
+          https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT/api/v1/namespaces/$NS/secrets)
+        test "$code" = 403 && grep -q "system:serviceaccount:$NS:default" /scratch/answer
+        echo checked > /scratch/ok
+        exec sleep 1000
+    "#;
+    create(&cluster.api::<Pod>(), json!({
+        "metadata": {"name": "inspector"},
+        "spec": {
+            "terminationGracePeriodSeconds": 2,
+            "securityContext": {"runAsUser": 1234, "runAsGroup": 2345, "fsGroup": 3456},
+            "containers": [{
+                "name": "main", "image": "debian:13",
+                "command": ["bash", "-c", script],
+                "env": [
+                    {"name": "PASSWORD", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "password"}}},
+                    {"name": "NS", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}
+                ],
+                "envFrom": [{"prefix": "CFG_", "configMapRef": {"name": "settings"}}],
+                "volumeMounts": [{"name": "config", "mountPath": "/config"}, {"name": "scratch", "mountPath": "/scratch"}],
+                "readinessProbe": {"exec": {"command": ["test", "-f", "/scratch/ok"]}, "periodSeconds": 1}
+            }],
+            "volumes": [
+                {"name": "config", "configMap": {"name": "settings", "items": [{"key": "greeting", "path": "hello.txt", "mode": 0o600}]}},
+                {"name": "scratch", "emptyDir": {}}
+            ]
+        }
+    }))
+    .await;
+    let pods = cluster.api::<Pod>();
+    let ready_or_done = |p: Option<&Pod>| {
+        let s = p.and_then(|p| p.status.as_ref());
+        let ready = s
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+        ready
+            || s.and_then(|s| s.container_statuses.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.restart_count > 0))
+    };
+    let pod = cluster
+        .wait_for(pods.clone(), "inspector", "Ready", T, ready_or_done)
+        .await;
+    let restarts = pod
+        .status
+        .as_ref()
+        .unwrap()
+        .container_statuses
+        .as_ref()
+        .unwrap()[0]
+        .restart_count;
+    assert_eq!(
+        restarts,
+        0,
+        "the checks failed:\n{}",
+        cluster.pod_logs("inspector").await
+    );
+
+    // Deleting it: the stop signal, then SIGKILL after the 2 s grace (sleep ignores neither,
+    // bash forwards nothing), then the object is gone.
+    let uid = pod.metadata.uid.unwrap();
+    let t0 = std::time::Instant::now();
+    pods.delete("inspector", &DeleteParams::default())
+        .await
+        .unwrap();
+    cluster.wait_deleted(pods, "inspector", &uid, T).await;
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "deletion took {:?}",
+        t0.elapsed()
+    );
+}

@@ -7,9 +7,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Secret};
+use kube::ResourceExt;
 use kube::api::{DeleteParams, ObjectMeta, PostParams};
 use kube::runtime::wait::Condition;
-use kube::ResourceExt;
 use pgsnap::api::Backup;
 use pgsnap::api::backup::Phase;
 use pgsnap::api::restore::{Restore, RestorePhase};
@@ -21,21 +21,43 @@ use serde_json::json;
 use tokio_postgres::NoTls;
 
 async fn operator(cluster: &Cluster) -> Operator {
-    Operator::start(&cluster.client, &["--leader-election=false", &format!("--namespace={}", cluster.namespace)]).await
+    Operator::start(
+        &cluster.client,
+        &[
+            "--leader-election=false",
+            &format!("--namespace={}", cluster.namespace),
+        ],
+    )
+    .await
 }
 
 async fn password_secret(cluster: &Cluster, db: &PostgresPod) -> String {
     let name = format!("{}-password", db.name);
     let secret = Secret {
-        metadata: ObjectMeta { name: Some(name.clone()), ..Default::default() },
-        string_data: Some(BTreeMap::from([("password".to_string(), db.password.clone())])),
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            ..Default::default()
+        },
+        string_data: Some(BTreeMap::from([(
+            "password".to_string(),
+            db.password.clone(),
+        )])),
         ..Default::default()
     };
-    cluster.api::<Secret>().create(&PostParams::default(), &secret).await.expect("secret");
+    cluster
+        .api::<Secret>()
+        .create(&PostParams::default(), &secret)
+        .await
+        .expect("secret");
     name
 }
 
-async fn backup(cluster: &Cluster, db: &PostgresPod, name: &str, extra: serde_json::Value) -> Backup {
+async fn backup(
+    cluster: &Cluster,
+    db: &PostgresPod,
+    name: &str,
+    extra: serde_json::Value,
+) -> Backup {
     let secret = password_secret(cluster, db).await;
     let mut spec = json!({
         "target": {"podName": db.name},
@@ -46,14 +68,36 @@ async fn backup(cluster: &Cluster, db: &PostgresPod, name: &str, extra: serde_js
         spec.extend(extra.clone());
     }
     let b: Backup = serde_json::from_value(json!({"apiVersion": "pgsnap.io/v1alpha1", "kind": "Backup", "metadata": {"name": name}, "spec": spec})).unwrap();
-    cluster.api::<Backup>().create(&PostParams::default(), &b).await.unwrap_or_else(|e| panic!("backup {name}: {e}"));
-    let done = |b: Option<&Backup>| b.and_then(|b| b.status.as_ref()).and_then(|s| s.phase).is_some_and(|p| p.is_terminal());
-    cluster.wait_for(cluster.api::<Backup>(), name, "Completed or Failed", Duration::from_secs(120), done).await
+    cluster
+        .api::<Backup>()
+        .create(&PostParams::default(), &b)
+        .await
+        .unwrap_or_else(|e| panic!("backup {name}: {e}"));
+    let done = |b: Option<&Backup>| {
+        b.and_then(|b| b.status.as_ref())
+            .and_then(|s| s.phase)
+            .is_some_and(|p| p.is_terminal())
+    };
+    cluster
+        .wait_for(
+            cluster.api::<Backup>(),
+            name,
+            "Completed or Failed",
+            Duration::from_secs(120),
+            done,
+        )
+        .await
 }
 
 fn completed(b: &Backup) -> &pgsnap::api::BackupStatus {
     let status = b.status.as_ref().expect("status");
-    assert_eq!(status.phase, Some(Phase::Completed), "backup {}: {:#?}", b.name_any(), status.error);
+    assert_eq!(
+        status.phase,
+        Some(Phase::Completed),
+        "backup {}: {:#?}",
+        b.name_any(),
+        status.error
+    );
     status
 }
 
@@ -74,45 +118,95 @@ fn claims_for(b: &Backup, suffix: &str) -> serde_json::Value {
 
 async fn restore(cluster: &Cluster, name: &str, spec: serde_json::Value) -> Restore {
     let r: Restore = serde_json::from_value(json!({"apiVersion": "pgsnap.io/v1alpha1", "kind": "Restore", "metadata": {"name": name}, "spec": spec})).unwrap();
-    cluster.api::<Restore>().create(&PostParams::default(), &r).await.unwrap_or_else(|e| panic!("restore {name}: {e}"));
-    cluster.wait_for(cluster.api::<Restore>(), name, "Completed or Failed", Duration::from_secs(180), restore_ended()).await
+    cluster
+        .api::<Restore>()
+        .create(&PostParams::default(), &r)
+        .await
+        .unwrap_or_else(|e| panic!("restore {name}: {e}"));
+    cluster
+        .wait_for(
+            cluster.api::<Restore>(),
+            name,
+            "Completed or Failed",
+            Duration::from_secs(180),
+            restore_ended(),
+        )
+        .await
 }
 
 fn restore_ended() -> impl Condition<Restore> {
-    |r: Option<&Restore>| r.and_then(|r| r.status.as_ref()).and_then(|s| s.phase).is_some_and(|p| p.is_terminal())
+    |r: Option<&Restore>| {
+        r.and_then(|r| r.status.as_ref())
+            .and_then(|s| s.phase)
+            .is_some_and(|p| p.is_terminal())
+    }
 }
 
 fn failed_with(r: &Restore, reasons: &[&str]) {
     let status = r.status.as_ref().expect("status");
-    assert_eq!(status.phase, Some(RestorePhase::Failed), "restore {}: {status:#?}", r.name_any());
+    assert_eq!(
+        status.phase,
+        Some(RestorePhase::Failed),
+        "restore {}: {status:#?}",
+        r.name_any()
+    );
     let error = status.error.as_ref().expect("a failed restore says why");
-    assert!(reasons.contains(&error.reason.as_str()), "restore {}: reason {} not in {reasons:?}: {}", r.name_any(), error.reason, error.message);
+    assert!(
+        reasons.contains(&error.reason.as_str()),
+        "restore {}: reason {} not in {reasons:?}: {}",
+        r.name_any(),
+        error.reason,
+        error.message
+    );
 }
 
 fn assert_restored(r: &Restore) -> &pgsnap::api::restore::RestoreStatus {
     let status = r.status.as_ref().expect("status");
-    assert_eq!(status.phase, Some(RestorePhase::Completed), "restore {}: {status:#?}", r.name_any());
-    let ready = status.conditions.iter().find(|c| c.type_ == "Ready").expect("Ready");
+    assert_eq!(
+        status.phase,
+        Some(RestorePhase::Completed),
+        "restore {}: {status:#?}",
+        r.name_any()
+    );
+    let ready = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .expect("Ready");
     assert_eq!(ready.status, "True");
     status
 }
 
 /// A PostgreSQL pod on the restored claims (each at its `mountPath`), WAL from the source's
 /// archive; waits for recovery to end. Returns a client and the recovery time.
-async fn start_restored(cluster: &Cluster, source: &PostgresPod, r: &Restore) -> Result<(tokio_postgres::Client, Duration), String> {
+async fn start_restored(
+    cluster: &Cluster,
+    source: &PostgresPod,
+    r: &Restore,
+) -> Result<(tokio_postgres::Client, Duration), String> {
     let status = r.status.as_ref().ok_or("no status")?;
     let name = format!("{}-pg", r.name_any());
     let mut mounts = vec![json!({"name": "archive", "mountPath": ARCHIVE_MOUNT})];
-    let mut volumes = vec![json!({"name": "archive", "persistentVolumeClaim": {"claimName": source.claim("archive")}})];
+    let mut volumes = vec![
+        json!({"name": "archive", "persistentVolumeClaim": {"claimName": source.claim("archive")}}),
+    ];
     let mut pgdata = None;
     for (i, c) in status.claims.iter().enumerate() {
         mounts.push(json!({"name": format!("c{i}"), "mountPath": c.mount_path}));
-        volumes.push(json!({"name": format!("c{i}"), "persistentVolumeClaim": {"claimName": c.name}}));
+        volumes
+            .push(json!({"name": format!("c{i}"), "persistentVolumeClaim": {"claimName": c.name}}));
         if c.role == pgsnap::api::backup::VolumeRole::Data {
-            pgdata = Some(format!("{}/{}", c.mount_path.trim_end_matches('/'), c.path_in_volume));
+            pgdata = Some(format!(
+                "{}/{}",
+                c.mount_path.trim_end_matches('/'),
+                c.path_in_volume
+            ));
         }
     }
-    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(|e| e.to_string())?.port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| e.to_string())?
+        .port();
     let pod: Pod = serde_json::from_value(json!({
         "metadata": {"name": name},
         "spec": {
@@ -134,13 +228,30 @@ async fn start_restored(cluster: &Cluster, source: &PostgresPod, r: &Restore) ->
     }))
     .map_err(|e| e.to_string())?;
     let t0 = Instant::now();
-    cluster.api::<Pod>().create(&PostParams::default(), &pod).await.map_err(|e| format!("pod {name}: {e}"))?;
-    let conninfo = format!("host=127.0.0.1 port={port} user={} password={} dbname=postgres", source.user, source.password);
+    cluster
+        .api::<Pod>()
+        .create(&PostParams::default(), &pod)
+        .await
+        .map_err(|e| format!("pod {name}: {e}"))?;
+    let conninfo = format!(
+        "host=127.0.0.1 port={port} user={} password={} dbname=postgres",
+        source.user, source.password
+    );
     let mut last = String::new();
     while t0.elapsed() < Duration::from_secs(90) {
-        let phase = cluster.api::<Pod>().get(&name).await.ok().and_then(|p| p.status).and_then(|s| s.phase).unwrap_or_default();
+        let phase = cluster
+            .api::<Pod>()
+            .get(&name)
+            .await
+            .ok()
+            .and_then(|p| p.status)
+            .and_then(|s| s.phase)
+            .unwrap_or_default();
         if phase == "Failed" || phase == "Succeeded" {
-            return Err(format!("the restored server exited ({phase}):\n{}", cluster.pod_logs(&name).await));
+            return Err(format!(
+                "the restored server exited ({phase}):\n{}",
+                cluster.pod_logs(&name).await
+            ));
         }
         match tokio_postgres::connect(&conninfo, NoTls).await {
             Ok((client, conn)) => {
@@ -155,11 +266,20 @@ async fn start_restored(cluster: &Cluster, source: &PostgresPod, r: &Restore) ->
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    Err(format!("recovery did not end in 90 s ({last}):\n{}", cluster.pod_logs(&name).await))
+    Err(format!(
+        "recovery did not end in 90 s ({last}):\n{}",
+        cluster.pod_logs(&name).await
+    ))
 }
 
 async fn marks(client: &tokio_postgres::Client) -> BTreeSet<i64> {
-    client.query("SELECT v FROM marks", &[]).await.expect("marks").iter().map(|r| r.get(0)).collect()
+    client
+        .query("SELECT v FROM marks", &[])
+        .await
+        .expect("marks")
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
 }
 
 /// Backup under pgbench and a row writer; Restore; PostgreSQL on the claims; every row
@@ -167,10 +287,16 @@ async fn marks(client: &tokio_postgres::Client) -> BTreeSet<i64> {
 async fn round_trip(major: u32, multi: bool) {
     let cluster = Cluster::from_env().await;
     let _operator = operator(&cluster).await;
-    let db = postgres_pod(major).archive(true).wal_volume(multi).tablespace_volume(multi).create(&cluster).await;
+    let db = postgres_pod(major)
+        .archive(true)
+        .wal_volume(multi)
+        .tablespace_volume(multi)
+        .create(&cluster)
+        .await;
     if multi {
         db.sql("CREATE TABLE in_ts (v bigint) TABLESPACE ts1").await;
-        db.sql("INSERT INTO in_ts SELECT generate_series(1, 1000)").await;
+        db.sql("INSERT INTO in_ts SELECT generate_series(1, 1000)")
+            .await;
     }
     db.pgbench_init(1);
     let writer = Writer::start(&db).await;
@@ -185,7 +311,10 @@ async fn round_trip(major: u32, multi: bool) {
     load.await.expect("pgbench");
     let status = completed(&b);
     assert_eq!(status.snapshots.len(), if multi { 3 } else { 1 });
-    let expected = verify::committed_before(&written, verify::parse_lsn(status.stop_lsn.as_deref().unwrap()));
+    let expected = verify::committed_before(
+        &written,
+        verify::parse_lsn(status.stop_lsn.as_deref().unwrap()),
+    );
 
     let t0 = Instant::now();
     let r = restore(
@@ -198,7 +327,9 @@ async fn round_trip(major: u32, multi: bool) {
     let rs = assert_restored(&r);
     assert_eq!(rs.claims.len(), status.snapshots.len());
     let timings = rs.timings.clone().unwrap_or_default();
-    let (client, recovery) = start_restored(&cluster, &db, &r).await.unwrap_or_else(|e| panic!("PostgreSQL {major} on the restored claims: {e}"));
+    let (client, recovery) = start_restored(&cluster, &db, &r)
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL {major} on the restored claims: {e}"));
     eprintln!(
         "PostgreSQL {major}{}: Restore took {:.1}s (provisioning {}s, prepare {}s); recovery {:.1}s",
         if multi { " (data+WAL+tablespace)" } else { "" },
@@ -209,16 +340,46 @@ async fn round_trip(major: u32, multi: bool) {
     );
     let restored = marks(&client).await;
     let missing = verify::missing(&expected, &restored);
-    assert!(missing.is_empty(), "{} of {} rows committed before the stop are missing: {:?}", missing.len(), expected.len(), &missing[..missing.len().min(20)]);
+    assert!(
+        missing.is_empty(),
+        "{} of {} rows committed before the stop are missing: {:?}",
+        missing.len(),
+        expected.len(),
+        &missing[..missing.len().min(20)]
+    );
     if multi {
-        let n: i64 = client.query_one("SELECT count(*) FROM in_ts", &[]).await.expect("in_ts").get(0);
+        let n: i64 = client
+            .query_one("SELECT count(*) FROM in_ts", &[])
+            .await
+            .expect("in_ts")
+            .get(0);
         assert_eq!(n, 1000, "rows in the restored tablespace");
     }
     // Deleting the Restore leaves the restored claims: they are the database.
-    cluster.api::<Restore>().delete(&r.name_any(), &DeleteParams::default()).await.expect("delete restore");
-    cluster.wait_deleted(cluster.api::<Restore>(), &r.name_any(), &r.uid().unwrap(), Duration::from_secs(30)).await;
+    cluster
+        .api::<Restore>()
+        .delete(&r.name_any(), &DeleteParams::default())
+        .await
+        .expect("delete restore");
+    cluster
+        .wait_deleted(
+            cluster.api::<Restore>(),
+            &r.name_any(),
+            &r.uid().unwrap(),
+            Duration::from_secs(30),
+        )
+        .await;
     for c in &rs.claims {
-        assert!(cluster.api::<PersistentVolumeClaim>().get_opt(&c.name).await.unwrap().is_some(), "claim {} was deleted with the Restore", c.name);
+        assert!(
+            cluster
+                .api::<PersistentVolumeClaim>()
+                .get_opt(&c.name)
+                .await
+                .unwrap()
+                .is_some(),
+            "claim {} was deleted with the Restore",
+            c.name
+        );
     }
 }
 
@@ -246,7 +407,8 @@ async fn refusals_retained_snapshots_and_a_time_target() {
     let db = postgres_pod(16).archive(true).create(&cluster).await;
     let archive = format!("cp {ARCHIVE_MOUNT}/%f %p");
     db.sql("CREATE TABLE marks (v bigint PRIMARY KEY)").await;
-    db.sql("INSERT INTO marks SELECT generate_series(1, 100)").await;
+    db.sql("INSERT INTO marks SELECT generate_series(1, 100)")
+        .await;
     let b = backup(&cluster, &db, "b1", json!({"deletionPolicy": "Retain"})).await;
     let status = completed(&b).clone();
     let data_snapshot = status.snapshots[0].name.clone();
@@ -255,57 +417,150 @@ async fn refusals_retained_snapshots_and_a_time_target() {
     let cm = cms.get(&cm_name).await.expect("label ConfigMap");
 
     // An unknown Backup; a Backup that did not complete; another namespace.
-    let r = restore(&cluster, "unknown", json!({"backupName": "nope", "claims": [{"role": "Data", "name": "d-unknown"}]})).await;
+    let r = restore(
+        &cluster,
+        "unknown",
+        json!({"backupName": "nope", "claims": [{"role": "Data", "name": "d-unknown"}]}),
+    )
+    .await;
     failed_with(&r, &["BackupNotFound"]);
-    let bad = backup(&cluster, &db, "b-bad", json!({"target": {"podName": "no-such-pod"}})).await;
-    assert_eq!(bad.status.as_ref().and_then(|s| s.phase), Some(Phase::Failed));
-    let r = restore(&cluster, "not-completed", json!({"backupName": "b-bad", "claims": [{"role": "Data", "name": "d-nc"}]})).await;
+    let bad = backup(
+        &cluster,
+        &db,
+        "b-bad",
+        json!({"target": {"podName": "no-such-pod"}}),
+    )
+    .await;
+    assert_eq!(
+        bad.status.as_ref().and_then(|s| s.phase),
+        Some(Phase::Failed)
+    );
+    let r = restore(
+        &cluster,
+        "not-completed",
+        json!({"backupName": "b-bad", "claims": [{"role": "Data", "name": "d-nc"}]}),
+    )
+    .await;
     failed_with(&r, &["BackupNotCompleted"]);
     let r = restore(&cluster, "elsewhere", json!({"backupName": "b1", "sourceNamespace": "elsewhere", "claims": [{"role": "Data", "name": "d-x"}]})).await;
     failed_with(&r, &["CrossNamespaceUnsupported"]);
 
     // A tampered label ConfigMap: refused before any PVC exists.
-    let mut tampered = ConfigMap { metadata: ObjectMeta { name: Some("b1-tampered".into()), annotations: Some(cm.annotations().clone()), ..Default::default() }, data: cm.data.clone(), ..Default::default() };
-    let label = tampered.data.as_mut().unwrap().get_mut("backup_label").unwrap();
+    let mut tampered = ConfigMap {
+        metadata: ObjectMeta {
+            name: Some("b1-tampered".into()),
+            annotations: Some(cm.annotations().clone()),
+            ..Default::default()
+        },
+        data: cm.data.clone(),
+        ..Default::default()
+    };
+    let label = tampered
+        .data
+        .as_mut()
+        .unwrap()
+        .get_mut("backup_label")
+        .unwrap();
     *label = label.replacen("LABEL: ", "LABEL: tampered ", 1);
-    cms.create(&PostParams::default(), &tampered).await.expect("tampered ConfigMap");
+    cms.create(&PostParams::default(), &tampered)
+        .await
+        .expect("tampered ConfigMap");
     let r = restore(&cluster, "tampered", json!({"volumeSnapshotName": data_snapshot, "labelConfigMapName": "b1-tampered", "claims": [{"role": "Data", "name": "d-tampered"}], "recovery": {"restoreCommand": archive}})).await;
     failed_with(&r, &["LabelChecksumMismatch"]);
-    assert!(cluster.api::<PersistentVolumeClaim>().get_opt("d-tampered").await.unwrap().is_none());
+    assert!(
+        cluster
+            .api::<PersistentVolumeClaim>()
+            .get_opt("d-tampered")
+            .await
+            .unwrap()
+            .is_none()
+    );
 
     // A label of another database (consistent in itself) on this database's snapshot:
     // restore-prepare finds another system identifier in pg_control and refuses.
-    let other = postgres_pod(16).name("other").archive(true).create(&cluster).await;
+    let other = postgres_pod(16)
+        .name("other")
+        .archive(true)
+        .create(&cluster)
+        .await;
     let b2 = backup(&cluster, &other, "b2", json!({})).await;
-    let cm2 = cms.get(completed(&b2).label_config_map.as_deref().unwrap()).await.expect("b2 label");
+    let cm2 = cms
+        .get(completed(&b2).label_config_map.as_deref().unwrap())
+        .await
+        .expect("b2 label");
     let mut ann = cm2.annotations().clone();
-    ann.insert("pgsnap.io/volumes".into(), cm.annotations()["pgsnap.io/volumes"].clone());
-    let foreign = ConfigMap { metadata: ObjectMeta { name: Some("b1-foreign".into()), annotations: Some(ann), ..Default::default() }, data: cm2.data.clone(), ..Default::default() };
-    cms.create(&PostParams::default(), &foreign).await.expect("foreign ConfigMap");
+    ann.insert(
+        "pgsnap.io/volumes".into(),
+        cm.annotations()["pgsnap.io/volumes"].clone(),
+    );
+    let foreign = ConfigMap {
+        metadata: ObjectMeta {
+            name: Some("b1-foreign".into()),
+            annotations: Some(ann),
+            ..Default::default()
+        },
+        data: cm2.data.clone(),
+        ..Default::default()
+    };
+    cms.create(&PostParams::default(), &foreign)
+        .await
+        .expect("foreign ConfigMap");
     let r = restore(&cluster, "foreign", json!({"volumeSnapshotName": data_snapshot, "labelConfigMapName": "b1-foreign", "claims": [{"role": "Data", "name": "d-foreign"}], "recovery": {"restoreCommand": archive}})).await;
     // The reason travels in the container's termination message; a node that does not
     // report one leaves the Job controller's.
     failed_with(&r, &["SystemIdentifierMismatch", "PrepareFailed"]);
-    let pgdata = cluster.pvc_host_dir("d-foreign").await.join(&status.snapshots[0].path_in_volume);
-    assert!(pgdata.join("PG_VERSION").exists(), "the restored volume holds the data directory");
+    let pgdata = cluster
+        .pvc_host_dir("d-foreign")
+        .await
+        .join(&status.snapshots[0].path_in_volume);
+    assert!(
+        pgdata.join("PG_VERSION").exists(),
+        "the restored volume holds the data directory"
+    );
     for f in ["backup_label", "recovery.signal", "pgsnap-restore.done"] {
-        assert!(!pgdata.join(f).exists(), "a refused restore left {f} in the data volume");
+        assert!(
+            !pgdata.join(f).exists(),
+            "a refused restore left {f} in the data volume"
+        );
     }
 
     // The retained snapshot after its Backup is gone, with a time target: rows committed
     // before the target are there, rows after it are not.
-    let t: String = db.sql_value("SELECT to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')").await;
+    let t: String = db
+        .sql_value("SELECT to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')")
+        .await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    db.sql("INSERT INTO marks SELECT generate_series(1001, 1010)").await;
+    db.sql("INSERT INTO marks SELECT generate_series(1001, 1010)")
+        .await;
     // The commit after the target must reach the archive, or recovery never sees it.
-    let segment = db.sql_value("SELECT pg_walfile_name(pg_switch_wal())").await;
+    let segment = db
+        .sql_value("SELECT pg_walfile_name(pg_switch_wal())")
+        .await;
     let t0 = Instant::now();
-    while db.sql_value("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver").await < segment {
-        assert!(t0.elapsed() < Duration::from_secs(30), "segment {segment} not archived");
+    while db
+        .sql_value("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver")
+        .await
+        < segment
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "segment {segment} not archived"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    cluster.api::<Backup>().delete("b1", &DeleteParams::default()).await.expect("delete backup");
-    cluster.wait_deleted(cluster.api::<Backup>(), "b1", &b.uid().unwrap(), Duration::from_secs(30)).await;
+    cluster
+        .api::<Backup>()
+        .delete("b1", &DeleteParams::default())
+        .await
+        .expect("delete backup");
+    cluster
+        .wait_deleted(
+            cluster.api::<Backup>(),
+            "b1",
+            &b.uid().unwrap(),
+            Duration::from_secs(30),
+        )
+        .await;
     let r = restore(
         &cluster,
         "retained",
@@ -314,7 +569,13 @@ async fn refusals_retained_snapshots_and_a_time_target() {
     )
     .await;
     assert_restored(&r);
-    let (client, _) = start_restored(&cluster, &db, &r).await.unwrap_or_else(|e| panic!("PostgreSQL on the retained snapshot: {e}"));
+    let (client, _) = start_restored(&cluster, &db, &r)
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL on the retained snapshot: {e}"));
     let rows = marks(&client).await;
-    assert_eq!(rows, (1..=100).collect::<BTreeSet<i64>>(), "a time target before rows 1001..1010");
+    assert_eq!(
+        rows,
+        (1..=100).collect::<BTreeSet<i64>>(),
+        "a time target before rows 1001..1010"
+    );
 }

@@ -222,7 +222,9 @@ pub async fn prepare(ctx: &VolumeContext<'_>) -> Result<HashMap<String, PathBuf>
         let dir = ctx.pod_dir.join("volumes").join(&v.name);
         let path = prepare_one(ctx, ns, v, &dir).await?;
         if let (Some(gid), true) = (fs_group, v.host_path.is_none()) {
-            apply_fs_group(&path, gid as u32)
+            // Like the kubelet: API-sourced volumes are read-only to the group.
+            let read_only = v.persistent_volume_claim.is_none() && v.empty_dir.is_none();
+            apply_fs_group(&path, gid as u32, read_only)
                 .map_err(io(format!("fsGroup on volume {}", v.name)))?;
         }
         out.insert(v.name.clone(), path);
@@ -341,26 +343,28 @@ async fn prepare_one(
     Ok(dir.to_owned())
 }
 
-/// The kubelet's fsGroup ownership: group `gid` everywhere, group read/write, directories
-/// group-searchable with setgid so new files inherit the group.
-pub fn apply_fs_group(path: &Path, gid: u32) -> std::io::Result<()> {
+/// The kubelet's fsGroup ownership: group `gid` everywhere, group read/write (read only for
+/// ConfigMap/Secret-like volumes), directories group-searchable with setgid so new files
+/// inherit the group.
+pub fn apply_fs_group(path: &Path, gid: u32, read_only: bool) -> std::io::Result<()> {
     let meta = std::fs::symlink_metadata(path)?;
     if meta.file_type().is_symlink() {
         return Ok(());
     }
     std::os::unix::fs::lchown(path, None, Some(gid))?;
     let mode = meta.permissions().mode() & 0o7777;
+    let group = if read_only { 0o040 } else { 0o060 };
     let wanted = if meta.is_dir() {
-        mode | 0o2070
+        mode | 0o2010 | group
     } else {
-        mode | 0o060
+        mode | group
     };
     if wanted != mode {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(wanted))?;
     }
     if meta.is_dir() {
         for entry in std::fs::read_dir(path)? {
-            apply_fs_group(&entry?.path(), gid)?;
+            apply_fs_group(&entry?.path(), gid, read_only)?;
         }
     }
     Ok(())

@@ -1,0 +1,784 @@
+//! The Backup controller end to end: a real API server and CSI snapshot stack, PostgreSQL
+//! pods, and the operator running with only the Helm chart's RBAC.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kube::api::{DeleteParams, ListParams, PostParams};
+use kube::runtime::wait::Condition;
+use kube::{Api, ResourceExt};
+use pgsnap::api::Backup;
+use pgsnap::api::backup::{Phase, VolumeRole};
+use pgsnap::api::snapshot::VolumeSnapshot;
+use pgsnap_e2e::operator::Operator;
+use pgsnap_e2e::verify::{self, Prepare, Writer};
+use pgsnap_e2e::{Cluster, PostgresPod, postgres_pod};
+use serde_json::json;
+
+/// An operator for this test's namespace alone, so tests running side by side never share one.
+async fn operator(cluster: &Cluster) -> Operator {
+    Operator::start(
+        &cluster.client,
+        &[
+            "--leader-election=false",
+            &format!("--namespace={}", cluster.namespace),
+        ],
+    )
+    .await
+}
+
+async fn password_secret(cluster: &Cluster, db: &PostgresPod) -> String {
+    let name = format!("{}-password", db.name);
+    let secret = Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.clone()),
+            ..Default::default()
+        },
+        string_data: Some(BTreeMap::from([(
+            "password".to_string(),
+            db.password.clone(),
+        )])),
+        ..Default::default()
+    };
+    cluster
+        .api::<Secret>()
+        .create(&PostParams::default(), &secret)
+        .await
+        .expect("secret");
+    name
+}
+
+fn backup_spec(name: &str, spec: serde_json::Value) -> Backup {
+    serde_json::from_value(json!({
+        "apiVersion": "pgsnap.io/v1alpha1",
+        "kind": "Backup",
+        "metadata": {"name": name},
+        "spec": spec,
+    }))
+    .expect("a Backup")
+}
+
+async fn apply(cluster: &Cluster, backup: Backup) -> String {
+    let name = backup.name_any();
+    cluster
+        .api::<Backup>()
+        .create(&PostParams::default(), &backup)
+        .await
+        .unwrap_or_else(|e| panic!("creating backup {name}: {e}"));
+    name
+}
+
+fn phase_is(phases: &'static [Phase]) -> impl Condition<Backup> {
+    move |b: Option<&Backup>| {
+        b.and_then(|b| b.status.as_ref())
+            .and_then(|s| s.phase)
+            .is_some_and(|p| phases.contains(&p))
+    }
+}
+
+async fn wait_terminal(cluster: &Cluster, name: &str) -> Backup {
+    cluster
+        .wait_for(
+            cluster.api::<Backup>(),
+            name,
+            "Completed or Failed",
+            Duration::from_secs(120),
+            phase_is(&[Phase::Completed, Phase::Failed]),
+        )
+        .await
+}
+
+fn assert_completed(backup: &Backup) {
+    let status = backup.status.as_ref().expect("status");
+    assert_eq!(
+        status.phase,
+        Some(Phase::Completed),
+        "backup {} did not complete: {:#?}",
+        backup.name_any(),
+        status.error
+    );
+    let ready = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .expect("Ready condition");
+    assert_eq!(ready.status, "True");
+    assert!(
+        status
+            .snapshots
+            .iter()
+            .all(|s| s.ready_to_use && s.cut_at.is_some()),
+        "{:#?}",
+        status.snapshots
+    );
+}
+
+fn assert_failed(backup: &Backup, reason: &str) {
+    let status = backup.status.as_ref().expect("status");
+    assert_eq!(
+        status.phase,
+        Some(Phase::Failed),
+        "backup {}: {status:#?}",
+        backup.name_any()
+    );
+    let error = status.error.as_ref().expect("a failed backup says why");
+    assert_eq!(error.reason, reason, "{error:#?}");
+}
+
+/// After any backup: no session of pgsnap left on the server, no snapshot of a failed backup.
+async fn assert_clean(cluster: &Cluster, db: &PostgresPod, backup: &str, expect_snapshots: bool) {
+    let sessions = db
+        .sql_value("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgsnap'")
+        .await;
+    assert_eq!(
+        sessions, "0",
+        "a pgsnap session is still open on {}",
+        db.name
+    );
+    let snapshots = cluster
+        .api::<VolumeSnapshot>()
+        .list(&ListParams::default().labels(&format!("pgsnap.io/backup={backup}")))
+        .await
+        .expect("list");
+    assert_eq!(
+        !snapshots.items.is_empty(),
+        expect_snapshots,
+        "snapshots of {backup}: {:?}",
+        snapshots
+            .items
+            .iter()
+            .map(|s| s.name_any())
+            .collect::<Vec<_>>()
+    );
+}
+
+async fn events_of(cluster: &Cluster, name: &str) -> Vec<String> {
+    let events: Api<k8s_openapi::api::events::v1::Event> = cluster.api();
+    events
+        .list(&ListParams::default())
+        .await
+        .expect("events")
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .filter_map(|e| e.reason)
+        .collect()
+}
+
+/// pgbench and a row writer run throughout; the backup completes; its snapshots restore to a
+/// server holding every row committed before the stop. Without backup_label the same
+/// restore loses rows: the check can fail.
+async fn happy_path(major: u32, negative_control: bool) {
+    let cluster = Cluster::from_env().await;
+    let _operator = operator(&cluster).await;
+    let db = postgres_pod(major).archive(true).create(&cluster).await;
+    db.pgbench_init(1);
+    let secret = password_secret(&cluster, &db).await;
+    let writer = Writer::start(&db).await;
+    let load = {
+        let db = db.clone();
+        tokio::task::spawn_blocking(move || db.pgbench_run(8))
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let name = apply(
+        &cluster,
+        backup_spec(
+            &format!("b{major}"),
+            json!({
+                "target": {"podName": db.name},
+                "connection": {"passwordSecretRef": {"name": secret, "key": "password"}},
+                "checkpoint": "Fast",
+            }),
+        ),
+    )
+    .await;
+    let backup = wait_terminal(&cluster, &name).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let written = writer.finish().await;
+    load.await.expect("pgbench");
+    assert_completed(&backup);
+    assert_clean(&cluster, &db, &name, true).await;
+
+    let status = backup.status.clone().unwrap();
+    assert_eq!(status.snapshots.len(), 1);
+    assert_eq!(status.snapshots[0].role, VolumeRole::Data);
+    assert_eq!(status.snapshots[0].path_in_volume, "pgdata");
+    let postgres = status.postgres.clone().unwrap();
+    assert!(postgres.version.unwrap().starts_with(&major.to_string()));
+    let cm = cluster
+        .api::<ConfigMap>()
+        .get(status.label_config_map.as_deref().unwrap())
+        .await
+        .expect("label ConfigMap");
+    let label = &cm.data.as_ref().unwrap()["backup_label"];
+    assert!(
+        label.contains("START WAL LOCATION")
+            && label.contains(&format!("LABEL: pgsnap {}/{name}", cluster.namespace)),
+        "{label}"
+    );
+    assert_eq!(cm.owner_references()[0].name, status.snapshots[0].name);
+    assert_eq!(
+        cm.annotations()["pgsnap.io/backup-label-sha256"],
+        pgsnap::label_store::sha256_hex(label.as_bytes())
+    );
+    let reasons = events_of(&cluster, &name).await;
+    for reason in ["Starting", "BackupModeEnded", "Completed"] {
+        assert!(
+            reasons.iter().any(|r| r == reason),
+            "no {reason} Event in {reasons:?}"
+        );
+    }
+
+    let stop_lsn = verify::parse_lsn(status.stop_lsn.as_deref().unwrap());
+    let start_lsn = verify::parse_lsn(status.start_lsn.as_deref().unwrap());
+    let expected = verify::committed_before(&written, stop_lsn);
+    let during = written
+        .iter()
+        .filter(|(_, lsn)| *lsn > start_lsn && *lsn <= stop_lsn)
+        .count();
+    assert!(
+        during > 0,
+        "no row was committed in backup mode: the restore check would prove little"
+    );
+    let restored = verify::restore(&cluster, &db, &backup, Prepare::Correct)
+        .await
+        .unwrap_or_else(|e| panic!("restore failed: {e}"));
+    let missing = verify::missing(&expected, &restored);
+    assert!(
+        missing.is_empty(),
+        "{} of {} rows committed before the stop are missing from the restore: {:?}",
+        missing.len(),
+        expected.len(),
+        &missing[..missing.len().min(20)]
+    );
+
+    if negative_control {
+        let broken = verify::restore(&cluster, &db, &backup, Prepare::WithoutLabel).await;
+        let caught = match &broken {
+            Err(_) => true,
+            Ok(rows) => !verify::missing(&expected, rows).is_empty(),
+        };
+        assert!(
+            caught,
+            "a restore without backup_label passed the check: the check cannot fail"
+        );
+    }
+}
+
+#[tokio::test]
+async fn backup_restores_on_postgres_12() {
+    happy_path(12, false).await;
+}
+
+#[tokio::test]
+async fn backup_restores_on_postgres_15_and_the_check_catches_a_missing_label() {
+    happy_path(15, true).await;
+}
+
+#[tokio::test]
+async fn backup_restores_on_postgres_18() {
+    happy_path(18, false).await;
+}
+
+/// Data, a WAL volume and a tablespace volume: one snapshot each, and the restore needs all three.
+#[tokio::test]
+async fn every_volume_of_the_database_is_snapshotted() {
+    let cluster = Cluster::from_env().await;
+    let _operator = operator(&cluster).await;
+    let db = postgres_pod(16)
+        .archive(true)
+        .wal_volume(true)
+        .tablespace_volume(true)
+        .create(&cluster)
+        .await;
+    db.sql("CREATE TABLE spaced (v int) TABLESPACE ts1; INSERT INTO spaced SELECT generate_series(1, 1000)").await;
+    let secret = password_secret(&cluster, &db).await;
+    let writer = Writer::start(&db).await;
+    let name = apply(
+        &cluster,
+        backup_spec(
+            "multi",
+            json!({
+                "target": {"podName": db.name},
+                "connection": {"passwordSecretRef": {"name": secret, "key": "password"}},
+                "checkpoint": "Fast",
+            }),
+        ),
+    )
+    .await;
+    let backup = wait_terminal(&cluster, &name).await;
+    let written = writer.finish().await;
+    assert_completed(&backup);
+    let status = backup.status.clone().unwrap();
+    let mut roles: Vec<(VolumeRole, String)> = status
+        .snapshots
+        .iter()
+        .map(|s| (s.role, s.persistent_volume_claim.clone()))
+        .collect();
+    roles.sort();
+    assert_eq!(
+        roles,
+        [
+            (VolumeRole::Data, db.claim("data")),
+            (VolumeRole::Wal, db.claim("wal")),
+            (VolumeRole::Tablespace, db.claim("tablespace"))
+        ]
+    );
+    let cm = cluster
+        .api::<ConfigMap>()
+        .get(status.label_config_map.as_deref().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        cm.data.as_ref().unwrap()["tablespace_map"].contains("/var/lib/postgresql/tablespace/data")
+    );
+    let expected = verify::committed_before(
+        &written,
+        verify::parse_lsn(status.stop_lsn.as_deref().unwrap()),
+    );
+    let restored = verify::restore(&cluster, &db, &backup, Prepare::Correct)
+        .await
+        .unwrap_or_else(|e| panic!("restore failed: {e}"));
+    assert!(verify::missing(&expected, &restored).is_empty());
+}
+
+/// A selector with role Standby picks the streaming replica; the label says so.
+#[tokio::test]
+async fn a_standby_is_chosen_by_role_and_backed_up() {
+    let cluster = Cluster::from_env().await;
+    let _operator = operator(&cluster).await;
+    let primary = postgres_pod(16)
+        .name("pg-a")
+        .setting("wal_keep_size", "256MB")
+        .create(&cluster)
+        .await;
+    let standby = postgres_pod(16)
+        .name("pg-b")
+        .standby_of(&primary)
+        .create(&cluster)
+        .await;
+    assert_eq!(standby.sql_value("SELECT pg_is_in_recovery()").await, "t");
+    let secret = password_secret(&cluster, &primary).await;
+    let name = apply(
+        &cluster,
+        backup_spec("from-standby", json!({
+            "target": {"selector": {"matchLabels": {"app.kubernetes.io/name": "postgresql"}}, "role": "Standby"},
+            "connection": {"passwordSecretRef": {"name": secret, "key": "password"}},
+            "checkpoint": "Fast",
+            "waitForArchive": false,
+        })),
+    )
+    .await;
+    let backup = wait_terminal(&cluster, &name).await;
+    assert_completed(&backup);
+    let status = backup.status.unwrap();
+    let postgres = status.postgres.unwrap();
+    assert_eq!(postgres.pod, "pg-b");
+    assert_eq!(
+        postgres.role,
+        Some(pgsnap::api::backup::ServerRole::Standby)
+    );
+    let cm = cluster
+        .api::<ConfigMap>()
+        .get(status.label_config_map.as_deref().unwrap())
+        .await
+        .unwrap();
+    assert!(cm.data.unwrap()["backup_label"].contains("BACKUP FROM: standby"));
+}
+
+/// A missing Secret keeps the Backup Pending, naming it; creating the Secret starts it.
+#[tokio::test]
+async fn a_missing_secret_waits_then_proceeds() {
+    let cluster = Cluster::from_env().await;
+    let _operator = operator(&cluster).await;
+    let db = postgres_pod(17).create(&cluster).await;
+    let name = apply(
+        &cluster,
+        backup_spec(
+            "waits",
+            json!({
+                "target": {"podName": db.name},
+                "connection": {"passwordSecretRef": {"name": "late", "key": "password"}},
+                "checkpoint": "Fast",
+                "waitForArchive": false,
+            }),
+        ),
+    )
+    .await;
+    let pending = cluster
+        .wait_for(
+            cluster.api::<Backup>(),
+            &name,
+            "Pending on its Secret",
+            Duration::from_secs(30),
+            |b: Option<&Backup>| {
+                b.and_then(|b| b.status.as_ref())
+                    .is_some_and(|s| s.conditions.iter().any(|c| c.reason == "SecretNotFound"))
+            },
+        )
+        .await;
+    let message = &pending.status.unwrap().conditions[0].message;
+    assert!(
+        message.contains("late") && message.contains("password"),
+        "{message}"
+    );
+    let secret = Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some("late".into()),
+            ..Default::default()
+        },
+        string_data: Some(BTreeMap::from([(
+            "password".to_string(),
+            db.password.clone(),
+        )])),
+        ..Default::default()
+    };
+    cluster
+        .api::<Secret>()
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+    assert_completed(&wait_terminal(&cluster, &name).await);
+}
+
+/// Each bad target ends Failed with the session module's reason, once, with an Event.
+#[tokio::test]
+async fn bad_targets_fail_with_a_reason() {
+    let cluster = Cluster::from_env().await;
+    let _operator = operator(&cluster).await;
+    let db = postgres_pod(15).create(&cluster).await;
+    db.sql("CREATE ROLE weak LOGIN PASSWORD 'weak'").await;
+    let secret = password_secret(&cluster, &db).await;
+    let weak = Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some("weak".into()),
+            ..Default::default()
+        },
+        string_data: Some(BTreeMap::from([(
+            "password".to_string(),
+            "weak".to_string(),
+        )])),
+        ..Default::default()
+    };
+    cluster
+        .api::<Secret>()
+        .create(&PostParams::default(), &weak)
+        .await
+        .unwrap();
+    let wrong = Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some("wrong".into()),
+            ..Default::default()
+        },
+        string_data: Some(BTreeMap::from([(
+            "password".to_string(),
+            "not-the-password".to_string(),
+        )])),
+        ..Default::default()
+    };
+    cluster
+        .api::<Secret>()
+        .create(&PostParams::default(), &wrong)
+        .await
+        .unwrap();
+    let cases = [
+        (
+            "no-pod",
+            json!({"target": {"podName": "nobody"}}),
+            "TargetPodNotFound",
+        ),
+        (
+            "wrong-port",
+            json!({"target": {"podName": db.name}, "connection": {"port": 1, "passwordSecretRef": {"name": secret, "key": "password"}}}),
+            "Unreachable",
+        ),
+        (
+            "wrong-password",
+            json!({"target": {"podName": db.name}, "connection": {"passwordSecretRef": {"name": "wrong", "key": "password"}}}),
+            "AuthenticationFailed",
+        ),
+        (
+            "no-grants",
+            json!({"target": {"podName": db.name}, "connection": {"user": "weak", "passwordSecretRef": {"name": "weak", "key": "password"}}}),
+            "MissingPrivilege",
+        ),
+    ];
+    for (name, spec, _) in &cases {
+        apply(&cluster, backup_spec(name, spec.clone())).await;
+    }
+    for (name, _, reason) in &cases {
+        let backup = wait_terminal(&cluster, name).await;
+        assert_failed(&backup, reason);
+        let message = &backup
+            .status
+            .as_ref()
+            .unwrap()
+            .error
+            .as_ref()
+            .unwrap()
+            .message;
+        assert!(
+            !message.contains("not-the-password") && !message.contains(&db.password),
+            "a password leaked: {message}"
+        );
+        assert!(
+            events_of(&cluster, name).await.iter().any(|r| r == reason),
+            "no {reason} Event for {name}"
+        );
+        assert_clean(&cluster, &db, name, false).await;
+    }
+}
+
+/// The operator dies mid-backup (the session dies with it): on restart the Backup ends
+/// Failed, the server is out of backup mode and no snapshot remains.
+#[tokio::test]
+async fn an_operator_killed_mid_backup_leaves_nothing_behind() {
+    let cluster = Cluster::from_env().await;
+    let mut first = operator(&cluster).await;
+    // A spread checkpoint of ~20s keeps the backup in Starting long enough to kill the operator.
+    let db = postgres_pod(16)
+        .setting("checkpoint_timeout", "30s")
+        .setting("checkpoint_completion_target", "0.9")
+        .create(&cluster)
+        .await;
+    let secret = password_secret(&cluster, &db).await;
+    let name = apply(
+        &cluster,
+        backup_spec(
+            "killed",
+            json!({
+                "target": {"podName": db.name},
+                "connection": {"passwordSecretRef": {"name": secret, "key": "password"}},
+                "checkpoint": "Spread",
+            }),
+        ),
+    )
+    .await;
+    cluster
+        .wait_for(
+            cluster.api::<Backup>(),
+            &name,
+            "Starting",
+            Duration::from_secs(30),
+            phase_is(&[Phase::Starting]),
+        )
+        .await;
+    first.kill();
+    let _second = operator(&cluster).await;
+    let backup = cluster
+        .wait_for(
+            cluster.api::<Backup>(),
+            &name,
+            "Failed",
+            Duration::from_secs(20),
+            phase_is(&[Phase::Failed]),
+        )
+        .await;
+    assert_failed(&backup, "SessionLost");
+    // The server aborts the backup once it notices the dead connection.
+    for _ in 0..50 {
+        if db
+            .sql_value("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgsnap'")
+            .await
+            == "0"
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_clean(&cluster, &db, &name, false).await;
+    // And a new backup starts at once: the server is not stuck in backup mode.
+    let again = apply(
+        &cluster,
+        backup_spec(
+            "after-kill",
+            json!({
+                "target": {"podName": db.name},
+                "connection": {"passwordSecretRef": {"name": secret, "key": "password"}},
+                "checkpoint": "Fast",
+                "waitForArchive": false,
+            }),
+        ),
+    )
+    .await;
+    assert_completed(&wait_terminal(&cluster, &again).await);
+}
+
+/// SIGTERM aborts a running backup cleanly, marks it, and exits 0; so does the deadline.
+#[tokio::test]
+async fn sigterm_and_the_deadline_abort_cleanly() {
+    let cluster = Cluster::from_env().await;
+    let mut op = operator(&cluster).await;
+    let db = postgres_pod(14)
+        .setting("checkpoint_timeout", "60s")
+        .setting("checkpoint_completion_target", "0.9")
+        .create(&cluster)
+        .await;
+    let secret = password_secret(&cluster, &db).await;
+    let spec = |deadline: &str| {
+        json!({
+            "target": {"podName": db.name},
+            "connection": {"passwordSecretRef": {"name": secret, "key": "password"}},
+            "checkpoint": "Fast",
+            "deadline": deadline,
+        })
+    };
+    let name = apply(&cluster, backup_spec("deadline", spec("10s"))).await;
+    let backup = cluster
+        .wait_for(
+            cluster.api::<Backup>(),
+            &name,
+            "Failed",
+            Duration::from_secs(40),
+            phase_is(&[Phase::Failed]),
+        )
+        .await;
+    assert_failed(&backup, "DeadlineExceeded");
+    assert_clean(&cluster, &db, &name, false).await;
+
+    let name = apply(&cluster, backup_spec("terminated", spec("10m"))).await;
+    cluster
+        .wait_for(
+            cluster.api::<Backup>(),
+            &name,
+            "Starting",
+            Duration::from_secs(30),
+            phase_is(&[Phase::Starting]),
+        )
+        .await;
+    assert!(
+        op.terminate(Duration::from_secs(20)),
+        "the operator did not exit 0 on SIGTERM"
+    );
+    let backup = cluster.api::<Backup>().get(&name).await.unwrap();
+    assert_failed(&backup, "OperatorShutdown");
+    assert_clean(&cluster, &db, &name, false).await;
+}
+
+/// Delete removes snapshots and label; Retain keeps both.
+#[tokio::test]
+async fn deletion_honours_the_deletion_policy() {
+    let cluster = Cluster::from_env().await;
+    let _operator = operator(&cluster).await;
+    let db = postgres_pod(17).create(&cluster).await;
+    let secret = password_secret(&cluster, &db).await;
+    for policy in ["Delete", "Retain"] {
+        let name = apply(
+            &cluster,
+            backup_spec(
+                &policy.to_lowercase(),
+                json!({
+                    "target": {"podName": db.name},
+                    "connection": {"passwordSecretRef": {"name": secret, "key": "password"}},
+                    "checkpoint": "Fast",
+                    "waitForArchive": false,
+                    "deletionPolicy": policy,
+                }),
+            ),
+        )
+        .await;
+        assert_completed(&wait_terminal(&cluster, &name).await);
+        cluster
+            .api::<Backup>()
+            .delete(&name, &DeleteParams::default())
+            .await
+            .unwrap();
+        cluster
+            .wait_for(
+                cluster.api::<Backup>(),
+                &name,
+                "deleted",
+                Duration::from_secs(30),
+                |b: Option<&Backup>| b.is_none(),
+            )
+            .await;
+        let snapshots = cluster
+            .api::<VolumeSnapshot>()
+            .list(&ListParams::default().labels(&format!("pgsnap.io/backup={name}")))
+            .await
+            .unwrap();
+        let cm = cluster
+            .api::<ConfigMap>()
+            .get_opt(&format!("{name}-backup-label"))
+            .await
+            .unwrap();
+        match policy {
+            "Delete" => assert!(
+                snapshots
+                    .items
+                    .iter()
+                    .all(|s| s.metadata.deletion_timestamp.is_some())
+                    && cm.is_none_or(|c| c.metadata.deletion_timestamp.is_some())
+            ),
+            _ => assert!(
+                snapshots.items.len() == 1 && cm.is_some(),
+                "Retain lost the snapshot or its label"
+            ),
+        }
+    }
+}
+
+/// Twenty Backups of five databases at once: all complete, never two of one database at a time.
+#[tokio::test]
+async fn twenty_backups_of_five_databases() {
+    let cluster = Cluster::from_env().await;
+    let _operator = operator(&cluster).await;
+    let mut dbs = Vec::new();
+    for i in 0..5 {
+        let db = postgres_pod(17)
+            .name(&format!("db{i}"))
+            .create(&cluster)
+            .await;
+        let secret = password_secret(&cluster, &db).await;
+        dbs.push((db, secret));
+    }
+    let mut names = Vec::new();
+    for round in 0..4 {
+        for (db, secret) in &dbs {
+            names.push(
+                apply(
+                    &cluster,
+                    backup_spec(&format!("{}-{round}", db.name), json!({
+                        "target": {"podName": db.name},
+                        "connection": {"passwordSecretRef": {"name": secret, "key": "password"}},
+                        "checkpoint": "Fast",
+                        "waitForArchive": false,
+                    })),
+                )
+                .await,
+            );
+        }
+    }
+    let mut windows: BTreeMap<
+        String,
+        Vec<(k8s_openapi::jiff::Timestamp, k8s_openapi::jiff::Timestamp)>,
+    > = BTreeMap::new();
+    for name in &names {
+        let backup = cluster
+            .wait_for(
+                cluster.api::<Backup>(),
+                name,
+                "Completed",
+                Duration::from_secs(240),
+                phase_is(&[Phase::Completed, Phase::Failed]),
+            )
+            .await;
+        assert_completed(&backup);
+        let status = backup.status.unwrap();
+        let w = status.backup_window.unwrap();
+        windows
+            .entry(status.postgres.unwrap().pod)
+            .or_default()
+            .push((w.started_at.0, w.stopped_at.unwrap().0));
+    }
+    for (db, mut spans) in windows {
+        spans.sort();
+        for pair in spans.windows(2) {
+            assert!(
+                pair[0].1 <= pair[1].0,
+                "two backups of {db} overlapped in backup mode: {pair:?}"
+            );
+        }
+    }
+}
