@@ -305,7 +305,12 @@ func (d *driver) CreateSnapshot(ctx context.Context, req *csi.CreateSnapshotRequ
 			if s.VolumeID != req.GetSourceVolumeId() {
 				return nil, status.Errorf(codes.AlreadyExists, "snapshot %s exists for another volume", s.Name)
 			}
-			// Still being written by an earlier call: the sidecar asks again until ready.
+			if !s.Ready {
+				// Still being written by an earlier call that timed out. No answer with a
+				// creationTime before the copy is whole: the caller takes creationTime as "cut"
+				// and may end PostgreSQL's backup mode then.
+				return nil, status.Errorf(codes.Aborted, "snapshot %s is still being written", s.Name)
+			}
 			return &csi.CreateSnapshotResponse{Snapshot: s.csi()}, nil
 		}
 	}
