@@ -448,3 +448,62 @@ async fn a_pod_gets_its_volumes_env_identity_and_readiness() {
         t0.elapsed()
     );
 }
+
+#[tokio::test]
+async fn every_postgres_major_from_10_to_18_runs_like_the_official_image() {
+    let cluster = Cluster::from_env().await;
+    let starts = (10..=18).map(|major| {
+        postgres_pod(major)
+            .setting("shared_buffers", "16MB")
+            .create(&cluster)
+    });
+    for db in futures::future::join_all(starts).await {
+        let version = db.sql_value("SHOW server_version_num").await;
+        assert_eq!(
+            version.parse::<u32>().unwrap() / 10000,
+            db.major,
+            "{}",
+            db.name
+        );
+        assert_eq!(db.sql_value("SHOW shared_buffers").await, "16MB");
+        // Password authentication over TCP, as from another pod.
+        let wrong = format!(
+            "host=127.0.0.1 port={} user=postgres password=wrong dbname=postgres",
+            db.port
+        );
+        assert!(
+            tokio_postgres::connect(&wrong, tokio_postgres::NoTls)
+                .await
+                .is_err(),
+            "{}",
+            db.name
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_pgsnap_dev_image_runs_the_projects_binary() {
+    let cluster = Cluster::from_env().await;
+    let pods = cluster.api::<Pod>();
+    create(&pods, json!({
+        "metadata": {"name": "crd"},
+        "spec": {"restartPolicy": "Never", "containers": [{"name": "pgsnap", "image": "pgsnap:dev", "args": ["crd"]}]}
+    }))
+    .await;
+    let done = |p: Option<&Pod>| {
+        matches!(
+            p.and_then(|p| p.status.as_ref())
+                .and_then(|s| s.phase.as_deref()),
+            Some("Succeeded" | "Failed")
+        )
+    };
+    let pod = cluster.wait_for(pods, "crd", "finished", T, done).await;
+    let log = cluster.container_log("crd", "pgsnap").await;
+    let phase = pod.status.and_then(|s| s.phase);
+    assert_eq!(
+        phase.as_deref(),
+        Some("Succeeded"),
+        "(is target/debug/pgsnap built? cargo build)\n{log}"
+    );
+    assert!(log.contains("kind: CustomResourceDefinition"), "{log}");
+}
