@@ -29,8 +29,13 @@ struct Sample {
 }
 
 async fn measure(pg: &Pg, fast: bool, wait_for_archive: bool) -> Sample {
-    let mut s = Session::connect(&pg.opts("postgres", None)).await.expect("connect");
-    let started = s.start("benchmark", fast, Duration::from_secs(600)).await.expect("start");
+    let mut s = Session::connect(&pg.opts("postgres", None))
+        .await
+        .expect("connect");
+    let started = s
+        .start("benchmark", fast, Duration::from_secs(600))
+        .await
+        .expect("start");
     let stopped = s.stop(wait_for_archive).await.expect("stop");
     Sample {
         start: started.took,
@@ -45,8 +50,15 @@ fn secs(d: Duration) -> String {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let majors: Vec<u32> = {
-        let args: Vec<u32> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
-        if args.is_empty() { MAJORS.to_vec() } else { args }
+        let args: Vec<u32> = std::env::args()
+            .skip(1)
+            .filter_map(|a| a.parse().ok())
+            .collect();
+        if args.is_empty() {
+            MAJORS.to_vec()
+        } else {
+            args
+        }
     };
     println!(
         "| major | load | fast: start | fast: stop | fast: in backup mode | fast, no archive wait: stop | spread: start | spread: stop | spread: in backup mode |"
@@ -59,7 +71,9 @@ async fn main() {
         let cmd = archive_command(&archive);
         settings.push(("archive_command", &cmd));
         let mut pg = Pg::init(major, &dir, "primary", &settings);
-        pg.start(Duration::from_secs(60)).await.expect("server start");
+        pg.start(Duration::from_secs(60))
+            .await
+            .expect("server start");
         pg.pgbench_init(1);
         for load in [false, true] {
             // The same amount of dirty data before each measurement: 5 s of pgbench.

@@ -17,7 +17,8 @@ async fn wal_link(major: u32) {
     let wal_arg = wal.display().to_string();
     let mut pg = Pg::init_with(major, &dir, "primary", &[], &["--waldir", &wal_arg]);
     pg.start(Duration::from_secs(60)).await.unwrap();
-    pg.exec(&format!("create tablespace ts location '{}'", ts.display())).await;
+    pg.exec(&format!("create tablespace ts location '{}'", ts.display()))
+        .await;
 
     let s = Session::connect(&pg.opts("postgres", None)).await.unwrap();
     let info = s.server();
@@ -25,13 +26,23 @@ async fn wal_link(major: u32) {
     let vol = dir.0.join("volumes/wal").display().to_string();
     let other = other.display().to_string();
     let data = pg.data.display().to_string();
-    let candidates = [vol.as_str(), other.as_str(), data.as_str(), "/nonexistent", "/root", wal_arg.as_str()];
+    let candidates = [
+        vol.as_str(),
+        other.as_str(),
+        data.as_str(),
+        "/nonexistent",
+        "/root",
+        wal_arg.as_str(),
+    ];
     if major < 11 {
         let err = s.locate_wal(&candidates).await.unwrap_err();
         assert!(err.to_string().contains("PostgreSQL 10"), "{err}");
         return;
     }
-    assert_eq!(s.locate_wal(&candidates).await.unwrap(), Some(wal_arg.clone()));
+    assert_eq!(
+        s.locate_wal(&candidates).await.unwrap(),
+        Some(wal_arg.clone())
+    );
     assert_eq!(s.locate_wal(&candidates[..5]).await.unwrap(), None);
     assert_eq!(info.tablespaces.len(), 1);
     assert_eq!(info.tablespaces[0].name, "ts");
@@ -43,17 +54,30 @@ async fn wal_link(major: u32) {
         setup.push(';');
     }
     pg.exec(&setup).await;
-    let s = Session::connect(&pg.opts("pgsnap", Some("pw-Catalog-1"))).await.unwrap();
+    let s = Session::connect(&pg.opts("pgsnap", Some("pw-Catalog-1")))
+        .await
+        .unwrap();
     assert_eq!(s.server().tablespaces[0].location, ts.display().to_string());
     let err = s.locate_wal(&candidates).await.unwrap_err();
     assert_eq!(err.reason(), "MissingPrivilege", "{err}");
-    assert!(err.to_string().contains("GRANT EXECUTE ON FUNCTION pg_ls_dir(text, boolean, boolean) TO pgsnap"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("GRANT EXECUTE ON FUNCTION pg_ls_dir(text, boolean, boolean) TO pgsnap"),
+        "{err}"
+    );
     if major >= 11 {
         pg.exec("grant pg_read_server_files to pgsnap").await;
-        pg.exec("grant execute on function pg_ls_dir(text, boolean, boolean) to pgsnap").await;
-        pg.exec("grant execute on function pg_stat_file(text, boolean) to pgsnap").await;
-        let s = Session::connect(&pg.opts("pgsnap", Some("pw-Catalog-1"))).await.unwrap();
-        assert_eq!(s.locate_wal(&candidates).await.unwrap(), Some(wal_arg.clone()));
+        pg.exec("grant execute on function pg_ls_dir(text, boolean, boolean) to pgsnap")
+            .await;
+        pg.exec("grant execute on function pg_stat_file(text, boolean) to pgsnap")
+            .await;
+        let s = Session::connect(&pg.opts("pgsnap", Some("pw-Catalog-1")))
+            .await
+            .unwrap();
+        assert_eq!(
+            s.locate_wal(&candidates).await.unwrap(),
+            Some(wal_arg.clone())
+        );
     }
 }
 

@@ -10,7 +10,10 @@ mod pgharness;
 use std::path::Path;
 use std::time::Duration;
 
-use pgharness::{Expect, Pg, RestorePlan, TestDir, archive_command, check_restore, fuzzy_copy, insert_known, prepare_restore};
+use pgharness::{
+    Expect, Pg, RestorePlan, TestDir, archive_command, check_restore, fuzzy_copy, insert_known,
+    prepare_restore,
+};
 use pgsnap::postgres::{BackupFrom, Session};
 
 async fn restore_matrix(major: u32) {
@@ -35,8 +38,10 @@ async fn restore_matrix(major: u32) {
         tablespace.display()
     ))
     .await;
-    pg.exec("create table in_ts (id int8 primary key, v text not null) tablespace ts").await;
-    pg.exec("insert into in_ts select g, md5(g::text) from generate_series(1, 1000) g").await;
+    pg.exec("create table in_ts (id int8 primary key, v text not null) tablespace ts")
+        .await;
+    pg.exec("insert into in_ts select g, md5(g::text) from generate_series(1, 1000) g")
+        .await;
     pg.pgbench_init(1);
     let client = pg.client().await;
     let mut known = insert_known(&client, 1, 10).await;
@@ -44,32 +49,55 @@ async fn restore_matrix(major: u32) {
     let load = pg.pgbench_load(2, 120);
     let mut s = Session::connect(&pg.opts("postgres", None)).await.unwrap();
     assert_eq!(s.server().tablespaces.len(), 1);
-    assert_eq!(s.server().tablespaces[0].location, tablespace.display().to_string());
+    assert_eq!(
+        s.server().tablespaces[0].location,
+        tablespace.display().to_string()
+    );
     let oid = s.server().tablespaces[0].oid;
-    let started = s.start(&format!("restore proof {major}"), true, Duration::from_secs(300)).await.unwrap();
+    let started = s
+        .start(
+            &format!("restore proof {major}"),
+            true,
+            Duration::from_secs(300),
+        )
+        .await
+        .unwrap();
     assert!(started.wal_pinned);
 
     // The "snapshots": data directory and tablespace, each copied while pgbench writes.
     let copy = dir.0.join("copy");
     tokio::task::block_in_place(|| {
         fuzzy_copy(&pg.data, &copy.join("data"), Duration::from_millis(5));
-        fuzzy_copy(&tablespace, &copy.join("tablespace"), Duration::from_millis(5));
+        fuzzy_copy(
+            &tablespace,
+            &copy.join("tablespace"),
+            Duration::from_millis(5),
+        );
     });
     // Committed after the copy, before the stop: only WAL can bring these back.
     known.extend(insert_known(&client, 1000, 50).await);
     client
-        .batch_execute("insert into in_ts select g, md5(g::text) from generate_series(1001, 1100) g")
+        .batch_execute(
+            "insert into in_ts select g, md5(g::text) from generate_series(1001, 1100) g",
+        )
         .await
         .unwrap();
     let stopped = s.stop(true).await.unwrap();
     load.finish();
-    let written: i64 = client.query_one("select count(*) from pgbench_history", &[]).await.unwrap().get(0);
+    let written: i64 = client
+        .query_one("select count(*) from pgbench_history", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert!(written > 0, "pgbench wrote during the backup");
     eprintln!("PostgreSQL {major}: {written} pgbench transactions during the backup");
 
     assert_eq!(stopped.label.backup_from, BackupFrom::Primary);
     // 7. tablespace_map: "<oid> <location>\n".
-    assert_eq!(stopped.spcmapfile, format!("{oid} {}\n", tablespace.display()));
+    assert_eq!(
+        stopped.spcmapfile,
+        format!("{oid} {}\n", tablespace.display())
+    );
 
     let expect = Expect {
         known: known.clone(),
@@ -92,13 +120,20 @@ async fn restore_matrix(major: u32) {
                 immediate: true,
             },
         );
-        Pg::existing(major, &target.join("data"), dir.0.join(format!("{name}.log")))
+        Pg::existing(
+            major,
+            &target.join("data"),
+            dir.0.join(format!("{name}.log")),
+        )
     };
 
     // 4. The restore proof.
     let mut good = restore("restored", true, &archive);
     let report = check_restore(&mut good, &expect).await;
-    assert!(report.is_ok(), "restore of PostgreSQL {major} failed: {report:?}");
+    assert!(
+        report.is_ok(),
+        "restore of PostgreSQL {major} failed: {report:?}"
+    );
     // tablespace_map recreated the link, to the relocated copy.
     let link = std::fs::read_link(good.data.join(format!("pg_tblspc/{oid}"))).unwrap();
     assert_eq!(link, dir.0.join("restored/tablespace"));
@@ -107,8 +142,14 @@ async fn restore_matrix(major: u32) {
     // 5. Negative controls: the same check must fail.
     let mut no_label = restore("no-label", false, &archive);
     let report = check_restore(&mut no_label, &expect).await;
-    assert!(report.is_err(), "restore without backup_label passed the check on {major}");
-    eprintln!("PostgreSQL {major} without backup_label: {}", first_line(&report.unwrap_err()));
+    assert!(
+        report.is_err(),
+        "restore without backup_label passed the check on {major}"
+    );
+    eprintln!(
+        "PostgreSQL {major} without backup_label: {}",
+        first_line(&report.unwrap_err())
+    );
     no_label.stop();
 
     let mut no_wal = restore("no-wal", true, &empty_archive);
@@ -125,7 +166,10 @@ async fn restore_matrix(major: u32) {
         .any(|m| err.contains(m)),
         "PostgreSQL {major} without WAL: {err}"
     );
-    eprintln!("PostgreSQL {major} without WAL: {}", err.lines().rfind(|l| l.contains("FATAL")).unwrap_or(""));
+    eprintln!(
+        "PostgreSQL {major} without WAL: {}",
+        err.lines().rfind(|l| l.contains("FATAL")).unwrap_or("")
+    );
     no_wal.stop();
 }
 

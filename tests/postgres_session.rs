@@ -27,7 +27,10 @@ async fn session_matrix(major: u32) {
         major,
         &dir,
         "primary",
-        &[("archive_mode", "on"), ("archive_command", &archive_command(&archive))],
+        &[
+            ("archive_mode", "on"),
+            ("archive_command", &archive_command(&archive)),
+        ],
     );
     pg.start(Duration::from_secs(60)).await.unwrap();
 
@@ -43,7 +46,10 @@ async fn session_matrix(major: u32) {
     assert_eq!(info.wal_directory, format!("{}/pg_wal", pg.data.display()));
     let plain_wal = info.wal_directory.clone();
     if major >= 11 {
-        assert_eq!(s.locate_wal(&[&plain_wal]).await.unwrap(), Some(plain_wal.clone()));
+        assert_eq!(
+            s.locate_wal(&[&plain_wal]).await.unwrap(),
+            Some(plain_wal.clone())
+        );
     }
     assert_eq!(info.wal_level, "replica");
     assert_eq!(info.archive_mode, "on");
@@ -53,13 +59,23 @@ async fn session_matrix(major: u32) {
     assert!(info.role.superuser);
 
     // 1. start/stop and the label.
-    let started = s.start("pgsnap test/one", true, Duration::from_secs(120)).await.unwrap();
-    assert!(started.wal_pinned, "superuser pins WAL: {:?}", started.wal_not_pinned_reason);
+    let started = s
+        .start("pgsnap test/one", true, Duration::from_secs(120))
+        .await
+        .unwrap();
+    assert!(
+        started.wal_pinned,
+        "superuser pins WAL: {:?}",
+        started.wal_not_pinned_reason
+    );
     let slot = started.slot_name.clone().unwrap();
     let slots: i64 = pg
         .client()
         .await
-        .query_one("select count(*) from pg_replication_slots where slot_name = $1 and temporary", &[&slot])
+        .query_one(
+            "select count(*) from pg_replication_slots where slot_name = $1 and temporary",
+            &[&slot],
+        )
         .await
         .unwrap()
         .get(0);
@@ -74,7 +90,10 @@ async fn session_matrix(major: u32) {
     assert_eq!(label.backup_method, "streamed");
     assert_eq!(label.backup_from, BackupFrom::Primary);
     assert_eq!(label.label, "pgsnap test/one");
-    assert_eq!(label.start_timeline, if major >= 11 { Some(1) } else { None });
+    assert_eq!(
+        label.start_timeline,
+        if major >= 11 { Some(1) } else { None }
+    );
     assert!(stopped.labelfile.contains("LABEL: pgsnap test/one\n"));
     assert_eq!(stopped.spcmapfile, "");
     assert!(stopped.backup_window <= started.took + stopped.took + Duration::from_secs(5));
@@ -88,13 +107,18 @@ async fn session_matrix(major: u32) {
     let slots: i64 = pg
         .client()
         .await
-        .query_one("select count(*) from pg_replication_slots where slot_name = $1", &[&slot])
+        .query_one(
+            "select count(*) from pg_replication_slots where slot_name = $1",
+            &[&slot],
+        )
         .await
         .unwrap()
         .get(0);
     assert_eq!(slots, 0, "slot dropped at stop");
     // The same session can take another backup.
-    s.start("again", true, Duration::from_secs(60)).await.unwrap();
+    s.start("again", true, Duration::from_secs(60))
+        .await
+        .unwrap();
     s.stop(false).await.unwrap();
 
     // 3. Two concurrent backups.
@@ -110,29 +134,49 @@ async fn session_matrix(major: u32) {
     // 2. Dropping the session mid-backup aborts the backup on the server.
     let mut c = Session::connect(&pg.opts("postgres", None)).await.unwrap();
     let pid = c.backend_pid();
-    c.start("dropped", true, Duration::from_secs(60)).await.unwrap();
+    c.start("dropped", true, Duration::from_secs(60))
+        .await
+        .unwrap();
     drop(c);
     assert!(
-        pg.wait_for_log(&[&format!("[{pid}]"), abort_warning(major)], Duration::from_secs(10)).await,
+        pg.wait_for_log(
+            &[&format!("[{pid}]"), abort_warning(major)],
+            Duration::from_secs(10)
+        )
+        .await,
         "abort warning of pid {pid} in the log:\n{}",
         pg.log_tail(20)
     );
     let mut d = Session::connect(&pg.opts("postgres", None)).await.unwrap();
-    d.start("right after", true, Duration::from_secs(60)).await.unwrap();
+    d.start("right after", true, Duration::from_secs(60))
+        .await
+        .unwrap();
     d.stop(false).await.unwrap();
 
     // The deadline closes the session by itself while the caller is busy elsewhere.
     let mut e = Session::connect(&pg.opts("postgres", None)).await.unwrap();
     let pid = e.backend_pid();
-    e.start("too slow", true, Duration::from_secs(1)).await.unwrap();
+    e.start("too slow", true, Duration::from_secs(1))
+        .await
+        .unwrap();
     assert!(
-        pg.wait_for_log(&[&format!("[{pid}]"), abort_warning(major)], Duration::from_secs(10)).await,
+        pg.wait_for_log(
+            &[&format!("[{pid}]"), abort_warning(major)],
+            Duration::from_secs(10)
+        )
+        .await,
         "deadline aborted the backup of pid {pid}:\n{}",
         pg.log_tail(20)
     );
     let err = e.stop(true).await.unwrap_err();
     assert!(
-        matches!(err, Error::DeadlineExceeded { step: Step::InBackup, .. }),
+        matches!(
+            err,
+            Error::DeadlineExceeded {
+                step: Step::InBackup,
+                ..
+            }
+        ),
         "{err:?}"
     );
 
@@ -141,17 +185,31 @@ async fn session_matrix(major: u32) {
     pg.exec("select pg_reload_conf()").await;
     let mut f = Session::connect(&pg.opts("postgres", None)).await.unwrap();
     let pid = f.backend_pid();
-    f.start("archive stuck", true, Duration::from_secs(3)).await.unwrap();
+    f.start("archive stuck", true, Duration::from_secs(3))
+        .await
+        .unwrap();
     let t = std::time::Instant::now();
     let err = f.stop(true).await.unwrap_err();
-    assert!(matches!(err, Error::DeadlineExceeded { step: Step::Stop, .. }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            Error::DeadlineExceeded {
+                step: Step::Stop,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
     assert!(err.to_string().contains("archived"), "{err}");
     assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
     let client = pg.client().await;
     let mut gone = false;
     for _ in 0..50 {
         let n: i64 = client
-            .query_one("select count(*) from pg_stat_activity where pid = $1", &[&pid])
+            .query_one(
+                "select count(*) from pg_stat_activity where pid = $1",
+                &[&pid],
+            )
             .await
             .unwrap()
             .get(0);
@@ -161,24 +219,45 @@ async fn session_matrix(major: u32) {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(gone, "backend {pid} still waiting for the archive:\n{}", pg.log_tail(10));
+    assert!(
+        gone,
+        "backend {pid} still waiting for the archive:\n{}",
+        pg.log_tail(10)
+    );
     pg.exec("alter system reset archive_command").await;
     pg.exec("select pg_reload_conf()").await;
 
     // ... and while start waits for a spread checkpoint with lots to write.
-    pg.exec("create table dirty as select g, md5(g::text) as v from generate_series(1, 100000) g").await;
-    pg.exec("alter system set checkpoint_completion_target = 0.9").await;
+    pg.exec("create table dirty as select g, md5(g::text) as v from generate_series(1, 100000) g")
+        .await;
+    pg.exec("alter system set checkpoint_completion_target = 0.9")
+        .await;
     pg.exec("alter system set checkpoint_timeout = '1h'").await;
     pg.exec("select pg_reload_conf()").await;
     let mut h = Session::connect(&pg.opts("postgres", None)).await.unwrap();
     let pid = h.backend_pid();
-    let err = h.start("slow checkpoint", false, Duration::from_secs(1)).await.unwrap_err();
-    assert!(matches!(err, Error::DeadlineExceeded { step: Step::Start, .. }), "{err:?}");
+    let err = h
+        .start("slow checkpoint", false, Duration::from_secs(1))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::DeadlineExceeded {
+                step: Step::Start,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
     assert!(err.to_string().contains("checkpoint"), "{err}");
     let mut gone = false;
     for _ in 0..50 {
         let n: i64 = client
-            .query_one("select count(*) from pg_stat_activity where pid = $1", &[&pid])
+            .query_one(
+                "select count(*) from pg_stat_activity where pid = $1",
+                &[&pid],
+            )
             .await
             .unwrap()
             .get(0);
@@ -189,14 +268,20 @@ async fn session_matrix(major: u32) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(gone, "backend {pid} still waiting for the checkpoint");
-    pg.exec("alter system reset checkpoint_completion_target").await;
+    pg.exec("alter system reset checkpoint_completion_target")
+        .await;
     pg.exec("alter system reset checkpoint_timeout").await;
     pg.exec("select pg_reload_conf()").await;
 
     // The server ends the session mid-backup (pg_terminate_backend, a restart): SessionLost.
     let mut k = Session::connect(&pg.opts("postgres", None)).await.unwrap();
-    k.start("terminated", true, Duration::from_secs(60)).await.unwrap();
-    client.execute("select pg_terminate_backend($1)", &[&k.backend_pid()]).await.unwrap();
+    k.start("terminated", true, Duration::from_secs(60))
+        .await
+        .unwrap();
+    client
+        .execute("select pg_terminate_backend($1)", &[&k.backend_pid()])
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let err = k.stop(true).await.unwrap_err();
     assert_eq!(err.reason(), "SessionLost", "{err:?}");
@@ -204,9 +289,14 @@ async fn session_matrix(major: u32) {
 
     // Label too long: refused before the server is asked.
     let mut g = Session::connect(&pg.opts("postgres", None)).await.unwrap();
-    let err = g.start(&"x".repeat(1025), true, Duration::from_secs(60)).await.unwrap_err();
+    let err = g
+        .start(&"x".repeat(1025), true, Duration::from_secs(60))
+        .await
+        .unwrap_err();
     assert_eq!(err.reason(), "LabelTooLong");
-    g.start(&"x".repeat(1024), true, Duration::from_secs(60)).await.unwrap();
+    g.start(&"x".repeat(1024), true, Duration::from_secs(60))
+        .await
+        .unwrap();
     assert_eq!(g.stop(false).await.unwrap().label.label.len(), 1024);
 
     // 8. A non-superuser with exactly the documented grants.
@@ -216,27 +306,48 @@ async fn session_matrix(major: u32) {
         setup.push(';');
     }
     pg.exec(&setup).await;
-    let mut ok = Session::connect(&pg.opts("pgsnap", Some(PASSWORD))).await.unwrap();
+    let mut ok = Session::connect(&pg.opts("pgsnap", Some(PASSWORD)))
+        .await
+        .unwrap();
     assert!(!ok.server().role.superuser);
     assert_eq!(ok.server().data_directory, pg.data.display().to_string());
-    let st = ok.start("by pgsnap", false, Duration::from_secs(120)).await.unwrap();
+    let st = ok
+        .start("by pgsnap", false, Duration::from_secs(120))
+        .await
+        .unwrap();
     assert!(st.wal_pinned, "{:?}", st.wal_not_pinned_reason);
     let sp = ok.stop(true).await.unwrap();
     assert_eq!(sp.label.label, "by pgsnap");
 
     // Without the REPLICATION attribute: the backup works, WAL is not pinned, and it says why.
     pg.exec("alter role pgsnap noreplication").await;
-    let mut norepl = Session::connect(&pg.opts("pgsnap", Some(PASSWORD))).await.unwrap();
-    let st = norepl.start("unpinned", true, Duration::from_secs(60)).await.unwrap();
+    let mut norepl = Session::connect(&pg.opts("pgsnap", Some(PASSWORD)))
+        .await
+        .unwrap();
+    let st = norepl
+        .start("unpinned", true, Duration::from_secs(60))
+        .await
+        .unwrap();
     assert!(!st.wal_pinned);
-    assert!(st.wal_not_pinned_reason.unwrap().contains("ALTER ROLE pgsnap REPLICATION"));
+    assert!(
+        st.wal_not_pinned_reason
+            .unwrap()
+            .contains("ALTER ROLE pgsnap REPLICATION")
+    );
     norepl.stop(false).await.unwrap();
 
     // Without the function grants: the error names the GRANT.
-    pg.exec(&format!("create role half login password '{PASSWORD}'; grant pg_read_all_settings to half;"))
-        .await;
-    let mut half = Session::connect(&pg.opts("half", Some(PASSWORD))).await.unwrap();
-    let err = half.start("x", true, Duration::from_secs(60)).await.unwrap_err();
+    pg.exec(&format!(
+        "create role half login password '{PASSWORD}'; grant pg_read_all_settings to half;"
+    ))
+    .await;
+    let mut half = Session::connect(&pg.opts("half", Some(PASSWORD)))
+        .await
+        .unwrap();
+    let err = half
+        .start("x", true, Duration::from_secs(60))
+        .await
+        .unwrap_err();
     let want = if major >= 15 {
         "GRANT EXECUTE ON FUNCTION pg_backup_start(text, boolean) TO half"
     } else {
@@ -246,25 +357,47 @@ async fn session_matrix(major: u32) {
     assert!(err.to_string().contains(want), "{err}");
     // With start but not stop: refused before the backup starts, not after the snapshots.
     let start_fn = pgsnap::postgres::backup_functions(major)[0];
-    pg.exec(&format!("grant execute on function {start_fn} to half")).await;
-    let err = half.start("x", true, Duration::from_secs(60)).await.unwrap_err();
+    pg.exec(&format!("grant execute on function {start_fn} to half"))
+        .await;
+    let err = half
+        .start("x", true, Duration::from_secs(60))
+        .await
+        .unwrap_err();
     let stop_fn = pgsnap::postgres::backup_functions(major)[1];
-    assert!(err.to_string().contains(&format!("GRANT EXECUTE ON FUNCTION {stop_fn} TO half")), "{err}");
+    assert!(
+        err.to_string()
+            .contains(&format!("GRANT EXECUTE ON FUNCTION {stop_fn} TO half")),
+        "{err}"
+    );
 
     // Without pg_read_all_settings, connect says so.
-    pg.exec(&format!("create role bare login password '{PASSWORD}'")).await;
-    let err = Session::connect(&pg.opts("bare", Some(PASSWORD))).await.err().unwrap();
+    pg.exec(&format!("create role bare login password '{PASSWORD}'"))
+        .await;
+    let err = Session::connect(&pg.opts("bare", Some(PASSWORD)))
+        .await
+        .err()
+        .unwrap();
     assert_eq!(err.reason(), "MissingPrivilege", "{err}");
-    assert!(err.to_string().contains("GRANT pg_read_all_settings TO bare"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("GRANT pg_read_all_settings TO bare"),
+        "{err}"
+    );
 
     // Wrong password: AuthenticationFailed, and the message never carries a password.
-    let err = Session::connect(&pg.opts("pgsnap", Some("wrong-Pw-123"))).await.err().unwrap();
+    let err = Session::connect(&pg.opts("pgsnap", Some("wrong-Pw-123")))
+        .await
+        .err()
+        .unwrap();
     assert_eq!(err.reason(), "AuthenticationFailed", "{err}");
     assert!(!err.to_string().contains("wrong-Pw-123"));
     assert!(!err.is_retryable());
 
     pg.stop();
-    let err = Session::connect(&pg.opts("postgres", None)).await.err().unwrap();
+    let err = Session::connect(&pg.opts("postgres", None))
+        .await
+        .err()
+        .unwrap();
     assert_eq!(err.reason(), "Unreachable", "{err}");
     assert!(err.is_retryable());
 }

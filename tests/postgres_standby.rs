@@ -10,31 +10,51 @@ use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use pgharness::{Expect, Pg, RestorePlan, TestDir, archive_command, check_restore, fuzzy_copy, insert_known, prepare_restore};
+use pgharness::{
+    Expect, Pg, RestorePlan, TestDir, archive_command, check_restore, fuzzy_copy, insert_known,
+    prepare_restore,
+};
 use pgsnap::postgres::{BackupFrom, Error, Session};
 
 /// A streaming standby of `primary` in `dir/standby`, seeded by a pgsnap backup.
 async fn make_standby(primary: &Pg, dir: &TestDir, archive: &Path) -> Pg {
-    let mut s = Session::connect(&primary.opts("postgres", None)).await.unwrap();
-    s.start("seed standby", true, Duration::from_secs(120)).await.unwrap();
+    let mut s = Session::connect(&primary.opts("postgres", None))
+        .await
+        .unwrap();
+    s.start("seed standby", true, Duration::from_secs(120))
+        .await
+        .unwrap();
     let data = dir.0.join("standby/data");
     tokio::task::block_in_place(|| fuzzy_copy(&primary.data, &data, Duration::ZERO));
     let stopped = s.stop(true).await.unwrap();
     fs::write(data.join("backup_label"), &stopped.labelfile).unwrap();
 
-    let conninfo = format!("host=127.0.0.1 port={} user=postgres application_name=standby", primary.port);
+    let conninfo = format!(
+        "host=127.0.0.1 port={} user=postgres application_name=standby",
+        primary.port
+    );
     let restore = format!("cp {}/%f %p", archive.display());
     if primary.major >= 12 {
         fs::write(data.join("standby.signal"), "").unwrap();
-        let mut conf = fs::OpenOptions::new().append(true).open(data.join("postgresql.conf")).unwrap();
-        writeln!(conf, "archive_mode = off\nprimary_conninfo = '{conninfo}'\nrestore_command = '{restore}'").unwrap();
+        let mut conf = fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))
+            .unwrap();
+        writeln!(
+            conf,
+            "archive_mode = off\nprimary_conninfo = '{conninfo}'\nrestore_command = '{restore}'"
+        )
+        .unwrap();
     } else {
         fs::write(
             data.join("recovery.conf"),
             format!("standby_mode = 'on'\nprimary_conninfo = '{conninfo}'\nrestore_command = '{restore}'\n"),
         )
         .unwrap();
-        let mut conf = fs::OpenOptions::new().append(true).open(data.join("postgresql.conf")).unwrap();
+        let mut conf = fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))
+            .unwrap();
         writeln!(conf, "archive_mode = off").unwrap();
     }
     let mut standby = Pg::existing(primary.major, &data, dir.0.join("standby.log"));
@@ -56,7 +76,11 @@ async fn wait_replayed(standby: &Pg, id: i64) {
         if n == 1 {
             return;
         }
-        assert!(Instant::now() < until, "standby did not replay row {id}:\n{}", standby.log_tail(20));
+        assert!(
+            Instant::now() < until,
+            "standby did not replay row {id}:\n{}",
+            standby.log_tail(20)
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -64,7 +88,9 @@ async fn wait_replayed(standby: &Pg, id: i64) {
 /// Changes full_page_writes on the primary and lets the standby replay it and make a
 /// restartpoint, which is where a standby records the primary's setting.
 async fn set_full_page_writes(primary: &Pg, standby: &Pg, on: bool) {
-    primary.exec(&format!("alter system set full_page_writes = {on}")).await;
+    primary
+        .exec(&format!("alter system set full_page_writes = {on}"))
+        .await;
     primary.exec("select pg_reload_conf()").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     primary.exec("checkpoint").await;
@@ -79,14 +105,20 @@ async fn set_full_page_writes(primary: &Pg, standby: &Pg, on: bool) {
     let until = Instant::now() + Duration::from_secs(60);
     loop {
         let caught_up: bool = sclient
-            .query_one("select pg_last_wal_replay_lsn() >= $1::text::pg_lsn", &[&target])
+            .query_one(
+                "select pg_last_wal_replay_lsn() >= $1::text::pg_lsn",
+                &[&target],
+            )
             .await
             .unwrap()
             .get(0);
         if caught_up {
             break;
         }
-        assert!(Instant::now() < until, "standby did not replay up to {target}");
+        assert!(
+            Instant::now() < until,
+            "standby did not replay up to {target}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     sclient.batch_execute("checkpoint").await.unwrap();
@@ -107,7 +139,10 @@ async fn standby_matrix(major: u32) {
         major,
         &dir,
         "primary",
-        &[("archive_mode", "on"), ("archive_command", &archive_command(&archive))],
+        &[
+            ("archive_mode", "on"),
+            ("archive_command", &archive_command(&archive)),
+        ],
     );
     primary.start(Duration::from_secs(60)).await.unwrap();
     primary.pgbench_init(1);
@@ -119,11 +154,20 @@ async fn standby_matrix(major: u32) {
 
     // 6. A backup of the standby, under load on the primary.
     let load = primary.pgbench_load(2, 120);
-    let mut s = Session::connect(&standby.opts("postgres", None)).await.unwrap();
+    let mut s = Session::connect(&standby.opts("postgres", None))
+        .await
+        .unwrap();
     assert!(s.server().in_recovery);
     assert_eq!(s.server().timeline, 1);
-    let started = s.start("from the standby", true, Duration::from_secs(120)).await.unwrap();
-    assert!(started.wal_pinned, "a temporary slot on a standby: {:?}", started.wal_not_pinned_reason);
+    let started = s
+        .start("from the standby", true, Duration::from_secs(120))
+        .await
+        .unwrap();
+    assert!(
+        started.wal_pinned,
+        "a temporary slot on a standby: {:?}",
+        started.wal_not_pinned_reason
+    );
     let copy = dir.0.join("copy/data");
     tokio::task::block_in_place(|| fuzzy_copy(&standby.data, &copy, Duration::from_millis(5)));
     known.extend(insert_known(&pclient, 1000, 30).await);
@@ -141,7 +185,11 @@ async fn standby_matrix(major: u32) {
         .await
         .unwrap()
         .get(0);
-    assert!(last >= stopped.stop_wal_file, "{last} < {}", stopped.stop_wal_file);
+    assert!(
+        last >= stopped.stop_wal_file,
+        "{last} < {}",
+        stopped.stop_wal_file
+    );
     wait_archived(&archive, &last).await;
 
     prepare_restore(
@@ -167,24 +215,43 @@ async fn standby_matrix(major: u32) {
         },
     )
     .await;
-    assert!(report.is_ok(), "restore of a PostgreSQL {major} standby backup: {report:?}");
+    assert!(
+        report.is_ok(),
+        "restore of a PostgreSQL {major} standby backup: {report:?}"
+    );
     restored.stop();
 
     // full_page_writes = off on the primary makes standby backups unsafe: refused, typed.
     set_full_page_writes(&primary, &standby, false).await;
-    let mut f = Session::connect(&standby.opts("postgres", None)).await.unwrap();
-    let err = f.start("torn pages", true, Duration::from_secs(60)).await.unwrap_err();
-    assert_eq!(err.reason(), "FullPageWritesOff", "PostgreSQL {major}: {err}");
+    let mut f = Session::connect(&standby.opts("postgres", None))
+        .await
+        .unwrap();
+    let err = f
+        .start("torn pages", true, Duration::from_secs(60))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.reason(),
+        "FullPageWritesOff",
+        "PostgreSQL {major}: {err}"
+    );
     eprintln!("PostgreSQL {major} standby, full_page_writes off: {err}");
     drop(f);
     set_full_page_writes(&primary, &standby, true).await;
 
     // Promotion during a standby backup.
-    let mut p = Session::connect(&standby.opts("postgres", None)).await.unwrap();
-    p.start("interrupted by promotion", true, Duration::from_secs(120)).await.unwrap();
+    let mut p = Session::connect(&standby.opts("postgres", None))
+        .await
+        .unwrap();
+    p.start("interrupted by promotion", true, Duration::from_secs(120))
+        .await
+        .unwrap();
     tokio::task::block_in_place(|| standby.pg_ctl(&["promote", "-w", "-t", "60"]));
     let err = p.stop(true).await.unwrap_err();
-    assert!(matches!(err, Error::StandbyPromoted { .. }), "PostgreSQL {major}: {err:?}");
+    assert!(
+        matches!(err, Error::StandbyPromoted { .. }),
+        "PostgreSQL {major}: {err:?}"
+    );
     eprintln!("PostgreSQL {major} promoted mid-backup: {err}");
     standby.stop();
     primary.stop();

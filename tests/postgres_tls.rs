@@ -14,19 +14,39 @@ use pgsnap::postgres::{Session, SslMode};
 const PASSWORD: &str = "tls-Pw-for-tests";
 
 fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl").current_dir(dir).args(args).output().expect("openssl");
-    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn make_ca(dir: &Path, name: &str) {
     openssl(
         dir,
         &[
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-            "-keyout", &format!("{name}.key"), "-out", &format!("{name}.crt"),
-            "-subj", &format!("/CN=pgsnap test {name}"),
-            "-addext", "basicConstraints=critical,CA:TRUE",
-            "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.crt"),
+            "-subj",
+            &format!("/CN=pgsnap test {name}"),
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
         ],
     );
 }
@@ -43,13 +63,52 @@ async fn tls_matrix(major: u32) {
          keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
     )
     .unwrap();
-    openssl(&certs, &["req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost"]);
     openssl(
         &certs,
-        &["x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2", "-out", "server.crt", "-extfile", "server.ext"],
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=localhost",
+        ],
+    );
+    openssl(
+        &certs,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-out",
+            "server.crt",
+            "-extfile",
+            "server.ext",
+        ],
     );
 
-    let mut pg = Pg::init(major, &dir, "primary", &[("ssl", "on"), ("ssl_cert_file", "'server.crt'"), ("ssl_key_file", "'server.key'")]);
+    let mut pg = Pg::init(
+        major,
+        &dir,
+        "primary",
+        &[
+            ("ssl", "on"),
+            ("ssl_cert_file", "'server.crt'"),
+            ("ssl_key_file", "'server.key'"),
+        ],
+    );
     for f in ["server.crt", "server.key"] {
         fs::copy(certs.join(f), pg.data.join(f)).unwrap();
     }
@@ -61,9 +120,16 @@ async fn tls_matrix(major: u32) {
     )
     .unwrap();
     chown(&pg.data);
-    Command::new("chmod").arg("600").arg(pg.data.join("server.key")).status().unwrap();
+    Command::new("chmod")
+        .arg("600")
+        .arg(pg.data.join("server.key"))
+        .status()
+        .unwrap();
     pg.start(Duration::from_secs(60)).await.unwrap();
-    pg.exec(&format!("create role pgsnap superuser login password '{PASSWORD}'")).await;
+    pg.exec(&format!(
+        "create role pgsnap superuser login password '{PASSWORD}'"
+    ))
+    .await;
 
     let ca = fs::read(certs.join("ca.crt")).unwrap();
     let other_ca = fs::read(certs.join("other-ca.crt")).unwrap();
@@ -87,7 +153,10 @@ async fn tls_matrix(major: u32) {
     };
 
     // Plain TCP is refused by pg_hba for this role.
-    let err = Session::connect(&opts(SslMode::Disable, "127.0.0.1", None)).await.err().unwrap();
+    let err = Session::connect(&opts(SslMode::Disable, "127.0.0.1", None))
+        .await
+        .err()
+        .unwrap();
     assert_eq!(err.reason(), "AuthenticationFailed", "{err}");
 
     for (mode, host, ca) in [
@@ -100,27 +169,44 @@ async fn tls_matrix(major: u32) {
             .await
             .unwrap_or_else(|e| panic!("{mode:?} to {host}: {e}"));
         assert!(uses_tls(s.backend_pid()).await, "{mode:?} uses TLS");
-        s.start("over tls", true, Duration::from_secs(60)).await.unwrap();
+        s.start("over tls", true, Duration::from_secs(60))
+            .await
+            .unwrap();
         s.stop(false).await.unwrap();
     }
 
     // verify-full: a certificate from another CA, and no CA at all, are refused.
-    let err = Session::connect(&opts(SslMode::VerifyFull, "localhost", Some(&other_ca))).await.err().unwrap();
+    let err = Session::connect(&opts(SslMode::VerifyFull, "localhost", Some(&other_ca)))
+        .await
+        .err()
+        .unwrap();
     assert_eq!(err.reason(), "TlsFailed", "{err}");
     assert!(!err.is_retryable());
-    let err = Session::connect(&opts(SslMode::VerifyFull, "localhost", None)).await.err().unwrap();
+    let err = Session::connect(&opts(SslMode::VerifyFull, "localhost", None))
+        .await
+        .err()
+        .unwrap();
     assert_eq!(err.reason(), "TlsFailed", "{err}");
     assert!(err.to_string().contains("CA certificate"), "{err}");
-    let err = Session::connect(&opts(SslMode::VerifyFull, "localhost", Some(b"not a pem"))).await.err().unwrap();
+    let err = Session::connect(&opts(SslMode::VerifyFull, "localhost", Some(b"not a pem")))
+        .await
+        .err()
+        .unwrap();
     assert_eq!(err.reason(), "TlsFailed", "{err}");
 
     // A server without TLS: require refuses, prefer falls back (and pg_hba rejects).
     pg.exec("alter system set ssl = off").await;
     pg.exec("select pg_reload_conf()").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let err = Session::connect(&opts(SslMode::Require, "127.0.0.1", None)).await.err().unwrap();
+    let err = Session::connect(&opts(SslMode::Require, "127.0.0.1", None))
+        .await
+        .err()
+        .unwrap();
     assert_eq!(err.reason(), "TlsFailed", "{err}");
-    let err = Session::connect(&opts(SslMode::Prefer, "127.0.0.1", None)).await.err().unwrap();
+    let err = Session::connect(&opts(SslMode::Prefer, "127.0.0.1", None))
+        .await
+        .err()
+        .unwrap();
     assert_eq!(err.reason(), "AuthenticationFailed", "{err}");
 }
 

@@ -232,7 +232,10 @@ impl Error {
 /// file functions canonicalize `..` away, so the link cannot be followed; but a directory
 /// can be recognised: same entries (WAL segment names are unique to a cluster and moment)
 /// and same modification and change times, read in one statement.
-pub(crate) async fn is_wal_directory(client: &Client, candidate: &str) -> Result<bool, tokio_postgres::Error> {
+pub(crate) async fn is_wal_directory(
+    client: &Client,
+    candidate: &str,
+) -> Result<bool, tokio_postgres::Error> {
     let row = client
         .query_one(
             "with w as (select array_agg(f order by f) as files, \

@@ -86,9 +86,7 @@ impl ConnectOptions {
             .ssl_mode(match self.ssl_mode {
                 SslMode::Disable => tokio_postgres::config::SslMode::Disable,
                 SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
-                SslMode::Require | SslMode::VerifyFull => {
-                    tokio_postgres::config::SslMode::Require
-                }
+                SslMode::Require | SslMode::VerifyFull => tokio_postgres::config::SslMode::Require,
             });
         if let Some(password) = &self.password {
             cfg.password(password.as_bytes());
@@ -108,11 +106,16 @@ impl ConnectOptions {
         let config = match self.ssl_mode {
             SslMode::VerifyFull => {
                 let pem = self.ca_cert_pem.as_deref().ok_or_else(|| {
-                    tls_err("sslmode verify-full needs a CA certificate to verify the server against".into())
+                    tls_err(
+                        "sslmode verify-full needs a CA certificate to verify the server against"
+                            .into(),
+                    )
                 })?;
                 let mut roots = RootCertStore::empty();
                 for cert in CertificateDer::pem_slice_iter(pem) {
-                    let cert = cert.map_err(|e| tls_err(format!("the CA certificate is not valid PEM: {e}")))?;
+                    let cert = cert.map_err(|e| {
+                        tls_err(format!("the CA certificate is not valid PEM: {e}"))
+                    })?;
                     roots
                         .add(cert)
                         .map_err(|e| tls_err(format!("the CA certificate is not usable: {e}")))?;

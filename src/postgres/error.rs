@@ -244,7 +244,9 @@ fn is_tls_failure(e: &(dyn std::error::Error + 'static)) -> bool {
             return true;
         }
         if let Some(io) = err.downcast_ref::<std::io::Error>()
-            && io.get_ref().is_some_and(|inner| inner.is::<rustls::Error>())
+            && io
+                .get_ref()
+                .is_some_and(|inner| inner.is::<rustls::Error>())
         {
             return true;
         }
@@ -395,7 +397,10 @@ mod tests {
             step: Step::Stop,
             deadline: Duration::from_secs(5),
         };
-        assert!(e.to_string().contains("waiting for WAL to be archived"), "{e}");
+        assert!(
+            e.to_string().contains("waiting for WAL to be archived"),
+            "{e}"
+        );
         let e = Error::DeadlineExceeded {
             step: Step::Start,
             deadline: Duration::from_secs(5),

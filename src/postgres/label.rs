@@ -217,7 +217,10 @@ INCREMENTAL FROM TLI: 1
         let bad_file = PG16_PRIMARY.replace("(file 000000010000000000000009)", "(file x)");
         assert!(matches!(
             bad_file.parse::<BackupLabel>(),
-            Err(LabelError::BadValue { field: "START WAL LOCATION", .. })
+            Err(LabelError::BadValue {
+                field: "START WAL LOCATION",
+                ..
+            })
         ));
         assert!("".parse::<BackupLabel>().is_err());
     }

@@ -101,13 +101,14 @@ impl Session {
         let target = opts.target();
         let tls = opts.tls()?;
         // tokio-postgres' own timeout covers the TCP connect only, not TLS or auth.
-        let (client, connection) = timeout(opts.connect_timeout, opts.config().connect(tls.clone()))
-            .await
-            .map_err(|_| Error::Unreachable {
-                target: target.clone(),
-                detail: format!("no answer within {:?}", opts.connect_timeout),
-            })?
-            .map_err(|e| Error::from_connect(&target, &opts.user, e))?;
+        let (client, connection) =
+            timeout(opts.connect_timeout, opts.config().connect(tls.clone()))
+                .await
+                .map_err(|_| Error::Unreachable {
+                    target: target.clone(),
+                    detail: format!("no answer within {:?}", opts.connect_timeout),
+                })?
+                .map_err(|e| Error::from_connect(&target, &opts.user, e))?;
 
         let shared = Arc::new(Shared::default());
         let (control, control_rx) = watch::channel(Control::Idle);
@@ -123,7 +124,15 @@ impl Session {
         let backend_pid: i32 = client
             .query_one("select pg_backend_pid()", &[])
             .await
-            .map_err(|e| Error::from_query("pg_backend_pid()", Step::Connect, &opts.user, String::new, e))?
+            .map_err(|e| {
+                Error::from_query(
+                    "pg_backend_pid()",
+                    Step::Connect,
+                    &opts.user,
+                    String::new,
+                    e,
+                )
+            })?
             .get(0);
         Ok(Session {
             client,
@@ -162,16 +171,24 @@ impl Session {
                 Ok(true) => return Ok(Some(candidate.to_string())),
                 Ok(false) => {}
                 // A directory the server may not read is not its WAL directory.
-                Err(e) if e.as_db_error().is_some_and(|d| d.message().starts_with("could not")) => {}
+                Err(e)
+                    if e.as_db_error()
+                        .is_some_and(|d| d.message().starts_with("could not")) => {}
                 Err(e) => {
                     let role = quote_ident(&self.info.role.name);
-                    return Err(Error::from_query("locating pg_wal", Step::Connect, &self.info.role.name, move || {
-                        format!(
-                            "GRANT pg_read_server_files TO {role}; \
+                    return Err(Error::from_query(
+                        "locating pg_wal",
+                        Step::Connect,
+                        &self.info.role.name,
+                        move || {
+                            format!(
+                                "GRANT pg_read_server_files TO {role}; \
                              GRANT EXECUTE ON FUNCTION pg_ls_dir(text, boolean, boolean) TO {role}; \
                              GRANT EXECUTE ON FUNCTION pg_stat_file(text, boolean) TO {role}"
-                        )
-                    }, e));
+                            )
+                        },
+                        e,
+                    ));
                 }
             }
         }
@@ -189,7 +206,12 @@ impl Session {
     /// Pins WAL (when the role may) and starts a non-exclusive backup. From the moment this
     /// is called, the server is in backup mode for at most `deadline`: when it passes, the
     /// connection is closed by itself, whatever the caller is doing.
-    pub async fn start(&mut self, label: &str, fast: bool, deadline: Duration) -> Result<Started, Error> {
+    pub async fn start(
+        &mut self,
+        label: &str,
+        fast: bool,
+        deadline: Duration,
+    ) -> Result<Started, Error> {
         match self.state {
             State::Idle => {}
             State::InBackup { .. } => {
@@ -224,7 +246,12 @@ impl Session {
         } else {
             "select pg_start_backup($1, $2, false)::text"
         };
-        let result = bounded(&self.shared, t0 + deadline, self.client.query_one(sql, &[&label, &fast])).await;
+        let result = bounded(
+            &self.shared,
+            t0 + deadline,
+            self.client.query_one(sql, &[&label, &fast]),
+        )
+        .await;
         let row = match result {
             Ok(row) => row,
             Err(e) => {
@@ -234,7 +261,13 @@ impl Session {
             }
         };
         let took = t0.elapsed();
-        let start_lsn: Lsn = row.get::<_, String>(0).parse().map_err(Error::InvalidLabel)?;
+        let start_lsn: Lsn = match row.get::<_, String>(0).parse() {
+            Ok(lsn) => lsn,
+            Err(e) => {
+                self.close_on_failure();
+                return Err(Error::InvalidLabel(e));
+            }
+        };
         info!(
             pid = self.backend_pid,
             %start_lsn,
@@ -269,7 +302,13 @@ impl Session {
                 deadline,
                 slot_name,
                 from_standby,
-            } => (*called_at, *returned_at, *deadline, slot_name.clone(), *from_standby),
+            } => (
+                *called_at,
+                *returned_at,
+                *deadline,
+                slot_name.clone(),
+                *from_standby,
+            ),
             State::Idle => {
                 return Err(Error::InvalidState {
                     step: Step::Stop,
@@ -296,7 +335,12 @@ impl Session {
         } else {
             "select lsn::text, labelfile, spcmapfile from pg_stop_backup(false, $1)"
         };
-        let result = bounded(&self.shared, called_at + deadline, self.client.query_one(sql, &[&wait_for_archive])).await;
+        let result = bounded(
+            &self.shared,
+            called_at + deadline,
+            self.client.query_one(sql, &[&wait_for_archive]),
+        )
+        .await;
         let row = match result {
             Ok(row) => row,
             Err(e) => {
@@ -309,8 +353,12 @@ impl Session {
         let backup_window = returned_at.elapsed();
         // The server is out of backup mode: nothing left for the deadline to abort.
         self.control.send_replace(Control::Idle);
+        self.state = State::Idle;
 
-        let stop_lsn: Lsn = row.get::<_, String>(0).parse().map_err(Error::InvalidLabel)?;
+        let stop_lsn: Lsn = row
+            .get::<_, String>(0)
+            .parse()
+            .map_err(Error::InvalidLabel)?;
         let labelfile: String = row.get(1);
         let spcmapfile: Option<String> = row.get(2);
         let label: BackupLabel = labelfile.parse()?;
@@ -325,7 +373,6 @@ impl Session {
                 .map_err(|e| self.query_error("pg_is_in_recovery()", Step::Stop, e))?
                 .get(0);
             if !still_standby {
-                self.state = State::Broken;
                 self.close_on_failure();
                 return Err(Error::StandbyPromoted {
                     detail: "the server left recovery before the backup was stopped".into(),
@@ -343,10 +390,10 @@ impl Session {
                 warn!(slot, error = %e, "could not drop the temporary replication slot");
             }
         }
-        self.state = State::Idle;
 
         let timeline = label.start_timeline.unwrap_or(self.info.timeline);
-        let stop_wal_file = Lsn(stop_lsn.0.saturating_sub(1)).wal_file_name(timeline, self.info.wal_segment_size);
+        let stop_wal_file =
+            Lsn(stop_lsn.0.saturating_sub(1)).wal_file_name(timeline, self.info.wal_segment_size);
         info!(
             pid = self.backend_pid,
             %stop_lsn,
@@ -373,7 +420,10 @@ impl Session {
         for signature in backup_functions(self.info.major) {
             let allowed: bool = self
                 .client
-                .query_one("select has_function_privilege($1, 'EXECUTE')", &[&signature])
+                .query_one(
+                    "select has_function_privilege($1, 'EXECUTE')",
+                    &[&signature],
+                )
                 .await
                 .map_err(|e| self.query_error("has_function_privilege()", Step::Start, e))?
                 .get(0);
@@ -413,7 +463,8 @@ impl Session {
             && !row.get::<_, bool>(0)
         {
             return Err(Error::FullPageWritesOff {
-                detail: "the standby's last restartpoint was written with full_page_writes = off".into(),
+                detail: "the standby's last restartpoint was written with full_page_writes = off"
+                    .into(),
             });
         }
         Ok(())
@@ -437,14 +488,29 @@ impl Session {
         let name = format!("pgsnap_{}", self.backend_pid);
         match self
             .client
-            .execute("select pg_create_physical_replication_slot($1, true, true)", &[&name])
+            .execute(
+                "select pg_create_physical_replication_slot($1, true, true)",
+                &[&name],
+            )
             .await
         {
             Ok(_) => (Some(name), None),
             Err(e) => {
-                let why = e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| e.to_string());
-                warn!(slot = name, error = why, "WAL is not pinned for this backup");
-                (None, Some(format!("creating a temporary replication slot failed: {why}")))
+                let why = e
+                    .as_db_error()
+                    .map(|d| d.message().to_string())
+                    .unwrap_or_else(|| e.to_string());
+                warn!(
+                    slot = name,
+                    error = why,
+                    "WAL is not pinned for this backup"
+                );
+                (
+                    None,
+                    Some(format!(
+                        "creating a temporary replication slot failed: {why}"
+                    )),
+                )
             }
         }
     }
@@ -452,18 +518,34 @@ impl Session {
     fn step_error(&self, step: Step, deadline: Duration, failure: Failure) -> Error {
         let e = match failure {
             Failure::Pg(e) if !self.shared.deadline_passed.load(Ordering::SeqCst) => e,
-            Failure::Pg(_) | Failure::Deadline => return Error::DeadlineExceeded { step, deadline },
+            Failure::Pg(_) | Failure::Deadline => {
+                return Error::DeadlineExceeded { step, deadline };
+            }
         };
         if e.as_db_error().is_none() {
             return self.lost(step);
         }
-        self.query_error(if step == Step::Start { "start backup" } else { "stop backup" }, step, e)
+        self.query_error(
+            if step == Step::Start {
+                "start backup"
+            } else {
+                "stop backup"
+            },
+            step,
+            e,
+        )
     }
 
     fn query_error(&self, what: &'static str, step: Step, e: tokio_postgres::Error) -> Error {
         let major = self.info.major;
         let user = self.info.role.name.clone();
-        Error::from_query(what, step, &self.info.role.name, move || grants(major, &user).join("; "), e)
+        Error::from_query(
+            what,
+            step,
+            &self.info.role.name,
+            move || grants(major, &user).join("; "),
+            e,
+        )
     }
 
     fn lost(&self, step: Step) -> Error {
@@ -500,7 +582,10 @@ pub fn backup_functions(major: u32) -> [&'static str; 2] {
     if major >= 15 {
         ["pg_backup_start(text, boolean)", "pg_backup_stop(boolean)"]
     } else {
-        ["pg_start_backup(text, boolean, boolean)", "pg_stop_backup(boolean, boolean)"]
+        [
+            "pg_start_backup(text, boolean, boolean)",
+            "pg_stop_backup(boolean, boolean)",
+        ]
     }
 }
 

@@ -49,7 +49,9 @@ fn repo() -> PathBuf {
 }
 
 fn is_root() -> bool {
-    fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
+    fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false)
 }
 
 /// The user the servers run as: PostgreSQL refuses root.
@@ -68,7 +70,13 @@ pub fn run_as() -> Option<(u32, u32)> {
         return Some(ids);
     }
     let _ = Command::new("useradd")
-        .args(["--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "pgsnaptest"])
+        .args([
+            "--system",
+            "--no-create-home",
+            "--shell",
+            "/usr/sbin/nologin",
+            "pgsnaptest",
+        ])
         .stderr(Stdio::null())
         .status();
     lookup("pgsnaptest").or(Some((65534, 65534)))
@@ -102,13 +110,21 @@ pub fn bin_dir(major: u32) -> PathBuf {
         .arg(major.to_string())
         .output()
         .expect("hack/postgres-bin");
-    assert!(out.status.success(), "hack/postgres-bin {major}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "hack/postgres-bin {major}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let bin = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
     if !is_root() {
         return bin;
     }
     let install = bin.parent().expect("install dir");
-    let version = install.file_name().expect("version").to_string_lossy().to_string();
+    let version = install
+        .file_name()
+        .expect("version")
+        .to_string_lossy()
+        .to_string();
     let staged_root = std::env::temp_dir().join("pgsnap-postgres");
     let staged = staged_root.join(&version);
     let _guard = STAGE.lock().unwrap_or_else(|e| e.into_inner());
@@ -117,9 +133,18 @@ pub fn bin_dir(major: u32) -> PathBuf {
         fs::set_permissions(&staged_root, fs::Permissions::from_mode(0o755)).unwrap();
         let tmp = staged_root.join(format!("{version}.tmp{}", std::process::id()));
         let _ = fs::remove_dir_all(&tmp);
-        let status = Command::new("cp").arg("-a").arg(install).arg(&tmp).status().unwrap();
+        let status = Command::new("cp")
+            .arg("-a")
+            .arg(install)
+            .arg(&tmp)
+            .status()
+            .unwrap();
         assert!(status.success());
-        Command::new("chmod").args(["-R", "a+rX"]).arg(&tmp).status().unwrap();
+        Command::new("chmod")
+            .args(["-R", "a+rX"])
+            .arg(&tmp)
+            .status()
+            .unwrap();
         if fs::rename(&tmp, &staged).is_err() {
             let _ = fs::remove_dir_all(&tmp);
         }
@@ -163,7 +188,11 @@ impl Drop for TestDir {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub struct Pg {
@@ -182,17 +211,36 @@ impl Pg {
     }
 
     /// `init` with extra initdb arguments.
-    pub fn init_with(major: u32, dir: &TestDir, name: &str, settings: &[(&str, &str)], initdb_args: &[&str]) -> Pg {
+    pub fn init_with(
+        major: u32,
+        dir: &TestDir,
+        name: &str,
+        settings: &[(&str, &str)],
+        initdb_args: &[&str],
+    ) -> Pg {
         let bin = bin_dir(major);
         let data = dir.owned(name).join("data");
         let out = command(&bin.join("initdb"))
             .arg("-D")
             .arg(&data)
-            .args(["-U", "postgres", "-A", "trust", "-N", "-E", "UTF8", "--locale=C"])
+            .args([
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "-N",
+                "-E",
+                "UTF8",
+                "--locale=C",
+            ])
             .args(initdb_args)
             .output()
             .expect("initdb");
-        assert!(out.status.success(), "initdb {major}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "initdb {major}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let pg = Pg::existing(major, &data, dir.0.join(format!("{name}.log")));
         pg.configure(BASE_SETTINGS);
         pg.configure(settings);
@@ -234,7 +282,11 @@ impl Pg {
     pub async fn start(&mut self, wait: Duration) -> Result<(), String> {
         for _ in 0..3 {
             self.port = free_port();
-            let log = fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+            let log = fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.log)
+                .unwrap();
             let child = command(&self.bin.join("postgres"))
                 .arg("-D")
                 .arg(&self.data)
@@ -247,7 +299,10 @@ impl Pg {
                 .expect("spawn postgres");
             self.child = Some(child);
             match self.wait_ready(wait).await {
-                Err(e) if e.contains("could not bind") || e.contains("could not create any TCP/IP sockets") => {
+                Err(e)
+                    if e.contains("could not bind")
+                        || e.contains("could not create any TCP/IP sockets") =>
+                {
                     continue;
                 }
                 r => return r,
@@ -263,7 +318,10 @@ impl Pg {
                 && let Ok(Some(status)) = child.try_wait()
             {
                 self.child = None;
-                return Err(format!("postgres exited ({status}):\n{}", self.log_tail(30)));
+                return Err(format!(
+                    "postgres exited ({status}):\n{}",
+                    self.log_tail(30)
+                ));
             }
             if let Ok(c) = self.try_client().await
                 && c.simple_query("select 1").await.is_ok()
@@ -271,14 +329,19 @@ impl Pg {
                 return Ok(());
             }
             if Instant::now() > until {
-                return Err(format!("postgres not ready after {wait:?}:\n{}", self.log_tail(30)));
+                return Err(format!(
+                    "postgres not ready after {wait:?}:\n{}",
+                    self.log_tail(30)
+                ));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
     pub fn is_running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     async fn try_client(&self) -> Result<Client, tokio_postgres::Error> {
@@ -335,7 +398,11 @@ impl Pg {
     pub async fn wait_for_log(&self, needles: &[&str], wait: Duration) -> bool {
         let until = Instant::now() + wait;
         loop {
-            if self.log_text().lines().any(|l| needles.iter().all(|n| l.contains(n))) {
+            if self
+                .log_text()
+                .lines()
+                .any(|l| needles.iter().all(|n| l.contains(n)))
+            {
                 return true;
             }
             if Instant::now() > until {
@@ -353,13 +420,24 @@ impl Pg {
             .args(args)
             .output()
             .expect("pg_ctl");
-        assert!(out.status.success(), "pg_ctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "pg_ctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// Fast shutdown, then the hard way.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            signal(&child, if std::thread::panicking() { "QUIT" } else { "INT" });
+            signal(
+                &child,
+                if std::thread::panicking() {
+                    "QUIT"
+                } else {
+                    "INT"
+                },
+            );
             let until = Instant::now() + Duration::from_secs(30);
             while matches!(child.try_wait(), Ok(None)) && Instant::now() < until {
                 std::thread::sleep(Duration::from_millis(50));
@@ -374,19 +452,42 @@ impl Pg {
     /// Runs pgbench -i as the harness' superuser.
     pub fn pgbench_init(&self, scale: u32) {
         let out = Command::new("pgbench")
-            .args(["-i", "-q", "-s", &scale.to_string(), "-h", "127.0.0.1", "-U", "postgres"])
+            .args([
+                "-i",
+                "-q",
+                "-s",
+                &scale.to_string(),
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+            ])
             .arg("-p")
             .arg(self.port.to_string())
             .arg("postgres")
             .output()
             .expect("pgbench");
-        assert!(out.status.success(), "pgbench -i: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "pgbench -i: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// Starts a pgbench load in the background; stop it with [`Load::finish`].
     pub fn pgbench_load(&self, clients: u32, seconds: u32) -> Load {
         let child = Command::new("pgbench")
-            .args(["-n", "-c", &clients.to_string(), "-T", &seconds.to_string(), "-h", "127.0.0.1", "-U", "postgres"])
+            .args([
+                "-n",
+                "-c",
+                &clients.to_string(),
+                "-T",
+                &seconds.to_string(),
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+            ])
             .arg("-p")
             .arg(self.port.to_string())
             .arg("postgres")
@@ -405,7 +506,10 @@ impl Drop for Pg {
 }
 
 fn signal(child: &Child, sig: &str) {
-    let _ = Command::new("kill").arg(format!("-{sig}")).arg(child.id().to_string()).status();
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(child.id().to_string())
+        .status();
 }
 
 pub struct Load(Option<Child>);
@@ -414,10 +518,16 @@ impl Load {
     /// Ends the load and returns pgbench's output. SIGTERM, because a shell may have left
     /// SIGINT ignored for background jobs, and pgbench inherits that.
     pub fn finish(mut self) -> String {
-        let Some(child) = self.0.take() else { return String::new() };
+        let Some(child) = self.0.take() else {
+            return String::new();
+        };
         signal(&child, "TERM");
         let out = child.wait_with_output().unwrap();
-        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
     }
 }
 
@@ -442,7 +552,9 @@ pub fn fuzzy_copy(src: &Path, dst: &Path, pause: Duration) {
 }
 
 fn copy_tree(src: &Path, dst: &Path, pause: Duration, count: &mut u32) {
-    let Ok(entries) = fs::read_dir(src) else { return };
+    let Ok(entries) = fs::read_dir(src) else {
+        return;
+    };
     let mut entries: Vec<_> = entries.filter_map(Result::ok).collect();
     entries.sort_by_key(|e| e.file_name());
     for entry in entries {
@@ -452,7 +564,9 @@ fn copy_tree(src: &Path, dst: &Path, pause: Duration, count: &mut u32) {
         }
         let from = entry.path();
         let to = dst.join(&name);
-        let Ok(meta) = fs::symlink_metadata(&from) else { continue };
+        let Ok(meta) = fs::symlink_metadata(&from) else {
+            continue;
+        };
         if meta.file_type().is_symlink() {
             let target = fs::read_link(&from).unwrap();
             std::os::unix::fs::symlink(target, &to).unwrap();
@@ -476,7 +590,10 @@ fn copy_tree(src: &Path, dst: &Path, pause: Duration, count: &mut u32) {
 
 /// Copies to a temporary name and renames, so nobody ever reads a half-archived segment.
 pub fn archive_command(archive: &Path) -> String {
-    format!("'test ! -f {0}/%f && cp %p {0}/%f.part && mv {0}/%f.part {0}/%f'", archive.display())
+    format!(
+        "'test ! -f {0}/%f && cp %p {0}/%f.part && mv {0}/%f.part {0}/%f'",
+        archive.display()
+    )
 }
 
 /// How a copy is turned into a restore.
@@ -494,7 +611,13 @@ pub struct RestorePlan<'a> {
 /// Writes backup_label, tablespace_map (with the tablespaces' new locations), the signal
 /// file and recovery settings into the copy: what `pgsnap restore-prepare` will do.
 pub fn prepare_restore(major: u32, data: &Path, plan: &RestorePlan) {
-    for stale in ["standby.signal", "recovery.signal", "recovery.conf", "backup_label", "tablespace_map"] {
+    for stale in [
+        "standby.signal",
+        "recovery.signal",
+        "recovery.conf",
+        "backup_label",
+        "tablespace_map",
+    ] {
         let _ = fs::remove_file(data.join(stale));
     }
     let tblspc = data.join("pg_tblspc");
@@ -517,7 +640,11 @@ pub fn prepare_restore(major: u32, data: &Path, plan: &RestorePlan) {
         for e in fs::read_dir(&tblspc).unwrap() {
             let link = e.unwrap().path();
             let target = fs::read_link(&link).unwrap();
-            if let Some((_, new)) = plan.tablespaces.iter().find(|(old, _)| Path::new(old) == target) {
+            if let Some((_, new)) = plan
+                .tablespaces
+                .iter()
+                .find(|(old, _)| Path::new(old) == target)
+            {
                 fs::remove_file(&link).unwrap();
                 std::os::unix::fs::symlink(new, &link).unwrap();
             }
@@ -532,12 +659,18 @@ pub fn prepare_restore(major: u32, data: &Path, plan: &RestorePlan) {
     }
     if major >= 12 {
         fs::write(data.join("recovery.signal"), "").unwrap();
-        let mut conf = fs::OpenOptions::new().append(true).open(data.join("postgresql.conf")).unwrap();
+        let mut conf = fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))
+            .unwrap();
         writeln!(conf, "archive_mode = off\n{}", settings.join("\n")).unwrap();
         // A standby's primary_conninfo is harmless here: only standby mode uses it.
     } else {
         fs::write(data.join("recovery.conf"), settings.join("\n") + "\n").unwrap();
-        let mut conf = fs::OpenOptions::new().append(true).open(data.join("postgresql.conf")).unwrap();
+        let mut conf = fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))
+            .unwrap();
         writeln!(conf, "archive_mode = off").unwrap();
     }
     chown(data);
@@ -568,27 +701,42 @@ pub async fn check_restore(pg: &mut Pg, expect: &Expect) -> Result<String, Strin
             break;
         }
         if Instant::now() > until {
-            return Err(format!("still in recovery after 60 s:\n{}", pg.log_tail(20)));
+            return Err(format!(
+                "still in recovery after 60 s:\n{}",
+                pg.log_tail(20)
+            ));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let q = |e: tokio_postgres::Error| format!("{e:?}\n{}", pg.log_tail(10));
     let found: i64 = client
-        .query_one("select count(*) from known where id = any($1)", &[&expect.known])
+        .query_one(
+            "select count(*) from known where id = any($1)",
+            &[&expect.known],
+        )
         .await
         .map_err(q)?
         .get(0);
     if found != expect.known.len() as i64 {
-        return Err(format!("{found} of {} known rows restored", expect.known.len()));
+        return Err(format!(
+            "{found} of {} known rows restored",
+            expect.known.len()
+        ));
     }
     if !expect.in_tablespace.is_empty() {
         let found: i64 = client
-            .query_one("select count(*) from in_ts where id = any($1)", &[&expect.in_tablespace])
+            .query_one(
+                "select count(*) from in_ts where id = any($1)",
+                &[&expect.in_tablespace],
+            )
             .await
             .map_err(q)?
             .get(0);
         if found != expect.in_tablespace.len() as i64 {
-            return Err(format!("{found} of {} tablespace rows restored", expect.in_tablespace.len()));
+            return Err(format!(
+                "{found} of {} tablespace rows restored",
+                expect.in_tablespace.len()
+            ));
         }
     }
     if expect.pgbench {
@@ -604,7 +752,9 @@ pub async fn check_restore(pg: &mut Pg, expect: &Expect) -> Result<String, Strin
             .map_err(q)?;
         let sums: Vec<i64> = (0..4).map(|i| row.get(i)).collect();
         if sums.iter().any(|s| *s != sums[3]) {
-            return Err(format!("pgbench balances disagree (accounts, tellers, branches, history): {sums:?}"));
+            return Err(format!(
+                "pgbench balances disagree (accounts, tellers, branches, history): {sums:?}"
+            ));
         }
     }
     let heapallindexed = if pg.major >= 11 { ", true" } else { "" };
@@ -620,10 +770,16 @@ pub async fn check_restore(pg: &mut Pg, expect: &Expect) -> Result<String, Strin
         .iter()
         .map(|r| r.get(0))
         .collect();
-    client.batch_execute("create extension if not exists amcheck").await.map_err(q)?;
+    client
+        .batch_execute("create extension if not exists amcheck")
+        .await
+        .map_err(q)?;
     for index in &indexes {
         client
-            .execute(&format!("select bt_index_check('{index}'::regclass{heapallindexed})"), &[])
+            .execute(
+                &format!("select bt_index_check('{index}'::regclass{heapallindexed})"),
+                &[],
+            )
             .await
             .map_err(|e| format!("amcheck {index}: {e:?}"))?;
     }
@@ -639,7 +795,10 @@ pub async fn insert_known(client: &Client, from: i64, n: i64) -> Vec<i64> {
     let ids: Vec<i64> = (from..from + n).collect();
     for id in &ids {
         client
-            .execute("insert into known values ($1::int8, md5($1::int8::text))", &[id])
+            .execute(
+                "insert into known values ($1::int8, md5($1::int8::text))",
+                &[id],
+            )
             .await
             .unwrap();
     }
