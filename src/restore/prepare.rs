@@ -168,7 +168,7 @@ pub fn recovery_settings(major: u32, recovery: &Recovery) -> Result<Vec<String>,
     lines.push(format!("restore_command = {}", quote_setting("restore_command", command)?));
     match &recovery.target {
         Target::Immediate => lines.push("recovery_target = 'immediate'".into()),
-        Target::Time(t) => lines.push(format!("recovery_target_time = {}", quote_setting("recovery_target_time", t)?)),
+        Target::Time(t) => lines.push(format!("recovery_target_time = {}", quote_setting("recovery_target_time", &server_time(t))?)),
         Target::Lsn(l) => {
             l.parse::<crate::postgres::Lsn>()
                 .map_err(|_| PrepareError::InvalidSetting { name: "recovery_target_lsn", detail: format!("{l:?} is not an LSN like 0/3000060") })?;
@@ -183,6 +183,16 @@ pub fn recovery_settings(major: u32, recovery: &Recovery) -> Result<Vec<String>,
     }
     lines.push(format!("recovery_target_action = '{}'", if recovery.promote { "promote" } else { "pause" }));
     Ok(lines)
+}
+
+/// A time as the server reads it at startup. RFC 3339's `Z` is a time zone abbreviation to
+/// PostgreSQL, and abbreviations are not loaded yet when the postmaster checks
+/// recovery_target_time: it refuses to start ("invalid value"). `+00` means the same.
+pub fn server_time(t: &str) -> String {
+    match t.strip_suffix(['Z', 'z']) {
+        Some(rest) => format!("{rest}+00"),
+        None => t.to_string(),
+    }
 }
 
 /// `postgresql.auto.conf` with pgsnap's block replaced by `settings` (appended if absent).
@@ -687,6 +697,11 @@ mod tests {
                 "recovery_target_timeline = 'current'",
                 "recovery_target_action = 'pause'"
             ]
+        );
+        assert!(
+            recovery_settings(15, &r(Target::Time("2026-11-21T10:40:34.502967Z".into()), true))
+                .unwrap()
+                .contains(&"recovery_target_time = '2026-11-21T10:40:34.502967+00'".to_string())
         );
         assert!(recovery_settings(12, &r(Target::Lsn("0/3000060".into()), true)).unwrap().contains(&"recovery_target_lsn = '0/3000060'".to_string()));
         assert_eq!(recovery_settings(12, &r(Target::Lsn("x'; drop".into()), true)).unwrap_err().reason(), "InvalidRecoverySetting");
