@@ -41,6 +41,14 @@ pub fn cluster_shell(script: &str) -> String {
 /// Applies pgsnap's CRDs, and the chart's ServiceAccount and RBAC (rendered by
 /// `helm template`), as an administrator would before installing the operator.
 pub fn install_chart_rbac() {
+    // Tests of one binary start operators side by side; one install is enough and two
+    // concurrent server-side applies of the CRDs can conflict.
+    static INSTALLED: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+    let mut installed = INSTALLED.lock().unwrap_or_else(|e| e.into_inner());
+    if *installed {
+        return;
+    }
+    *installed = true;
     cluster_shell(&format!(
         "kubectl apply --server-side --force-conflicts -f crds/ >/dev/null; \
          kubectl wait --for condition=Established --timeout=30s -f crds/ >/dev/null; \

@@ -84,6 +84,7 @@ async fn run_pod(shared: Arc<Shared>, mut updates: watch::Receiver<Update>, pod:
             .iter()
             .map(|c| ContainerModel::new(&c.name, c.image.as_deref().unwrap_or_default()))
             .collect(),
+        transitions: Default::default(),
     };
     // A pod that already ended (before an agent restart) is not run again.
     let finished_before = matches!(

@@ -125,6 +125,8 @@ pub struct PodModel {
     pub initialized: bool,
     pub init: Vec<ContainerModel>,
     pub containers: Vec<ContainerModel>,
+    /// Each condition's last value and when it took it (its lastTransitionTime).
+    pub transitions: std::collections::BTreeMap<&'static str, (bool, Timestamp)>,
 }
 
 impl PodModel {
@@ -133,9 +135,22 @@ impl PodModel {
     }
 
     /// The whole `status` (as a merge patch: lists are replaced, absent scalars are null).
-    pub fn to_status(&self, now: Timestamp) -> Value {
-        let cond = |type_: &str, ok: bool| json!({ "type": type_, "status": if ok { "True" } else { "False" }, "lastTransitionTime": now.to_string() });
+    pub fn to_status(&mut self, now: Timestamp) -> Value {
         let ready = self.containers_ready() && self.phase == Phase::Running;
+        let mut cond = |type_: &'static str, ok: bool| {
+            let since = self.transitions.entry(type_).or_insert((ok, now));
+            if since.0 != ok {
+                *since = (ok, now);
+            }
+            let status = if ok { "True" } else { "False" };
+            json!({ "type": type_, "status": status, "lastTransitionTime": since.1.to_string() })
+        };
+        let conditions = [
+            cond("PodScheduled", true),
+            cond("Initialized", self.initialized),
+            cond("ContainersReady", ready),
+            cond("Ready", ready),
+        ];
         json!({
             "phase": self.phase.as_str(),
             "reason": self.reason,
@@ -146,12 +161,7 @@ impl PodModel {
             "podIPs": [{ "ip": super::POD_IP }],
             "startTime": self.start_time.to_string(),
             "qosClass": "BestEffort",
-            "conditions": [
-                cond("PodScheduled", true),
-                cond("Initialized", self.initialized),
-                cond("ContainersReady", ready),
-                cond("Ready", ready),
-            ],
+            "conditions": conditions,
             "initContainerStatuses": self.init.iter().map(ContainerModel::json).collect::<Vec<_>>(),
             "containerStatuses": self.containers.iter().map(ContainerModel::json).collect::<Vec<_>>(),
         })
@@ -173,7 +183,7 @@ mod tests {
             finished: now,
             message: None,
         });
-        let m = PodModel {
+        let mut m = PodModel {
             phase: Phase::Failed,
             reason: None,
             message: None,
@@ -181,6 +191,7 @@ mod tests {
             initialized: true,
             init: vec![],
             containers: vec![c],
+            transitions: Default::default(),
         };
         let s = m.to_status(now);
         assert_eq!(s["phase"], "Failed");
@@ -193,6 +204,18 @@ mod tests {
             3
         );
         assert_eq!(s["conditions"][3]["status"], "False");
+        // A condition keeps its transition time until its value changes.
+        let later = now + std::time::Duration::from_secs(5);
+        assert_eq!(
+            m.to_status(later)["conditions"][3]["lastTransitionTime"],
+            s["conditions"][3]["lastTransitionTime"]
+        );
+        m.phase = Phase::Running;
+        m.containers[0].ready = true;
+        assert_eq!(
+            m.to_status(later)["conditions"][3]["lastTransitionTime"],
+            later.to_string()
+        );
         // The status must be a valid PodStatus.
         let typed: k8s_openapi::api::core::v1::PodStatus = serde_json::from_value(s).unwrap();
         assert_eq!(typed.pod_ip.as_deref(), Some("127.0.0.1"));
