@@ -294,6 +294,11 @@ async fn session_matrix(major: u32) {
         .await
         .unwrap_err();
     assert_eq!(err.reason(), "LabelTooLong");
+    let err = g
+        .start("two\nSTART TIMELINE: 9", true, Duration::from_secs(60))
+        .await
+        .unwrap_err();
+    assert_eq!(err.reason(), "LabelInvalid");
     g.start(&"x".repeat(1024), true, Duration::from_secs(60))
         .await
         .unwrap();

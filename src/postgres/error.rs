@@ -78,6 +78,11 @@ pub enum Error {
     LabelTooLong { len: usize, max: usize },
 
     #[error(
+        "the backup label {label:?} contains a line break or another control character; PostgreSQL would write it into backup_label as extra lines"
+    )]
+    LabelHasControlCharacters { label: String },
+
+    #[error(
         "the deadline of {deadline:?} in backup mode passed during {step}; the session was closed, so PostgreSQL aborted the backup"
     )]
     DeadlineExceeded { step: Step, deadline: Duration },
@@ -112,6 +117,7 @@ impl Error {
             Error::StandbyPromoted { .. } => "StandbyPromoted",
             Error::FullPageWritesOff { .. } => "FullPageWritesOff",
             Error::LabelTooLong { .. } => "LabelTooLong",
+            Error::LabelHasControlCharacters { .. } => "LabelInvalid",
             Error::DeadlineExceeded { .. } => "DeadlineExceeded",
             Error::SessionLost { .. } => "SessionLost",
             Error::InvalidState { .. } => "InvalidState",
@@ -141,6 +147,7 @@ impl Error {
             | Error::UnsupportedVersion { .. }
             | Error::FullPageWritesOff { .. }
             | Error::LabelTooLong { .. }
+            | Error::LabelHasControlCharacters { .. }
             | Error::InvalidState { .. }
             | Error::InvalidLabel(_) => false,
         }

@@ -121,6 +121,15 @@ impl Session {
         ));
 
         let info = ServerInfo::load(&client).await?;
+        if info.major >= 14 {
+            // A backend busy in pg_backup_stop (waiting for the archive) reads nothing from
+            // its client, so it would not notice a client that died without a cancel (an
+            // operator killed mid-backup) and stay in backup mode. This makes it look.
+            client
+                .batch_execute("SET client_connection_check_interval = '1s'")
+                .await
+                .map_err(|e| Error::from_query("client_connection_check_interval", Step::Connect, &opts.user, String::new, e))?;
+        }
         let backend_pid: i32 = client
             .query_one("select pg_backend_pid()", &[])
             .await
@@ -226,6 +235,13 @@ impl Session {
             return Err(Error::LabelTooLong {
                 len: label.len(),
                 max: MAX_LABEL_BYTES,
+            });
+        }
+        // backup_label is line-based: a line break in the label would add lines a restore
+        // reads as fields (START TIMELINE follows LABEL).
+        if label.chars().any(char::is_control) {
+            return Err(Error::LabelHasControlCharacters {
+                label: label.to_string(),
             });
         }
         if self.info.wal_level == "minimal" {
@@ -680,5 +696,44 @@ async fn drive<C>(
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The controller runs sessions inside spawned tasks.
+    #[test]
+    fn session_and_its_futures_are_send() {
+        fn send<T: Send>(_: &T) {}
+        fn check(s: &mut Session, o: &ConnectOptions) {
+            send(&Session::connect(o));
+            send(&s.start("", true, Duration::ZERO));
+        }
+        fn check_stop(s: &mut Session) {
+            send(&s.stop(true));
+        }
+        let _ = (check, check_stop);
+        fn send_type<T: Send + Sync>() {}
+        send_type::<Session>();
+    }
+
+    #[test]
+    fn grants_per_major() {
+        assert_eq!(
+            grants(15, "pgsnap"),
+            [
+                "ALTER ROLE pgsnap REPLICATION",
+                "GRANT pg_read_all_settings TO pgsnap",
+                "GRANT EXECUTE ON FUNCTION pg_backup_start(text, boolean) TO pgsnap",
+                "GRANT EXECUTE ON FUNCTION pg_backup_stop(boolean) TO pgsnap",
+            ]
+        );
+        assert_eq!(
+            grants(14, "Backup")[2],
+            "GRANT EXECUTE ON FUNCTION pg_start_backup(text, boolean, boolean) TO \"Backup\""
+        );
+        assert_eq!(backup_functions(10)[1], "pg_stop_backup(boolean, boolean)");
     }
 }
