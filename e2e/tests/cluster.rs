@@ -369,6 +369,7 @@ async fn a_pod_gets_its_volumes_env_identity_and_readiness() {
     // in the container's own mounts) and waits to be stopped.
     let script = r#"
         set -ex
+        test "$(cat /scratch/init)" = "from the init container"
         test "$(cat /config/hello.txt)" = hello
         test "$(stat -c %a /config/hello.txt)" = 640  # 0600 plus fsGroup read
         test "$PASSWORD" = s3cret && test "$CFG_greeting" = hello
@@ -388,6 +389,11 @@ async fn a_pod_gets_its_volumes_env_identity_and_readiness() {
         "spec": {
             "terminationGracePeriodSeconds": 2,
             "securityContext": {"runAsUser": 1234, "runAsGroup": 2345, "fsGroup": 3456},
+            "initContainers": [{
+                "name": "init", "image": "busybox",
+                "command": ["sh", "-c", "echo 'from the init container' > /scratch/init"],
+                "volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}]
+            }],
             "containers": [{
                 "name": "main", "image": "debian:13",
                 "command": ["bash", "-c", script],

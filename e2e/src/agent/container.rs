@@ -1,6 +1,8 @@
 //! One container: its launch spec (program, env, mounts, user) and its process.
 
 use std::collections::HashMap;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -274,7 +276,15 @@ fn spawn(
     spec_file: &Path,
     log: Option<&Path>,
 ) -> std::io::Result<tokio::process::Child> {
-    std::fs::write(spec_file, serde_json::to_vec_pretty(spec)?)?;
+    // Owner-only: the spec holds the container's environment, Secret values included.
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(spec_file)?;
+    file.write_all(&serde_json::to_vec_pretty(spec)?)?;
+    drop(file);
     let (out, err) = match log {
         Some(path) => {
             let f = std::fs::OpenOptions::new()
