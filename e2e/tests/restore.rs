@@ -44,12 +44,16 @@ async fn password_secret(cluster: &Cluster, db: &PostgresPod) -> String {
         )])),
         ..Default::default()
     };
-    cluster
+    // Several backups of one database share its Secret.
+    match cluster
         .api::<Secret>()
         .create(&PostParams::default(), &secret)
         .await
-        .expect("secret");
-    name
+    {
+        Ok(_) => name,
+        Err(kube::Error::Api(s)) if s.code == 409 => name,
+        Err(e) => panic!("secret {name}: {e}"),
+    }
 }
 
 async fn backup(
@@ -507,8 +511,10 @@ async fn refusals_retained_snapshots_and_a_time_target() {
         .expect("foreign ConfigMap");
     let r = restore(&cluster, "foreign", json!({"volumeSnapshotName": data_snapshot, "labelConfigMapName": "b1-foreign", "claims": [{"role": "Data", "name": "d-foreign"}], "recovery": {"restoreCommand": archive}})).await;
     // The reason travels in the container's termination message; a node that does not
-    // report one leaves the Job controller's.
-    failed_with(&r, &["SystemIdentifierMismatch", "PrepareFailed"]);
+    // report one (the test cluster's agent) leaves the exit status: a refusal all the same.
+    failed_with(&r, &["SystemIdentifierMismatch", "PrepareRefused"]);
+    let error = r.status.as_ref().and_then(|s| s.error.clone()).unwrap();
+    eprintln!("label of another database: {}: {}", error.reason, error.message);
     let pgdata = cluster
         .pvc_host_dir("d-foreign")
         .await

@@ -328,13 +328,23 @@ async fn step(restore: &Restore, ctx: &Context, status: &mut RestoreStatus) -> R
 /// one, else what the Job controller says.
 async fn job_failure(ctx: &Context, ns: &str, job: &str, job_message: String) -> Result<Failure, kube::Error> {
     let pods = Api::<Pod>::namespaced(ctx.client.clone(), ns).list(&ListParams::default().labels(&format!("batch.kubernetes.io/job-name={job}"))).await?;
-    let refusal = pods
+    let terminated: Vec<_> = pods
         .items
         .iter()
         .flat_map(|p| p.status.iter().flat_map(|s| s.container_statuses.iter().flatten()))
-        .filter_map(|c| c.state.as_ref()?.terminated.as_ref()?.message.as_deref())
-        .find_map(plan::refusal);
-    Ok(refusal.unwrap_or_else(|| Failure::new("PrepareFailed", format!("Job {job} failed: {job_message}"))))
+        .filter_map(|c| c.state.as_ref()?.terminated.clone())
+        .collect();
+    if let Some(refusal) = terminated.iter().filter_map(|t| t.message.as_deref()).find_map(plan::refusal) {
+        return Ok(refusal);
+    }
+    // A node that reports no termination message still reports the exit status.
+    if terminated.iter().any(|t| t.exit_code == prepare::EXIT_REFUSED) {
+        return Ok(Failure::new(
+            "PrepareRefused",
+            format!("restore-prepare refused to prepare the data volume; its reason is in `kubectl logs job/{job}`"),
+        ));
+    }
+    Ok(Failure::new("PrepareFailed", format!("Job {job} failed: {job_message}")))
 }
 
 fn error_policy(restore: Arc<Restore>, error: &Error, _ctx: Arc<Context>) -> Action {
