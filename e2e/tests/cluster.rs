@@ -513,3 +513,60 @@ async fn the_pgsnap_dev_image_runs_the_projects_binary() {
     );
     assert!(log.contains("kind: CustomResourceDefinition"), "{log}");
 }
+
+#[tokio::test]
+async fn a_failed_container_reports_exit_code_and_termination_message() {
+    let cluster = Cluster::from_env().await;
+    let pods = cluster.api::<Pod>();
+    let pod = |name: &str, script: &str, policy: &str| {
+        json!({
+            "metadata": {"name": name},
+            "spec": {"restartPolicy": "Never", "containers": [{
+                "name": "main", "image": "busybox", "command": ["sh", "-c", script],
+                "terminationMessagePolicy": policy
+            }]}
+        })
+    };
+    create(
+        &pods,
+        pod(
+            "file",
+            "echo 'Refused: because' > /dev/termination-log; exit 3",
+            "File",
+        ),
+    )
+    .await;
+    create(
+        &pods,
+        pod(
+            "logs",
+            "echo first; echo 'the last words'; exit 4",
+            "FallbackToLogsOnError",
+        ),
+    )
+    .await;
+    let failed = |p: Option<&Pod>| {
+        p.and_then(|p| p.status.as_ref())
+            .and_then(|s| s.phase.as_deref())
+            == Some("Failed")
+    };
+    for (name, code, message) in [
+        ("file", 3, "Refused: because\n"),
+        ("logs", 4, "first\nthe last words"),
+    ] {
+        let p = cluster
+            .wait_for(pods.clone(), name, "Failed", T, failed)
+            .await;
+        let status = &p.status.unwrap().container_statuses.unwrap()[0];
+        let terminated = status
+            .state
+            .clone()
+            .unwrap()
+            .terminated
+            .expect("terminated");
+        assert_eq!(terminated.exit_code, code);
+        assert_eq!(terminated.reason.as_deref(), Some("Error"));
+        assert_eq!(terminated.message.as_deref(), Some(message));
+        assert_eq!(status.restart_count, 0);
+    }
+}

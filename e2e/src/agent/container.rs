@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -88,6 +88,39 @@ pub fn write_identity_files(pod: &Pod, pod_dir: &Path) -> std::io::Result<(PathB
     std::fs::write(etc.join("passwd"), passwd)?;
     std::fs::write(etc.join("group"), group)?;
     Ok((etc.join("passwd"), etc.join("group")))
+}
+
+/// Where a container's termination message is kept on the node.
+pub fn termination_file(pod_dir: &Path, container: &str) -> PathBuf {
+    pod_dir.join(format!("{container}.termination-log"))
+}
+
+/// The kubelet's limits for a termination message and its fallback from the log.
+const MAX_MESSAGE_BYTES: usize = 4096;
+const FALLBACK_LOG_LINES: usize = 80;
+const FALLBACK_LOG_BYTES: usize = 2048;
+
+/// The message of a finished container: its termination-log file, else (with the policy
+/// FallbackToLogsOnError and a failure) the tail of its log.
+pub fn termination_message(pod_dir: &Path, c: &Container, exit_code: i32) -> Option<String> {
+    let tail = |text: &str, max: usize| {
+        let mut start = text.len().saturating_sub(max);
+        while !text.is_char_boundary(start) {
+            start += 1;
+        }
+        text[start..].to_owned()
+    };
+    let written = std::fs::read_to_string(termination_file(pod_dir, &c.name)).unwrap_or_default();
+    if !written.is_empty() {
+        return Some(tail(&written, MAX_MESSAGE_BYTES));
+    }
+    if exit_code == 0 || c.termination_message_policy.as_deref() != Some("FallbackToLogsOnError") {
+        return None;
+    }
+    let log = std::fs::read_to_string(pod_dir.join(format!("{}.log", c.name))).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    let last = lines[lines.len().saturating_sub(FALLBACK_LOG_LINES)..].join("\n");
+    Some(tail(&last, FALLBACK_LOG_BYTES)).filter(|m| !m.is_empty())
 }
 
 /// Builds the launch spec of a container (without starting it).
@@ -212,6 +245,21 @@ pub async fn launch_spec(
     }
     // Parents before children, so a volume mounted inside another one stays visible.
     mounts.sort_by_key(|m| m.target.components().count());
+    // The termination message file, fresh for each start, writable by any user (kubelet's).
+    let termination = termination_file(pod_dir, &c.name);
+    std::fs::write(&termination, b"")
+        .and_then(|()| {
+            std::fs::set_permissions(&termination, std::fs::Permissions::from_mode(0o666))
+        })
+        .map_err(|e| PodError::Launch(format!("{}: {e}", termination.display())))?;
+    let termination_path = c.termination_message_path.clone();
+    mounts.push(Mount {
+        source: termination,
+        target: termination_path
+            .unwrap_or_else(|| "/dev/termination-log".into())
+            .into(),
+        read_only: false,
+    });
     let (passwd, group) = write_identity_files(pod, pod_dir)
         .map_err(|e| PodError::Launch(format!("/etc/passwd: {e}")))?;
     mounts.push(Mount {

@@ -554,10 +554,13 @@ impl PodCtx {
             }
         };
         let stop_signal = run.image.stop_signal();
-        let exit = tokio::select! {
+        let mut exit = tokio::select! {
             exit = running.finish(shared, stop_signal, stop) => exit,
             never = probing => match never {},
         };
+        if exit.message.is_none() {
+            exit.message = container::termination_message(&self.dir, c, exit.exit_code);
+        }
         Some(exit)
     }
 }
