@@ -231,10 +231,21 @@ async fn start_restored(
         }
     }))
     .map_err(|e| e.to_string())?;
+    serve(cluster, source, &pod, port).await
+}
+
+/// Creates the pod and waits until its server accepts connections out of recovery.
+async fn serve(
+    cluster: &Cluster,
+    source: &PostgresPod,
+    pod: &Pod,
+    port: u16,
+) -> Result<(tokio_postgres::Client, Duration), String> {
+    let name = pod.name_any();
     let t0 = Instant::now();
     cluster
         .api::<Pod>()
-        .create(&PostParams::default(), &pod)
+        .create(&PostParams::default(), pod)
         .await
         .map_err(|e| format!("pod {name}: {e}"))?;
     let conninfo = format!(
@@ -514,7 +525,10 @@ async fn refusals_retained_snapshots_and_a_time_target() {
     // report one (the test cluster's agent) leaves the exit status: a refusal all the same.
     failed_with(&r, &["SystemIdentifierMismatch", "PrepareRefused"]);
     let error = r.status.as_ref().and_then(|s| s.error.clone()).unwrap();
-    eprintln!("label of another database: {}: {}", error.reason, error.message);
+    eprintln!(
+        "label of another database: {}: {}",
+        error.reason, error.message
+    );
     let pgdata = cluster
         .pvc_host_dir("d-foreign")
         .await
@@ -584,4 +598,145 @@ async fn refusals_retained_snapshots_and_a_time_target() {
         (1..=100).collect::<BTreeSet<i64>>(),
         "a time target before rows 1001..1010"
     );
+}
+
+/// The documented initContainer form: the user restores a PVC from the snapshot and the pod
+/// prepares its own data directory before PostgreSQL starts; on the next start of the pod
+/// the marker makes restore-prepare change nothing, and the recovered database is intact.
+#[tokio::test]
+async fn restore_prepare_as_an_init_container() {
+    let cluster = Cluster::from_env().await;
+    let _operator = operator(&cluster).await;
+    let db = postgres_pod(17).archive(true).create(&cluster).await;
+    db.sql("CREATE TABLE marks (v bigint PRIMARY KEY)").await;
+    db.sql("INSERT INTO marks SELECT generate_series(1, 50)")
+        .await;
+    let b = backup(&cluster, &db, "b17", json!({})).await;
+    let status = completed(&b).clone();
+    let snap = &status.snapshots[0];
+    let cm = cluster
+        .api::<ConfigMap>()
+        .get(status.label_config_map.as_deref().unwrap())
+        .await
+        .expect("label");
+    let ann = cm.annotations();
+    let pvc: PersistentVolumeClaim = serde_json::from_value(json!({
+        "metadata": {"name": "data-init"},
+        "spec": {
+            "accessModes": ["ReadWriteOnce"],
+            "resources": {"requests": {"storage": snap.restore_size.clone().unwrap_or_else(|| "1Gi".into())}},
+            "dataSource": {"apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot", "name": snap.name},
+        }
+    }))
+    .unwrap();
+    cluster
+        .api::<PersistentVolumeClaim>()
+        .create(&PostParams::default(), &pvc)
+        .await
+        .expect("pvc");
+    let pod = |port: u16| -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": "init-restored"},
+            "spec": {
+                "securityContext": {"runAsUser": POSTGRES_UID, "runAsGroup": POSTGRES_UID, "fsGroup": POSTGRES_UID},
+                "restartPolicy": "Never",
+                "terminationGracePeriodSeconds": 5,
+                "initContainers": [{
+                    "name": "restore-prepare",
+                    "image": "pgsnap:dev",
+                    "args": [
+                        "restore-prepare",
+                        "--data-dir=/var/lib/postgresql/data/pgdata",
+                        "--label-dir=/pgsnap/label",
+                        format!("--backup-label-sha256={}", ann["pgsnap.io/backup-label-sha256"]),
+                        format!("--tablespace-map-sha256={}", ann["pgsnap.io/tablespace-map-sha256"]),
+                        format!("--system-identifier={}", ann["pgsnap.io/system-identifier"]),
+                        format!("--restore-command=cp {ARCHIVE_MOUNT}/%f %p"),
+                    ],
+                    "volumeMounts": [
+                        {"name": "data", "mountPath": "/var/lib/postgresql/data"},
+                        {"name": "label", "mountPath": "/pgsnap/label", "readOnly": true},
+                    ],
+                }],
+                "containers": [{
+                    "name": "postgres",
+                    "image": "postgres:17",
+                    "args": ["-c", format!("port={port}"), "-c", "archive_mode=off"],
+                    "env": [
+                        {"name": "POSTGRES_PASSWORD", "value": db.password},
+                        {"name": "PGDATA", "value": "/var/lib/postgresql/data/pgdata"},
+                    ],
+                    "volumeMounts": [
+                        {"name": "data", "mountPath": "/var/lib/postgresql/data"},
+                        {"name": "archive", "mountPath": ARCHIVE_MOUNT},
+                    ],
+                }],
+                "volumes": [
+                    {"name": "data", "persistentVolumeClaim": {"claimName": "data-init"}},
+                    {"name": "label", "configMap": {"name": cm.name_any()}},
+                    {"name": "archive", "persistentVolumeClaim": {"claimName": db.claim("archive")}},
+                ],
+            }
+        }))
+        .unwrap()
+    };
+    let port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let p = port();
+    let (client, _) = serve(&cluster, &db, &pod(p), p)
+        .await
+        .unwrap_or_else(|e| panic!("first start: {e}"));
+    assert_eq!(marks(&client).await, (1..=50).collect::<BTreeSet<i64>>());
+    client
+        .batch_execute("INSERT INTO marks SELECT generate_series(51, 60)")
+        .await
+        .expect("write to the restored database");
+    let log = cluster
+        .container_log("init-restored", "restore-prepare")
+        .await;
+    assert!(
+        log.contains("prepared /var/lib/postgresql/data/pgdata for recovery"),
+        "{log}"
+    );
+    drop(client);
+
+    // The pod again: the label must not come back over the recovered, written-to database.
+    let uid = cluster
+        .api::<Pod>()
+        .get("init-restored")
+        .await
+        .unwrap()
+        .uid()
+        .unwrap();
+    cluster
+        .api::<Pod>()
+        .delete("init-restored", &DeleteParams::default())
+        .await
+        .expect("delete pod");
+    cluster
+        .wait_deleted(
+            cluster.api::<Pod>(),
+            "init-restored",
+            &uid,
+            Duration::from_secs(60),
+        )
+        .await;
+    let p = port();
+    let (client, _) = serve(&cluster, &db, &pod(p), p)
+        .await
+        .unwrap_or_else(|e| panic!("second start: {e}"));
+    assert_eq!(
+        marks(&client).await,
+        (1..=60).collect::<BTreeSet<i64>>(),
+        "rows written after the restore survive a restart"
+    );
+    let log = cluster
+        .container_log("init-restored", "restore-prepare")
+        .await;
+    assert!(log.contains("nothing changed"), "{log}");
 }
