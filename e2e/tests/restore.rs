@@ -740,3 +740,77 @@ async fn restore_prepare_as_an_init_container() {
         .await;
     assert!(log.contains("nothing changed"), "{log}");
 }
+
+/// The CRD's own validation: `kubectl apply` refuses a bad Restore before any controller sees it.
+#[tokio::test]
+async fn invalid_restores_are_refused_by_the_api_server() {
+    let cluster = Cluster::from_env().await;
+    pgsnap_e2e::operator::install_chart_rbac();
+    let data = json!([{"role": "Data", "name": "d"}]);
+    let cases = [
+        (json!({"claims": data}), "set exactly one source"),
+        (
+            json!({"backupName": "b", "volumeSnapshotName": "s", "labelConfigMapName": "c", "claims": data}),
+            "set exactly one source",
+        ),
+        (
+            json!({"volumeSnapshotName": "s", "claims": data}),
+            "go together",
+        ),
+        (
+            json!({"backupName": "b", "claims": [{"role": "Wal", "name": "w"}]}),
+            "role Data is required",
+        ),
+        (
+            json!({"backupName": "b", "claims": [{"role": "Data", "name": "d"}, {"role": "Data", "name": "e"}]}),
+            "one claim per role",
+        ),
+        (
+            json!({"backupName": "b", "claims": [{"role": "Tablespace", "name": "d"}, {"role": "Data", "name": "e"}]}),
+            "tablespace names the tablespace",
+        ),
+        (
+            json!({"backupName": "b", "claims": data, "recovery": {"target": {"time": "yesterday"}}}),
+            "RFC 3339",
+        ),
+        (
+            json!({"backupName": "b", "claims": data, "recovery": {"target": {"time": "2026-11-21T10:00:00Z", "lsn": "0/1"}}}),
+            "at most one of time and lsn",
+        ),
+        (
+            json!({"backupName": "b", "claims": data, "recovery": {"restoreCommand": "cp a b\nrecovery_target = 'x'"}}),
+            "one non-empty line",
+        ),
+    ];
+    for (i, (spec, message)) in cases.into_iter().enumerate() {
+        let r: Restore = serde_json::from_value(json!({"apiVersion": "pgsnap.io/v1alpha1", "kind": "Restore", "metadata": {"name": format!("bad-{i}")}, "spec": spec})).unwrap();
+        match cluster
+            .api::<Restore>()
+            .create(&PostParams::default(), &r)
+            .await
+        {
+            Err(kube::Error::Api(s)) => assert!(
+                s.code == 422 && s.message.contains(message),
+                "case {i}: {}",
+                s.message
+            ),
+            other => panic!("case {i} ({message}) was accepted: {other:?}"),
+        }
+    }
+    // And the spec is immutable.
+    let ok: Restore = serde_json::from_value(json!({"apiVersion": "pgsnap.io/v1alpha1", "kind": "Restore", "metadata": {"name": "good"}, "spec": {"backupName": "b", "claims": data}})).unwrap();
+    let mut created = cluster
+        .api::<Restore>()
+        .create(&PostParams::default(), &ok)
+        .await
+        .expect("a valid Restore");
+    created.spec.backup_name = Some("other".into());
+    match cluster
+        .api::<Restore>()
+        .replace("good", &PostParams::default(), &created)
+        .await
+    {
+        Err(kube::Error::Api(s)) => assert!(s.message.contains("immutable"), "{}", s.message),
+        other => panic!("the spec changed: {other:?}"),
+    }
+}
