@@ -94,7 +94,7 @@ fn assert_completed(backup: &Backup) {
     assert_eq!(
         status.phase,
         Some(Phase::Completed),
-        "backup {} did not complete: {:#?}",
+        "backup {} did not complete: {:?}",
         backup.name_any(),
         status.error
     );
@@ -128,29 +128,29 @@ fn assert_failed(backup: &Backup, reason: &str) {
 
 /// After any backup: no session of pgsnap left on the server, no snapshot of a failed backup.
 async fn assert_clean(cluster: &Cluster, db: &PostgresPod, backup: &str, expect_snapshots: bool) {
-    let sessions = db
-        .sql_value("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgsnap'")
-        .await;
-    assert_eq!(
-        sessions, "0",
-        "a pgsnap session is still open on {}",
-        db.name
-    );
-    let snapshots = cluster
-        .api::<VolumeSnapshot>()
-        .list(&ListParams::default().labels(&format!("pgsnap.io/backup={backup}")))
-        .await
-        .expect("list");
-    assert_eq!(
-        !snapshots.items.is_empty(),
-        expect_snapshots,
-        "snapshots of {backup}: {:?}",
-        snapshots
+    // The server ends an aborted session, and the snapshot controller releases a deleted
+    // snapshot's finalizer, a moment after the operator has acted.
+    let (mut sessions, mut snapshots) = (String::new(), Vec::new());
+    for _ in 0..150 {
+        sessions = db
+            .sql_value("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgsnap'")
+            .await;
+        snapshots = cluster
+            .api::<VolumeSnapshot>()
+            .list(&ListParams::default().labels(&format!("pgsnap.io/backup={backup}")))
+            .await
+            .expect("list")
             .items
             .iter()
             .map(|s| s.name_any())
-            .collect::<Vec<_>>()
-    );
+            .collect();
+        if sessions == "0" && snapshots.is_empty() != expect_snapshots {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(sessions, "0", "a pgsnap session is still open on {}", db.name);
+    assert_eq!(!snapshots.is_empty(), expect_snapshots, "snapshots of {backup}: {snapshots:?}");
 }
 
 async fn events_of(cluster: &Cluster, name: &str) -> Vec<String> {
@@ -536,10 +536,10 @@ async fn bad_targets_fail_with_a_reason() {
 async fn an_operator_killed_mid_backup_leaves_nothing_behind() {
     let cluster = Cluster::from_env().await;
     let mut first = operator(&cluster).await;
-    // A spread checkpoint of ~20s keeps the backup in Starting long enough to kill the operator.
+    // An archive that never succeeds keeps the stop call waiting: the backup sits in Stopping.
     let db = postgres_pod(16)
-        .setting("checkpoint_timeout", "30s")
-        .setting("checkpoint_completion_target", "0.9")
+        .setting("archive_mode", "on")
+        .setting("archive_command", "false")
         .create(&cluster)
         .await;
     let secret = password_secret(&cluster, &db).await;
@@ -550,7 +550,7 @@ async fn an_operator_killed_mid_backup_leaves_nothing_behind() {
             json!({
                 "target": {"podName": db.name},
                 "connection": {"passwordSecretRef": {"name": secret, "key": "password"}},
-                "checkpoint": "Spread",
+                "checkpoint": "Fast",
             }),
         ),
     )
@@ -559,9 +559,9 @@ async fn an_operator_killed_mid_backup_leaves_nothing_behind() {
         .wait_for(
             cluster.api::<Backup>(),
             &name,
-            "Starting",
+            "Stopping",
             Duration::from_secs(30),
-            phase_is(&[Phase::Starting]),
+            phase_is(&[Phase::Stopping]),
         )
         .await;
     first.kill();
@@ -588,7 +588,8 @@ async fn an_operator_killed_mid_backup_leaves_nothing_behind() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_clean(&cluster, &db, &name, false).await;
-    // And a new backup starts at once: the server is not stuck in backup mode.
+    // And a new backup starts at once: the server is not stuck in backup mode (the archive
+    // still fails, so this one does not wait for it).
     let again = apply(
         &cluster,
         backup_spec(
@@ -610,9 +611,10 @@ async fn an_operator_killed_mid_backup_leaves_nothing_behind() {
 async fn sigterm_and_the_deadline_abort_cleanly() {
     let cluster = Cluster::from_env().await;
     let mut op = operator(&cluster).await;
+    // An archive that never succeeds: the stop call waits until the deadline or the signal.
     let db = postgres_pod(14)
-        .setting("checkpoint_timeout", "60s")
-        .setting("checkpoint_completion_target", "0.9")
+        .setting("archive_mode", "on")
+        .setting("archive_command", "false")
         .create(&cluster)
         .await;
     let secret = password_secret(&cluster, &db).await;
@@ -635,6 +637,18 @@ async fn sigterm_and_the_deadline_abort_cleanly() {
         )
         .await;
     assert_failed(&backup, "DeadlineExceeded");
+    let message = &backup
+        .status
+        .as_ref()
+        .unwrap()
+        .error
+        .as_ref()
+        .unwrap()
+        .message;
+    assert!(
+        message.contains("archiv"),
+        "the deadline names the step it hit: {message}"
+    );
     assert_clean(&cluster, &db, &name, false).await;
 
     let name = apply(&cluster, backup_spec("terminated", spec("10m"))).await;
@@ -642,9 +656,9 @@ async fn sigterm_and_the_deadline_abort_cleanly() {
         .wait_for(
             cluster.api::<Backup>(),
             &name,
-            "Starting",
+            "Stopping",
             Duration::from_secs(30),
-            phase_is(&[Phase::Starting]),
+            phase_is(&[Phase::Stopping]),
         )
         .await;
     assert!(
@@ -679,20 +693,27 @@ async fn deletion_honours_the_deletion_policy() {
         )
         .await;
         assert_completed(&wait_terminal(&cluster, &name).await);
+        let uid = cluster
+            .api::<Backup>()
+            .get(&name)
+            .await
+            .unwrap()
+            .uid()
+            .unwrap();
         cluster
             .api::<Backup>()
             .delete(&name, &DeleteParams::default())
             .await
             .unwrap();
-        cluster
-            .wait_for(
-                cluster.api::<Backup>(),
-                &name,
-                "deleted",
-                Duration::from_secs(30),
-                |b: Option<&Backup>| b.is_none(),
-            )
-            .await;
+        let deleted = kube::runtime::wait::await_condition(
+            cluster.api::<Backup>(),
+            &name,
+            kube::runtime::wait::conditions::is_deleted(&uid),
+        );
+        tokio::time::timeout(Duration::from_secs(30), deleted)
+            .await
+            .expect("the Backup is deleted within 30s")
+            .unwrap();
         let snapshots = cluster
             .api::<VolumeSnapshot>()
             .list(&ListParams::default().labels(&format!("pgsnap.io/backup={name}")))

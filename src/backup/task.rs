@@ -194,7 +194,21 @@ async fn execute(ctx: &Context, job: &Job, status: &mut BackupStatus) -> Result<
 
     let overrides: Vec<String> = spec.volumes.iter().map(|v| v.persistent_volume_claim.clone()).collect();
     let pod_spec = pod.spec.clone().unwrap_or_default();
-    let plan = volumes::plan(&pod_spec, &database_dirs(&server), &overrides)?;
+    let mut dirs = database_dirs(&server);
+    // pg_wal may be a link to another volume, which SQL cannot read; ask the server which of
+    // the pod's other writable mounts is its WAL directory. Only when there are any: the
+    // common single-volume pod needs no file-reading privilege.
+    let candidates = volumes::wal_candidates(&pod_spec, &server.data_directory);
+    if !candidates.is_empty() {
+        let candidates: Vec<&str> = candidates.iter().map(String::as_str).collect();
+        match session.locate_wal(&candidates).await {
+            Ok(Some(wal)) => dirs[1].path = wal,
+            Ok(None) => {}
+            Err(e) if server.major < 11 => info!(error = %e, "PostgreSQL 10 cannot tell whether pg_wal links to another volume; taking it inside the data directory"),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let plan = volumes::plan(&pod_spec, &dirs, &overrides)?;
     let mut classes = Vec::with_capacity(plan.len());
     for s in &plan {
         classes.push(snapshots::resolve_class(&ctx.client, &ns, &s.persistent_volume_claim, spec.volume_snapshot_class_name.as_deref()).await?);

@@ -159,6 +159,32 @@ pub fn plan(pod: &PodSpec, dirs: &[DatabaseDir], overrides: &[String]) -> Result
         .collect())
 }
 
+/// Where pg_wal could be if it links out of the data directory: every mount (and its
+/// `pg_wal`) of a volume that can hold data, other than the data directory's own mount.
+pub fn wal_candidates(pod: &PodSpec, data_directory: &str) -> Vec<String> {
+    let writable: Vec<&str> = pod
+        .volumes
+        .iter()
+        .flatten()
+        .filter(|v| v.persistent_volume_claim.is_some() || v.empty_dir.is_some() || v.host_path.is_some() || v.ephemeral.is_some())
+        .map(|v| v.name.as_str())
+        .collect();
+    let data = normalise(data_directory);
+    let mut candidates: Vec<String> = pod
+        .containers
+        .iter()
+        .flat_map(|c| c.volume_mounts.iter().flatten())
+        .filter(|m| writable.contains(&m.name.as_str()) && !data.starts_with(normalise(&m.mount_path)))
+        .flat_map(|m| {
+            let root = normalise(&m.mount_path);
+            [root.to_string_lossy().to_string(), root.join("pg_wal").to_string_lossy().to_string()]
+        })
+        .collect();
+    candidates.sort();
+    candidates.dedup();
+    candidates
+}
+
 /// The order in which snapshots are cut. From a standby, the volume holding `global/pg_control`
 /// (the data volume) is cut last, after the others, as the server's documentation requires;
 /// a primary's volumes are all cut at once to keep backup mode short.
@@ -266,6 +292,14 @@ mod tests {
         assert!(plan(&spec, &dirs, &["a".into(), "b".into()]).is_ok());
         assert!(matches!(plan(&spec, &dirs, &["a".into()]), Err(PlanError::NotInOverride { .. })));
         assert!(matches!(plan(&spec, &dirs[..1], &["a".into(), "b".into()]), Err(PlanError::UnusedOverride(_))));
+    }
+
+    #[test]
+    fn wal_candidates_are_the_other_writable_mounts() {
+        let spec = pod(&[("data", "/pg", None), ("wal", "/wal/", None), ("cache", "/cache", None)], &[("data", Some("a")), ("wal", Some("b")), ("cache", None)]);
+        assert_eq!(wal_candidates(&spec, "/pg/data"), ["/cache", "/cache/pg_wal", "/wal", "/wal/pg_wal"]);
+        let single = pod(&[("data", "/pg", None)], &[("data", Some("a"))]);
+        assert!(wal_candidates(&single, "/pg/data").is_empty());
     }
 
     #[test]

@@ -128,7 +128,15 @@ impl Session {
             client
                 .batch_execute("SET client_connection_check_interval = '1s'")
                 .await
-                .map_err(|e| Error::from_query("client_connection_check_interval", Step::Connect, &opts.user, String::new, e))?;
+                .map_err(|e| {
+                    Error::from_query(
+                        "client_connection_check_interval",
+                        Step::Connect,
+                        &opts.user,
+                        String::new,
+                        e,
+                    )
+                })?;
         }
         let backend_pid: i32 = client
             .query_one("select pg_backend_pid()", &[])
@@ -229,7 +237,10 @@ impl Session {
                     detail: "this session is already in backup mode",
                 });
             }
-            State::Broken => return Err(self.lost(Step::Start)),
+            State::Broken => {
+                self.close_on_failure();
+                return Err(self.lost(Step::Start));
+            }
         }
         if label.len() > MAX_LABEL_BYTES {
             return Err(Error::LabelTooLong {
@@ -255,6 +266,9 @@ impl Session {
         let called_at = SystemTime::now();
         let t0 = Instant::now();
         self.control.send_replace(Control::Deadline(t0 + deadline));
+        // Until start returns, the server's backup state is unknown: if this future is
+        // dropped midway (a cancelled task), the session must not look reusable.
+        self.state = State::Broken;
 
         let (slot_name, wal_not_pinned_reason) = self.pin_wal().await;
         let sql = if self.info.major >= 15 {
@@ -331,7 +345,10 @@ impl Session {
                     detail: "this session has no backup in progress",
                 });
             }
-            State::Broken => return Err(self.lost(Step::Stop)),
+            State::Broken => {
+                self.close_on_failure();
+                return Err(self.lost(Step::Stop));
+            }
         };
         if self.shared.deadline_passed.load(Ordering::SeqCst) {
             self.state = State::Broken;
@@ -346,6 +363,8 @@ impl Session {
         }
 
         let t0 = Instant::now();
+        // As in start: a stop dropped midway leaves the session unusable, not "in backup".
+        self.state = State::Broken;
         let sql = if self.info.major >= 15 {
             "select lsn::text, labelfile, spcmapfile from pg_backup_stop($1)"
         } else {
@@ -585,9 +604,9 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        // The connection task sees the control channel close, cancels a running statement
-        // and closes the connection: PostgreSQL aborts the backup.
-        if matches!(self.state, State::InBackup { .. }) {
+        // The connection task cancels a running statement and closes the connection:
+        // PostgreSQL aborts the backup. Also after a start or stop that was dropped midway.
+        if !matches!(self.state, State::Idle) {
             self.control.send_replace(Control::Abort);
         }
     }
