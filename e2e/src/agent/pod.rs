@@ -200,7 +200,11 @@ impl PodCtx {
             .patch_status(&self.name, &PatchParams::default(), &patch)
             .await
         {
-            tracing::warn!(error = %e, "status update failed");
+            match e {
+                // Already deleted (the final delete, or a force delete): nothing to report to.
+                kube::Error::Api(s) if s.code == 404 => tracing::debug!("status update: pod gone"),
+                e => tracing::warn!(error = %e, "status update failed"),
+            }
         }
     }
 
