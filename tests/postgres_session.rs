@@ -20,6 +20,25 @@ fn abort_warning(major: u32) -> &'static str {
     }
 }
 
+/// Waits up to 5 s for a backend to exit.
+async fn backend_gone(client: &tokio_postgres::Client, pid: i32) -> bool {
+    for _ in 0..50 {
+        let n: i64 = client
+            .query_one(
+                "select count(*) from pg_stat_activity where pid = $1",
+                &[&pid],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if n == 0 {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
 async fn session_matrix(major: u32) {
     let dir = TestDir::new(&format!("session{major}"));
     let archive = dir.owned("archive");
@@ -203,26 +222,30 @@ async fn session_matrix(major: u32) {
     assert!(err.to_string().contains("archived"), "{err}");
     assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
     let client = pg.client().await;
-    let mut gone = false;
-    for _ in 0..50 {
-        let n: i64 = client
-            .query_one(
-                "select count(*) from pg_stat_activity where pid = $1",
-                &[&pid],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if n == 0 {
-            gone = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let gone = backend_gone(&client, pid).await;
     assert!(
         gone,
         "backend {pid} still waiting for the archive:\n{}",
         pg.log_tail(10)
+    );
+    // A stop whose future is dropped (a cancelled task) and then the session: same cleanup.
+    let mut f2 = Session::connect(&pg.opts("postgres", None)).await.unwrap();
+    let pid = f2.backend_pid();
+    f2.start("cancelled stop", true, Duration::from_secs(600))
+        .await
+        .unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_secs(2), f2.stop(true))
+            .await
+            .is_err()
+    );
+    let err = f2.stop(true).await.unwrap_err();
+    assert_eq!(err.reason(), "SessionLost", "{err:?}");
+    drop(f2);
+    let gone = backend_gone(&client, pid).await;
+    assert!(
+        gone,
+        "backend {pid} of a cancelled stop still waiting for the archive"
     );
     pg.exec("alter system reset archive_command").await;
     pg.exec("select pg_reload_conf()").await;
@@ -251,22 +274,7 @@ async fn session_matrix(major: u32) {
         "{err:?}"
     );
     assert!(err.to_string().contains("checkpoint"), "{err}");
-    let mut gone = false;
-    for _ in 0..50 {
-        let n: i64 = client
-            .query_one(
-                "select count(*) from pg_stat_activity where pid = $1",
-                &[&pid],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if n == 0 {
-            gone = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let gone = backend_gone(&client, pid).await;
     assert!(gone, "backend {pid} still waiting for the checkpoint");
     pg.exec("alter system reset checkpoint_completion_target")
         .await;
