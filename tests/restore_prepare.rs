@@ -194,4 +194,7 @@ macro_rules! per_major {
     )*};
 }
 
-per_major! { prepare_pg10: 10, prepare_pg11: 11, prepare_pg12: 12, prepare_pg15: 15, prepare_pg18: 18 }
+per_major! {
+    prepare_pg10: 10, prepare_pg11: 11, prepare_pg12: 12, prepare_pg13: 13, prepare_pg14: 14,
+    prepare_pg15: 15, prepare_pg16: 16, prepare_pg17: 17, prepare_pg18: 18,
+}
