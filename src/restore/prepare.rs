@@ -680,6 +680,17 @@ mod tests {
     }
 
     #[test]
+    fn a_standby_copy_loses_its_standby_signal_when_asked() {
+        let (_dir, mut inputs) = scratch("16");
+        fs::write(inputs.data_dir.join("standby.signal"), "").unwrap();
+        inputs.remove_standby_signal = true;
+        let Outcome::Prepared { actions, .. } = prepare(&inputs).unwrap() else { panic!("not prepared") };
+        assert!(!inputs.data_dir.join("standby.signal").exists());
+        assert!(actions.iter().any(|a| a.contains("standby.signal")), "{actions:?}");
+        assert!(inputs.data_dir.join("recovery.signal").exists());
+    }
+
+    #[test]
     fn a_directory_prepared_from_another_label_is_refused() {
         let (_dir, inputs) = scratch("17");
         fs::write(inputs.data_dir.join(DONE_MARKER), "abc\n").unwrap();
