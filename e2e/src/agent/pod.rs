@@ -208,13 +208,20 @@ impl PodCtx {
         }
     }
 
-    /// Logs and spec files stay after the pod is gone (for post-mortems); volumes go.
+    /// Only the logs stay after the pod is gone (for post-mortems): volumes, launch specs
+    /// (which hold Secret values) and termination messages go.
     fn clean_up(&self) {
-        for sub in ["volumes", "etc"] {
-            let path = self.dir.join(sub);
-            if path.exists()
-                && let Err(e) = std::fs::remove_dir_all(&path)
-            {
+        let entries = std::fs::read_dir(&self.dir).into_iter().flatten().flatten();
+        for path in entries.map(|e| e.path()) {
+            if path.extension().is_some_and(|e| e == "log") {
+                continue;
+            }
+            let removed = if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+            if let Err(e) = removed {
                 tracing::warn!(error = %e, path = %path.display(), "cleaning the pod directory");
             }
         }
