@@ -814,3 +814,46 @@ async fn invalid_restores_are_refused_by_the_api_server() {
         other => panic!("the spec changed: {other:?}"),
     }
 }
+
+/// `claimDeletionPolicy: Delete` (restore drills): the claims go with the Restore.
+#[tokio::test]
+async fn claims_owned_by_the_restore_go_with_it() {
+    let cluster = Cluster::from_env().await;
+    let _operator = operator(&cluster).await;
+    let db = postgres_pod(16).archive(true).create(&cluster).await;
+    let b = backup(&cluster, &db, "b16", json!({})).await;
+    completed(&b);
+    let r = restore(
+        &cluster,
+        "drill",
+        json!({"backupName": "b16", "claims": claims_for(&b, "drill"), "claimDeletionPolicy": "Delete",
+               "recovery": {"restoreCommand": format!("cp {ARCHIVE_MOUNT}/%f %p")}}),
+    )
+    .await;
+    let claims = assert_restored(&r).claims.clone();
+    let mut owned = Vec::new();
+    for c in &claims {
+        let pvc = cluster
+            .api::<PersistentVolumeClaim>()
+            .get(&c.name)
+            .await
+            .expect("claim");
+        assert_eq!(pvc.owner_references()[0].uid, r.uid().unwrap());
+        owned.push((c.name.clone(), pvc.uid().unwrap()));
+    }
+    cluster
+        .api::<Restore>()
+        .delete("drill", &DeleteParams::default())
+        .await
+        .expect("delete restore");
+    for (name, uid) in owned {
+        cluster
+            .wait_deleted(
+                cluster.api::<PersistentVolumeClaim>(),
+                &name,
+                &uid,
+                Duration::from_secs(60),
+            )
+            .await;
+    }
+}
