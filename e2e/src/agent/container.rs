@@ -467,23 +467,117 @@ pub async fn probe_once(
         signal_group(pgid, libc::SIGKILL);
         return ok;
     }
+    let port_of = |port: &IntOrString| match port {
+        IntOrString::Int(p) => Some(*p),
+        IntOrString::String(name) => c
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref() == Some(name))
+            .map(|p| p.container_port),
+    };
     if let Some(tcp) = &probe.tcp_socket {
-        let port = match &tcp.port {
-            IntOrString::Int(p) => Some(*p),
-            IntOrString::String(name) => c
-                .ports
-                .iter()
-                .flatten()
-                .find(|p| p.name.as_deref() == Some(name))
-                .map(|p| p.container_port),
+        let Some(port) = port_of(&tcp.port) else {
+            return false;
         };
-        let Some(port) = port else { return false };
         let addr = format!("{}:{port}", tcp.host.as_deref().unwrap_or(super::POD_IP));
         return matches!(
             tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await,
             Ok(Ok(_))
         );
     }
-    // httpGet and gRPC probes are not implemented: report ready rather than never.
+    if let Some(http) = &probe.http_get {
+        let Some(port) = port_of(&http.port) else {
+            return false;
+        };
+        let host = http.host.clone().unwrap_or_else(|| super::POD_IP.into());
+        let path = http.path.clone().unwrap_or_else(|| "/".into());
+        // HTTPS is not spoken here: a TLS port that accepts connections counts as up.
+        let tls = http.scheme.as_deref() == Some("HTTPS");
+        let check = http_check(&host, port, &path, tls);
+        return matches!(tokio::time::timeout(timeout, check).await, Ok(Ok(true)));
+    }
+    // gRPC probes are not implemented: report ready rather than never.
     true
+}
+
+/// The kubelet's HTTP probe: success is a status from 200 to 399.
+async fn http_check(host: &str, port: i32, path: &str, tls: bool) -> std::io::Result<bool> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(format!("{host}:{port}")).await?;
+    if tls {
+        return Ok(true);
+    }
+    let request = format!(
+        "GET {path} HTTP/1.0\r\nHost: {host}:{port}\r\nUser-Agent: kube-probe/1.34\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await?;
+    let mut head = [0u8; 16];
+    let n = stream.read(&mut head).await?;
+    // "HTTP/1.x NNN ..."
+    let status = std::str::from_utf8(&head[..n])
+        .ok()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|code| code.parse::<u16>().ok());
+    Ok(status.is_some_and(|code| (200..400).contains(&code)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn server(answer: &'static str) -> i32 {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await;
+            let _ = s.write_all(answer.as_bytes()).await;
+        });
+        port as i32
+    }
+
+    #[tokio::test]
+    async fn http_probes_accept_2xx_and_3xx_only() {
+        let ok = server("HTTP/1.1 204 No Content\r\n\r\n").await;
+        assert!(
+            http_check("127.0.0.1", ok, "/healthz", false)
+                .await
+                .unwrap()
+        );
+        let bad = server("HTTP/1.1 503 Service Unavailable\r\n\r\n").await;
+        assert!(
+            !http_check("127.0.0.1", bad, "/healthz", false)
+                .await
+                .unwrap()
+        );
+    }
+
+    #[test]
+    fn termination_message_falls_back_to_the_log_tail() {
+        let dir = std::env::temp_dir().join(format!("node-agent-term-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut c = Container {
+            name: "c".into(),
+            ..Default::default()
+        };
+        std::fs::write(dir.join("c.log"), "a\nb\n").unwrap();
+        std::fs::write(termination_file(&dir, "c"), "").unwrap();
+        assert_eq!(
+            termination_message(&dir, &c, 1),
+            None,
+            "policy File: no fallback"
+        );
+        c.termination_message_policy = Some("FallbackToLogsOnError".into());
+        assert_eq!(termination_message(&dir, &c, 0), None, "only on failure");
+        assert_eq!(termination_message(&dir, &c, 1).as_deref(), Some("a\nb"));
+        std::fs::write(termination_file(&dir, "c"), "Reason: x").unwrap();
+        assert_eq!(
+            termination_message(&dir, &c, 1).as_deref(),
+            Some("Reason: x")
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
