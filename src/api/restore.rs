@@ -220,3 +220,20 @@ pub struct RestoreError {
     pub reason: String,
     pub message: String,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_is_a_restore() {
+        let text = include_str!("../../examples/restore.yaml");
+        let first = text.split("\n---\n").next().unwrap_or_default();
+        let restore: Restore = serde_yaml::from_str(first).unwrap();
+        assert_eq!(restore.spec.backup_name.as_deref(), Some("orders-1"));
+        assert_eq!(restore.spec.claims[0].role, VolumeRole::Data);
+        assert_eq!(restore.spec.recovery.target, RecoveryTarget::default());
+        assert!(restore.spec.recovery.promote);
+        assert_eq!(restore.spec.claim_deletion_policy, ClaimDeletionPolicy::Retain);
+    }
+}
