@@ -857,3 +857,61 @@ async fn claims_owned_by_the_restore_go_with_it() {
             .await;
     }
 }
+
+/// The reconciler is level-based: an operator killed mid-restore leaves nothing a new one
+/// cannot finish, and nothing is made twice.
+#[tokio::test]
+async fn a_restore_resumes_after_the_operator_dies() {
+    let cluster = Cluster::from_env().await;
+    let mut first = operator(&cluster).await;
+    let db = postgres_pod(14).archive(true).create(&cluster).await;
+    db.sql("CREATE TABLE marks (v bigint PRIMARY KEY)").await;
+    db.sql("INSERT INTO marks SELECT generate_series(1, 30)")
+        .await;
+    let b = backup(&cluster, &db, "b14", json!({})).await;
+    completed(&b);
+    let r: Restore = serde_json::from_value(json!({"apiVersion": "pgsnap.io/v1alpha1", "kind": "Restore", "metadata": {"name": "resumed"},
+        "spec": {"backupName": "b14", "claims": claims_for(&b, "resumed"), "recovery": {"restoreCommand": format!("cp {ARCHIVE_MOUNT}/%f %p")}}}))
+    .unwrap();
+    cluster
+        .api::<Restore>()
+        .create(&PostParams::default(), &r)
+        .await
+        .expect("restore");
+    let midway = |r: Option<&Restore>| {
+        r.and_then(|r| r.status.as_ref())
+            .and_then(|s| s.phase)
+            .is_some_and(|p| matches!(p, RestorePhase::Provisioning | RestorePhase::Preparing))
+    };
+    cluster
+        .wait_for(
+            cluster.api::<Restore>(),
+            "resumed",
+            "Provisioning or Preparing",
+            Duration::from_secs(60),
+            midway,
+        )
+        .await;
+    first.kill();
+    let _second = operator(&cluster).await;
+    let r = cluster
+        .wait_for(
+            cluster.api::<Restore>(),
+            "resumed",
+            "Completed or Failed",
+            Duration::from_secs(120),
+            restore_ended(),
+        )
+        .await;
+    assert_restored(&r);
+    let jobs = cluster
+        .api::<k8s_openapi::api::batch::v1::Job>()
+        .list(&kube::api::ListParams::default().labels("pgsnap.io/restore=resumed"))
+        .await
+        .expect("jobs");
+    assert_eq!(jobs.items.len(), 1, "one prepare Job");
+    let (client, _) = start_restored(&cluster, &db, &r)
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL on the resumed restore: {e}"));
+    assert_eq!(marks(&client).await, (1..=30).collect::<BTreeSet<i64>>());
+}
