@@ -293,7 +293,8 @@ async fn step(restore: &Restore, ctx: &Context, status: &mut RestoreStatus) -> R
         Some(_) => return Err(Failure::new("JobExists", format!("Job {job_name} exists and was not made by this Restore")).into()),
         None => {
             let owner = owner.ok_or_else(|| Failure::new("KubernetesApi", "the Restore has no uid yet"))?;
-            let job = plan::prepare_job(&job_name, &ns, &name, owner, &ctx.settings.image, &planned, &label, &restore.spec.recovery);
+            let id = plan::JobIdentity { name: &job_name, namespace: &ns, restore: &name, owner, image: &ctx.settings.image };
+            let job = plan::prepare_job(id, &planned, &label, &restore.spec.recovery);
             jobs.create(&PostParams::default(), &job).await?
         }
     };

@@ -352,11 +352,21 @@ pub fn prepare_args(claims: &[PlannedClaim], label: &Label, recovery: &RecoveryS
     args
 }
 
+/// Who the prepare Job is: its name, where, whose, and what it runs.
+pub struct JobIdentity<'a> {
+    pub name: &'a str,
+    pub namespace: &'a str,
+    pub restore: &'a str,
+    pub owner: OwnerReference,
+    pub image: &'a str,
+}
+
 /// The Job that runs restore-prepare on the restored claims. It runs as root with only the
 /// capabilities to write into and chown files of a data directory owned by PostgreSQL's
 /// user, whatever uid that is in the user's image. A refusal (exit 3) fails the Job at once;
 /// anything else is retried twice (restore-prepare is idempotent).
-pub fn prepare_job(name: &str, namespace: &str, restore: &str, owner: OwnerReference, image: &str, claims: &[PlannedClaim], label: &Label, recovery: &RecoverySpec) -> Job {
+pub fn prepare_job(job: JobIdentity, claims: &[PlannedClaim], label: &Label, recovery: &RecoverySpec) -> Job {
+    let JobIdentity { name, namespace, restore, owner, image } = job;
     let mut volumes = vec![Volume {
         name: "label".into(),
         config_map: Some(ConfigMapVolumeSource {
@@ -603,7 +613,8 @@ mod tests {
             promote: false,
         };
         let owner = OwnerReference { api_version: "pgsnap.io/v1alpha1".into(), kind: "Restore".into(), name: "r".into(), uid: "u".into(), ..Default::default() };
-        let job = prepare_job("r-prepare", "shop", "r", owner, "pgsnap:dev", &planned, &label, &recovery);
+        let id = JobIdentity { name: "r-prepare", namespace: "shop", restore: "r", owner, image: "pgsnap:dev" };
+        let job = prepare_job(id, &planned, &label, &recovery);
         let pod = job.spec.unwrap().template.spec.unwrap();
         let c = &pod.containers[0];
         let args = c.args.clone().unwrap();
