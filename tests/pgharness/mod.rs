@@ -575,8 +575,8 @@ fn copy_tree(src: &Path, dst: &Path, pause: Duration, count: &mut u32) {
             fs::set_permissions(&to, fs::Permissions::from_mode(0o700)).unwrap();
             copy_tree(&from, &to, pause, count);
         } else {
-            match fs::copy(&from, &to) {
-                Ok(_) => {}
+            match copy_file_like_tar(&from, &to, pause) {
+                Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(e) => panic!("copy {}: {e}", from.display()),
             }
@@ -589,6 +589,30 @@ fn copy_tree(src: &Path, dst: &Path, pause: Duration, count: &mut u32) {
 }
 
 /// Copies to a temporary name and renames, so nobody ever reads a half-archived segment.
+/// Reads in tar's 10 KiB records, which straddle PostgreSQL's 8 KiB pages, pausing every
+/// megabyte: pages written meanwhile are copied torn, as a live tar copies them.
+fn copy_file_like_tar(from: &Path, to: &Path, pause: Duration) -> std::io::Result<()> {
+    use std::io::Read;
+    let mut src = fs::File::open(from)?;
+    let mut dst = fs::File::create(to)?;
+    let mut buf = vec![0u8; 10 * 1024];
+    let mut records = 0u32;
+    loop {
+        let n = match src.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            // Truncated or removed while read: keep what was read (ignoreFailedRead).
+            Err(_) => break,
+        };
+        dst.write_all(&buf[..n])?;
+        records += 1;
+        if records.is_multiple_of(100) && !pause.is_zero() {
+            std::thread::sleep(pause / 5);
+        }
+    }
+    fs::set_permissions(to, fs::Permissions::from_mode(0o600))
+}
+
 pub fn archive_command(archive: &Path) -> String {
     format!(
         "'test ! -f {0}/%f && cp %p {0}/%f.part && mv {0}/%f.part {0}/%f'",
