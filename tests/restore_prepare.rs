@@ -62,7 +62,13 @@ struct Run {
     took: Duration,
 }
 
-fn restore_prepare(data: &Path, labels: &Path, stopped: &Stopped, sysid: u64, extra: &[String]) -> Run {
+fn restore_prepare(
+    data: &Path,
+    labels: &Path,
+    stopped: &Stopped,
+    sysid: u64,
+    extra: &[String],
+) -> Run {
     let t0 = Instant::now();
     let out = Command::new(env!("CARGO_BIN_EXE_pgsnap"))
         .arg("restore-prepare")
@@ -70,8 +76,14 @@ fn restore_prepare(data: &Path, labels: &Path, stopped: &Stopped, sysid: u64, ex
         .arg(data)
         .arg("--label-dir")
         .arg(labels)
-        .args(["--backup-label-sha256", &sha256(stopped.labelfile.as_bytes())])
-        .args(["--tablespace-map-sha256", &sha256(stopped.spcmapfile.as_bytes())])
+        .args([
+            "--backup-label-sha256",
+            &sha256(stopped.labelfile.as_bytes()),
+        ])
+        .args([
+            "--tablespace-map-sha256",
+            &sha256(stopped.spcmapfile.as_bytes()),
+        ])
         .args(["--system-identifier", &sysid.to_string()])
         .args(extra)
         .output()
@@ -88,11 +100,25 @@ async fn prove(major: u32) {
     let dir = TestDir::new(&format!("prepare{major}"));
     let archive = dir.owned("archive");
     let tablespace = dir.owned("tablespace");
-    let mut pg = Pg::init(major, &dir, "primary", &[("archive_mode", "on"), ("archive_command", &archive_command(&archive))]);
+    let mut pg = Pg::init(
+        major,
+        &dir,
+        "primary",
+        &[
+            ("archive_mode", "on"),
+            ("archive_command", &archive_command(&archive)),
+        ],
+    );
     pg.start(Duration::from_secs(60)).await.unwrap();
-    pg.exec(&format!("create tablespace ts location '{}'", tablespace.display())).await;
-    pg.exec("create table in_ts (id int8 primary key, v text not null) tablespace ts").await;
-    pg.exec("insert into in_ts select g, md5(g::text) from generate_series(1, 1000) g").await;
+    pg.exec(&format!(
+        "create tablespace ts location '{}'",
+        tablespace.display()
+    ))
+    .await;
+    pg.exec("create table in_ts (id int8 primary key, v text not null) tablespace ts")
+        .await;
+    pg.exec("insert into in_ts select g, md5(g::text) from generate_series(1, 1000) g")
+        .await;
     pg.pgbench_init(1);
     let client = pg.client().await;
     let mut known = insert_known(&client, 1, 10).await;
@@ -101,7 +127,13 @@ async fn prove(major: u32) {
     let mut s = Session::connect(&pg.opts("postgres", None)).await.unwrap();
     let sysid = s.server().system_identifier;
     let oid = s.server().tablespaces[0].oid;
-    s.start(&format!("restore-prepare proof {major}"), true, Duration::from_secs(300)).await.unwrap();
+    s.start(
+        &format!("restore-prepare proof {major}"),
+        true,
+        Duration::from_secs(300),
+    )
+    .await
+    .unwrap();
 
     // The "snapshot", in two passes: the data files, then (after rows and a checkpoint that
     // only WAL from the label's redo point brings back) pg_control and the rest.
@@ -111,13 +143,21 @@ async fn prove(major: u32) {
     client.batch_execute("checkpoint").await.unwrap();
     tokio::task::block_in_place(|| {
         copy_entries(&pg.data, &copy.join("data"), |n| n != "base");
-        fuzzy_copy(&tablespace, &copy.join("tablespace"), Duration::from_millis(2));
+        fuzzy_copy(
+            &tablespace,
+            &copy.join("tablespace"),
+            Duration::from_millis(2),
+        );
     });
     // After the copy, before the stop: only archived WAL brings these back.
     known.extend(insert_known(&client, 2000, 20).await);
     let stopped = s.stop(true).await.unwrap();
     load.finish();
-    let expect = Expect { known, in_tablespace: (1..=1000).collect(), pgbench: true };
+    let expect = Expect {
+        known,
+        in_tablespace: (1..=1000).collect(),
+        pgbench: true,
+    };
 
     let labels = label_dir(&dir.0, "label", &stopped.labelfile, &stopped.spcmapfile);
     let restore_command = format!("cp {}/%f %p", archive.display());
@@ -125,7 +165,12 @@ async fn prove(major: u32) {
         let target = dir.0.join(name);
         tokio::task::block_in_place(|| fuzzy_copy(&copy, &target, Duration::ZERO));
         // The restored server must not archive into the backed-up server's archive.
-        Pg::existing(major, &target.join("data"), dir.0.join(format!("{name}.log"))).configure(&[("archive_mode", "off")]);
+        Pg::existing(
+            major,
+            &target.join("data"),
+            dir.0.join(format!("{name}.log")),
+        )
+        .configure(&[("archive_mode", "off")]);
         target
     };
     let args = |target: &Path| {
@@ -140,37 +185,78 @@ async fn prove(major: u32) {
     // 1. Refusals: nothing may be written into the data directory.
     let target = fresh("restored");
     let data = target.join("data");
-    let tampered = label_dir(&dir.0, "tampered", &stopped.labelfile.replacen("LABEL: ", "LABEL: x", 1), &stopped.spcmapfile);
+    let tampered = label_dir(
+        &dir.0,
+        "tampered",
+        &stopped.labelfile.replacen("LABEL: ", "LABEL: x", 1),
+        &stopped.spcmapfile,
+    );
     let run = restore_prepare(&data, &tampered, &stopped, sysid, &args(&target));
     assert_eq!(run.code, 3, "{}", run.stderr);
-    assert!(run.stderr.contains("LabelChecksumMismatch"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("LabelChecksumMismatch"),
+        "{}",
+        run.stderr
+    );
     let empty = label_dir(&dir.0, "empty", "", "");
     let run = restore_prepare(&data, &empty, &stopped, sysid, &args(&target));
-    assert!(run.code == 3 && run.stderr.contains("LabelMissing"), "{}", run.stderr);
+    assert!(
+        run.code == 3 && run.stderr.contains("LabelMissing"),
+        "{}",
+        run.stderr
+    );
     let other = Pg::init(major, &dir, "other", &[]);
     let run = restore_prepare(&other.data, &labels, &stopped, sysid, &args(&target));
-    assert!(run.code == 3 && run.stderr.contains("SystemIdentifierMismatch"), "{}", run.stderr);
+    assert!(
+        run.code == 3 && run.stderr.contains("SystemIdentifierMismatch"),
+        "{}",
+        run.stderr
+    );
     assert!(!data.join("backup_label").exists() && !other.data.join("backup_label").exists());
     assert!(!data.join("recovery.signal").exists() && !data.join("recovery.conf").exists());
 
     // 2. The restore: prepare, prepare again (a no-op), start, check.
     let run = restore_prepare(&data, &labels, &stopped, sysid, &args(&target));
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
-    eprintln!("PostgreSQL {major}: restore-prepare took {:?}:\n{}", run.took, run.stdout);
+    eprintln!(
+        "PostgreSQL {major}: restore-prepare took {:?}:\n{}",
+        run.took, run.stdout
+    );
     let again = restore_prepare(&data, &labels, &stopped, sysid, &args(&target));
-    assert!(again.code == 0 && again.stdout.contains("nothing changed"), "{}", again.stdout);
-    assert_eq!(fs::read(data.join("backup_label")).unwrap(), stopped.labelfile.as_bytes());
+    assert!(
+        again.code == 0 && again.stdout.contains("nothing changed"),
+        "{}",
+        again.stdout
+    );
+    assert_eq!(
+        fs::read(data.join("backup_label")).unwrap(),
+        stopped.labelfile.as_bytes()
+    );
     let mut restored = Pg::existing(major, &data, dir.0.join("restored.log"));
     let t0 = Instant::now();
     let report = check_restore(&mut restored, &expect).await;
-    assert!(report.is_ok(), "restore of PostgreSQL {major} failed: {report:?}\n{}", restored.log_tail(30));
-    eprintln!("PostgreSQL {major}: recovery and checks took {:?}", t0.elapsed());
-    assert_eq!(fs::read_link(data.join(format!("pg_tblspc/{oid}"))).unwrap(), target.join("tablespace"));
+    assert!(
+        report.is_ok(),
+        "restore of PostgreSQL {major} failed: {report:?}\n{}",
+        restored.log_tail(30)
+    );
+    eprintln!(
+        "PostgreSQL {major}: recovery and checks took {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(
+        fs::read_link(data.join(format!("pg_tblspc/{oid}"))).unwrap(),
+        target.join("tablespace")
+    );
     restored.stop();
     // After recovery the label is backup_label.old; a rerun (an initContainer on the next pod
     // start) must not put it back.
     let rerun = restore_prepare(&data, &labels, &stopped, sysid, &args(&target));
-    assert!(rerun.code == 0 && rerun.stdout.contains("nothing changed"), "{}", rerun.stdout);
+    assert!(
+        rerun.code == 0 && rerun.stdout.contains("nothing changed"),
+        "{}",
+        rerun.stdout
+    );
     assert!(!data.join("backup_label").exists());
 
     // 3. The failure this all prevents: the same copy, prepared, then its label lost.
@@ -182,7 +268,10 @@ async fn prove(major: u32) {
     let mut unlabelled = Pg::existing(major, &data, dir.0.join("no-label.log"));
     let report = check_restore(&mut unlabelled, &expect).await;
     let err = report.expect_err("a restore without backup_label passed the check");
-    eprintln!("PostgreSQL {major} without backup_label: {}", err.lines().next().unwrap_or(""));
+    eprintln!(
+        "PostgreSQL {major} without backup_label: {}",
+        err.lines().next().unwrap_or("")
+    );
 }
 
 macro_rules! per_major {

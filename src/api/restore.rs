@@ -23,8 +23,17 @@ use super::backup::VolumeRole;
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "Backup", type_ = "string", json_path = ".spec.backupName"),
     printcolumn(name = "Claims", type_ = "string", json_path = ".spec.claims[*].name"),
-    printcolumn(name = "Reason", type_ = "string", json_path = ".status.error.reason", priority = 1),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.error.reason",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[x_kube(validation = Rule::new("self == oldSelf").message("a Restore's spec is immutable: create a new Restore instead"))]
 #[x_kube(validation = Rule::new("has(self.backupName) != has(self.volumeSnapshotName)").message("set exactly one source: backupName, or volumeSnapshotName with labelConfigMapName"))]
@@ -98,7 +107,11 @@ pub struct RecoverySpec {
 
 impl Default for RecoverySpec {
     fn default() -> Self {
-        RecoverySpec { restore_command: None, target: RecoveryTarget::default(), promote: true }
+        RecoverySpec {
+            restore_command: None,
+            target: RecoveryTarget::default(),
+            promote: true,
+        }
     }
 }
 
@@ -122,7 +135,9 @@ pub struct RecoveryTarget {
     pub lsn: Option<String>,
 }
 
-#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default,
+)]
 pub enum ClaimDeletionPolicy {
     /// The restored PVCs outlive the Restore: they are the restored database.
     #[default]
@@ -234,6 +249,9 @@ mod tests {
         assert_eq!(restore.spec.claims[0].role, VolumeRole::Data);
         assert_eq!(restore.spec.recovery.target, RecoveryTarget::default());
         assert!(restore.spec.recovery.promote);
-        assert_eq!(restore.spec.claim_deletion_policy, ClaimDeletionPolicy::Retain);
+        assert_eq!(
+            restore.spec.claim_deletion_policy,
+            ClaimDeletionPolicy::Retain
+        );
     }
 }

@@ -4,21 +4,26 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use k8s_openapi::api::batch::v1::{Job, JobSpec, PodFailurePolicy, PodFailurePolicyOnExitCodesRequirement, PodFailurePolicyRule};
+use k8s_openapi::api::batch::v1::{
+    Job, JobSpec, PodFailurePolicy, PodFailurePolicyOnExitCodesRequirement, PodFailurePolicyRule,
+};
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, KeyToPath, PersistentVolumeClaim, PersistentVolumeClaimSpec,
-    PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, SecurityContext, TypedLocalObjectReference,
-    Volume, VolumeMount, VolumeResourceRequirements,
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, KeyToPath, PersistentVolumeClaim,
+    PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec,
+    PodTemplateSpec, SecurityContext, TypedLocalObjectReference, Volume, VolumeMount,
+    VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
-use kube::api::ObjectMeta;
 use kube::ResourceExt;
+use kube::api::ObjectMeta;
 
 use crate::api::backup::VolumeRole;
 use crate::api::restore::{RecoverySpec, RestoreClaim, RestoredClaim};
 use crate::backup::Failure;
-use crate::label_store::{BACKUP_LABEL_KEY, SnapshotLocation, TABLESPACE_MAP_KEY, annotations, sha256_hex};
+use crate::label_store::{
+    BACKUP_LABEL_KEY, SnapshotLocation, TABLESPACE_MAP_KEY, annotations, sha256_hex,
+};
 use crate::restore::prepare::EXIT_REFUSED;
 
 /// Label on every PVC and Job a Restore creates: its name.
@@ -40,7 +45,10 @@ pub struct Label {
 }
 
 fn invalid(cm: &str, what: String) -> Failure {
-    Failure::new("LabelConfigMapInvalid", format!("label ConfigMap {cm}: {what}"))
+    Failure::new(
+        "LabelConfigMapInvalid",
+        format!("label ConfigMap {cm}: {what}"),
+    )
 }
 
 /// Reads and checks the label ConfigMap. The files are checked against their recorded
@@ -49,7 +57,14 @@ fn invalid(cm: &str, what: String) -> Failure {
 pub fn read_label(cm: &ConfigMap) -> Result<Label, Failure> {
     let name = cm.name_any();
     let ann = cm.annotations();
-    let get = |key: &str| ann.get(key).cloned().ok_or_else(|| invalid(&name, format!("no annotation {key}; it was not written by pgsnap")));
+    let get = |key: &str| {
+        ann.get(key).cloned().ok_or_else(|| {
+            invalid(
+                &name,
+                format!("no annotation {key}; it was not written by pgsnap"),
+            )
+        })
+    };
     let data = cm.data.clone().unwrap_or_default();
     let label = data.get(BACKUP_LABEL_KEY).filter(|l| !l.is_empty()).ok_or_else(|| {
         Failure::new("LabelMissing", format!("label ConfigMap {name} has no {BACKUP_LABEL_KEY}; without it a restore silently corrupts the database"))
@@ -57,28 +72,39 @@ pub fn read_label(cm: &ConfigMap) -> Result<Label, Failure> {
     let map = data.get(TABLESPACE_MAP_KEY).cloned().unwrap_or_default();
     let label_sha = get(annotations::BACKUP_LABEL_SHA256)?;
     let map_sha = get(annotations::TABLESPACE_MAP_SHA256)?;
-    for (file, bytes, expected) in [(BACKUP_LABEL_KEY, label.as_bytes(), &label_sha), (TABLESPACE_MAP_KEY, map.as_bytes(), &map_sha)] {
+    for (file, bytes, expected) in [
+        (BACKUP_LABEL_KEY, label.as_bytes(), &label_sha),
+        (TABLESPACE_MAP_KEY, map.as_bytes(), &map_sha),
+    ] {
         let actual = sha256_hex(bytes);
         if &actual != expected {
             return Err(Failure::new(
                 "LabelChecksumMismatch",
-                format!("{file} in ConfigMap {name} has sha256 {actual}, the backup recorded {expected}: the label was altered"),
+                format!(
+                    "{file} in ConfigMap {name} has sha256 {actual}, the backup recorded {expected}: the label was altered"
+                ),
             ));
         }
     }
     let system_identifier = get(annotations::SYSTEM_IDENTIFIER)?;
     if system_identifier.parse::<u64>().is_err() {
-        return Err(invalid(&name, format!("system identifier {system_identifier:?} is not a number")));
+        return Err(invalid(
+            &name,
+            format!("system identifier {system_identifier:?} is not a number"),
+        ));
     }
-    let volumes: Vec<SnapshotLocation> =
-        serde_json::from_str(&get(annotations::VOLUMES)?).map_err(|e| invalid(&name, format!("annotation {}: {e}", annotations::VOLUMES)))?;
+    let volumes: Vec<SnapshotLocation> = serde_json::from_str(&get(annotations::VOLUMES)?)
+        .map_err(|e| invalid(&name, format!("annotation {}: {e}", annotations::VOLUMES)))?;
     if !volumes.iter().any(|v| v.location.role == VolumeRole::Data) {
         return Err(invalid(&name, "no volume holds the data directory".into()));
     }
     let stop_lsn = get(annotations::STOP_LSN)?;
     let server_version = get(annotations::SERVER_VERSION)?;
     Ok(Label {
-        backup: cm.labels().get(crate::label_store::BACKUP_NAME_LABEL).cloned(),
+        backup: cm
+            .labels()
+            .get(crate::label_store::BACKUP_NAME_LABEL)
+            .cloned(),
         config_map: name,
         backup_label_sha256: label_sha,
         tablespace_map_sha256: map_sha,
@@ -105,10 +131,19 @@ pub struct SourceVolume {
 pub fn mount_path(server_path: &str, path_in_volume: &str) -> Option<String> {
     let inner = path_in_volume.trim_matches('/');
     if inner.is_empty() {
-        return Some(server_path.trim_end_matches('/').to_string()).filter(|p| !p.is_empty()).or(Some("/".into()));
+        return Some(server_path.trim_end_matches('/').to_string())
+            .filter(|p| !p.is_empty())
+            .or(Some("/".into()));
     }
-    let mount = server_path.trim_end_matches('/').strip_suffix(inner)?.trim_end_matches('/');
-    Some(if mount.is_empty() { "/".to_string() } else { mount.to_string() })
+    let mount = server_path
+        .trim_end_matches('/')
+        .strip_suffix(inner)?
+        .trim_end_matches('/');
+    Some(if mount.is_empty() {
+        "/".to_string()
+    } else {
+        mount.to_string()
+    })
 }
 
 /// Groups the label's locations by snapshot.
@@ -124,14 +159,29 @@ pub fn source_volumes(label: &Label) -> Result<Vec<SourceVolume>, Failure> {
                 .iter()
                 .min_by_key(|l| l.location.role)
                 .map(|l| &l.location)
-                .ok_or_else(|| invalid(&label.config_map, format!("snapshot {snapshot} holds no directory")))?;
+                .ok_or_else(|| {
+                    invalid(
+                        &label.config_map,
+                        format!("snapshot {snapshot} holds no directory"),
+                    )
+                })?;
             let mount = mount_path(&main.server_path, &main.path_in_volume).ok_or_else(|| {
-                invalid(&label.config_map, format!("{} is not inside its volume path {:?}", main.server_path, main.path_in_volume))
+                invalid(
+                    &label.config_map,
+                    format!(
+                        "{} is not inside its volume path {:?}",
+                        main.server_path, main.path_in_volume
+                    ),
+                )
             })?;
             Ok(SourceVolume {
                 snapshot: snapshot.to_string(),
                 role: main.role,
-                tablespace: if main.role == VolumeRole::Tablespace { main.tablespace.clone() } else { None },
+                tablespace: if main.role == VolumeRole::Tablespace {
+                    main.tablespace.clone()
+                } else {
+                    None
+                },
                 mount_path: mount,
                 path_in_volume: main.path_in_volume.trim_matches('/').to_string(),
             })
@@ -142,7 +192,9 @@ pub fn source_volumes(label: &Label) -> Result<Vec<SourceVolume>, Failure> {
 /// A quantity in bytes (`10Gi`, `500M`, `1073741824`); None for what is not a size.
 pub fn quantity_bytes(q: &str) -> Option<u128> {
     let q = q.trim();
-    let split = q.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(q.len());
+    let split = q
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(q.len());
     let (num, suffix) = q.split_at(split);
     let scale: u128 = match suffix {
         "" => 1,
@@ -161,7 +213,11 @@ pub fn quantity_bytes(q: &str) -> Option<u128> {
         _ => return None,
     };
     let (whole, frac) = num.split_once('.').unwrap_or((num, ""));
-    let whole: u128 = if whole.is_empty() { 0 } else { whole.parse().ok()? };
+    let whole: u128 = if whole.is_empty() {
+        0
+    } else {
+        whole.parse().ok()?
+    };
     let mut bytes = whole.checked_mul(scale)?;
     if !frac.is_empty() {
         let digits: u32 = frac.len().try_into().ok()?;
@@ -237,10 +293,18 @@ pub fn plan_claims(
                     (Some(_), Some(_)) => {
                         return Err(Failure::new(
                             "ClaimTooSmall",
-                            format!("claim {} asks for {}, but snapshot {} needs {needed}", claim.name, asked.0, v.snapshot),
+                            format!(
+                                "claim {} asks for {}, but snapshot {} needs {needed}",
+                                claim.name, asked.0, v.snapshot
+                            ),
                         ));
                     }
-                    _ => return Err(Failure::new("InvalidSize", format!("cannot compare sizes {} and {needed}", asked.0))),
+                    _ => {
+                        return Err(Failure::new(
+                            "InvalidSize",
+                            format!("cannot compare sizes {} and {needed}", asked.0),
+                        ));
+                    }
                 }
             }
             (Some(asked), None) => asked.0.clone(),
@@ -248,7 +312,10 @@ pub fn plan_claims(
             (None, None) => {
                 return Err(Failure::new(
                     "SizeUnknown",
-                    format!("snapshot {} reports no restoreSize; set spec.claims[].size for claim {}", v.snapshot, claim.name),
+                    format!(
+                        "snapshot {} reports no restoreSize; set spec.claims[].size for claim {}",
+                        v.snapshot, claim.name
+                    ),
                 ));
             }
         };
@@ -257,33 +324,57 @@ pub fn plan_claims(
             role: v.role,
             tablespace: v.tablespace.clone(),
             snapshot: v.snapshot.clone(),
-            storage_class: claim.storage_class_name.clone().or_else(|| default_class.map(str::to_string)),
+            storage_class: claim
+                .storage_class_name
+                .clone()
+                .or_else(|| default_class.map(str::to_string)),
             size,
             mount_path: v.mount_path.clone(),
             path_in_volume: v.path_in_volume.clone(),
         });
     }
-    if let Some(extra) = claims.iter().find(|c| !planned.iter().any(|p| p.name == c.name)) {
+    if let Some(extra) = claims
+        .iter()
+        .find(|c| !planned.iter().any(|p| p.name == c.name))
+    {
         return Err(Failure::new(
             "ClaimWithoutSnapshot",
-            format!("claim {} has role {}, which no snapshot of the backup has", extra.name, describe(extra.role, &extra.tablespace)),
+            format!(
+                "claim {} has role {}, which no snapshot of the backup has",
+                extra.name,
+                describe(extra.role, &extra.tablespace)
+            ),
         ));
     }
     let mut mounts: Vec<&str> = planned.iter().map(|p| p.mount_path.as_str()).collect();
     mounts.sort();
-    if mounts.windows(2).any(|w| w[0] == w[1] || w[1].starts_with(&format!("{}/", w[0].trim_end_matches('/')))) {
-        return Err(Failure::new("LabelConfigMapInvalid", format!("the backed-up volumes were mounted at overlapping paths {mounts:?}")));
+    if mounts
+        .windows(2)
+        .any(|w| w[0] == w[1] || w[1].starts_with(&format!("{}/", w[0].trim_end_matches('/'))))
+    {
+        return Err(Failure::new(
+            "LabelConfigMapInvalid",
+            format!("the backed-up volumes were mounted at overlapping paths {mounts:?}"),
+        ));
     }
     Ok(planned)
 }
 
 /// The PVC for a planned claim; owned by the Restore only when the claims go with it.
-pub fn claim(planned: &PlannedClaim, namespace: &str, restore: &str, owner: Option<OwnerReference>) -> PersistentVolumeClaim {
+pub fn claim(
+    planned: &PlannedClaim,
+    namespace: &str,
+    restore: &str,
+    owner: Option<OwnerReference>,
+) -> PersistentVolumeClaim {
     PersistentVolumeClaim {
         metadata: ObjectMeta {
             name: Some(planned.name.clone()),
             namespace: Some(namespace.to_string()),
-            labels: Some(BTreeMap::from([(RESTORE_NAME_LABEL.to_string(), restore.to_string())])),
+            labels: Some(BTreeMap::from([(
+                RESTORE_NAME_LABEL.to_string(),
+                restore.to_string(),
+            )])),
             owner_references: owner.map(|o| vec![o]),
             ..Default::default()
         },
@@ -296,7 +387,10 @@ pub fn claim(planned: &PlannedClaim, namespace: &str, restore: &str, owner: Opti
                 name: planned.snapshot.clone(),
             }),
             resources: Some(VolumeResourceRequirements {
-                requests: Some(BTreeMap::from([("storage".to_string(), Quantity(planned.size.clone()))])),
+                requests: Some(BTreeMap::from([(
+                    "storage".to_string(),
+                    Quantity(planned.size.clone()),
+                )])),
                 ..Default::default()
             }),
             ..Default::default()
@@ -313,14 +407,31 @@ pub fn bounded_name(base: &str, suffix: &str, max: usize) -> String {
     }
     let hash = &sha256_hex(name.as_bytes())[..8];
     let keep = max - suffix.len() - hash.len() - 2;
-    format!("{}-{hash}-{suffix}", base[..keep].trim_end_matches(['-', '.']))
+    format!(
+        "{}-{hash}-{suffix}",
+        base[..keep].trim_end_matches(['-', '.'])
+    )
 }
 
 /// `pgsnap restore-prepare`'s arguments. The data directory is found where the backed-up
 /// server had it, because the Job mounts every claim at the server's mount path.
-pub fn prepare_args(claims: &[PlannedClaim], label: &Label, recovery: &RecoverySpec) -> Vec<String> {
+pub fn prepare_args(
+    claims: &[PlannedClaim],
+    label: &Label,
+    recovery: &RecoverySpec,
+) -> Vec<String> {
     let data = claims.iter().find(|c| c.role == VolumeRole::Data);
-    let data_dir = data.map(|c| if c.path_in_volume.is_empty() { c.mount_path.clone() } else { format!("{}/{}", c.mount_path.trim_end_matches('/'), c.path_in_volume) });
+    let data_dir = data.map(|c| {
+        if c.path_in_volume.is_empty() {
+            c.mount_path.clone()
+        } else {
+            format!(
+                "{}/{}",
+                c.mount_path.trim_end_matches('/'),
+                c.path_in_volume
+            )
+        }
+    });
     let mut args = vec![
         "restore-prepare".to_string(),
         "--data-dir".into(),
@@ -365,29 +476,60 @@ pub struct JobIdentity<'a> {
 /// capabilities to write into and chown files of a data directory owned by PostgreSQL's
 /// user, whatever uid that is in the user's image. A refusal (exit 3) fails the Job at once;
 /// anything else is retried twice (restore-prepare is idempotent).
-pub fn prepare_job(job: JobIdentity, claims: &[PlannedClaim], label: &Label, recovery: &RecoverySpec) -> Job {
-    let JobIdentity { name, namespace, restore, owner, image } = job;
+pub fn prepare_job(
+    job: JobIdentity,
+    claims: &[PlannedClaim],
+    label: &Label,
+    recovery: &RecoverySpec,
+) -> Job {
+    let JobIdentity {
+        name,
+        namespace,
+        restore,
+        owner,
+        image,
+    } = job;
     let mut volumes = vec![Volume {
         name: "label".into(),
         config_map: Some(ConfigMapVolumeSource {
             name: label.config_map.clone(),
             items: Some(vec![
-                KeyToPath { key: BACKUP_LABEL_KEY.into(), path: BACKUP_LABEL_KEY.into(), ..Default::default() },
-                KeyToPath { key: TABLESPACE_MAP_KEY.into(), path: TABLESPACE_MAP_KEY.into(), ..Default::default() },
+                KeyToPath {
+                    key: BACKUP_LABEL_KEY.into(),
+                    path: BACKUP_LABEL_KEY.into(),
+                    ..Default::default()
+                },
+                KeyToPath {
+                    key: TABLESPACE_MAP_KEY.into(),
+                    path: TABLESPACE_MAP_KEY.into(),
+                    ..Default::default()
+                },
             ]),
             ..Default::default()
         }),
         ..Default::default()
     }];
-    let mut mounts = vec![VolumeMount { name: "label".into(), mount_path: LABEL_MOUNT.into(), read_only: Some(true), ..Default::default() }];
+    let mut mounts = vec![VolumeMount {
+        name: "label".into(),
+        mount_path: LABEL_MOUNT.into(),
+        read_only: Some(true),
+        ..Default::default()
+    }];
     for (i, c) in claims.iter().enumerate() {
         let vol = format!("claim-{i}");
         volumes.push(Volume {
             name: vol.clone(),
-            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource { claim_name: c.name.clone(), read_only: None }),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: c.name.clone(),
+                read_only: None,
+            }),
             ..Default::default()
         });
-        mounts.push(VolumeMount { name: vol, mount_path: c.mount_path.clone(), ..Default::default() });
+        mounts.push(VolumeMount {
+            name: vol,
+            mount_path: c.mount_path.clone(),
+            ..Default::default()
+        });
     }
     let labels = BTreeMap::from([(RESTORE_NAME_LABEL.to_string(), restore.to_string())]);
     Job {
@@ -412,10 +554,17 @@ pub fn prepare_job(job: JobIdentity, claims: &[PlannedClaim], label: &Label, rec
                 }],
             }),
             template: PodTemplateSpec {
-                metadata: Some(ObjectMeta { labels: Some(labels), ..Default::default() }),
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels),
+                    ..Default::default()
+                }),
                 spec: Some(PodSpec {
                     restart_policy: Some("Never".into()),
-                    security_context: Some(PodSecurityContext { run_as_user: Some(0), run_as_non_root: Some(false), ..Default::default() }),
+                    security_context: Some(PodSecurityContext {
+                        run_as_user: Some(0),
+                        run_as_non_root: Some(false),
+                        ..Default::default()
+                    }),
                     containers: vec![Container {
                         name: "restore-prepare".into(),
                         image: Some(image.to_string()),
@@ -427,7 +576,11 @@ pub fn prepare_job(job: JobIdentity, claims: &[PlannedClaim], label: &Label, rec
                             read_only_root_filesystem: Some(true),
                             capabilities: Some(Capabilities {
                                 drop: Some(vec!["ALL".into()]),
-                                add: Some(vec!["CHOWN".into(), "DAC_OVERRIDE".into(), "FOWNER".into()]),
+                                add: Some(vec![
+                                    "CHOWN".into(),
+                                    "DAC_OVERRIDE".into(),
+                                    "FOWNER".into(),
+                                ]),
                             }),
                             ..Default::default()
                         }),
@@ -451,10 +604,23 @@ pub enum JobOutcome {
 }
 
 pub fn job_outcome(job: &Job) -> JobOutcome {
-    let Some(status) = &job.status else { return JobOutcome::Running };
-    let condition = |t: &str| status.conditions.iter().flatten().find(|c| c.type_ == t && c.status == "True");
+    let Some(status) = &job.status else {
+        return JobOutcome::Running;
+    };
+    let condition = |t: &str| {
+        status
+            .conditions
+            .iter()
+            .flatten()
+            .find(|c| c.type_ == t && c.status == "True")
+    };
     if let Some(failed) = condition("Failed") {
-        return JobOutcome::Failed { message: failed.message.clone().unwrap_or_else(|| failed.reason.clone().unwrap_or_default()) };
+        return JobOutcome::Failed {
+            message: failed
+                .message
+                .clone()
+                .unwrap_or_else(|| failed.reason.clone().unwrap_or_default()),
+        };
     }
     if condition("Complete").is_some() || status.succeeded.unwrap_or(0) > 0 {
         return JobOutcome::Succeeded;
@@ -466,7 +632,8 @@ pub fn job_outcome(job: &Job) -> JobOutcome {
 pub fn refusal(termination_message: &str) -> Option<Failure> {
     let line = termination_message.trim();
     let (reason, message) = line.split_once(": ")?;
-    (!reason.is_empty() && reason.chars().all(|c| c.is_ascii_alphanumeric())).then(|| Failure::new(reason, message))
+    (!reason.is_empty() && reason.chars().all(|c| c.is_ascii_alphanumeric()))
+        .then(|| Failure::new(reason, message))
 }
 
 #[cfg(test)]
@@ -474,7 +641,13 @@ mod tests {
     use super::*;
     use crate::backup::volumes::Location;
 
-    fn loc(snapshot: &str, role: VolumeRole, ts: Option<&str>, server: &str, inner: &str) -> SnapshotLocation {
+    fn loc(
+        snapshot: &str,
+        role: VolumeRole,
+        ts: Option<&str>,
+        server: &str,
+        inner: &str,
+    ) -> SnapshotLocation {
         SnapshotLocation {
             volume_snapshot: snapshot.into(),
             location: Location {
@@ -490,24 +663,48 @@ mod tests {
 
     fn config_map(label: &str, map: &str, volumes: &[SnapshotLocation]) -> ConfigMap {
         let mut cm = ConfigMap {
-            metadata: ObjectMeta { name: Some("b1-backup-label".into()), ..Default::default() },
-            data: Some(BTreeMap::from([(BACKUP_LABEL_KEY.into(), label.into()), (TABLESPACE_MAP_KEY.into(), map.into())])),
+            metadata: ObjectMeta {
+                name: Some("b1-backup-label".into()),
+                ..Default::default()
+            },
+            data: Some(BTreeMap::from([
+                (BACKUP_LABEL_KEY.into(), label.into()),
+                (TABLESPACE_MAP_KEY.into(), map.into()),
+            ])),
             ..Default::default()
         };
         cm.annotations_mut().extend([
-            (annotations::BACKUP_LABEL_SHA256.to_string(), sha256_hex(label.as_bytes())),
-            (annotations::TABLESPACE_MAP_SHA256.to_string(), sha256_hex(map.as_bytes())),
-            (annotations::SYSTEM_IDENTIFIER.to_string(), "7312345678901234567".into()),
+            (
+                annotations::BACKUP_LABEL_SHA256.to_string(),
+                sha256_hex(label.as_bytes()),
+            ),
+            (
+                annotations::TABLESPACE_MAP_SHA256.to_string(),
+                sha256_hex(map.as_bytes()),
+            ),
+            (
+                annotations::SYSTEM_IDENTIFIER.to_string(),
+                "7312345678901234567".into(),
+            ),
             (annotations::STOP_LSN.to_string(), "0/3000100".into()),
             (annotations::SERVER_VERSION.to_string(), "17.10".into()),
-            (annotations::VOLUMES.to_string(), serde_json::to_string(volumes).unwrap()),
+            (
+                annotations::VOLUMES.to_string(),
+                serde_json::to_string(volumes).unwrap(),
+            ),
         ]);
         cm
     }
 
     fn three_volumes() -> Vec<SnapshotLocation> {
         vec![
-            loc("b1-data", VolumeRole::Data, None, "/var/lib/postgresql/data/pgdata", "pgdata"),
+            loc(
+                "b1-data",
+                VolumeRole::Data,
+                None,
+                "/var/lib/postgresql/data/pgdata",
+                "pgdata",
+            ),
             loc("b1-wal", VolumeRole::Wal, None, "/wal/pg_wal", "pg_wal"),
             loc("b1-ts", VolumeRole::Tablespace, Some("fast"), "/ts", ""),
         ]
@@ -517,25 +714,44 @@ mod tests {
     fn the_label_config_map_is_read_and_checked() {
         let cm = config_map("START WAL LOCATION: x\n", "16400 /ts\n", &three_volumes());
         let label = read_label(&cm).unwrap();
-        assert_eq!((label.system_identifier.as_str(), label.volumes.len()), ("7312345678901234567", 3));
+        assert_eq!(
+            (label.system_identifier.as_str(), label.volumes.len()),
+            ("7312345678901234567", 3)
+        );
 
         let mut tampered = cm.clone();
-        tampered.data.as_mut().unwrap().insert(BACKUP_LABEL_KEY.into(), "START WAL LOCATION: y\n".into());
-        assert_eq!(read_label(&tampered).unwrap_err().reason, "LabelChecksumMismatch");
+        tampered
+            .data
+            .as_mut()
+            .unwrap()
+            .insert(BACKUP_LABEL_KEY.into(), "START WAL LOCATION: y\n".into());
+        assert_eq!(
+            read_label(&tampered).unwrap_err().reason,
+            "LabelChecksumMismatch"
+        );
         let mut map_lost = cm.clone();
         map_lost.data.as_mut().unwrap().remove(TABLESPACE_MAP_KEY);
-        assert_eq!(read_label(&map_lost).unwrap_err().reason, "LabelChecksumMismatch");
+        assert_eq!(
+            read_label(&map_lost).unwrap_err().reason,
+            "LabelChecksumMismatch"
+        );
         let mut no_label = cm.clone();
         no_label.data.as_mut().unwrap().remove(BACKUP_LABEL_KEY);
         assert_eq!(read_label(&no_label).unwrap_err().reason, "LabelMissing");
         let mut foreign = cm.clone();
         foreign.annotations_mut().remove(annotations::VOLUMES);
-        assert_eq!(read_label(&foreign).unwrap_err().reason, "LabelConfigMapInvalid");
+        assert_eq!(
+            read_label(&foreign).unwrap_err().reason,
+            "LabelConfigMapInvalid"
+        );
     }
 
     #[test]
     fn mount_paths_are_the_server_path_minus_the_path_in_the_volume() {
-        assert_eq!(mount_path("/var/lib/postgresql/data/pgdata", "pgdata").as_deref(), Some("/var/lib/postgresql/data"));
+        assert_eq!(
+            mount_path("/var/lib/postgresql/data/pgdata", "pgdata").as_deref(),
+            Some("/var/lib/postgresql/data")
+        );
         assert_eq!(mount_path("/data", "").as_deref(), Some("/data"));
         assert_eq!(mount_path("/a/b/c", "b/c").as_deref(), Some("/a"));
         assert_eq!(mount_path("/pgdata", "pgdata").as_deref(), Some("/"));
@@ -552,16 +768,33 @@ mod tests {
         assert!(quantity_bytes("1Gi") > quantity_bytes("1000Mi"));
     }
 
-    fn claim_spec(role: VolumeRole, ts: Option<&str>, name: &str, size: Option<&str>) -> RestoreClaim {
-        RestoreClaim { role, tablespace: ts.map(Into::into), name: name.into(), storage_class_name: None, size: size.map(|s| Quantity(s.into())) }
+    fn claim_spec(
+        role: VolumeRole,
+        ts: Option<&str>,
+        name: &str,
+        size: Option<&str>,
+    ) -> RestoreClaim {
+        RestoreClaim {
+            role,
+            tablespace: ts.map(Into::into),
+            name: name.into(),
+            storage_class_name: None,
+            size: size.map(|s| Quantity(s.into())),
+        }
     }
 
     #[test]
     fn every_snapshot_gets_exactly_one_claim_of_at_least_its_size() {
         let label = read_label(&config_map("L\n", "", &three_volumes())).unwrap();
         let volumes = source_volumes(&label).unwrap();
-        let sizes: HashMap<String, Option<String>> =
-            [("b1-data", Some("1Gi")), ("b1-wal", Some("512Mi")), ("b1-ts", None)].into_iter().map(|(k, v)| (k.to_string(), v.map(Into::into))).collect();
+        let sizes: HashMap<String, Option<String>> = [
+            ("b1-data", Some("1Gi")),
+            ("b1-wal", Some("512Mi")),
+            ("b1-ts", None),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.map(Into::into)))
+        .collect();
         let claims = vec![
             claim_spec(VolumeRole::Data, None, "data-r", Some("2Gi")),
             claim_spec(VolumeRole::Wal, None, "wal-r", None),
@@ -574,13 +807,37 @@ mod tests {
         assert_eq!(by_name["wal-r"].size, "512Mi");
         assert_eq!(by_name["ts-r"].storage_class.as_deref(), Some("standard"));
 
-        let too_small = vec![claim_spec(VolumeRole::Data, None, "d", Some("1Mi")), claims[1].clone(), claims[2].clone()];
-        assert_eq!(plan_claims(&too_small, &volumes, &sizes, None).unwrap_err().reason, "ClaimTooSmall");
-        assert_eq!(plan_claims(&claims[..2], &volumes, &sizes, None).unwrap_err().reason, "ClaimsIncomplete");
-        let unknown_size = vec![claims[0].clone(), claims[1].clone(), claim_spec(VolumeRole::Tablespace, Some("fast"), "ts-r", None)];
-        assert_eq!(plan_claims(&unknown_size, &volumes, &sizes, None).unwrap_err().reason, "SizeUnknown");
+        let too_small = vec![
+            claim_spec(VolumeRole::Data, None, "d", Some("1Mi")),
+            claims[1].clone(),
+            claims[2].clone(),
+        ];
+        assert_eq!(
+            plan_claims(&too_small, &volumes, &sizes, None)
+                .unwrap_err()
+                .reason,
+            "ClaimTooSmall"
+        );
+        assert_eq!(
+            plan_claims(&claims[..2], &volumes, &sizes, None)
+                .unwrap_err()
+                .reason,
+            "ClaimsIncomplete"
+        );
+        let unknown_size = vec![
+            claims[0].clone(),
+            claims[1].clone(),
+            claim_spec(VolumeRole::Tablespace, Some("fast"), "ts-r", None),
+        ];
+        assert_eq!(
+            plan_claims(&unknown_size, &volumes, &sizes, None)
+                .unwrap_err()
+                .reason,
+            "SizeUnknown"
+        );
         let data_only = read_label(&config_map("L\n", "", &three_volumes()[..1])).unwrap();
-        let extra = plan_claims(&claims, &source_volumes(&data_only).unwrap(), &sizes, None).unwrap_err();
+        let extra =
+            plan_claims(&claims, &source_volumes(&data_only).unwrap(), &sizes, None).unwrap_err();
         assert_eq!(extra.reason, "ClaimWithoutSnapshot");
     }
 
@@ -588,12 +845,25 @@ mod tests {
     fn a_volume_holding_data_and_a_tablespace_is_one_data_claim() {
         let volumes = vec![
             loc("b1-data", VolumeRole::Data, None, "/data/pgdata", "pgdata"),
-            loc("b1-data", VolumeRole::Tablespace, Some("t"), "/data/ts", "ts"),
+            loc(
+                "b1-data",
+                VolumeRole::Tablespace,
+                Some("t"),
+                "/data/ts",
+                "ts",
+            ),
         ];
         let label = read_label(&config_map("L\n", "", &volumes)).unwrap();
         let source = source_volumes(&label).unwrap();
         assert_eq!(source.len(), 1);
-        assert_eq!((source[0].role, source[0].mount_path.as_str(), source[0].path_in_volume.as_str()), (VolumeRole::Data, "/data", "pgdata"));
+        assert_eq!(
+            (
+                source[0].role,
+                source[0].mount_path.as_str(),
+                source[0].path_in_volume.as_str()
+            ),
+            (VolumeRole::Data, "/data", "pgdata")
+        );
     }
 
     #[test]
@@ -609,37 +879,74 @@ mod tests {
         let planned = plan_claims(&claims, &volumes, &sizes, None).unwrap();
         let recovery = RecoverySpec {
             restore_command: Some("cp /archive/%f %p".into()),
-            target: crate::api::restore::RecoveryTarget { time: Some("2026-11-21T10:00:00Z".into()), lsn: None },
+            target: crate::api::restore::RecoveryTarget {
+                time: Some("2026-11-21T10:00:00Z".into()),
+                lsn: None,
+            },
             promote: false,
         };
-        let owner = OwnerReference { api_version: "pgsnap.io/v1alpha1".into(), kind: "Restore".into(), name: "r".into(), uid: "u".into(), ..Default::default() };
-        let id = JobIdentity { name: "r-prepare", namespace: "shop", restore: "r", owner, image: "pgsnap:dev" };
+        let owner = OwnerReference {
+            api_version: "pgsnap.io/v1alpha1".into(),
+            kind: "Restore".into(),
+            name: "r".into(),
+            uid: "u".into(),
+            ..Default::default()
+        };
+        let id = JobIdentity {
+            name: "r-prepare",
+            namespace: "shop",
+            restore: "r",
+            owner,
+            image: "pgsnap:dev",
+        };
         let job = prepare_job(id, &planned, &label, &recovery);
         let pod = job.spec.unwrap().template.spec.unwrap();
         let c = &pod.containers[0];
         let args = c.args.clone().unwrap();
-        let arg = |flag: &str| args.iter().position(|a| a == flag).map(|i| args[i + 1].as_str());
+        let arg = |flag: &str| {
+            args.iter()
+                .position(|a| a == flag)
+                .map(|i| args[i + 1].as_str())
+        };
         assert_eq!(arg("--data-dir"), Some("/var/lib/postgresql/data/pgdata"));
         assert_eq!(arg("--system-identifier"), Some("7312345678901234567"));
-        assert_eq!(arg("--backup-label-sha256"), Some(sha256_hex(b"L\n").as_str()));
+        assert_eq!(
+            arg("--backup-label-sha256"),
+            Some(sha256_hex(b"L\n").as_str())
+        );
         assert_eq!(arg("--target-time"), Some("2026-11-21T10:00:00Z"));
         assert_eq!(arg("--promote"), Some("false"));
         assert!(args.contains(&"--remove-standby-signal".to_string()));
         assert_eq!(arg("--restore-command"), Some("cp /archive/%f %p"));
-        let mounts: Vec<_> = c.volume_mounts.as_ref().unwrap().iter().map(|m| m.mount_path.as_str()).collect();
-        assert_eq!(mounts, [LABEL_MOUNT, "/var/lib/postgresql/data", "/ts", "/wal"]);
+        let mounts: Vec<_> = c
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|m| m.mount_path.as_str())
+            .collect();
+        assert_eq!(
+            mounts,
+            [LABEL_MOUNT, "/var/lib/postgresql/data", "/ts", "/wal"]
+        );
         assert_eq!(pod.restart_policy.as_deref(), Some("Never"));
         // Restored claims: from the snapshot, at least the size.
         let pvc = claim(&planned[0], "shop", "r", None);
         let spec = pvc.spec.unwrap();
         assert_eq!(spec.data_source.unwrap().name, "b1-data");
-        assert_eq!(spec.resources.unwrap().requests.unwrap()["storage"].0, "1Gi");
+        assert_eq!(
+            spec.resources.unwrap().requests.unwrap()["storage"].0,
+            "1Gi"
+        );
     }
 
     #[test]
     fn refusals_come_back_with_their_reason() {
         let f = refusal("LabelChecksumMismatch: backup_label does not match\n").unwrap();
-        assert_eq!((f.reason.as_str(), f.message.as_str()), ("LabelChecksumMismatch", "backup_label does not match"));
+        assert_eq!(
+            (f.reason.as_str(), f.message.as_str()),
+            ("LabelChecksumMismatch", "backup_label does not match")
+        );
         assert_eq!(refusal("thread 'main' panicked at x: y"), None);
         assert_eq!(refusal(""), None);
     }

@@ -70,26 +70,42 @@ pub struct Inputs {
 /// Why restore-prepare refuses. `reason()` is stable: Job status, Events and scripts use it.
 #[derive(Debug, thiserror::Error)]
 pub enum PrepareError {
-    #[error("no backup_label in {0}: without it PostgreSQL would do plain crash recovery of a fuzzy copy (silent corruption); mount the backup's label ConfigMap there")]
+    #[error(
+        "no backup_label in {0}: without it PostgreSQL would do plain crash recovery of a fuzzy copy (silent corruption); mount the backup's label ConfigMap there"
+    )]
     LabelMissing(PathBuf),
-    #[error("{file} does not match the backup: sha256 {actual}, the backup recorded {expected}; the label ConfigMap was altered")]
-    LabelTampered { file: &'static str, expected: String, actual: String },
+    #[error(
+        "{file} does not match the backup: sha256 {actual}, the backup recorded {expected}; the label ConfigMap was altered"
+    )]
+    LabelTampered {
+        file: &'static str,
+        expected: String,
+        actual: String,
+    },
     #[error("backup_label is not a PostgreSQL backup label: {0}")]
     LabelInvalid(#[from] crate::postgres::LabelError),
-    #[error("the data directory belongs to database system {found}, the label to {expected}: the label is from another database")]
+    #[error(
+        "the data directory belongs to database system {found}, the label to {expected}: the label is from another database"
+    )]
     SystemIdentifierMismatch { expected: u64, found: u64 },
     #[error("{path} is not a PostgreSQL data directory: {detail}")]
     NotADataDirectory { path: PathBuf, detail: String },
     #[error("PostgreSQL {0} is not supported; restore-prepare knows 10 and later")]
     UnsupportedMajor(String),
-    #[error("the data directory was already prepared from another backup_label (sha256 {found}); restore the snapshot again into a fresh volume")]
+    #[error(
+        "the data directory was already prepared from another backup_label (sha256 {found}); restore the snapshot again into a fresh volume"
+    )]
     PreparedFromAnotherLabel { found: String },
     #[error("invalid recovery setting {name}: {detail}")]
     InvalidSetting { name: &'static str, detail: String },
     #[error("cannot relocate: {0}")]
     Relocation(String),
     #[error("{action} {path}: {source}")]
-    Io { action: &'static str, path: PathBuf, source: io::Error },
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
 }
 
 impl PrepareError {
@@ -110,7 +126,11 @@ impl PrepareError {
 }
 
 fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> PrepareError + 'a {
-    move |source| PrepareError::Io { action, path: path.to_path_buf(), source }
+    move |source| PrepareError::Io {
+        action,
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -125,18 +145,28 @@ pub enum Outcome {
 /// (little-endian on the x86-64 and arm64 servers pgsnap restores).
 pub fn system_identifier(data_dir: &Path) -> Result<u64, PrepareError> {
     let path = data_dir.join("global/pg_control");
-    let bytes = fs::read(&path).map_err(|e| PrepareError::NotADataDirectory { path: data_dir.to_path_buf(), detail: format!("cannot read global/pg_control: {e}") })?;
-    let first: [u8; 8] = bytes.get(..8).and_then(|b| b.try_into().ok()).ok_or_else(|| PrepareError::NotADataDirectory {
+    let bytes = fs::read(&path).map_err(|e| PrepareError::NotADataDirectory {
         path: data_dir.to_path_buf(),
-        detail: format!("global/pg_control is {} bytes long", bytes.len()),
+        detail: format!("cannot read global/pg_control: {e}"),
     })?;
+    let first: [u8; 8] = bytes
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| PrepareError::NotADataDirectory {
+            path: data_dir.to_path_buf(),
+            detail: format!("global/pg_control is {} bytes long", bytes.len()),
+        })?;
     Ok(u64::from_le_bytes(first))
 }
 
 /// The major version in `PG_VERSION` ("12", or "9.6" for old servers).
 pub fn major_version(data_dir: &Path) -> Result<u32, PrepareError> {
-    let text = fs::read_to_string(data_dir.join("PG_VERSION"))
-        .map_err(|e| PrepareError::NotADataDirectory { path: data_dir.to_path_buf(), detail: format!("cannot read PG_VERSION: {e}") })?;
+    let text = fs::read_to_string(data_dir.join("PG_VERSION")).map_err(|e| {
+        PrepareError::NotADataDirectory {
+            path: data_dir.to_path_buf(),
+            detail: format!("cannot read PG_VERSION: {e}"),
+        }
+    })?;
     let text = text.trim();
     match text.parse::<u32>() {
         Ok(major) if major >= crate::postgres::MIN_MAJOR => Ok(major),
@@ -148,9 +178,15 @@ pub fn major_version(data_dir: &Path) -> Result<u32, PrepareError> {
 /// the server reads backslash escapes inside quotes. Line breaks cannot be written at all.
 pub fn quote_setting(name: &'static str, value: &str) -> Result<String, PrepareError> {
     if value.contains(['\n', '\r', '\0']) {
-        return Err(PrepareError::InvalidSetting { name, detail: "contains a line break or NUL".into() });
+        return Err(PrepareError::InvalidSetting {
+            name,
+            detail: "contains a line break or NUL".into(),
+        });
     }
-    Ok(format!("'{}'", value.replace('\\', "\\\\").replace('\'', "''")))
+    Ok(format!(
+        "'{}'",
+        value.replace('\\', "\\\\").replace('\'', "''")
+    ))
 }
 
 /// The recovery settings for a major, one `name = 'value'` per line.
@@ -159,19 +195,31 @@ pub fn recovery_settings(major: u32, recovery: &Recovery) -> Result<Vec<String>,
     // archive recovery (targets, promotion) still works; it refuses to run with none at all.
     let command = recovery.restore_command.as_deref().unwrap_or("false");
     if command.trim().is_empty() {
-        return Err(PrepareError::InvalidSetting { name: "restore_command", detail: "is empty".into() });
+        return Err(PrepareError::InvalidSetting {
+            name: "restore_command",
+            detail: "is empty".into(),
+        });
     }
     let mut lines = Vec::new();
     if major < 12 {
         lines.push("standby_mode = 'off'".to_string());
     }
-    lines.push(format!("restore_command = {}", quote_setting("restore_command", command)?));
+    lines.push(format!(
+        "restore_command = {}",
+        quote_setting("restore_command", command)?
+    ));
     match &recovery.target {
         Target::Immediate => lines.push("recovery_target = 'immediate'".into()),
-        Target::Time(t) => lines.push(format!("recovery_target_time = {}", quote_setting("recovery_target_time", &server_time(t))?)),
+        Target::Time(t) => lines.push(format!(
+            "recovery_target_time = {}",
+            quote_setting("recovery_target_time", &server_time(t))?
+        )),
         Target::Lsn(l) => {
             l.parse::<crate::postgres::Lsn>()
-                .map_err(|_| PrepareError::InvalidSetting { name: "recovery_target_lsn", detail: format!("{l:?} is not an LSN like 0/3000060") })?;
+                .map_err(|_| PrepareError::InvalidSetting {
+                    name: "recovery_target_lsn",
+                    detail: format!("{l:?} is not an LSN like 0/3000060"),
+                })?;
             lines.push(format!("recovery_target_lsn = '{l}'"));
         }
     }
@@ -181,7 +229,10 @@ pub fn recovery_settings(major: u32, recovery: &Recovery) -> Result<Vec<String>,
     if major >= 12 {
         lines.push("recovery_target_timeline = 'current'".into());
     }
-    lines.push(format!("recovery_target_action = '{}'", if recovery.promote { "promote" } else { "pause" }));
+    lines.push(format!(
+        "recovery_target_action = '{}'",
+        if recovery.promote { "promote" } else { "pause" }
+    ));
     Ok(lines)
 }
 
@@ -240,8 +291,13 @@ pub fn parse_tablespace_map(map: &str) -> Result<Vec<MapEntry>, PrepareError> {
                 c => path.push(c),
             }
         }
-        let oid = oid.parse().map_err(|_| bad(format!("{oid:?} is not a tablespace OID")))?;
-        entries.push(MapEntry { oid, path: path.trim_end_matches('\r').to_string() });
+        let oid = oid
+            .parse()
+            .map_err(|_| bad(format!("{oid:?} is not a tablespace OID")))?;
+        entries.push(MapEntry {
+            oid,
+            path: path.trim_end_matches('\r').to_string(),
+        });
     }
     Ok(entries)
 }
@@ -270,11 +326,15 @@ pub fn relocated_map(original: &str, moves: &[(u32, PathBuf)]) -> Result<String,
     }
     let mut entries = parse_tablespace_map(original)?;
     for (oid, path) in moves {
-        let entry = entries
-            .iter_mut()
-            .find(|e| e.oid == *oid)
-            .ok_or_else(|| PrepareError::Relocation(format!("tablespace {oid} is not in the backup's tablespace_map")))?;
-        entry.path = path.to_str().ok_or_else(|| PrepareError::Relocation(format!("{path:?} is not UTF-8")))?.to_string();
+        let entry = entries.iter_mut().find(|e| e.oid == *oid).ok_or_else(|| {
+            PrepareError::Relocation(format!(
+                "tablespace {oid} is not in the backup's tablespace_map"
+            ))
+        })?;
+        entry.path = path
+            .to_str()
+            .ok_or_else(|| PrepareError::Relocation(format!("{path:?} is not UTF-8")))?
+            .to_string();
     }
     Ok(render_tablespace_map(&entries))
 }
@@ -284,12 +344,20 @@ pub fn relocated_map(original: &str, moves: &[(u32, PathBuf)]) -> Result<String,
 fn write_file(data_dir: &Path, name: &str, contents: &[u8]) -> Result<(), PrepareError> {
     let path = data_dir.join(name);
     let tmp = data_dir.join(format!(".{name}.pgsnap-tmp"));
-    let mut file = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(io_err("create", &tmp))?;
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io_err("create", &tmp))?;
     file.write_all(contents).map_err(io_err("write", &tmp))?;
     file.sync_all().map_err(io_err("fsync", &tmp))?;
     own_like_data_dir(data_dir, &tmp)?;
     fs::rename(&tmp, &path).map_err(io_err("rename into", &path))?;
-    fs::File::open(data_dir).and_then(|d| d.sync_all()).map_err(io_err("fsync", data_dir))
+    fs::File::open(data_dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("fsync", data_dir))
 }
 
 fn own_like_data_dir(data_dir: &Path, path: &Path) -> Result<(), PrepareError> {
@@ -309,7 +377,11 @@ fn remove_file(path: &Path, actions: &mut Vec<String>, why: &str) -> Result<(), 
             Ok(())
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(PrepareError::Io { action: "remove", path: path.to_path_buf(), source: e }),
+        Err(e) => Err(PrepareError::Io {
+            action: "remove",
+            path: path.to_path_buf(),
+            source: e,
+        }),
     }
 }
 
@@ -318,11 +390,24 @@ fn empty_dir(dir: &Path, actions: &mut Vec<String>, why: &str) -> Result<(), Pre
     let entries = match fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(PrepareError::Io { action: "list", path: dir.to_path_buf(), source: e }),
+        Err(e) => {
+            return Err(PrepareError::Io {
+                action: "list",
+                path: dir.to_path_buf(),
+                source: e,
+            });
+        }
     };
     for entry in entries {
         let path = entry.map_err(io_err("list", dir))?.path();
-        let removed = if fs::symlink_metadata(&path).map_err(io_err("stat", &path))?.is_dir() { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
+        let removed = if fs::symlink_metadata(&path)
+            .map_err(io_err("stat", &path))?
+            .is_dir()
+        {
+            fs::remove_dir_all(&path)
+        } else {
+            fs::remove_file(&path)
+        };
         removed.map_err(io_err("remove", &path))?;
         actions.push(format!("removed {} ({why})", path.display()));
     }
@@ -338,9 +423,20 @@ fn relink(link: &Path, target: &Path, actions: &mut Vec<String>) -> Result<(), P
             }
             fs::remove_file(link).map_err(io_err("remove", link))?;
         }
-        Ok(_) => return Err(PrepareError::Relocation(format!("{} is a directory, not a link; its files are in the data volume", link.display()))),
+        Ok(_) => {
+            return Err(PrepareError::Relocation(format!(
+                "{} is a directory, not a link; its files are in the data volume",
+                link.display()
+            )));
+        }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(PrepareError::Io { action: "stat", path: link.to_path_buf(), source: e }),
+        Err(e) => {
+            return Err(PrepareError::Io {
+                action: "stat",
+                path: link.to_path_buf(),
+                source: e,
+            });
+        }
     }
     symlink(target, link).map_err(io_err("link", link))?;
     actions.push(format!("linked {} -> {}", link.display(), target.display()));
@@ -351,7 +447,11 @@ fn read_optional(path: &Path) -> Result<Option<Vec<u8>>, PrepareError> {
     match fs::read(path) {
         Ok(bytes) => Ok(Some(bytes)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(PrepareError::Io { action: "read", path: path.to_path_buf(), source: e }),
+        Err(e) => Err(PrepareError::Io {
+            action: "read",
+            path: path.to_path_buf(),
+            source: e,
+        }),
     }
 }
 
@@ -365,28 +465,44 @@ pub fn prepare(inputs: &Inputs) -> Result<Outcome, PrepareError> {
         .ok_or_else(|| PrepareError::LabelMissing(inputs.label_dir.clone()))?;
     let label_sha = sha256_hex(&label);
     if !label_sha.eq_ignore_ascii_case(inputs.backup_label_sha256.trim()) {
-        return Err(PrepareError::LabelTampered { file: BACKUP_LABEL_KEY, expected: inputs.backup_label_sha256.clone(), actual: label_sha });
+        return Err(PrepareError::LabelTampered {
+            file: BACKUP_LABEL_KEY,
+            expected: inputs.backup_label_sha256.clone(),
+            actual: label_sha,
+        });
     }
     let map = read_optional(&inputs.label_dir.join(TABLESPACE_MAP_KEY))?.unwrap_or_default();
     if let Some(expected) = &inputs.tablespace_map_sha256 {
         let actual = sha256_hex(&map);
         if !actual.eq_ignore_ascii_case(expected.trim()) {
-            return Err(PrepareError::LabelTampered { file: TABLESPACE_MAP_KEY, expected: expected.clone(), actual });
+            return Err(PrepareError::LabelTampered {
+                file: TABLESPACE_MAP_KEY,
+                expected: expected.clone(),
+                actual,
+            });
         }
     }
     let label_text = String::from_utf8_lossy(&label);
     label_text.parse::<crate::postgres::BackupLabel>()?;
-    let map_text = String::from_utf8(map).map_err(|_| PrepareError::Relocation("tablespace_map is not UTF-8".into()))?;
+    let map_text = String::from_utf8(map)
+        .map_err(|_| PrepareError::Relocation("tablespace_map is not UTF-8".into()))?;
 
     // 2. The data directory: a PostgreSQL one, of the same database system.
     let major = major_version(data)?;
     let found = system_identifier(data)?;
     if found != inputs.system_identifier {
-        return Err(PrepareError::SystemIdentifierMismatch { expected: inputs.system_identifier, found });
+        return Err(PrepareError::SystemIdentifierMismatch {
+            expected: inputs.system_identifier,
+            found,
+        });
     }
     if let Some(done) = read_optional(&data.join(DONE_MARKER))? {
         let done = String::from_utf8_lossy(&done).trim().to_string();
-        return if done == label_sha { Ok(Outcome::AlreadyPrepared) } else { Err(PrepareError::PreparedFromAnotherLabel { found: done }) };
+        return if done == label_sha {
+            Ok(Outcome::AlreadyPrepared)
+        } else {
+            Err(PrepareError::PreparedFromAnotherLabel { found: done })
+        };
     }
     let map_out = relocated_map(&map_text, &inputs.tablespaces)?;
     let settings = recovery_settings(major, &inputs.recovery)?;
@@ -394,51 +510,106 @@ pub fn prepare(inputs: &Inputs) -> Result<Outcome, PrepareError> {
     // 3. Writes: the label first, the marker last.
     let mut actions = Vec::new();
     write_file(data, "backup_label", &label)?;
-    actions.push(format!("wrote backup_label ({} bytes, sha256 {label_sha})", label.len()));
+    actions.push(format!(
+        "wrote backup_label ({} bytes, sha256 {label_sha})",
+        label.len()
+    ));
     if map_out.is_empty() {
         // No tablespaces; a stale map would make PostgreSQL recreate links that are not there.
-        remove_file(&data.join("tablespace_map"), &mut actions, "the backup has no tablespaces")?;
+        remove_file(
+            &data.join("tablespace_map"),
+            &mut actions,
+            "the backup has no tablespaces",
+        )?;
     } else {
         write_file(data, "tablespace_map", map_out.as_bytes())?;
-        let how = if map_out == map_text { "byte for byte" } else { "with relocated paths" };
+        let how = if map_out == map_text {
+            "byte for byte"
+        } else {
+            "with relocated paths"
+        };
         actions.push(format!("wrote tablespace_map ({how})"));
     }
     for (oid, path) in &inputs.tablespaces {
-        relink(&data.join("pg_tblspc").join(oid.to_string()), path, &mut actions)?;
+        relink(
+            &data.join("pg_tblspc").join(oid.to_string()),
+            path,
+            &mut actions,
+        )?;
     }
     if let Some(wal) = &inputs.wal_dir {
         relink(&data.join("pg_wal"), wal, &mut actions)?;
     }
 
-    remove_file(&data.join("postmaster.pid"), &mut actions, "the backed-up server's lock file")?;
-    remove_file(&data.join("postmaster.opts"), &mut actions, "the backed-up server's command line")?;
-    empty_dir(&data.join("pg_replslot"), &mut actions, "a replication slot of the backed-up server")?;
-    empty_dir(&data.join("base/pgsql_tmp"), &mut actions, "a temporary file")?;
+    remove_file(
+        &data.join("postmaster.pid"),
+        &mut actions,
+        "the backed-up server's lock file",
+    )?;
+    remove_file(
+        &data.join("postmaster.opts"),
+        &mut actions,
+        "the backed-up server's command line",
+    )?;
+    empty_dir(
+        &data.join("pg_replslot"),
+        &mut actions,
+        "a replication slot of the backed-up server",
+    )?;
+    empty_dir(
+        &data.join("base/pgsql_tmp"),
+        &mut actions,
+        "a temporary file",
+    )?;
     if let Ok(links) = fs::read_dir(data.join("pg_tblspc")) {
         for link in links.flatten() {
             // pg_tblspc/<oid>/PG_<major>_<catversion>/pgsql_tmp; an unreachable tablespace
             // is the server's problem to report, not ours to guess about.
             for version_dir in fs::read_dir(link.path()).into_iter().flatten().flatten() {
-                empty_dir(&version_dir.path().join("pgsql_tmp"), &mut actions, "a temporary file")?;
+                empty_dir(
+                    &version_dir.path().join("pgsql_tmp"),
+                    &mut actions,
+                    "a temporary file",
+                )?;
             }
         }
     }
     if inputs.remove_standby_signal {
-        remove_file(&data.join("standby.signal"), &mut actions, "asked to; it would make the server a standby")?;
+        remove_file(
+            &data.join("standby.signal"),
+            &mut actions,
+            "asked to; it would make the server a standby",
+        )?;
     }
 
     let header = format!("backup_label sha256 {label_sha}");
     if major >= 12 {
         // 12+ refuses to start with a recovery.conf.
-        remove_file(&data.join("recovery.conf"), &mut actions, "12+ refuses to start with one")?;
+        remove_file(
+            &data.join("recovery.conf"),
+            &mut actions,
+            "12+ refuses to start with one",
+        )?;
         let auto = data.join("postgresql.auto.conf");
-        let current = read_optional(&auto)?.map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
-        write_file(data, "postgresql.auto.conf", with_settings_block(&current, &header, &settings).as_bytes())?;
-        actions.push(format!("set in postgresql.auto.conf: {}", settings.join("; ")));
+        let current = read_optional(&auto)?
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
+        write_file(
+            data,
+            "postgresql.auto.conf",
+            with_settings_block(&current, &header, &settings).as_bytes(),
+        )?;
+        actions.push(format!(
+            "set in postgresql.auto.conf: {}",
+            settings.join("; ")
+        ));
         write_file(data, "recovery.signal", b"")?;
         actions.push("wrote recovery.signal".into());
     } else {
-        let conf = format!("# written by pgsnap restore-prepare ({header})\n{}\n", settings.join("\n"));
+        let conf = format!(
+            "# written by pgsnap restore-prepare ({header})\n{}\n",
+            settings.join("\n")
+        );
         write_file(data, "recovery.conf", conf.as_bytes())?;
         actions.push(format!("wrote recovery.conf: {}", settings.join("; ")));
     }
@@ -494,7 +665,9 @@ pub struct Args {
 
 fn parse_tablespace_move(s: &str) -> Result<(u32, PathBuf), String> {
     let (oid, path) = s.split_once('=').ok_or("expected OID=PATH")?;
-    let oid = oid.parse().map_err(|_| format!("{oid:?} is not a tablespace OID"))?;
+    let oid = oid
+        .parse()
+        .map_err(|_| format!("{oid:?} is not a tablespace OID"))?;
     if !path.starts_with('/') {
         return Err(format!("{path:?} is not an absolute path"));
     }
@@ -516,7 +689,11 @@ impl Args {
             system_identifier: self.system_identifier,
             wal_dir: self.wal_dir.clone(),
             tablespaces: self.tablespaces.clone(),
-            recovery: Recovery { restore_command: self.restore_command.clone(), target, promote: self.promote },
+            recovery: Recovery {
+                restore_command: self.restore_command.clone(),
+                target,
+                promote: self.promote,
+            },
             remove_standby_signal: self.remove_standby_signal,
         }
     }
@@ -534,7 +711,9 @@ pub fn main(args: Args) -> i32 {
             0
         }
         Ok(Outcome::AlreadyPrepared) => {
-            println!("restore-prepare: {data_dir} is already prepared from this backup_label; nothing changed");
+            println!(
+                "restore-prepare: {data_dir} is already prepared from this backup_label; nothing changed"
+            );
             0
         }
         Err(e) => {
@@ -544,7 +723,11 @@ pub fn main(args: Args) -> i32 {
                 // Only into a file that exists (the one kubelet mounts): never a stray file
                 // in a /dev that is not a container's. Best effort: the exit status and
                 // stderr carry the refusal too.
-                let _ = fs::OpenOptions::new().write(true).truncate(true).open(path).and_then(|mut f| f.write_all(line.as_bytes()));
+                let _ = fs::OpenOptions::new()
+                    .write(true)
+                    .truncate(true)
+                    .open(path)
+                    .and_then(|mut f| f.write_all(line.as_bytes()));
             }
             EXIT_REFUSED
         }
@@ -570,7 +753,8 @@ mod tests {
     fn scratch(major: &str) -> (Dir, Inputs) {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let root = std::env::temp_dir().join(format!("pgsnap-prepare-unit-{}-{n}", std::process::id()));
+        let root =
+            std::env::temp_dir().join(format!("pgsnap-prepare-unit-{}-{n}", std::process::id()));
         let (data, labels) = (root.join("data"), root.join("label"));
         fs::create_dir_all(data.join("global")).unwrap();
         fs::create_dir_all(data.join("pg_replslot/old_slot")).unwrap();
@@ -583,7 +767,11 @@ mod tests {
         fs::write(data.join("postmaster.pid"), "42\n").unwrap();
         fs::write(data.join("pg_replslot/old_slot/state"), "x").unwrap();
         fs::write(data.join("base/pgsql_tmp/pgsql_tmp42.0"), "x").unwrap();
-        fs::write(data.join("postgresql.auto.conf"), "# Do not edit this file manually!\nwork_mem = '8MB'\n").unwrap();
+        fs::write(
+            data.join("postgresql.auto.conf"),
+            "# Do not edit this file manually!\nwork_mem = '8MB'\n",
+        )
+        .unwrap();
         fs::write(labels.join("backup_label"), LABEL).unwrap();
         fs::write(labels.join("tablespace_map"), "").unwrap();
         let inputs = Inputs {
@@ -594,7 +782,11 @@ mod tests {
             system_identifier: SYSID,
             wal_dir: None,
             tablespaces: vec![],
-            recovery: Recovery { restore_command: Some("cp '/archive/%f' %p".into()), target: Target::Immediate, promote: true },
+            recovery: Recovery {
+                restore_command: Some("cp '/archive/%f' %p".into()),
+                target: Target::Immediate,
+                promote: true,
+            },
             remove_standby_signal: false,
         };
         (Dir(root), inputs)
@@ -604,19 +796,45 @@ mod tests {
     fn prepares_a_12_plus_directory_once_and_then_changes_nothing() {
         let (_dir, inputs) = scratch("16");
         let data = &inputs.data_dir;
-        let Outcome::Prepared { major, .. } = prepare(&inputs).unwrap() else { panic!("not prepared") };
+        let Outcome::Prepared { major, .. } = prepare(&inputs).unwrap() else {
+            panic!("not prepared")
+        };
         assert_eq!(major, 16);
-        assert_eq!(fs::read_to_string(data.join("backup_label")).unwrap(), LABEL);
+        assert_eq!(
+            fs::read_to_string(data.join("backup_label")).unwrap(),
+            LABEL
+        );
         assert!(data.join("recovery.signal").exists());
-        assert!(!data.join("tablespace_map").exists(), "an empty map is no map");
+        assert!(
+            !data.join("tablespace_map").exists(),
+            "an empty map is no map"
+        );
         assert!(!data.join("postmaster.pid").exists());
         assert_eq!(fs::read_dir(data.join("pg_replslot")).unwrap().count(), 0);
-        assert_eq!(fs::read_dir(data.join("base/pgsql_tmp")).unwrap().count(), 0);
+        assert_eq!(
+            fs::read_dir(data.join("base/pgsql_tmp")).unwrap().count(),
+            0
+        );
         let auto = fs::read_to_string(data.join("postgresql.auto.conf")).unwrap();
-        assert!(auto.starts_with("# Do not edit this file manually!\nwork_mem = '8MB'\n"), "{auto}");
-        assert!(auto.contains("restore_command = 'cp ''/archive/%f'' %p'\nrecovery_target = 'immediate'\n"), "{auto}");
+        assert!(
+            auto.starts_with("# Do not edit this file manually!\nwork_mem = '8MB'\n"),
+            "{auto}"
+        );
+        assert!(
+            auto.contains(
+                "restore_command = 'cp ''/archive/%f'' %p'\nrecovery_target = 'immediate'\n"
+            ),
+            "{auto}"
+        );
         assert!(auto.contains("recovery_target_action = 'promote'"));
-        assert_eq!(fs::metadata(data.join("backup_label")).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(data.join("backup_label"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o600
+        );
 
         let before: Vec<_> = walk(data);
         assert_eq!(prepare(&inputs).unwrap(), Outcome::AlreadyPrepared);
@@ -647,10 +865,20 @@ mod tests {
         let (_dir, inputs) = scratch("11");
         prepare(&inputs).unwrap();
         let conf = fs::read_to_string(inputs.data_dir.join("recovery.conf")).unwrap();
-        assert!(conf.contains("standby_mode = 'off'\nrestore_command = "), "{conf}");
-        assert!(!conf.contains("recovery_target_timeline"), "11 does not know 'current'");
+        assert!(
+            conf.contains("standby_mode = 'off'\nrestore_command = "),
+            "{conf}"
+        );
+        assert!(
+            !conf.contains("recovery_target_timeline"),
+            "11 does not know 'current'"
+        );
         assert!(!inputs.data_dir.join("recovery.signal").exists());
-        assert!(!fs::read_to_string(inputs.data_dir.join("postgresql.auto.conf")).unwrap().contains("restore_command"));
+        assert!(
+            !fs::read_to_string(inputs.data_dir.join("postgresql.auto.conf"))
+                .unwrap()
+                .contains("restore_command")
+        );
     }
 
     #[test]
@@ -659,22 +887,48 @@ mod tests {
         fs::remove_file(inputs.label_dir.join("backup_label")).unwrap();
         assert_eq!(prepare(&inputs).unwrap_err().reason(), "LabelMissing");
 
-        fs::write(inputs.label_dir.join("backup_label"), LABEL.replace("0/2000060", "0/3000060")).unwrap();
-        assert_eq!(prepare(&inputs).unwrap_err().reason(), "LabelChecksumMismatch");
+        fs::write(
+            inputs.label_dir.join("backup_label"),
+            LABEL.replace("0/2000060", "0/3000060"),
+        )
+        .unwrap();
+        assert_eq!(
+            prepare(&inputs).unwrap_err().reason(),
+            "LabelChecksumMismatch"
+        );
 
         fs::write(inputs.label_dir.join("backup_label"), LABEL).unwrap();
-        fs::write(inputs.label_dir.join("tablespace_map"), "16400 /elsewhere\n").unwrap();
-        assert_eq!(prepare(&inputs).unwrap_err().reason(), "LabelChecksumMismatch");
+        fs::write(
+            inputs.label_dir.join("tablespace_map"),
+            "16400 /elsewhere\n",
+        )
+        .unwrap();
+        assert_eq!(
+            prepare(&inputs).unwrap_err().reason(),
+            "LabelChecksumMismatch"
+        );
 
         fs::write(inputs.label_dir.join("tablespace_map"), "").unwrap();
-        let foreign = Inputs { system_identifier: SYSID + 1, ..inputs.clone() };
-        assert_eq!(prepare(&foreign).unwrap_err().reason(), "SystemIdentifierMismatch");
+        let foreign = Inputs {
+            system_identifier: SYSID + 1,
+            ..inputs.clone()
+        };
+        assert_eq!(
+            prepare(&foreign).unwrap_err().reason(),
+            "SystemIdentifierMismatch"
+        );
 
         assert!(!inputs.data_dir.join("backup_label").exists());
-        assert!(inputs.data_dir.join("postmaster.pid").exists(), "a refusal touched the directory");
+        assert!(
+            inputs.data_dir.join("postmaster.pid").exists(),
+            "a refusal touched the directory"
+        );
         assert!(prepare(&inputs).is_ok());
 
-        let other = Inputs { backup_label_sha256: sha256_hex(b"other"), ..inputs.clone() };
+        let other = Inputs {
+            backup_label_sha256: sha256_hex(b"other"),
+            ..inputs.clone()
+        };
         fs::write(inputs.label_dir.join("backup_label"), "other").unwrap();
         assert_eq!(prepare(&other).unwrap_err().reason(), "LabelInvalid");
     }
@@ -684,9 +938,14 @@ mod tests {
         let (_dir, mut inputs) = scratch("16");
         fs::write(inputs.data_dir.join("standby.signal"), "").unwrap();
         inputs.remove_standby_signal = true;
-        let Outcome::Prepared { actions, .. } = prepare(&inputs).unwrap() else { panic!("not prepared") };
+        let Outcome::Prepared { actions, .. } = prepare(&inputs).unwrap() else {
+            panic!("not prepared")
+        };
         assert!(!inputs.data_dir.join("standby.signal").exists());
-        assert!(actions.iter().any(|a| a.contains("standby.signal")), "{actions:?}");
+        assert!(
+            actions.iter().any(|a| a.contains("standby.signal")),
+            "{actions:?}"
+        );
         assert!(inputs.data_dir.join("recovery.signal").exists());
     }
 
@@ -694,14 +953,22 @@ mod tests {
     fn a_directory_prepared_from_another_label_is_refused() {
         let (_dir, inputs) = scratch("17");
         fs::write(inputs.data_dir.join(DONE_MARKER), "abc\n").unwrap();
-        assert_eq!(prepare(&inputs).unwrap_err().reason(), "PreparedFromAnotherBackup");
+        assert_eq!(
+            prepare(&inputs).unwrap_err().reason(),
+            "PreparedFromAnotherBackup"
+        );
     }
 
     #[test]
     fn recovery_settings_follow_target_and_promotion() {
-        let r = |target, promote| Recovery { restore_command: None, target, promote };
+        let r = |target, promote| Recovery {
+            restore_command: None,
+            target,
+            promote,
+        };
         assert_eq!(
-            recovery_settings(18, &r(Target::Time("2026-11-21 10:00:00+00".into()), false)).unwrap(),
+            recovery_settings(18, &r(Target::Time("2026-11-21 10:00:00+00".into()), false))
+                .unwrap(),
             [
                 "restore_command = 'false'",
                 "recovery_target_time = '2026-11-21 10:00:00+00'",
@@ -710,14 +977,32 @@ mod tests {
             ]
         );
         assert!(
-            recovery_settings(15, &r(Target::Time("2026-11-21T10:40:34.502967Z".into()), true))
-                .unwrap()
-                .contains(&"recovery_target_time = '2026-11-21T10:40:34.502967+00'".to_string())
+            recovery_settings(
+                15,
+                &r(Target::Time("2026-11-21T10:40:34.502967Z".into()), true)
+            )
+            .unwrap()
+            .contains(&"recovery_target_time = '2026-11-21T10:40:34.502967+00'".to_string())
         );
-        assert!(recovery_settings(12, &r(Target::Lsn("0/3000060".into()), true)).unwrap().contains(&"recovery_target_lsn = '0/3000060'".to_string()));
-        assert_eq!(recovery_settings(12, &r(Target::Lsn("x'; drop".into()), true)).unwrap_err().reason(), "InvalidRecoverySetting");
-        let bad = Recovery { restore_command: Some("cp a b\nrecovery_target = 'x'".into()), ..r(Target::Immediate, true) };
-        assert_eq!(recovery_settings(12, &bad).unwrap_err().reason(), "InvalidRecoverySetting");
+        assert!(
+            recovery_settings(12, &r(Target::Lsn("0/3000060".into()), true))
+                .unwrap()
+                .contains(&"recovery_target_lsn = '0/3000060'".to_string())
+        );
+        assert_eq!(
+            recovery_settings(12, &r(Target::Lsn("x'; drop".into()), true))
+                .unwrap_err()
+                .reason(),
+            "InvalidRecoverySetting"
+        );
+        let bad = Recovery {
+            restore_command: Some("cp a b\nrecovery_target = 'x'".into()),
+            ..r(Target::Immediate, true)
+        };
+        assert_eq!(
+            recovery_settings(12, &bad).unwrap_err().reason(),
+            "InvalidRecoverySetting"
+        );
         assert_eq!(quote_setting("x", r"c:\a'b").unwrap(), r"'c:\\a''b'");
     }
 
@@ -725,19 +1010,39 @@ mod tests {
     fn the_settings_block_is_replaced_not_appended_twice() {
         let once = with_settings_block("a = 1\n", "h1", &["x = '1'".into()]);
         let twice = with_settings_block(&once, "h2", &["x = '2'".into()]);
-        assert_eq!(twice, format!("a = 1\n{BLOCK_BEGIN} (h2)\nx = '2'\n{BLOCK_END}\n"));
+        assert_eq!(
+            twice,
+            format!("a = 1\n{BLOCK_BEGIN} (h2)\nx = '2'\n{BLOCK_END}\n")
+        );
     }
 
     #[test]
     fn tablespace_maps_round_trip_and_relocate() {
         let map = "16400 /var/lib/ts one\n16401 /weird\\\\path\\\nname\n";
         let entries = parse_tablespace_map(map).unwrap();
-        assert_eq!(entries, [MapEntry { oid: 16400, path: "/var/lib/ts one".into() }, MapEntry { oid: 16401, path: "/weird\\path\nname".into() }]);
+        assert_eq!(
+            entries,
+            [
+                MapEntry {
+                    oid: 16400,
+                    path: "/var/lib/ts one".into()
+                },
+                MapEntry {
+                    oid: 16401,
+                    path: "/weird\\path\nname".into()
+                }
+            ]
+        );
         assert_eq!(render_tablespace_map(&entries), map);
         assert_eq!(relocated_map(map, &[]).unwrap(), map);
         let moved = relocated_map(map, &[(16400, "/mnt/ts".into())]).unwrap();
         assert!(moved.starts_with("16400 /mnt/ts\n16401 "), "{moved}");
-        assert_eq!(relocated_map(map, &[(1, "/x".into())]).unwrap_err().reason(), "RelocationFailed");
+        assert_eq!(
+            relocated_map(map, &[(1, "/x".into())])
+                .unwrap_err()
+                .reason(),
+            "RelocationFailed"
+        );
     }
 
     #[test]
@@ -752,8 +1057,17 @@ mod tests {
         inputs.tablespaces = vec![(16400, "/new/ts".into())];
         inputs.wal_dir = Some("/new/wal".into());
         prepare(&inputs).unwrap();
-        assert_eq!(fs::read_to_string(inputs.data_dir.join("tablespace_map")).unwrap(), "16400 /new/ts\n");
-        assert_eq!(fs::read_link(inputs.data_dir.join("pg_tblspc/16400")).unwrap(), Path::new("/new/ts"));
-        assert_eq!(fs::read_link(inputs.data_dir.join("pg_wal")).unwrap(), Path::new("/new/wal"));
+        assert_eq!(
+            fs::read_to_string(inputs.data_dir.join("tablespace_map")).unwrap(),
+            "16400 /new/ts\n"
+        );
+        assert_eq!(
+            fs::read_link(inputs.data_dir.join("pg_tblspc/16400")).unwrap(),
+            Path::new("/new/ts")
+        );
+        assert_eq!(
+            fs::read_link(inputs.data_dir.join("pg_wal")).unwrap(),
+            Path::new("/new/wal")
+        );
     }
 }
