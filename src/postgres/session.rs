@@ -8,9 +8,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use futures::StreamExt;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until, timeout};
-use tokio_postgres::{CancelToken, Client};
+use tokio_postgres::error::Severity;
+use tokio_postgres::{AsyncMessage, CancelToken, Client, Connection};
 use tokio_postgres_rustls::MakeRustlsConnect;
 use tracing::{info, warn};
 
@@ -666,17 +669,19 @@ async fn bounded<T>(
 /// The connection task: drives the connection, and closes it on Abort, at the deadline or
 /// when the Session is dropped mid-backup. Before closing, a cancel request ends a statement
 /// the server may be blocked in (the checkpoint wait, the archive wait): a backend notices a
-/// closed client only when it next talks to it.
-async fn drive<C>(
-    connection: C,
+/// closed client only when it next talks to it. Server notices (e.g. "still waiting for all
+/// required WAL segments to be archived") go to the log, where an operator looks.
+async fn drive<S, T>(
+    mut connection: Connection<S, T>,
     mut control: watch::Receiver<Control>,
     shared: Arc<Shared>,
     cancel: CancelToken,
     tls: MakeRustlsConnect,
 ) where
-    C: Future<Output = Result<(), tokio_postgres::Error>>,
+    S: AsyncRead + AsyncWrite + Unpin,
+    T: AsyncRead + AsyncWrite + Unpin,
 {
-    tokio::pin!(connection);
+    let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
     loop {
         let current = *control.borrow_and_update();
         let deadline = async move {
@@ -687,10 +692,19 @@ async fn drive<C>(
             }
         };
         tokio::select! {
-            result = &mut connection => {
-                let why = match result {
-                    Ok(()) => "the server closed the connection".to_string(),
-                    Err(e) => e.to_string(),
+            message = messages.next() => {
+                let why = match message {
+                    Some(Ok(AsyncMessage::Notice(notice))) => {
+                        if matches!(notice.parsed_severity(), Some(Severity::Warning)) {
+                            warn!(notice = notice.message(), "PostgreSQL warning");
+                        } else {
+                            info!(notice = notice.message(), "PostgreSQL notice");
+                        }
+                        continue;
+                    }
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => e.to_string(),
+                    None => "the server closed the connection".to_string(),
                 };
                 if let Ok(mut lost) = shared.lost.lock() {
                     *lost = Some(why);
