@@ -108,6 +108,8 @@ async fn session_matrix(major: u32) {
     assert!(stopped.stop_lsn > started.start_lsn);
     assert_eq!(label.backup_method, "streamed");
     assert_eq!(label.backup_from, BackupFrom::Primary);
+    let from = if major >= 14 { "primary" } else { "master" };
+    assert!(stopped.labelfile.contains(&format!("\nBACKUP FROM: {from}\n")));
     assert_eq!(label.label, "pgsnap test/one");
     assert_eq!(
         label.start_timeline,
@@ -306,7 +308,7 @@ async fn session_matrix(major: u32) {
         .start("two\nSTART TIMELINE: 9", true, Duration::from_secs(60))
         .await
         .unwrap_err();
-    assert_eq!(err.reason(), "LabelInvalid");
+    assert_eq!(err.reason(), "LabelHasControlCharacters");
     g.start(&"x".repeat(1024), true, Duration::from_secs(60))
         .await
         .unwrap();

@@ -94,7 +94,7 @@ pub enum Error {
     InvalidState { step: Step, detail: &'static str },
 
     #[error("the server returned a backup_label pgsnap cannot read: {0}")]
-    InvalidLabel(#[from] LabelError),
+    LabelInvalid(#[from] LabelError),
 
     #[error("{what} failed: {detail}{}", sqlstate.as_deref().map(|s| format!(" (SQLSTATE {s})")).unwrap_or_default())]
     Query {
@@ -117,11 +117,11 @@ impl Error {
             Error::StandbyPromoted { .. } => "StandbyPromoted",
             Error::FullPageWritesOff { .. } => "FullPageWritesOff",
             Error::LabelTooLong { .. } => "LabelTooLong",
-            Error::LabelHasControlCharacters { .. } => "LabelInvalid",
+            Error::LabelHasControlCharacters { .. } => "LabelHasControlCharacters",
             Error::DeadlineExceeded { .. } => "DeadlineExceeded",
             Error::SessionLost { .. } => "SessionLost",
             Error::InvalidState { .. } => "InvalidState",
-            Error::InvalidLabel(_) => "InvalidLabel",
+            Error::LabelInvalid(_) => "LabelInvalid",
             Error::Query { .. } => "Query",
         }
     }
@@ -149,7 +149,7 @@ impl Error {
             | Error::LabelTooLong { .. }
             | Error::LabelHasControlCharacters { .. }
             | Error::InvalidState { .. }
-            | Error::InvalidLabel(_) => false,
+            | Error::LabelInvalid(_) => false,
         }
     }
 

@@ -298,7 +298,7 @@ impl Session {
             Ok(lsn) => lsn,
             Err(e) => {
                 self.close_on_failure();
-                return Err(Error::InvalidLabel(e));
+                return Err(Error::LabelInvalid(e));
             }
         };
         info!(
@@ -396,7 +396,7 @@ impl Session {
         let stop_lsn: Lsn = row
             .get::<_, String>(0)
             .parse()
-            .map_err(Error::InvalidLabel)?;
+            .map_err(Error::LabelInvalid)?;
         let labelfile: String = row.get(1);
         let spcmapfile: Option<String> = row.get(2);
         let label: BackupLabel = labelfile.parse()?;
