@@ -1,6 +1,7 @@
 //! Where the server's files really are: `pg_wal` as a link to another directory (another
 //! volume, `initdb --waldir`) is recognised among candidate directories, tablespaces are
-//! listed with their locations. A role without the file privileges is told the grants.
+//! listed with their locations. A role without the file privileges is told the grants. And
+//! a server with wal_level = minimal is refused before a backup starts.
 
 mod pgharness;
 
@@ -81,11 +82,37 @@ async fn wal_link(major: u32) {
     }
 }
 
+/// A server that cannot be backed up online: told before anything starts.
+async fn wal_level_minimal(major: u32) {
+    let dir = TestDir::new(&format!("minimal{major}"));
+    let mut pg = Pg::init(
+        major,
+        &dir,
+        "primary",
+        &[
+            ("wal_level", "minimal"),
+            ("max_wal_senders", "0"),
+            ("archive_mode", "off"),
+        ],
+    );
+    pg.start(Duration::from_secs(60)).await.unwrap();
+    let mut s = Session::connect(&pg.opts("postgres", None)).await.unwrap();
+    assert_eq!(s.server().wal_level, "minimal");
+    let err = s
+        .start("x", true, Duration::from_secs(60))
+        .await
+        .unwrap_err();
+    assert_eq!(err.reason(), "WalLevelTooLow", "{err}");
+    assert!(err.to_string().contains("wal_level = replica"), "{err}");
+    assert!(!err.is_retryable());
+}
+
 macro_rules! per_major {
     ($($name:ident: $major:expr),* $(,)?) => {$(
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn $name() {
             wal_link($major).await;
+            wal_level_minimal($major).await;
         }
     )*};
 }
