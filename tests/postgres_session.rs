@@ -109,7 +109,11 @@ async fn session_matrix(major: u32) {
     assert_eq!(label.backup_method, "streamed");
     assert_eq!(label.backup_from, BackupFrom::Primary);
     let from = if major >= 14 { "primary" } else { "master" };
-    assert!(stopped.labelfile.contains(&format!("\nBACKUP FROM: {from}\n")));
+    assert!(
+        stopped
+            .labelfile
+            .contains(&format!("\nBACKUP FROM: {from}\n"))
+    );
     assert_eq!(label.label, "pgsnap test/one");
     assert_eq!(
         label.start_timeline,
@@ -248,6 +252,37 @@ async fn session_matrix(major: u32) {
     assert!(
         gone,
         "backend {pid} of a cancelled stop still waiting for the archive"
+    );
+
+    // A client that dies without a word (the operator SIGKILLed in the archive wait): its
+    // runtime goes away, the socket closes, no cancel is sent. 14+ notices within a second
+    // (client_connection_check_interval); 10-13 keep waiting for the archive, already out
+    // of backup mode, and end once archiving works again.
+    let opts = pg.opts("postgres", None);
+    let pid = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut s = Session::connect(&opts).await.unwrap();
+            let pid = s.backend_pid();
+            s.start("killed", true, Duration::from_secs(600))
+                .await
+                .unwrap();
+            let _ = tokio::time::timeout(Duration::from_secs(1), s.stop(true)).await;
+            // No Drop: nothing is told, as when the process is killed.
+            std::mem::forget(s);
+            pid
+        })
+    })
+    .join()
+    .unwrap();
+    let gone = backend_gone(&client, pid).await;
+    assert_eq!(
+        gone,
+        major >= 14,
+        "backend {pid} of a dead client, PostgreSQL {major}"
     );
     pg.exec("alter system reset archive_command").await;
     pg.exec("select pg_reload_conf()").await;
