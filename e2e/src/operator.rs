@@ -13,9 +13,10 @@ use kube::{Api, Client};
 
 use crate::cluster::{cluster_dir, repo_root};
 
-/// Where the operator's ServiceAccount and Lease live.
-pub const OPERATOR_NAMESPACE: &str = "pgsnap-system";
-const SERVICE_ACCOUNT: &str = "pgsnap";
+/// Where the operator's ServiceAccount and Lease live: a release of the chart of its own,
+/// so tests and `make demo` (release `pgsnap` in `pgsnap-system`) never own the same objects.
+pub const OPERATOR_NAMESPACE: &str = "pgsnap-e2e";
+const RELEASE: &str = "pgsnap-e2e";
 
 /// Runs a shell command with the cluster's kubectl and helm on PATH; panics with its output
 /// when it fails.
@@ -53,7 +54,7 @@ pub fn install_chart_rbac() {
         "kubectl apply --server-side --force-conflicts -f crds/ >/dev/null; \
          kubectl wait --for condition=Established --timeout=30s -f crds/ >/dev/null; \
          kubectl create namespace {OPERATOR_NAMESPACE} --dry-run=client -o yaml | kubectl apply -f - >/dev/null; \
-         helm template pgsnap charts/pgsnap --namespace {OPERATOR_NAMESPACE} --kube-version 1.34.0 \
+         helm template {RELEASE} charts/pgsnap --namespace {OPERATOR_NAMESPACE} --kube-version 1.34.0 \
            --show-only templates/serviceaccount.yaml --show-only templates/rbac.yaml | kubectl apply -f - >/dev/null"
     ));
 }
@@ -62,6 +63,8 @@ pub struct Operator {
     child: Child,
     pub metrics_port: u16,
     log: PathBuf,
+    /// The namespace of `--namespace`, whose pgsnap objects go before the operator does.
+    namespace: Option<String>,
 }
 
 impl Operator {
@@ -71,7 +74,7 @@ impl Operator {
         install_chart_rbac();
         let token = Api::<ServiceAccount>::namespaced(client.clone(), OPERATOR_NAMESPACE)
             .create_token_request(
-                SERVICE_ACCOUNT,
+                RELEASE,
                 &PostParams::default(),
                 &TokenRequest {
                     spec: TokenRequestSpec {
@@ -110,10 +113,12 @@ impl Operator {
             .stderr(std::fs::File::create(&log).expect("operator log"))
             .spawn()
             .expect("start pgsnap run");
+        let namespace = args.iter().find_map(|a| a.strip_prefix("--namespace=")).map(str::to_string);
         let operator = Operator {
             child,
             metrics_port: port,
             log,
+            namespace,
         };
         operator.wait_ready().await;
         operator
@@ -187,15 +192,44 @@ impl Drop for Operator {
         if std::thread::panicking() {
             eprintln!("--- operator log tail ---\n{}", self.log_tail());
         }
+        // Backups and Restores carry finalizers only a running operator removes: delete them
+        // while it still runs, or the test's namespace would stay Terminating for good.
+        if let (Some(ns), Ok(None)) = (&self.namespace, self.child.try_wait()) {
+            let _ = Command::new("bash")
+                .arg("-c")
+                .arg(format!(
+                    "eval \"$({}/e2e/cluster env)\"; kubectl -n {ns} delete backups.pgsnap.io,restores.pgsnap.io --all --timeout=60s",
+                    repo_root().display()
+                ))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
         self.kill();
     }
+}
+
+/// The API server's URL from the administrator's kubeconfig (the cluster may have moved to
+/// other ports when the default ones were taken).
+fn api_server_url() -> String {
+    let path = std::env::var_os("KUBECONFIG")
+        .map(PathBuf::from)
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or_else(|| cluster_dir().join("kubeconfig"));
+    let config = kube::config::Kubeconfig::read_from(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    config
+        .clusters
+        .into_iter()
+        .find_map(|c| c.cluster?.server)
+        .unwrap_or_else(|| panic!("{} names no API server", path.display()))
 }
 
 fn service_account_kubeconfig(token: &str) -> String {
     let ca = cluster_dir().join("pki/ca.crt");
     format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: e2e\n  cluster:\n    server: https://127.0.0.1:16443\n    certificate-authority: {}\n\
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: e2e\n  cluster:\n    server: {}\n    certificate-authority: {}\n\
          users:\n- name: pgsnap\n  user:\n    token: {token}\ncontexts:\n- name: pgsnap\n  context: {{cluster: e2e, user: pgsnap}}\ncurrent-context: pgsnap\n",
+        api_server_url(),
         ca.display()
     )
 }

@@ -2,7 +2,7 @@
 //! image (as the node agent emulates it) on PVCs, optionally with a WAL volume, a tablespace
 //! volume, a WAL archive, or as a streaming standby of another one.
 //!
-//! ```ignore
+//! ```text
 //! let cluster = Cluster::from_env().await;
 //! let db = postgres_pod(16).archive(true).wal_volume(true).create(&cluster).await;
 //! db.sql("CREATE TABLE t (x int)").await;

@@ -218,7 +218,11 @@ async fn reconcile(backup: Arc<Backup>, ctx: Arc<Context>) -> Result<Action, Err
         }
     })
     .await
-    .map_err(|e| Error::Finalizer(Box::new(e)))
+    .or_else(|e| match e {
+        // The Backup (or its whole namespace) is already gone: nothing is left to clean up.
+        finalizer::Error::RemoveFinalizer(kube::Error::Api(s)) if s.code == 404 => Ok(Action::await_change()),
+        e => Err(Error::Finalizer(Box::new(e))),
+    })
 }
 
 async fn apply(backup: Arc<Backup>, ctx: Arc<Context>) -> Result<Action, Error> {

@@ -160,7 +160,6 @@ impl PodModel {
             "podIP": super::POD_IP,
             "podIPs": [{ "ip": super::POD_IP }],
             "startTime": self.start_time.to_string(),
-            "qosClass": "BestEffort",
             "conditions": conditions,
             "initContainerStatuses": self.init.iter().map(ContainerModel::json).collect::<Vec<_>>(),
             "containerStatuses": self.containers.iter().map(ContainerModel::json).collect::<Vec<_>>(),
