@@ -396,6 +396,8 @@ async fn a_pod_gets_its_volumes_env_identity_and_readiness() {
             }],
             "containers": [{
                 "name": "main", "image": "debian:13",
+                // Requests make the pod Burstable: the agent must not touch status.qosClass.
+                "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}},
                 "command": ["bash", "-c", script],
                 "env": [
                     {"name": "PASSWORD", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "password"}}},

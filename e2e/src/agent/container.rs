@@ -148,7 +148,13 @@ pub async fn launch_spec(
         _ => SYSTEM_PATH.into(),
     };
     env.push(("PATH".into(), path));
-    env.push(("HOME".into(), "/root".into()));
+    // As a runtime does from the image's passwd: root's home, the postgres user's, else /.
+    let home = match user(pod, c).0 {
+        0 => "/root",
+        super::entrypoint::POSTGRES_UID => "/var/lib/postgresql",
+        _ => "/",
+    };
+    env.push(("HOME".into(), home.into()));
     let (host, port) = (&shared.api_host, &shared.api_port);
     env.extend([
         ("KUBERNETES_SERVICE_HOST".to_string(), host.clone()),
