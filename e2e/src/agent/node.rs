@@ -155,7 +155,11 @@ pub async fn heartbeat(client: Client, name: String) {
 async fn beat(client: &Client, name: &str) -> Result<(), AgentError> {
     let now = Timestamp::now();
     let nodes: Api<Node> = Api::all(client.clone());
-    let node = nodes.get(name).await?;
+    let Some(node) = nodes.get_opt(name).await? else {
+        // Someone deleted the Node: register it again, as the kubelet does on restart.
+        tracing::warn!("the Node object is gone; registering again");
+        return register(client, name).await;
+    };
     nodes
         .patch_status(
             name,
