@@ -572,3 +572,79 @@ async fn a_failed_container_reports_exit_code_and_termination_message() {
         assert_eq!(status.restart_count, 0);
     }
 }
+
+#[tokio::test]
+async fn the_postgres_image_honours_its_environment_and_init_scripts() {
+    let cluster = Cluster::from_env().await;
+    create(&cluster.api::<ConfigMap>(), json!({
+        "metadata": {"name": "initdb"},
+        "data": {
+            "01-role.sql": "CREATE ROLE backup LOGIN PASSWORD 'b' REPLICATION;",
+            "02-table.sh": "psql -v ON_ERROR_STOP=1 -c \"CREATE TABLE made_by_sh (db text); INSERT INTO made_by_sh VALUES (current_database())\""
+        }
+    }))
+    .await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    // No securityContext: the entrypoint starts as root and drops to postgres (999).
+    create(&cluster.api::<Pod>(), json!({
+        "metadata": {"name": "app-db"},
+        "spec": {"containers": [{
+            "name": "postgres", "image": "postgres:15-bookworm",
+            "args": ["-c", format!("port={port}")],
+            "env": [
+                {"name": "POSTGRES_USER", "value": "app"},
+                {"name": "POSTGRES_PASSWORD", "value": "app-pw"},
+                {"name": "POSTGRES_DB", "value": "appdb"},
+                {"name": "POSTGRES_INITDB_ARGS", "value": "--data-checksums"}
+            ],
+            "readinessProbe": {"exec": {"command": ["pg_isready", "-h", "127.0.0.1", "-p", port.to_string()]}, "periodSeconds": 1},
+            "volumeMounts": [{"name": "scripts", "mountPath": "/docker-entrypoint-initdb.d"}, {"name": "data", "mountPath": "/var/lib/postgresql/data"}]
+        }],
+        "volumes": [{"name": "scripts", "configMap": {"name": "initdb"}}, {"name": "data", "emptyDir": {}}]}
+    }))
+    .await;
+    let ready = |p: Option<&Pod>| {
+        let s = p.and_then(|p| p.status.as_ref());
+        s.and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+            || s.and_then(|s| s.container_statuses.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.restart_count > 0))
+    };
+    cluster
+        .wait_for(cluster.api::<Pod>(), "app-db", "Ready", T, ready)
+        .await;
+    let conninfo = format!("host=127.0.0.1 port={port} user=app password=app-pw dbname=appdb");
+    let (client, conn) = match tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await {
+        Ok(c) => c,
+        Err(e) => panic!("{e}\n{}", cluster.pod_logs("app-db").await),
+    };
+    tokio::spawn(conn);
+    let one = |q: &'static str| {
+        let client = &client;
+        async move {
+            client
+                .query_one(q, &[])
+                .await
+                .unwrap_or_else(|e| panic!("{q}: {e}"))
+        }
+    };
+    assert_eq!(
+        one("SELECT db FROM made_by_sh").await.get::<_, String>(0),
+        "appdb"
+    );
+    assert!(
+        one("SELECT rolreplication FROM pg_roles WHERE rolname = 'backup'")
+            .await
+            .get::<_, bool>(0)
+    );
+    assert_eq!(one("SHOW data_checksums").await.get::<_, String>(0), "on");
+    assert!(
+        one("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
+            .await
+            .get::<_, bool>(0)
+    );
+}
