@@ -65,6 +65,7 @@ impl Cluster {
                 kubeconfig.display()
             );
         }
+        warn_if_no_node(&client).await;
         let namespace = test_namespace_name();
         let ns = Namespace {
             metadata: kube::api::ObjectMeta {
@@ -266,6 +267,40 @@ async fn client_from(kubeconfig: &Path) -> Client {
 }
 
 /// `t-<test name>-<suffix>`: a valid, unique namespace name that says which test made it.
+/// Tests without pods work without the node agent; tests with pods would only time out, so
+/// say up front why their pods will stay Pending.
+async fn warn_if_no_node(client: &Client) {
+    use k8s_openapi::api::core::v1::Node;
+    let node = Api::<Node>::all(client.clone())
+        .get_opt(NODE)
+        .await
+        .ok()
+        .flatten();
+    let ready = node
+        .as_ref()
+        .and_then(|n| n.status.as_ref()?.conditions.as_ref())
+        .and_then(|c| c.iter().find(|c| c.type_ == "Ready"));
+    let fresh = ready.is_some_and(|c| {
+        c.status == "True"
+            && c.last_heartbeat_time.as_ref().is_some_and(|t| {
+                k8s_openapi::jiff::Timestamp::now()
+                    .duration_since(t.0)
+                    .as_secs()
+                    < 60
+            })
+    });
+    if !fresh {
+        eprintln!(
+            "warning: Node {NODE} is not Ready with a fresh heartbeat: is the node agent running? \
+             Pods will stay Pending. `e2e/cluster up` starts it; its log: {}",
+            cluster_dir().join("logs/node-agent.log").display()
+        );
+    }
+}
+
+/// The test cluster's only Node (the node agent).
+const NODE: &str = "pgsnap-node";
+
 fn test_namespace_name() -> String {
     let thread = std::thread::current();
     let test = thread

@@ -115,15 +115,16 @@ async fn deleting_an_owner_deletes_its_dependent() {
     let cms = cluster.api::<ConfigMap>();
     let owner = create(&cms, json!({"metadata": {"name": "owner"}})).await;
     let owner_ref = owner.controller_owner_ref(&()).expect("owner reference");
-    create(
+    let dependent = create(
         &cms,
         json!({"metadata": {"name": "dependent", "ownerReferences": [owner_ref]}}),
     )
     .await;
+    // The uid before the delete: the collector may be done before a later read.
+    let uid = dependent.metadata.uid.unwrap();
     cms.delete("owner", &DeleteParams::background())
         .await
         .expect("delete owner");
-    let uid = cms.get("dependent").await.unwrap().metadata.uid.unwrap();
     cluster.wait_deleted(cms, "dependent", &uid, T).await;
 }
 
