@@ -190,6 +190,46 @@ impl Cluster {
         std::fs::read_to_string(&path).unwrap_or_else(|e| format!("({}: {e})", path.display()))
     }
 
+    /// Runs a command in a running container, like `kubectl exec` (which needs a kubelet):
+    /// in the container's mounts, environment, working directory and user, through the node
+    /// agent's sandbox. Blocking; returns the command's output.
+    pub async fn exec(&self, pod: &str, container: &str, argv: &[&str]) -> std::process::Output {
+        let Ok(p) = self.api::<Pod>().get(pod).await else {
+            panic!("exec: pod {pod} not found")
+        };
+        let uid = p.metadata.uid.unwrap_or_default();
+        let dir = pod_dir(&self.dir.join("node"), &self.namespace, pod, &uid);
+        let spec_file = dir.join(format!("{container}.json"));
+        let text = std::fs::read(&spec_file).unwrap_or_else(|e| {
+            panic!(
+                "exec: {} ({e}): is {pod}/{container} running?",
+                spec_file.display()
+            )
+        });
+        let mut spec: crate::agent::sandbox::LaunchSpec = serde_json::from_slice(&text)
+            .unwrap_or_else(|e| panic!("exec: {}: {e}", spec_file.display()));
+        spec.argv = argv.iter().map(|a| a.to_string()).collect();
+        let exec_file = dir.join(format!("{container}.exec-{}.json", std::process::id()));
+        std::fs::write(&exec_file, serde_json::to_vec(&spec).unwrap_or_default())
+            .unwrap_or_else(|e| panic!("exec: {}: {e}", exec_file.display()));
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| repo_root().join("target"));
+        let agent = target.join("debug/node-agent");
+        let out = std::process::Command::new(&agent)
+            .arg("sandbox")
+            .arg(&exec_file)
+            .output()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "exec: running {} ({e}): cargo build -p pgsnap-e2e",
+                    agent.display()
+                )
+            });
+        let _ = std::fs::remove_file(&exec_file);
+        out
+    }
+
     /// Every container log of a pod, each under a header.
     pub async fn pod_logs(&self, pod: &str) -> String {
         let Ok(p) = self.api::<Pod>().get(pod).await else {

@@ -203,6 +203,20 @@ async fn a_postgres_16_pod_runs_and_answers_sql() {
         "PGDATA lives on the PVC"
     );
 
+    // Inside the container: the image's user, its PGDATA, its mounts.
+    let out = cluster
+        .exec(
+            &db.name,
+            "postgres",
+            &["sh", "-c", "id -un; cat $PGDATA/PG_VERSION"],
+        )
+        .await;
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "postgres\n16\n",
+        "{out:?}"
+    );
+
     let pods = cluster.api::<Pod>();
     let pod = pods.get(&db.name).await.unwrap();
     let status = pod.status.unwrap();
