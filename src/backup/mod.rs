@@ -113,6 +113,9 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub settings: Settings,
     running: Mutex<HashMap<String, Running>>,
+    /// The last phase this process wrote for each Backup (by key, with its uid), to tell a
+    /// cached copy that lags behind our own write.
+    written: Mutex<HashMap<String, (String, Phase)>>,
     /// A task ended: queued backups may now run.
     finished: mpsc::UnboundedSender<()>,
 }
@@ -171,6 +174,9 @@ impl Context {
             "status": status,
         });
         api.patch_status(&backup.name_any(), &PatchParams::apply(crate::FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
+        if let (Some(phase), Some(uid)) = (status.phase, backup.uid()) {
+            self.written.lock().unwrap_or_else(|e| e.into_inner()).insert(key(backup), (uid, phase));
+        }
         Ok(())
     }
 
@@ -227,6 +233,19 @@ async fn reconcile(backup: Arc<Backup>, ctx: Arc<Context>) -> Result<Action, Err
 
 async fn apply(backup: Arc<Backup>, ctx: Arc<Context>) -> Result<Action, Error> {
     let status = backup.status.clone().unwrap_or_default();
+    {
+        let mut written = ctx.written.lock().unwrap_or_else(|e| e.into_inner());
+        match written.get(&key(&backup)) {
+            Some((uid, phase)) if Some(uid) == backup.uid().as_ref() && phase::is_stale(status.phase, *phase) => {
+                return Ok(Action::await_change());
+            }
+            // Caught up (or a new object of the same name): forget the write.
+            Some(_) => {
+                written.remove(&key(&backup));
+            }
+            None => {}
+        }
+    }
     match phase::step(status.phase, ctx.is_running(&key(&backup))) {
         phase::Step::Admit => admit(backup, ctx).await,
         phase::Step::LeaveToTask | phase::Step::Done => Ok(Action::await_change()),
@@ -438,6 +457,7 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>, read
         metrics,
         settings,
         running: Mutex::new(HashMap::new()),
+        written: Mutex::new(HashMap::new()),
         finished: finished_tx,
     });
     let controller = Controller::new(backups, watcher::Config::default());

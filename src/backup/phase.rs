@@ -32,6 +32,25 @@ pub fn step(phase: Option<Phase>, task_running: bool) -> Step {
     }
 }
 
+/// Whether the cached Backup predates a status this process already wrote: the watch has
+/// not delivered the write yet. Acting on such a stale copy could start a finished backup
+/// again, or declare a session lost that ended cleanly; the write's own watch event will
+/// bring the fresh copy.
+pub fn is_stale(cached: Option<Phase>, written: Phase) -> bool {
+    rank(cached.unwrap_or(Phase::Pending)) < rank(written)
+}
+
+fn rank(phase: Phase) -> u8 {
+    match phase {
+        Phase::Pending => 0,
+        Phase::Starting => 1,
+        Phase::Snapshotting => 2,
+        Phase::Stopping => 3,
+        Phase::Finalizing => 4,
+        Phase::Completed | Phase::Failed => 5,
+    }
+}
+
 /// Whether a Pending backup may open its session now.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Admission {
@@ -147,6 +166,17 @@ mod tests {
         assert_eq!(step(Some(Phase::Finalizing), false), Step::AwaitReady);
         assert_eq!(step(Some(Phase::Completed), false), Step::Done);
         assert_eq!(step(Some(Phase::Failed), true), Step::Done);
+    }
+
+    #[test]
+    fn a_cached_copy_behind_our_own_write_is_stale() {
+        assert!(is_stale(None, Phase::Starting));
+        assert!(is_stale(Some(Phase::Pending), Phase::Finalizing));
+        assert!(is_stale(Some(Phase::Snapshotting), Phase::Failed));
+        assert!(!is_stale(Some(Phase::Finalizing), Phase::Finalizing));
+        assert!(!is_stale(Some(Phase::Completed), Phase::Finalizing));
+        // A queued backup rewrites Pending; that is not ahead of a Pending copy.
+        assert!(!is_stale(Some(Phase::Pending), Phase::Pending));
     }
 
     #[test]
