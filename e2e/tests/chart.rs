@@ -1,0 +1,125 @@
+//! The Helm chart: lint, the rendered manifests against a reviewed golden copy, refusal of
+//! bad values, and an install into the test cluster where the operator runs as a Pod
+//! (image `pgsnap:dev`) with only the chart's RBAC and a Backup completes.
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::PostParams;
+use pgsnap::api::Backup;
+use pgsnap::api::backup::Phase;
+use pgsnap_e2e::cluster::repo_root;
+use pgsnap_e2e::{Cluster, postgres_pod};
+use serde_json::json;
+
+/// `helm <args>` from the cluster's tool cache; (success, stdout, stderr).
+fn helm(args: &[&str]) -> (bool, String, String) {
+    let script = format!("eval \"$(e2e/cluster env)\"; helm \"$@\"");
+    let out = Command::new("bash").arg("-c").arg(script).arg("helm").args(args).current_dir(repo_root()).output().expect("bash");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+const TEMPLATE: &[&str] = &["template", "pgsnap", "charts/pgsnap", "--namespace", "pgsnap-system", "--kube-version", "1.34.0"];
+
+#[test]
+fn the_chart_lints_clean() {
+    for extra in [&[][..], &["--set", "watchNamespaces={shop}"][..]] {
+        let mut args = vec!["lint", "--strict", "charts/pgsnap"];
+        args.extend(extra);
+        let (ok, out, err) = helm(&args);
+        assert!(ok, "helm lint {extra:?}:\n{out}\n{err}");
+    }
+}
+
+/// The rendered chart is reviewed as a whole: a change to it must update the golden copy
+/// (`PGSNAP_UPDATE_GOLDEN=1 cargo test -p pgsnap-e2e --test chart`) and show in the diff.
+#[test]
+fn helm_template_matches_the_golden_output() {
+    for (name, extra) in [("default", &[][..]), ("one-namespace", &["--set", "watchNamespaces={shop}", "--set", "replicaCount=2"][..])] {
+        let mut args = TEMPLATE.to_vec();
+        args.extend(extra);
+        let (ok, out, err) = helm(&args);
+        assert!(ok, "helm template: {err}");
+        let path = repo_root().join(format!("charts/pgsnap/tests/golden-{name}.yaml"));
+        if std::env::var_os("PGSNAP_UPDATE_GOLDEN").is_some() {
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, &out).unwrap();
+        }
+        let golden = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(golden == out, "{} differs from `helm template {extra:?}`; review and update with PGSNAP_UPDATE_GOLDEN=1", path.display());
+    }
+}
+
+#[test]
+fn bad_values_are_refused() {
+    for bad in ["maxConcurrentBackups=0", "watchNamespaces={a,b}", "logging.level=loud", "image.pullPolicy=Sometimes", "unknownKey=1"] {
+        let mut args = TEMPLATE.to_vec();
+        args.extend(["--set", bad]);
+        let (ok, _, err) = helm(&args);
+        assert!(!ok, "helm accepted {bad}");
+        assert!(err.contains("values don't meet the specifications of the schema"), "{bad}: {err}");
+    }
+}
+
+/// The operator as users run it: `helm install`, a Deployment whose Pod runs `pgsnap:dev`
+/// with the chart's ServiceAccount (in-cluster configuration, leader election on), watching
+/// one namespace; a Backup there completes.
+#[tokio::test]
+async fn helm_install_runs_the_operator_and_a_backup_completes() {
+    let cluster = Cluster::from_env().await;
+    let ns = cluster.namespace.clone();
+    let release = format!("it-{}", &ns[ns.len() - 5..]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
+    let (ok, out, err) = helm(&[
+        "install", &release, "charts/pgsnap", "--namespace", &ns,
+        "--set", "image.repository=pgsnap", "--set", "image.tag=dev", "--set", "image.pullPolicy=Never",
+        "--set", &format!("metrics.port={port}"), "--set", &format!("watchNamespaces={{{ns}}}"),
+        "--wait", "--timeout", "2m",
+    ]);
+    assert!(ok, "helm install:\n{out}\n{err}");
+
+    let db = postgres_pod(17).create(&cluster).await;
+    let secret = Secret {
+        metadata: kube::api::ObjectMeta { name: Some("pw".into()), ..Default::default() },
+        string_data: Some(BTreeMap::from([("password".to_string(), db.password.clone())])),
+        ..Default::default()
+    };
+    cluster.api::<Secret>().create(&PostParams::default(), &secret).await.unwrap();
+    let backup: Backup = serde_json::from_value(json!({
+        "apiVersion": "pgsnap.io/v1alpha1", "kind": "Backup",
+        "metadata": {"name": "via-helm"},
+        "spec": {
+            "target": {"podName": db.name},
+            "connection": {"passwordSecretRef": {"name": "pw", "key": "password"}},
+            "checkpoint": "Fast",
+            "waitForArchive": false,
+        },
+    }))
+    .unwrap();
+    cluster.api::<Backup>().create(&PostParams::default(), &backup).await.unwrap();
+    let done = cluster
+        .wait_for(cluster.api::<Backup>(), "via-helm", "Completed or Failed", Duration::from_secs(120), |b: Option<&Backup>| {
+            b.and_then(|b| b.status.as_ref()).and_then(|s| s.phase).is_some_and(Phase::is_terminal)
+        })
+        .await;
+    let status = done.status.unwrap();
+    let operator_logs = {
+        let pods: kube::Api<k8s_openapi::api::core::v1::Pod> = cluster.api();
+        let list = pods.list(&kube::api::ListParams::default().labels("app.kubernetes.io/name=pgsnap")).await.unwrap();
+        let mut logs = String::new();
+        for p in list.items {
+            logs.push_str(&cluster.pod_logs(&p.metadata.name.unwrap_or_default()).await);
+        }
+        logs
+    };
+    assert_eq!(status.phase, Some(Phase::Completed), "{:?}\noperator:\n{operator_logs}", status.error);
+
+    // Uninstall the way a user would: Backups first, while the operator still removes their finalizers.
+    cluster.api::<Backup>().delete("via-helm", &Default::default()).await.unwrap();
+    let uid = done.metadata.uid.unwrap();
+    cluster.wait_deleted(cluster.api::<Backup>(), "via-helm", &uid, Duration::from_secs(30)).await;
+    let (ok, _, err) = helm(&["uninstall", &release, "--namespace", &ns, "--wait"]);
+    assert!(ok, "helm uninstall: {err}");
+}
