@@ -35,6 +35,9 @@ struct RunArgs {
     /// Watch Backups in this namespace only (default: all namespaces).
     #[arg(long, env = "PGSNAP_WATCH_NAMESPACE")]
     namespace: Option<String>,
+    /// How long connecting to a database may take before the backup fails as Unreachable.
+    #[arg(long, env = "PGSNAP_CONNECT_TIMEOUT", default_value = "10s")]
+    connect_timeout: pgsnap::api::Duration,
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, env = "PGSNAP_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     metrics_addr: SocketAddr,
@@ -78,7 +81,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let settings = backup::Settings {
         max_concurrent: args.max_concurrent_backups.into(),
-        connect_timeout: Duration::from_secs(10),
+        connect_timeout: args.connect_timeout.0,
         namespace: args.namespace.clone(),
     };
     let lease = leader::LeaseSettings {

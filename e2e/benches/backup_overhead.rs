@@ -73,26 +73,14 @@ async fn main() {
     let idle = rss_mib(operator.pid());
     let db = postgres_pod(17).create(&cluster).await;
     db.pgbench_init(1);
-    let secret = k8s_openapi::api::core::v1::Secret {
-        metadata: kube::api::ObjectMeta {
-            name: Some("pw".into()),
-            ..Default::default()
-        },
-        string_data: Some([("password".to_string(), db.password.clone())].into()),
-        ..Default::default()
-    };
-    cluster
-        .api::<k8s_openapi::api::core::v1::Secret>()
-        .create(&PostParams::default(), &secret)
-        .await
-        .expect("secret");
+    let secret = db.password_secret(&cluster).await;
 
     let api = cluster.api::<Backup>();
     let (mut window, mut checkpoint, mut cut, mut stop, mut overhead) =
         (vec![], vec![], vec![], vec![], vec![]);
     for i in 0..runs {
         let name = format!("bench-{i}");
-        api.create(&PostParams::default(), &backup(&name, &db.name, Some("pw")))
+        api.create(&PostParams::default(), &backup(&name, &db.name, Some(&secret)))
             .await
             .expect("create");
         let done = cluster

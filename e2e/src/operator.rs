@@ -68,6 +68,12 @@ pub struct Operator {
 }
 
 impl Operator {
+    /// An operator for one test's namespace alone, without leader election, so tests running
+    /// side by side never share one.
+    pub async fn for_test(cluster: &crate::Cluster) -> Operator {
+        Operator::start(&cluster.client, &["--leader-election=false", &format!("--namespace={}", cluster.namespace)]).await
+    }
+
     /// Starts `target/debug/pgsnap run` (built by `cargo build -p pgsnap` before the tests)
     /// with the chart's RBAC and no other right.
     pub async fn start(client: &Client, args: &[&str]) -> Operator {

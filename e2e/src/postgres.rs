@@ -248,6 +248,22 @@ impl PostgresPod {
         self.data_dir.join("pgdata")
     }
 
+    /// A Secret `<name>-password` (key `password`) holding the superuser's password, for a
+    /// Backup's `passwordSecretRef`; its name. Creating it again is fine.
+    pub async fn password_secret(&self, cluster: &Cluster) -> String {
+        let name = format!("{}-password", self.name);
+        let secret = k8s_openapi::api::core::v1::Secret {
+            metadata: kube::api::ObjectMeta { name: Some(name.clone()), ..Default::default() },
+            string_data: Some(BTreeMap::from([("password".to_string(), self.password.clone())])),
+            ..Default::default()
+        };
+        match cluster.api::<k8s_openapi::api::core::v1::Secret>().create(&PostParams::default(), &secret).await {
+            Ok(_) => name,
+            Err(kube::Error::Api(s)) if s.code == 409 => name,
+            Err(e) => panic!("secret {name}: {e}"),
+        }
+    }
+
     /// The PVC name of a role: `data`, `wal`, `tablespace` or `archive`.
     pub fn claim(&self, role: &str) -> String {
         format!("{role}-{}", self.name)

@@ -16,39 +16,6 @@ use pgsnap_e2e::verify::{self, Prepare, Writer};
 use pgsnap_e2e::{Cluster, PostgresPod, postgres_pod};
 use serde_json::json;
 
-/// An operator for this test's namespace alone, so tests running side by side never share one.
-async fn operator(cluster: &Cluster) -> Operator {
-    Operator::start(
-        &cluster.client,
-        &[
-            "--leader-election=false",
-            &format!("--namespace={}", cluster.namespace),
-        ],
-    )
-    .await
-}
-
-async fn password_secret(cluster: &Cluster, db: &PostgresPod) -> String {
-    let name = format!("{}-password", db.name);
-    let secret = Secret {
-        metadata: kube::api::ObjectMeta {
-            name: Some(name.clone()),
-            ..Default::default()
-        },
-        string_data: Some(BTreeMap::from([(
-            "password".to_string(),
-            db.password.clone(),
-        )])),
-        ..Default::default()
-    };
-    cluster
-        .api::<Secret>()
-        .create(&PostParams::default(), &secret)
-        .await
-        .expect("secret");
-    name
-}
-
 fn backup_spec(name: &str, spec: serde_json::Value) -> Backup {
     serde_json::from_value(json!({
         "apiVersion": "pgsnap.io/v1alpha1",
@@ -171,10 +138,10 @@ async fn events_of(cluster: &Cluster, name: &str) -> Vec<String> {
 /// restore loses rows: the check can fail.
 async fn happy_path(major: u32, negative_control: bool) {
     let cluster = Cluster::from_env().await;
-    let _operator = operator(&cluster).await;
+    let operator = Operator::for_test(&cluster).await;
     let db = postgres_pod(major).archive(true).create(&cluster).await;
     db.pgbench_init(1);
-    let secret = password_secret(&cluster, &db).await;
+    let secret = db.password_secret(&cluster).await;
     let writer = Writer::start(&db).await;
     let load = {
         let db = db.clone();
@@ -228,6 +195,15 @@ async fn happy_path(major: u32, negative_control: bool) {
             reasons.iter().any(|r| r == reason),
             "no {reason} Event in {reasons:?}"
         );
+    }
+    let metrics = operator.metrics().await;
+    for series in [
+        r#"pgsnap_backups_total{result="Completed",reason="Completed"} 1"#,
+        r#"pgsnap_backup_step_seconds_count{step="Cut"} 1"#,
+        "pgsnap_backup_mode_seconds_count 1",
+        "pgsnap_backups_in_flight 0",
+    ] {
+        assert!(metrics.contains(series), "no `{series}` in /metrics:\n{metrics}");
     }
 
     let stop_lsn = verify::parse_lsn(status.stop_lsn.as_deref().unwrap());
@@ -285,7 +261,7 @@ async fn backup_restores_on_postgres_18() {
 #[tokio::test]
 async fn every_volume_of_the_database_is_snapshotted() {
     let cluster = Cluster::from_env().await;
-    let _operator = operator(&cluster).await;
+    let _operator = Operator::for_test(&cluster).await;
     let db = postgres_pod(16)
         .archive(true)
         .wal_volume(true)
@@ -293,7 +269,7 @@ async fn every_volume_of_the_database_is_snapshotted() {
         .create(&cluster)
         .await;
     db.sql("CREATE TABLE spaced (v int) TABLESPACE ts1; INSERT INTO spaced SELECT generate_series(1, 1000)").await;
-    let secret = password_secret(&cluster, &db).await;
+    let secret = db.password_secret(&cluster).await;
     let writer = Writer::start(&db).await;
     let name = apply(
         &cluster,
@@ -347,7 +323,7 @@ async fn every_volume_of_the_database_is_snapshotted() {
 #[tokio::test]
 async fn a_standby_is_chosen_by_role_and_backed_up() {
     let cluster = Cluster::from_env().await;
-    let _operator = operator(&cluster).await;
+    let _operator = Operator::for_test(&cluster).await;
     let primary = postgres_pod(16)
         .name("pg-a")
         .setting("wal_keep_size", "256MB")
@@ -359,7 +335,7 @@ async fn a_standby_is_chosen_by_role_and_backed_up() {
         .create(&cluster)
         .await;
     assert_eq!(standby.sql_value("SELECT pg_is_in_recovery()").await, "t");
-    let secret = password_secret(&cluster, &primary).await;
+    let secret = primary.password_secret(&cluster).await;
     let name = apply(
         &cluster,
         backup_spec("from-standby", json!({
@@ -391,7 +367,7 @@ async fn a_standby_is_chosen_by_role_and_backed_up() {
 #[tokio::test]
 async fn a_missing_secret_waits_then_proceeds() {
     let cluster = Cluster::from_env().await;
-    let _operator = operator(&cluster).await;
+    let _operator = Operator::for_test(&cluster).await;
     let db = postgres_pod(17).create(&cluster).await;
     let name = apply(
         &cluster,
@@ -446,10 +422,10 @@ async fn a_missing_secret_waits_then_proceeds() {
 #[tokio::test]
 async fn bad_targets_fail_with_a_reason() {
     let cluster = Cluster::from_env().await;
-    let _operator = operator(&cluster).await;
+    let _operator = Operator::for_test(&cluster).await;
     let db = postgres_pod(15).create(&cluster).await;
     db.sql("CREATE ROLE weak LOGIN PASSWORD 'weak'").await;
-    let secret = password_secret(&cluster, &db).await;
+    let secret = db.password_secret(&cluster).await;
     let weak = Secret {
         metadata: kube::api::ObjectMeta {
             name: Some("weak".into()),
@@ -535,14 +511,14 @@ async fn bad_targets_fail_with_a_reason() {
 #[tokio::test]
 async fn an_operator_killed_mid_backup_leaves_nothing_behind() {
     let cluster = Cluster::from_env().await;
-    let mut first = operator(&cluster).await;
+    let mut first = Operator::for_test(&cluster).await;
     // An archive that never succeeds keeps the stop call waiting: the backup sits in Stopping.
     let db = postgres_pod(16)
         .setting("archive_mode", "on")
         .setting("archive_command", "false")
         .create(&cluster)
         .await;
-    let secret = password_secret(&cluster, &db).await;
+    let secret = db.password_secret(&cluster).await;
     let name = apply(
         &cluster,
         backup_spec(
@@ -565,7 +541,7 @@ async fn an_operator_killed_mid_backup_leaves_nothing_behind() {
         )
         .await;
     first.kill();
-    let _second = operator(&cluster).await;
+    let _second = Operator::for_test(&cluster).await;
     let backup = cluster
         .wait_for(
             cluster.api::<Backup>(),
@@ -610,14 +586,14 @@ async fn an_operator_killed_mid_backup_leaves_nothing_behind() {
 #[tokio::test]
 async fn sigterm_and_the_deadline_abort_cleanly() {
     let cluster = Cluster::from_env().await;
-    let mut op = operator(&cluster).await;
+    let mut op = Operator::for_test(&cluster).await;
     // An archive that never succeeds: the stop call waits until the deadline or the signal.
     let db = postgres_pod(14)
         .setting("archive_mode", "on")
         .setting("archive_command", "false")
         .create(&cluster)
         .await;
-    let secret = password_secret(&cluster, &db).await;
+    let secret = db.password_secret(&cluster).await;
     let spec = |deadline: &str| {
         json!({
             "target": {"podName": db.name},
@@ -674,9 +650,9 @@ async fn sigterm_and_the_deadline_abort_cleanly() {
 #[tokio::test]
 async fn deletion_honours_the_deletion_policy() {
     let cluster = Cluster::from_env().await;
-    let _operator = operator(&cluster).await;
+    let _operator = Operator::for_test(&cluster).await;
     let db = postgres_pod(17).create(&cluster).await;
-    let secret = password_secret(&cluster, &db).await;
+    let secret = db.password_secret(&cluster).await;
     for policy in ["Delete", "Retain"] {
         let name = apply(
             &cluster,
@@ -744,14 +720,14 @@ async fn deletion_honours_the_deletion_policy() {
 #[tokio::test]
 async fn twenty_backups_of_five_databases() {
     let cluster = Cluster::from_env().await;
-    let _operator = operator(&cluster).await;
+    let _operator = Operator::for_test(&cluster).await;
     let mut dbs = Vec::new();
     for i in 0..5 {
         let db = postgres_pod(17)
             .name(&format!("db{i}"))
             .create(&cluster)
             .await;
-        let secret = password_secret(&cluster, &db).await;
+        let secret = db.password_secret(&cluster).await;
         dbs.push((db, secret));
     }
     let mut names = Vec::new();

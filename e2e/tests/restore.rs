@@ -3,10 +3,10 @@
 //! committed before the backup's stop is there. Plus the refusals, a retained snapshot whose
 //! Backup is gone, and a time target.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod};
 use kube::ResourceExt;
 use kube::api::{DeleteParams, ObjectMeta, PostParams};
 use kube::runtime::wait::Condition;
@@ -20,49 +20,13 @@ use pgsnap_e2e::{Cluster, PostgresPod, postgres_pod};
 use serde_json::json;
 use tokio_postgres::NoTls;
 
-async fn operator(cluster: &Cluster) -> Operator {
-    Operator::start(
-        &cluster.client,
-        &[
-            "--leader-election=false",
-            &format!("--namespace={}", cluster.namespace),
-        ],
-    )
-    .await
-}
-
-async fn password_secret(cluster: &Cluster, db: &PostgresPod) -> String {
-    let name = format!("{}-password", db.name);
-    let secret = Secret {
-        metadata: ObjectMeta {
-            name: Some(name.clone()),
-            ..Default::default()
-        },
-        string_data: Some(BTreeMap::from([(
-            "password".to_string(),
-            db.password.clone(),
-        )])),
-        ..Default::default()
-    };
-    // Several backups of one database share its Secret.
-    match cluster
-        .api::<Secret>()
-        .create(&PostParams::default(), &secret)
-        .await
-    {
-        Ok(_) => name,
-        Err(kube::Error::Api(s)) if s.code == 409 => name,
-        Err(e) => panic!("secret {name}: {e}"),
-    }
-}
-
 async fn backup(
     cluster: &Cluster,
     db: &PostgresPod,
     name: &str,
     extra: serde_json::Value,
 ) -> Backup {
-    let secret = password_secret(cluster, db).await;
+    let secret = db.password_secret(cluster).await;
     let mut spec = json!({
         "target": {"podName": db.name},
         "connection": {"passwordSecretRef": {"name": secret, "key": "password"}},
@@ -301,7 +265,7 @@ async fn marks(client: &tokio_postgres::Client) -> BTreeSet<i64> {
 /// committed before the stop is there. `multi`: data + WAL + tablespace volumes.
 async fn round_trip(major: u32, multi: bool) {
     let cluster = Cluster::from_env().await;
-    let _operator = operator(&cluster).await;
+    let _operator = Operator::for_test(&cluster).await;
     let db = postgres_pod(major)
         .archive(true)
         .wal_volume(multi)
@@ -418,7 +382,7 @@ async fn restore_recovers_every_committed_row_on_postgres_18() {
 #[tokio::test]
 async fn refusals_retained_snapshots_and_a_time_target() {
     let cluster = Cluster::from_env().await;
-    let _operator = operator(&cluster).await;
+    let _operator = Operator::for_test(&cluster).await;
     let db = postgres_pod(16).archive(true).create(&cluster).await;
     let archive = format!("cp {ARCHIVE_MOUNT}/%f %p");
     db.sql("CREATE TABLE marks (v bigint PRIMARY KEY)").await;
@@ -606,7 +570,7 @@ async fn refusals_retained_snapshots_and_a_time_target() {
 #[tokio::test]
 async fn restore_prepare_as_an_init_container() {
     let cluster = Cluster::from_env().await;
-    let _operator = operator(&cluster).await;
+    let _operator = Operator::for_test(&cluster).await;
     let db = postgres_pod(17).archive(true).create(&cluster).await;
     db.sql("CREATE TABLE marks (v bigint PRIMARY KEY)").await;
     db.sql("INSERT INTO marks SELECT generate_series(1, 50)")
@@ -819,7 +783,7 @@ async fn invalid_restores_are_refused_by_the_api_server() {
 #[tokio::test]
 async fn claims_owned_by_the_restore_go_with_it() {
     let cluster = Cluster::from_env().await;
-    let _operator = operator(&cluster).await;
+    let _operator = Operator::for_test(&cluster).await;
     let db = postgres_pod(16).archive(true).create(&cluster).await;
     let b = backup(&cluster, &db, "b16", json!({})).await;
     completed(&b);
@@ -863,7 +827,7 @@ async fn claims_owned_by_the_restore_go_with_it() {
 #[tokio::test]
 async fn a_restore_resumes_after_the_operator_dies() {
     let cluster = Cluster::from_env().await;
-    let mut first = operator(&cluster).await;
+    let mut first = Operator::for_test(&cluster).await;
     let db = postgres_pod(14).archive(true).create(&cluster).await;
     db.sql("CREATE TABLE marks (v bigint PRIMARY KEY)").await;
     db.sql("INSERT INTO marks SELECT generate_series(1, 30)")
@@ -893,7 +857,7 @@ async fn a_restore_resumes_after_the_operator_dies() {
         )
         .await;
     first.kill();
-    let _second = operator(&cluster).await;
+    let _second = Operator::for_test(&cluster).await;
     let r = cluster
         .wait_for(
             cluster.api::<Restore>(),

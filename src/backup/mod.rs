@@ -317,7 +317,13 @@ async fn admit(backup: Arc<Backup>, ctx: Arc<Context>) -> Result<Action, Error> 
             let (done_tx, done_rx) = watch::channel(false);
             running.insert(k.clone(), Running { name: backup.name_any(), database, abort: Some(abort_tx), done: done_rx });
             ctx.metrics.in_flight.set(running.len() as i64);
-            let job = task::Job { backup: backup.clone(), pods, password, ca_cert: secrets[1].take() };
+            let job = task::Job {
+                backup: backup.clone(),
+                connect_timeout: ctx.settings.connect_timeout,
+                pods,
+                password,
+                ca_cert: secrets[1].take(),
+            };
             let span = info_span!("backup", namespace = %ns, name = %backup.name_any());
             let ctx = ctx.clone();
             tokio::spawn(

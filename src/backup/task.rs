@@ -29,6 +29,7 @@ use crate::telemetry::Step;
 /// What the reconciler resolved for a backup before admitting it.
 pub struct Job {
     pub backup: Arc<Backup>,
+    pub connect_timeout: std::time::Duration,
     /// The candidate pods, Running, in name order.
     pub pods: Vec<Pod>,
     pub password: Option<String>,
@@ -120,7 +121,7 @@ fn connect_options(job: &Job, pod: &Pod) -> Result<ConnectOptions, Failure> {
         },
         ca_cert_pem: job.ca_cert.clone(),
         application_name: "pgsnap".into(),
-        connect_timeout: std::time::Duration::from_secs(10),
+        connect_timeout: job.connect_timeout,
     })
 }
 
