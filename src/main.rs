@@ -137,7 +137,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let shutdown = shutdown_on(stop.clone());
     let restore_settings = restore::Settings { namespace: args.namespace.clone(), image: args.restore_image.clone() };
-    let restores = restore::run(client.clone(), restore_settings, shutdown_on(stop.clone()));
+    let restores = restore::run(client.clone(), restore_settings, metrics.clone(), shutdown_on(stop.clone()));
     let ready = {
         let health = health.clone();
         move || health.ready.store(true, Ordering::Relaxed)

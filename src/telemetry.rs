@@ -33,12 +33,12 @@ pub fn init_logging(level: &str, format: LogFormat) {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
-    pub result: BackupResult,
+    pub result: Outcome,
     pub reason: String,
 }
 
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
-pub enum BackupResult {
+pub enum Outcome {
     Completed,
     Failed,
 }
@@ -67,6 +67,7 @@ pub enum Step {
 pub struct Metrics {
     pub registry: Registry,
     pub backups: Family<ResultLabels, Counter>,
+    pub restores: Family<ResultLabels, Counter>,
     pub step_seconds: Family<StepLabels, Histogram>,
     pub backup_mode_seconds: Histogram,
     pub in_flight: Gauge,
@@ -76,16 +77,18 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("pgsnap");
         let backups = Family::<ResultLabels, Counter>::default();
+        let restores = Family::<ResultLabels, Counter>::default();
         let step_seconds = Family::<StepLabels, Histogram>::new_with_constructor(|| {
             Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0])
         });
         let backup_mode_seconds = Histogram::new([0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0]);
         let in_flight = Gauge::default();
         registry.register("backups", "Backups that ended, by result and reason", backups.clone());
+        registry.register("restores", "Restores that ended, by result and reason", restores.clone());
         registry.register("backup_step_seconds", "Duration of each step of a backup", step_seconds.clone());
         registry.register("backup_mode_seconds", "Time a server spent in backup mode", backup_mode_seconds.clone());
         registry.register("backups_in_flight", "Backups holding a database session now", in_flight.clone());
-        Metrics { registry, backups, step_seconds, backup_mode_seconds, in_flight }
+        Metrics { registry, backups, restores, step_seconds, backup_mode_seconds, in_flight }
     }
 }
 
@@ -94,8 +97,12 @@ impl Metrics {
         self.step_seconds.get_or_create(&StepLabels { step }).observe(seconds);
     }
 
-    pub fn ended(&self, result: BackupResult, reason: &str) {
+    pub fn ended(&self, result: Outcome, reason: &str) {
         self.backups.get_or_create(&ResultLabels { result, reason: reason.to_string() }).inc();
+    }
+
+    pub fn restore_ended(&self, result: Outcome, reason: &str) {
+        self.restores.get_or_create(&ResultLabels { result, reason: reason.to_string() }).inc();
     }
 }
 

@@ -265,7 +265,7 @@ async fn marks(client: &tokio_postgres::Client) -> BTreeSet<i64> {
 /// committed before the stop is there. `multi`: data + WAL + tablespace volumes.
 async fn round_trip(major: u32, multi: bool) {
     let cluster = Cluster::from_env().await;
-    let _operator = Operator::for_test(&cluster).await;
+    let operator = Operator::for_test(&cluster).await;
     let db = postgres_pod(major)
         .archive(true)
         .wal_volume(multi)
@@ -305,6 +305,9 @@ async fn round_trip(major: u32, multi: bool) {
     let restore_took = t0.elapsed();
     let rs = assert_restored(&r);
     assert_eq!(rs.claims.len(), status.snapshots.len());
+    let metrics = operator.metrics().await;
+    let series = r#"pgsnap_restores_total{result="Completed",reason="Completed"} 1"#;
+    assert!(metrics.contains(series), "no `{series}` in /metrics:\n{metrics}");
     let timings = rs.timings.clone().unwrap_or_default();
     let (client, recovery) = start_restored(&cluster, &db, &r)
         .await

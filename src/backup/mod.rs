@@ -29,7 +29,7 @@ use crate::api::backup::{Backup, BackupError, BackupStatus, DeletionPolicy, Phas
 use crate::api::snapshot::VolumeSnapshot;
 use crate::label_store::{self, BACKUP_NAME_LABEL};
 use crate::snapshots::{self, SnapshotError};
-use crate::telemetry::{BackupResult, Metrics, Step};
+use crate::telemetry::{Outcome, Metrics, Step};
 use phase::{Admission, Readiness, SnapshotObservation};
 
 /// Keeps a Backup until its snapshots are dealt with as its deletionPolicy says.
@@ -203,7 +203,7 @@ impl Context {
         status.error = Some(BackupError { reason: failure.reason.clone(), message: failure.message.clone() });
         self.patch_status(backup, status).await?;
         self.publish(backup, EventType::Warning, &failure.reason, format!("{}{cleanup_note}", failure.message)).await;
-        self.metrics.ended(BackupResult::Failed, &failure.reason);
+        self.metrics.ended(Outcome::Failed, &failure.reason);
         Ok(())
     }
 }
@@ -404,7 +404,7 @@ async fn await_ready(backup: Arc<Backup>, ctx: Arc<Context>, mut status: BackupS
                 ctx.metrics.observe(Step::Ready, waited.as_secs_f64());
             }
             ctx.publish(&backup, EventType::Normal, "Completed", message).await;
-            ctx.metrics.ended(BackupResult::Completed, "Completed");
+            ctx.metrics.ended(Outcome::Completed, "Completed");
         }
     }
     Ok(Action::await_change())

@@ -10,6 +10,7 @@
 pub mod plan;
 pub mod prepare;
 
+use crate::telemetry::{Outcome, Metrics};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -80,6 +81,7 @@ pub struct Context {
     pub client: Client,
     pub recorder: Recorder,
     pub settings: Settings,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Context {
@@ -141,6 +143,11 @@ impl Context {
         self.patch_status(restore, status).await?;
         if news {
             info!(?phase, reason, %message, "restore");
+            match phase {
+                RestorePhase::Completed => self.metrics.restore_ended(Outcome::Completed, reason),
+                RestorePhase::Failed => self.metrics.restore_ended(Outcome::Failed, reason),
+                _ => {}
+            }
             let type_ = if phase == RestorePhase::Failed {
                 EventType::Warning
             } else {
@@ -589,6 +596,7 @@ where
 pub async fn run(
     client: Client,
     settings: Settings,
+    metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let restores: Api<Restore> = api(&client, &settings.namespace);
@@ -598,6 +606,7 @@ pub async fn run(
         recorder: Recorder::new(client.clone(), "pgsnap".into()),
         client,
         settings,
+        metrics,
     });
     Controller::new(restores, watcher::Config::default())
         .owns(jobs, watcher::Config::default().labels(RESTORE_NAME_LABEL))
