@@ -5,6 +5,7 @@ use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
 use super::{Duration, SecretKeyRef};
+pub use crate::postgres::SslMode;
 
 /// One online backup of one PostgreSQL server: a non-exclusive backup session held open
 /// while CSI VolumeSnapshots of every volume the database lives on are cut.
@@ -132,15 +133,6 @@ fn default_database() -> String {
 
 fn default_user() -> String {
     "postgres".into()
-}
-
-#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum SslMode {
-    Disable,
-    #[default]
-    Prefer,
-    Require,
-    VerifyFull,
 }
 
 #[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]

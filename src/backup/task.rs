@@ -18,7 +18,7 @@ use tracing::info;
 use super::volumes::{self, DatabaseDir, PlannedSnapshot};
 use super::{Context, Failure, now, phase, set_phase};
 use crate::api::backup::{
-    Backup, BackupStatus, BackupTimings, BackupWindow, Checkpoint, Phase, PostgresStatus, ServerRole, SnapshotStatus, SslMode, TargetRole, VolumeRole,
+    Backup, BackupStatus, BackupTimings, BackupWindow, Checkpoint, Phase, PostgresStatus, ServerRole, SnapshotStatus, TargetRole, VolumeRole,
 };
 use crate::api::snapshot::VolumeSnapshot;
 use crate::label_store::{self, LABEL_CONFIGMAP_ANNOTATION, SnapshotLocation};
@@ -113,12 +113,7 @@ fn connect_options(job: &Job, pod: &Pod) -> Result<ConnectOptions, Failure> {
         user: conn.user.clone(),
         password: job.password.clone(),
         database: conn.database.clone(),
-        ssl_mode: match conn.ssl_mode {
-            SslMode::Disable => postgres::SslMode::Disable,
-            SslMode::Prefer => postgres::SslMode::Prefer,
-            SslMode::Require => postgres::SslMode::Require,
-            SslMode::VerifyFull => postgres::SslMode::VerifyFull,
-        },
+        ssl_mode: conn.ssl_mode,
         ca_cert_pem: job.ca_cert.clone(),
         application_name: "pgsnap".into(),
         connect_timeout: job.connect_timeout,
