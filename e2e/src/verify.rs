@@ -216,9 +216,27 @@ async fn start_and_read(
         }
     }))
     .map_err(|e| e.to_string())?;
+    let (client, _) = serve_restored(cluster, source, &pod, port).await?;
+    let rows = client
+        .query("SELECT v FROM marks", &[])
+        .await
+        .map_err(|e| format!("reading marks: {e}"))?;
+    Ok(rows.iter().map(|r| r.get::<_, i64>(0)).collect())
+}
+
+/// Creates the pod of a restored server (listening on `port`, with `source`'s superuser)
+/// and waits until it accepts sessions out of recovery; the session, and how long it took.
+pub async fn serve_restored(
+    cluster: &Cluster,
+    source: &PostgresPod,
+    pod: &Pod,
+    port: u16,
+) -> Result<(tokio_postgres::Client, Duration), String> {
+    let name = pod.metadata.name.clone().unwrap_or_default();
+    let t0 = std::time::Instant::now();
     cluster
         .api::<Pod>()
-        .create(&PostParams::default(), &pod)
+        .create(&PostParams::default(), pod)
         .await
         .map_err(|e| format!("pod {name}: {e}"))?;
     let conninfo = format!(
@@ -227,10 +245,10 @@ async fn start_and_read(
     );
     let mut last = String::new();
     // Recovery ends with a promotion; until then the server refuses or is in recovery.
-    for _ in 0..240 {
+    while t0.elapsed() < Duration::from_secs(90) {
         let phase = cluster
             .api::<Pod>()
-            .get(name)
+            .get(&name)
             .await
             .ok()
             .and_then(|p| p.status)
@@ -239,31 +257,25 @@ async fn start_and_read(
         if phase == "Failed" || phase == "Succeeded" {
             return Err(format!(
                 "the restored server exited ({phase}):\n{}",
-                cluster.pod_logs(name).await
+                cluster.pod_logs(&name).await
             ));
         }
         match tokio_postgres::connect(&conninfo, NoTls).await {
             Ok((client, conn)) => {
                 tokio::spawn(conn);
                 match client.query_one("SELECT pg_is_in_recovery()", &[]).await {
-                    Ok(row) if !row.get::<_, bool>(0) => {
-                        let rows = client
-                            .query("SELECT v FROM marks", &[])
-                            .await
-                            .map_err(|e| format!("reading marks: {e}"))?;
-                        return Ok(rows.iter().map(|r| r.get::<_, i64>(0)).collect());
-                    }
+                    Ok(row) if !row.get::<_, bool>(0) => return Ok((client, t0.elapsed())),
                     Ok(_) => last = "still in recovery".into(),
                     Err(e) => last = e.to_string(),
                 }
             }
             Err(e) => last = e.to_string(),
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     Err(format!(
-        "the restored server did not finish recovery in 60s ({last}):\n{}",
-        cluster.pod_logs(name).await
+        "recovery did not end in 90 s ({last}):\n{}",
+        cluster.pod_logs(&name).await
     ))
 }
 

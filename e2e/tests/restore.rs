@@ -18,7 +18,6 @@ use pgsnap_e2e::postgres::{ARCHIVE_MOUNT, POSTGRES_UID};
 use pgsnap_e2e::verify::{self, Writer};
 use pgsnap_e2e::{Cluster, PostgresPod, postgres_pod};
 use serde_json::json;
-use tokio_postgres::NoTls;
 
 async fn backup(
     cluster: &Cluster,
@@ -195,60 +194,7 @@ async fn start_restored(
         }
     }))
     .map_err(|e| e.to_string())?;
-    serve(cluster, source, &pod, port).await
-}
-
-/// Creates the pod and waits until its server accepts connections out of recovery.
-async fn serve(
-    cluster: &Cluster,
-    source: &PostgresPod,
-    pod: &Pod,
-    port: u16,
-) -> Result<(tokio_postgres::Client, Duration), String> {
-    let name = pod.name_any();
-    let t0 = Instant::now();
-    cluster
-        .api::<Pod>()
-        .create(&PostParams::default(), pod)
-        .await
-        .map_err(|e| format!("pod {name}: {e}"))?;
-    let conninfo = format!(
-        "host=127.0.0.1 port={port} user={} password={} dbname=postgres",
-        source.user, source.password
-    );
-    let mut last = String::new();
-    while t0.elapsed() < Duration::from_secs(90) {
-        let phase = cluster
-            .api::<Pod>()
-            .get(&name)
-            .await
-            .ok()
-            .and_then(|p| p.status)
-            .and_then(|s| s.phase)
-            .unwrap_or_default();
-        if phase == "Failed" || phase == "Succeeded" {
-            return Err(format!(
-                "the restored server exited ({phase}):\n{}",
-                cluster.pod_logs(&name).await
-            ));
-        }
-        match tokio_postgres::connect(&conninfo, NoTls).await {
-            Ok((client, conn)) => {
-                tokio::spawn(conn);
-                match client.query_one("SELECT pg_is_in_recovery()", &[]).await {
-                    Ok(row) if !row.get::<_, bool>(0) => return Ok((client, t0.elapsed())),
-                    Ok(_) => last = "still in recovery".into(),
-                    Err(e) => last = e.to_string(),
-                }
-            }
-            Err(e) => last = e.to_string(),
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    Err(format!(
-        "recovery did not end in 90 s ({last}):\n{}",
-        cluster.pod_logs(&name).await
-    ))
+    verify::serve_restored(cluster, source, &pod, port).await
 }
 
 async fn marks(client: &tokio_postgres::Client) -> BTreeSet<i64> {
@@ -655,7 +601,7 @@ async fn restore_prepare_as_an_init_container() {
             .port()
     };
     let p = port();
-    let (client, _) = serve(&cluster, &db, &pod(p), p)
+    let (client, _) = verify::serve_restored(&cluster, &db, &pod(p), p)
         .await
         .unwrap_or_else(|e| panic!("first start: {e}"));
     assert_eq!(marks(&client).await, (1..=50).collect::<BTreeSet<i64>>());
@@ -694,7 +640,7 @@ async fn restore_prepare_as_an_init_container() {
         )
         .await;
     let p = port();
-    let (client, _) = serve(&cluster, &db, &pod(p), p)
+    let (client, _) = verify::serve_restored(&cluster, &db, &pod(p), p)
         .await
         .unwrap_or_else(|e| panic!("second start: {e}"));
     assert_eq!(
