@@ -162,6 +162,22 @@ impl Operator {
         self.get("/metrics").await.unwrap_or_default()
     }
 
+    /// Waits (10 s at most) until `/metrics` holds every line of `series`: the operator counts
+    /// a result just after writing it to status, where a test sees it first. Panics with the
+    /// exposition otherwise.
+    pub async fn expect_metrics(&self, series: &[&str]) {
+        let mut metrics = String::new();
+        for _ in 0..50 {
+            metrics = self.metrics().await;
+            if series.iter().all(|s| metrics.lines().any(|l| l == *s)) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let missing: Vec<_> = series.iter().filter(|s| !metrics.lines().any(|l| l == **s)).collect();
+        panic!("no {missing:?} in /metrics:\n{metrics}");
+    }
+
     /// Kills the operator at once, as a crash or an OOM kill would.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

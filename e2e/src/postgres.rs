@@ -251,17 +251,7 @@ impl PostgresPod {
     /// A Secret `<name>-password` (key `password`) holding the superuser's password, for a
     /// Backup's `passwordSecretRef`; its name. Creating it again is fine.
     pub async fn password_secret(&self, cluster: &Cluster) -> String {
-        let name = format!("{}-password", self.name);
-        let secret = k8s_openapi::api::core::v1::Secret {
-            metadata: kube::api::ObjectMeta { name: Some(name.clone()), ..Default::default() },
-            string_data: Some(BTreeMap::from([("password".to_string(), self.password.clone())])),
-            ..Default::default()
-        };
-        match cluster.api::<k8s_openapi::api::core::v1::Secret>().create(&PostParams::default(), &secret).await {
-            Ok(_) => name,
-            Err(kube::Error::Api(s)) if s.code == 409 => name,
-            Err(e) => panic!("secret {name}: {e}"),
-        }
+        password_secret(cluster, &format!("{}-password", self.name), &self.password).await
     }
 
     /// The PVC name of a role: `data`, `wal`, `tablespace` or `archive`.
@@ -419,6 +409,20 @@ impl PostgresPod {
             self.name,
             cluster.pod_logs(&self.name).await
         );
+    }
+}
+
+/// A Secret `name` whose key `password` holds `password`; its name. Creating it again is fine.
+pub async fn password_secret(cluster: &Cluster, name: &str, password: &str) -> String {
+    let secret = k8s_openapi::api::core::v1::Secret {
+        metadata: kube::api::ObjectMeta { name: Some(name.into()), ..Default::default() },
+        string_data: Some(BTreeMap::from([("password".to_string(), password.to_string())])),
+        ..Default::default()
+    };
+    match cluster.api::<k8s_openapi::api::core::v1::Secret>().create(&PostParams::default(), &secret).await {
+        Ok(_) => name.to_string(),
+        Err(kube::Error::Api(s)) if s.code == 409 => name.to_string(),
+        Err(e) => panic!("secret {name}: {e}"),
     }
 }
 

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::runtime::wait::Condition;
 use kube::{Api, ResourceExt};
@@ -13,6 +13,7 @@ use pgsnap::api::backup::{Phase, VolumeRole};
 use pgsnap::api::snapshot::VolumeSnapshot;
 use pgsnap_e2e::operator::Operator;
 use pgsnap_e2e::verify::{self, Prepare, Writer};
+use pgsnap_e2e::postgres::password_secret;
 use pgsnap_e2e::{Cluster, PostgresPod, postgres_pod};
 use serde_json::json;
 
@@ -120,17 +121,27 @@ async fn assert_clean(cluster: &Cluster, db: &PostgresPod, backup: &str, expect_
     assert_eq!(!snapshots.is_empty(), expect_snapshots, "snapshots of {backup}: {snapshots:?}");
 }
 
-async fn events_of(cluster: &Cluster, name: &str) -> Vec<String> {
+/// Waits (10 s at most) until the object `name` has an Event of each reason: the operator
+/// publishes it just after the status write a test waits on.
+async fn expect_events(cluster: &Cluster, name: &str, reasons: &[&str]) {
     let events: Api<k8s_openapi::api::events::v1::Event> = cluster.api();
-    events
-        .list(&ListParams::default())
-        .await
-        .expect("events")
-        .items
-        .into_iter()
-        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
-        .filter_map(|e| e.reason)
-        .collect()
+    let mut seen = Vec::new();
+    for _ in 0..50 {
+        seen = events
+            .list(&ListParams::default())
+            .await
+            .expect("events")
+            .items
+            .into_iter()
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+            .filter_map(|e| e.reason)
+            .collect::<Vec<_>>();
+        if reasons.iter().all(|r| seen.iter().any(|s| s == r)) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("{name}: expected Events {reasons:?}, saw {seen:?}");
 }
 
 /// pgbench and a row writer run throughout; the backup completes; its snapshots restore to a
@@ -189,22 +200,15 @@ async fn happy_path(major: u32, negative_control: bool) {
         cm.annotations()["pgsnap.io/backup-label-sha256"],
         pgsnap::label_store::sha256_hex(label.as_bytes())
     );
-    let reasons = events_of(&cluster, &name).await;
-    for reason in ["Starting", "BackupModeEnded", "Completed"] {
-        assert!(
-            reasons.iter().any(|r| r == reason),
-            "no {reason} Event in {reasons:?}"
-        );
-    }
-    let metrics = operator.metrics().await;
-    for series in [
-        r#"pgsnap_backups_total{result="Completed",reason="Completed"} 1"#,
-        r#"pgsnap_backup_step_seconds_count{step="Cut"} 1"#,
-        "pgsnap_backup_mode_seconds_count 1",
-        "pgsnap_backups_in_flight 0",
-    ] {
-        assert!(metrics.contains(series), "no `{series}` in /metrics:\n{metrics}");
-    }
+    expect_events(&cluster, &name, &["Starting", "BackupModeEnded", "Completed"]).await;
+    operator
+        .expect_metrics(&[
+            r#"pgsnap_backups_total{result="Completed",reason="Completed"} 1"#,
+            r#"pgsnap_backup_step_seconds_count{step="Cut"} 1"#,
+            "pgsnap_backup_mode_seconds_count 1",
+            "pgsnap_backups_in_flight 0",
+        ])
+        .await;
 
     let stop_lsn = verify::parse_lsn(status.stop_lsn.as_deref().unwrap());
     let start_lsn = verify::parse_lsn(status.start_lsn.as_deref().unwrap());
@@ -399,22 +403,7 @@ async fn a_missing_secret_waits_then_proceeds() {
         message.contains("late") && message.contains("password"),
         "{message}"
     );
-    let secret = Secret {
-        metadata: kube::api::ObjectMeta {
-            name: Some("late".into()),
-            ..Default::default()
-        },
-        string_data: Some(BTreeMap::from([(
-            "password".to_string(),
-            db.password.clone(),
-        )])),
-        ..Default::default()
-    };
-    cluster
-        .api::<Secret>()
-        .create(&PostParams::default(), &secret)
-        .await
-        .unwrap();
+    password_secret(&cluster, "late", &db.password).await;
     assert_completed(&wait_terminal(&cluster, &name).await);
 }
 
@@ -426,38 +415,8 @@ async fn bad_targets_fail_with_a_reason() {
     let db = postgres_pod(15).create(&cluster).await;
     db.sql("CREATE ROLE weak LOGIN PASSWORD 'weak'").await;
     let secret = db.password_secret(&cluster).await;
-    let weak = Secret {
-        metadata: kube::api::ObjectMeta {
-            name: Some("weak".into()),
-            ..Default::default()
-        },
-        string_data: Some(BTreeMap::from([(
-            "password".to_string(),
-            "weak".to_string(),
-        )])),
-        ..Default::default()
-    };
-    cluster
-        .api::<Secret>()
-        .create(&PostParams::default(), &weak)
-        .await
-        .unwrap();
-    let wrong = Secret {
-        metadata: kube::api::ObjectMeta {
-            name: Some("wrong".into()),
-            ..Default::default()
-        },
-        string_data: Some(BTreeMap::from([(
-            "password".to_string(),
-            "not-the-password".to_string(),
-        )])),
-        ..Default::default()
-    };
-    cluster
-        .api::<Secret>()
-        .create(&PostParams::default(), &wrong)
-        .await
-        .unwrap();
+    password_secret(&cluster, "weak", "weak").await;
+    password_secret(&cluster, "wrong", "not-the-password").await;
     let cases = [
         (
             "no-pod",
@@ -498,10 +457,7 @@ async fn bad_targets_fail_with_a_reason() {
             !message.contains("not-the-password") && !message.contains(&db.password),
             "a password leaked: {message}"
         );
-        assert!(
-            events_of(&cluster, name).await.iter().any(|r| r == reason),
-            "no {reason} Event for {name}"
-        );
+        expect_events(&cluster, name, &[reason]).await;
         assert_clean(&cluster, &db, name, false).await;
     }
 }

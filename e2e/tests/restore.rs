@@ -251,9 +251,9 @@ async fn round_trip(major: u32, multi: bool) {
     let restore_took = t0.elapsed();
     let rs = assert_restored(&r);
     assert_eq!(rs.claims.len(), status.snapshots.len());
-    let metrics = operator.metrics().await;
-    let series = r#"pgsnap_restores_total{result="Completed",reason="Completed"} 1"#;
-    assert!(metrics.contains(series), "no `{series}` in /metrics:\n{metrics}");
+    operator
+        .expect_metrics(&[r#"pgsnap_restores_total{result="Completed",reason="Completed"} 1"#])
+        .await;
     let timings = rs.timings.clone().unwrap_or_default();
     let (client, recovery) = start_restored(&cluster, &db, &r)
         .await
