@@ -12,6 +12,7 @@ use kube::api::PostParams;
 use kube::{Api, Client};
 
 use crate::cluster::{cluster_dir, repo_root};
+use crate::postgres::free_port;
 
 /// Where the operator's ServiceAccount and Lease live: a release of the chart of its own,
 /// so tests and `make demo` (release `pgsnap` in `pgsnap-system`) never own the same objects.
@@ -254,11 +255,4 @@ fn service_account_kubeconfig(token: &str) -> String {
         api_server_url(),
         ca.display()
     )
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }

@@ -427,7 +427,7 @@ pub async fn password_secret(cluster: &Cluster, name: &str, password: &str) -> S
 }
 
 /// A free TCP port on loopback (pods share the host network, so each server needs its own).
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

@@ -18,7 +18,7 @@ use tokio_postgres::NoTls;
 
 use crate::cluster::Cluster;
 use crate::postgres::{
-    ARCHIVE_MOUNT, DATA_MOUNT, POSTGRES_UID, PostgresPod, TABLESPACE_MOUNT, WAL_MOUNT,
+    ARCHIVE_MOUNT, DATA_MOUNT, POSTGRES_UID, PostgresPod, TABLESPACE_MOUNT, WAL_MOUNT, free_port,
 };
 
 /// "X/Y" as PostgreSQL prints an LSN.
@@ -192,11 +192,31 @@ async fn start_and_read(
     volumes: Vec<serde_json::Value>,
     pgdata: &Path,
 ) -> Result<BTreeSet<i64>, String> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| e.to_string())?;
-    let pod: Pod = serde_json::from_value(json!({
+    let port = free_port();
+    let pgdata = format!("{DATA_MOUNT}/{}", pgdata.file_name().and_then(|n| n.to_str()).unwrap_or("pgdata"));
+    let pod = restored_pod(source, name, port, &pgdata, mounts, volumes, &[])?;
+    let (client, _) = serve_restored(cluster, source, &pod, port).await?;
+    let rows = client
+        .query("SELECT v FROM marks", &[])
+        .await
+        .map_err(|e| format!("reading marks: {e}"))?;
+    Ok(rows.iter().map(|r| r.get::<_, i64>(0)).collect())
+}
+
+/// A one-shot pod of `source`'s image serving the restored claims: `mounts` and `volumes`
+/// as the pod spec takes them, PGDATA at `pgdata`, listening on `port`, plus `args`.
+pub fn restored_pod(
+    source: &PostgresPod,
+    name: &str,
+    port: u16,
+    pgdata: &str,
+    mounts: Vec<serde_json::Value>,
+    volumes: Vec<serde_json::Value>,
+    args: &[&str],
+) -> Result<Pod, String> {
+    let mut all_args = vec!["-c".to_string(), format!("port={port}")];
+    all_args.extend(args.iter().map(|a| a.to_string()));
+    serde_json::from_value(json!({
         "metadata": {"name": name},
         "spec": {
             "securityContext": {"runAsUser": POSTGRES_UID, "runAsGroup": POSTGRES_UID, "fsGroup": POSTGRES_UID},
@@ -205,23 +225,17 @@ async fn start_and_read(
             "containers": [{
                 "name": "postgres",
                 "image": format!("postgres:{}", source.major),
-                "args": ["-c", format!("port={port}")],
+                "args": all_args,
                 "env": [
                     {"name": "POSTGRES_PASSWORD", "value": source.password},
-                    {"name": "PGDATA", "value": format!("{DATA_MOUNT}/{}", pgdata.file_name().and_then(|n| n.to_str()).unwrap_or("pgdata"))},
+                    {"name": "PGDATA", "value": pgdata},
                 ],
                 "volumeMounts": mounts,
             }],
             "volumes": volumes,
         }
     }))
-    .map_err(|e| e.to_string())?;
-    let (client, _) = serve_restored(cluster, source, &pod, port).await?;
-    let rows = client
-        .query("SELECT v FROM marks", &[])
-        .await
-        .map_err(|e| format!("reading marks: {e}"))?;
-    Ok(rows.iter().map(|r| r.get::<_, i64>(0)).collect())
+    .map_err(|e| e.to_string())
 }
 
 /// Creates the pod of a restored server (listening on `port`, with `source`'s superuser)

@@ -17,6 +17,16 @@ use pgsnap_e2e::postgres::password_secret;
 use pgsnap_e2e::{Cluster, PostgresPod, postgres_pod};
 use serde_json::json;
 
+/// A Backup spec targeting `db` by pod name with the password Secret `secret`, plus `rest`.
+fn on(db: &PostgresPod, secret: &str, rest: serde_json::Value) -> serde_json::Value {
+    let mut spec = json!({
+        "target": {"podName": db.name},
+        "connection": {"passwordSecretRef": {"name": secret, "key": "password"}},
+    });
+    spec.as_object_mut().unwrap().extend(rest.as_object().cloned().unwrap_or_default());
+    spec
+}
+
 fn backup_spec(name: &str, spec: serde_json::Value) -> Backup {
     serde_json::from_value(json!({
         "apiVersion": "pgsnap.io/v1alpha1",
@@ -163,11 +173,9 @@ async fn happy_path(major: u32, negative_control: bool) {
         &cluster,
         backup_spec(
             &format!("b{major}"),
-            json!({
-                "target": {"podName": db.name},
-                "connection": {"passwordSecretRef": {"name": secret, "key": "password"}},
+            on(&db, &secret, json!({
                 "checkpoint": "Fast",
-            }),
+            })),
         ),
     )
     .await;
@@ -279,11 +287,9 @@ async fn every_volume_of_the_database_is_snapshotted() {
         &cluster,
         backup_spec(
             "multi",
-            json!({
-                "target": {"podName": db.name},
-                "connection": {"passwordSecretRef": {"name": secret, "key": "password"}},
+            on(&db, &secret, json!({
                 "checkpoint": "Fast",
-            }),
+            })),
         ),
     )
     .await;
@@ -377,12 +383,7 @@ async fn a_missing_secret_waits_then_proceeds() {
         &cluster,
         backup_spec(
             "waits",
-            json!({
-                "target": {"podName": db.name},
-                "connection": {"passwordSecretRef": {"name": "late", "key": "password"}},
-                "checkpoint": "Fast",
-                "waitForArchive": false,
-            }),
+            on(&db, "late", json!({"checkpoint": "Fast", "waitForArchive": false})),
         ),
     )
     .await;
@@ -479,11 +480,9 @@ async fn an_operator_killed_mid_backup_leaves_nothing_behind() {
         &cluster,
         backup_spec(
             "killed",
-            json!({
-                "target": {"podName": db.name},
-                "connection": {"passwordSecretRef": {"name": secret, "key": "password"}},
+            on(&db, &secret, json!({
                 "checkpoint": "Fast",
-            }),
+            })),
         ),
     )
     .await;
@@ -526,12 +525,10 @@ async fn an_operator_killed_mid_backup_leaves_nothing_behind() {
         &cluster,
         backup_spec(
             "after-kill",
-            json!({
-                "target": {"podName": db.name},
-                "connection": {"passwordSecretRef": {"name": secret, "key": "password"}},
+            on(&db, &secret, json!({
                 "checkpoint": "Fast",
                 "waitForArchive": false,
-            }),
+            })),
         ),
     )
     .await;
@@ -551,12 +548,10 @@ async fn sigterm_and_the_deadline_abort_cleanly() {
         .await;
     let secret = db.password_secret(&cluster).await;
     let spec = |deadline: &str| {
-        json!({
-            "target": {"podName": db.name},
-            "connection": {"passwordSecretRef": {"name": secret, "key": "password"}},
+        on(&db, &secret, json!({
             "checkpoint": "Fast",
             "deadline": deadline,
-        })
+        }))
     };
     let name = apply(&cluster, backup_spec("deadline", spec("10s"))).await;
     let backup = cluster
@@ -614,13 +609,11 @@ async fn deletion_honours_the_deletion_policy() {
             &cluster,
             backup_spec(
                 &policy.to_lowercase(),
-                json!({
-                    "target": {"podName": db.name},
-                    "connection": {"passwordSecretRef": {"name": secret, "key": "password"}},
+                on(&db, &secret, json!({
                     "checkpoint": "Fast",
                     "waitForArchive": false,
                     "deletionPolicy": policy,
-                }),
+                })),
             ),
         )
         .await;
@@ -692,12 +685,10 @@ async fn twenty_backups_of_five_databases() {
             names.push(
                 apply(
                     &cluster,
-                    backup_spec(&format!("{}-{round}", db.name), json!({
-                        "target": {"podName": db.name},
-                        "connection": {"passwordSecretRef": {"name": secret, "key": "password"}},
+                    backup_spec(&format!("{}-{round}", db.name), on(&db, &secret, json!({
                         "checkpoint": "Fast",
                         "waitForArchive": false,
-                    })),
+                    }))),
                 )
                 .await,
             );

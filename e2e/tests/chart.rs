@@ -71,7 +71,7 @@ async fn helm_install_runs_the_operator_and_a_backup_completes() {
     let cluster = Cluster::from_env().await;
     let ns = cluster.namespace.clone();
     let release = format!("it-{}", &ns[ns.len() - 5..]);
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
+    let port = pgsnap_e2e::postgres::free_port().to_string();
     let (ok, out, err) = helm(&[
         "install", &release, "charts/pgsnap", "--namespace", &ns,
         "--set", "image.repository=pgsnap", "--set", "image.tag=dev", "--set", "image.pullPolicy=Never",

@@ -14,7 +14,7 @@ use pgsnap::api::Backup;
 use pgsnap::api::backup::Phase;
 use pgsnap::api::restore::{Restore, RestorePhase};
 use pgsnap_e2e::operator::Operator;
-use pgsnap_e2e::postgres::{ARCHIVE_MOUNT, POSTGRES_UID};
+use pgsnap_e2e::postgres::{ARCHIVE_MOUNT, POSTGRES_UID, free_port};
 use pgsnap_e2e::verify::{self, Writer};
 use pgsnap_e2e::{Cluster, PostgresPod, postgres_pod};
 use serde_json::json;
@@ -170,30 +170,9 @@ async fn start_restored(
             ));
         }
     }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_err(|e| e.to_string())?
-        .port();
-    let pod: Pod = serde_json::from_value(json!({
-        "metadata": {"name": name},
-        "spec": {
-            "securityContext": {"runAsUser": POSTGRES_UID, "runAsGroup": POSTGRES_UID, "fsGroup": POSTGRES_UID},
-            "restartPolicy": "Never",
-            "terminationGracePeriodSeconds": 5,
-            "containers": [{
-                "name": "postgres",
-                "image": format!("postgres:{}", source.major),
-                "args": ["-c", format!("port={port}"), "-c", "archive_mode=off"],
-                "env": [
-                    {"name": "POSTGRES_PASSWORD", "value": source.password},
-                    {"name": "PGDATA", "value": pgdata.ok_or("no Data claim")?},
-                ],
-                "volumeMounts": mounts,
-            }],
-            "volumes": volumes,
-        }
-    }))
-    .map_err(|e| e.to_string())?;
+    let port = free_port();
+    let pgdata = pgdata.ok_or("no Data claim")?;
+    let pod = verify::restored_pod(source, &name, port, &pgdata, mounts, volumes, &["-c", "archive_mode=off"])?;
     verify::serve_restored(cluster, source, &pod, port).await
 }
 
