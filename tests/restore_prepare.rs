@@ -110,15 +110,7 @@ async fn prove(major: u32) {
         ],
     );
     pg.start(Duration::from_secs(60)).await.unwrap();
-    pg.exec(&format!(
-        "create tablespace ts location '{}'",
-        tablespace.display()
-    ))
-    .await;
-    pg.exec("create table in_ts (id int8 primary key, v text not null) tablespace ts")
-        .await;
-    pg.exec("insert into in_ts select g, md5(g::text) from generate_series(1, 1000) g")
-        .await;
+    pg.tablespace_with_rows(&tablespace).await;
     pg.pgbench_init(1);
     let client = pg.client().await;
     let mut known = insert_known(&client, 1, 10).await;
