@@ -65,23 +65,39 @@ pub struct BackupLabel {
 }
 
 /// Builds the ConfigMap; `owner` is the data VolumeSnapshot.
-pub fn build(label: &BackupLabel, namespace: &str, owner: &VolumeSnapshot) -> Result<ConfigMap, serde_json::Error> {
+pub fn build(
+    label: &BackupLabel,
+    namespace: &str,
+    owner: &VolumeSnapshot,
+) -> Result<ConfigMap, serde_json::Error> {
     use annotations::*;
     let annotations = BTreeMap::from([
         (START_LSN.to_string(), label.start_lsn.clone()),
         (STOP_LSN.to_string(), label.stop_lsn.clone()),
         (TIMELINE.to_string(), label.timeline.to_string()),
         (SERVER_VERSION.to_string(), label.server_version.clone()),
-        (SYSTEM_IDENTIFIER.to_string(), label.system_identifier.clone()),
-        (BACKUP_LABEL_SHA256.to_string(), sha256_hex(label.backup_label.as_bytes())),
-        (TABLESPACE_MAP_SHA256.to_string(), sha256_hex(label.tablespace_map.as_bytes())),
+        (
+            SYSTEM_IDENTIFIER.to_string(),
+            label.system_identifier.clone(),
+        ),
+        (
+            BACKUP_LABEL_SHA256.to_string(),
+            sha256_hex(label.backup_label.as_bytes()),
+        ),
+        (
+            TABLESPACE_MAP_SHA256.to_string(),
+            sha256_hex(label.tablespace_map.as_bytes()),
+        ),
         (VOLUMES.to_string(), serde_json::to_string(&label.volumes)?),
     ]);
     Ok(ConfigMap {
         metadata: ObjectMeta {
             name: Some(config_map_name(&label.backup)),
             namespace: Some(namespace.to_string()),
-            labels: Some(BTreeMap::from([(BACKUP_NAME_LABEL.to_string(), label.backup.clone())])),
+            labels: Some(BTreeMap::from([(
+                BACKUP_NAME_LABEL.to_string(),
+                label.backup.clone(),
+            )])),
             annotations: Some(annotations),
             owner_references: Some(vec![OwnerReference {
                 api_version: VolumeSnapshot::api_version(&()).into_owned(),
@@ -117,11 +133,20 @@ impl LabelStoreError {
 }
 
 /// Writes the ConfigMap (server-side apply, so a retry after a crash is harmless).
-pub async fn store(client: &Client, label: &BackupLabel, namespace: &str, owner: &VolumeSnapshot) -> Result<ConfigMap, LabelStoreError> {
+pub async fn store(
+    client: &Client,
+    label: &BackupLabel,
+    namespace: &str,
+    owner: &VolumeSnapshot,
+) -> Result<ConfigMap, LabelStoreError> {
     let cm = build(label, namespace, owner)?;
     let name = cm.name_any();
     Api::<ConfigMap>::namespaced(client.clone(), namespace)
-        .patch(&name, &PatchParams::apply(crate::FIELD_MANAGER).force(), &Patch::Apply(&cm))
+        .patch(
+            &name,
+            &PatchParams::apply(crate::FIELD_MANAGER).force(),
+            &Patch::Apply(&cm),
+        )
         .await
         .map_err(|source| LabelStoreError::Write { name, source })
 }
@@ -136,12 +161,16 @@ mod tests {
     fn the_config_map_keeps_the_files_byte_for_byte_and_belongs_to_the_data_snapshot() {
         let mut owner = VolumeSnapshot::new(
             "orders-1-data",
-            VolumeSnapshotSpec { source: VolumeSnapshotSource::default(), volume_snapshot_class_name: None },
+            VolumeSnapshotSpec {
+                source: VolumeSnapshotSource::default(),
+                volume_snapshot_class_name: None,
+            },
         );
         owner.metadata.uid = Some("uid-1".into());
         let label = BackupLabel {
             backup: "orders-1".into(),
-            backup_label: "START WAL LOCATION: 0/2000028 (file 000000010000000000000002)\r\nLABEL: x\n".into(),
+            backup_label:
+                "START WAL LOCATION: 0/2000028 (file 000000010000000000000002)\r\nLABEL: x\n".into(),
             tablespace_map: String::new(),
             start_lsn: "0/2000028".into(),
             stop_lsn: "0/2000100".into(),
@@ -162,14 +191,31 @@ mod tests {
         };
         let cm = build(&label, "shop", &owner).unwrap();
         assert_eq!(cm.name_any(), "orders-1-backup-label");
-        assert_eq!(cm.data.as_ref().unwrap()[BACKUP_LABEL_KEY], label.backup_label);
+        assert_eq!(
+            cm.data.as_ref().unwrap()[BACKUP_LABEL_KEY],
+            label.backup_label
+        );
         let ann = cm.annotations();
-        assert_eq!(ann[annotations::BACKUP_LABEL_SHA256], sha256_hex(label.backup_label.as_bytes()));
+        assert_eq!(
+            ann[annotations::BACKUP_LABEL_SHA256],
+            sha256_hex(label.backup_label.as_bytes())
+        );
         // The sha256 of nothing: a restore can tell "no tablespaces" from "map lost".
-        assert_eq!(ann[annotations::TABLESPACE_MAP_SHA256], "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
-        let volumes: Vec<SnapshotLocation> = serde_json::from_str(&ann[annotations::VOLUMES]).unwrap();
+        assert_eq!(
+            ann[annotations::TABLESPACE_MAP_SHA256],
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+        let volumes: Vec<SnapshotLocation> =
+            serde_json::from_str(&ann[annotations::VOLUMES]).unwrap();
         assert_eq!(volumes, label.volumes);
         let owner_ref = &cm.owner_references()[0];
-        assert_eq!((owner_ref.kind.as_str(), owner_ref.name.as_str(), owner_ref.uid.as_str()), ("VolumeSnapshot", "orders-1-data", "uid-1"));
+        assert_eq!(
+            (
+                owner_ref.kind.as_str(),
+                owner_ref.name.as_str(),
+                owner_ref.uid.as_str()
+            ),
+            ("VolumeSnapshot", "orders-1-data", "uid-1")
+        );
     }
 }

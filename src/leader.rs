@@ -41,7 +41,11 @@ pub fn may_take(spec: &LeaseSpec, identity: &str, now: Timestamp) -> bool {
 fn claim(existing: Option<Lease>, settings: &LeaseSettings) -> Lease {
     let now = MicroTime(Timestamp::now());
     let mut lease = existing.unwrap_or_else(|| Lease {
-        metadata: ObjectMeta { name: Some(settings.name.clone()), namespace: Some(settings.namespace.clone()), ..Default::default() },
+        metadata: ObjectMeta {
+            name: Some(settings.name.clone()),
+            namespace: Some(settings.namespace.clone()),
+            ..Default::default()
+        },
         spec: None,
     });
     let mut spec = lease.spec.take().unwrap_or_default();
@@ -60,13 +64,26 @@ fn claim(existing: Option<Lease>, settings: &LeaseSettings) -> Lease {
 async fn try_take(api: &Api<Lease>, settings: &LeaseSettings) -> Result<bool, kube::Error> {
     let existing = api.get_opt(&settings.name).await?;
     let result = match existing {
-        None => api.create(&PostParams::default(), &claim(None, settings)).await.map(|_| ()),
+        None => api
+            .create(&PostParams::default(), &claim(None, settings))
+            .await
+            .map(|_| ()),
         Some(lease) => {
-            if !may_take(lease.spec.as_ref().unwrap_or(&LeaseSpec::default()), &settings.identity, Timestamp::now()) {
+            if !may_take(
+                lease.spec.as_ref().unwrap_or(&LeaseSpec::default()),
+                &settings.identity,
+                Timestamp::now(),
+            ) {
                 return Ok(false);
             }
             // resourceVersion is kept: the replace fails if someone else wrote in between.
-            api.replace(&settings.name, &PostParams::default(), &claim(Some(lease), settings)).await.map(|_| ())
+            api.replace(
+                &settings.name,
+                &PostParams::default(),
+                &claim(Some(lease), settings),
+            )
+            .await
+            .map(|_| ())
         }
     };
     match result {
@@ -122,7 +139,10 @@ pub async fn release(api: &Api<Lease>, settings: &LeaseSettings) {
         && spec.holder_identity.as_deref() == Some(settings.identity.as_str())
     {
         spec.holder_identity = None;
-        if let Err(e) = api.replace(&settings.name, &PostParams::default(), &lease).await {
+        if let Err(e) = api
+            .replace(&settings.name, &PostParams::default(), &lease)
+            .await
+        {
             warn!(error = %e, "could not release the leader lease");
         }
     }

@@ -76,7 +76,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let client = kube::Client::try_default().await?;
     let metrics = Arc::new(Metrics::default());
     let health = Arc::new(Health::default());
-    tokio::spawn(telemetry::serve(args.metrics_addr, metrics.clone(), health.clone()));
+    tokio::spawn(telemetry::serve(
+        args.metrics_addr,
+        metrics.clone(),
+        health.clone(),
+    ));
     info!(addr = %args.metrics_addr, "serving /metrics, /healthz and /readyz");
 
     let settings = backup::Settings {
@@ -136,14 +140,25 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     };
     let shutdown = shutdown_on(stop.clone());
-    let restore_settings = restore::Settings { namespace: args.namespace.clone(), image: args.restore_image.clone() };
-    let restores = restore::run(client.clone(), restore_settings, metrics.clone(), shutdown_on(stop.clone()));
+    let restore_settings = restore::Settings {
+        namespace: args.namespace.clone(),
+        image: args.restore_image.clone(),
+    };
+    let restores = restore::run(
+        client.clone(),
+        restore_settings,
+        metrics.clone(),
+        shutdown_on(stop.clone()),
+    );
     let ready = {
         let health = health.clone();
         move || health.ready.store(true, Ordering::Relaxed)
     };
     // Both controllers run under the same lease: a replica that loses it stops both.
-    tokio::join!(backup::run(client, settings, metrics, ready, shutdown), restores);
+    tokio::join!(
+        backup::run(client, settings, metrics, ready, shutdown),
+        restores
+    );
     if let Some(api) = lease_api {
         leader::release(&api, &lease).await;
     }
@@ -151,5 +166,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 }
 
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "pgsnap".into())
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "pgsnap".into())
 }

@@ -10,7 +10,8 @@ use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 
 use crate::api::snapshot::{
-    DEFAULT_CLASS_ANNOTATION, VolumeSnapshot, VolumeSnapshotClass, VolumeSnapshotSource, VolumeSnapshotSpec,
+    DEFAULT_CLASS_ANNOTATION, VolumeSnapshot, VolumeSnapshotClass, VolumeSnapshotSource,
+    VolumeSnapshotSpec,
 };
 use crate::label_store::BACKUP_NAME_LABEL;
 
@@ -22,7 +23,9 @@ pub enum SnapshotError {
     ClaimNotBound(String),
     #[error("PVC {claim} is not a CSI volume; only CSI volumes can be snapshotted")]
     NotCsi { claim: String },
-    #[error("no VolumeSnapshotClass is marked default for CSI driver {driver} (PVC {claim}); set spec.volumeSnapshotClassName or annotate a class with {DEFAULT_CLASS_ANNOTATION}=\"true\"")]
+    #[error(
+        "no VolumeSnapshotClass is marked default for CSI driver {driver} (PVC {claim}); set spec.volumeSnapshotClassName or annotate a class with {DEFAULT_CLASS_ANNOTATION}=\"true\""
+    )]
     NoDefaultClass { driver: String, claim: String },
     #[error("VolumeSnapshotClass {0} does not exist")]
     ClassNotFound(String),
@@ -41,7 +44,9 @@ impl SnapshotError {
         match self {
             SnapshotError::ClaimNotFound(_) | SnapshotError::ClaimNotBound(_) => "ClaimNotReady",
             SnapshotError::NotCsi { .. } => "ClaimNotCsi",
-            SnapshotError::NoDefaultClass { .. } | SnapshotError::ClassNotFound(_) => "NoSnapshotClass",
+            SnapshotError::NoDefaultClass { .. } | SnapshotError::ClassNotFound(_) => {
+                "NoSnapshotClass"
+            }
             SnapshotError::Failed { .. } | SnapshotError::Deleted(_) => "SnapshotFailed",
             SnapshotError::Api(_) | SnapshotError::Watch(_) => "KubernetesApi",
         }
@@ -59,7 +64,12 @@ pub fn snapshot_name(backup: &str, claim: &str) -> String {
 }
 
 /// The class to snapshot `claim` with: the one asked for, else the default of its CSI driver.
-pub async fn resolve_class(client: &Client, namespace: &str, claim: &str, requested: Option<&str>) -> Result<String, SnapshotError> {
+pub async fn resolve_class(
+    client: &Client,
+    namespace: &str,
+    claim: &str,
+    requested: Option<&str>,
+) -> Result<String, SnapshotError> {
     let classes: Api<VolumeSnapshotClass> = Api::all(client.clone());
     if let Some(name) = requested {
         return match classes.get_opt(name).await? {
@@ -71,19 +81,37 @@ pub async fn resolve_class(client: &Client, namespace: &str, claim: &str, reques
         .get_opt(claim)
         .await?
         .ok_or_else(|| SnapshotError::ClaimNotFound(claim.to_string()))?;
-    let volume = pvc.spec.and_then(|s| s.volume_name).ok_or_else(|| SnapshotError::ClaimNotBound(claim.to_string()))?;
-    let pv = Api::<PersistentVolume>::all(client.clone()).get(&volume).await?;
-    let driver = pv.spec.and_then(|s| s.csi).map(|c| c.driver).ok_or_else(|| SnapshotError::NotCsi { claim: claim.to_string() })?;
+    let volume = pvc
+        .spec
+        .and_then(|s| s.volume_name)
+        .ok_or_else(|| SnapshotError::ClaimNotBound(claim.to_string()))?;
+    let pv = Api::<PersistentVolume>::all(client.clone())
+        .get(&volume)
+        .await?;
+    let driver = pv
+        .spec
+        .and_then(|s| s.csi)
+        .map(|c| c.driver)
+        .ok_or_else(|| SnapshotError::NotCsi {
+            claim: claim.to_string(),
+        })?;
     let list = classes.list(&ListParams::default()).await?;
-    default_class_for(&list.items, &driver)
-        .ok_or_else(|| SnapshotError::NoDefaultClass { driver, claim: claim.to_string() })
+    default_class_for(&list.items, &driver).ok_or_else(|| SnapshotError::NoDefaultClass {
+        driver,
+        claim: claim.to_string(),
+    })
 }
 
 /// The driver's default class; with several defaults, the first by name, so the choice is stable.
 pub fn default_class_for(classes: &[VolumeSnapshotClass], driver: &str) -> Option<String> {
     let mut defaults: Vec<_> = classes
         .iter()
-        .filter(|c| c.driver == driver && c.annotations().get(DEFAULT_CLASS_ANNOTATION).is_some_and(|v| v == "true"))
+        .filter(|c| {
+            c.driver == driver
+                && c.annotations()
+                    .get(DEFAULT_CLASS_ANNOTATION)
+                    .is_some_and(|v| v == "true")
+        })
         .map(|c| c.name_any())
         .collect();
     defaults.sort();
@@ -101,12 +129,18 @@ pub async fn create(
     let snapshot = VolumeSnapshot {
         metadata: ObjectMeta {
             name: Some(snapshot_name(backup, claim)),
-            labels: Some(BTreeMap::from([(BACKUP_NAME_LABEL.to_string(), backup.to_string())])),
+            labels: Some(BTreeMap::from([(
+                BACKUP_NAME_LABEL.to_string(),
+                backup.to_string(),
+            )])),
             annotations: Some(annotations),
             ..Default::default()
         },
         spec: VolumeSnapshotSpec {
-            source: VolumeSnapshotSource { persistent_volume_claim_name: Some(claim.to_string()), volume_snapshot_content_name: None },
+            source: VolumeSnapshotSource {
+                persistent_volume_claim_name: Some(claim.to_string()),
+                volume_snapshot_content_name: None,
+            },
             volume_snapshot_class_name: Some(class.to_string()),
         },
         status: None,
@@ -134,12 +168,21 @@ pub async fn wait_until(
             watcher::Event::Apply(s) | watcher::Event::InitApply(s) => {
                 seen.insert(s.name_any(), s);
             }
-            watcher::Event::Delete(s) if names.contains(&s.name_any()) => return Err(SnapshotError::Deleted(s.name_any())),
+            watcher::Event::Delete(s) if names.contains(&s.name_any()) => {
+                return Err(SnapshotError::Deleted(s.name_any()));
+            }
             watcher::Event::Delete(_) | watcher::Event::Init => {}
             watcher::Event::InitDone => {}
         }
-        if let Some(failed) = names.iter().filter_map(|n| seen.get(n)).find_map(|s| Some((s.name_any(), s.error_message()?))) {
-            return Err(SnapshotError::Failed { name: failed.0, message: failed.1 });
+        if let Some(failed) = names
+            .iter()
+            .filter_map(|n| seen.get(n))
+            .find_map(|s| Some((s.name_any(), s.error_message()?)))
+        {
+            return Err(SnapshotError::Failed {
+                name: failed.0,
+                message: failed.1,
+            });
         }
         if names.iter().all(|n| seen.get(n).is_some_and(done)) {
             return Ok(names.iter().filter_map(|n| seen.remove(n)).collect());
@@ -153,7 +196,10 @@ pub async fn delete_all(api: &Api<VolumeSnapshot>, backup: &str) -> Result<usize
     let selector = ListParams::default().labels(&format!("{BACKUP_NAME_LABEL}={backup}"));
     let existing = api.list(&selector).await?;
     for snapshot in &existing.items {
-        match api.delete(&snapshot.name_any(), &DeleteParams::background()).await {
+        match api
+            .delete(&snapshot.name_any(), &DeleteParams::background())
+            .await
+        {
             Ok(_) => {}
             Err(kube::Error::Api(s)) if s.code == 404 => {}
             Err(e) => return Err(e.into()),
@@ -167,23 +213,45 @@ mod tests {
     use super::*;
 
     fn class(name: &str, driver: &str, default: bool) -> VolumeSnapshotClass {
-        let mut meta = ObjectMeta { name: Some(name.into()), ..Default::default() };
+        let mut meta = ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        };
         if default {
-            meta.annotations = Some(BTreeMap::from([(DEFAULT_CLASS_ANNOTATION.to_string(), "true".to_string())]));
+            meta.annotations = Some(BTreeMap::from([(
+                DEFAULT_CLASS_ANNOTATION.to_string(),
+                "true".to_string(),
+            )]));
         }
-        VolumeSnapshotClass { metadata: meta, driver: driver.into(), deletion_policy: "Delete".into(), parameters: BTreeMap::new() }
+        VolumeSnapshotClass {
+            metadata: meta,
+            driver: driver.into(),
+            deletion_policy: "Delete".into(),
+            parameters: BTreeMap::new(),
+        }
     }
 
     #[test]
     fn the_default_class_is_the_drivers_own() {
-        let classes = [class("b", "hostpath.csi.k8s.io", true), class("a", "hostpath.csi.k8s.io", true), class("c", "ebs.csi.aws.com", true), class("d", "x", false)];
-        assert_eq!(default_class_for(&classes, "hostpath.csi.k8s.io").as_deref(), Some("a"));
+        let classes = [
+            class("b", "hostpath.csi.k8s.io", true),
+            class("a", "hostpath.csi.k8s.io", true),
+            class("c", "ebs.csi.aws.com", true),
+            class("d", "x", false),
+        ];
+        assert_eq!(
+            default_class_for(&classes, "hostpath.csi.k8s.io").as_deref(),
+            Some("a")
+        );
         assert_eq!(default_class_for(&classes, "x"), None);
     }
 
     #[test]
     fn names_stay_valid_and_distinct() {
-        assert_eq!(snapshot_name("orders-1", "data-orders-db-0"), "orders-1-data-orders-db-0");
+        assert_eq!(
+            snapshot_name("orders-1", "data-orders-db-0"),
+            "orders-1-data-orders-db-0"
+        );
         let long = "x".repeat(200);
         let a = snapshot_name(&long, &"a".repeat(100));
         let b = snapshot_name(&long, &"b".repeat(100));

@@ -23,10 +23,17 @@ pub enum LogFormat {
 
 /// Logs go to stderr; `RUST_LOG` (or `--log-level`) filters them.
 pub fn init_logging(level: &str, format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .init(),
         LogFormat::Text => builder.init(),
     }
 }
@@ -79,30 +86,74 @@ impl Default for Metrics {
         let backups = Family::<ResultLabels, Counter>::default();
         let restores = Family::<ResultLabels, Counter>::default();
         let step_seconds = Family::<StepLabels, Histogram>::new_with_constructor(|| {
-            Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0])
+            Histogram::new([
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+                900.0,
+            ])
         });
-        let backup_mode_seconds = Histogram::new([0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0]);
+        let backup_mode_seconds = Histogram::new([
+            0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+        ]);
         let in_flight = Gauge::default();
-        registry.register("backups", "Backups that ended, by result and reason", backups.clone());
-        registry.register("restores", "Restores that ended, by result and reason", restores.clone());
-        registry.register("backup_step_seconds", "Duration of each step of a backup", step_seconds.clone());
-        registry.register("backup_mode_seconds", "Time a server spent in backup mode", backup_mode_seconds.clone());
-        registry.register("backups_in_flight", "Backups holding a database session now", in_flight.clone());
-        Metrics { registry, backups, restores, step_seconds, backup_mode_seconds, in_flight }
+        registry.register(
+            "backups",
+            "Backups that ended, by result and reason",
+            backups.clone(),
+        );
+        registry.register(
+            "restores",
+            "Restores that ended, by result and reason",
+            restores.clone(),
+        );
+        registry.register(
+            "backup_step_seconds",
+            "Duration of each step of a backup",
+            step_seconds.clone(),
+        );
+        registry.register(
+            "backup_mode_seconds",
+            "Time a server spent in backup mode",
+            backup_mode_seconds.clone(),
+        );
+        registry.register(
+            "backups_in_flight",
+            "Backups holding a database session now",
+            in_flight.clone(),
+        );
+        Metrics {
+            registry,
+            backups,
+            restores,
+            step_seconds,
+            backup_mode_seconds,
+            in_flight,
+        }
     }
 }
 
 impl Metrics {
     pub fn observe(&self, step: Step, seconds: f64) {
-        self.step_seconds.get_or_create(&StepLabels { step }).observe(seconds);
+        self.step_seconds
+            .get_or_create(&StepLabels { step })
+            .observe(seconds);
     }
 
     pub fn ended(&self, result: Outcome, reason: &str) {
-        self.backups.get_or_create(&ResultLabels { result, reason: reason.to_string() }).inc();
+        self.backups
+            .get_or_create(&ResultLabels {
+                result,
+                reason: reason.to_string(),
+            })
+            .inc();
     }
 
     pub fn restore_ended(&self, result: Outcome, reason: &str) {
-        self.restores.get_or_create(&ResultLabels { result, reason: reason.to_string() }).inc();
+        self.restores
+            .get_or_create(&ResultLabels {
+                result,
+                reason: reason.to_string(),
+            })
+            .inc();
     }
 }
 
@@ -119,7 +170,11 @@ struct Shared {
 }
 
 /// Serves `/metrics`, `/healthz` and `/readyz` until the process ends.
-pub async fn serve(addr: std::net::SocketAddr, metrics: Arc<Metrics>, health: Arc<Health>) -> std::io::Result<()> {
+pub async fn serve(
+    addr: std::net::SocketAddr,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+) -> std::io::Result<()> {
     let app = Router::new()
         .route("/metrics", get(render_metrics))
         .route("/healthz", get(|| async { "ok" }))
@@ -132,8 +187,19 @@ pub async fn serve(addr: std::net::SocketAddr, metrics: Arc<Metrics>, health: Ar
 async fn render_metrics(State(shared): State<Shared>) -> impl IntoResponse {
     let mut body = String::new();
     match prometheus_client::encoding::text::encode(&mut body, &shared.metrics.registry) {
-        Ok(()) => (StatusCode::OK, [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body),
-        Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, [(header::CONTENT_TYPE, "text/plain")], "encoding failed".into()),
+        Ok(()) => (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        ),
+        Err(_) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(header::CONTENT_TYPE, "text/plain")],
+            "encoding failed".into(),
+        ),
     }
 }
 

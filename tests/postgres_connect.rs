@@ -30,7 +30,10 @@ async fn nothing_listening_is_unreachable() {
     let err = Session::connect(&opts(port)).await.err().unwrap();
     assert_eq!(err.reason(), "Unreachable", "{err}");
     assert!(err.is_retryable());
-    assert!(err.to_string().contains(&format!("127.0.0.1:{port}")), "{err}");
+    assert!(
+        err.to_string().contains(&format!("127.0.0.1:{port}")),
+        "{err}"
+    );
     assert!(!err.to_string().contains("never-printed-Pw"));
 }
 

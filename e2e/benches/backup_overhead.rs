@@ -80,9 +80,12 @@ async fn main() {
         (vec![], vec![], vec![], vec![], vec![]);
     for i in 0..runs {
         let name = format!("bench-{i}");
-        api.create(&PostParams::default(), &backup(&name, &db.name, Some(&secret)))
-            .await
-            .expect("create");
+        api.create(
+            &PostParams::default(),
+            &backup(&name, &db.name, Some(&secret)),
+        )
+        .await
+        .expect("create");
         let done = cluster
             .wait_for(
                 api.clone(),

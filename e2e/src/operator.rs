@@ -72,7 +72,14 @@ impl Operator {
     /// An operator for one test's namespace alone, without leader election, so tests running
     /// side by side never share one.
     pub async fn for_test(cluster: &crate::Cluster) -> Operator {
-        Operator::start(&cluster.client, &["--leader-election=false", &format!("--namespace={}", cluster.namespace)]).await
+        Operator::start(
+            &cluster.client,
+            &[
+                "--leader-election=false",
+                &format!("--namespace={}", cluster.namespace),
+            ],
+        )
+        .await
     }
 
     /// Starts `target/debug/pgsnap run` (built by `cargo build -p pgsnap` before the tests)
@@ -120,7 +127,10 @@ impl Operator {
             .stderr(std::fs::File::create(&log).expect("operator log"))
             .spawn()
             .expect("start pgsnap run");
-        let namespace = args.iter().find_map(|a| a.strip_prefix("--namespace=")).map(str::to_string);
+        let namespace = args
+            .iter()
+            .find_map(|a| a.strip_prefix("--namespace="))
+            .map(str::to_string);
         let operator = Operator {
             child,
             metrics_port: port,
@@ -175,7 +185,10 @@ impl Operator {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        let missing: Vec<_> = series.iter().filter(|s| !metrics.lines().any(|l| l == **s)).collect();
+        let missing: Vec<_> = series
+            .iter()
+            .filter(|s| !metrics.lines().any(|l| l == **s))
+            .collect();
         panic!("no {missing:?} in /metrics:\n{metrics}");
     }
 
@@ -239,7 +252,8 @@ fn api_server_url() -> String {
         .map(PathBuf::from)
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or_else(|| cluster_dir().join("kubeconfig"));
-    let config = kube::config::Kubeconfig::read_from(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let config = kube::config::Kubeconfig::read_from(&path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     config
         .clusters
         .into_iter()

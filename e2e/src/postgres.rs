@@ -415,11 +415,21 @@ impl PostgresPod {
 /// A Secret `name` whose key `password` holds `password`; its name. Creating it again is fine.
 pub async fn password_secret(cluster: &Cluster, name: &str, password: &str) -> String {
     let secret = k8s_openapi::api::core::v1::Secret {
-        metadata: kube::api::ObjectMeta { name: Some(name.into()), ..Default::default() },
-        string_data: Some(BTreeMap::from([("password".to_string(), password.to_string())])),
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        string_data: Some(BTreeMap::from([(
+            "password".to_string(),
+            password.to_string(),
+        )])),
         ..Default::default()
     };
-    match cluster.api::<k8s_openapi::api::core::v1::Secret>().create(&PostParams::default(), &secret).await {
+    match cluster
+        .api::<k8s_openapi::api::core::v1::Secret>()
+        .create(&PostParams::default(), &secret)
+        .await
+    {
         Ok(_) => name.to_string(),
         Err(kube::Error::Api(s)) if s.code == 409 => name.to_string(),
         Err(e) => panic!("secret {name}: {e}"),

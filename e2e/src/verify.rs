@@ -193,7 +193,13 @@ async fn start_and_read(
     pgdata: &Path,
 ) -> Result<BTreeSet<i64>, String> {
     let port = free_port();
-    let pgdata = format!("{DATA_MOUNT}/{}", pgdata.file_name().and_then(|n| n.to_str()).unwrap_or("pgdata"));
+    let pgdata = format!(
+        "{DATA_MOUNT}/{}",
+        pgdata
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("pgdata")
+    );
     let pod = restored_pod(source, name, port, &pgdata, mounts, volumes, &[])?;
     let (client, _) = serve_restored(cluster, source, &pod, port).await?;
     let rows = client

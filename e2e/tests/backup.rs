@@ -12,8 +12,8 @@ use pgsnap::api::Backup;
 use pgsnap::api::backup::{Phase, VolumeRole};
 use pgsnap::api::snapshot::VolumeSnapshot;
 use pgsnap_e2e::operator::Operator;
-use pgsnap_e2e::verify::{self, Prepare, Writer};
 use pgsnap_e2e::postgres::password_secret;
+use pgsnap_e2e::verify::{self, Prepare, Writer};
 use pgsnap_e2e::{Cluster, PostgresPod, postgres_pod};
 use serde_json::json;
 
@@ -23,7 +23,9 @@ fn on(db: &PostgresPod, secret: &str, rest: serde_json::Value) -> serde_json::Va
         "target": {"podName": db.name},
         "connection": {"passwordSecretRef": {"name": secret, "key": "password"}},
     });
-    spec.as_object_mut().unwrap().extend(rest.as_object().cloned().unwrap_or_default());
+    spec.as_object_mut()
+        .unwrap()
+        .extend(rest.as_object().cloned().unwrap_or_default());
     spec
 }
 
@@ -127,8 +129,16 @@ async fn assert_clean(cluster: &Cluster, db: &PostgresPod, backup: &str, expect_
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert_eq!(sessions, "0", "a pgsnap session is still open on {}", db.name);
-    assert_eq!(!snapshots.is_empty(), expect_snapshots, "snapshots of {backup}: {snapshots:?}");
+    assert_eq!(
+        sessions, "0",
+        "a pgsnap session is still open on {}",
+        db.name
+    );
+    assert_eq!(
+        !snapshots.is_empty(),
+        expect_snapshots,
+        "snapshots of {backup}: {snapshots:?}"
+    );
 }
 
 /// Waits (10 s at most) until the object `name` has an Event of each reason: the operator
@@ -173,9 +183,13 @@ async fn happy_path(major: u32, negative_control: bool) {
         &cluster,
         backup_spec(
             &format!("b{major}"),
-            on(&db, &secret, json!({
-                "checkpoint": "Fast",
-            })),
+            on(
+                &db,
+                &secret,
+                json!({
+                    "checkpoint": "Fast",
+                }),
+            ),
         ),
     )
     .await;
@@ -208,7 +222,12 @@ async fn happy_path(major: u32, negative_control: bool) {
         cm.annotations()["pgsnap.io/backup-label-sha256"],
         pgsnap::label_store::sha256_hex(label.as_bytes())
     );
-    expect_events(&cluster, &name, &["Starting", "BackupModeEnded", "Completed"]).await;
+    expect_events(
+        &cluster,
+        &name,
+        &["Starting", "BackupModeEnded", "Completed"],
+    )
+    .await;
     operator
         .expect_metrics(&[
             r#"pgsnap_backups_total{result="Completed",reason="Completed"} 1"#,
@@ -287,9 +306,13 @@ async fn every_volume_of_the_database_is_snapshotted() {
         &cluster,
         backup_spec(
             "multi",
-            on(&db, &secret, json!({
-                "checkpoint": "Fast",
-            })),
+            on(
+                &db,
+                &secret,
+                json!({
+                    "checkpoint": "Fast",
+                }),
+            ),
         ),
     )
     .await;
@@ -383,7 +406,11 @@ async fn a_missing_secret_waits_then_proceeds() {
         &cluster,
         backup_spec(
             "waits",
-            on(&db, "late", json!({"checkpoint": "Fast", "waitForArchive": false})),
+            on(
+                &db,
+                "late",
+                json!({"checkpoint": "Fast", "waitForArchive": false}),
+            ),
         ),
     )
     .await;
@@ -480,9 +507,13 @@ async fn an_operator_killed_mid_backup_leaves_nothing_behind() {
         &cluster,
         backup_spec(
             "killed",
-            on(&db, &secret, json!({
-                "checkpoint": "Fast",
-            })),
+            on(
+                &db,
+                &secret,
+                json!({
+                    "checkpoint": "Fast",
+                }),
+            ),
         ),
     )
     .await;
@@ -525,10 +556,14 @@ async fn an_operator_killed_mid_backup_leaves_nothing_behind() {
         &cluster,
         backup_spec(
             "after-kill",
-            on(&db, &secret, json!({
-                "checkpoint": "Fast",
-                "waitForArchive": false,
-            })),
+            on(
+                &db,
+                &secret,
+                json!({
+                    "checkpoint": "Fast",
+                    "waitForArchive": false,
+                }),
+            ),
         ),
     )
     .await;
@@ -548,10 +583,14 @@ async fn sigterm_and_the_deadline_abort_cleanly() {
         .await;
     let secret = db.password_secret(&cluster).await;
     let spec = |deadline: &str| {
-        on(&db, &secret, json!({
-            "checkpoint": "Fast",
-            "deadline": deadline,
-        }))
+        on(
+            &db,
+            &secret,
+            json!({
+                "checkpoint": "Fast",
+                "deadline": deadline,
+            }),
+        )
     };
     let name = apply(&cluster, backup_spec("deadline", spec("10s"))).await;
     let backup = cluster
@@ -609,11 +648,15 @@ async fn deletion_honours_the_deletion_policy() {
             &cluster,
             backup_spec(
                 &policy.to_lowercase(),
-                on(&db, &secret, json!({
-                    "checkpoint": "Fast",
-                    "waitForArchive": false,
-                    "deletionPolicy": policy,
-                })),
+                on(
+                    &db,
+                    &secret,
+                    json!({
+                        "checkpoint": "Fast",
+                        "waitForArchive": false,
+                        "deletionPolicy": policy,
+                    }),
+                ),
             ),
         )
         .await;
@@ -685,10 +728,17 @@ async fn twenty_backups_of_five_databases() {
             names.push(
                 apply(
                     &cluster,
-                    backup_spec(&format!("{}-{round}", db.name), on(&db, &secret, json!({
-                        "checkpoint": "Fast",
-                        "waitForArchive": false,
-                    }))),
+                    backup_spec(
+                        &format!("{}-{round}", db.name),
+                        on(
+                            &db,
+                            &secret,
+                            json!({
+                                "checkpoint": "Fast",
+                                "waitForArchive": false,
+                            }),
+                        ),
+                    ),
                 )
                 .await,
             );

@@ -17,11 +17,30 @@ use serde_json::json;
 /// `helm <args>` from the cluster's tool cache; (success, stdout, stderr).
 fn helm(args: &[&str]) -> (bool, String, String) {
     let script = format!("eval \"$(e2e/cluster env)\"; helm \"$@\"");
-    let out = Command::new("bash").arg("-c").arg(script).arg("helm").args(args).current_dir(repo_root()).output().expect("bash");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(script)
+        .arg("helm")
+        .args(args)
+        .current_dir(repo_root())
+        .output()
+        .expect("bash");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
 }
 
-const TEMPLATE: &[&str] = &["template", "pgsnap", "charts/pgsnap", "--namespace", "pgsnap-system", "--kube-version", "1.34.0"];
+const TEMPLATE: &[&str] = &[
+    "template",
+    "pgsnap",
+    "charts/pgsnap",
+    "--namespace",
+    "pgsnap-system",
+    "--kube-version",
+    "1.34.0",
+];
 
 #[test]
 fn the_chart_lints_clean() {
@@ -37,7 +56,13 @@ fn the_chart_lints_clean() {
 /// (`PGSNAP_UPDATE_GOLDEN=1 cargo test -p pgsnap-e2e --test chart`) and show in the diff.
 #[test]
 fn helm_template_matches_the_golden_output() {
-    for (name, extra) in [("default", &[][..]), ("one-namespace", &["--set", "watchNamespaces={shop}", "--set", "replicaCount=2"][..])] {
+    for (name, extra) in [
+        ("default", &[][..]),
+        (
+            "one-namespace",
+            &["--set", "watchNamespaces={shop}", "--set", "replicaCount=2"][..],
+        ),
+    ] {
         let mut args = TEMPLATE.to_vec();
         args.extend(extra);
         let (ok, out, err) = helm(&args);
@@ -48,18 +73,31 @@ fn helm_template_matches_the_golden_output() {
             std::fs::write(&path, &out).unwrap();
         }
         let golden = std::fs::read_to_string(&path).unwrap_or_default();
-        assert!(golden == out, "{} differs from `helm template {extra:?}`; review and update with PGSNAP_UPDATE_GOLDEN=1", path.display());
+        assert!(
+            golden == out,
+            "{} differs from `helm template {extra:?}`; review and update with PGSNAP_UPDATE_GOLDEN=1",
+            path.display()
+        );
     }
 }
 
 #[test]
 fn bad_values_are_refused() {
-    for bad in ["maxConcurrentBackups=0", "watchNamespaces={a,b}", "logging.level=loud", "image.pullPolicy=Sometimes", "unknownKey=1"] {
+    for bad in [
+        "maxConcurrentBackups=0",
+        "watchNamespaces={a,b}",
+        "logging.level=loud",
+        "image.pullPolicy=Sometimes",
+        "unknownKey=1",
+    ] {
         let mut args = TEMPLATE.to_vec();
         args.extend(["--set", bad]);
         let (ok, _, err) = helm(&args);
         assert!(!ok, "helm accepted {bad}");
-        assert!(err.contains("values don't meet the specifications of the schema"), "{bad}: {err}");
+        assert!(
+            err.contains("values don't meet the specifications of the schema"),
+            "{bad}: {err}"
+        );
     }
 }
 
@@ -73,20 +111,44 @@ async fn helm_install_runs_the_operator_and_a_backup_completes() {
     let release = format!("it-{}", &ns[ns.len() - 5..]);
     let port = pgsnap_e2e::postgres::free_port().to_string();
     let (ok, out, err) = helm(&[
-        "install", &release, "charts/pgsnap", "--namespace", &ns,
-        "--set", "image.repository=pgsnap", "--set", "image.tag=dev", "--set", "image.pullPolicy=Never",
-        "--set", &format!("metrics.port={port}"), "--set", &format!("watchNamespaces={{{ns}}}"),
-        "--wait", "--timeout", "2m",
+        "install",
+        &release,
+        "charts/pgsnap",
+        "--namespace",
+        &ns,
+        "--set",
+        "image.repository=pgsnap",
+        "--set",
+        "image.tag=dev",
+        "--set",
+        "image.pullPolicy=Never",
+        "--set",
+        &format!("metrics.port={port}"),
+        "--set",
+        &format!("watchNamespaces={{{ns}}}"),
+        "--wait",
+        "--timeout",
+        "2m",
     ]);
     assert!(ok, "helm install:\n{out}\n{err}");
 
     let db = postgres_pod(17).create(&cluster).await;
     let secret = Secret {
-        metadata: kube::api::ObjectMeta { name: Some("pw".into()), ..Default::default() },
-        string_data: Some(BTreeMap::from([("password".to_string(), db.password.clone())])),
+        metadata: kube::api::ObjectMeta {
+            name: Some("pw".into()),
+            ..Default::default()
+        },
+        string_data: Some(BTreeMap::from([(
+            "password".to_string(),
+            db.password.clone(),
+        )])),
         ..Default::default()
     };
-    cluster.api::<Secret>().create(&PostParams::default(), &secret).await.unwrap();
+    cluster
+        .api::<Secret>()
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
     let backup: Backup = serde_json::from_value(json!({
         "apiVersion": "pgsnap.io/v1alpha1", "kind": "Backup",
         "metadata": {"name": "via-helm"},
@@ -98,28 +160,59 @@ async fn helm_install_runs_the_operator_and_a_backup_completes() {
         },
     }))
     .unwrap();
-    cluster.api::<Backup>().create(&PostParams::default(), &backup).await.unwrap();
+    cluster
+        .api::<Backup>()
+        .create(&PostParams::default(), &backup)
+        .await
+        .unwrap();
     let done = cluster
-        .wait_for(cluster.api::<Backup>(), "via-helm", "Completed or Failed", Duration::from_secs(120), |b: Option<&Backup>| {
-            b.and_then(|b| b.status.as_ref()).and_then(|s| s.phase).is_some_and(Phase::is_terminal)
-        })
+        .wait_for(
+            cluster.api::<Backup>(),
+            "via-helm",
+            "Completed or Failed",
+            Duration::from_secs(120),
+            |b: Option<&Backup>| {
+                b.and_then(|b| b.status.as_ref())
+                    .and_then(|s| s.phase)
+                    .is_some_and(Phase::is_terminal)
+            },
+        )
         .await;
     let status = done.status.unwrap();
     let operator_logs = {
         let pods: kube::Api<k8s_openapi::api::core::v1::Pod> = cluster.api();
-        let list = pods.list(&kube::api::ListParams::default().labels("app.kubernetes.io/name=pgsnap")).await.unwrap();
+        let list = pods
+            .list(&kube::api::ListParams::default().labels("app.kubernetes.io/name=pgsnap"))
+            .await
+            .unwrap();
         let mut logs = String::new();
         for p in list.items {
             logs.push_str(&cluster.pod_logs(&p.metadata.name.unwrap_or_default()).await);
         }
         logs
     };
-    assert_eq!(status.phase, Some(Phase::Completed), "{:?}\noperator:\n{operator_logs}", status.error);
+    assert_eq!(
+        status.phase,
+        Some(Phase::Completed),
+        "{:?}\noperator:\n{operator_logs}",
+        status.error
+    );
 
     // Uninstall the way a user would: Backups first, while the operator still removes their finalizers.
-    cluster.api::<Backup>().delete("via-helm", &Default::default()).await.unwrap();
+    cluster
+        .api::<Backup>()
+        .delete("via-helm", &Default::default())
+        .await
+        .unwrap();
     let uid = done.metadata.uid.unwrap();
-    cluster.wait_deleted(cluster.api::<Backup>(), "via-helm", &uid, Duration::from_secs(30)).await;
+    cluster
+        .wait_deleted(
+            cluster.api::<Backup>(),
+            "via-helm",
+            &uid,
+            Duration::from_secs(30),
+        )
+        .await;
     let (ok, _, err) = helm(&["uninstall", &release, "--namespace", &ns, "--wait"]);
     assert!(ok, "helm uninstall: {err}");
 }

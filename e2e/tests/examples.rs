@@ -6,8 +6,8 @@ use std::time::Duration;
 use pgsnap::api::Backup;
 use pgsnap::api::backup::Phase;
 use pgsnap::api::restore::{Restore, RestorePhase};
-use pgsnap_e2e::operator::{Operator, cluster_shell};
 use pgsnap_e2e::Cluster;
+use pgsnap_e2e::operator::{Operator, cluster_shell};
 use tokio_postgres::NoTls;
 
 /// The single bigint `sql` returns, once the server answers it with a value.
@@ -38,27 +38,88 @@ async fn the_examples_back_up_and_restore() {
     let cluster = Cluster::from_env().await;
     let _operator = Operator::for_test(&cluster).await;
     let ns = &cluster.namespace;
-    cluster_shell(&format!("kubectl -n {ns} apply -f examples/postgres.yaml >/dev/null"));
+    cluster_shell(&format!(
+        "kubectl -n {ns} apply -f examples/postgres.yaml >/dev/null"
+    ));
     // TCP opens once the image's init scripts (the grants) have run.
-    let source = "host=127.0.0.1 port=5432 user=postgres password=change-me-superuser dbname=postgres";
+    let source =
+        "host=127.0.0.1 port=5432 user=postgres password=change-me-superuser dbname=postgres";
     let created = query_when_ready(source, "SELECT count(*) FROM (SELECT 1) AS ready").await;
-    assert_eq!(created, Ok(1), "examples/postgres.yaml: the server does not answer:\n{}", cluster.pod_logs("orders-db-0").await);
-    let (client, conn) = tokio_postgres::connect(source, NoTls).await.expect("connect");
+    assert_eq!(
+        created,
+        Ok(1),
+        "examples/postgres.yaml: the server does not answer:\n{}",
+        cluster.pod_logs("orders-db-0").await
+    );
+    let (client, conn) = tokio_postgres::connect(source, NoTls)
+        .await
+        .expect("connect");
     tokio::spawn(conn);
-    client.batch_execute("CREATE TABLE orders AS SELECT generate_series(1, 5000)::bigint AS id").await.expect("orders");
+    client
+        .batch_execute("CREATE TABLE orders AS SELECT generate_series(1, 5000)::bigint AS id")
+        .await
+        .expect("orders");
 
-    cluster_shell(&format!("kubectl -n {ns} apply -f examples/backup.yaml >/dev/null"));
-    let terminal = |b: Option<&Backup>| b.and_then(|b| b.status.as_ref()).and_then(|s| s.phase).is_some_and(Phase::is_terminal);
-    let backup = cluster.wait_for(cluster.api::<Backup>(), "orders-1", "done", Duration::from_secs(120), terminal).await;
+    cluster_shell(&format!(
+        "kubectl -n {ns} apply -f examples/backup.yaml >/dev/null"
+    ));
+    let terminal = |b: Option<&Backup>| {
+        b.and_then(|b| b.status.as_ref())
+            .and_then(|s| s.phase)
+            .is_some_and(Phase::is_terminal)
+    };
+    let backup = cluster
+        .wait_for(
+            cluster.api::<Backup>(),
+            "orders-1",
+            "done",
+            Duration::from_secs(120),
+            terminal,
+        )
+        .await;
     let status = backup.status.unwrap();
-    assert_eq!(status.phase, Some(Phase::Completed), "examples/backup.yaml: {:?}", status.error);
+    assert_eq!(
+        status.phase,
+        Some(Phase::Completed),
+        "examples/backup.yaml: {:?}",
+        status.error
+    );
 
-    cluster_shell(&format!("kubectl -n {ns} apply -f examples/restore.yaml >/dev/null"));
-    let restored = |r: Option<&Restore>| r.and_then(|r| r.status.as_ref()).and_then(|s| s.phase).is_some_and(RestorePhase::is_terminal);
-    let restore = cluster.wait_for(cluster.api::<Restore>(), "orders-1-restore", "done", Duration::from_secs(120), restored).await;
+    cluster_shell(&format!(
+        "kubectl -n {ns} apply -f examples/restore.yaml >/dev/null"
+    ));
+    let restored = |r: Option<&Restore>| {
+        r.and_then(|r| r.status.as_ref())
+            .and_then(|s| s.phase)
+            .is_some_and(RestorePhase::is_terminal)
+    };
+    let restore = cluster
+        .wait_for(
+            cluster.api::<Restore>(),
+            "orders-1-restore",
+            "done",
+            Duration::from_secs(120),
+            restored,
+        )
+        .await;
     let status = restore.status.unwrap();
-    assert_eq!(status.phase, Some(RestorePhase::Completed), "examples/restore.yaml: {:?}", status.error);
-    let target = "host=127.0.0.1 port=5433 user=postgres password=change-me-superuser dbname=postgres";
-    let rows = query_when_ready(target, "SELECT CASE WHEN pg_is_in_recovery() THEN NULL ELSE (SELECT count(*) FROM orders) END").await;
-    assert_eq!(rows, Ok(5000), "the restored server of examples/restore.yaml:\n{}", cluster.pod_logs("orders-restored").await);
+    assert_eq!(
+        status.phase,
+        Some(RestorePhase::Completed),
+        "examples/restore.yaml: {:?}",
+        status.error
+    );
+    let target =
+        "host=127.0.0.1 port=5433 user=postgres password=change-me-superuser dbname=postgres";
+    let rows = query_when_ready(
+        target,
+        "SELECT CASE WHEN pg_is_in_recovery() THEN NULL ELSE (SELECT count(*) FROM orders) END",
+    )
+    .await;
+    assert_eq!(
+        rows,
+        Ok(5000),
+        "the restored server of examples/restore.yaml:\n{}",
+        cluster.pod_logs("orders-restored").await
+    );
 }

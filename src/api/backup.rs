@@ -21,9 +21,23 @@ pub use crate::postgres::SslMode;
     doc = "One online backup of one PostgreSQL server into CSI VolumeSnapshots and a backup_label ConfigMap",
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "Pod", type_ = "string", json_path = ".status.postgres.pod"),
-    printcolumn(name = "Window", type_ = "string", description = "Seconds the server spent in backup mode", json_path = ".status.backupWindow.seconds"),
-    printcolumn(name = "Reason", type_ = "string", json_path = ".status.error.reason", priority = 1),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Window",
+        type_ = "string",
+        description = "Seconds the server spent in backup mode",
+        json_path = ".status.backupWindow.seconds"
+    ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.error.reason",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[x_kube(validation = Rule::new("self == oldSelf").message("a Backup's spec is immutable: create a new Backup instead"))]
 #[serde(rename_all = "camelCase")]
@@ -84,7 +98,9 @@ pub struct Target {
     pub role: Option<TargetRole>,
 }
 
-#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default,
+)]
 pub enum TargetRole {
     #[default]
     Primary,
@@ -135,14 +151,18 @@ fn default_user() -> String {
     "postgres".into()
 }
 
-#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default,
+)]
 pub enum Checkpoint {
     #[default]
     Spread,
     Fast,
 }
 
-#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default,
+)]
 pub enum DeletionPolicy {
     /// Deleting the Backup deletes its snapshots and label ConfigMap.
     #[default]
@@ -174,7 +194,10 @@ impl Phase {
     /// Phases in which the server is (or may be) in backup mode, so only the task that holds
     /// the session may move the Backup on.
     pub fn holds_session(self) -> bool {
-        matches!(self, Phase::Starting | Phase::Snapshotting | Phase::Stopping)
+        matches!(
+            self,
+            Phase::Starting | Phase::Snapshotting | Phase::Stopping
+        )
     }
 
     pub fn is_terminal(self) -> bool {
@@ -265,7 +288,19 @@ pub struct BackupTimings {
     pub overhead_seconds: f64,
 }
 
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, schemars::JsonSchema)]
+#[derive(
+    Serialize,
+    Deserialize,
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    schemars::JsonSchema,
+)]
 pub enum VolumeRole {
     Data,
     Wal,

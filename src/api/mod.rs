@@ -52,10 +52,14 @@ impl std::str::FromStr for Duration {
             return Err(bad());
         }
         while !rest.is_empty() {
-            let num_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or_else(bad)?;
+            let num_len = rest
+                .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+                .ok_or_else(bad)?;
             let value: f64 = rest[..num_len].parse().map_err(|_| bad())?;
             rest = &rest[num_len..];
-            let unit_len = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
+            let unit_len = rest
+                .find(|c: char| c.is_ascii_digit() || c == '.')
+                .unwrap_or(rest.len());
             let scale = match &rest[..unit_len] {
                 "ms" => 0.001,
                 "s" => 1.0,
@@ -98,7 +102,9 @@ impl Serialize for Duration {
 
 impl<'de> Deserialize<'de> for Duration {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        String::deserialize(deserializer)?.parse().map_err(serde::de::Error::custom)
+        String::deserialize(deserializer)?
+            .parse()
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -122,16 +128,28 @@ mod tests {
 
     #[test]
     fn durations_parse_the_go_way_and_print_back() {
-        for (text, secs) in [("10m", 600.0), ("1h30m", 5400.0), ("90s", 90.0), ("1.5s", 1.5), ("250ms", 0.25)] {
+        for (text, secs) in [
+            ("10m", 600.0),
+            ("1h30m", 5400.0),
+            ("90s", 90.0),
+            ("1.5s", 1.5),
+            ("250ms", 0.25),
+        ] {
             let d: Duration = text.parse().unwrap();
             assert_eq!(d.0.as_secs_f64(), secs, "{text}");
         }
         assert_eq!(Duration::from_secs(5400).to_string(), "1h30m");
         assert_eq!(Duration::from_secs(600).to_string(), "10m");
         assert_eq!(Duration::from_secs(61).to_string(), "1m1s");
-        assert_eq!(Duration(std::time::Duration::from_millis(1500)).to_string(), "1.500s");
+        assert_eq!(
+            Duration(std::time::Duration::from_millis(1500)).to_string(),
+            "1.500s"
+        );
         for bad in ["", "10", "m", "10d", "1h-5m", "ten minutes"] {
-            assert!(bad.parse::<Duration>().is_err(), "{bad:?} should be refused");
+            assert!(
+                bad.parse::<Duration>().is_err(),
+                "{bad:?} should be refused"
+            );
         }
     }
 
@@ -144,7 +162,14 @@ mod tests {
             committed == generated,
             "crds/pgsnap.io.yaml differs from the Rust types in src/api: run `make crds` and commit the result"
         );
-        let chart = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/charts/pgsnap/crds/pgsnap.io.yaml")).unwrap_or_default();
-        assert!(chart == generated, "charts/pgsnap/crds/ differs from crds/: run `make crds` and commit the result");
+        let chart = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/charts/pgsnap/crds/pgsnap.io.yaml"
+        ))
+        .unwrap_or_default();
+        assert!(
+            chart == generated,
+            "charts/pgsnap/crds/ differs from crds/: run `make crds` and commit the result"
+        );
     }
 }

@@ -59,16 +59,25 @@ impl VolumeSnapshot {
     /// Cut: the storage system has taken the point-in-time copy, so the database may leave
     /// backup mode even though the copy may still be uploading.
     pub fn is_cut(&self) -> bool {
-        self.status.as_ref().is_some_and(|s| s.bound_volume_snapshot_content_name.is_some() && s.creation_time.is_some())
+        self.status.as_ref().is_some_and(|s| {
+            s.bound_volume_snapshot_content_name.is_some() && s.creation_time.is_some()
+        })
     }
 
     pub fn is_ready(&self) -> bool {
-        self.status.as_ref().and_then(|s| s.ready_to_use).unwrap_or(false)
+        self.status
+            .as_ref()
+            .and_then(|s| s.ready_to_use)
+            .unwrap_or(false)
     }
 
     pub fn error_message(&self) -> Option<String> {
         let err = self.status.as_ref()?.error.as_ref()?;
-        Some(err.message.clone().unwrap_or_else(|| "the snapshot failed without a message".into()))
+        Some(
+            err.message
+                .clone()
+                .unwrap_or_else(|| "the snapshot failed without a message".into()),
+        )
     }
 }
 

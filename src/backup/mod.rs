@@ -15,11 +15,11 @@ use futures::channel::mpsc;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::finalizer::{self, finalizer};
 use kube::runtime::reflector::ObjectRef;
-use kube::core::PartialObjectMeta;
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
 use tokio::sync::{oneshot, watch};
@@ -29,7 +29,7 @@ use crate::api::backup::{Backup, BackupError, BackupStatus, DeletionPolicy, Phas
 use crate::api::snapshot::VolumeSnapshot;
 use crate::label_store::{self, BACKUP_NAME_LABEL};
 use crate::snapshots::{self, SnapshotError};
-use crate::telemetry::{Outcome, Metrics, Step};
+use crate::telemetry::{Metrics, Outcome, Step};
 use phase::{Admission, Readiness, SnapshotObservation};
 
 /// Keeps a Backup until its snapshots are dealt with as its deletionPolicy says.
@@ -54,7 +54,10 @@ pub struct Failure {
 
 impl Failure {
     pub fn new(reason: &str, message: impl Into<String>) -> Self {
-        Failure { reason: reason.to_string(), message: message.into() }
+        Failure {
+            reason: reason.to_string(),
+            message: message.into(),
+        }
     }
 }
 
@@ -67,7 +70,12 @@ macro_rules! failure_from {
         }
     )*};
 }
-failure_from!(crate::postgres::Error, volumes::PlanError, SnapshotError, label_store::LabelStoreError);
+failure_from!(
+    crate::postgres::Error,
+    volumes::PlanError,
+    SnapshotError,
+    label_store::LabelStoreError
+);
 
 impl From<kube::Error> for Failure {
     fn from(e: kube::Error) -> Self {
@@ -121,7 +129,11 @@ pub struct Context {
 }
 
 fn key(backup: &Backup) -> String {
-    format!("{}/{}", backup.namespace().unwrap_or_default(), backup.name_any())
+    format!(
+        "{}/{}",
+        backup.namespace().unwrap_or_default(),
+        backup.name_any()
+    )
 }
 
 pub fn now() -> Time {
@@ -130,12 +142,20 @@ pub fn now() -> Time {
 
 impl Context {
     fn is_running(&self, key: &str) -> bool {
-        self.running.lock().unwrap_or_else(|e| e.into_inner()).contains_key(key)
+        self.running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(key)
     }
 
     fn release(&self, key: &str) {
-        self.running.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
-        self.metrics.in_flight.set(self.running.lock().unwrap_or_else(|e| e.into_inner()).len() as i64);
+        self.running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
+        self.metrics
+            .in_flight
+            .set(self.running.lock().unwrap_or_else(|e| e.into_inner()).len() as i64);
         let _ = self.finished.unbounded_send(());
     }
 
@@ -143,7 +163,9 @@ impl Context {
     async fn abort(&self, key: &str, why: Failure) {
         let done = {
             let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
-            let Some(entry) = running.get_mut(key) else { return };
+            let Some(entry) = running.get_mut(key) else {
+                return;
+            };
             if let Some(abort) = entry.abort.take() {
                 let _ = abort.send(why);
             }
@@ -155,68 +177,132 @@ impl Context {
 
     /// Ends every running backup (operator shutdown) and waits for their cleanup.
     pub async fn abort_all(&self, why: Failure) {
-        let keys: Vec<String> = self.running.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect();
+        let keys: Vec<String> = self
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect();
         futures::future::join_all(keys.iter().map(|k| self.abort(k, why.clone()))).await;
     }
 
     pub async fn publish(&self, backup: &Backup, type_: EventType, reason: &str, note: String) {
-        let event = Event { type_, reason: reason.into(), note: Some(note), action: "Backup".into(), secondary: None };
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: "Backup".into(),
+            secondary: None,
+        };
         if let Err(e) = self.recorder.publish(&event, &backup.object_ref(&())).await {
             warn!(error = %e, reason, "could not publish an Event");
         }
     }
 
-    pub async fn patch_status(&self, backup: &Backup, status: &BackupStatus) -> Result<(), kube::Error> {
-        let api: Api<Backup> = Api::namespaced(self.client.clone(), &backup.namespace().unwrap_or_default());
+    pub async fn patch_status(
+        &self,
+        backup: &Backup,
+        status: &BackupStatus,
+    ) -> Result<(), kube::Error> {
+        let api: Api<Backup> =
+            Api::namespaced(self.client.clone(), &backup.namespace().unwrap_or_default());
         let patch = serde_json::json!({
             "apiVersion": Backup::api_version(&()),
             "kind": Backup::kind(&()),
             "status": status,
         });
-        api.patch_status(&backup.name_any(), &PatchParams::apply(crate::FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
+        api.patch_status(
+            &backup.name_any(),
+            &PatchParams::apply(crate::FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
         if let (Some(phase), Some(uid)) = (status.phase, backup.uid()) {
-            self.written.lock().unwrap_or_else(|e| e.into_inner()).insert(key(backup), (uid, phase));
+            self.written
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(key(backup), (uid, phase));
         }
         Ok(())
     }
 
     /// Fails a backup: removes what it made (a label without its data restores nothing), then
     /// records the reason in status, an Event and the metrics. The session is already closed.
-    pub async fn fail(&self, backup: &Backup, status: &mut BackupStatus, failure: Failure) -> Result<(), kube::Error> {
+    pub async fn fail(
+        &self,
+        backup: &Backup,
+        status: &mut BackupStatus,
+        failure: Failure,
+    ) -> Result<(), kube::Error> {
         let ns = backup.namespace().unwrap_or_default();
         let name = backup.name_any();
-        let removed = snapshots::delete_all(&Api::namespaced(self.client.clone(), &ns), &name).await;
+        let removed =
+            snapshots::delete_all(&Api::namespaced(self.client.clone(), &ns), &name).await;
         let cm: Api<ConfigMap> = Api::namespaced(self.client.clone(), &ns);
-        match cm.delete(&label_store::config_map_name(&name), &DeleteParams::background()).await {
+        match cm
+            .delete(
+                &label_store::config_map_name(&name),
+                &DeleteParams::background(),
+            )
+            .await
+        {
             Ok(_) | Err(kube::Error::Api(_)) => {}
             Err(e) => warn!(error = %e, "could not delete the label ConfigMap"),
         }
         let cleanup_note = match removed {
             Ok(0) => String::new(),
             Ok(n) => format!(" ({n} partial snapshot(s) deleted)"),
-            Err(e) => format!(" (deleting its snapshots failed: {e}; delete VolumeSnapshots labelled {BACKUP_NAME_LABEL}={name})"),
+            Err(e) => format!(
+                " (deleting its snapshots failed: {e}; delete VolumeSnapshots labelled {BACKUP_NAME_LABEL}={name})"
+            ),
         };
         warn!(reason = %failure.reason, message = %failure.message, "backup failed");
-        set_phase(status, backup, Phase::Failed, &failure.reason, &failure.message);
+        set_phase(
+            status,
+            backup,
+            Phase::Failed,
+            &failure.reason,
+            &failure.message,
+        );
         status.snapshots.clear();
         status.label_config_map = None;
-        status.error = Some(BackupError { reason: failure.reason.clone(), message: failure.message.clone() });
+        status.error = Some(BackupError {
+            reason: failure.reason.clone(),
+            message: failure.message.clone(),
+        });
         self.patch_status(backup, status).await?;
-        self.publish(backup, EventType::Warning, &failure.reason, format!("{}{cleanup_note}", failure.message)).await;
+        self.publish(
+            backup,
+            EventType::Warning,
+            &failure.reason,
+            format!("{}{cleanup_note}", failure.message),
+        )
+        .await;
         self.metrics.ended(Outcome::Failed, &failure.reason);
         Ok(())
     }
 }
 
 /// Sets the phase and the `Ready` condition that mirrors it.
-pub fn set_phase(status: &mut BackupStatus, backup: &Backup, phase: Phase, reason: &str, message: &str) {
+pub fn set_phase(
+    status: &mut BackupStatus,
+    backup: &Backup,
+    phase: Phase,
+    reason: &str,
+    message: &str,
+) {
     status.phase = Some(phase);
     status.observed_generation = backup.metadata.generation;
-    phase::set_condition(&mut status.conditions, phase::ready_condition(phase, reason, message, backup.metadata.generation, now()));
+    phase::set_condition(
+        &mut status.conditions,
+        phase::ready_condition(phase, reason, message, backup.metadata.generation, now()),
+    );
 }
 
 async fn reconcile(backup: Arc<Backup>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let api: Api<Backup> = Api::namespaced(ctx.client.clone(), &backup.namespace().unwrap_or_default());
+    let api: Api<Backup> =
+        Api::namespaced(ctx.client.clone(), &backup.namespace().unwrap_or_default());
     finalizer(&api, FINALIZER, backup, |event| async {
         match event {
             finalizer::Event::Apply(b) => apply(b, ctx.clone()).await,
@@ -226,7 +312,9 @@ async fn reconcile(backup: Arc<Backup>, ctx: Arc<Context>) -> Result<Action, Err
     .await
     .or_else(|e| match e {
         // The Backup (or its whole namespace) is already gone: nothing is left to clean up.
-        finalizer::Error::RemoveFinalizer(kube::Error::Api(s)) if s.code == 404 => Ok(Action::await_change()),
+        finalizer::Error::RemoveFinalizer(kube::Error::Api(s)) if s.code == 404 => {
+            Ok(Action::await_change())
+        }
         e => Err(Error::Finalizer(Box::new(e))),
     })
 }
@@ -236,7 +324,9 @@ async fn apply(backup: Arc<Backup>, ctx: Arc<Context>) -> Result<Action, Error> 
     {
         let mut written = ctx.written.lock().unwrap_or_else(|e| e.into_inner());
         match written.get(&key(&backup)) {
-            Some((uid, phase)) if Some(uid) == backup.uid().as_ref() && phase::is_stale(status.phase, *phase) => {
+            Some((uid, phase))
+                if Some(uid) == backup.uid().as_ref() && phase::is_stale(status.phase, *phase) =>
+            {
                 return Ok(Action::await_change());
             }
             // Caught up (or a new object of the same name): forget the write.
@@ -268,13 +358,20 @@ async fn admit(backup: Arc<Backup>, ctx: Arc<Context>) -> Result<Action, Error> 
     let conn = &backup.spec.connection;
 
     let mut secrets = Vec::new();
-    for (what, reference) in [("password", &conn.password_secret_ref), ("CA certificate", &conn.ca_secret_ref)] {
+    for (what, reference) in [
+        ("password", &conn.password_secret_ref),
+        ("CA certificate", &conn.ca_secret_ref),
+    ] {
         let Some(reference) = reference else {
             secrets.push(None);
             continue;
         };
-        let secret = Api::<Secret>::namespaced(ctx.client.clone(), &ns).get_opt(&reference.name).await?;
-        let value = secret.and_then(|s| s.data).and_then(|mut d| d.remove(&reference.key));
+        let secret = Api::<Secret>::namespaced(ctx.client.clone(), &ns)
+            .get_opt(&reference.name)
+            .await?;
+        let value = secret
+            .and_then(|s| s.data)
+            .and_then(|mut d| d.remove(&reference.key));
         match value {
             Some(bytes) => secrets.push(Some(bytes.0)),
             None => {
@@ -290,7 +387,10 @@ async fn admit(backup: Arc<Backup>, ctx: Arc<Context>) -> Result<Action, Error> 
         Some(bytes) => match String::from_utf8(bytes) {
             Ok(p) => Some(p),
             Err(_) => {
-                let failure = Failure::new("InvalidSecret", "the password in the Secret is not valid UTF-8");
+                let failure = Failure::new(
+                    "InvalidSecret",
+                    "the password in the Secret is not valid UTF-8",
+                );
                 ctx.fail(&backup, &mut status, failure).await?;
                 return Ok(Action::await_change());
             }
@@ -310,12 +410,23 @@ async fn admit(backup: Arc<Backup>, ctx: Arc<Context>) -> Result<Action, Error> 
     let k = key(&backup);
     let admission = {
         let mut running = ctx.running.lock().unwrap_or_else(|e| e.into_inner());
-        let busy: Vec<(String, String)> = running.values().map(|r| (r.database.clone(), r.name.clone())).collect();
+        let busy: Vec<(String, String)> = running
+            .values()
+            .map(|r| (r.database.clone(), r.name.clone()))
+            .collect();
         let admission = phase::admit(&database, &busy, ctx.settings.max_concurrent);
         if admission == Admission::Go {
             let (abort_tx, abort_rx) = oneshot::channel();
             let (done_tx, done_rx) = watch::channel(false);
-            running.insert(k.clone(), Running { name: backup.name_any(), database, abort: Some(abort_tx), done: done_rx });
+            running.insert(
+                k.clone(),
+                Running {
+                    name: backup.name_any(),
+                    database,
+                    abort: Some(abort_tx),
+                    done: done_rx,
+                },
+            );
             ctx.metrics.in_flight.set(running.len() as i64);
             let job = task::Job {
                 backup: backup.clone(),
@@ -340,32 +451,54 @@ async fn admit(backup: Arc<Backup>, ctx: Arc<Context>) -> Result<Action, Error> 
     match admission {
         Admission::Go => Ok(Action::await_change()),
         Admission::DatabaseBusy { running } => {
-            let message = format!("queued: backup {running} of the same database is running; one backup per database at a time");
+            let message = format!(
+                "queued: backup {running} of the same database is running; one backup per database at a time"
+            );
             wait_pending(&ctx, &backup, &mut status, "DatabaseBusy", message).await
         }
         Admission::LimitReached { limit } => {
-            let message = format!("queued: {limit} backups are running, the operator's limit (--max-concurrent-backups)");
+            let message = format!(
+                "queued: {limit} backups are running, the operator's limit (--max-concurrent-backups)"
+            );
             wait_pending(&ctx, &backup, &mut status, "WaitingForSlot", message).await
         }
     }
 }
 
-async fn wait_pending(ctx: &Context, backup: &Backup, status: &mut BackupStatus, reason: &str, message: String) -> Result<Action, Error> {
-    let unchanged = status.conditions.iter().any(|c| c.type_ == "Ready" && c.reason == reason && c.message == message);
+async fn wait_pending(
+    ctx: &Context,
+    backup: &Backup,
+    status: &mut BackupStatus,
+    reason: &str,
+    message: String,
+) -> Result<Action, Error> {
+    let unchanged = status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == "Ready" && c.reason == reason && c.message == message);
     if !unchanged {
         info!(reason, %message, "backup pending");
         set_phase(status, backup, Phase::Pending, reason, &message);
         ctx.patch_status(backup, status).await?;
-        ctx.publish(backup, EventType::Normal, reason, message).await;
+        ctx.publish(backup, EventType::Normal, reason, message)
+            .await;
     }
     Ok(Action::await_change())
 }
 
 /// Finalizing: the server left backup mode; wait (on snapshot watch events) for readyToUse.
-async fn await_ready(backup: Arc<Backup>, ctx: Arc<Context>, mut status: BackupStatus) -> Result<Action, Error> {
-    let api: Api<VolumeSnapshot> = Api::namespaced(ctx.client.clone(), &backup.namespace().unwrap_or_default());
-    let existing = api.list(&ListParams::default().labels(&format!("{BACKUP_NAME_LABEL}={}", backup.name_any()))).await?;
-    let by_name: HashMap<String, &VolumeSnapshot> = existing.items.iter().map(|s| (s.name_any(), s)).collect();
+async fn await_ready(
+    backup: Arc<Backup>,
+    ctx: Arc<Context>,
+    mut status: BackupStatus,
+) -> Result<Action, Error> {
+    let api: Api<VolumeSnapshot> =
+        Api::namespaced(ctx.client.clone(), &backup.namespace().unwrap_or_default());
+    let existing = api
+        .list(&ListParams::default().labels(&format!("{BACKUP_NAME_LABEL}={}", backup.name_any())))
+        .await?;
+    let by_name: HashMap<String, &VolumeSnapshot> =
+        existing.items.iter().map(|s| (s.name_any(), s)).collect();
     let observations: Vec<SnapshotObservation> = status
         .snapshots
         .iter()
@@ -383,7 +516,11 @@ async fn await_ready(backup: Arc<Backup>, ctx: Arc<Context>, mut status: BackupS
     for s in status.snapshots.iter_mut() {
         if let Some(v) = by_name.get(&s.name) {
             s.ready_to_use = v.is_ready();
-            s.restore_size = v.status.as_ref().and_then(|st| st.restore_size.as_ref()).map(|q| q.0.clone());
+            s.restore_size = v
+                .status
+                .as_ref()
+                .and_then(|st| st.restore_size.as_ref())
+                .map(|q| q.0.clone());
         }
     }
     match phase::readiness(&observations) {
@@ -392,18 +529,39 @@ async fn await_ready(backup: Arc<Backup>, ctx: Arc<Context>, mut status: BackupS
                 ctx.patch_status(&backup, &status).await?;
             }
         }
-        Readiness::Fail { reason, message } => ctx.fail(&backup, &mut status, Failure::new(reason, message)).await?,
+        Readiness::Fail { reason, message } => {
+            ctx.fail(&backup, &mut status, Failure::new(reason, message))
+                .await?
+        }
         Readiness::Complete => {
-            let window = status.backup_window.as_ref().and_then(|w| w.seconds.clone()).unwrap_or_default();
-            let message = format!("{} snapshot(s) ready to use; the server spent {window}s in backup mode", status.snapshots.len());
-            set_phase(&mut status, &backup, Phase::Completed, "Completed", &message);
+            let window = status
+                .backup_window
+                .as_ref()
+                .and_then(|w| w.seconds.clone())
+                .unwrap_or_default();
+            let message = format!(
+                "{} snapshot(s) ready to use; the server spent {window}s in backup mode",
+                status.snapshots.len()
+            );
+            set_phase(
+                &mut status,
+                &backup,
+                Phase::Completed,
+                "Completed",
+                &message,
+            );
             status.completed_at = Some(now());
             ctx.patch_status(&backup, &status).await?;
-            if let Some(stopped) = status.backup_window.as_ref().and_then(|w| w.stopped_at.as_ref()) {
+            if let Some(stopped) = status
+                .backup_window
+                .as_ref()
+                .and_then(|w| w.stopped_at.as_ref())
+            {
                 let waited = k8s_openapi::jiff::Timestamp::now().duration_since(stopped.0);
                 ctx.metrics.observe(Step::Ready, waited.as_secs_f64());
             }
-            ctx.publish(&backup, EventType::Normal, "Completed", message).await;
+            ctx.publish(&backup, EventType::Normal, "Completed", message)
+                .await;
             ctx.metrics.ended(Outcome::Completed, "Completed");
         }
     }
@@ -412,23 +570,39 @@ async fn await_ready(backup: Arc<Backup>, ctx: Arc<Context>, mut status: BackupS
 
 /// Deletion: end a running session, then honour the deletionPolicy.
 async fn cleanup(backup: Arc<Backup>, ctx: Arc<Context>) -> Result<Action, Error> {
-    ctx.abort(&key(&backup), Failure::new("Deleted", "the Backup was deleted while it ran; PostgreSQL aborted the backup")).await;
+    ctx.abort(
+        &key(&backup),
+        Failure::new(
+            "Deleted",
+            "the Backup was deleted while it ran; PostgreSQL aborted the backup",
+        ),
+    )
+    .await;
     let name = backup.name_any();
     let ns = backup.namespace().unwrap_or_default();
     match backup.spec.deletion_policy {
         DeletionPolicy::Delete => {
-            let removed = snapshots::delete_all(&Api::namespaced(ctx.client.clone(), &ns), &name).await?;
+            let removed =
+                snapshots::delete_all(&Api::namespaced(ctx.client.clone(), &ns), &name).await?;
             match Api::<ConfigMap>::namespaced(ctx.client.clone(), &ns)
-                .delete(&label_store::config_map_name(&name), &DeleteParams::background())
+                .delete(
+                    &label_store::config_map_name(&name),
+                    &DeleteParams::background(),
+                )
                 .await
             {
                 Ok(_) => {}
                 Err(kube::Error::Api(s)) if s.code == 404 => {}
                 Err(e) => return Err(e.into()),
             }
-            info!(snapshots = removed, "deleted the backup's snapshots and label");
+            info!(
+                snapshots = removed,
+                "deleted the backup's snapshots and label"
+            );
         }
-        DeletionPolicy::Retain => info!("deletionPolicy Retain: keeping the backup's snapshots and label ConfigMap"),
+        DeletionPolicy::Retain => {
+            info!("deletionPolicy Retain: keeping the backup's snapshots and label ConfigMap")
+        }
     }
     Ok(Action::await_change())
 }
@@ -443,7 +617,13 @@ fn error_policy(backup: Arc<Backup>, error: &Error, _ctx: Arc<Context>) -> Actio
 }
 
 /// Runs the Backup controller until `shutdown` resolves, then aborts running backups cleanly.
-pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>, ready: impl FnOnce(), shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
+pub async fn run(
+    client: Client,
+    settings: Settings,
+    metrics: Arc<Metrics>,
+    ready: impl FnOnce(),
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
     let (finished_tx, finished_rx) = mpsc::unbounded();
     let backups: Api<Backup> = match &settings.namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
@@ -471,32 +651,52 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>, read
     ready();
     controller
         // Snapshots of a backup wake it when they are cut, ready or failed.
-        .watches(snapshots, watcher::Config::default().labels(BACKUP_NAME_LABEL), |s: VolumeSnapshot| {
-            let backup = s.labels().get(BACKUP_NAME_LABEL)?.clone();
-            Some(ObjectRef::new(&backup).within(&s.namespace()?))
-        })
+        .watches(
+            snapshots,
+            watcher::Config::default().labels(BACKUP_NAME_LABEL),
+            |s: VolumeSnapshot| {
+                let backup = s.labels().get(BACKUP_NAME_LABEL)?.clone();
+                Some(ObjectRef::new(&backup).within(&s.namespace()?))
+            },
+        )
         // A Pending backup waits for its password Secret. Metadata only: the operator never
         // holds Secret values it does not need.
-        .watches(secrets, watcher::Config::default(), move |s: PartialObjectMeta<Secret>| {
-            let ns = s.namespace();
-            let name = s.name_any();
-            store
-                .state()
-                .into_iter()
-                .filter(|b| b.namespace() == ns && b.status.as_ref().and_then(|st| st.phase).is_none_or(|p| p == Phase::Pending))
-                .filter(|b| {
-                    let c = &b.spec.connection;
-                    [&c.password_secret_ref, &c.ca_secret_ref].into_iter().flatten().any(|r| r.name == name)
-                })
-                .map(|b| ObjectRef::from_obj(&*b))
-                .collect::<Vec<_>>()
-        })
+        .watches(
+            secrets,
+            watcher::Config::default(),
+            move |s: PartialObjectMeta<Secret>| {
+                let ns = s.namespace();
+                let name = s.name_any();
+                store
+                    .state()
+                    .into_iter()
+                    .filter(|b| {
+                        b.namespace() == ns
+                            && b.status
+                                .as_ref()
+                                .and_then(|st| st.phase)
+                                .is_none_or(|p| p == Phase::Pending)
+                    })
+                    .filter(|b| {
+                        let c = &b.spec.connection;
+                        [&c.password_secret_ref, &c.ca_secret_ref]
+                            .into_iter()
+                            .flatten()
+                            .any(|r| r.name == name)
+                    })
+                    .map(|b| ObjectRef::from_obj(&*b))
+                    .collect::<Vec<_>>()
+            },
+        )
         .reconcile_all_on(finished_rx)
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx.clone())
         .for_each(|_| futures::future::ready(()))
         .await;
     info!("controller stopped; aborting running backups");
-    ctx.abort_all(Failure::new("OperatorShutdown", "the operator shut down mid-backup; PostgreSQL aborted the backup. Create a new Backup"))
-        .await;
+    ctx.abort_all(Failure::new(
+        "OperatorShutdown",
+        "the operator shut down mid-backup; PostgreSQL aborted the backup. Create a new Backup",
+    ))
+    .await;
 }

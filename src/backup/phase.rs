@@ -56,15 +56,21 @@ fn rank(phase: Phase) -> u8 {
 pub enum Admission {
     Go,
     /// Another backup of the same database is running: backups of one database queue.
-    DatabaseBusy { running: String },
+    DatabaseBusy {
+        running: String,
+    },
     /// The operator-wide limit of concurrent sessions is reached.
-    LimitReached { limit: usize },
+    LimitReached {
+        limit: usize,
+    },
 }
 
 /// `running` holds (database key, backup name) of every backup holding a session.
 pub fn admit(database: &str, running: &[(String, String)], limit: usize) -> Admission {
     if let Some((_, name)) = running.iter().find(|(db, _)| db == database) {
-        return Admission::DatabaseBusy { running: name.clone() };
+        return Admission::DatabaseBusy {
+            running: name.clone(),
+        };
     }
     if running.len() >= limit {
         return Admission::LimitReached { limit };
@@ -85,22 +91,41 @@ pub struct SnapshotObservation {
 pub enum Readiness {
     Complete,
     Wait,
-    Fail { reason: &'static str, message: String },
+    Fail {
+        reason: &'static str,
+        message: String,
+    },
 }
 
 /// After the stop: done when every snapshot is ready; a lost or failed snapshot fails the
 /// backup, since the label without its data restores nothing.
 pub fn readiness(snapshots: &[SnapshotObservation]) -> Readiness {
     if snapshots.is_empty() {
-        return Readiness::Fail { reason: "SnapshotMissing", message: "the backup records no snapshots".into() };
+        return Readiness::Fail {
+            reason: "SnapshotMissing",
+            message: "the backup records no snapshots".into(),
+        };
     }
     if let Some(s) = snapshots.iter().find(|s| !s.exists) {
-        return Readiness::Fail { reason: "SnapshotMissing", message: format!("snapshot {} was deleted before it was ready", s.name) };
+        return Readiness::Fail {
+            reason: "SnapshotMissing",
+            message: format!("snapshot {} was deleted before it was ready", s.name),
+        };
     }
-    if let Some((name, err)) = snapshots.iter().find_map(|s| Some((&s.name, s.error.as_ref()?))) {
-        return Readiness::Fail { reason: "SnapshotFailed", message: format!("snapshot {name} failed: {err}") };
+    if let Some((name, err)) = snapshots
+        .iter()
+        .find_map(|s| Some((&s.name, s.error.as_ref()?)))
+    {
+        return Readiness::Fail {
+            reason: "SnapshotFailed",
+            message: format!("snapshot {name} failed: {err}"),
+        };
     }
-    if snapshots.iter().all(|s| s.ready) { Readiness::Complete } else { Readiness::Wait }
+    if snapshots.iter().all(|s| s.ready) {
+        Readiness::Complete
+    } else {
+        Readiness::Wait
+    }
 }
 
 /// Picks the server to back up among the selected pods (name, in recovery), by role. Pods are
@@ -108,7 +133,12 @@ pub fn readiness(snapshots: &[SnapshotObservation]) -> Readiness {
 pub fn choose_server(role: TargetRole, candidates: &[(String, bool)]) -> Option<String> {
     let mut sorted: Vec<_> = candidates.to_vec();
     sorted.sort();
-    let first = |standby: bool| sorted.iter().find(|(_, r)| *r == standby).map(|(n, _)| n.clone());
+    let first = |standby: bool| {
+        sorted
+            .iter()
+            .find(|(_, r)| *r == standby)
+            .map(|(n, _)| n.clone())
+    };
     match role {
         TargetRole::Primary => first(false),
         TargetRole::Standby => first(true),
@@ -123,10 +153,21 @@ pub fn overhead(window: f64, cut_wait: f64, stop_call: f64) -> f64 {
 }
 
 /// The `Ready` condition for a phase: True only when Completed.
-pub fn ready_condition(phase: Phase, reason: &str, message: &str, generation: Option<i64>, now: Time) -> Condition {
+pub fn ready_condition(
+    phase: Phase,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+    now: Time,
+) -> Condition {
     Condition {
         type_: "Ready".into(),
-        status: if phase == Phase::Completed { "True" } else { "False" }.into(),
+        status: if phase == Phase::Completed {
+            "True"
+        } else {
+            "False"
+        }
+        .into(),
         reason: reason.into(),
         message: message.into(),
         observed_generation: generation,
@@ -161,7 +202,11 @@ mod tests {
         assert_eq!(step(Some(Phase::Pending), true), Step::LeaveToTask);
         for p in [Phase::Starting, Phase::Snapshotting, Phase::Stopping] {
             assert_eq!(step(Some(p), true), Step::LeaveToTask);
-            assert_eq!(step(Some(p), false), Step::SessionLost, "{p:?} without a task");
+            assert_eq!(
+                step(Some(p), false),
+                Step::SessionLost,
+                "{p:?} without a task"
+            );
         }
         assert_eq!(step(Some(Phase::Finalizing), false), Step::AwaitReady);
         assert_eq!(step(Some(Phase::Completed), false), Step::Done);
@@ -181,34 +226,87 @@ mod tests {
 
     #[test]
     fn one_backup_per_database_and_a_global_limit() {
-        let running = vec![("shop/db-0".to_string(), "b1".to_string()), ("shop/db-1".to_string(), "b2".to_string())];
-        assert_eq!(admit("shop/db-0", &running, 10), Admission::DatabaseBusy { running: "b1".into() });
-        assert_eq!(admit("shop/db-2", &running, 2), Admission::LimitReached { limit: 2 });
+        let running = vec![
+            ("shop/db-0".to_string(), "b1".to_string()),
+            ("shop/db-1".to_string(), "b2".to_string()),
+        ];
+        assert_eq!(
+            admit("shop/db-0", &running, 10),
+            Admission::DatabaseBusy {
+                running: "b1".into()
+            }
+        );
+        assert_eq!(
+            admit("shop/db-2", &running, 2),
+            Admission::LimitReached { limit: 2 }
+        );
         assert_eq!(admit("shop/db-2", &running, 3), Admission::Go);
     }
 
     fn obs(name: &str, exists: bool, ready: bool, error: Option<&str>) -> SnapshotObservation {
-        SnapshotObservation { name: name.into(), exists, ready, error: error.map(str::to_string) }
+        SnapshotObservation {
+            name: name.into(),
+            exists,
+            ready,
+            error: error.map(str::to_string),
+        }
     }
 
     #[test]
     fn readiness_waits_for_all_and_fails_on_any_loss() {
-        assert_eq!(readiness(&[obs("a", true, true, None), obs("b", true, false, None)]), Readiness::Wait);
-        assert_eq!(readiness(&[obs("a", true, true, None), obs("b", true, true, None)]), Readiness::Complete);
-        assert!(matches!(readiness(&[obs("a", true, true, None), obs("b", false, false, None)]), Readiness::Fail { reason: "SnapshotMissing", .. }));
-        assert!(matches!(readiness(&[obs("a", true, false, Some("disk full"))]), Readiness::Fail { reason: "SnapshotFailed", .. }));
+        assert_eq!(
+            readiness(&[obs("a", true, true, None), obs("b", true, false, None)]),
+            Readiness::Wait
+        );
+        assert_eq!(
+            readiness(&[obs("a", true, true, None), obs("b", true, true, None)]),
+            Readiness::Complete
+        );
+        assert!(matches!(
+            readiness(&[obs("a", true, true, None), obs("b", false, false, None)]),
+            Readiness::Fail {
+                reason: "SnapshotMissing",
+                ..
+            }
+        ));
+        assert!(matches!(
+            readiness(&[obs("a", true, false, Some("disk full"))]),
+            Readiness::Fail {
+                reason: "SnapshotFailed",
+                ..
+            }
+        ));
         assert!(matches!(readiness(&[]), Readiness::Fail { .. }));
     }
 
     #[test]
     fn servers_are_chosen_by_role() {
-        let pods = [("db-1".to_string(), true), ("db-0".to_string(), false), ("db-2".to_string(), true)];
-        assert_eq!(choose_server(TargetRole::Primary, &pods).as_deref(), Some("db-0"));
-        assert_eq!(choose_server(TargetRole::Standby, &pods).as_deref(), Some("db-1"));
-        assert_eq!(choose_server(TargetRole::PreferStandby, &pods).as_deref(), Some("db-1"));
-        assert_eq!(choose_server(TargetRole::PreferStandby, &pods[1..2]).as_deref(), Some("db-0"));
+        let pods = [
+            ("db-1".to_string(), true),
+            ("db-0".to_string(), false),
+            ("db-2".to_string(), true),
+        ];
+        assert_eq!(
+            choose_server(TargetRole::Primary, &pods).as_deref(),
+            Some("db-0")
+        );
+        assert_eq!(
+            choose_server(TargetRole::Standby, &pods).as_deref(),
+            Some("db-1")
+        );
+        assert_eq!(
+            choose_server(TargetRole::PreferStandby, &pods).as_deref(),
+            Some("db-1")
+        );
+        assert_eq!(
+            choose_server(TargetRole::PreferStandby, &pods[1..2]).as_deref(),
+            Some("db-0")
+        );
         assert_eq!(choose_server(TargetRole::Standby, &pods[1..2]), None);
-        assert_eq!(choose_server(TargetRole::Any, &pods).as_deref(), Some("db-0"));
+        assert_eq!(
+            choose_server(TargetRole::Any, &pods).as_deref(),
+            Some("db-0")
+        );
     }
 
     #[test]
@@ -221,12 +319,27 @@ mod tests {
     fn conditions_keep_their_transition_time_until_the_status_changes() {
         let t = |s: i64| Time(k8s_openapi::jiff::Timestamp::from_second(s).unwrap());
         let mut conditions = vec![];
-        set_condition(&mut conditions, ready_condition(Phase::Pending, "SecretNotFound", "m", Some(1), t(1)));
-        set_condition(&mut conditions, ready_condition(Phase::Snapshotting, "Snapshotting", "m", Some(1), t(2)));
+        set_condition(
+            &mut conditions,
+            ready_condition(Phase::Pending, "SecretNotFound", "m", Some(1), t(1)),
+        );
+        set_condition(
+            &mut conditions,
+            ready_condition(Phase::Snapshotting, "Snapshotting", "m", Some(1), t(2)),
+        );
         assert_eq!(conditions.len(), 1);
         assert_eq!(conditions[0].last_transition_time, t(1));
         assert_eq!(conditions[0].reason, "Snapshotting");
-        set_condition(&mut conditions, ready_condition(Phase::Completed, "Completed", "m", Some(1), t(3)));
-        assert_eq!((conditions[0].status.as_str(), &conditions[0].last_transition_time), ("True", &t(3)));
+        set_condition(
+            &mut conditions,
+            ready_condition(Phase::Completed, "Completed", "m", Some(1), t(3)),
+        );
+        assert_eq!(
+            (
+                conditions[0].status.as_str(),
+                &conditions[0].last_transition_time
+            ),
+            ("True", &t(3))
+        );
     }
 }

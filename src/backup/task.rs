@@ -18,7 +18,8 @@ use tracing::info;
 use super::volumes::{self, DatabaseDir, PlannedSnapshot};
 use super::{Context, Failure, now, phase, set_phase};
 use crate::api::backup::{
-    Backup, BackupStatus, BackupTimings, BackupWindow, Checkpoint, Phase, PostgresStatus, ServerRole, SnapshotStatus, TargetRole, VolumeRole,
+    Backup, BackupStatus, BackupTimings, BackupWindow, Checkpoint, Phase, PostgresStatus,
+    ServerRole, SnapshotStatus, TargetRole, VolumeRole,
 };
 use crate::api::snapshot::VolumeSnapshot;
 use crate::label_store::{self, LABEL_CONFIGMAP_ANNOTATION, SnapshotLocation};
@@ -42,20 +43,34 @@ pub async fn target_pods(client: &Client, backup: &Backup) -> Result<Vec<Pod>, F
     let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
     let target = &backup.spec.target;
     if let Some(name) = &target.pod_name {
-        let pod = api
-            .get_opt(name)
-            .await?
-            .ok_or_else(|| Failure::new("TargetPodNotFound", format!("pod {ns}/{name} does not exist")))?;
+        let pod = api.get_opt(name).await?.ok_or_else(|| {
+            Failure::new(
+                "TargetPodNotFound",
+                format!("pod {ns}/{name} does not exist"),
+            )
+        })?;
         if !is_running(&pod) {
-            return Err(Failure::new("TargetPodNotRunning", format!("pod {ns}/{name} is not running (phase {})", pod_phase(&pod))));
+            return Err(Failure::new(
+                "TargetPodNotRunning",
+                format!("pod {ns}/{name} is not running (phase {})", pod_phase(&pod)),
+            ));
         }
         return Ok(vec![pod]);
     }
     let selector = target.selector.clone().unwrap_or_default();
     let selector_text = selector_string(&selector);
-    let mut pods: Vec<Pod> = api.list(&ListParams::default().labels(&selector_text)).await?.items.into_iter().filter(is_running).collect();
+    let mut pods: Vec<Pod> = api
+        .list(&ListParams::default().labels(&selector_text))
+        .await?
+        .items
+        .into_iter()
+        .filter(is_running)
+        .collect();
     if pods.is_empty() {
-        return Err(Failure::new("NoTargetPod", format!("no running pod in {ns} matches the selector {selector_text:?}")));
+        return Err(Failure::new(
+            "NoTargetPod",
+            format!("no running pod in {ns} matches the selector {selector_text:?}"),
+        ));
     }
     pods.sort_by_key(|p| p.name_any());
     Ok(pods)
@@ -66,11 +81,21 @@ fn is_running(pod: &Pod) -> bool {
 }
 
 fn pod_phase(pod: &Pod) -> String {
-    pod.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_else(|| "Unknown".into())
+    pod.status
+        .as_ref()
+        .and_then(|s| s.phase.clone())
+        .unwrap_or_else(|| "Unknown".into())
 }
 
-fn selector_string(selector: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector) -> String {
-    let mut parts: Vec<String> = selector.match_labels.iter().flatten().map(|(k, v)| format!("{k}={v}")).collect();
+fn selector_string(
+    selector: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector,
+) -> String {
+    let mut parts: Vec<String> = selector
+        .match_labels
+        .iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
     for expr in selector.match_expressions.iter().flatten() {
         let values = expr.values.clone().unwrap_or_default().join(",");
         parts.push(match expr.operator.as_str() {
@@ -88,16 +113,28 @@ pub fn database_key(backup: &Backup) -> String {
     let ns = backup.namespace().unwrap_or_default();
     match (&backup.spec.target.pod_name, &backup.spec.target.selector) {
         (Some(pod), _) => format!("{ns}/pod/{pod}"),
-        (None, selector) => format!("{ns}/selector/{}", selector.as_ref().map(selector_string).unwrap_or_default()),
+        (None, selector) => format!(
+            "{ns}/selector/{}",
+            selector.as_ref().map(selector_string).unwrap_or_default()
+        ),
     }
 }
 
 /// The port: the spec's, else the container port named `postgresql`, else 5432.
 pub fn port_of(pod: &Pod, requested: Option<i32>) -> u16 {
     let named = || {
-        pod.spec.as_ref()?.containers.iter().flat_map(|c| c.ports.iter().flatten()).find(|p| p.name.as_deref() == Some("postgresql")).map(|p| p.container_port)
+        pod.spec
+            .as_ref()?
+            .containers
+            .iter()
+            .flat_map(|c| c.ports.iter().flatten())
+            .find(|p| p.name.as_deref() == Some("postgresql"))
+            .map(|p| p.container_port)
     };
-    requested.or_else(named).and_then(|p| u16::try_from(p).ok()).unwrap_or(5432)
+    requested
+        .or_else(named)
+        .and_then(|p| u16::try_from(p).ok())
+        .unwrap_or(5432)
 }
 
 fn connect_options(job: &Job, pod: &Pod) -> Result<ConnectOptions, Failure> {
@@ -106,7 +143,12 @@ fn connect_options(job: &Job, pod: &Pod) -> Result<ConnectOptions, Failure> {
         .status
         .as_ref()
         .and_then(|s| s.pod_ip.clone())
-        .ok_or_else(|| Failure::new("TargetPodNotRunning", format!("pod {} has no IP address yet", pod.name_any())))?;
+        .ok_or_else(|| {
+            Failure::new(
+                "TargetPodNotRunning",
+                format!("pod {} has no IP address yet", pod.name_any()),
+            )
+        })?;
     Ok(ConnectOptions {
         host,
         port: port_of(pod, conn.port),
@@ -133,18 +175,40 @@ async fn connect(job: &Job) -> Result<(Session, Pod), Failure> {
         let session = Session::connect(&connect_options(job, pod)?).await?;
         sessions.push((pod.clone(), session));
     }
-    let candidates: Vec<(String, bool)> = sessions.iter().map(|(p, s)| (p.name_any(), s.server().in_recovery)).collect();
+    let candidates: Vec<(String, bool)> = sessions
+        .iter()
+        .map(|(p, s)| (p.name_any(), s.server().in_recovery))
+        .collect();
     let chosen = phase::choose_server(role, &candidates).ok_or_else(|| {
-        Failure::new("NoServerWithRole", format!("none of the selected pods {:?} runs a server with role {role:?}", candidates.iter().map(|c| &c.0).collect::<Vec<_>>()))
+        Failure::new(
+            "NoServerWithRole",
+            format!(
+                "none of the selected pods {:?} runs a server with role {role:?}",
+                candidates.iter().map(|c| &c.0).collect::<Vec<_>>()
+            ),
+        )
     })?;
-    let (pod, session) = sessions.into_iter().find(|(p, _)| p.name_any() == chosen).expect("the chosen pod is a candidate");
+    let (pod, session) = sessions
+        .into_iter()
+        .find(|(p, _)| p.name_any() == chosen)
+        .expect("the chosen pod is a candidate");
     Ok((session, pod))
 }
 
 fn database_dirs(server: &postgres::ServerInfo) -> Vec<DatabaseDir> {
     let mut dirs = vec![
-        DatabaseDir { role: VolumeRole::Data, tablespace: None, tablespace_oid: None, path: server.data_directory.clone() },
-        DatabaseDir { role: VolumeRole::Wal, tablespace: None, tablespace_oid: None, path: server.wal_directory.clone() },
+        DatabaseDir {
+            role: VolumeRole::Data,
+            tablespace: None,
+            tablespace_oid: None,
+            path: server.data_directory.clone(),
+        },
+        DatabaseDir {
+            role: VolumeRole::Wal,
+            tablespace: None,
+            tablespace_oid: None,
+            path: server.wal_directory.clone(),
+        },
     ];
     dirs.extend(server.tablespaces.iter().map(|t| DatabaseDir {
         role: VolumeRole::Tablespace,
@@ -185,10 +249,18 @@ async fn execute(ctx: &Context, job: &Job, status: &mut BackupStatus) -> Result<
         version: Some(server.version.clone()),
         system_identifier: Some(server.system_identifier.to_string()),
         timeline: Some(server.timeline),
-        role: Some(if standby { ServerRole::Standby } else { ServerRole::Primary }),
+        role: Some(if standby {
+            ServerRole::Standby
+        } else {
+            ServerRole::Primary
+        }),
     });
 
-    let overrides: Vec<String> = spec.volumes.iter().map(|v| v.persistent_volume_claim.clone()).collect();
+    let overrides: Vec<String> = spec
+        .volumes
+        .iter()
+        .map(|v| v.persistent_volume_claim.clone())
+        .collect();
     let pod_spec = pod.spec.clone().unwrap_or_default();
     let mut dirs = database_dirs(&server);
     // pg_wal may be a link to another volume, which SQL cannot read; ask the server which of
@@ -200,47 +272,86 @@ async fn execute(ctx: &Context, job: &Job, status: &mut BackupStatus) -> Result<
         match session.locate_wal(&candidates).await {
             Ok(Some(wal)) => dirs[1].path = wal,
             Ok(None) => {}
-            Err(e) if server.major < 11 => info!(error = %e, "PostgreSQL 10 cannot tell whether pg_wal links to another volume; taking it inside the data directory"),
+            Err(e) if server.major < 11 => {
+                info!(error = %e, "PostgreSQL 10 cannot tell whether pg_wal links to another volume; taking it inside the data directory")
+            }
             Err(e) => return Err(e.into()),
         }
     }
     let plan = volumes::plan(&pod_spec, &dirs, &overrides)?;
     let mut classes = Vec::with_capacity(plan.len());
     for s in &plan {
-        classes.push(snapshots::resolve_class(&ctx.client, &ns, &s.persistent_volume_claim, spec.volume_snapshot_class_name.as_deref()).await?);
+        classes.push(
+            snapshots::resolve_class(
+                &ctx.client,
+                &ns,
+                &s.persistent_volume_claim,
+                spec.volume_snapshot_class_name.as_deref(),
+            )
+            .await?,
+        );
     }
 
-    let message = format!("starting the backup on {} (PostgreSQL {}, {})", pod.name_any(), server.version, if standby { "standby" } else { "primary" });
+    let message = format!(
+        "starting the backup on {} (PostgreSQL {}, {})",
+        pod.name_any(),
+        server.version,
+        if standby { "standby" } else { "primary" }
+    );
     set_phase(status, backup, Phase::Starting, "Starting", &message);
     ctx.patch_status(backup, status).await?;
-    ctx.publish(backup, EventType::Normal, "Starting", message).await;
+    ctx.publish(backup, EventType::Normal, "Starting", message)
+        .await;
 
     // Backup mode begins here: from now on every step races the deadline.
     let label = format!("pgsnap {ns}/{name}");
     let deadline = Instant::now() + spec.deadline.0;
-    let started = session.start(&label, spec.checkpoint == Checkpoint::Fast, spec.deadline.0).await?;
+    let started = session
+        .start(&label, spec.checkpoint == Checkpoint::Fast, spec.deadline.0)
+        .await?;
     let window_start = Instant::now();
     ctx.metrics.observe(Step::Start, started.took.as_secs_f64());
     status.start_lsn = Some(started.start_lsn.to_string());
     status.wal_pinned = Some(started.wal_pinned);
-    status.backup_window = Some(BackupWindow { started_at: now(), stopped_at: None, seconds: None });
+    status.backup_window = Some(BackupWindow {
+        started_at: now(),
+        stopped_at: None,
+        seconds: None,
+    });
     info!(start_lsn = %started.start_lsn, checkpoint_seconds = started.took.as_secs_f64(), wal_pinned = started.wal_pinned, "in backup mode");
 
     let cm_name = label_store::config_map_name(&name);
     let cut_begin = Instant::now();
     let mut cut: Vec<(PlannedSnapshot, VolumeSnapshot)> = Vec::new();
-    set_phase(status, backup, Phase::Snapshotting, "Snapshotting", &format!("cutting {} snapshot(s) in backup mode", plan.len()));
+    set_phase(
+        status,
+        backup,
+        Phase::Snapshotting,
+        "Snapshotting",
+        &format!("cutting {} snapshot(s) in backup mode", plan.len()),
+    );
     let mut status_written = false;
     for batch in volumes::batches(&plan, standby) {
         let mut names = Vec::new();
         for planned in &batch {
             let class = &classes[plan.iter().position(|p| p == *planned).unwrap_or(0)];
-            let annotations = BTreeMap::from([(LABEL_CONFIGMAP_ANNOTATION.to_string(), cm_name.clone())]);
-            let created = snapshots::create(&snapshot_api, &name, &planned.persistent_volume_claim, class, annotations).await?;
+            let annotations =
+                BTreeMap::from([(LABEL_CONFIGMAP_ANNOTATION.to_string(), cm_name.clone())]);
+            let created = snapshots::create(
+                &snapshot_api,
+                &name,
+                &planned.persistent_volume_claim,
+                class,
+                annotations,
+            )
+            .await?;
             names.push(created.name_any());
         }
         // The status write overlaps the driver's cut instead of lengthening backup mode.
-        let wait = timeout_at(deadline.into(), snapshots::wait_until(&snapshot_api, &name, &names, VolumeSnapshot::is_cut));
+        let wait = timeout_at(
+            deadline.into(),
+            snapshots::wait_until(&snapshot_api, &name, &names, VolumeSnapshot::is_cut),
+        );
         let done = if status_written {
             wait.await
         } else {
@@ -249,23 +360,42 @@ async fn execute(ctx: &Context, job: &Job, status: &mut BackupStatus) -> Result<
             written?;
             done
         };
-        let snapshots = done.map_err(|_| deadline_exceeded(spec.deadline, "waiting for the snapshots to be cut"))??;
+        let snapshots = done.map_err(|_| {
+            deadline_exceeded(spec.deadline, "waiting for the snapshots to be cut")
+        })??;
         cut.extend(batch.iter().map(|p| (*p).clone()).zip(snapshots));
     }
     let cut_wait = cut_begin.elapsed();
     ctx.metrics.observe(Step::Cut, cut_wait.as_secs_f64());
 
-    set_phase(status, backup, Phase::Stopping, "Stopping", "all snapshots cut; stopping the backup");
+    set_phase(
+        status,
+        backup,
+        Phase::Stopping,
+        "Stopping",
+        "all snapshots cut; stopping the backup",
+    );
     status.snapshots = cut.iter().map(|(p, v)| snapshot_status(p, v)).collect();
     let stop = timeout_at(deadline.into(), session.stop(spec.wait_for_archive));
     let (stopped, written) = tokio::join!(stop, ctx.patch_status(backup, status));
-    let stopped = stopped.map_err(|_| deadline_exceeded(spec.deadline, "stopping the backup (waiting for WAL archiving)"))??;
+    let stopped = stopped.map_err(|_| {
+        deadline_exceeded(
+            spec.deadline,
+            "stopping the backup (waiting for WAL archiving)",
+        )
+    })??;
     let window = window_start.elapsed();
     drop(session);
     written?;
     ctx.metrics.observe(Step::Stop, stopped.took.as_secs_f64());
-    ctx.metrics.backup_mode_seconds.observe(window.as_secs_f64());
-    let overhead = phase::overhead(window.as_secs_f64(), cut_wait.as_secs_f64(), stopped.took.as_secs_f64());
+    ctx.metrics
+        .backup_mode_seconds
+        .observe(window.as_secs_f64());
+    let overhead = phase::overhead(
+        window.as_secs_f64(),
+        cut_wait.as_secs_f64(),
+        stopped.took.as_secs_f64(),
+    );
     ctx.metrics.observe(Step::Overhead, overhead);
     status.timings = Some(BackupTimings {
         checkpoint_seconds: started.took.as_secs_f64(),
@@ -297,7 +427,12 @@ async fn execute(ctx: &Context, job: &Job, status: &mut BackupStatus) -> Result<
         system_identifier: server.system_identifier.to_string(),
         volumes: cut
             .iter()
-            .flat_map(|(p, v)| p.locations.iter().map(|l| SnapshotLocation { volume_snapshot: v.name_any(), location: l.clone() }))
+            .flat_map(|(p, v)| {
+                p.locations.iter().map(|l| SnapshotLocation {
+                    volume_snapshot: v.name_any(),
+                    location: l.clone(),
+                })
+            })
             .collect(),
     };
     label_store::store(&ctx.client, &record, &ns, &data).await?;
@@ -311,15 +446,29 @@ async fn execute(ctx: &Context, job: &Job, status: &mut BackupStatus) -> Result<
         w.stopped_at = Some(now());
         w.seconds = Some(seconds.clone());
     }
-    let message = format!("out of backup mode after {seconds}s; waiting for the snapshots to be ready to use");
-    set_phase(status, backup, Phase::Finalizing, "WaitingForReady", &message);
+    let message = format!(
+        "out of backup mode after {seconds}s; waiting for the snapshots to be ready to use"
+    );
+    set_phase(
+        status,
+        backup,
+        Phase::Finalizing,
+        "WaitingForReady",
+        &message,
+    );
     ctx.patch_status(backup, status).await?;
-    ctx.publish(backup, EventType::Normal, "BackupModeEnded", message).await;
+    ctx.publish(backup, EventType::Normal, "BackupModeEnded", message)
+        .await;
     Ok(())
 }
 
 fn deadline_exceeded(deadline: crate::api::Duration, step: &str) -> Failure {
-    Failure::new("DeadlineExceeded", format!("the backup exceeded its deadline of {deadline} while {step}; the session was closed, so PostgreSQL aborted the backup"))
+    Failure::new(
+        "DeadlineExceeded",
+        format!(
+            "the backup exceeded its deadline of {deadline} while {step}; the session was closed, so PostgreSQL aborted the backup"
+        ),
+    )
 }
 
 fn snapshot_status(planned: &PlannedSnapshot, snapshot: &VolumeSnapshot) -> SnapshotStatus {
@@ -330,9 +479,16 @@ fn snapshot_status(planned: &PlannedSnapshot, snapshot: &VolumeSnapshot) -> Snap
         role: planned.role,
         tablespace: main.tablespace.clone(),
         path_in_volume: main.path_in_volume.clone(),
-        cut_at: snapshot.status.as_ref().and_then(|s| s.creation_time.clone()),
+        cut_at: snapshot
+            .status
+            .as_ref()
+            .and_then(|s| s.creation_time.clone()),
         ready_to_use: snapshot.is_ready(),
-        restore_size: snapshot.status.as_ref().and_then(|s| s.restore_size.as_ref()).map(|q| q.0.clone()),
+        restore_size: snapshot
+            .status
+            .as_ref()
+            .and_then(|s| s.restore_size.as_ref())
+            .map(|q| q.0.clone()),
     }
 }
 
@@ -348,8 +504,16 @@ mod tests {
                 containers: vec![Container {
                     name: "db".into(),
                     ports: Some(vec![
-                        ContainerPort { name: Some("metrics".into()), container_port: 9187, ..Default::default() },
-                        ContainerPort { name: Some("postgresql".into()), container_port: 5433, ..Default::default() },
+                        ContainerPort {
+                            name: Some("metrics".into()),
+                            container_port: 9187,
+                            ..Default::default()
+                        },
+                        ContainerPort {
+                            name: Some("postgresql".into()),
+                            container_port: 5433,
+                            ..Default::default()
+                        },
                     ]),
                     ..Default::default()
                 }],

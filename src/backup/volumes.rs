@@ -48,18 +48,35 @@ pub struct PlannedSnapshot {
 impl PlannedSnapshot {
     /// The location that gives the snapshot its role (the data directory on the data volume).
     pub fn main_location(&self) -> &Location {
-        self.locations.iter().find(|l| l.role == self.role).unwrap_or(&self.locations[0])
+        self.locations
+            .iter()
+            .find(|l| l.role == self.role)
+            .unwrap_or(&self.locations[0])
     }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PlanError {
-    #[error("the {what} {path} is on the container's own filesystem, not on a volume: it cannot be snapshotted; put it on a PersistentVolumeClaim")]
+    #[error(
+        "the {what} {path} is on the container's own filesystem, not on a volume: it cannot be snapshotted; put it on a PersistentVolumeClaim"
+    )]
     NotOnVolume { what: String, path: String },
-    #[error("the {what} {path} is on volume {volume:?}, which is not a PersistentVolumeClaim: it cannot be snapshotted")]
-    NotOnClaim { what: String, path: String, volume: String },
-    #[error("the {what} {path} is on PVC {claim}, which spec.volumes does not list: add it, or remove spec.volumes to discover volumes from the database")]
-    NotInOverride { what: String, path: String, claim: String },
+    #[error(
+        "the {what} {path} is on volume {volume:?}, which is not a PersistentVolumeClaim: it cannot be snapshotted"
+    )]
+    NotOnClaim {
+        what: String,
+        path: String,
+        volume: String,
+    },
+    #[error(
+        "the {what} {path} is on PVC {claim}, which spec.volumes does not list: add it, or remove spec.volumes to discover volumes from the database"
+    )]
+    NotInOverride {
+        what: String,
+        path: String,
+        claim: String,
+    },
     #[error("spec.volumes lists PVC {0}, which no database directory uses")]
     UnusedOverride(String),
     #[error("the database reported a relative path {0:?}; expected an absolute one")]
@@ -69,8 +86,12 @@ pub enum PlanError {
 impl PlanError {
     pub fn reason(&self) -> &'static str {
         match self {
-            PlanError::NotOnVolume { .. } | PlanError::NotOnClaim { .. } | PlanError::RelativePath(_) => "PathNotOnClaim",
-            PlanError::NotInOverride { .. } | PlanError::UnusedOverride(_) => "VolumeOverrideMismatch",
+            PlanError::NotOnVolume { .. }
+            | PlanError::NotOnClaim { .. }
+            | PlanError::RelativePath(_) => "PathNotOnClaim",
+            PlanError::NotInOverride { .. } | PlanError::UnusedOverride(_) => {
+                "VolumeOverrideMismatch"
+            }
         }
     }
 }
@@ -102,12 +123,21 @@ fn normalise(path: &str) -> PathBuf {
 /// Maps the database's directories to the claims the pod mounts them from. Every directory
 /// must be on a PVC (and on one of `overrides`, when given); anything else is refused rather
 /// than silently left out of the backup.
-pub fn plan(pod: &PodSpec, dirs: &[DatabaseDir], overrides: &[String]) -> Result<Vec<PlannedSnapshot>, PlanError> {
+pub fn plan(
+    pod: &PodSpec,
+    dirs: &[DatabaseDir],
+    overrides: &[String],
+) -> Result<Vec<PlannedSnapshot>, PlanError> {
     let claims: BTreeMap<&str, &str> = pod
         .volumes
         .iter()
         .flatten()
-        .filter_map(|v| Some((v.name.as_str(), v.persistent_volume_claim.as_ref()?.claim_name.as_str())))
+        .filter_map(|v| {
+            Some((
+                v.name.as_str(),
+                v.persistent_volume_claim.as_ref()?.claim_name.as_str(),
+            ))
+        })
         .collect();
     let mounts: Vec<_> = pod
         .containers
@@ -126,33 +156,57 @@ pub fn plan(pod: &PodSpec, dirs: &[DatabaseDir], overrides: &[String]) -> Result
             .iter()
             .filter(|m| path.starts_with(normalise(&m.mount_path)))
             .max_by_key(|m| normalise(&m.mount_path).components().count())
-            .ok_or_else(|| PlanError::NotOnVolume { what: describe(dir), path: dir.path.clone() })?;
-        let claim = claims.get(mount.name.as_str()).ok_or_else(|| PlanError::NotOnClaim {
-            what: describe(dir),
-            path: dir.path.clone(),
-            volume: mount.name.clone(),
-        })?;
+            .ok_or_else(|| PlanError::NotOnVolume {
+                what: describe(dir),
+                path: dir.path.clone(),
+            })?;
+        let claim = claims
+            .get(mount.name.as_str())
+            .ok_or_else(|| PlanError::NotOnClaim {
+                what: describe(dir),
+                path: dir.path.clone(),
+                volume: mount.name.clone(),
+            })?;
         if !overrides.is_empty() && !overrides.iter().any(|o| o == claim) {
-            return Err(PlanError::NotInOverride { what: describe(dir), path: dir.path.clone(), claim: claim.to_string() });
+            return Err(PlanError::NotInOverride {
+                what: describe(dir),
+                path: dir.path.clone(),
+                claim: claim.to_string(),
+            });
         }
-        let rest = path.strip_prefix(normalise(&mount.mount_path)).unwrap_or(Path::new(""));
+        let rest = path
+            .strip_prefix(normalise(&mount.mount_path))
+            .unwrap_or(Path::new(""));
         let in_volume = Path::new(mount.sub_path.as_deref().unwrap_or("")).join(rest);
-        by_claim.entry(claim.to_string()).or_default().push(Location {
-            role: dir.role,
-            tablespace: dir.tablespace.clone(),
-            tablespace_oid: dir.tablespace_oid,
-            server_path: dir.path.clone(),
-            persistent_volume_claim: claim.to_string(),
-            path_in_volume: in_volume.to_string_lossy().trim_end_matches('/').to_string(),
-        });
+        by_claim
+            .entry(claim.to_string())
+            .or_default()
+            .push(Location {
+                role: dir.role,
+                tablespace: dir.tablespace.clone(),
+                tablespace_oid: dir.tablespace_oid,
+                server_path: dir.path.clone(),
+                persistent_volume_claim: claim.to_string(),
+                path_in_volume: in_volume
+                    .to_string_lossy()
+                    .trim_end_matches('/')
+                    .to_string(),
+            });
     }
-    if let Some(unused) = overrides.iter().find(|o| !by_claim.contains_key(o.as_str())) {
+    if let Some(unused) = overrides
+        .iter()
+        .find(|o| !by_claim.contains_key(o.as_str()))
+    {
         return Err(PlanError::UnusedOverride(unused.clone()));
     }
     Ok(by_claim
         .into_iter()
         .map(|(claim, locations)| PlannedSnapshot {
-            role: locations.iter().map(|l| l.role).min().unwrap_or(VolumeRole::Data),
+            role: locations
+                .iter()
+                .map(|l| l.role)
+                .min()
+                .unwrap_or(VolumeRole::Data),
             persistent_volume_claim: claim,
             locations,
         })
@@ -166,7 +220,12 @@ pub fn wal_candidates(pod: &PodSpec, data_directory: &str) -> Vec<String> {
         .volumes
         .iter()
         .flatten()
-        .filter(|v| v.persistent_volume_claim.is_some() || v.empty_dir.is_some() || v.host_path.is_some() || v.ephemeral.is_some())
+        .filter(|v| {
+            v.persistent_volume_claim.is_some()
+                || v.empty_dir.is_some()
+                || v.host_path.is_some()
+                || v.ephemeral.is_some()
+        })
         .map(|v| v.name.as_str())
         .collect();
     let data = normalise(data_directory);
@@ -174,10 +233,15 @@ pub fn wal_candidates(pod: &PodSpec, data_directory: &str) -> Vec<String> {
         .containers
         .iter()
         .flat_map(|c| c.volume_mounts.iter().flatten())
-        .filter(|m| writable.contains(&m.name.as_str()) && !data.starts_with(normalise(&m.mount_path)))
+        .filter(|m| {
+            writable.contains(&m.name.as_str()) && !data.starts_with(normalise(&m.mount_path))
+        })
         .flat_map(|m| {
             let root = normalise(&m.mount_path);
-            [root.to_string_lossy().to_string(), root.join("pg_wal").to_string_lossy().to_string()]
+            [
+                root.to_string_lossy().to_string(),
+                root.join("pg_wal").to_string_lossy().to_string(),
+            ]
         })
         .collect();
     candidates.sort();
@@ -193,13 +257,18 @@ pub fn batches(plan: &[PlannedSnapshot], from_standby: bool) -> Vec<Vec<&Planned
         return vec![plan.iter().collect()];
     }
     let (data, others): (Vec<_>, Vec<_>) = plan.iter().partition(|s| s.role == VolumeRole::Data);
-    [others, data].into_iter().filter(|b| !b.is_empty()).collect()
+    [others, data]
+        .into_iter()
+        .filter(|b| !b.is_empty())
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::api::core::v1::{Container, EmptyDirVolumeSource, PersistentVolumeClaimVolumeSource, Volume, VolumeMount};
+    use k8s_openapi::api::core::v1::{
+        Container, EmptyDirVolumeSource, PersistentVolumeClaimVolumeSource, Volume, VolumeMount,
+    };
 
     fn pod(mounts: &[(&str, &str, Option<&str>)], volumes: &[(&str, Option<&str>)]) -> PodSpec {
         PodSpec {
@@ -223,7 +292,10 @@ mod tests {
                     .iter()
                     .map(|(name, claim)| Volume {
                         name: name.to_string(),
-                        persistent_volume_claim: claim.map(|c| PersistentVolumeClaimVolumeSource { claim_name: c.into(), read_only: None }),
+                        persistent_volume_claim: claim.map(|c| PersistentVolumeClaimVolumeSource {
+                            claim_name: c.into(),
+                            read_only: None,
+                        }),
                         empty_dir: claim.is_none().then(EmptyDirVolumeSource::default),
                         ..Default::default()
                     })
@@ -234,32 +306,69 @@ mod tests {
     }
 
     fn dir(role: VolumeRole, path: &str) -> DatabaseDir {
-        DatabaseDir { role, tablespace: None, tablespace_oid: None, path: path.into() }
+        DatabaseDir {
+            role,
+            tablespace: None,
+            tablespace_oid: None,
+            path: path.into(),
+        }
     }
 
     #[test]
     fn data_wal_and_tablespace_on_three_claims() {
         let spec = pod(
-            &[("data", "/var/lib/postgresql/data", None), ("wal", "/wal", None), ("ts", "/ts", Some("spaces"))],
-            &[("data", Some("data-db-0")), ("wal", Some("wal-db-0")), ("ts", Some("ts-db-0"))],
+            &[
+                ("data", "/var/lib/postgresql/data", None),
+                ("wal", "/wal", None),
+                ("ts", "/ts", Some("spaces")),
+            ],
+            &[
+                ("data", Some("data-db-0")),
+                ("wal", Some("wal-db-0")),
+                ("ts", Some("ts-db-0")),
+            ],
         );
         let mut ts = dir(VolumeRole::Tablespace, "/ts/fast");
         ts.tablespace = Some("fast".into());
         ts.tablespace_oid = Some(16400);
-        let dirs = [dir(VolumeRole::Data, "/var/lib/postgresql/data/pgdata"), dir(VolumeRole::Wal, "/wal/pg_wal"), ts];
+        let dirs = [
+            dir(VolumeRole::Data, "/var/lib/postgresql/data/pgdata"),
+            dir(VolumeRole::Wal, "/wal/pg_wal"),
+            ts,
+        ];
         let plan = plan(&spec, &dirs, &[]).unwrap();
-        let summary: Vec<_> =
-            plan.iter().map(|s| (s.persistent_volume_claim.as_str(), s.role, s.main_location().path_in_volume.as_str())).collect();
+        let summary: Vec<_> = plan
+            .iter()
+            .map(|s| {
+                (
+                    s.persistent_volume_claim.as_str(),
+                    s.role,
+                    s.main_location().path_in_volume.as_str(),
+                )
+            })
+            .collect();
         assert_eq!(
             summary,
-            [("data-db-0", VolumeRole::Data, "pgdata"), ("ts-db-0", VolumeRole::Tablespace, "spaces/fast"), ("wal-db-0", VolumeRole::Wal, "pg_wal")]
+            [
+                ("data-db-0", VolumeRole::Data, "pgdata"),
+                ("ts-db-0", VolumeRole::Tablespace, "spaces/fast"),
+                ("wal-db-0", VolumeRole::Wal, "pg_wal")
+            ]
         );
     }
 
     #[test]
     fn wal_inside_the_data_volume_is_one_snapshot() {
         let spec = pod(&[("data", "/pg/", None)], &[("data", Some("data-db-0"))]);
-        let plan = plan(&spec, &[dir(VolumeRole::Data, "/pg/data"), dir(VolumeRole::Wal, "/pg/data/pg_wal")], &[]).unwrap();
+        let plan = plan(
+            &spec,
+            &[
+                dir(VolumeRole::Data, "/pg/data"),
+                dir(VolumeRole::Wal, "/pg/data/pg_wal"),
+            ],
+            &[],
+        )
+        .unwrap();
         assert_eq!(plan.len(), 1);
         assert_eq!(plan[0].role, VolumeRole::Data);
         assert_eq!(plan[0].locations.len(), 2);
@@ -267,18 +376,49 @@ mod tests {
 
     #[test]
     fn the_longest_mount_wins() {
-        let spec = pod(&[("root", "/pg", None), ("wal", "/pg/wal", None)], &[("root", Some("a")), ("wal", Some("b"))]);
-        let plan = plan(&spec, &[dir(VolumeRole::Data, "/pg/data"), dir(VolumeRole::Wal, "/pg/wal")], &[]).unwrap();
-        assert_eq!(plan.iter().map(|s| s.persistent_volume_claim.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        let spec = pod(
+            &[("root", "/pg", None), ("wal", "/pg/wal", None)],
+            &[("root", Some("a")), ("wal", Some("b"))],
+        );
+        let plan = plan(
+            &spec,
+            &[
+                dir(VolumeRole::Data, "/pg/data"),
+                dir(VolumeRole::Wal, "/pg/wal"),
+            ],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            plan.iter()
+                .map(|s| s.persistent_volume_claim.as_str())
+                .collect::<Vec<_>>(),
+            ["a", "b"]
+        );
         assert_eq!(plan[1].main_location().path_in_volume, "");
     }
 
     #[test]
     fn a_directory_off_any_claim_is_refused() {
-        let spec = pod(&[("data", "/pg", None), ("scratch", "/wal", None)], &[("data", Some("a")), ("scratch", None)]);
-        let err = plan(&spec, &[dir(VolumeRole::Data, "/pg/data"), dir(VolumeRole::Wal, "/wal/pg_wal")], &[]).unwrap_err();
+        let spec = pod(
+            &[("data", "/pg", None), ("scratch", "/wal", None)],
+            &[("data", Some("a")), ("scratch", None)],
+        );
+        let err = plan(
+            &spec,
+            &[
+                dir(VolumeRole::Data, "/pg/data"),
+                dir(VolumeRole::Wal, "/wal/pg_wal"),
+            ],
+            &[],
+        )
+        .unwrap_err();
         assert_eq!(err.reason(), "PathNotOnClaim");
-        assert!(err.to_string().contains("WAL directory /wal/pg_wal is on volume \"scratch\""), "{err}");
+        assert!(
+            err.to_string()
+                .contains("WAL directory /wal/pg_wal is on volume \"scratch\""),
+            "{err}"
+        );
         let err = plan(&spec, &[dir(VolumeRole::Data, "/elsewhere/data")], &[]).unwrap_err();
         assert!(matches!(err, PlanError::NotOnVolume { .. }));
         // "/pgdata" must not match mount "/pg" just because the string starts the same.
@@ -287,29 +427,66 @@ mod tests {
 
     #[test]
     fn overrides_must_cover_every_directory_and_nothing_else() {
-        let spec = pod(&[("data", "/pg", None), ("wal", "/wal", None)], &[("data", Some("a")), ("wal", Some("b"))]);
-        let dirs = [dir(VolumeRole::Data, "/pg/data"), dir(VolumeRole::Wal, "/wal")];
+        let spec = pod(
+            &[("data", "/pg", None), ("wal", "/wal", None)],
+            &[("data", Some("a")), ("wal", Some("b"))],
+        );
+        let dirs = [
+            dir(VolumeRole::Data, "/pg/data"),
+            dir(VolumeRole::Wal, "/wal"),
+        ];
         assert!(plan(&spec, &dirs, &["a".into(), "b".into()]).is_ok());
-        assert!(matches!(plan(&spec, &dirs, &["a".into()]), Err(PlanError::NotInOverride { .. })));
-        assert!(matches!(plan(&spec, &dirs[..1], &["a".into(), "b".into()]), Err(PlanError::UnusedOverride(_))));
+        assert!(matches!(
+            plan(&spec, &dirs, &["a".into()]),
+            Err(PlanError::NotInOverride { .. })
+        ));
+        assert!(matches!(
+            plan(&spec, &dirs[..1], &["a".into(), "b".into()]),
+            Err(PlanError::UnusedOverride(_))
+        ));
     }
 
     #[test]
     fn wal_candidates_are_the_other_writable_mounts() {
-        let spec = pod(&[("data", "/pg", None), ("wal", "/wal/", None), ("cache", "/cache", None)], &[("data", Some("a")), ("wal", Some("b")), ("cache", None)]);
-        assert_eq!(wal_candidates(&spec, "/pg/data"), ["/cache", "/cache/pg_wal", "/wal", "/wal/pg_wal"]);
+        let spec = pod(
+            &[
+                ("data", "/pg", None),
+                ("wal", "/wal/", None),
+                ("cache", "/cache", None),
+            ],
+            &[("data", Some("a")), ("wal", Some("b")), ("cache", None)],
+        );
+        assert_eq!(
+            wal_candidates(&spec, "/pg/data"),
+            ["/cache", "/cache/pg_wal", "/wal", "/wal/pg_wal"]
+        );
         let single = pod(&[("data", "/pg", None)], &[("data", Some("a"))]);
         assert!(wal_candidates(&single, "/pg/data").is_empty());
     }
 
     #[test]
     fn a_standby_cuts_the_data_volume_last() {
-        let spec = pod(&[("data", "/pg", None), ("wal", "/wal", None)], &[("data", Some("a")), ("wal", Some("b"))]);
-        let plan = plan(&spec, &[dir(VolumeRole::Data, "/pg/data"), dir(VolumeRole::Wal, "/wal")], &[]).unwrap();
+        let spec = pod(
+            &[("data", "/pg", None), ("wal", "/wal", None)],
+            &[("data", Some("a")), ("wal", Some("b"))],
+        );
+        let plan = plan(
+            &spec,
+            &[
+                dir(VolumeRole::Data, "/pg/data"),
+                dir(VolumeRole::Wal, "/wal"),
+            ],
+            &[],
+        )
+        .unwrap();
         let order = |standby| {
             batches(&plan, standby)
                 .iter()
-                .map(|b| b.iter().map(|s| s.persistent_volume_claim.as_str()).collect::<Vec<_>>())
+                .map(|b| {
+                    b.iter()
+                        .map(|s| s.persistent_volume_claim.as_str())
+                        .collect::<Vec<_>>()
+                })
                 .collect::<Vec<_>>()
         };
         assert_eq!(order(false), [vec!["a", "b"]]);

@@ -15,7 +15,17 @@ use super::error::Error;
 
 /// libpq's sslmode, minus the modes nobody should use for backups (`allow`, `verify-ca`).
 // The Backup resource's `connection.sslMode` is this type too, hence the serde and schema.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    schemars::JsonSchema,
+)]
 pub enum SslMode {
     /// Plain TCP.
     Disable,

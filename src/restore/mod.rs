@@ -10,7 +10,7 @@
 pub mod plan;
 pub mod prepare;
 
-use crate::telemetry::{Outcome, Metrics};
+use crate::telemetry::{Metrics, Outcome};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;

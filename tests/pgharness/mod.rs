@@ -365,8 +365,11 @@ impl Pg {
     /// Tablespace `ts` at `location` holding table `in_ts` of 1000 rows: the data a restore
     /// must bring back through tablespace_map.
     pub async fn tablespace_with_rows(&self, location: &Path) {
-        self.exec(&format!("create tablespace ts location '{}'", location.display()))
-            .await;
+        self.exec(&format!(
+            "create tablespace ts location '{}'",
+            location.display()
+        ))
+        .await;
         self.exec("create table in_ts (id int8 primary key, v text not null) tablespace ts")
             .await;
         self.exec("insert into in_ts select g, md5(g::text) from generate_series(1, 1000) g")
