@@ -2,17 +2,22 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: test demo unit crds deps cluster-up cluster-down
+.PHONY: test demo crds deps lint cluster-up cluster-down
 
 ## Every test: unit, CRD drift, the PostgreSQL 10-18 matrix, the cluster and end-to-end tests.
 ## The tests run against the local cluster (e2e/cluster, docs/cluster.md): it comes up first,
 ## its KUBECONFIG and PATH are exported, and it goes down at the end whatever the outcome
 ## (PGSNAP_KEEP_CLUSTER=1 leaves it running). A cluster that cannot start fails the target.
-test: deps
+test: deps lint
 	@mkdir -p target; \
 	[[ -n "$$PGSNAP_KEEP_CLUSTER" ]] || trap 'e2e/cluster down' EXIT; \
 	e2e/cluster up && eval "$$(e2e/cluster env)" && \
 	$(CARGO) test --workspace --locked -- --nocapture 2>&1 | tee target/test.log; exit $${PIPESTATUS[0]}
+
+## One house style and no lint: checked first, before anything slow runs.
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --tests --benches --locked -- -D warnings
 
 ## The test cluster alone: make cluster-up, then eval "$$(e2e/cluster env)"; make cluster-down.
 cluster-up:

@@ -10,14 +10,14 @@ use kube::api::{ObjectMeta, Patch, PatchParams};
 use kube::{Api, Client, Resource, ResourceExt};
 use sha2::{Digest, Sha256};
 
+use crate::api::BACKUP_NAME_LABEL;
+use crate::api::backup::VolumeRole;
 use crate::api::snapshot::VolumeSnapshot;
-use crate::backup::volumes::Location;
+use crate::controller::FIELD_MANAGER;
 
 pub const BACKUP_LABEL_KEY: &str = "backup_label";
 pub const TABLESPACE_MAP_KEY: &str = "tablespace_map";
 
-/// Label on every object of one backup: its snapshots and its label ConfigMap.
-pub const BACKUP_NAME_LABEL: &str = "pgsnap.io/backup";
 /// Annotation on each snapshot naming the backup's label ConfigMap.
 pub const LABEL_CONFIGMAP_ANNOTATION: &str = "pgsnap.io/label-configmap";
 
@@ -41,6 +41,22 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
+/// Where one database directory lives: in which claim, at which path inside the volume.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Location {
+    pub role: VolumeRole,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tablespace: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tablespace_oid: Option<u32>,
+    /// The directory as the server sees it.
+    pub server_path: String,
+    pub persistent_volume_claim: String,
+    /// The directory inside the volume ("" = the volume's root).
+    pub path_in_volume: String,
+}
+
 /// A database directory inside a snapshot, as the label ConfigMap records it.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -50,10 +66,12 @@ pub struct SnapshotLocation {
     pub location: Location,
 }
 
-/// What the label ConfigMap holds, independent of the API.
+/// What the label ConfigMap holds: written once by the backup, read by every restore.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BackupLabel {
-    pub backup: String,
+pub struct LabelRecord {
+    /// The Backup that took it (the ConfigMap's `pgsnap.io/backup` label); a copy made by
+    /// hand for a retained snapshot may have none.
+    pub backup: Option<String>,
     pub backup_label: String,
     pub tablespace_map: String,
     pub start_lsn: String,
@@ -64,40 +82,94 @@ pub struct BackupLabel {
     pub volumes: Vec<SnapshotLocation>,
 }
 
-/// Builds the ConfigMap; `owner` is the data VolumeSnapshot.
+impl LabelRecord {
+    pub fn backup_label_sha256(&self) -> String {
+        sha256_hex(self.backup_label.as_bytes())
+    }
+
+    pub fn tablespace_map_sha256(&self) -> String {
+        sha256_hex(self.tablespace_map.as_bytes())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LabelStoreError {
+    #[error("could not encode the label ConfigMap: {0}")]
+    Encode(#[from] serde_json::Error),
+    #[error("could not write label ConfigMap {name}: {source}")]
+    Write { name: String, source: kube::Error },
+    #[error(
+        "label ConfigMap {0} has no {BACKUP_LABEL_KEY}; without it a restore silently corrupts the database"
+    )]
+    Missing(String),
+    #[error(
+        "{file} in ConfigMap {name} has sha256 {actual}, the backup recorded {expected}: the label was altered"
+    )]
+    ChecksumMismatch {
+        file: &'static str,
+        name: String,
+        actual: String,
+        expected: String,
+    },
+    #[error("label ConfigMap {name}: {what}")]
+    Invalid { name: String, what: String },
+}
+
+impl LabelStoreError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            LabelStoreError::Encode(_) | LabelStoreError::Write { .. } => "LabelStoreFailed",
+            LabelStoreError::Missing(_) => "LabelMissing",
+            LabelStoreError::ChecksumMismatch { .. } => "LabelChecksumMismatch",
+            LabelStoreError::Invalid { .. } => "LabelConfigMapInvalid",
+        }
+    }
+
+    pub fn invalid(name: &str, what: impl Into<String>) -> Self {
+        LabelStoreError::Invalid {
+            name: name.to_string(),
+            what: what.into(),
+        }
+    }
+}
+
+/// Builds the ConfigMap `name`; `owner` is the data VolumeSnapshot.
 pub fn build(
-    label: &BackupLabel,
+    record: &LabelRecord,
+    name: &str,
     namespace: &str,
     owner: &VolumeSnapshot,
-) -> Result<ConfigMap, serde_json::Error> {
+) -> Result<ConfigMap, LabelStoreError> {
     use annotations::*;
     let annotations = BTreeMap::from([
-        (START_LSN.to_string(), label.start_lsn.clone()),
-        (STOP_LSN.to_string(), label.stop_lsn.clone()),
-        (TIMELINE.to_string(), label.timeline.to_string()),
-        (SERVER_VERSION.to_string(), label.server_version.clone()),
+        (START_LSN.to_string(), record.start_lsn.clone()),
+        (STOP_LSN.to_string(), record.stop_lsn.clone()),
+        (TIMELINE.to_string(), record.timeline.to_string()),
+        (SERVER_VERSION.to_string(), record.server_version.clone()),
         (
             SYSTEM_IDENTIFIER.to_string(),
-            label.system_identifier.clone(),
+            record.system_identifier.clone(),
         ),
         (
             BACKUP_LABEL_SHA256.to_string(),
-            sha256_hex(label.backup_label.as_bytes()),
+            record.backup_label_sha256(),
         ),
         (
             TABLESPACE_MAP_SHA256.to_string(),
-            sha256_hex(label.tablespace_map.as_bytes()),
+            record.tablespace_map_sha256(),
         ),
-        (VOLUMES.to_string(), serde_json::to_string(&label.volumes)?),
+        (VOLUMES.to_string(), serde_json::to_string(&record.volumes)?),
     ]);
+    let labels = record
+        .backup
+        .iter()
+        .map(|b| (BACKUP_NAME_LABEL.to_string(), b.clone()))
+        .collect();
     Ok(ConfigMap {
         metadata: ObjectMeta {
-            name: Some(config_map_name(&label.backup)),
+            name: Some(name.to_string()),
             namespace: Some(namespace.to_string()),
-            labels: Some(BTreeMap::from([(
-                BACKUP_NAME_LABEL.to_string(),
-                label.backup.clone(),
-            )])),
+            labels: Some(labels),
             annotations: Some(annotations),
             owner_references: Some(vec![OwnerReference {
                 api_version: VolumeSnapshot::api_version(&()).into_owned(),
@@ -110,55 +182,111 @@ pub fn build(
             ..Default::default()
         },
         data: Some(BTreeMap::from([
-            (BACKUP_LABEL_KEY.to_string(), label.backup_label.clone()),
-            (TABLESPACE_MAP_KEY.to_string(), label.tablespace_map.clone()),
+            (BACKUP_LABEL_KEY.to_string(), record.backup_label.clone()),
+            (
+                TABLESPACE_MAP_KEY.to_string(),
+                record.tablespace_map.clone(),
+            ),
         ])),
         immutable: Some(true),
         ..Default::default()
     })
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum LabelStoreError {
-    #[error("could not encode the label ConfigMap: {0}")]
-    Encode(#[from] serde_json::Error),
-    #[error("could not write label ConfigMap {name}: {source}")]
-    Write { name: String, source: kube::Error },
-}
-
-impl LabelStoreError {
-    pub fn reason(&self) -> &'static str {
-        "LabelStoreFailed"
+/// Reads and checks a label ConfigMap. The files are checked against their recorded sha256
+/// already here, so a tampered label fails a restore before any PVC is made; restore-prepare
+/// checks again where the files are used.
+pub fn read(cm: &ConfigMap) -> Result<LabelRecord, LabelStoreError> {
+    use annotations::*;
+    let name = cm.name_any();
+    let ann = cm.annotations();
+    let get = |key: &str| {
+        ann.get(key).cloned().ok_or_else(|| {
+            LabelStoreError::invalid(
+                &name,
+                format!("no annotation {key}; it was not written by pgsnap"),
+            )
+        })
+    };
+    let data = cm.data.clone().unwrap_or_default();
+    let backup_label = data
+        .get(BACKUP_LABEL_KEY)
+        .filter(|l| !l.is_empty())
+        .cloned()
+        .ok_or_else(|| LabelStoreError::Missing(name.clone()))?;
+    let tablespace_map = data.get(TABLESPACE_MAP_KEY).cloned().unwrap_or_default();
+    for (file, bytes, key) in [
+        (BACKUP_LABEL_KEY, &backup_label, BACKUP_LABEL_SHA256),
+        (TABLESPACE_MAP_KEY, &tablespace_map, TABLESPACE_MAP_SHA256),
+    ] {
+        let (actual, expected) = (sha256_hex(bytes.as_bytes()), get(key)?);
+        if actual != expected {
+            return Err(LabelStoreError::ChecksumMismatch {
+                file,
+                name,
+                actual,
+                expected,
+            });
+        }
     }
+    let system_identifier = get(SYSTEM_IDENTIFIER)?;
+    if system_identifier.parse::<u64>().is_err() {
+        let what = format!("system identifier {system_identifier:?} is not a number");
+        return Err(LabelStoreError::invalid(&name, what));
+    }
+    let timeline = get(TIMELINE)?;
+    let timeline = timeline.parse().map_err(|_| {
+        LabelStoreError::invalid(&name, format!("timeline {timeline:?} is not a number"))
+    })?;
+    let volumes: Vec<SnapshotLocation> = serde_json::from_str(&get(VOLUMES)?)
+        .map_err(|e| LabelStoreError::invalid(&name, format!("annotation {VOLUMES}: {e}")))?;
+    if !volumes.iter().any(|v| v.location.role == VolumeRole::Data) {
+        return Err(LabelStoreError::invalid(
+            &name,
+            "no volume holds the data directory",
+        ));
+    }
+    Ok(LabelRecord {
+        backup: cm.labels().get(BACKUP_NAME_LABEL).cloned(),
+        backup_label,
+        tablespace_map,
+        start_lsn: get(START_LSN)?,
+        stop_lsn: get(STOP_LSN)?,
+        timeline,
+        server_version: get(SERVER_VERSION)?,
+        system_identifier,
+        volumes,
+    })
 }
 
 /// Writes the ConfigMap (server-side apply, so a retry after a crash is harmless).
 pub async fn store(
     client: &Client,
-    label: &BackupLabel,
+    record: &LabelRecord,
+    name: &str,
     namespace: &str,
     owner: &VolumeSnapshot,
 ) -> Result<ConfigMap, LabelStoreError> {
-    let cm = build(label, namespace, owner)?;
-    let name = cm.name_any();
+    let cm = build(record, name, namespace, owner)?;
     Api::<ConfigMap>::namespaced(client.clone(), namespace)
         .patch(
-            &name,
-            &PatchParams::apply(crate::FIELD_MANAGER).force(),
+            name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
             &Patch::Apply(&cm),
         )
         .await
-        .map_err(|source| LabelStoreError::Write { name, source })
+        .map_err(|source| LabelStoreError::Write {
+            name: name.to_string(),
+            source,
+        })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::backup::VolumeRole;
     use crate::api::snapshot::{VolumeSnapshotSource, VolumeSnapshotSpec};
 
-    #[test]
-    fn the_config_map_keeps_the_files_byte_for_byte_and_belongs_to_the_data_snapshot() {
+    fn data_snapshot() -> VolumeSnapshot {
         let mut owner = VolumeSnapshot::new(
             "orders-1-data",
             VolumeSnapshotSpec {
@@ -167,47 +295,79 @@ mod tests {
             },
         );
         owner.metadata.uid = Some("uid-1".into());
-        let label = BackupLabel {
-            backup: "orders-1".into(),
+        owner
+    }
+
+    fn location(snapshot: &str, role: VolumeRole, server: &str, inner: &str) -> SnapshotLocation {
+        SnapshotLocation {
+            volume_snapshot: snapshot.into(),
+            location: Location {
+                role,
+                tablespace: (role == VolumeRole::Tablespace).then(|| "fast".into()),
+                tablespace_oid: (role == VolumeRole::Tablespace).then_some(16400),
+                server_path: server.into(),
+                persistent_volume_claim: format!("pvc-{snapshot}"),
+                path_in_volume: inner.into(),
+            },
+        }
+    }
+
+    fn record() -> LabelRecord {
+        LabelRecord {
+            backup: Some("orders-1".into()),
             backup_label:
                 "START WAL LOCATION: 0/2000028 (file 000000010000000000000002)\r\nLABEL: x\n".into(),
-            tablespace_map: String::new(),
+            tablespace_map: "16400 /ts\n".into(),
             start_lsn: "0/2000028".into(),
             stop_lsn: "0/2000100".into(),
             timeline: 1,
             server_version: "17.10".into(),
             system_identifier: "7312345678901234567".into(),
-            volumes: vec![SnapshotLocation {
-                volume_snapshot: "orders-1-data".into(),
-                location: Location {
-                    role: VolumeRole::Data,
-                    tablespace: None,
-                    tablespace_oid: None,
-                    server_path: "/var/lib/postgresql/data/pgdata".into(),
-                    persistent_volume_claim: "data-orders-db-0".into(),
-                    path_in_volume: "pgdata".into(),
-                },
-            }],
+            volumes: vec![
+                location(
+                    "orders-1-data",
+                    VolumeRole::Data,
+                    "/var/lib/postgresql/data/pgdata",
+                    "pgdata",
+                ),
+                location("orders-1-wal", VolumeRole::Wal, "/wal/pg_wal", "pg_wal"),
+                location("orders-1-ts", VolumeRole::Tablespace, "/ts", ""),
+            ],
+        }
+    }
+
+    fn config_map(record: &LabelRecord) -> ConfigMap {
+        build(
+            record,
+            &config_map_name("orders-1"),
+            "shop",
+            &data_snapshot(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn the_config_map_keeps_the_files_byte_for_byte_and_belongs_to_the_data_snapshot() {
+        let record = LabelRecord {
+            tablespace_map: String::new(),
+            ..record()
         };
-        let cm = build(&label, "shop", &owner).unwrap();
+        let cm = config_map(&record);
         assert_eq!(cm.name_any(), "orders-1-backup-label");
         assert_eq!(
             cm.data.as_ref().unwrap()[BACKUP_LABEL_KEY],
-            label.backup_label
+            record.backup_label
         );
         let ann = cm.annotations();
         assert_eq!(
             ann[annotations::BACKUP_LABEL_SHA256],
-            sha256_hex(label.backup_label.as_bytes())
+            sha256_hex(record.backup_label.as_bytes())
         );
         // The sha256 of nothing: a restore can tell "no tablespaces" from "map lost".
         assert_eq!(
             ann[annotations::TABLESPACE_MAP_SHA256],
             "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
         );
-        let volumes: Vec<SnapshotLocation> =
-            serde_json::from_str(&ann[annotations::VOLUMES]).unwrap();
-        assert_eq!(volumes, label.volumes);
         let owner_ref = &cm.owner_references()[0];
         assert_eq!(
             (
@@ -216,6 +376,49 @@ mod tests {
                 owner_ref.uid.as_str()
             ),
             ("VolumeSnapshot", "orders-1-data", "uid-1")
+        );
+    }
+
+    #[test]
+    fn what_a_backup_writes_a_restore_reads_back_unchanged() {
+        let record = record();
+        assert_eq!(read(&config_map(&record)).unwrap(), record);
+        let by_hand = LabelRecord {
+            backup: None,
+            ..record
+        };
+        assert_eq!(read(&config_map(&by_hand)).unwrap(), by_hand);
+    }
+
+    #[test]
+    fn a_label_config_map_is_checked_before_it_is_used() {
+        let cm = config_map(&record());
+        let reason = |cm: &ConfigMap| read(cm).unwrap_err().reason();
+
+        let mut tampered = cm.clone();
+        tampered
+            .data
+            .as_mut()
+            .unwrap()
+            .insert(BACKUP_LABEL_KEY.into(), "START WAL LOCATION: y\n".into());
+        assert_eq!(reason(&tampered), "LabelChecksumMismatch");
+        let mut map_lost = cm.clone();
+        map_lost.data.as_mut().unwrap().remove(TABLESPACE_MAP_KEY);
+        assert_eq!(reason(&map_lost), "LabelChecksumMismatch");
+        let mut no_label = cm.clone();
+        no_label.data.as_mut().unwrap().remove(BACKUP_LABEL_KEY);
+        assert_eq!(reason(&no_label), "LabelMissing");
+        let mut foreign = cm.clone();
+        foreign.annotations_mut().remove(annotations::VOLUMES);
+        assert_eq!(reason(&foreign), "LabelConfigMapInvalid");
+        let mut no_data = cm.clone();
+        no_data.annotations_mut().insert(
+            annotations::VOLUMES.into(),
+            serde_json::to_string(&record().volumes[1..]).unwrap(),
+        );
+        assert_eq!(
+            read(&no_data).unwrap_err().to_string(),
+            "label ConfigMap orders-1-backup-label: no volume holds the data directory"
         );
     }
 }

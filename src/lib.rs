@@ -4,12 +4,11 @@
 
 pub mod api;
 pub mod backup;
+pub mod cli;
+pub mod controller;
 pub mod label_store;
 pub mod leader;
 pub mod postgres;
 pub mod restore;
 pub mod snapshots;
 pub mod telemetry;
-
-/// The field manager of every server-side apply pgsnap makes.
-pub const FIELD_MANAGER: &str = "pgsnap";

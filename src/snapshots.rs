@@ -9,11 +9,11 @@ use kube::api::{DeleteParams, ListParams, ObjectMeta, PostParams};
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 
+use crate::api::BACKUP_NAME_LABEL;
 use crate::api::snapshot::{
     DEFAULT_CLASS_ANNOTATION, VolumeSnapshot, VolumeSnapshotClass, VolumeSnapshotSource,
     VolumeSnapshotSpec,
 };
-use crate::label_store::BACKUP_NAME_LABEL;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {

@@ -52,12 +52,12 @@ pub enum Outcome {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StepLabels {
-    pub step: Step,
+    pub step: TimedStep,
 }
 
 /// The timed steps of a backup.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
-pub enum Step {
+pub enum TimedStep {
     /// `pg_backup_start` called → returned: the checkpoint.
     Start,
     /// Snapshots requested → all cut: the storage driver.
@@ -132,7 +132,7 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    pub fn observe(&self, step: Step, seconds: f64) {
+    pub fn observe(&self, step: TimedStep, seconds: f64) {
         self.step_seconds
             .get_or_create(&StepLabels { step })
             .observe(seconds);

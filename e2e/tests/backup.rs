@@ -731,8 +731,8 @@ async fn twenty_backups_of_five_databases() {
                     backup_spec(
                         &format!("{}-{round}", db.name),
                         on(
-                            &db,
-                            &secret,
+                            db,
+                            secret,
                             json!({
                                 "checkpoint": "Fast",
                                 "waitForArchive": false,

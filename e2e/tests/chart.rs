@@ -16,7 +16,7 @@ use serde_json::json;
 
 /// `helm <args>` from the cluster's tool cache; (success, stdout, stderr).
 fn helm(args: &[&str]) -> (bool, String, String) {
-    let script = format!("eval \"$(e2e/cluster env)\"; helm \"$@\"");
+    let script = "eval \"$(e2e/cluster env)\"; helm \"$@\"".to_string();
     let out = Command::new("bash")
         .arg("-c")
         .arg(script)

@@ -1,4 +1,6 @@
 //! The custom resources of group `pgsnap.io`, and the CSI snapshot types pgsnap uses.
+// kube's derive takes one `printcolumn(...)` per column; clippy reads the repeats as duplicates.
+#![allow(clippy::duplicated_attributes)]
 
 pub mod backup;
 pub mod restore;
@@ -13,14 +15,56 @@ use serde::{Deserialize, Serialize};
 /// The API group of every pgsnap resource; also the prefix of its labels and annotations.
 pub const GROUP: &str = "pgsnap.io";
 
+/// Label on every object a Backup creates (snapshots, label ConfigMap): the Backup's name.
+pub const BACKUP_NAME_LABEL: &str = "pgsnap.io/backup";
+/// Label on every object a Restore creates (PVCs, the prepare Job): the Restore's name.
+pub const RESTORE_NAME_LABEL: &str = "pgsnap.io/restore";
+
 /// All CRDs as one multi-document YAML stream, as `pgsnap crd` prints and `crds/` holds.
 pub fn crds_yaml() -> Result<String, serde_yaml::Error> {
     let mut out = String::new();
     for crd in [Backup::crd(), restore::Restore::crd()] {
+        let mut crd = serde_yaml::to_value(&crd)?;
+        unwrap_descriptions(&mut crd);
         out.push_str("---\n");
         out.push_str(&serde_yaml::to_string(&crd)?);
     }
     Ok(out)
+}
+
+/// Doc comments wrap at the source's line width; `kubectl explain` would show those breaks
+/// mid-sentence. Lines of a paragraph are joined; paragraphs and list items stay apart.
+fn unwrap_descriptions(value: &mut serde_yaml::Value) {
+    match value {
+        serde_yaml::Value::Mapping(map) => {
+            for (key, value) in map.iter_mut() {
+                match value {
+                    serde_yaml::Value::String(text) if key.as_str() == Some("description") => {
+                        *text = unwrap_lines(text);
+                    }
+                    value => unwrap_descriptions(value),
+                }
+            }
+        }
+        serde_yaml::Value::Sequence(items) => items.iter_mut().for_each(unwrap_descriptions),
+        _ => {}
+    }
+}
+
+fn unwrap_lines(text: &str) -> String {
+    let mut out = String::new();
+    for line in text.lines().map(str::trim_end) {
+        let starts_block = line.is_empty() || line.starts_with("- ") || line.starts_with("* ");
+        let ends_block = out.is_empty() || out.ends_with('\n');
+        if !ends_block {
+            out.push(if starts_block { '\n' } else { ' ' });
+        }
+        out.push_str(line);
+        if line.is_empty() {
+            out.push('\n');
+        }
+    }
+    out
 }
 
 /// A key of a Secret in the resource's own namespace.
@@ -151,6 +195,19 @@ mod tests {
                 "{bad:?} should be refused"
             );
         }
+    }
+
+    #[test]
+    fn descriptions_read_as_sentences_in_kubectl_explain() {
+        assert_eq!(
+            unwrap_lines("a session held open\nwhile snapshots are cut.\n\nSecond.\n- one\n- two"),
+            "a session held open while snapshots are cut.\n\nSecond.\n- one\n- two"
+        );
+        let yaml = crds_yaml().unwrap();
+        assert!(
+            yaml.contains("a non-exclusive backup session held open while CSI VolumeSnapshots"),
+            "a doc comment's line break survived into the CRD"
+        );
     }
 
     #[test]

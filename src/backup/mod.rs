@@ -12,25 +12,27 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use futures::channel::mpsc;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::api::ListParams;
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{self, finalizer};
-use kube::runtime::reflector::ObjectRef;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
-use kube::{Api, Client, Resource, ResourceExt};
+use kube::{Api, Client, ResourceExt};
 use tokio::sync::{oneshot, watch};
 use tracing::{Instrument, info, info_span, warn};
 
+use crate::api::BACKUP_NAME_LABEL;
 use crate::api::backup::{Backup, BackupError, BackupStatus, DeletionPolicy, Phase};
 use crate::api::snapshot::VolumeSnapshot;
-use crate::label_store::{self, BACKUP_NAME_LABEL};
+use crate::controller::{self, Failure, PhasedStatus, Reporter, delete_if_present, now, set_phase};
+use crate::label_store;
 use crate::snapshots::{self, SnapshotError};
-use crate::telemetry::{Metrics, Outcome, Step};
-use phase::{Admission, Readiness, SnapshotObservation};
+use crate::telemetry::{Metrics, Outcome, TimedStep};
+use phase::{Admission, Next, Readiness, SnapshotObservation};
 
 /// Keeps a Backup until its snapshots are dealt with as its deletionPolicy says.
 pub const FINALIZER: &str = "pgsnap.io/backup-protection";
@@ -44,42 +46,20 @@ pub struct Settings {
     pub namespace: Option<String>,
 }
 
-/// Why a backup failed: a stable reason (status, Events, metric labels) and a message a
-/// user can act on. Every module's error converts into one.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Failure {
-    pub reason: String,
-    pub message: String,
-}
+impl PhasedStatus for BackupStatus {
+    type Phase = Phase;
 
-impl Failure {
-    pub fn new(reason: &str, message: impl Into<String>) -> Self {
-        Failure {
-            reason: reason.to_string(),
-            message: message.into(),
-        }
+    fn is_ready(phase: Phase) -> bool {
+        phase == Phase::Completed
     }
-}
 
-macro_rules! failure_from {
-    ($($error:ty),*) => {$(
-        impl From<$error> for Failure {
-            fn from(e: $error) -> Self {
-                Failure::new(e.reason(), e.to_string())
-            }
-        }
-    )*};
-}
-failure_from!(
-    crate::postgres::Error,
-    volumes::PlanError,
-    SnapshotError,
-    label_store::LabelStoreError
-);
+    fn set_phase_fields(&mut self, phase: Phase, generation: Option<i64>) {
+        self.phase = Some(phase);
+        self.observed_generation = generation;
+    }
 
-impl From<kube::Error> for Failure {
-    fn from(e: kube::Error) -> Self {
-        Failure::new("KubernetesApi", e.to_string())
+    fn conditions_mut(&mut self) -> &mut Vec<Condition> {
+        &mut self.conditions
     }
 }
 
@@ -117,7 +97,7 @@ struct Running {
 
 pub struct Context {
     pub client: Client,
-    pub recorder: Recorder,
+    pub reporter: Reporter,
     pub metrics: Arc<Metrics>,
     pub settings: Settings,
     running: Mutex<HashMap<String, Running>>,
@@ -136,33 +116,26 @@ fn key(backup: &Backup) -> String {
     )
 }
 
-pub fn now() -> Time {
-    Time(k8s_openapi::jiff::Timestamp::now())
-}
-
 impl Context {
+    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<String, Running>> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn is_running(&self, key: &str) -> bool {
-        self.running
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains_key(key)
+        self.running().contains_key(key)
     }
 
     fn release(&self, key: &str) {
-        self.running
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(key);
-        self.metrics
-            .in_flight
-            .set(self.running.lock().unwrap_or_else(|e| e.into_inner()).len() as i64);
+        let mut running = self.running();
+        running.remove(key);
+        self.metrics.in_flight.set(running.len() as i64);
         let _ = self.finished.unbounded_send(());
     }
 
     /// Ends the task of one backup (if any) with `why` and waits until it has cleaned up.
     async fn abort(&self, key: &str, why: Failure) {
-        let done = {
-            let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        let mut done = {
+            let mut running = self.running();
             let Some(entry) = running.get_mut(key) else {
                 return;
             };
@@ -171,53 +144,26 @@ impl Context {
             }
             entry.done.clone()
         };
-        let mut done = done;
         let _ = done.wait_for(|d| *d).await;
     }
 
     /// Ends every running backup (operator shutdown) and waits for their cleanup.
     pub async fn abort_all(&self, why: Failure) {
-        let keys: Vec<String> = self
-            .running
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .keys()
-            .cloned()
-            .collect();
+        let keys: Vec<String> = self.running().keys().cloned().collect();
         futures::future::join_all(keys.iter().map(|k| self.abort(k, why.clone()))).await;
     }
 
     pub async fn publish(&self, backup: &Backup, type_: EventType, reason: &str, note: String) {
-        let event = Event {
-            type_,
-            reason: reason.into(),
-            note: Some(note),
-            action: "Backup".into(),
-            secondary: None,
-        };
-        if let Err(e) = self.recorder.publish(&event, &backup.object_ref(&())).await {
-            warn!(error = %e, reason, "could not publish an Event");
-        }
+        self.reporter.publish(backup, type_, reason, note).await;
     }
 
+    /// Writes status, and remembers the phase written so a lagging cached copy is not acted on.
     pub async fn patch_status(
         &self,
         backup: &Backup,
         status: &BackupStatus,
     ) -> Result<(), kube::Error> {
-        let api: Api<Backup> =
-            Api::namespaced(self.client.clone(), &backup.namespace().unwrap_or_default());
-        let patch = serde_json::json!({
-            "apiVersion": Backup::api_version(&()),
-            "kind": Backup::kind(&()),
-            "status": status,
-        });
-        api.patch_status(
-            &backup.name_any(),
-            &PatchParams::apply(crate::FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await?;
+        self.reporter.patch_status(backup, status).await?;
         if let (Some(phase), Some(uid)) = (status.phase, backup.uid()) {
             self.written
                 .lock()
@@ -240,15 +186,8 @@ impl Context {
         let removed =
             snapshots::delete_all(&Api::namespaced(self.client.clone(), &ns), &name).await;
         let cm: Api<ConfigMap> = Api::namespaced(self.client.clone(), &ns);
-        match cm
-            .delete(
-                &label_store::config_map_name(&name),
-                &DeleteParams::background(),
-            )
-            .await
-        {
-            Ok(_) | Err(kube::Error::Api(_)) => {}
-            Err(e) => warn!(error = %e, "could not delete the label ConfigMap"),
+        if let Err(e) = delete_if_present(&cm, &label_store::config_map_name(&name)).await {
+            warn!(error = %e, "could not delete the label ConfigMap");
         }
         let cleanup_note = match removed {
             Ok(0) => String::new(),
@@ -272,32 +211,62 @@ impl Context {
             message: failure.message.clone(),
         });
         self.patch_status(backup, status).await?;
-        self.publish(
-            backup,
-            EventType::Warning,
-            &failure.reason,
-            format!("{}{cleanup_note}", failure.message),
-        )
-        .await;
+        let note = format!("{}{cleanup_note}", failure.message);
+        self.publish(backup, EventType::Warning, &failure.reason, note)
+            .await;
         self.metrics.ended(Outcome::Failed, &failure.reason);
         Ok(())
     }
-}
 
-/// Sets the phase and the `Ready` condition that mirrors it.
-pub fn set_phase(
-    status: &mut BackupStatus,
-    backup: &Backup,
-    phase: Phase,
-    reason: &str,
-    message: &str,
-) {
-    status.phase = Some(phase);
-    status.observed_generation = backup.metadata.generation;
-    phase::set_condition(
-        &mut status.conditions,
-        phase::ready_condition(phase, reason, message, backup.metadata.generation, now()),
-    );
+    /// Hands a backup to a session task when `phase::admit` lets it run now.
+    fn start_task(
+        self: &Arc<Self>,
+        backup: Arc<Backup>,
+        pods: Vec<Pod>,
+        secrets: Secrets,
+    ) -> Admission {
+        let k = key(&backup);
+        let database = task::database_key(&backup);
+        let mut running = self.running();
+        let busy: Vec<(String, String)> = running
+            .values()
+            .map(|r| (r.database.clone(), r.name.clone()))
+            .collect();
+        let admission = phase::admit(&database, &busy, self.settings.max_concurrent);
+        if admission != Admission::Go {
+            return admission;
+        }
+        let (abort_tx, abort_rx) = oneshot::channel();
+        let (done_tx, done_rx) = watch::channel(false);
+        running.insert(
+            k.clone(),
+            Running {
+                name: backup.name_any(),
+                database,
+                abort: Some(abort_tx),
+                done: done_rx,
+            },
+        );
+        self.metrics.in_flight.set(running.len() as i64);
+        let span = info_span!("backup", namespace = %backup.namespace().unwrap_or_default(), name = %backup.name_any());
+        let work = task::Assignment {
+            backup,
+            connect_timeout: self.settings.connect_timeout,
+            pods,
+            password: secrets.password,
+            ca_cert: secrets.ca_cert,
+        };
+        let ctx = self.clone();
+        tokio::spawn(
+            async move {
+                task::run(&ctx, work, abort_rx).await;
+                ctx.release(&k);
+                let _ = done_tx.send(true);
+            }
+            .instrument(span),
+        );
+        admission
+    }
 }
 
 async fn reconcile(backup: Arc<Backup>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -319,27 +288,33 @@ async fn reconcile(backup: Arc<Backup>, ctx: Arc<Context>) -> Result<Action, Err
     })
 }
 
+/// Whether the cached copy lags behind a status this process wrote (then wait for the
+/// watch to bring the write); a caught-up copy, or a new object of the same name, clears it.
+fn lags_behind_own_write(ctx: &Context, backup: &Backup, cached: Option<Phase>) -> bool {
+    let mut written = ctx.written.lock().unwrap_or_else(|e| e.into_inner());
+    match written.get(&key(backup)) {
+        Some((uid, phase))
+            if Some(uid) == backup.uid().as_ref() && phase::is_stale(cached, *phase) =>
+        {
+            true
+        }
+        Some(_) => {
+            written.remove(&key(backup));
+            false
+        }
+        None => false,
+    }
+}
+
 async fn apply(backup: Arc<Backup>, ctx: Arc<Context>) -> Result<Action, Error> {
     let status = backup.status.clone().unwrap_or_default();
-    {
-        let mut written = ctx.written.lock().unwrap_or_else(|e| e.into_inner());
-        match written.get(&key(&backup)) {
-            Some((uid, phase))
-                if Some(uid) == backup.uid().as_ref() && phase::is_stale(status.phase, *phase) =>
-            {
-                return Ok(Action::await_change());
-            }
-            // Caught up (or a new object of the same name): forget the write.
-            Some(_) => {
-                written.remove(&key(&backup));
-            }
-            None => {}
-        }
+    if lags_behind_own_write(&ctx, &backup, status.phase) {
+        return Ok(Action::await_change());
     }
-    match phase::step(status.phase, ctx.is_running(&key(&backup))) {
-        phase::Step::Admit => admit(backup, ctx).await,
-        phase::Step::LeaveToTask | phase::Step::Done => Ok(Action::await_change()),
-        phase::Step::SessionLost => {
+    match phase::next(status.phase, ctx.is_running(&key(&backup))) {
+        Next::Admit => admit(backup, ctx).await,
+        Next::LeaveToTask | Next::Done => Ok(Action::await_change()),
+        Next::SessionLost => {
             let failure = Failure::new(
                 "SessionLost",
                 "the operator lost the database session mid-backup (restart or leadership change); PostgreSQL aborted the backup by itself. Create a new Backup",
@@ -347,57 +322,76 @@ async fn apply(backup: Arc<Backup>, ctx: Arc<Context>) -> Result<Action, Error> 
             ctx.fail(&backup, &mut status.clone(), failure).await?;
             Ok(Action::await_change())
         }
-        phase::Step::AwaitReady => await_ready(backup, ctx, status).await,
+        Next::AwaitReady => await_ready(backup, ctx, status).await,
     }
+}
+
+/// The password and CA certificate a Backup names.
+struct Secrets {
+    password: Option<String>,
+    ca_cert: Option<Vec<u8>>,
+}
+
+/// What reading a Backup's Secrets found.
+enum SecretsRead {
+    Found(Secrets),
+    /// A Secret or key is missing: the backup waits for it (why, for status).
+    Missing(String),
+    Invalid(Failure),
+}
+
+async fn read_secrets(client: &Client, backup: &Backup) -> Result<SecretsRead, kube::Error> {
+    let ns = backup.namespace().unwrap_or_default();
+    let conn = &backup.spec.connection;
+    let mut values = [None, None];
+    let refs = [
+        ("password", &conn.password_secret_ref),
+        ("CA certificate", &conn.ca_secret_ref),
+    ];
+    for (value, (what, reference)) in values.iter_mut().zip(refs) {
+        let Some(reference) = reference else {
+            continue;
+        };
+        let secret = Api::<Secret>::namespaced(client.clone(), &ns)
+            .get_opt(&reference.name)
+            .await?;
+        match secret
+            .and_then(|s| s.data)
+            .and_then(|mut d| d.remove(&reference.key))
+        {
+            Some(bytes) => *value = Some(bytes.0),
+            None => {
+                return Ok(SecretsRead::Missing(format!(
+                    "waiting for the {what} in Secret {}/{} key {:?}; the backup starts once it exists",
+                    ns, reference.name, reference.key
+                )));
+            }
+        }
+    }
+    let [password, ca_cert] = values;
+    let Ok(password) = password.map(String::from_utf8).transpose() else {
+        let failure = Failure::new(
+            "InvalidSecret",
+            "the password in the Secret is not valid UTF-8",
+        );
+        return Ok(SecretsRead::Invalid(failure));
+    };
+    Ok(SecretsRead::Found(Secrets { password, ca_cert }))
 }
 
 /// Pending: resolve the Secret and the pod, wait for a slot, then start the session task.
 async fn admit(backup: Arc<Backup>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let ns = backup.namespace().unwrap_or_default();
     let mut status = backup.status.clone().unwrap_or_default();
-    let conn = &backup.spec.connection;
-
-    let mut secrets = Vec::new();
-    for (what, reference) in [
-        ("password", &conn.password_secret_ref),
-        ("CA certificate", &conn.ca_secret_ref),
-    ] {
-        let Some(reference) = reference else {
-            secrets.push(None);
-            continue;
-        };
-        let secret = Api::<Secret>::namespaced(ctx.client.clone(), &ns)
-            .get_opt(&reference.name)
-            .await?;
-        let value = secret
-            .and_then(|s| s.data)
-            .and_then(|mut d| d.remove(&reference.key));
-        match value {
-            Some(bytes) => secrets.push(Some(bytes.0)),
-            None => {
-                let message = format!(
-                    "waiting for the {what} in Secret {}/{} key {:?}; the backup starts once it exists",
-                    ns, reference.name, reference.key
-                );
-                return wait_pending(&ctx, &backup, &mut status, "SecretNotFound", message).await;
-            }
+    let secrets = match read_secrets(&ctx.client, &backup).await? {
+        SecretsRead::Found(secrets) => secrets,
+        SecretsRead::Missing(message) => {
+            return wait_pending(&ctx, &backup, &mut status, "SecretNotFound", message).await;
         }
-    }
-    let password = match secrets[0].take() {
-        Some(bytes) => match String::from_utf8(bytes) {
-            Ok(p) => Some(p),
-            Err(_) => {
-                let failure = Failure::new(
-                    "InvalidSecret",
-                    "the password in the Secret is not valid UTF-8",
-                );
-                ctx.fail(&backup, &mut status, failure).await?;
-                return Ok(Action::await_change());
-            }
-        },
-        None => None,
+        SecretsRead::Invalid(failure) => {
+            ctx.fail(&backup, &mut status, failure).await?;
+            return Ok(Action::await_change());
+        }
     };
-
     let pods = match task::target_pods(&ctx.client, &backup).await {
         Ok(pods) => pods,
         Err(failure) => {
@@ -405,50 +399,7 @@ async fn admit(backup: Arc<Backup>, ctx: Arc<Context>) -> Result<Action, Error> 
             return Ok(Action::await_change());
         }
     };
-    let database = task::database_key(&backup);
-
-    let k = key(&backup);
-    let admission = {
-        let mut running = ctx.running.lock().unwrap_or_else(|e| e.into_inner());
-        let busy: Vec<(String, String)> = running
-            .values()
-            .map(|r| (r.database.clone(), r.name.clone()))
-            .collect();
-        let admission = phase::admit(&database, &busy, ctx.settings.max_concurrent);
-        if admission == Admission::Go {
-            let (abort_tx, abort_rx) = oneshot::channel();
-            let (done_tx, done_rx) = watch::channel(false);
-            running.insert(
-                k.clone(),
-                Running {
-                    name: backup.name_any(),
-                    database,
-                    abort: Some(abort_tx),
-                    done: done_rx,
-                },
-            );
-            ctx.metrics.in_flight.set(running.len() as i64);
-            let job = task::Job {
-                backup: backup.clone(),
-                connect_timeout: ctx.settings.connect_timeout,
-                pods,
-                password,
-                ca_cert: secrets[1].take(),
-            };
-            let span = info_span!("backup", namespace = %ns, name = %backup.name_any());
-            let ctx = ctx.clone();
-            tokio::spawn(
-                async move {
-                    task::run(&ctx, job, abort_rx).await;
-                    ctx.release(&k);
-                    let _ = done_tx.send(true);
-                }
-                .instrument(span),
-            );
-        }
-        admission
-    };
-    match admission {
+    match ctx.start_task(backup.clone(), pods, secrets) {
         Admission::Go => Ok(Action::await_change()),
         Admission::DatabaseBusy { running } => {
             let message = format!(
@@ -472,11 +423,7 @@ async fn wait_pending(
     reason: &str,
     message: String,
 ) -> Result<Action, Error> {
-    let unchanged = status
-        .conditions
-        .iter()
-        .any(|c| c.type_ == "Ready" && c.reason == reason && c.message == message);
-    if !unchanged {
+    if !controller::ready_says(&status.conditions, reason, &message) {
         info!(reason, %message, "backup pending");
         set_phase(status, backup, Phase::Pending, reason, &message);
         ctx.patch_status(backup, status).await?;
@@ -484,6 +431,36 @@ async fn wait_pending(
             .await;
     }
     Ok(Action::await_change())
+}
+
+/// Each recorded snapshot as it is now; updates readyToUse and restoreSize in `status`.
+fn observe_snapshots(
+    status: &mut BackupStatus,
+    existing: &[VolumeSnapshot],
+) -> Vec<SnapshotObservation> {
+    let by_name: HashMap<String, &VolumeSnapshot> =
+        existing.iter().map(|s| (s.name_any(), s)).collect();
+    status
+        .snapshots
+        .iter_mut()
+        .map(|s| {
+            let found = by_name.get(&s.name);
+            if let Some(v) = found {
+                s.ready_to_use = v.is_ready();
+                s.restore_size = v
+                    .status
+                    .as_ref()
+                    .and_then(|st| st.restore_size.as_ref())
+                    .map(|q| q.0.clone());
+            }
+            SnapshotObservation {
+                name: s.name.clone(),
+                exists: found.is_some(),
+                ready: found.is_some_and(|v| v.is_ready()),
+                error: found.and_then(|v| v.error_message()),
+            }
+        })
+        .collect()
 }
 
 /// Finalizing: the server left backup mode; wait (on snapshot watch events) for readyToUse.
@@ -494,78 +471,50 @@ async fn await_ready(
 ) -> Result<Action, Error> {
     let api: Api<VolumeSnapshot> =
         Api::namespaced(ctx.client.clone(), &backup.namespace().unwrap_or_default());
-    let existing = api
-        .list(&ListParams::default().labels(&format!("{BACKUP_NAME_LABEL}={}", backup.name_any())))
-        .await?;
-    let by_name: HashMap<String, &VolumeSnapshot> =
-        existing.items.iter().map(|s| (s.name_any(), s)).collect();
-    let observations: Vec<SnapshotObservation> = status
-        .snapshots
-        .iter()
-        .map(|s| {
-            let found = by_name.get(&s.name);
-            SnapshotObservation {
-                name: s.name.clone(),
-                exists: found.is_some(),
-                ready: found.is_some_and(|v| v.is_ready()),
-                error: found.and_then(|v| v.error_message()),
-            }
-        })
-        .collect();
+    let selector = format!("{BACKUP_NAME_LABEL}={}", backup.name_any());
+    let existing = api.list(&ListParams::default().labels(&selector)).await?;
     let before = status.clone();
-    for s in status.snapshots.iter_mut() {
-        if let Some(v) = by_name.get(&s.name) {
-            s.ready_to_use = v.is_ready();
-            s.restore_size = v
-                .status
-                .as_ref()
-                .and_then(|st| st.restore_size.as_ref())
-                .map(|q| q.0.clone());
-        }
-    }
-    match phase::readiness(&observations) {
-        Readiness::Wait => {
-            if status != before {
-                ctx.patch_status(&backup, &status).await?;
-            }
-        }
+    match phase::readiness(&observe_snapshots(&mut status, &existing.items)) {
+        Readiness::Wait if status != before => ctx.patch_status(&backup, &status).await?,
+        Readiness::Wait => {}
         Readiness::Fail { reason, message } => {
             ctx.fail(&backup, &mut status, Failure::new(reason, message))
                 .await?
         }
-        Readiness::Complete => {
-            let window = status
-                .backup_window
-                .as_ref()
-                .and_then(|w| w.seconds.clone())
-                .unwrap_or_default();
-            let message = format!(
-                "{} snapshot(s) ready to use; the server spent {window}s in backup mode",
-                status.snapshots.len()
-            );
-            set_phase(
-                &mut status,
-                &backup,
-                Phase::Completed,
-                "Completed",
-                &message,
-            );
-            status.completed_at = Some(now());
-            ctx.patch_status(&backup, &status).await?;
-            if let Some(stopped) = status
-                .backup_window
-                .as_ref()
-                .and_then(|w| w.stopped_at.as_ref())
-            {
-                let waited = k8s_openapi::jiff::Timestamp::now().duration_since(stopped.0);
-                ctx.metrics.observe(Step::Ready, waited.as_secs_f64());
-            }
-            ctx.publish(&backup, EventType::Normal, "Completed", message)
-                .await;
-            ctx.metrics.ended(Outcome::Completed, "Completed");
-        }
+        Readiness::Complete => complete(&backup, &ctx, &mut status).await?,
     }
     Ok(Action::await_change())
+}
+
+async fn complete(
+    backup: &Backup,
+    ctx: &Context,
+    status: &mut BackupStatus,
+) -> Result<(), kube::Error> {
+    let window = status
+        .backup_window
+        .as_ref()
+        .and_then(|w| w.seconds.clone())
+        .unwrap_or_default();
+    let message = format!(
+        "{} snapshot(s) ready to use; the server spent {window}s in backup mode",
+        status.snapshots.len()
+    );
+    set_phase(status, backup, Phase::Completed, "Completed", &message);
+    status.completed_at = Some(now());
+    ctx.patch_status(backup, status).await?;
+    if let Some(stopped) = status
+        .backup_window
+        .as_ref()
+        .and_then(|w| w.stopped_at.as_ref())
+    {
+        let waited = k8s_openapi::jiff::Timestamp::now().duration_since(stopped.0);
+        ctx.metrics.observe(TimedStep::Ready, waited.as_secs_f64());
+    }
+    ctx.publish(backup, EventType::Normal, "Completed", message)
+        .await;
+    ctx.metrics.ended(Outcome::Completed, "Completed");
+    Ok(())
 }
 
 /// Deletion: end a running session, then honour the deletionPolicy.
@@ -584,17 +533,8 @@ async fn cleanup(backup: Arc<Backup>, ctx: Arc<Context>) -> Result<Action, Error
         DeletionPolicy::Delete => {
             let removed =
                 snapshots::delete_all(&Api::namespaced(ctx.client.clone(), &ns), &name).await?;
-            match Api::<ConfigMap>::namespaced(ctx.client.clone(), &ns)
-                .delete(
-                    &label_store::config_map_name(&name),
-                    &DeleteParams::background(),
-                )
-                .await
-            {
-                Ok(_) => {}
-                Err(kube::Error::Api(s)) if s.code == 404 => {}
-                Err(e) => return Err(e.into()),
-            }
+            let cm: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
+            delete_if_present(&cm, &label_store::config_map_name(&name)).await?;
             info!(
                 snapshots = removed,
                 "deleted the backup's snapshots and label"
@@ -616,6 +556,34 @@ fn error_policy(backup: Arc<Backup>, error: &Error, _ctx: Arc<Context>) -> Actio
     }
 }
 
+/// The Pending backups that wait for Secret `secret` (by name) in its namespace.
+fn waiting_for_secret(
+    store: &Store<Backup>,
+    secret: &PartialObjectMeta<Secret>,
+) -> Vec<ObjectRef<Backup>> {
+    let ns = secret.namespace();
+    let name = secret.name_any();
+    store
+        .state()
+        .into_iter()
+        .filter(|b| {
+            b.namespace() == ns
+                && b.status
+                    .as_ref()
+                    .and_then(|st| st.phase)
+                    .is_none_or(|p| p == Phase::Pending)
+        })
+        .filter(|b| {
+            let c = &b.spec.connection;
+            [&c.password_secret_ref, &c.ca_secret_ref]
+                .into_iter()
+                .flatten()
+                .any(|r| r.name == name)
+        })
+        .map(|b| ObjectRef::from_obj(&*b))
+        .collect()
+}
+
 /// Runs the Backup controller until `shutdown` resolves, then aborts running backups cleanly.
 pub async fn run(
     client: Client,
@@ -625,20 +593,12 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let (finished_tx, finished_rx) = mpsc::unbounded();
-    let backups: Api<Backup> = match &settings.namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
-    let snapshots: Api<VolumeSnapshot> = match &settings.namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
-    let secrets: Api<PartialObjectMeta<Secret>> = match &settings.namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
+    let ns = settings.namespace.clone();
+    let backups: Api<Backup> = controller::api(&client, ns.as_deref());
+    let snapshots: Api<VolumeSnapshot> = controller::api(&client, ns.as_deref());
+    let secrets: Api<PartialObjectMeta<Secret>> = controller::api(&client, ns.as_deref());
     let ctx = Arc::new(Context {
-        recorder: Recorder::new(client.clone(), "pgsnap".into()),
+        reporter: Reporter::new(client.clone(), "Backup"),
         client,
         metrics,
         settings,
@@ -661,33 +621,9 @@ pub async fn run(
         )
         // A Pending backup waits for its password Secret. Metadata only: the operator never
         // holds Secret values it does not need.
-        .watches(
-            secrets,
-            watcher::Config::default(),
-            move |s: PartialObjectMeta<Secret>| {
-                let ns = s.namespace();
-                let name = s.name_any();
-                store
-                    .state()
-                    .into_iter()
-                    .filter(|b| {
-                        b.namespace() == ns
-                            && b.status
-                                .as_ref()
-                                .and_then(|st| st.phase)
-                                .is_none_or(|p| p == Phase::Pending)
-                    })
-                    .filter(|b| {
-                        let c = &b.spec.connection;
-                        [&c.password_secret_ref, &c.ca_secret_ref]
-                            .into_iter()
-                            .flatten()
-                            .any(|r| r.name == name)
-                    })
-                    .map(|b| ObjectRef::from_obj(&*b))
-                    .collect::<Vec<_>>()
-            },
-        )
+        .watches(secrets, watcher::Config::default(), move |s| {
+            waiting_for_secret(&store, &s)
+        })
         .reconcile_all_on(finished_rx)
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx.clone())

@@ -1,13 +1,11 @@
 //! The Backup's state machine as pure decisions: what to do in each phase, given what was
 //! observed. The reconciler and the session task do the I/O these decisions ask for.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-
 use crate::api::backup::{Phase, TargetRole};
 
 /// What the reconciler does with a Backup in a given phase.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Step {
+pub enum Next {
     /// Pending: check the inputs and wait for a slot, then hand over to a session task.
     Admit,
     /// A task holds the session: it alone moves the Backup on.
@@ -21,14 +19,14 @@ pub enum Step {
     Done,
 }
 
-pub fn step(phase: Option<Phase>, task_running: bool) -> Step {
+pub fn next(phase: Option<Phase>, task_running: bool) -> Next {
     match phase.unwrap_or(Phase::Pending) {
-        Phase::Pending if task_running => Step::LeaveToTask,
-        Phase::Pending => Step::Admit,
-        p if p.holds_session() && task_running => Step::LeaveToTask,
-        p if p.holds_session() => Step::SessionLost,
-        Phase::Finalizing => Step::AwaitReady,
-        _ => Step::Done,
+        Phase::Pending if task_running => Next::LeaveToTask,
+        Phase::Pending => Next::Admit,
+        p if p.holds_session() && task_running => Next::LeaveToTask,
+        p if p.holds_session() => Next::SessionLost,
+        Phase::Finalizing => Next::AwaitReady,
+        _ => Next::Done,
     }
 }
 
@@ -152,65 +150,26 @@ pub fn overhead(window: f64, cut_wait: f64, stop_call: f64) -> f64 {
     (window - cut_wait - stop_call).max(0.0)
 }
 
-/// The `Ready` condition for a phase: True only when Completed.
-pub fn ready_condition(
-    phase: Phase,
-    reason: &str,
-    message: &str,
-    generation: Option<i64>,
-    now: Time,
-) -> Condition {
-    Condition {
-        type_: "Ready".into(),
-        status: if phase == Phase::Completed {
-            "True"
-        } else {
-            "False"
-        }
-        .into(),
-        reason: reason.into(),
-        message: message.into(),
-        observed_generation: generation,
-        last_transition_time: now,
-    }
-}
-
-/// Replaces the condition of the same type, keeping its transition time when the status
-/// did not change, as the Kubernetes API conventions ask.
-pub fn set_condition(conditions: &mut Vec<Condition>, new: Condition) {
-    match conditions.iter_mut().find(|c| c.type_ == new.type_) {
-        Some(old) => {
-            let keep_time = old.status == new.status;
-            let time = old.last_transition_time.clone();
-            *old = new;
-            if keep_time {
-                old.last_transition_time = time;
-            }
-        }
-        None => conditions.push(new),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn each_phase_has_one_step() {
-        assert_eq!(step(None, false), Step::Admit);
-        assert_eq!(step(Some(Phase::Pending), false), Step::Admit);
-        assert_eq!(step(Some(Phase::Pending), true), Step::LeaveToTask);
+        assert_eq!(next(None, false), Next::Admit);
+        assert_eq!(next(Some(Phase::Pending), false), Next::Admit);
+        assert_eq!(next(Some(Phase::Pending), true), Next::LeaveToTask);
         for p in [Phase::Starting, Phase::Snapshotting, Phase::Stopping] {
-            assert_eq!(step(Some(p), true), Step::LeaveToTask);
+            assert_eq!(next(Some(p), true), Next::LeaveToTask);
             assert_eq!(
-                step(Some(p), false),
-                Step::SessionLost,
+                next(Some(p), false),
+                Next::SessionLost,
                 "{p:?} without a task"
             );
         }
-        assert_eq!(step(Some(Phase::Finalizing), false), Step::AwaitReady);
-        assert_eq!(step(Some(Phase::Completed), false), Step::Done);
-        assert_eq!(step(Some(Phase::Failed), true), Step::Done);
+        assert_eq!(next(Some(Phase::Finalizing), false), Next::AwaitReady);
+        assert_eq!(next(Some(Phase::Completed), false), Next::Done);
+        assert_eq!(next(Some(Phase::Failed), true), Next::Done);
     }
 
     #[test]
@@ -313,33 +272,5 @@ mod tests {
     fn overhead_is_what_remains_of_the_window() {
         assert!((overhead(1.30, 1.0, 0.25) - 0.05).abs() < 1e-9);
         assert_eq!(overhead(0.1, 0.2, 0.0), 0.0);
-    }
-
-    #[test]
-    fn conditions_keep_their_transition_time_until_the_status_changes() {
-        let t = |s: i64| Time(k8s_openapi::jiff::Timestamp::from_second(s).unwrap());
-        let mut conditions = vec![];
-        set_condition(
-            &mut conditions,
-            ready_condition(Phase::Pending, "SecretNotFound", "m", Some(1), t(1)),
-        );
-        set_condition(
-            &mut conditions,
-            ready_condition(Phase::Snapshotting, "Snapshotting", "m", Some(1), t(2)),
-        );
-        assert_eq!(conditions.len(), 1);
-        assert_eq!(conditions[0].last_transition_time, t(1));
-        assert_eq!(conditions[0].reason, "Snapshotting");
-        set_condition(
-            &mut conditions,
-            ready_condition(Phase::Completed, "Completed", "m", Some(1), t(3)),
-        );
-        assert_eq!(
-            (
-                conditions[0].status.as_str(),
-                &conditions[0].last_transition_time
-            ),
-            ("True", &t(3))
-        );
     }
 }

@@ -16,19 +16,20 @@ use tokio::time::timeout_at;
 use tracing::info;
 
 use super::volumes::{self, DatabaseDir, PlannedSnapshot};
-use super::{Context, Failure, now, phase, set_phase};
+use super::{Context, phase};
 use crate::api::backup::{
     Backup, BackupStatus, BackupTimings, BackupWindow, Checkpoint, Phase, PostgresStatus,
     ServerRole, SnapshotStatus, TargetRole, VolumeRole,
 };
 use crate::api::snapshot::VolumeSnapshot;
+use crate::controller::{Failure, now, set_phase};
 use crate::label_store::{self, LABEL_CONFIGMAP_ANNOTATION, SnapshotLocation};
 use crate::postgres::{self, ConnectOptions, Session};
 use crate::snapshots;
-use crate::telemetry::Step;
+use crate::telemetry::TimedStep;
 
 /// What the reconciler resolved for a backup before admitting it.
-pub struct Job {
+pub struct Assignment {
     pub backup: Arc<Backup>,
     pub connect_timeout: std::time::Duration,
     /// The candidate pods, Running, in name order.
@@ -137,8 +138,8 @@ pub fn port_of(pod: &Pod, requested: Option<i32>) -> u16 {
         .unwrap_or(5432)
 }
 
-fn connect_options(job: &Job, pod: &Pod) -> Result<ConnectOptions, Failure> {
-    let conn = &job.backup.spec.connection;
+fn connect_options(work: &Assignment, pod: &Pod) -> Result<ConnectOptions, Failure> {
+    let conn = &work.backup.spec.connection;
     let host = pod
         .status
         .as_ref()
@@ -153,26 +154,26 @@ fn connect_options(job: &Job, pod: &Pod) -> Result<ConnectOptions, Failure> {
         host,
         port: port_of(pod, conn.port),
         user: conn.user.clone(),
-        password: job.password.clone(),
+        password: work.password.clone(),
         database: conn.database.clone(),
         ssl_mode: conn.ssl_mode,
-        ca_cert_pem: job.ca_cert.clone(),
+        ca_cert_pem: work.ca_cert.clone(),
         application_name: "pgsnap".into(),
-        connect_timeout: job.connect_timeout,
+        connect_timeout: work.connect_timeout,
     })
 }
 
 /// Connects to the server the target names; with a selector, to each pod until the role fits.
-async fn connect(job: &Job) -> Result<(Session, Pod), Failure> {
-    let target = &job.backup.spec.target;
+async fn connect(work: &Assignment) -> Result<(Session, Pod), Failure> {
+    let target = &work.backup.spec.target;
     if target.pod_name.is_some() {
-        let pod = job.pods[0].clone();
-        return Ok((Session::connect(&connect_options(job, &pod)?).await?, pod));
+        let pod = work.pods[0].clone();
+        return Ok((Session::connect(&connect_options(work, &pod)?).await?, pod));
     }
     let role = target.role.unwrap_or(TargetRole::Primary);
     let mut sessions = Vec::new();
-    for pod in &job.pods {
-        let session = Session::connect(&connect_options(job, pod)?).await?;
+    for pod in &work.pods {
+        let session = Session::connect(&connect_options(work, pod)?).await?;
         sessions.push((pod.clone(), session));
     }
     let candidates: Vec<(String, bool)> = sessions
@@ -220,28 +221,32 @@ fn database_dirs(server: &postgres::ServerInfo) -> Vec<DatabaseDir> {
 }
 
 /// Runs one backup to Finalizing, or to Failed with everything it made removed.
-pub async fn run(ctx: &Context, job: Job, abort: oneshot::Receiver<Failure>) {
-    let mut status = job.backup.status.clone().unwrap_or_default();
+pub async fn run(ctx: &Context, work: Assignment, abort: oneshot::Receiver<Failure>) {
+    let mut status = work.backup.status.clone().unwrap_or_default();
     let result = tokio::select! {
-        result = execute(ctx, &job, &mut status) => result,
+        result = execute(ctx, &work, &mut status) => result,
         why = abort => Err(why.unwrap_or_else(|_| Failure::new("OperatorShutdown", "the operator stopped mid-backup"))),
     };
     // The select dropped `execute` and with it the session: the server is out of backup mode.
-    if let Err(failure) = result {
-        if let Err(e) = ctx.fail(&job.backup, &mut status, failure).await {
-            tracing::error!(error = %e, "could not record the failure; the next reconcile will find the session lost");
-        }
+    if let Err(failure) = result
+        && let Err(e) = ctx.fail(&work.backup, &mut status, failure).await
+    {
+        tracing::error!(error = %e, "could not record the failure; the next reconcile will find the session lost");
     }
 }
 
-async fn execute(ctx: &Context, job: &Job, status: &mut BackupStatus) -> Result<(), Failure> {
-    let backup = &*job.backup;
+async fn execute(
+    ctx: &Context,
+    work: &Assignment,
+    status: &mut BackupStatus,
+) -> Result<(), Failure> {
+    let backup = &*work.backup;
     let ns = backup.namespace().unwrap_or_default();
     let name = backup.name_any();
     let spec = &backup.spec;
     let snapshot_api: Api<VolumeSnapshot> = Api::namespaced(ctx.client.clone(), &ns);
 
-    let (mut session, pod) = connect(job).await?;
+    let (mut session, pod) = connect(work).await?;
     let server = session.server().clone();
     let standby = server.in_recovery;
     status.postgres = Some(PostgresStatus {
@@ -310,7 +315,8 @@ async fn execute(ctx: &Context, job: &Job, status: &mut BackupStatus) -> Result<
         .start(&label, spec.checkpoint == Checkpoint::Fast, spec.deadline.0)
         .await?;
     let window_start = Instant::now();
-    ctx.metrics.observe(Step::Start, started.took.as_secs_f64());
+    ctx.metrics
+        .observe(TimedStep::Start, started.took.as_secs_f64());
     status.start_lsn = Some(started.start_lsn.to_string());
     status.wal_pinned = Some(started.wal_pinned);
     status.backup_window = Some(BackupWindow {
@@ -366,7 +372,7 @@ async fn execute(ctx: &Context, job: &Job, status: &mut BackupStatus) -> Result<
         cut.extend(batch.iter().map(|p| (*p).clone()).zip(snapshots));
     }
     let cut_wait = cut_begin.elapsed();
-    ctx.metrics.observe(Step::Cut, cut_wait.as_secs_f64());
+    ctx.metrics.observe(TimedStep::Cut, cut_wait.as_secs_f64());
 
     set_phase(
         status,
@@ -387,7 +393,8 @@ async fn execute(ctx: &Context, job: &Job, status: &mut BackupStatus) -> Result<
     let window = window_start.elapsed();
     drop(session);
     written?;
-    ctx.metrics.observe(Step::Stop, stopped.took.as_secs_f64());
+    ctx.metrics
+        .observe(TimedStep::Stop, stopped.took.as_secs_f64());
     ctx.metrics
         .backup_mode_seconds
         .observe(window.as_secs_f64());
@@ -396,7 +403,7 @@ async fn execute(ctx: &Context, job: &Job, status: &mut BackupStatus) -> Result<
         cut_wait.as_secs_f64(),
         stopped.took.as_secs_f64(),
     );
-    ctx.metrics.observe(Step::Overhead, overhead);
+    ctx.metrics.observe(TimedStep::Overhead, overhead);
     status.timings = Some(BackupTimings {
         checkpoint_seconds: started.took.as_secs_f64(),
         cut_seconds: cut_wait.as_secs_f64(),
@@ -416,8 +423,8 @@ async fn execute(ctx: &Context, job: &Job, status: &mut BackupStatus) -> Result<
         .find(|(p, _)| p.role == VolumeRole::Data)
         .map(|(_, v)| v.clone())
         .ok_or_else(|| Failure::new("PathNotOnClaim", "no snapshot holds the data directory"))?;
-    let record = label_store::BackupLabel {
-        backup: name.clone(),
+    let record = label_store::LabelRecord {
+        backup: Some(name.clone()),
         backup_label: stopped.labelfile.clone(),
         tablespace_map: stopped.spcmapfile.clone(),
         start_lsn: started.start_lsn.to_string(),
@@ -435,7 +442,7 @@ async fn execute(ctx: &Context, job: &Job, status: &mut BackupStatus) -> Result<
             })
             .collect(),
     };
-    label_store::store(&ctx.client, &record, &ns, &data).await?;
+    label_store::store(&ctx.client, &record, &cm_name, &ns, &data).await?;
 
     let seconds = format!("{:.3}", window.as_secs_f64());
     status.stop_lsn = Some(stopped.stop_lsn.to_string());

@@ -8,6 +8,7 @@ use std::path::{Component, Path, PathBuf};
 use k8s_openapi::api::core::v1::PodSpec;
 
 use crate::api::backup::VolumeRole;
+use crate::label_store::Location;
 
 /// A directory of the database, as the server reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -18,22 +19,6 @@ pub struct DatabaseDir {
     /// The tablespace's OID: the name of its link in `pg_tblspc`, which `tablespace_map` keys on.
     pub tablespace_oid: Option<u32>,
     pub path: String,
-}
-
-/// Where one database directory lives: in which claim, at which path inside the volume.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Location {
-    pub role: VolumeRole,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tablespace: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tablespace_oid: Option<u32>,
-    /// The directory as the server sees it.
-    pub server_path: String,
-    pub persistent_volume_claim: String,
-    /// The directory inside the volume ("" = the volume's root).
-    pub path_in_volume: String,
 }
 
 /// One snapshot to take: a claim and the database directories it holds.

@@ -1,6 +1,6 @@
-//! A Restore's decisions as pure functions: what the label ConfigMap says was backed up,
-//! which claim each snapshot becomes, the prepare Job, and what a finished Job means. The
-//! reconciler does the API calls these ask for.
+//! What a Restore creates, as pure functions: which claim each snapshot of the backup
+//! becomes, the claims themselves, and the prepare Job with its `restore-prepare` command
+//! line. The reconciler creates what these build.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -8,111 +8,29 @@ use k8s_openapi::api::batch::v1::{
     Job, JobSpec, PodFailurePolicy, PodFailurePolicyOnExitCodesRequirement, PodFailurePolicyRule,
 };
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, KeyToPath, PersistentVolumeClaim,
+    Capabilities, ConfigMapVolumeSource, Container, KeyToPath, PersistentVolumeClaim,
     PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec,
     PodTemplateSpec, SecurityContext, TypedLocalObjectReference, Volume, VolumeMount,
     VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
-use kube::ResourceExt;
 use kube::api::ObjectMeta;
 
+use crate::api::RESTORE_NAME_LABEL;
 use crate::api::backup::VolumeRole;
 use crate::api::restore::{RecoverySpec, RestoreClaim, RestoredClaim};
-use crate::backup::Failure;
+use crate::controller::Failure;
 use crate::label_store::{
-    BACKUP_LABEL_KEY, SnapshotLocation, TABLESPACE_MAP_KEY, annotations, sha256_hex,
+    BACKUP_LABEL_KEY, LabelRecord, LabelStoreError, SnapshotLocation, TABLESPACE_MAP_KEY,
 };
 use crate::restore::prepare::EXIT_REFUSED;
 
-/// Label on every PVC and Job a Restore creates: its name.
-pub const RESTORE_NAME_LABEL: &str = "pgsnap.io/restore";
 /// Where the prepare Job mounts the label ConfigMap.
 pub const LABEL_MOUNT: &str = "/pgsnap/label";
 
-/// What the label ConfigMap says about the backup, checked.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Label {
-    pub config_map: String,
-    pub backup: Option<String>,
-    pub backup_label_sha256: String,
-    pub tablespace_map_sha256: String,
-    pub system_identifier: String,
-    pub stop_lsn: String,
-    pub server_version: String,
-    pub volumes: Vec<SnapshotLocation>,
-}
-
-fn invalid(cm: &str, what: String) -> Failure {
-    Failure::new(
-        "LabelConfigMapInvalid",
-        format!("label ConfigMap {cm}: {what}"),
-    )
-}
-
-/// Reads and checks the label ConfigMap. The files are checked against their recorded
-/// sha256 here already, so a tampered label fails the Restore before any PVC is made;
-/// restore-prepare checks again where the files are used.
-pub fn read_label(cm: &ConfigMap) -> Result<Label, Failure> {
-    let name = cm.name_any();
-    let ann = cm.annotations();
-    let get = |key: &str| {
-        ann.get(key).cloned().ok_or_else(|| {
-            invalid(
-                &name,
-                format!("no annotation {key}; it was not written by pgsnap"),
-            )
-        })
-    };
-    let data = cm.data.clone().unwrap_or_default();
-    let label = data.get(BACKUP_LABEL_KEY).filter(|l| !l.is_empty()).ok_or_else(|| {
-        Failure::new("LabelMissing", format!("label ConfigMap {name} has no {BACKUP_LABEL_KEY}; without it a restore silently corrupts the database"))
-    })?;
-    let map = data.get(TABLESPACE_MAP_KEY).cloned().unwrap_or_default();
-    let label_sha = get(annotations::BACKUP_LABEL_SHA256)?;
-    let map_sha = get(annotations::TABLESPACE_MAP_SHA256)?;
-    for (file, bytes, expected) in [
-        (BACKUP_LABEL_KEY, label.as_bytes(), &label_sha),
-        (TABLESPACE_MAP_KEY, map.as_bytes(), &map_sha),
-    ] {
-        let actual = sha256_hex(bytes);
-        if &actual != expected {
-            return Err(Failure::new(
-                "LabelChecksumMismatch",
-                format!(
-                    "{file} in ConfigMap {name} has sha256 {actual}, the backup recorded {expected}: the label was altered"
-                ),
-            ));
-        }
-    }
-    let system_identifier = get(annotations::SYSTEM_IDENTIFIER)?;
-    if system_identifier.parse::<u64>().is_err() {
-        return Err(invalid(
-            &name,
-            format!("system identifier {system_identifier:?} is not a number"),
-        ));
-    }
-    let volumes: Vec<SnapshotLocation> = serde_json::from_str(&get(annotations::VOLUMES)?)
-        .map_err(|e| invalid(&name, format!("annotation {}: {e}", annotations::VOLUMES)))?;
-    if !volumes.iter().any(|v| v.location.role == VolumeRole::Data) {
-        return Err(invalid(&name, "no volume holds the data directory".into()));
-    }
-    let stop_lsn = get(annotations::STOP_LSN)?;
-    let server_version = get(annotations::SERVER_VERSION)?;
-    Ok(Label {
-        backup: cm
-            .labels()
-            .get(crate::label_store::BACKUP_NAME_LABEL)
-            .cloned(),
-        config_map: name,
-        backup_label_sha256: label_sha,
-        tablespace_map_sha256: map_sha,
-        system_identifier,
-        stop_lsn,
-        server_version,
-        volumes,
-    })
+fn invalid(config_map: &str, what: String) -> Failure {
+    LabelStoreError::invalid(config_map, what).into()
 }
 
 /// One snapshot of the backup, with the directories it holds.
@@ -147,7 +65,7 @@ pub fn mount_path(server_path: &str, path_in_volume: &str) -> Option<String> {
 }
 
 /// Groups the label's locations by snapshot.
-pub fn source_volumes(label: &Label) -> Result<Vec<SourceVolume>, Failure> {
+pub fn source_volumes(config_map: &str, label: &LabelRecord) -> Result<Vec<SourceVolume>, Failure> {
     let mut by_snapshot: BTreeMap<&str, Vec<&SnapshotLocation>> = BTreeMap::new();
     for v in &label.volumes {
         by_snapshot.entry(&v.volume_snapshot).or_default().push(v);
@@ -161,13 +79,13 @@ pub fn source_volumes(label: &Label) -> Result<Vec<SourceVolume>, Failure> {
                 .map(|l| &l.location)
                 .ok_or_else(|| {
                     invalid(
-                        &label.config_map,
+                        config_map,
                         format!("snapshot {snapshot} holds no directory"),
                     )
                 })?;
             let mount = mount_path(&main.server_path, &main.path_in_volume).ok_or_else(|| {
                 invalid(
-                    &label.config_map,
+                    config_map,
                     format!(
                         "{} is not inside its volume path {:?}",
                         main.server_path, main.path_in_volume
@@ -399,25 +317,11 @@ pub fn claim(
     }
 }
 
-/// A name of at most `max` characters: `base-suffix`, hashed when too long.
-pub fn bounded_name(base: &str, suffix: &str, max: usize) -> String {
-    let name = format!("{base}-{suffix}");
-    if name.len() <= max {
-        return name;
-    }
-    let hash = &sha256_hex(name.as_bytes())[..8];
-    let keep = max - suffix.len() - hash.len() - 2;
-    format!(
-        "{}-{hash}-{suffix}",
-        base[..keep].trim_end_matches(['-', '.'])
-    )
-}
-
 /// `pgsnap restore-prepare`'s arguments. The data directory is found where the backed-up
 /// server had it, because the Job mounts every claim at the server's mount path.
 pub fn prepare_args(
     claims: &[PlannedClaim],
-    label: &Label,
+    label: &LabelRecord,
     recovery: &RecoverySpec,
 ) -> Vec<String> {
     let data = claims.iter().find(|c| c.role == VolumeRole::Data);
@@ -439,9 +343,9 @@ pub fn prepare_args(
         "--label-dir".into(),
         LABEL_MOUNT.into(),
         "--backup-label-sha256".into(),
-        label.backup_label_sha256.clone(),
+        label.backup_label_sha256(),
         "--tablespace-map-sha256".into(),
-        label.tablespace_map_sha256.clone(),
+        label.tablespace_map_sha256(),
         "--system-identifier".into(),
         label.system_identifier.clone(),
         "--promote".into(),
@@ -470,6 +374,8 @@ pub struct JobIdentity<'a> {
     pub restore: &'a str,
     pub owner: OwnerReference,
     pub image: &'a str,
+    /// The backup's label ConfigMap, mounted into the Job.
+    pub label_config_map: &'a str,
 }
 
 /// The Job that runs restore-prepare on the restored claims. It runs as root with only the
@@ -479,7 +385,7 @@ pub struct JobIdentity<'a> {
 pub fn prepare_job(
     job: JobIdentity,
     claims: &[PlannedClaim],
-    label: &Label,
+    label: &LabelRecord,
     recovery: &RecoverySpec,
 ) -> Job {
     let JobIdentity {
@@ -488,11 +394,12 @@ pub fn prepare_job(
         restore,
         owner,
         image,
+        label_config_map,
     } = job;
     let mut volumes = vec![Volume {
         name: "label".into(),
         config_map: Some(ConfigMapVolumeSource {
-            name: label.config_map.clone(),
+            name: label_config_map.to_string(),
             items: Some(vec![
                 KeyToPath {
                     key: BACKUP_LABEL_KEY.into(),
@@ -596,50 +503,10 @@ pub fn prepare_job(
     }
 }
 
-#[derive(Debug, PartialEq, Eq)]
-pub enum JobOutcome {
-    Running,
-    Succeeded,
-    Failed { message: String },
-}
-
-pub fn job_outcome(job: &Job) -> JobOutcome {
-    let Some(status) = &job.status else {
-        return JobOutcome::Running;
-    };
-    let condition = |t: &str| {
-        status
-            .conditions
-            .iter()
-            .flatten()
-            .find(|c| c.type_ == t && c.status == "True")
-    };
-    if let Some(failed) = condition("Failed") {
-        return JobOutcome::Failed {
-            message: failed
-                .message
-                .clone()
-                .unwrap_or_else(|| failed.reason.clone().unwrap_or_default()),
-        };
-    }
-    if condition("Complete").is_some() || status.succeeded.unwrap_or(0) > 0 {
-        return JobOutcome::Succeeded;
-    }
-    JobOutcome::Running
-}
-
-/// The refusal restore-prepare wrote to its termination message: `Reason: message`.
-pub fn refusal(termination_message: &str) -> Option<Failure> {
-    let line = termination_message.trim();
-    let (reason, message) = line.split_once(": ")?;
-    (!reason.is_empty() && reason.chars().all(|c| c.is_ascii_alphanumeric()))
-        .then(|| Failure::new(reason, message))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backup::volumes::Location;
+    use crate::label_store::Location;
 
     fn loc(
         snapshot: &str,
@@ -661,39 +528,18 @@ mod tests {
         }
     }
 
-    fn config_map(label: &str, map: &str, volumes: &[SnapshotLocation]) -> ConfigMap {
-        let mut cm = ConfigMap {
-            metadata: ObjectMeta {
-                name: Some("b1-backup-label".into()),
-                ..Default::default()
-            },
-            data: Some(BTreeMap::from([
-                (BACKUP_LABEL_KEY.into(), label.into()),
-                (TABLESPACE_MAP_KEY.into(), map.into()),
-            ])),
-            ..Default::default()
-        };
-        cm.annotations_mut().extend([
-            (
-                annotations::BACKUP_LABEL_SHA256.to_string(),
-                sha256_hex(label.as_bytes()),
-            ),
-            (
-                annotations::TABLESPACE_MAP_SHA256.to_string(),
-                sha256_hex(map.as_bytes()),
-            ),
-            (
-                annotations::SYSTEM_IDENTIFIER.to_string(),
-                "7312345678901234567".into(),
-            ),
-            (annotations::STOP_LSN.to_string(), "0/3000100".into()),
-            (annotations::SERVER_VERSION.to_string(), "17.10".into()),
-            (
-                annotations::VOLUMES.to_string(),
-                serde_json::to_string(volumes).unwrap(),
-            ),
-        ]);
-        cm
+    fn record(label: &str, volumes: &[SnapshotLocation]) -> LabelRecord {
+        LabelRecord {
+            backup: Some("b1".into()),
+            backup_label: label.into(),
+            tablespace_map: String::new(),
+            start_lsn: "0/3000028".into(),
+            stop_lsn: "0/3000100".into(),
+            timeline: 1,
+            server_version: "17.10".into(),
+            system_identifier: "7312345678901234567".into(),
+            volumes: volumes.to_vec(),
+        }
     }
 
     fn three_volumes() -> Vec<SnapshotLocation> {
@@ -708,42 +554,6 @@ mod tests {
             loc("b1-wal", VolumeRole::Wal, None, "/wal/pg_wal", "pg_wal"),
             loc("b1-ts", VolumeRole::Tablespace, Some("fast"), "/ts", ""),
         ]
-    }
-
-    #[test]
-    fn the_label_config_map_is_read_and_checked() {
-        let cm = config_map("START WAL LOCATION: x\n", "16400 /ts\n", &three_volumes());
-        let label = read_label(&cm).unwrap();
-        assert_eq!(
-            (label.system_identifier.as_str(), label.volumes.len()),
-            ("7312345678901234567", 3)
-        );
-
-        let mut tampered = cm.clone();
-        tampered
-            .data
-            .as_mut()
-            .unwrap()
-            .insert(BACKUP_LABEL_KEY.into(), "START WAL LOCATION: y\n".into());
-        assert_eq!(
-            read_label(&tampered).unwrap_err().reason,
-            "LabelChecksumMismatch"
-        );
-        let mut map_lost = cm.clone();
-        map_lost.data.as_mut().unwrap().remove(TABLESPACE_MAP_KEY);
-        assert_eq!(
-            read_label(&map_lost).unwrap_err().reason,
-            "LabelChecksumMismatch"
-        );
-        let mut no_label = cm.clone();
-        no_label.data.as_mut().unwrap().remove(BACKUP_LABEL_KEY);
-        assert_eq!(read_label(&no_label).unwrap_err().reason, "LabelMissing");
-        let mut foreign = cm.clone();
-        foreign.annotations_mut().remove(annotations::VOLUMES);
-        assert_eq!(
-            read_label(&foreign).unwrap_err().reason,
-            "LabelConfigMapInvalid"
-        );
     }
 
     #[test]
@@ -785,8 +595,8 @@ mod tests {
 
     #[test]
     fn every_snapshot_gets_exactly_one_claim_of_at_least_its_size() {
-        let label = read_label(&config_map("L\n", "", &three_volumes())).unwrap();
-        let volumes = source_volumes(&label).unwrap();
+        let label = record("L\n", &three_volumes());
+        let volumes = source_volumes("b1-backup-label", &label).unwrap();
         let sizes: HashMap<String, Option<String>> = [
             ("b1-data", Some("1Gi")),
             ("b1-wal", Some("512Mi")),
@@ -835,9 +645,14 @@ mod tests {
                 .reason,
             "SizeUnknown"
         );
-        let data_only = read_label(&config_map("L\n", "", &three_volumes()[..1])).unwrap();
-        let extra =
-            plan_claims(&claims, &source_volumes(&data_only).unwrap(), &sizes, None).unwrap_err();
+        let data_only = record("L\n", &three_volumes()[..1]);
+        let extra = plan_claims(
+            &claims,
+            &source_volumes("b1-backup-label", &data_only).unwrap(),
+            &sizes,
+            None,
+        )
+        .unwrap_err();
         assert_eq!(extra.reason, "ClaimWithoutSnapshot");
     }
 
@@ -853,8 +668,8 @@ mod tests {
                 "ts",
             ),
         ];
-        let label = read_label(&config_map("L\n", "", &volumes)).unwrap();
-        let source = source_volumes(&label).unwrap();
+        let label = record("L\n", &volumes);
+        let source = source_volumes("b1-backup-label", &label).unwrap();
         assert_eq!(source.len(), 1);
         assert_eq!(
             (
@@ -868,8 +683,8 @@ mod tests {
 
     #[test]
     fn the_job_mounts_claims_where_the_server_had_them_and_passes_the_checks() {
-        let label = read_label(&config_map("L\n", "", &three_volumes())).unwrap();
-        let volumes = source_volumes(&label).unwrap();
+        let label = record("L\n", &three_volumes());
+        let volumes = source_volumes("b1-backup-label", &label).unwrap();
         let sizes = HashMap::new();
         let claims = vec![
             claim_spec(VolumeRole::Data, None, "data-r", Some("1Gi")),
@@ -898,6 +713,7 @@ mod tests {
             restore: "r",
             owner,
             image: "pgsnap:dev",
+            label_config_map: "b1-backup-label",
         };
         let job = prepare_job(id, &planned, &label, &recovery);
         let pod = job.spec.unwrap().template.spec.unwrap();
@@ -912,7 +728,7 @@ mod tests {
         assert_eq!(arg("--system-identifier"), Some("7312345678901234567"));
         assert_eq!(
             arg("--backup-label-sha256"),
-            Some(sha256_hex(b"L\n").as_str())
+            Some(crate::label_store::sha256_hex(b"L\n").as_str())
         );
         assert_eq!(arg("--target-time"), Some("2026-11-21T10:00:00Z"));
         assert_eq!(arg("--promote"), Some("false"));
@@ -940,23 +756,80 @@ mod tests {
         );
     }
 
+    /// The Job's command line is read by the binary's own parser, into what was meant.
     #[test]
-    fn refusals_come_back_with_their_reason() {
-        let f = refusal("LabelChecksumMismatch: backup_label does not match\n").unwrap();
-        assert_eq!(
-            (f.reason.as_str(), f.message.as_str()),
-            ("LabelChecksumMismatch", "backup_label does not match")
-        );
-        assert_eq!(refusal("thread 'main' panicked at x: y"), None);
-        assert_eq!(refusal(""), None);
-    }
+    fn the_job_arguments_parse_into_the_restore_the_spec_asks_for() {
+        use crate::cli::{Cli, Command};
+        use crate::restore::prepare;
+        use clap::Parser;
 
-    #[test]
-    fn long_names_are_bounded_and_stay_distinct() {
-        assert_eq!(bounded_name("r", "prepare", 63), "r-prepare");
-        let long = "x".repeat(80);
-        let a = bounded_name(&long, "prepare", 63);
-        assert_eq!(a.len(), 63);
-        assert_ne!(a, bounded_name(&format!("{long}y"), "prepare", 63));
+        let label = record("L\n", &three_volumes());
+        let volumes = source_volumes("b1-backup-label", &label).unwrap();
+        let claims = vec![
+            claim_spec(VolumeRole::Data, None, "data-r", Some("1Gi")),
+            claim_spec(VolumeRole::Wal, None, "wal-r", Some("1Gi")),
+            claim_spec(VolumeRole::Tablespace, Some("fast"), "ts-r", Some("1Gi")),
+        ];
+        let planned = plan_claims(&claims, &volumes, &HashMap::new(), None).unwrap();
+        let recovery =
+            |restore_command: Option<&str>, time: Option<&str>, lsn: Option<&str>| RecoverySpec {
+                restore_command: restore_command.map(Into::into),
+                target: crate::api::restore::RecoveryTarget {
+                    time: time.map(Into::into),
+                    lsn: lsn.map(Into::into),
+                },
+                promote: time.is_none(),
+            };
+        let cases = [
+            (recovery(None, None, None), prepare::Target::Immediate),
+            (
+                recovery(
+                    Some("cp /archive/%f %p"),
+                    Some("2026-11-21T10:00:00Z"),
+                    None,
+                ),
+                prepare::Target::Time("2026-11-21T10:00:00Z".into()),
+            ),
+            (
+                recovery(Some("cp /archive/%f %p"), None, Some("0/3000100")),
+                prepare::Target::Lsn("0/3000100".into()),
+            ),
+        ];
+        for (spec, target) in cases {
+            let args = prepare_args(&planned, &label, &spec);
+            let cli = Cli::try_parse_from(std::iter::once("pgsnap".to_string()).chain(args))
+                .unwrap_or_else(|e| panic!("the Job's arguments do not parse: {e}"));
+            let Command::RestorePrepare(parsed) = cli.command else {
+                panic!("the Job does not run restore-prepare");
+            };
+            let inputs = parsed.inputs();
+            assert_eq!(
+                inputs.data_dir.to_str(),
+                Some("/var/lib/postgresql/data/pgdata")
+            );
+            assert_eq!(inputs.label_dir.to_str(), Some(LABEL_MOUNT));
+            assert_eq!(inputs.backup_label_sha256, label.backup_label_sha256());
+            assert_eq!(
+                inputs.tablespace_map_sha256,
+                Some(label.tablespace_map_sha256())
+            );
+            assert_eq!(inputs.system_identifier, 7312345678901234567);
+            assert!(inputs.remove_standby_signal);
+            assert_eq!(
+                inputs.recovery,
+                prepare::Recovery {
+                    restore_command: spec.restore_command.clone(),
+                    target,
+                    promote: spec.promote,
+                }
+            );
+            assert_eq!(
+                parsed
+                    .termination_message_path
+                    .as_deref()
+                    .and_then(|p| p.to_str()),
+                Some("/dev/termination-log")
+            );
+        }
     }
 }

@@ -1,0 +1,254 @@
+//! What every pgsnap controller shares: a failure with a stable reason, the phase and its
+//! `Ready` condition, status written by server-side apply under one field manager, Events,
+//! names bounded to what the API server accepts, and the `Api` of the watched namespace(s).
+//! A reconciler keeps only its own decisions; a new controller starts from here.
+
+use std::fmt::Debug;
+
+use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sha2::{Digest, Sha256};
+use tracing::warn;
+
+/// The field manager of every server-side apply pgsnap makes.
+pub const FIELD_MANAGER: &str = "pgsnap";
+
+/// Why an object failed: a stable reason (status, Events, metric labels) and a message a
+/// user can act on. Every module's typed error converts into one.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Failure {
+    pub reason: String,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(reason: &str, message: impl Into<String>) -> Self {
+        Failure {
+            reason: reason.to_string(),
+            message: message.into(),
+        }
+    }
+}
+
+/// `From<E> for Failure` for typed errors that have a `reason()`.
+macro_rules! failure_from {
+    ($($error:ty),* $(,)?) => {$(
+        impl From<$error> for Failure {
+            fn from(e: $error) -> Self {
+                Failure::new(e.reason(), e.to_string())
+            }
+        }
+    )*};
+}
+failure_from!(
+    crate::postgres::Error,
+    crate::backup::volumes::PlanError,
+    crate::snapshots::SnapshotError,
+    crate::label_store::LabelStoreError,
+);
+
+impl From<kube::Error> for Failure {
+    fn from(e: kube::Error) -> Self {
+        Failure::new("KubernetesApi", e.to_string())
+    }
+}
+
+pub fn now() -> Time {
+    Time(k8s_openapi::jiff::Timestamp::now())
+}
+
+/// A status with a phase and conditions, as every pgsnap resource has.
+pub trait PhasedStatus {
+    type Phase: Copy;
+    /// Whether this phase means the work is done and good: `Ready` is True only then.
+    fn is_ready(phase: Self::Phase) -> bool;
+    fn set_phase_fields(&mut self, phase: Self::Phase, generation: Option<i64>);
+    fn conditions_mut(&mut self) -> &mut Vec<Condition>;
+}
+
+/// Sets the phase, `observedGeneration` and the `Ready` condition that mirrors the phase.
+pub fn set_phase<S: PhasedStatus>(
+    status: &mut S,
+    object: &impl Resource,
+    phase: S::Phase,
+    reason: &str,
+    message: &str,
+) {
+    let generation = object.meta().generation;
+    status.set_phase_fields(phase, generation);
+    let ready = Condition {
+        type_: "Ready".into(),
+        status: if S::is_ready(phase) { "True" } else { "False" }.into(),
+        reason: reason.into(),
+        message: message.into(),
+        observed_generation: generation,
+        last_transition_time: now(),
+    };
+    set_condition(status.conditions_mut(), ready);
+}
+
+/// Replaces the condition of the same type, keeping its transition time when the status
+/// did not change, as the Kubernetes API conventions ask.
+pub fn set_condition(conditions: &mut Vec<Condition>, new: Condition) {
+    match conditions.iter_mut().find(|c| c.type_ == new.type_) {
+        Some(old) => {
+            let keep_time = old.status == new.status;
+            let time = old.last_transition_time.clone();
+            *old = new;
+            if keep_time {
+                old.last_transition_time = time;
+            }
+        }
+        None => conditions.push(new),
+    }
+}
+
+/// Whether the `Ready` condition already says exactly this: a repeated reconcile then writes
+/// and announces nothing new.
+pub fn ready_says(conditions: &[Condition], reason: &str, message: &str) -> bool {
+    conditions
+        .iter()
+        .any(|c| c.type_ == "Ready" && c.reason == reason && c.message == message)
+}
+
+/// A name of at most `max` characters: `base-suffix`, with the base shortened and a hash of
+/// the whole added when too long, so distinct inputs keep distinct names.
+pub fn bounded_name(base: &str, suffix: &str, max: usize) -> String {
+    let name = format!("{base}-{suffix}");
+    if name.len() <= max {
+        return name;
+    }
+    let hash = &hex::encode(Sha256::digest(name.as_bytes()))[..8];
+    let keep = max.saturating_sub(suffix.len() + hash.len() + 2);
+    let mut cut = keep.min(base.len());
+    while !base.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!(
+        "{}-{hash}-{suffix}",
+        base[..cut].trim_end_matches(['-', '.'])
+    )
+}
+
+/// The `Api` of the namespace the operator watches, or of all namespaces.
+pub fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Deletes one object; one that is already gone counts as deleted.
+pub async fn delete_if_present<K>(api: &Api<K>, name: &str) -> Result<(), kube::Error>
+where
+    K: Resource + Clone + DeserializeOwned + Debug,
+{
+    match api.delete(name, &DeleteParams::background()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes status and Events for one kind of object.
+pub struct Reporter {
+    pub client: Client,
+    recorder: Recorder,
+    /// The Event's action: what the controller was doing ("Backup", "Restore").
+    action: &'static str,
+}
+
+impl Reporter {
+    pub fn new(client: Client, action: &'static str) -> Self {
+        Reporter {
+            recorder: Recorder::new(client.clone(), "pgsnap".into()),
+            client,
+            action,
+        }
+    }
+
+    /// An Event on `object`; failing to record one is logged, never fatal.
+    pub async fn publish<K>(&self, object: &K, type_: EventType, reason: &str, note: String)
+    where
+        K: Resource<DynamicType = ()>,
+    {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: self.action.into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, &object.object_ref(&())).await {
+            warn!(error = %e, reason, "could not publish an Event");
+        }
+    }
+
+    /// Applies `status` as the object's whole status, server-side, as pgsnap's field manager.
+    pub async fn patch_status<K, S>(&self, object: &K, status: &S) -> Result<(), kube::Error>
+    where
+        K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + DeserializeOwned
+            + Debug,
+        S: Serialize,
+    {
+        let api: Api<K> =
+            Api::namespaced(self.client.clone(), &object.namespace().unwrap_or_default());
+        let patch = serde_json::json!({
+            "apiVersion": K::api_version(&()),
+            "kind": K::kind(&()),
+            "status": status,
+        });
+        api.patch_status(
+            &object.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounded_names_fit_and_stay_distinct() {
+        assert_eq!(bounded_name("r", "prepare", 63), "r-prepare");
+        let long = "x".repeat(80);
+        let a = bounded_name(&long, "prepare", 63);
+        assert_eq!(a.len(), 63);
+        assert!(a.ends_with("-prepare"));
+        assert_ne!(a, bounded_name(&format!("{long}y"), "prepare", 63));
+    }
+
+    #[test]
+    fn a_condition_keeps_its_transition_time_while_its_status_holds() {
+        let at = |s: i64| Time(k8s_openapi::jiff::Timestamp::from_second(s).unwrap());
+        let cond = |status: &str, reason: &str, t: i64| Condition {
+            type_: "Ready".into(),
+            status: status.into(),
+            reason: reason.into(),
+            message: String::new(),
+            observed_generation: None,
+            last_transition_time: at(t),
+        };
+        let mut conditions = vec![cond("False", "Pending", 1)];
+        set_condition(&mut conditions, cond("False", "Starting", 2));
+        assert_eq!(conditions[0].reason, "Starting");
+        assert_eq!(conditions[0].last_transition_time, at(1));
+        set_condition(&mut conditions, cond("True", "Completed", 3));
+        assert_eq!(conditions[0].last_transition_time, at(3));
+        assert_eq!(conditions.len(), 1);
+    }
+}
