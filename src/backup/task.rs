@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::ListParams;
@@ -18,13 +18,13 @@ use tracing::info;
 use super::volumes::{self, DatabaseDir, PlannedSnapshot};
 use super::{Context, phase};
 use crate::api::backup::{
-    Backup, BackupStatus, BackupTimings, BackupWindow, Checkpoint, Phase, PostgresStatus,
-    ServerRole, SnapshotStatus, TargetRole, VolumeRole,
+    Backup, BackupSpec, BackupStatus, BackupTimings, BackupWindow, Checkpoint, Phase,
+    PostgresStatus, ServerRole, SnapshotStatus, TargetRole, VolumeRole,
 };
 use crate::api::snapshot::VolumeSnapshot;
 use crate::controller::{Failure, now, set_phase};
-use crate::label_store::{self, LABEL_CONFIGMAP_ANNOTATION, SnapshotLocation};
-use crate::postgres::{self, ConnectOptions, Session};
+use crate::label_store::{self, LABEL_CONFIGMAP_ANNOTATION, LabelRecord, SnapshotLocation};
+use crate::postgres::{self, ConnectOptions, Session, Started, Stopped};
 use crate::snapshots;
 use crate::telemetry::TimedStep;
 
@@ -235,32 +235,64 @@ pub async fn run(ctx: &Context, work: Assignment, abort: oneshot::Receiver<Failu
     }
 }
 
+/// The steps of one backup, in order. Backup mode lasts from `start_backup` to `stop_backup`.
 async fn execute(
     ctx: &Context,
     work: &Assignment,
     status: &mut BackupStatus,
 ) -> Result<(), Failure> {
     let backup = &*work.backup;
-    let ns = backup.namespace().unwrap_or_default();
-    let name = backup.name_any();
-    let spec = &backup.spec;
-    let snapshot_api: Api<VolumeSnapshot> = Api::namespaced(ctx.client.clone(), &ns);
-
     let (mut session, pod) = connect(work).await?;
     let server = session.server().clone();
-    let standby = server.in_recovery;
-    status.postgres = Some(PostgresStatus {
+    status.postgres = Some(postgres_status(&pod, &server));
+    let plan = plan_snapshots(&mut session, &pod, &backup.spec).await?;
+    let classes = snapshot_classes(ctx, backup, &plan).await?;
+    announce_start(ctx, backup, status, &pod, &server).await?;
+
+    // Backup mode begins here: from now on every step races the deadline.
+    let deadline = Instant::now() + backup.spec.deadline.0;
+    let started = start_backup(ctx, backup, &mut session, status).await?;
+    let window_start = Instant::now();
+    let cut = cut_snapshots(
+        ctx,
+        backup,
+        status,
+        &plan,
+        &classes,
+        server.in_recovery,
+        deadline,
+    )
+    .await?;
+    let stopped = stop_backup(ctx, backup, session, status, &cut.snapshots, deadline).await?;
+    let window = window_start.elapsed();
+    record_timings(ctx, status, &started, cut.took, &stopped, window);
+
+    let record = label_record(backup, &server, &started, &stopped, &cut.snapshots);
+    store_label(ctx, backup, &record, &cut.snapshots).await?;
+    finalize(ctx, backup, status, &stopped, window).await
+}
+
+fn postgres_status(pod: &Pod, server: &postgres::ServerInfo) -> PostgresStatus {
+    PostgresStatus {
         pod: pod.name_any(),
         version: Some(server.version.clone()),
         system_identifier: Some(server.system_identifier.to_string()),
         timeline: Some(server.timeline),
-        role: Some(if standby {
+        role: Some(if server.in_recovery {
             ServerRole::Standby
         } else {
             ServerRole::Primary
         }),
-    });
+    }
+}
 
+/// Which claims to snapshot: the directories the server reports, through the pod's mounts.
+async fn plan_snapshots(
+    session: &mut Session,
+    pod: &Pod,
+    spec: &BackupSpec,
+) -> Result<Vec<PlannedSnapshot>, Failure> {
+    let server = session.server().clone();
     let overrides: Vec<String> = spec
         .volumes
         .iter()
@@ -283,38 +315,65 @@ async fn execute(
             Err(e) => return Err(e.into()),
         }
     }
-    let plan = volumes::plan(&pod_spec, &dirs, &overrides)?;
-    let mut classes = Vec::with_capacity(plan.len());
-    for s in &plan {
-        classes.push(
-            snapshots::resolve_class(
-                &ctx.client,
-                &ns,
-                &s.persistent_volume_claim,
-                spec.volume_snapshot_class_name.as_deref(),
-            )
-            .await?,
-        );
-    }
+    Ok(volumes::plan(&pod_spec, &dirs, &overrides)?)
+}
 
+/// The VolumeSnapshotClass of each planned snapshot, resolved before backup mode begins.
+async fn snapshot_classes(
+    ctx: &Context,
+    backup: &Backup,
+    plan: &[PlannedSnapshot],
+) -> Result<Vec<String>, Failure> {
+    let ns = backup.namespace().unwrap_or_default();
+    let requested = backup.spec.volume_snapshot_class_name.as_deref();
+    let mut classes = Vec::with_capacity(plan.len());
+    for s in plan {
+        let class =
+            snapshots::resolve_class(&ctx.client, &ns, &s.persistent_volume_claim, requested);
+        classes.push(class.await?);
+    }
+    Ok(classes)
+}
+
+async fn announce_start(
+    ctx: &Context,
+    backup: &Backup,
+    status: &mut BackupStatus,
+    pod: &Pod,
+    server: &postgres::ServerInfo,
+) -> Result<(), Failure> {
     let message = format!(
         "starting the backup on {} (PostgreSQL {}, {})",
         pod.name_any(),
         server.version,
-        if standby { "standby" } else { "primary" }
+        if server.in_recovery {
+            "standby"
+        } else {
+            "primary"
+        }
     );
     set_phase(status, backup, Phase::Starting, "Starting", &message);
     ctx.patch_status(backup, status).await?;
     ctx.publish(backup, EventType::Normal, "Starting", message)
         .await;
+    Ok(())
+}
 
-    // Backup mode begins here: from now on every step races the deadline.
-    let label = format!("pgsnap {ns}/{name}");
-    let deadline = Instant::now() + spec.deadline.0;
+async fn start_backup(
+    ctx: &Context,
+    backup: &Backup,
+    session: &mut Session,
+    status: &mut BackupStatus,
+) -> Result<Started, Failure> {
+    let label = format!(
+        "pgsnap {}/{}",
+        backup.namespace().unwrap_or_default(),
+        backup.name_any()
+    );
+    let spec = &backup.spec;
     let started = session
         .start(&label, spec.checkpoint == Checkpoint::Fast, spec.deadline.0)
         .await?;
-    let window_start = Instant::now();
     ctx.metrics
         .observe(TimedStep::Start, started.took.as_secs_f64());
     status.start_lsn = Some(started.start_lsn.to_string());
@@ -325,39 +384,57 @@ async fn execute(
         seconds: None,
     });
     info!(start_lsn = %started.start_lsn, checkpoint_seconds = started.took.as_secs_f64(), wal_pinned = started.wal_pinned, "in backup mode");
+    Ok(started)
+}
 
-    let cm_name = label_store::config_map_name(&name);
-    let cut_begin = Instant::now();
-    let mut cut: Vec<(PlannedSnapshot, VolumeSnapshot)> = Vec::new();
+/// The snapshots, cut, each with the plan entry it was made for.
+struct Cut {
+    snapshots: Vec<(PlannedSnapshot, VolumeSnapshot)>,
+    /// Snapshots requested → all cut: the storage driver's share of backup mode.
+    took: Duration,
+}
+
+/// Snapshotting: request each batch of snapshots and wait (by watch) until all are cut.
+async fn cut_snapshots(
+    ctx: &Context,
+    backup: &Backup,
+    status: &mut BackupStatus,
+    plan: &[PlannedSnapshot],
+    classes: &[String],
+    standby: bool,
+    deadline: Instant,
+) -> Result<Cut, Failure> {
+    let name = backup.name_any();
+    let api: Api<VolumeSnapshot> =
+        Api::namespaced(ctx.client.clone(), &backup.namespace().unwrap_or_default());
+    let annotations = BTreeMap::from([(
+        LABEL_CONFIGMAP_ANNOTATION.to_string(),
+        label_store::config_map_name(&name),
+    )]);
+    let begin = Instant::now();
+    let message = format!("cutting {} snapshot(s) in backup mode", plan.len());
     set_phase(
         status,
         backup,
         Phase::Snapshotting,
         "Snapshotting",
-        &format!("cutting {} snapshot(s) in backup mode", plan.len()),
+        &message,
     );
+    let mut cut = Vec::new();
     let mut status_written = false;
-    for batch in volumes::batches(&plan, standby) {
+    for batch in volumes::batches(plan, standby) {
         let mut names = Vec::new();
         for planned in &batch {
             let class = &classes[plan.iter().position(|p| p == *planned).unwrap_or(0)];
-            let annotations =
-                BTreeMap::from([(LABEL_CONFIGMAP_ANNOTATION.to_string(), cm_name.clone())]);
-            let created = snapshots::create(
-                &snapshot_api,
-                &name,
-                &planned.persistent_volume_claim,
-                class,
-                annotations,
-            )
-            .await?;
+            let claim = &planned.persistent_volume_claim;
+            let created = snapshots::create(&api, &name, claim, class, annotations.clone()).await?;
             names.push(created.name_any());
         }
-        // The status write overlaps the driver's cut instead of lengthening backup mode.
         let wait = timeout_at(
             deadline.into(),
-            snapshots::wait_until(&snapshot_api, &name, &names, VolumeSnapshot::is_cut),
+            snapshots::wait_until(&api, &name, &names, VolumeSnapshot::is_cut),
         );
+        // The status write overlaps the driver's cut instead of lengthening backup mode.
         let done = if status_written {
             wait.await
         } else {
@@ -367,32 +444,52 @@ async fn execute(
             done
         };
         let snapshots = done.map_err(|_| {
-            deadline_exceeded(spec.deadline, "waiting for the snapshots to be cut")
+            deadline_exceeded(backup.spec.deadline, "waiting for the snapshots to be cut")
         })??;
         cut.extend(batch.iter().map(|p| (*p).clone()).zip(snapshots));
     }
-    let cut_wait = cut_begin.elapsed();
-    ctx.metrics.observe(TimedStep::Cut, cut_wait.as_secs_f64());
+    let took = begin.elapsed();
+    ctx.metrics.observe(TimedStep::Cut, took.as_secs_f64());
+    Ok(Cut {
+        snapshots: cut,
+        took,
+    })
+}
 
-    set_phase(
-        status,
-        backup,
-        Phase::Stopping,
-        "Stopping",
-        "all snapshots cut; stopping the backup",
-    );
+/// Stopping: the stop call in the same session, raced against the deadline; the session is
+/// closed as soon as it returns.
+async fn stop_backup(
+    ctx: &Context,
+    backup: &Backup,
+    mut session: Session,
+    status: &mut BackupStatus,
+    cut: &[(PlannedSnapshot, VolumeSnapshot)],
+    deadline: Instant,
+) -> Result<Stopped, Failure> {
+    let message = "all snapshots cut; stopping the backup";
+    set_phase(status, backup, Phase::Stopping, "Stopping", message);
     status.snapshots = cut.iter().map(|(p, v)| snapshot_status(p, v)).collect();
-    let stop = timeout_at(deadline.into(), session.stop(spec.wait_for_archive));
+    let stop = timeout_at(deadline.into(), session.stop(backup.spec.wait_for_archive));
     let (stopped, written) = tokio::join!(stop, ctx.patch_status(backup, status));
     let stopped = stopped.map_err(|_| {
         deadline_exceeded(
-            spec.deadline,
+            backup.spec.deadline,
             "stopping the backup (waiting for WAL archiving)",
         )
     })??;
-    let window = window_start.elapsed();
     drop(session);
     written?;
+    Ok(stopped)
+}
+
+fn record_timings(
+    ctx: &Context,
+    status: &mut BackupStatus,
+    started: &Started,
+    cut_wait: Duration,
+    stopped: &Stopped,
+    window: Duration,
+) {
     ctx.metrics
         .observe(TimedStep::Stop, stopped.took.as_secs_f64());
     ctx.metrics
@@ -417,14 +514,17 @@ async fn execute(
         stop_seconds = stopped.took.as_secs_f64(),
         "out of backup mode"
     );
+}
 
-    let data = cut
-        .iter()
-        .find(|(p, _)| p.role == VolumeRole::Data)
-        .map(|(_, v)| v.clone())
-        .ok_or_else(|| Failure::new("PathNotOnClaim", "no snapshot holds the data directory"))?;
-    let record = label_store::LabelRecord {
-        backup: Some(name.clone()),
+fn label_record(
+    backup: &Backup,
+    server: &postgres::ServerInfo,
+    started: &Started,
+    stopped: &Stopped,
+    cut: &[(PlannedSnapshot, VolumeSnapshot)],
+) -> LabelRecord {
+    LabelRecord {
+        backup: Some(backup.name_any()),
         backup_label: stopped.labelfile.clone(),
         tablespace_map: stopped.spcmapfile.clone(),
         start_lsn: started.start_lsn.to_string(),
@@ -441,14 +541,40 @@ async fn execute(
                 })
             })
             .collect(),
-    };
-    label_store::store(&ctx.client, &record, &cm_name, &ns, &data).await?;
+    }
+}
 
+/// The label ConfigMap, owned by the data directory's snapshot.
+async fn store_label(
+    ctx: &Context,
+    backup: &Backup,
+    record: &LabelRecord,
+    cut: &[(PlannedSnapshot, VolumeSnapshot)],
+) -> Result<(), Failure> {
+    let data = cut
+        .iter()
+        .find(|(p, _)| p.role == VolumeRole::Data)
+        .map(|(_, v)| v)
+        .ok_or_else(|| Failure::new("PathNotOnClaim", "no snapshot holds the data directory"))?;
+    let ns = backup.namespace().unwrap_or_default();
+    let name = label_store::config_map_name(&backup.name_any());
+    label_store::store(&ctx.client, record, &name, &ns, data).await?;
+    Ok(())
+}
+
+/// Out of backup mode: record the stop and hand the Backup to the reconciler (Finalizing).
+async fn finalize(
+    ctx: &Context,
+    backup: &Backup,
+    status: &mut BackupStatus,
+    stopped: &Stopped,
+    window: Duration,
+) -> Result<(), Failure> {
     let seconds = format!("{:.3}", window.as_secs_f64());
     status.stop_lsn = Some(stopped.stop_lsn.to_string());
     status.start_wal = Some(stopped.label.start_wal_file.clone());
     status.stop_wal = Some(stopped.stop_wal_file.clone());
-    status.label_config_map = Some(cm_name);
+    status.label_config_map = Some(label_store::config_map_name(&backup.name_any()));
     if let Some(w) = status.backup_window.as_mut() {
         w.stopped_at = Some(now());
         w.seconds = Some(seconds.clone());
