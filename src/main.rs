@@ -7,6 +7,7 @@ use pgsnap::cli::{Cli, Command, RunArgs};
 use pgsnap::telemetry::{self, Health, Metrics};
 use pgsnap::{backup, leader, restore};
 use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 #[tokio::main]
@@ -31,34 +32,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     ));
     info!(addr = %args.metrics_addr, "serving /metrics, /healthz and /readyz");
 
-    let settings = backup::Settings {
-        max_concurrent: args.max_concurrent_backups.into(),
-        connect_timeout: args.connect_timeout.0,
-        namespace: args.namespace.clone(),
-    };
+    // A signal cancels `stop`; so does losing the leader lease.
+    let stop = CancellationToken::new();
+    tokio::spawn(stop_on_signal(stop.clone()));
     let lease = leader::LeaseSettings {
         name: args.lease_name.clone(),
         namespace: args.lease_namespace.clone(),
         identity: args.identity.clone().unwrap_or_else(hostname),
         duration: Duration::from_secs(15),
     };
-
-    // A signal cancels `stop`; so does losing the leader lease.
-    let stop = tokio_util::sync::CancellationToken::new();
-    tokio::spawn({
-        let stop = stop.clone();
-        async move {
-            let mut term = match signal(SignalKind::terminate()) {
-                Ok(term) => term,
-                Err(e) => return tracing::error!(error = %e, "cannot handle SIGTERM"),
-            };
-            tokio::select! {
-                _ = term.recv() => info!("SIGTERM: stopping"),
-                _ = tokio::signal::ctrl_c() => info!("interrupted: stopping"),
-            }
-            stop.cancel();
-        }
-    });
     let lease_api = if args.leader_election {
         tokio::select! {
             api = leader::acquire(&client, &lease) => Some(api),
@@ -68,49 +50,78 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         None
     };
     if let Some(api) = lease_api.clone() {
-        let (stop, lease) = (stop.clone(), lease.clone());
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = leader::hold(api, lease) => stop.cancel(),
-                _ = stop.cancelled() => {}
-            }
-        });
+        tokio::spawn(stop_when_lease_lost(api, lease.clone(), stop.clone()));
     }
-    // A controller wants a Sync future; a oneshot receiver is one.
-    let shutdown_on = |stop: tokio_util::sync::CancellationToken| {
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(async move {
-            stop.cancelled().await;
-            let _ = stop_tx.send(());
-        });
-        async move {
-            let _ = stop_rx.await;
-        }
-    };
-    let shutdown = shutdown_on(stop.clone());
-    let restore_settings = restore::Settings {
-        namespace: args.namespace.clone(),
-        image: args.restore_image.clone(),
-    };
-    let restores = restore::run(
-        client.clone(),
-        restore_settings,
-        metrics.clone(),
-        shutdown_on(stop.clone()),
-    );
-    let ready = {
-        let health = health.clone();
-        move || health.ready.store(true, Ordering::Relaxed)
-    };
-    // Both controllers run under the same lease: a replica that loses it stops both.
-    tokio::join!(
-        backup::run(client, settings, metrics, ready, shutdown),
-        restores
-    );
+    run_controllers(client, &args, metrics, health, &stop).await;
     if let Some(api) = lease_api {
         leader::release(&api, &lease).await;
     }
     Ok(())
+}
+
+/// Both controllers, under the same lease: a replica that loses it stops both.
+async fn run_controllers(
+    client: kube::Client,
+    args: &RunArgs,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    stop: &CancellationToken,
+) {
+    let backups = backup::Settings {
+        max_concurrent: args.max_concurrent_backups.into(),
+        connect_timeout: args.connect_timeout.0,
+        namespace: args.namespace.clone(),
+    };
+    let restores = restore::Settings {
+        namespace: args.namespace.clone(),
+        image: args.restore_image.clone(),
+    };
+    let ready = move || health.ready.store(true, Ordering::Relaxed);
+    tokio::join!(
+        backup::run(
+            client.clone(),
+            backups,
+            metrics.clone(),
+            ready,
+            shutdown_on(stop.clone())
+        ),
+        restore::run(client, restores, metrics, shutdown_on(stop.clone())),
+    );
+}
+
+async fn stop_on_signal(stop: CancellationToken) {
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(e) => return tracing::error!(error = %e, "cannot handle SIGTERM"),
+    };
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: stopping"),
+        _ = tokio::signal::ctrl_c() => info!("interrupted: stopping"),
+    }
+    stop.cancel();
+}
+
+async fn stop_when_lease_lost(
+    api: kube::Api<k8s_openapi::api::coordination::v1::Lease>,
+    lease: leader::LeaseSettings,
+    stop: CancellationToken,
+) {
+    tokio::select! {
+        _ = leader::hold(api, lease) => stop.cancel(),
+        _ = stop.cancelled() => {}
+    }
+}
+
+/// A controller wants a Sync shutdown future; a oneshot receiver is one.
+fn shutdown_on(stop: CancellationToken) -> impl Future<Output = ()> + Send + Sync + 'static {
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        stop.cancelled().await;
+        let _ = stop_tx.send(());
+    });
+    async move {
+        let _ = stop_rx.await;
+    }
 }
 
 fn hostname() -> String {

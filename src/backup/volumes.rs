@@ -113,70 +113,18 @@ pub fn plan(
     dirs: &[DatabaseDir],
     overrides: &[String],
 ) -> Result<Vec<PlannedSnapshot>, PlanError> {
-    let claims: BTreeMap<&str, &str> = pod
-        .volumes
-        .iter()
-        .flatten()
-        .filter_map(|v| {
-            Some((
-                v.name.as_str(),
-                v.persistent_volume_claim.as_ref()?.claim_name.as_str(),
-            ))
-        })
-        .collect();
-    let mounts: Vec<_> = pod
-        .containers
-        .iter()
-        .chain(pod.init_containers.iter().flatten())
-        .flat_map(|c| c.volume_mounts.iter().flatten())
-        .collect();
-
     let mut by_claim: BTreeMap<String, Vec<Location>> = BTreeMap::new();
     for dir in dirs {
-        if !dir.path.starts_with('/') {
-            return Err(PlanError::RelativePath(dir.path.clone()));
-        }
-        let path = normalise(&dir.path);
-        let mount = mounts
-            .iter()
-            .filter(|m| path.starts_with(normalise(&m.mount_path)))
-            .max_by_key(|m| normalise(&m.mount_path).components().count())
-            .ok_or_else(|| PlanError::NotOnVolume {
-                what: describe(dir),
-                path: dir.path.clone(),
-            })?;
-        let claim = claims
-            .get(mount.name.as_str())
-            .ok_or_else(|| PlanError::NotOnClaim {
-                what: describe(dir),
-                path: dir.path.clone(),
-                volume: mount.name.clone(),
-            })?;
-        if !overrides.is_empty() && !overrides.iter().any(|o| o == claim) {
+        let location = locate(pod, dir)?;
+        let claim = &location.persistent_volume_claim;
+        if !overrides.is_empty() && !overrides.contains(claim) {
             return Err(PlanError::NotInOverride {
                 what: describe(dir),
                 path: dir.path.clone(),
-                claim: claim.to_string(),
+                claim: claim.clone(),
             });
         }
-        let rest = path
-            .strip_prefix(normalise(&mount.mount_path))
-            .unwrap_or(Path::new(""));
-        let in_volume = Path::new(mount.sub_path.as_deref().unwrap_or("")).join(rest);
-        by_claim
-            .entry(claim.to_string())
-            .or_default()
-            .push(Location {
-                role: dir.role,
-                tablespace: dir.tablespace.clone(),
-                tablespace_oid: dir.tablespace_oid,
-                server_path: dir.path.clone(),
-                persistent_volume_claim: claim.to_string(),
-                path_in_volume: in_volume
-                    .to_string_lossy()
-                    .trim_end_matches('/')
-                    .to_string(),
-            });
+        by_claim.entry(claim.clone()).or_default().push(location);
     }
     if let Some(unused) = overrides
         .iter()
@@ -196,6 +144,53 @@ pub fn plan(
             locations,
         })
         .collect())
+}
+
+/// The claim a directory is on, through the deepest mount that holds it, and its path inside
+/// the volume (the mount's subPath included).
+fn locate(pod: &PodSpec, dir: &DatabaseDir) -> Result<Location, PlanError> {
+    if !dir.path.starts_with('/') {
+        return Err(PlanError::RelativePath(dir.path.clone()));
+    }
+    let path = normalise(&dir.path);
+    let mount = pod
+        .containers
+        .iter()
+        .chain(pod.init_containers.iter().flatten())
+        .flat_map(|c| c.volume_mounts.iter().flatten())
+        .filter(|m| path.starts_with(normalise(&m.mount_path)))
+        .max_by_key(|m| normalise(&m.mount_path).components().count())
+        .ok_or_else(|| PlanError::NotOnVolume {
+            what: describe(dir),
+            path: dir.path.clone(),
+        })?;
+    let claim = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == mount.name)
+        .and_then(|v| v.persistent_volume_claim.as_ref())
+        .map(|c| c.claim_name.clone())
+        .ok_or_else(|| PlanError::NotOnClaim {
+            what: describe(dir),
+            path: dir.path.clone(),
+            volume: mount.name.clone(),
+        })?;
+    let rest = path
+        .strip_prefix(normalise(&mount.mount_path))
+        .unwrap_or(Path::new(""));
+    let in_volume = Path::new(mount.sub_path.as_deref().unwrap_or("")).join(rest);
+    Ok(Location {
+        role: dir.role,
+        tablespace: dir.tablespace.clone(),
+        tablespace_oid: dir.tablespace_oid,
+        server_path: dir.path.clone(),
+        persistent_volume_claim: claim,
+        path_in_volume: in_volume
+            .to_string_lossy()
+            .trim_end_matches('/')
+            .to_string(),
+    })
 }
 
 /// Where pg_wal could be if it links out of the data directory: every mount (and its

@@ -203,40 +203,6 @@ pub fn plan_claims(
             )
         })?;
         let restore_size = restore_sizes.get(&v.snapshot).cloned().flatten();
-        let size = match (&claim.size, restore_size) {
-            (Some(asked), Some(needed)) => {
-                let (a, n) = (quantity_bytes(&asked.0), quantity_bytes(&needed));
-                match (a, n) {
-                    (Some(a), Some(n)) if a >= n => asked.0.clone(),
-                    (Some(_), Some(_)) => {
-                        return Err(Failure::new(
-                            "ClaimTooSmall",
-                            format!(
-                                "claim {} asks for {}, but snapshot {} needs {needed}",
-                                claim.name, asked.0, v.snapshot
-                            ),
-                        ));
-                    }
-                    _ => {
-                        return Err(Failure::new(
-                            "InvalidSize",
-                            format!("cannot compare sizes {} and {needed}", asked.0),
-                        ));
-                    }
-                }
-            }
-            (Some(asked), None) => asked.0.clone(),
-            (None, Some(needed)) => needed,
-            (None, None) => {
-                return Err(Failure::new(
-                    "SizeUnknown",
-                    format!(
-                        "snapshot {} reports no restoreSize; set spec.claims[].size for claim {}",
-                        v.snapshot, claim.name
-                    ),
-                ));
-            }
-        };
         planned.push(PlannedClaim {
             name: claim.name.clone(),
             role: v.role,
@@ -246,7 +212,7 @@ pub fn plan_claims(
                 .storage_class_name
                 .clone()
                 .or_else(|| default_class.map(str::to_string)),
-            size,
+            size: claim_size(claim, &v.snapshot, restore_size)?,
             mount_path: v.mount_path.clone(),
             path_in_volume: v.path_in_volume.clone(),
         });
@@ -264,6 +230,45 @@ pub fn plan_claims(
             ),
         ));
     }
+    check_mounts_apart(&planned)?;
+    Ok(planned)
+}
+
+/// The size to ask for: the claim's, which must hold the snapshot, else the snapshot's.
+fn claim_size(
+    claim: &RestoreClaim,
+    snapshot: &str,
+    restore_size: Option<String>,
+) -> Result<String, Failure> {
+    match (&claim.size, restore_size) {
+        (Some(asked), Some(needed)) => match (quantity_bytes(&asked.0), quantity_bytes(&needed)) {
+            (Some(a), Some(n)) if a >= n => Ok(asked.0.clone()),
+            (Some(_), Some(_)) => Err(Failure::new(
+                "ClaimTooSmall",
+                format!(
+                    "claim {} asks for {}, but snapshot {snapshot} needs {needed}",
+                    claim.name, asked.0
+                ),
+            )),
+            _ => Err(Failure::new(
+                "InvalidSize",
+                format!("cannot compare sizes {} and {needed}", asked.0),
+            )),
+        },
+        (Some(asked), None) => Ok(asked.0.clone()),
+        (None, Some(needed)) => Ok(needed),
+        (None, None) => Err(Failure::new(
+            "SizeUnknown",
+            format!(
+                "snapshot {snapshot} reports no restoreSize; set spec.claims[].size for claim {}",
+                claim.name
+            ),
+        )),
+    }
+}
+
+/// The prepare Job mounts every claim where the server had it: no two may nest or coincide.
+fn check_mounts_apart(planned: &[PlannedClaim]) -> Result<(), Failure> {
     let mut mounts: Vec<&str> = planned.iter().map(|p| p.mount_path.as_str()).collect();
     mounts.sort();
     if mounts
@@ -275,7 +280,7 @@ pub fn plan_claims(
             format!("the backed-up volumes were mounted at overlapping paths {mounts:?}"),
         ));
     }
-    Ok(planned)
+    Ok(())
 }
 
 /// The PVC for a planned claim; owned by the Restore only when the claims go with it.
