@@ -173,7 +173,8 @@ impl PlannedClaim {
     }
 }
 
-fn describe(role: VolumeRole, tablespace: &Option<String>) -> String {
+/// A role as a Restore's spec writes it (`Data`, `Tablespace (tablespace fast)`).
+fn role_in_spec(role: VolumeRole, tablespace: &Option<String>) -> String {
     match tablespace {
         Some(t) => format!("{role:?} (tablespace {t})"),
         None => format!("{role:?}"),
@@ -197,8 +198,8 @@ pub fn plan_claims(
                 format!(
                     "snapshot {} holds the {} volume, and no claim has role {}; every volume of a backup must be restored together",
                     v.snapshot,
-                    describe(v.role, &v.tablespace),
-                    describe(v.role, &v.tablespace)
+                    role_in_spec(v.role, &v.tablespace),
+                    role_in_spec(v.role, &v.tablespace)
                 ),
             )
         })?;
@@ -226,7 +227,7 @@ pub fn plan_claims(
             format!(
                 "claim {} has role {}, which no snapshot of the backup has",
                 extra.name,
-                describe(extra.role, &extra.tablespace)
+                role_in_spec(extra.role, &extra.tablespace)
             ),
         ));
     }
