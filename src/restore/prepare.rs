@@ -26,7 +26,7 @@ pub const EXIT_REFUSED: i32 = 3;
 
 /// Where recovery stops.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Target {
+pub enum RecoveryStop {
     /// As soon as the restored data is consistent: the end of the backup.
     Immediate,
     /// A timestamp as PostgreSQL reads it, e.g. `2026-11-21 10:00:00+00`.
@@ -39,7 +39,7 @@ pub enum Target {
 pub struct Recovery {
     /// Fetches archived WAL (`%f`, `%p`). None: WAL is read from `pg_wal` only.
     pub restore_command: Option<String>,
-    pub target: Target,
+    pub target: RecoveryStop,
     /// Promote at the target (a new timeline, read-write); otherwise pause there.
     pub promote: bool,
 }
@@ -134,7 +134,7 @@ fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) ->
 }
 
 #[derive(Debug, PartialEq, Eq)]
-pub enum Outcome {
+pub enum PrepareOutcome {
     /// The directory was prepared; each entry says what was done.
     Prepared { major: u32, actions: Vec<String> },
     /// A previous run prepared it from the same label: nothing was changed.
@@ -209,12 +209,12 @@ pub fn recovery_settings(major: u32, recovery: &Recovery) -> Result<Vec<String>,
         quote_setting("restore_command", command)?
     ));
     match &recovery.target {
-        Target::Immediate => lines.push("recovery_target = 'immediate'".into()),
-        Target::Time(t) => lines.push(format!(
+        RecoveryStop::Immediate => lines.push("recovery_target = 'immediate'".into()),
+        RecoveryStop::Time(t) => lines.push(format!(
             "recovery_target_time = {}",
             quote_setting("recovery_target_time", &server_time(t))?
         )),
-        Target::Lsn(l) => {
+        RecoveryStop::Lsn(l) => {
             l.parse::<crate::postgres::Lsn>()
                 .map_err(|_| PrepareError::InvalidSetting {
                     name: "recovery_target_lsn",
@@ -457,7 +457,7 @@ fn read_optional(path: &Path) -> Result<Option<Vec<u8>>, PrepareError> {
 
 /// Checks everything, then prepares the data directory (see the module's comment for the
 /// order). Nothing is written before every check has passed.
-pub fn prepare(inputs: &Inputs) -> Result<Outcome, PrepareError> {
+pub fn prepare(inputs: &Inputs) -> Result<PrepareOutcome, PrepareError> {
     let data = &inputs.data_dir;
     // 1. The label: present, untampered, a label.
     let label = read_optional(&inputs.label_dir.join(BACKUP_LABEL_KEY))?
@@ -499,7 +499,7 @@ pub fn prepare(inputs: &Inputs) -> Result<Outcome, PrepareError> {
     if let Some(done) = read_optional(&data.join(DONE_MARKER))? {
         let done = String::from_utf8_lossy(&done).trim().to_string();
         return if done == label_sha {
-            Ok(Outcome::AlreadyPrepared)
+            Ok(PrepareOutcome::AlreadyPrepared)
         } else {
             Err(PrepareError::PreparedFromAnotherLabel { found: done })
         };
@@ -615,7 +615,7 @@ pub fn prepare(inputs: &Inputs) -> Result<Outcome, PrepareError> {
     }
     write_file(data, DONE_MARKER, format!("{label_sha}\n").as_bytes())?;
     actions.push(format!("wrote {DONE_MARKER}"));
-    Ok(Outcome::Prepared { major, actions })
+    Ok(PrepareOutcome::Prepared { major, actions })
 }
 
 /// `pgsnap restore-prepare`: prepare a restored PostgreSQL data directory for recovery from
@@ -677,9 +677,9 @@ fn parse_tablespace_move(s: &str) -> Result<(u32, PathBuf), String> {
 impl Args {
     pub fn inputs(&self) -> Inputs {
         let target = match (&self.target_time, &self.target_lsn) {
-            (Some(t), _) => Target::Time(t.clone()),
-            (None, Some(l)) => Target::Lsn(l.clone()),
-            (None, None) => Target::Immediate,
+            (Some(t), _) => RecoveryStop::Time(t.clone()),
+            (None, Some(l)) => RecoveryStop::Lsn(l.clone()),
+            (None, None) => RecoveryStop::Immediate,
         };
         Inputs {
             data_dir: self.data_dir.clone(),
@@ -703,14 +703,14 @@ impl Args {
 pub fn main(args: Args) -> i32 {
     let data_dir = args.data_dir.display().to_string();
     match prepare(&args.inputs()) {
-        Ok(Outcome::Prepared { major, actions }) => {
+        Ok(PrepareOutcome::Prepared { major, actions }) => {
             for a in &actions {
                 println!("restore-prepare: {a}");
             }
             println!("restore-prepare: prepared {data_dir} for recovery (PostgreSQL {major})");
             0
         }
-        Ok(Outcome::AlreadyPrepared) => {
+        Ok(PrepareOutcome::AlreadyPrepared) => {
             println!(
                 "restore-prepare: {data_dir} is already prepared from this backup_label; nothing changed"
             );
@@ -784,7 +784,7 @@ mod tests {
             tablespaces: vec![],
             recovery: Recovery {
                 restore_command: Some("cp '/archive/%f' %p".into()),
-                target: Target::Immediate,
+                target: RecoveryStop::Immediate,
                 promote: true,
             },
             remove_standby_signal: false,
@@ -796,7 +796,7 @@ mod tests {
     fn prepares_a_12_plus_directory_once_and_then_changes_nothing() {
         let (_dir, inputs) = scratch("16");
         let data = &inputs.data_dir;
-        let Outcome::Prepared { major, .. } = prepare(&inputs).unwrap() else {
+        let PrepareOutcome::Prepared { major, .. } = prepare(&inputs).unwrap() else {
             panic!("not prepared")
         };
         assert_eq!(major, 16);
@@ -837,12 +837,12 @@ mod tests {
         );
 
         let before: Vec<_> = walk(data);
-        assert_eq!(prepare(&inputs).unwrap(), Outcome::AlreadyPrepared);
+        assert_eq!(prepare(&inputs).unwrap(), PrepareOutcome::AlreadyPrepared);
         assert_eq!(walk(data), before, "a second run changed the directory");
 
         // After recovery PostgreSQL renames the label; a rerun must not put it back.
         fs::rename(data.join("backup_label"), data.join("backup_label.old")).unwrap();
-        assert_eq!(prepare(&inputs).unwrap(), Outcome::AlreadyPrepared);
+        assert_eq!(prepare(&inputs).unwrap(), PrepareOutcome::AlreadyPrepared);
         assert!(!data.join("backup_label").exists());
     }
 
@@ -938,7 +938,7 @@ mod tests {
         let (_dir, mut inputs) = scratch("16");
         fs::write(inputs.data_dir.join("standby.signal"), "").unwrap();
         inputs.remove_standby_signal = true;
-        let Outcome::Prepared { actions, .. } = prepare(&inputs).unwrap() else {
+        let PrepareOutcome::Prepared { actions, .. } = prepare(&inputs).unwrap() else {
             panic!("not prepared")
         };
         assert!(!inputs.data_dir.join("standby.signal").exists());
@@ -967,8 +967,11 @@ mod tests {
             promote,
         };
         assert_eq!(
-            recovery_settings(18, &r(Target::Time("2026-11-21 10:00:00+00".into()), false))
-                .unwrap(),
+            recovery_settings(
+                18,
+                &r(RecoveryStop::Time("2026-11-21 10:00:00+00".into()), false)
+            )
+            .unwrap(),
             [
                 "restore_command = 'false'",
                 "recovery_target_time = '2026-11-21 10:00:00+00'",
@@ -979,25 +982,28 @@ mod tests {
         assert!(
             recovery_settings(
                 15,
-                &r(Target::Time("2026-11-21T10:40:34.502967Z".into()), true)
+                &r(
+                    RecoveryStop::Time("2026-11-21T10:40:34.502967Z".into()),
+                    true
+                )
             )
             .unwrap()
             .contains(&"recovery_target_time = '2026-11-21T10:40:34.502967+00'".to_string())
         );
         assert!(
-            recovery_settings(12, &r(Target::Lsn("0/3000060".into()), true))
+            recovery_settings(12, &r(RecoveryStop::Lsn("0/3000060".into()), true))
                 .unwrap()
                 .contains(&"recovery_target_lsn = '0/3000060'".to_string())
         );
         assert_eq!(
-            recovery_settings(12, &r(Target::Lsn("x'; drop".into()), true))
+            recovery_settings(12, &r(RecoveryStop::Lsn("x'; drop".into()), true))
                 .unwrap_err()
                 .reason(),
             "InvalidRecoverySetting"
         );
         let bad = Recovery {
             restore_command: Some("cp a b\nrecovery_target = 'x'".into()),
-            ..r(Target::Immediate, true)
+            ..r(RecoveryStop::Immediate, true)
         };
         assert_eq!(
             recovery_settings(12, &bad).unwrap_err().reason(),
