@@ -101,59 +101,12 @@ pub struct Session {
 impl Session {
     /// Connects and reads the server's facts. Refuses servers older than 10.
     pub async fn connect(opts: &ConnectOptions) -> Result<Session, Error> {
-        let target = opts.target();
-        let tls = opts.tls()?;
-        // tokio-postgres' own timeout covers the TCP connect only, not TLS or auth.
-        let (client, connection) =
-            timeout(opts.connect_timeout, opts.config().connect(tls.clone()))
-                .await
-                .map_err(|_| Error::Unreachable {
-                    target: target.clone(),
-                    detail: format!("no answer within {:?}", opts.connect_timeout),
-                })?
-                .map_err(|e| Error::from_connect(&target, &opts.user, e))?;
-
-        let shared = Arc::new(Shared::default());
-        let (control, control_rx) = watch::channel(Control::Idle);
-        tokio::spawn(drive(
-            connection,
-            control_rx,
-            shared.clone(),
-            client.cancel_token(),
-            tls,
-        ));
-
+        let (client, control, shared) = open(opts).await?;
         let info = ServerInfo::load(&client).await?;
         if info.major >= 14 {
-            // A backend busy in pg_backup_stop (waiting for the archive) reads nothing from
-            // its client, so it would not notice a client that died without a cancel (an
-            // operator killed mid-backup) and stay in backup mode. This makes it look.
-            client
-                .batch_execute("SET client_connection_check_interval = '1s'")
-                .await
-                .map_err(|e| {
-                    Error::from_query(
-                        "client_connection_check_interval",
-                        Step::Connect,
-                        &opts.user,
-                        String::new,
-                        e,
-                    )
-                })?;
+            enable_client_connection_check(&client, &opts.user).await?;
         }
-        let backend_pid: i32 = client
-            .query_one("select pg_backend_pid()", &[])
-            .await
-            .map_err(|e| {
-                Error::from_query(
-                    "pg_backend_pid()",
-                    Step::Connect,
-                    &opts.user,
-                    String::new,
-                    e,
-                )
-            })?
-            .get(0);
+        let backend_pid = query_backend_pid(&client, &opts.user).await?;
         Ok(Session {
             client,
             info,
@@ -613,6 +566,59 @@ impl Drop for Session {
             self.control.send_replace(Control::Abort);
         }
     }
+}
+
+/// Connects and hands the connection to its task ([`drive`]).
+async fn open(
+    opts: &ConnectOptions,
+) -> Result<(Client, watch::Sender<Control>, Arc<Shared>), Error> {
+    let target = opts.target();
+    let tls = opts.tls()?;
+    // tokio-postgres' own timeout covers the TCP connect only, not TLS or auth.
+    let (client, connection) = timeout(opts.connect_timeout, opts.config().connect(tls.clone()))
+        .await
+        .map_err(|_| Error::Unreachable {
+            target: target.clone(),
+            detail: format!("no answer within {:?}", opts.connect_timeout),
+        })?
+        .map_err(|e| Error::from_connect(&target, &opts.user, e))?;
+
+    let shared = Arc::new(Shared::default());
+    let (control, control_rx) = watch::channel(Control::Idle);
+    tokio::spawn(drive(
+        connection,
+        control_rx,
+        shared.clone(),
+        client.cancel_token(),
+        tls,
+    ));
+    Ok((client, control, shared))
+}
+
+/// A backend busy in pg_backup_stop (waiting for the archive) reads nothing from its
+/// client, so it would not notice a client that died without a cancel (an operator killed
+/// mid-backup) and stay in backup mode. This makes it look (14+).
+async fn enable_client_connection_check(client: &Client, user: &str) -> Result<(), Error> {
+    client
+        .batch_execute("SET client_connection_check_interval = '1s'")
+        .await
+        .map_err(|e| {
+            Error::from_query(
+                "client_connection_check_interval",
+                Step::Connect,
+                user,
+                String::new,
+                e,
+            )
+        })
+}
+
+async fn query_backend_pid(client: &Client, user: &str) -> Result<i32, Error> {
+    Ok(client
+        .query_one("select pg_backend_pid()", &[])
+        .await
+        .map_err(|e| Error::from_query("pg_backend_pid()", Step::Connect, user, String::new, e))?
+        .get(0))
 }
 
 /// The function signatures a non-superuser needs EXECUTE on, per major.
