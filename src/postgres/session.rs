@@ -185,32 +185,8 @@ impl Session {
         fast: bool,
         deadline: Duration,
     ) -> Result<Started, Error> {
-        match self.state {
-            State::Idle => {}
-            State::InBackup { .. } => {
-                return Err(Error::InvalidState {
-                    step: Step::Start,
-                    detail: "this session is already in backup mode",
-                });
-            }
-            State::Broken => {
-                self.close_on_failure();
-                return Err(self.lost(Step::Start));
-            }
-        }
-        if label.len() > MAX_LABEL_BYTES {
-            return Err(Error::LabelTooLong {
-                len: label.len(),
-                max: MAX_LABEL_BYTES,
-            });
-        }
-        // backup_label is line-based: a line break in the label would add lines a restore
-        // reads as fields (START TIMELINE follows LABEL).
-        if label.chars().any(char::is_control) {
-            return Err(Error::LabelHasControlCharacters {
-                label: label.to_string(),
-            });
-        }
+        self.check_can_start()?;
+        check_label(label)?;
         if self.info.wal_level == "minimal" {
             return Err(Error::WalLevelTooLow {
                 wal_level: self.info.wal_level.clone(),
@@ -227,33 +203,7 @@ impl Session {
         self.state = State::Broken;
 
         let (slot_name, wal_not_pinned_reason) = self.pin_wal().await;
-        let sql = if self.info.major >= 15 {
-            "select pg_backup_start($1, $2)::text"
-        } else {
-            "select pg_start_backup($1, $2, false)::text"
-        };
-        let result = bounded(
-            &self.shared,
-            t0 + deadline,
-            self.client.query_one(sql, &[&label, &fast]),
-        )
-        .await;
-        let row = match result {
-            Ok(row) => row,
-            Err(e) => {
-                let err = self.step_error(Step::Start, deadline, e);
-                self.close_on_failure();
-                return Err(err);
-            }
-        };
-        let took = t0.elapsed();
-        let start_lsn: Lsn = match row.get::<_, String>(0).parse() {
-            Ok(lsn) => lsn,
-            Err(e) => {
-                self.close_on_failure();
-                return Err(Error::LabelInvalid(e));
-            }
-        };
+        let (start_lsn, took) = self.backup_start(label, fast, t0, deadline).await?;
         info!(
             pid = self.backend_pid,
             %start_lsn,
@@ -277,6 +227,57 @@ impl Session {
             called_at,
             took,
         })
+    }
+
+    fn check_can_start(&mut self) -> Result<(), Error> {
+        match self.state {
+            State::Idle => Ok(()),
+            State::InBackup { .. } => Err(Error::InvalidState {
+                step: Step::Start,
+                detail: "this session is already in backup mode",
+            }),
+            State::Broken => {
+                self.close_on_failure();
+                Err(self.lost(Step::Start))
+            }
+        }
+    }
+
+    /// The start LSN, and how long the server took to return it: the checkpoint.
+    async fn backup_start(
+        &mut self,
+        label: &str,
+        fast: bool,
+        t0: Instant,
+        deadline: Duration,
+    ) -> Result<(Lsn, Duration), Error> {
+        let sql = if self.info.major >= 15 {
+            "select pg_backup_start($1, $2)::text"
+        } else {
+            "select pg_start_backup($1, $2, false)::text"
+        };
+        let result = bounded(
+            &self.shared,
+            t0 + deadline,
+            self.client.query_one(sql, &[&label, &fast]),
+        )
+        .await;
+        let row = match result {
+            Ok(row) => row,
+            Err(e) => {
+                let err = self.step_error(Step::Start, deadline, e);
+                self.close_on_failure();
+                return Err(err);
+            }
+        };
+        let took = t0.elapsed();
+        match row.get::<_, String>(0).parse() {
+            Ok(start_lsn) => Ok((start_lsn, took)),
+            Err(e) => {
+                self.close_on_failure();
+                Err(Error::LabelInvalid(e))
+            }
+        }
     }
 
     /// Stops the backup in this session and returns the files a restore needs.
@@ -621,6 +622,23 @@ async fn query_backend_pid(client: &Client, user: &str) -> Result<i32, Error> {
         .get(0))
 }
 
+fn check_label(label: &str) -> Result<(), Error> {
+    if label.len() > MAX_LABEL_BYTES {
+        return Err(Error::LabelTooLong {
+            len: label.len(),
+            max: MAX_LABEL_BYTES,
+        });
+    }
+    // backup_label is line-based: a line break in the label would add lines a restore
+    // reads as fields (START TIMELINE follows LABEL).
+    if label.chars().any(char::is_control) {
+        return Err(Error::LabelHasControlCharacters {
+            label: label.to_string(),
+        });
+    }
+    Ok(())
+}
+
 /// The function signatures a non-superuser needs EXECUTE on, per major.
 pub fn backup_functions(major: u32) -> [&'static str; 2] {
     if major >= 15 {
@@ -756,6 +774,15 @@ mod tests {
         let _ = (check, check_stop);
         fn send_type<T: Send + Sync>() {}
         send_type::<Session>();
+    }
+
+    #[test]
+    fn labels_fit_on_one_backup_label_line() {
+        assert!(check_label(&"x".repeat(MAX_LABEL_BYTES)).is_ok());
+        let too_long = check_label(&"x".repeat(MAX_LABEL_BYTES + 1)).unwrap_err();
+        assert_eq!(too_long.reason(), "LabelTooLong");
+        let two_lines = check_label("a\nSTART TIMELINE: 9").unwrap_err();
+        assert_eq!(two_lines.reason(), "LabelHasControlCharacters");
     }
 
     #[test]
