@@ -13,7 +13,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until, timeout};
 use tokio_postgres::error::Severity;
-use tokio_postgres::{AsyncMessage, CancelToken, Client, Connection};
+use tokio_postgres::{AsyncMessage, CancelToken, Client, Connection, Row};
 use tokio_postgres_rustls::MakeRustlsConnect;
 use tracing::{info, warn};
 
@@ -78,15 +78,18 @@ struct Shared {
 #[derive(Debug)]
 enum State {
     Idle,
-    InBackup {
-        called_at: Instant,
-        returned_at: Instant,
-        deadline: Duration,
-        slot_name: Option<String>,
-        from_standby: bool,
-    },
+    InBackup(InBackup),
     /// The connection is gone or being closed; a new session is needed.
     Broken,
+}
+
+#[derive(Debug, Clone)]
+struct InBackup {
+    called_at: Instant,
+    returned_at: Instant,
+    deadline: Duration,
+    slot_name: Option<String>,
+    from_standby: bool,
 }
 
 pub struct Session {
@@ -171,7 +174,7 @@ impl Session {
     /// Time since start was called, while the server is in backup mode for this session.
     pub fn time_in_backup_mode(&self) -> Option<Duration> {
         match self.state {
-            State::InBackup { called_at, .. } => Some(called_at.elapsed()),
+            State::InBackup(InBackup { called_at, .. }) => Some(called_at.elapsed()),
             State::Idle | State::Broken => None,
         }
     }
@@ -212,13 +215,13 @@ impl Session {
             slot = slot_name.as_deref().unwrap_or(""),
             "backup started"
         );
-        self.state = State::InBackup {
+        self.state = State::InBackup(InBackup {
             called_at: t0,
             returned_at: Instant::now(),
             deadline,
             slot_name: slot_name.clone(),
             from_standby: self.info.in_recovery,
-        };
+        });
         Ok(Started {
             start_lsn,
             wal_pinned: slot_name.is_some(),
@@ -232,7 +235,7 @@ impl Session {
     fn check_can_start(&mut self) -> Result<(), Error> {
         match self.state {
             State::Idle => Ok(()),
-            State::InBackup { .. } => Err(Error::InvalidState {
+            State::InBackup(_) => Err(Error::InvalidState {
                 step: Step::Start,
                 detail: "this session is already in backup mode",
             }),
@@ -282,67 +285,11 @@ impl Session {
 
     /// Stops the backup in this session and returns the files a restore needs.
     pub async fn stop(&mut self, wait_for_archive: bool) -> Result<Stopped, Error> {
-        let (called_at, returned_at, deadline, slot_name, from_standby) = match &self.state {
-            State::InBackup {
-                called_at,
-                returned_at,
-                deadline,
-                slot_name,
-                from_standby,
-            } => (
-                *called_at,
-                *returned_at,
-                *deadline,
-                slot_name.clone(),
-                *from_standby,
-            ),
-            State::Idle => {
-                return Err(Error::InvalidState {
-                    step: Step::Stop,
-                    detail: "this session has no backup in progress",
-                });
-            }
-            State::Broken => {
-                self.close_on_failure();
-                return Err(self.lost(Step::Stop));
-            }
-        };
-        if self.shared.deadline_passed.load(Ordering::SeqCst) {
-            self.state = State::Broken;
-            return Err(Error::DeadlineExceeded {
-                step: Step::InBackup,
-                deadline,
-            });
-        }
-        if self.client.is_closed() {
-            self.state = State::Broken;
-            return Err(self.lost(Step::InBackup));
-        }
-
+        let backup = self.check_can_stop()?;
         let t0 = Instant::now();
-        // As in start: a stop dropped midway leaves the session unusable, not "in backup".
-        self.state = State::Broken;
-        let sql = if self.info.major >= 15 {
-            "select lsn::text, labelfile, spcmapfile from pg_backup_stop($1)"
-        } else {
-            "select lsn::text, labelfile, spcmapfile from pg_stop_backup(false, $1)"
-        };
-        let result = bounded(
-            &self.shared,
-            called_at + deadline,
-            self.client.query_one(sql, &[&wait_for_archive]),
-        )
-        .await;
-        let row = match result {
-            Ok(row) => row,
-            Err(e) => {
-                let err = self.step_error(Step::Stop, deadline, e);
-                self.close_on_failure();
-                return Err(err);
-            }
-        };
+        let row = self.backup_stop(&backup, wait_for_archive).await?;
         let took = t0.elapsed();
-        let backup_window = returned_at.elapsed();
+        let backup_window = backup.returned_at.elapsed();
         // The server is out of backup mode: nothing left for the deadline to abort.
         self.control.send_replace(Control::Idle);
         self.state = State::Idle;
@@ -355,32 +302,11 @@ impl Session {
         let spcmapfile: Option<String> = row.get(2);
         let label: BackupLabel = labelfile.parse()?;
 
-        if from_standby {
-            // The server refuses the stop itself after a promotion; this also covers a
-            // promotion that lands between its check and our reply.
-            let still_standby: bool = self
-                .client
-                .query_one("select pg_is_in_recovery()", &[])
-                .await
-                .map_err(|e| self.query_error("pg_is_in_recovery()", Step::Stop, e))?
-                .get(0);
-            if !still_standby {
-                self.close_on_failure();
-                return Err(Error::StandbyPromoted {
-                    detail: "the server left recovery before the backup was stopped".into(),
-                });
-            }
+        if backup.from_standby {
+            self.check_still_standby().await?;
         }
-        if let Some(slot) = &slot_name {
-            // Temporary slots vanish with the session anyway; dropping it now releases WAL
-            // while the caller still holds the session for the snapshots' readyToUse.
-            if let Err(e) = self
-                .client
-                .execute("select pg_drop_replication_slot($1)", &[slot])
-                .await
-            {
-                warn!(slot, error = %e, "could not drop the temporary replication slot");
-            }
+        if let Some(slot) = &backup.slot_name {
+            self.drop_slot(slot).await;
         }
 
         let timeline = label.start_timeline.unwrap_or(self.info.timeline);
@@ -402,6 +328,91 @@ impl Session {
             took,
             backup_window,
         })
+    }
+
+    /// The backup to stop, unless the session can no longer stop it.
+    fn check_can_stop(&mut self) -> Result<InBackup, Error> {
+        let backup = match &self.state {
+            State::InBackup(backup) => backup.clone(),
+            State::Idle => {
+                return Err(Error::InvalidState {
+                    step: Step::Stop,
+                    detail: "this session has no backup in progress",
+                });
+            }
+            State::Broken => {
+                self.close_on_failure();
+                return Err(self.lost(Step::Stop));
+            }
+        };
+        if self.shared.deadline_passed.load(Ordering::SeqCst) {
+            self.state = State::Broken;
+            return Err(Error::DeadlineExceeded {
+                step: Step::InBackup,
+                deadline: backup.deadline,
+            });
+        }
+        if self.client.is_closed() {
+            self.state = State::Broken;
+            return Err(self.lost(Step::InBackup));
+        }
+        Ok(backup)
+    }
+
+    /// The stop function's row: the stop LSN, `backup_label` and `tablespace_map`.
+    async fn backup_stop(
+        &mut self,
+        backup: &InBackup,
+        wait_for_archive: bool,
+    ) -> Result<Row, Error> {
+        // As in start: a stop dropped midway leaves the session unusable, not "in backup".
+        self.state = State::Broken;
+        let sql = if self.info.major >= 15 {
+            "select lsn::text, labelfile, spcmapfile from pg_backup_stop($1)"
+        } else {
+            "select lsn::text, labelfile, spcmapfile from pg_stop_backup(false, $1)"
+        };
+        let result = bounded(
+            &self.shared,
+            backup.called_at + backup.deadline,
+            self.client.query_one(sql, &[&wait_for_archive]),
+        )
+        .await;
+        result.map_err(|e| {
+            let err = self.step_error(Step::Stop, backup.deadline, e);
+            self.close_on_failure();
+            err
+        })
+    }
+
+    /// The server refuses the stop itself after a promotion; this also covers a promotion
+    /// that lands between its check and our reply.
+    async fn check_still_standby(&mut self) -> Result<(), Error> {
+        let still_standby: bool = self
+            .client
+            .query_one("select pg_is_in_recovery()", &[])
+            .await
+            .map_err(|e| self.query_error("pg_is_in_recovery()", Step::Stop, e))?
+            .get(0);
+        if !still_standby {
+            self.close_on_failure();
+            return Err(Error::StandbyPromoted {
+                detail: "the server left recovery before the backup was stopped".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Temporary slots vanish with the session anyway; dropping it now releases WAL while
+    /// the caller still holds the session for the snapshots' readyToUse.
+    async fn drop_slot(&self, slot: &str) {
+        if let Err(e) = self
+            .client
+            .execute("select pg_drop_replication_slot($1)", &[&slot])
+            .await
+        {
+            warn!(slot, error = %e, "could not drop the temporary replication slot");
+        }
     }
 
     /// Fails before the backup starts rather than after the snapshots are cut.
