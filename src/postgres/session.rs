@@ -12,7 +12,7 @@ use futures::StreamExt;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until, timeout};
-use tokio_postgres::error::Severity;
+use tokio_postgres::error::{DbError, Severity};
 use tokio_postgres::{AsyncMessage, CancelToken, Client, Connection, Row};
 use tokio_postgres_rustls::MakeRustlsConnect;
 use tracing::{info, warn};
@@ -730,11 +730,7 @@ async fn drive<S, T>(
             message = messages.next() => {
                 let why = match message {
                     Some(Ok(AsyncMessage::Notice(notice))) => {
-                        if matches!(notice.parsed_severity(), Some(Severity::Warning)) {
-                            warn!(notice = notice.message(), "PostgreSQL warning");
-                        } else {
-                            info!(notice = notice.message(), "PostgreSQL notice");
-                        }
+                        log_notice(&notice);
                         continue;
                     }
                     Some(Ok(_)) => continue,
@@ -764,6 +760,14 @@ async fn drive<S, T>(
                 return;
             }
         }
+    }
+}
+
+fn log_notice(notice: &DbError) {
+    if matches!(notice.parsed_severity(), Some(Severity::Warning)) {
+        warn!(notice = notice.message(), "PostgreSQL warning");
+    } else {
+        info!(notice = notice.message(), "PostgreSQL notice");
     }
 }
 
