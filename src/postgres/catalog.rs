@@ -50,134 +50,179 @@ pub struct ServerInfo {
 
 impl ServerInfo {
     pub(crate) async fn load(client: &Client) -> Result<ServerInfo, Error> {
-        let row = client
-            .query_one(
-                "select current_setting('server_version_num')::int4, \
-                        current_setting('server_version'), \
-                        pg_is_in_recovery(), current_user::text, \
-                        current_setting('wal_level'), current_setting('archive_mode'), \
-                        current_setting('full_page_writes')::bool",
-                &[],
-            )
-            .await
-            .map_err(|e| query_err("reading the server version", "", e))?;
-        let version_num = row.get::<_, i32>(0) as u32;
-        let version: String = row.get(1);
-        let user: String = row.get(3);
-        check_version(version_num, &version)?;
-        let in_recovery: bool = row.get(2);
-
-        let role = client
-            .query_one(
-                "select rolsuper, rolreplication from pg_roles where rolname = current_user",
-                &[],
-            )
-            .await
-            .map_err(|e| query_err("reading the role's attributes", &user, e))?;
-        let role = RoleInfo {
-            name: user.clone(),
-            superuser: role.get(0),
-            replication: role.get(1),
-        };
-
-        let data_directory: String = client
-            .query_one("select current_setting('data_directory')", &[])
-            .await
-            .map_err(|e| match query_err("reading data_directory", &user, e) {
-                Error::MissingPrivilege { user, missing, .. } => Error::MissingPrivilege {
-                    grant: format!("GRANT pg_read_all_settings TO {}", quote_ident(&user)),
-                    user,
-                    missing,
-                },
-                other => other,
-            })?
-            .get(0);
-
-        let system_identifier = client
-            .query_one("select system_identifier from pg_control_system()", &[])
-            .await
-            .map_err(|e| {
-                query_err("reading the system identifier", &user, e).with_grant(|| {
-                    format!(
-                        "GRANT EXECUTE ON FUNCTION pg_control_system() TO {}",
-                        quote_ident(&user)
-                    )
-                })
-            })?
-            .get::<_, i64>(0) as u64;
-
-        let timeline = if in_recovery {
-            client
-                .query_one("select timeline_id from pg_control_checkpoint()", &[])
-                .await
-                .map_err(|e| {
-                    query_err("reading the timeline", &user, e).with_grant(|| {
-                        format!(
-                            "GRANT EXECUTE ON FUNCTION pg_control_checkpoint() TO {}",
-                            quote_ident(&user)
-                        )
-                    })
-                })?
-                .get::<_, i32>(0) as u32
+        let facts = read_facts(client).await?;
+        let user = &facts.user;
+        let role = read_role(client, user).await?;
+        let data_directory = read_data_directory(client, user).await?;
+        let system_identifier = read_system_identifier(client, user).await?;
+        let timeline = if facts.in_recovery {
+            read_checkpoint_timeline(client, user).await?
         } else {
-            // The last checkpoint's timeline lags behind a promotion until the next
-            // checkpoint; the current WAL file's name does not.
-            let file: String = client
-                .query_one("select pg_walfile_name(pg_current_wal_lsn())", &[])
-                .await
-                .map_err(|e| query_err("reading the timeline", &user, e))?
-                .get(0);
-            u32::from_str_radix(file.get(..8).unwrap_or(""), 16).map_err(|_| Error::Query {
-                what: "reading the timeline",
-                detail: format!("unexpected WAL file name {file:?}"),
-                sqlstate: None,
-            })?
+            read_current_timeline(client, user).await?
         };
-
-        // PostgreSQL 10 reports the size in 8kB blocks, 11+ in bytes.
-        let wal_segment_size = client
-            .query_one(
-                "select setting::int8 * case unit when '8kB' then 8192 when 'MB' then 1048576 else 1 end \
-                 from pg_settings where name = 'wal_segment_size'",
-                &[],
-            )
-            .await
-            .map_err(|e| query_err("reading wal_segment_size", &user, e))?
-            .get::<_, i64>(0) as u64;
-
-        let tablespaces = client
-            .query(
-                "select oid, spcname::text, pg_tablespace_location(oid) from pg_tablespace \
-                 where spcname not in ('pg_default', 'pg_global') order by oid",
-                &[],
-            )
-            .await
-            .map_err(|e| query_err("listing tablespaces", &user, e))?
-            .into_iter()
-            .map(|r| Tablespace {
-                oid: r.get(0),
-                name: r.get(1),
-                location: r.get(2),
-            })
-            .collect();
-
+        let wal_segment_size = read_wal_segment_size(client, user).await?;
+        let tablespaces = read_tablespaces(client, user).await?;
         Ok(ServerInfo {
-            version_num,
-            version,
-            major: major_of(version_num),
-            in_recovery,
+            version_num: facts.version_num,
+            version: facts.version,
+            major: major_of(facts.version_num),
+            in_recovery: facts.in_recovery,
             system_identifier,
             timeline,
             wal_directory: format!("{data_directory}/pg_wal"),
             data_directory,
             wal_segment_size,
             tablespaces,
-            archive_mode: row.get(5),
-            wal_level: row.get(4),
-            full_page_writes: row.get(6),
+            archive_mode: facts.archive_mode,
+            wal_level: facts.wal_level,
+            full_page_writes: facts.full_page_writes,
             role,
         })
     }
+}
+
+/// What any role may read about the server and itself, in one round trip.
+struct ServerFacts {
+    version_num: u32,
+    version: String,
+    in_recovery: bool,
+    user: String,
+    wal_level: String,
+    archive_mode: String,
+    full_page_writes: bool,
+}
+
+async fn read_facts(client: &Client) -> Result<ServerFacts, Error> {
+    let row = client
+        .query_one(
+            "select current_setting('server_version_num')::int4, \
+                    current_setting('server_version'), \
+                    pg_is_in_recovery(), current_user::text, \
+                    current_setting('wal_level'), current_setting('archive_mode'), \
+                    current_setting('full_page_writes')::bool",
+            &[],
+        )
+        .await
+        .map_err(|e| query_err("reading the server version", "", e))?;
+    let version_num = row.get::<_, i32>(0) as u32;
+    let version: String = row.get(1);
+    check_version(version_num, &version)?;
+    Ok(ServerFacts {
+        version_num,
+        version,
+        in_recovery: row.get(2),
+        user: row.get(3),
+        wal_level: row.get(4),
+        archive_mode: row.get(5),
+        full_page_writes: row.get(6),
+    })
+}
+
+async fn read_role(client: &Client, user: &str) -> Result<RoleInfo, Error> {
+    let row = client
+        .query_one(
+            "select rolsuper, rolreplication from pg_roles where rolname = current_user",
+            &[],
+        )
+        .await
+        .map_err(|e| query_err("reading the role's attributes", user, e))?;
+    Ok(RoleInfo {
+        name: user.to_string(),
+        superuser: row.get(0),
+        replication: row.get(1),
+    })
+}
+
+async fn read_data_directory(client: &Client, user: &str) -> Result<String, Error> {
+    Ok(client
+        .query_one("select current_setting('data_directory')", &[])
+        .await
+        .map_err(|e| {
+            query_err("reading data_directory", user, e)
+                .with_grant(|| format!("GRANT pg_read_all_settings TO {}", quote_ident(user)))
+        })?
+        .get(0))
+}
+
+async fn read_system_identifier(client: &Client, user: &str) -> Result<u64, Error> {
+    Ok(client
+        .query_one("select system_identifier from pg_control_system()", &[])
+        .await
+        .map_err(|e| {
+            query_err("reading the system identifier", user, e).with_grant(|| {
+                format!(
+                    "GRANT EXECUTE ON FUNCTION pg_control_system() TO {}",
+                    quote_ident(user)
+                )
+            })
+        })?
+        .get::<_, i64>(0) as u64)
+}
+
+/// A standby's timeline: the one of its last restartpoint.
+async fn read_checkpoint_timeline(client: &Client, user: &str) -> Result<u32, Error> {
+    Ok(client
+        .query_one("select timeline_id from pg_control_checkpoint()", &[])
+        .await
+        .map_err(|e| {
+            query_err("reading the timeline", user, e).with_grant(|| {
+                format!(
+                    "GRANT EXECUTE ON FUNCTION pg_control_checkpoint() TO {}",
+                    quote_ident(user)
+                )
+            })
+        })?
+        .get::<_, i32>(0) as u32)
+}
+
+/// A primary's timeline. The last checkpoint's lags behind a promotion until the next
+/// checkpoint; the current WAL file's name does not.
+async fn read_current_timeline(client: &Client, user: &str) -> Result<u32, Error> {
+    let file: String = client
+        .query_one("select pg_walfile_name(pg_current_wal_lsn())", &[])
+        .await
+        .map_err(|e| query_err("reading the timeline", user, e))?
+        .get(0);
+    timeline_of_wal_file(&file)
+}
+
+fn timeline_of_wal_file(file: &str) -> Result<u32, Error> {
+    u32::from_str_radix(file.get(..8).unwrap_or(""), 16).map_err(|_| Error::Query {
+        what: "reading the timeline",
+        detail: format!("unexpected WAL file name {file:?}"),
+        sqlstate: None,
+    })
+}
+
+async fn read_wal_segment_size(client: &Client, user: &str) -> Result<u64, Error> {
+    // PostgreSQL 10 reports the size in 8kB blocks, 11+ in bytes.
+    Ok(client
+        .query_one(
+            "select setting::int8 * case unit when '8kB' then 8192 when 'MB' then 1048576 else 1 end \
+             from pg_settings where name = 'wal_segment_size'",
+            &[],
+        )
+        .await
+        .map_err(|e| query_err("reading wal_segment_size", user, e))?
+        .get::<_, i64>(0) as u64)
+}
+
+async fn read_tablespaces(client: &Client, user: &str) -> Result<Vec<Tablespace>, Error> {
+    Ok(client
+        .query(
+            "select oid, spcname::text, pg_tablespace_location(oid) from pg_tablespace \
+             where spcname not in ('pg_default', 'pg_global') order by oid",
+            &[],
+        )
+        .await
+        .map_err(|e| query_err("listing tablespaces", user, e))?
+        .into_iter()
+        .map(|r| Tablespace {
+            oid: r.get(0),
+            name: r.get(1),
+            location: r.get(2),
+        })
+        .collect())
 }
 
 /// 160004 -> 16. Before 10 a major had two parts (9.6 is 90600); those all map to 9,
@@ -264,6 +309,20 @@ mod tests {
         let e = check_version(90624, "9.6.24").unwrap_err();
         assert_eq!(e.reason(), "UnsupportedVersion");
         assert!(e.to_string().contains("9.6.24"));
+    }
+
+    #[test]
+    fn timeline_from_the_wal_file_name() {
+        assert_eq!(
+            timeline_of_wal_file("0000000A0000000000000003").unwrap(),
+            10
+        );
+        let e = timeline_of_wal_file("x").unwrap_err();
+        assert_eq!(e.reason(), "Query");
+        assert!(
+            e.to_string().contains("unexpected WAL file name \"x\""),
+            "{e}"
+        );
     }
 
     #[test]

@@ -12,8 +12,8 @@ use futures::StreamExt;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until, timeout};
-use tokio_postgres::error::Severity;
-use tokio_postgres::{AsyncMessage, CancelToken, Client, Connection};
+use tokio_postgres::error::{DbError, Severity};
+use tokio_postgres::{AsyncMessage, CancelToken, Client, Connection, Row};
 use tokio_postgres_rustls::MakeRustlsConnect;
 use tracing::{info, warn};
 
@@ -78,15 +78,18 @@ struct Shared {
 #[derive(Debug)]
 enum State {
     Idle,
-    InBackup {
-        called_at: Instant,
-        returned_at: Instant,
-        deadline: Duration,
-        slot_name: Option<String>,
-        from_standby: bool,
-    },
+    InBackup(InBackup),
     /// The connection is gone or being closed; a new session is needed.
     Broken,
+}
+
+#[derive(Debug, Clone)]
+struct InBackup {
+    called_at: Instant,
+    returned_at: Instant,
+    deadline: Duration,
+    slot_name: Option<String>,
+    from_standby: bool,
 }
 
 pub struct Session {
@@ -101,59 +104,12 @@ pub struct Session {
 impl Session {
     /// Connects and reads the server's facts. Refuses servers older than 10.
     pub async fn connect(opts: &ConnectOptions) -> Result<Session, Error> {
-        let target = opts.target();
-        let tls = opts.tls()?;
-        // tokio-postgres' own timeout covers the TCP connect only, not TLS or auth.
-        let (client, connection) =
-            timeout(opts.connect_timeout, opts.config().connect(tls.clone()))
-                .await
-                .map_err(|_| Error::Unreachable {
-                    target: target.clone(),
-                    detail: format!("no answer within {:?}", opts.connect_timeout),
-                })?
-                .map_err(|e| Error::from_connect(&target, &opts.user, e))?;
-
-        let shared = Arc::new(Shared::default());
-        let (control, control_rx) = watch::channel(Control::Idle);
-        tokio::spawn(drive(
-            connection,
-            control_rx,
-            shared.clone(),
-            client.cancel_token(),
-            tls,
-        ));
-
+        let (client, control, shared) = open(opts).await?;
         let info = ServerInfo::load(&client).await?;
         if info.major >= 14 {
-            // A backend busy in pg_backup_stop (waiting for the archive) reads nothing from
-            // its client, so it would not notice a client that died without a cancel (an
-            // operator killed mid-backup) and stay in backup mode. This makes it look.
-            client
-                .batch_execute("SET client_connection_check_interval = '1s'")
-                .await
-                .map_err(|e| {
-                    Error::from_query(
-                        "client_connection_check_interval",
-                        Step::Connect,
-                        &opts.user,
-                        String::new,
-                        e,
-                    )
-                })?;
+            enable_client_connection_check(&client, &opts.user).await?;
         }
-        let backend_pid: i32 = client
-            .query_one("select pg_backend_pid()", &[])
-            .await
-            .map_err(|e| {
-                Error::from_query(
-                    "pg_backend_pid()",
-                    Step::Connect,
-                    &opts.user,
-                    String::new,
-                    e,
-                )
-            })?
-            .get(0);
+        let backend_pid = query_backend_pid(&client, &opts.user).await?;
         Ok(Session {
             client,
             info,
@@ -218,7 +174,7 @@ impl Session {
     /// Time since start was called, while the server is in backup mode for this session.
     pub fn time_in_backup_mode(&self) -> Option<Duration> {
         match self.state {
-            State::InBackup { called_at, .. } => Some(called_at.elapsed()),
+            State::InBackup(InBackup { called_at, .. }) => Some(called_at.elapsed()),
             State::Idle | State::Broken => None,
         }
     }
@@ -232,32 +188,8 @@ impl Session {
         fast: bool,
         deadline: Duration,
     ) -> Result<Started, Error> {
-        match self.state {
-            State::Idle => {}
-            State::InBackup { .. } => {
-                return Err(Error::InvalidState {
-                    step: Step::Start,
-                    detail: "this session is already in backup mode",
-                });
-            }
-            State::Broken => {
-                self.close_on_failure();
-                return Err(self.lost(Step::Start));
-            }
-        }
-        if label.len() > MAX_LABEL_BYTES {
-            return Err(Error::LabelTooLong {
-                len: label.len(),
-                max: MAX_LABEL_BYTES,
-            });
-        }
-        // backup_label is line-based: a line break in the label would add lines a restore
-        // reads as fields (START TIMELINE follows LABEL).
-        if label.chars().any(char::is_control) {
-            return Err(Error::LabelHasControlCharacters {
-                label: label.to_string(),
-            });
-        }
+        self.check_can_start()?;
+        check_label(label)?;
         if self.info.wal_level == "minimal" {
             return Err(Error::WalLevelTooLow {
                 wal_level: self.info.wal_level.clone(),
@@ -274,6 +206,54 @@ impl Session {
         self.state = State::Broken;
 
         let (slot_name, wal_not_pinned_reason) = self.pin_wal().await;
+        let (start_lsn, took) = self.backup_start(label, fast, t0, deadline).await?;
+        info!(
+            pid = self.backend_pid,
+            %start_lsn,
+            fast,
+            took_ms = took.as_millis() as u64,
+            slot = slot_name.as_deref().unwrap_or(""),
+            "backup started"
+        );
+        self.state = State::InBackup(InBackup {
+            called_at: t0,
+            returned_at: Instant::now(),
+            deadline,
+            slot_name: slot_name.clone(),
+            from_standby: self.info.in_recovery,
+        });
+        Ok(Started {
+            start_lsn,
+            wal_pinned: slot_name.is_some(),
+            slot_name,
+            wal_not_pinned_reason,
+            called_at,
+            took,
+        })
+    }
+
+    fn check_can_start(&mut self) -> Result<(), Error> {
+        match self.state {
+            State::Idle => Ok(()),
+            State::InBackup(_) => Err(Error::InvalidState {
+                step: Step::Start,
+                detail: "this session is already in backup mode",
+            }),
+            State::Broken => {
+                self.close_on_failure();
+                Err(self.lost(Step::Start))
+            }
+        }
+    }
+
+    /// The start LSN, and how long the server took to return it: the checkpoint.
+    async fn backup_start(
+        &mut self,
+        label: &str,
+        fast: bool,
+        t0: Instant,
+        deadline: Duration,
+    ) -> Result<(Lsn, Duration), Error> {
         let sql = if self.info.major >= 15 {
             "select pg_backup_start($1, $2)::text"
         } else {
@@ -294,101 +274,22 @@ impl Session {
             }
         };
         let took = t0.elapsed();
-        let start_lsn: Lsn = match row.get::<_, String>(0).parse() {
-            Ok(lsn) => lsn,
+        match row.get::<_, String>(0).parse() {
+            Ok(start_lsn) => Ok((start_lsn, took)),
             Err(e) => {
                 self.close_on_failure();
-                return Err(Error::LabelInvalid(e));
+                Err(Error::LabelInvalid(e))
             }
-        };
-        info!(
-            pid = self.backend_pid,
-            %start_lsn,
-            fast,
-            took_ms = took.as_millis() as u64,
-            slot = slot_name.as_deref().unwrap_or(""),
-            "backup started"
-        );
-        self.state = State::InBackup {
-            called_at: t0,
-            returned_at: Instant::now(),
-            deadline,
-            slot_name: slot_name.clone(),
-            from_standby: self.info.in_recovery,
-        };
-        Ok(Started {
-            start_lsn,
-            wal_pinned: slot_name.is_some(),
-            slot_name,
-            wal_not_pinned_reason,
-            called_at,
-            took,
-        })
+        }
     }
 
     /// Stops the backup in this session and returns the files a restore needs.
     pub async fn stop(&mut self, wait_for_archive: bool) -> Result<Stopped, Error> {
-        let (called_at, returned_at, deadline, slot_name, from_standby) = match &self.state {
-            State::InBackup {
-                called_at,
-                returned_at,
-                deadline,
-                slot_name,
-                from_standby,
-            } => (
-                *called_at,
-                *returned_at,
-                *deadline,
-                slot_name.clone(),
-                *from_standby,
-            ),
-            State::Idle => {
-                return Err(Error::InvalidState {
-                    step: Step::Stop,
-                    detail: "this session has no backup in progress",
-                });
-            }
-            State::Broken => {
-                self.close_on_failure();
-                return Err(self.lost(Step::Stop));
-            }
-        };
-        if self.shared.deadline_passed.load(Ordering::SeqCst) {
-            self.state = State::Broken;
-            return Err(Error::DeadlineExceeded {
-                step: Step::InBackup,
-                deadline,
-            });
-        }
-        if self.client.is_closed() {
-            self.state = State::Broken;
-            return Err(self.lost(Step::InBackup));
-        }
-
+        let backup = self.check_can_stop()?;
         let t0 = Instant::now();
-        // As in start: a stop dropped midway leaves the session unusable, not "in backup".
-        self.state = State::Broken;
-        let sql = if self.info.major >= 15 {
-            "select lsn::text, labelfile, spcmapfile from pg_backup_stop($1)"
-        } else {
-            "select lsn::text, labelfile, spcmapfile from pg_stop_backup(false, $1)"
-        };
-        let result = bounded(
-            &self.shared,
-            called_at + deadline,
-            self.client.query_one(sql, &[&wait_for_archive]),
-        )
-        .await;
-        let row = match result {
-            Ok(row) => row,
-            Err(e) => {
-                let err = self.step_error(Step::Stop, deadline, e);
-                self.close_on_failure();
-                return Err(err);
-            }
-        };
+        let row = self.backup_stop(&backup, wait_for_archive).await?;
         let took = t0.elapsed();
-        let backup_window = returned_at.elapsed();
+        let backup_window = backup.returned_at.elapsed();
         // The server is out of backup mode: nothing left for the deadline to abort.
         self.control.send_replace(Control::Idle);
         self.state = State::Idle;
@@ -401,32 +302,11 @@ impl Session {
         let spcmapfile: Option<String> = row.get(2);
         let label: BackupLabel = labelfile.parse()?;
 
-        if from_standby {
-            // The server refuses the stop itself after a promotion; this also covers a
-            // promotion that lands between its check and our reply.
-            let still_standby: bool = self
-                .client
-                .query_one("select pg_is_in_recovery()", &[])
-                .await
-                .map_err(|e| self.query_error("pg_is_in_recovery()", Step::Stop, e))?
-                .get(0);
-            if !still_standby {
-                self.close_on_failure();
-                return Err(Error::StandbyPromoted {
-                    detail: "the server left recovery before the backup was stopped".into(),
-                });
-            }
+        if backup.from_standby {
+            self.check_still_standby().await?;
         }
-        if let Some(slot) = &slot_name {
-            // Temporary slots vanish with the session anyway; dropping it now releases WAL
-            // while the caller still holds the session for the snapshots' readyToUse.
-            if let Err(e) = self
-                .client
-                .execute("select pg_drop_replication_slot($1)", &[slot])
-                .await
-            {
-                warn!(slot, error = %e, "could not drop the temporary replication slot");
-            }
+        if let Some(slot) = &backup.slot_name {
+            self.drop_slot(slot).await;
         }
 
         let timeline = label.start_timeline.unwrap_or(self.info.timeline);
@@ -448,6 +328,91 @@ impl Session {
             took,
             backup_window,
         })
+    }
+
+    /// The backup to stop, unless the session can no longer stop it.
+    fn check_can_stop(&mut self) -> Result<InBackup, Error> {
+        let backup = match &self.state {
+            State::InBackup(backup) => backup.clone(),
+            State::Idle => {
+                return Err(Error::InvalidState {
+                    step: Step::Stop,
+                    detail: "this session has no backup in progress",
+                });
+            }
+            State::Broken => {
+                self.close_on_failure();
+                return Err(self.lost(Step::Stop));
+            }
+        };
+        if self.shared.deadline_passed.load(Ordering::SeqCst) {
+            self.state = State::Broken;
+            return Err(Error::DeadlineExceeded {
+                step: Step::InBackup,
+                deadline: backup.deadline,
+            });
+        }
+        if self.client.is_closed() {
+            self.state = State::Broken;
+            return Err(self.lost(Step::InBackup));
+        }
+        Ok(backup)
+    }
+
+    /// The stop function's row: the stop LSN, `backup_label` and `tablespace_map`.
+    async fn backup_stop(
+        &mut self,
+        backup: &InBackup,
+        wait_for_archive: bool,
+    ) -> Result<Row, Error> {
+        // As in start: a stop dropped midway leaves the session unusable, not "in backup".
+        self.state = State::Broken;
+        let sql = if self.info.major >= 15 {
+            "select lsn::text, labelfile, spcmapfile from pg_backup_stop($1)"
+        } else {
+            "select lsn::text, labelfile, spcmapfile from pg_stop_backup(false, $1)"
+        };
+        let result = bounded(
+            &self.shared,
+            backup.called_at + backup.deadline,
+            self.client.query_one(sql, &[&wait_for_archive]),
+        )
+        .await;
+        result.map_err(|e| {
+            let err = self.step_error(Step::Stop, backup.deadline, e);
+            self.close_on_failure();
+            err
+        })
+    }
+
+    /// The server refuses the stop itself after a promotion; this also covers a promotion
+    /// that lands between its check and our reply.
+    async fn check_still_standby(&mut self) -> Result<(), Error> {
+        let still_standby: bool = self
+            .client
+            .query_one("select pg_is_in_recovery()", &[])
+            .await
+            .map_err(|e| self.query_error("pg_is_in_recovery()", Step::Stop, e))?
+            .get(0);
+        if !still_standby {
+            self.close_on_failure();
+            return Err(Error::StandbyPromoted {
+                detail: "the server left recovery before the backup was stopped".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Temporary slots vanish with the session anyway; dropping it now releases WAL while
+    /// the caller still holds the session for the snapshots' readyToUse.
+    async fn drop_slot(&self, slot: &str) {
+        if let Err(e) = self
+            .client
+            .execute("select pg_drop_replication_slot($1)", &[&slot])
+            .await
+        {
+            warn!(slot, error = %e, "could not drop the temporary replication slot");
+        }
     }
 
     /// Fails before the backup starts rather than after the snapshots are cut.
@@ -615,6 +580,76 @@ impl Drop for Session {
     }
 }
 
+/// Connects and hands the connection to its task ([`drive`]).
+async fn open(
+    opts: &ConnectOptions,
+) -> Result<(Client, watch::Sender<Control>, Arc<Shared>), Error> {
+    let target = opts.target();
+    let tls = opts.tls()?;
+    // tokio-postgres' own timeout covers the TCP connect only, not TLS or auth.
+    let (client, connection) = timeout(opts.connect_timeout, opts.config().connect(tls.clone()))
+        .await
+        .map_err(|_| Error::Unreachable {
+            target: target.clone(),
+            detail: format!("no answer within {:?}", opts.connect_timeout),
+        })?
+        .map_err(|e| Error::from_connect(&target, &opts.user, e))?;
+
+    let shared = Arc::new(Shared::default());
+    let (control, control_rx) = watch::channel(Control::Idle);
+    tokio::spawn(drive(
+        connection,
+        control_rx,
+        shared.clone(),
+        client.cancel_token(),
+        tls,
+    ));
+    Ok((client, control, shared))
+}
+
+/// A backend busy in pg_backup_stop (waiting for the archive) reads nothing from its
+/// client, so it would not notice a client that died without a cancel (an operator killed
+/// mid-backup) and stay in backup mode. This makes it look (14+).
+async fn enable_client_connection_check(client: &Client, user: &str) -> Result<(), Error> {
+    client
+        .batch_execute("SET client_connection_check_interval = '1s'")
+        .await
+        .map_err(|e| {
+            Error::from_query(
+                "client_connection_check_interval",
+                Step::Connect,
+                user,
+                String::new,
+                e,
+            )
+        })
+}
+
+async fn query_backend_pid(client: &Client, user: &str) -> Result<i32, Error> {
+    Ok(client
+        .query_one("select pg_backend_pid()", &[])
+        .await
+        .map_err(|e| Error::from_query("pg_backend_pid()", Step::Connect, user, String::new, e))?
+        .get(0))
+}
+
+fn check_label(label: &str) -> Result<(), Error> {
+    if label.len() > MAX_LABEL_BYTES {
+        return Err(Error::LabelTooLong {
+            len: label.len(),
+            max: MAX_LABEL_BYTES,
+        });
+    }
+    // backup_label is line-based: a line break in the label would add lines a restore
+    // reads as fields (START TIMELINE follows LABEL).
+    if label.chars().any(char::is_control) {
+        return Err(Error::LabelHasControlCharacters {
+            label: label.to_string(),
+        });
+    }
+    Ok(())
+}
+
 /// The function signatures a non-superuser needs EXECUTE on, per major.
 pub fn backup_functions(major: u32) -> [&'static str; 2] {
     if major >= 15 {
@@ -695,11 +730,7 @@ async fn drive<S, T>(
             message = messages.next() => {
                 let why = match message {
                     Some(Ok(AsyncMessage::Notice(notice))) => {
-                        if matches!(notice.parsed_severity(), Some(Severity::Warning)) {
-                            warn!(notice = notice.message(), "PostgreSQL warning");
-                        } else {
-                            info!(notice = notice.message(), "PostgreSQL notice");
-                        }
+                        log_notice(&notice);
                         continue;
                     }
                     Some(Ok(_)) => continue,
@@ -732,6 +763,14 @@ async fn drive<S, T>(
     }
 }
 
+fn log_notice(notice: &DbError) {
+    if matches!(notice.parsed_severity(), Some(Severity::Warning)) {
+        warn!(notice = notice.message(), "PostgreSQL warning");
+    } else {
+        info!(notice = notice.message(), "PostgreSQL notice");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -750,6 +789,15 @@ mod tests {
         let _ = (check, check_stop);
         fn send_type<T: Send + Sync>() {}
         send_type::<Session>();
+    }
+
+    #[test]
+    fn labels_fit_on_one_backup_label_line() {
+        assert!(check_label(&"x".repeat(MAX_LABEL_BYTES)).is_ok());
+        let too_long = check_label(&"x".repeat(MAX_LABEL_BYTES + 1)).unwrap_err();
+        assert_eq!(too_long.reason(), "LabelTooLong");
+        let two_lines = check_label("a\nSTART TIMELINE: 9").unwrap_err();
+        assert_eq!(two_lines.reason(), "LabelHasControlCharacters");
     }
 
     #[test]

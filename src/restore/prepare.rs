@@ -26,7 +26,7 @@ pub const EXIT_REFUSED: i32 = 3;
 
 /// Where recovery stops.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Target {
+pub enum RecoveryStop {
     /// As soon as the restored data is consistent: the end of the backup.
     Immediate,
     /// A timestamp as PostgreSQL reads it, e.g. `2026-11-21 10:00:00+00`.
@@ -39,7 +39,7 @@ pub enum Target {
 pub struct Recovery {
     /// Fetches archived WAL (`%f`, `%p`). None: WAL is read from `pg_wal` only.
     pub restore_command: Option<String>,
-    pub target: Target,
+    pub target: RecoveryStop,
     /// Promote at the target (a new timeline, read-write); otherwise pause there.
     pub promote: bool,
 }
@@ -134,7 +134,7 @@ fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) ->
 }
 
 #[derive(Debug, PartialEq, Eq)]
-pub enum Outcome {
+pub enum PrepareOutcome {
     /// The directory was prepared; each entry says what was done.
     Prepared { major: u32, actions: Vec<String> },
     /// A previous run prepared it from the same label: nothing was changed.
@@ -209,12 +209,12 @@ pub fn recovery_settings(major: u32, recovery: &Recovery) -> Result<Vec<String>,
         quote_setting("restore_command", command)?
     ));
     match &recovery.target {
-        Target::Immediate => lines.push("recovery_target = 'immediate'".into()),
-        Target::Time(t) => lines.push(format!(
+        RecoveryStop::Immediate => lines.push("recovery_target = 'immediate'".into()),
+        RecoveryStop::Time(t) => lines.push(format!(
             "recovery_target_time = {}",
             quote_setting("recovery_target_time", &server_time(t))?
         )),
-        Target::Lsn(l) => {
+        RecoveryStop::Lsn(l) => {
             l.parse::<crate::postgres::Lsn>()
                 .map_err(|_| PrepareError::InvalidSetting {
                     name: "recovery_target_lsn",
@@ -457,110 +457,168 @@ fn read_optional(path: &Path) -> Result<Option<Vec<u8>>, PrepareError> {
 
 /// Checks everything, then prepares the data directory (see the module's comment for the
 /// order). Nothing is written before every check has passed.
-pub fn prepare(inputs: &Inputs) -> Result<Outcome, PrepareError> {
+pub fn prepare(inputs: &Inputs) -> Result<PrepareOutcome, PrepareError> {
     let data = &inputs.data_dir;
-    // 1. The label: present, untampered, a label.
+    let files = read_label_files(inputs)?;
+    let major = check_data_dir(data, inputs.system_identifier)?;
+    if let Some(done) = read_optional(&data.join(DONE_MARKER))? {
+        return rerun_outcome(&done, &files.label_sha);
+    }
+    let map_out = relocated_map(&files.map, &inputs.tablespaces)?;
+    let settings = recovery_settings(major, &inputs.recovery)?;
+
+    // The label first, the marker last.
+    let mut actions = Vec::new();
+    write_label_files(data, &files, &map_out, &mut actions)?;
+    relink_volumes(data, inputs, &mut actions)?;
+    remove_server_leftovers(data, inputs.remove_standby_signal, &mut actions)?;
+    write_recovery_settings(data, major, &files.label_sha, &settings, &mut actions)?;
+    write_file(
+        data,
+        DONE_MARKER,
+        format!("{}\n", files.label_sha).as_bytes(),
+    )?;
+    actions.push(format!("wrote {DONE_MARKER}"));
+    Ok(PrepareOutcome::Prepared { major, actions })
+}
+
+/// The backup's `backup_label` and `tablespace_map`, checked against what the backup recorded.
+struct LabelFiles {
+    label: Vec<u8>,
+    label_sha: String,
+    map: String,
+}
+
+fn read_label_files(inputs: &Inputs) -> Result<LabelFiles, PrepareError> {
     let label = read_optional(&inputs.label_dir.join(BACKUP_LABEL_KEY))?
         .filter(|l| !l.is_empty())
         .ok_or_else(|| PrepareError::LabelMissing(inputs.label_dir.clone()))?;
     let label_sha = sha256_hex(&label);
-    if !label_sha.eq_ignore_ascii_case(inputs.backup_label_sha256.trim()) {
-        return Err(PrepareError::LabelTampered {
-            file: BACKUP_LABEL_KEY,
-            expected: inputs.backup_label_sha256.clone(),
-            actual: label_sha,
-        });
-    }
+    check_sha256(BACKUP_LABEL_KEY, &inputs.backup_label_sha256, &label_sha)?;
     let map = read_optional(&inputs.label_dir.join(TABLESPACE_MAP_KEY))?.unwrap_or_default();
     if let Some(expected) = &inputs.tablespace_map_sha256 {
-        let actual = sha256_hex(&map);
-        if !actual.eq_ignore_ascii_case(expected.trim()) {
-            return Err(PrepareError::LabelTampered {
-                file: TABLESPACE_MAP_KEY,
-                expected: expected.clone(),
-                actual,
-            });
-        }
+        check_sha256(TABLESPACE_MAP_KEY, expected, &sha256_hex(&map))?;
     }
-    let label_text = String::from_utf8_lossy(&label);
-    label_text.parse::<crate::postgres::BackupLabel>()?;
-    let map_text = String::from_utf8(map)
+    String::from_utf8_lossy(&label).parse::<crate::postgres::BackupLabel>()?;
+    let map = String::from_utf8(map)
         .map_err(|_| PrepareError::Relocation("tablespace_map is not UTF-8".into()))?;
+    Ok(LabelFiles {
+        label,
+        label_sha,
+        map,
+    })
+}
 
-    // 2. The data directory: a PostgreSQL one, of the same database system.
+fn check_sha256(file: &'static str, expected: &str, actual: &str) -> Result<(), PrepareError> {
+    if actual.eq_ignore_ascii_case(expected.trim()) {
+        return Ok(());
+    }
+    Err(PrepareError::LabelTampered {
+        file,
+        expected: expected.to_string(),
+        actual: actual.to_string(),
+    })
+}
+
+/// A PostgreSQL data directory of the backed-up database system; returns its major.
+fn check_data_dir(data: &Path, expected: u64) -> Result<u32, PrepareError> {
     let major = major_version(data)?;
     let found = system_identifier(data)?;
-    if found != inputs.system_identifier {
-        return Err(PrepareError::SystemIdentifierMismatch {
-            expected: inputs.system_identifier,
-            found,
-        });
+    if found != expected {
+        return Err(PrepareError::SystemIdentifierMismatch { expected, found });
     }
-    if let Some(done) = read_optional(&data.join(DONE_MARKER))? {
-        let done = String::from_utf8_lossy(&done).trim().to_string();
-        return if done == label_sha {
-            Ok(Outcome::AlreadyPrepared)
-        } else {
-            Err(PrepareError::PreparedFromAnotherLabel { found: done })
-        };
-    }
-    let map_out = relocated_map(&map_text, &inputs.tablespaces)?;
-    let settings = recovery_settings(major, &inputs.recovery)?;
+    Ok(major)
+}
 
-    // 3. Writes: the label first, the marker last.
-    let mut actions = Vec::new();
-    write_file(data, "backup_label", &label)?;
+/// A directory holding the done marker was prepared before: from this label, nothing is
+/// left to do; from another, preparing again would mix two backups.
+fn rerun_outcome(done: &[u8], label_sha: &str) -> Result<PrepareOutcome, PrepareError> {
+    let done = String::from_utf8_lossy(done).trim().to_string();
+    if done == label_sha {
+        Ok(PrepareOutcome::AlreadyPrepared)
+    } else {
+        Err(PrepareError::PreparedFromAnotherLabel { found: done })
+    }
+}
+
+fn write_label_files(
+    data: &Path,
+    files: &LabelFiles,
+    map_out: &str,
+    actions: &mut Vec<String>,
+) -> Result<(), PrepareError> {
+    write_file(data, "backup_label", &files.label)?;
     actions.push(format!(
-        "wrote backup_label ({} bytes, sha256 {label_sha})",
-        label.len()
+        "wrote backup_label ({} bytes, sha256 {})",
+        files.label.len(),
+        files.label_sha
     ));
     if map_out.is_empty() {
         // No tablespaces; a stale map would make PostgreSQL recreate links that are not there.
-        remove_file(
+        return remove_file(
             &data.join("tablespace_map"),
-            &mut actions,
+            actions,
             "the backup has no tablespaces",
-        )?;
-    } else {
-        write_file(data, "tablespace_map", map_out.as_bytes())?;
-        let how = if map_out == map_text {
-            "byte for byte"
-        } else {
-            "with relocated paths"
-        };
-        actions.push(format!("wrote tablespace_map ({how})"));
+        );
     }
+    write_file(data, "tablespace_map", map_out.as_bytes())?;
+    let how = if map_out == files.map {
+        "byte for byte"
+    } else {
+        "with relocated paths"
+    };
+    actions.push(format!("wrote tablespace_map ({how})"));
+    Ok(())
+}
+
+fn relink_volumes(
+    data: &Path,
+    inputs: &Inputs,
+    actions: &mut Vec<String>,
+) -> Result<(), PrepareError> {
     for (oid, path) in &inputs.tablespaces {
-        relink(
-            &data.join("pg_tblspc").join(oid.to_string()),
-            path,
-            &mut actions,
-        )?;
+        relink(&data.join("pg_tblspc").join(oid.to_string()), path, actions)?;
     }
     if let Some(wal) = &inputs.wal_dir {
-        relink(&data.join("pg_wal"), wal, &mut actions)?;
+        relink(&data.join("pg_wal"), wal, actions)?;
     }
+    Ok(())
+}
 
+/// What the backed-up server left behind and the restored one must not find.
+fn remove_server_leftovers(
+    data: &Path,
+    remove_standby_signal: bool,
+    actions: &mut Vec<String>,
+) -> Result<(), PrepareError> {
     remove_file(
         &data.join("postmaster.pid"),
-        &mut actions,
+        actions,
         "the backed-up server's lock file",
     )?;
     remove_file(
         &data.join("postmaster.opts"),
-        &mut actions,
+        actions,
         "the backed-up server's command line",
     )?;
     empty_dir(
         &data.join("pg_replslot"),
-        &mut actions,
+        actions,
         "a replication slot of the backed-up server",
     )?;
-    empty_dir(
-        &data.join("base/pgsql_tmp"),
-        &mut actions,
-        "a temporary file",
-    )?;
+    empty_temp_dirs(data, actions)?;
+    if remove_standby_signal {
+        remove_file(
+            &data.join("standby.signal"),
+            actions,
+            "asked to; it would make the server a standby",
+        )?;
+    }
+    Ok(())
+}
+
+fn empty_temp_dirs(data: &Path, actions: &mut Vec<String>) -> Result<(), PrepareError> {
+    empty_dir(&data.join("base/pgsql_tmp"), actions, "a temporary file")?;
     if let Ok(links) = fs::read_dir(data.join("pg_tblspc")) {
         for link in links.flatten() {
             // pg_tblspc/<oid>/PG_<major>_<catversion>/pgsql_tmp; an unreachable tablespace
@@ -568,26 +626,28 @@ pub fn prepare(inputs: &Inputs) -> Result<Outcome, PrepareError> {
             for version_dir in fs::read_dir(link.path()).into_iter().flatten().flatten() {
                 empty_dir(
                     &version_dir.path().join("pgsql_tmp"),
-                    &mut actions,
+                    actions,
                     "a temporary file",
                 )?;
             }
         }
     }
-    if inputs.remove_standby_signal {
-        remove_file(
-            &data.join("standby.signal"),
-            &mut actions,
-            "asked to; it would make the server a standby",
-        )?;
-    }
+    Ok(())
+}
 
+fn write_recovery_settings(
+    data: &Path,
+    major: u32,
+    label_sha: &str,
+    settings: &[String],
+    actions: &mut Vec<String>,
+) -> Result<(), PrepareError> {
     let header = format!("backup_label sha256 {label_sha}");
     if major >= 12 {
         // 12+ refuses to start with a recovery.conf.
         remove_file(
             &data.join("recovery.conf"),
-            &mut actions,
+            actions,
             "12+ refuses to start with one",
         )?;
         let auto = data.join("postgresql.auto.conf");
@@ -597,7 +657,7 @@ pub fn prepare(inputs: &Inputs) -> Result<Outcome, PrepareError> {
         write_file(
             data,
             "postgresql.auto.conf",
-            with_settings_block(&current, &header, &settings).as_bytes(),
+            with_settings_block(&current, &header, settings).as_bytes(),
         )?;
         actions.push(format!(
             "set in postgresql.auto.conf: {}",
@@ -613,9 +673,7 @@ pub fn prepare(inputs: &Inputs) -> Result<Outcome, PrepareError> {
         write_file(data, "recovery.conf", conf.as_bytes())?;
         actions.push(format!("wrote recovery.conf: {}", settings.join("; ")));
     }
-    write_file(data, DONE_MARKER, format!("{label_sha}\n").as_bytes())?;
-    actions.push(format!("wrote {DONE_MARKER}"));
-    Ok(Outcome::Prepared { major, actions })
+    Ok(())
 }
 
 /// `pgsnap restore-prepare`: prepare a restored PostgreSQL data directory for recovery from
@@ -677,9 +735,9 @@ fn parse_tablespace_move(s: &str) -> Result<(u32, PathBuf), String> {
 impl Args {
     pub fn inputs(&self) -> Inputs {
         let target = match (&self.target_time, &self.target_lsn) {
-            (Some(t), _) => Target::Time(t.clone()),
-            (None, Some(l)) => Target::Lsn(l.clone()),
-            (None, None) => Target::Immediate,
+            (Some(t), _) => RecoveryStop::Time(t.clone()),
+            (None, Some(l)) => RecoveryStop::Lsn(l.clone()),
+            (None, None) => RecoveryStop::Immediate,
         };
         Inputs {
             data_dir: self.data_dir.clone(),
@@ -703,14 +761,14 @@ impl Args {
 pub fn main(args: Args) -> i32 {
     let data_dir = args.data_dir.display().to_string();
     match prepare(&args.inputs()) {
-        Ok(Outcome::Prepared { major, actions }) => {
+        Ok(PrepareOutcome::Prepared { major, actions }) => {
             for a in &actions {
                 println!("restore-prepare: {a}");
             }
             println!("restore-prepare: prepared {data_dir} for recovery (PostgreSQL {major})");
             0
         }
-        Ok(Outcome::AlreadyPrepared) => {
+        Ok(PrepareOutcome::AlreadyPrepared) => {
             println!(
                 "restore-prepare: {data_dir} is already prepared from this backup_label; nothing changed"
             );
@@ -784,7 +842,7 @@ mod tests {
             tablespaces: vec![],
             recovery: Recovery {
                 restore_command: Some("cp '/archive/%f' %p".into()),
-                target: Target::Immediate,
+                target: RecoveryStop::Immediate,
                 promote: true,
             },
             remove_standby_signal: false,
@@ -796,7 +854,7 @@ mod tests {
     fn prepares_a_12_plus_directory_once_and_then_changes_nothing() {
         let (_dir, inputs) = scratch("16");
         let data = &inputs.data_dir;
-        let Outcome::Prepared { major, .. } = prepare(&inputs).unwrap() else {
+        let PrepareOutcome::Prepared { major, .. } = prepare(&inputs).unwrap() else {
             panic!("not prepared")
         };
         assert_eq!(major, 16);
@@ -837,12 +895,12 @@ mod tests {
         );
 
         let before: Vec<_> = walk(data);
-        assert_eq!(prepare(&inputs).unwrap(), Outcome::AlreadyPrepared);
+        assert_eq!(prepare(&inputs).unwrap(), PrepareOutcome::AlreadyPrepared);
         assert_eq!(walk(data), before, "a second run changed the directory");
 
         // After recovery PostgreSQL renames the label; a rerun must not put it back.
         fs::rename(data.join("backup_label"), data.join("backup_label.old")).unwrap();
-        assert_eq!(prepare(&inputs).unwrap(), Outcome::AlreadyPrepared);
+        assert_eq!(prepare(&inputs).unwrap(), PrepareOutcome::AlreadyPrepared);
         assert!(!data.join("backup_label").exists());
     }
 
@@ -938,7 +996,7 @@ mod tests {
         let (_dir, mut inputs) = scratch("16");
         fs::write(inputs.data_dir.join("standby.signal"), "").unwrap();
         inputs.remove_standby_signal = true;
-        let Outcome::Prepared { actions, .. } = prepare(&inputs).unwrap() else {
+        let PrepareOutcome::Prepared { actions, .. } = prepare(&inputs).unwrap() else {
             panic!("not prepared")
         };
         assert!(!inputs.data_dir.join("standby.signal").exists());
@@ -960,6 +1018,37 @@ mod tests {
     }
 
     #[test]
+    fn checksums_compare_without_case_or_surrounding_blanks() {
+        let sha = sha256_hex(LABEL.as_bytes());
+        assert!(
+            check_sha256(
+                BACKUP_LABEL_KEY,
+                &format!(" {}\n", sha.to_uppercase()),
+                &sha
+            )
+            .is_ok()
+        );
+        let e = check_sha256(TABLESPACE_MAP_KEY, "abc", &sha).unwrap_err();
+        assert_eq!(e.reason(), "LabelChecksumMismatch");
+        assert!(
+            e.to_string().starts_with("tablespace_map does not match"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_rerun_is_a_no_op_only_for_the_same_label() {
+        assert_eq!(
+            rerun_outcome(b"abc\n", "abc").unwrap(),
+            PrepareOutcome::AlreadyPrepared
+        );
+        assert_eq!(
+            rerun_outcome(b"abc\n", "def").unwrap_err().reason(),
+            "PreparedFromAnotherBackup"
+        );
+    }
+
+    #[test]
     fn recovery_settings_follow_target_and_promotion() {
         let r = |target, promote| Recovery {
             restore_command: None,
@@ -967,8 +1056,11 @@ mod tests {
             promote,
         };
         assert_eq!(
-            recovery_settings(18, &r(Target::Time("2026-11-21 10:00:00+00".into()), false))
-                .unwrap(),
+            recovery_settings(
+                18,
+                &r(RecoveryStop::Time("2026-11-21 10:00:00+00".into()), false)
+            )
+            .unwrap(),
             [
                 "restore_command = 'false'",
                 "recovery_target_time = '2026-11-21 10:00:00+00'",
@@ -979,25 +1071,28 @@ mod tests {
         assert!(
             recovery_settings(
                 15,
-                &r(Target::Time("2026-11-21T10:40:34.502967Z".into()), true)
+                &r(
+                    RecoveryStop::Time("2026-11-21T10:40:34.502967Z".into()),
+                    true
+                )
             )
             .unwrap()
             .contains(&"recovery_target_time = '2026-11-21T10:40:34.502967+00'".to_string())
         );
         assert!(
-            recovery_settings(12, &r(Target::Lsn("0/3000060".into()), true))
+            recovery_settings(12, &r(RecoveryStop::Lsn("0/3000060".into()), true))
                 .unwrap()
                 .contains(&"recovery_target_lsn = '0/3000060'".to_string())
         );
         assert_eq!(
-            recovery_settings(12, &r(Target::Lsn("x'; drop".into()), true))
+            recovery_settings(12, &r(RecoveryStop::Lsn("x'; drop".into()), true))
                 .unwrap_err()
                 .reason(),
             "InvalidRecoverySetting"
         );
         let bad = Recovery {
             restore_command: Some("cp a b\nrecovery_target = 'x'".into()),
-            ..r(Target::Immediate, true)
+            ..r(RecoveryStop::Immediate, true)
         };
         assert_eq!(
             recovery_settings(12, &bad).unwrap_err().reason(),
