@@ -787,18 +787,18 @@ mod tests {
                 promote: time.is_none(),
             };
         let cases = [
-            (recovery(None, None, None), prepare::Target::Immediate),
+            (recovery(None, None, None), prepare::RecoveryStop::Immediate),
             (
                 recovery(
                     Some("cp /archive/%f %p"),
                     Some("2026-11-21T10:00:00Z"),
                     None,
                 ),
-                prepare::Target::Time("2026-11-21T10:00:00Z".into()),
+                prepare::RecoveryStop::Time("2026-11-21T10:00:00Z".into()),
             ),
             (
                 recovery(Some("cp /archive/%f %p"), None, Some("0/3000100")),
-                prepare::Target::Lsn("0/3000100".into()),
+                prepare::RecoveryStop::Lsn("0/3000100".into()),
             ),
         ];
         for (spec, target) in cases {
