@@ -35,22 +35,18 @@ impl Failure {
     }
 }
 
-/// `From<E> for Failure` for typed errors that have a `reason()`.
+/// `From<E> for Failure` for typed errors that have a `reason()`. Each controller declares
+/// the errors it turns into failures, so this module depends on none of them.
 macro_rules! failure_from {
     ($($error:ty),* $(,)?) => {$(
-        impl From<$error> for Failure {
+        impl From<$error> for $crate::controller::Failure {
             fn from(e: $error) -> Self {
-                Failure::new(e.reason(), e.to_string())
+                $crate::controller::Failure::new(e.reason(), e.to_string())
             }
         }
     )*};
 }
-failure_from!(
-    crate::postgres::Error,
-    crate::backup::volumes::PlanError,
-    crate::snapshots::SnapshotError,
-    crate::label_store::LabelStoreError,
-);
+pub(crate) use failure_from;
 
 impl From<kube::Error> for Failure {
     fn from(e: kube::Error) -> Self {

@@ -133,6 +133,8 @@ impl LabelStoreError {
     }
 }
 
+crate::controller::failure_from!(LabelStoreError);
+
 /// Builds the ConfigMap `name`; `owner` is the data VolumeSnapshot.
 pub fn build(
     record: &LabelRecord,

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
-use kube::api::{DeleteParams, ListParams, ObjectMeta, PostParams};
+use kube::api::{ListParams, ObjectMeta, PostParams};
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 
@@ -14,6 +14,7 @@ use crate::api::snapshot::{
     DEFAULT_CLASS_ANNOTATION, VolumeSnapshot, VolumeSnapshotClass, VolumeSnapshotSource,
     VolumeSnapshotSpec,
 };
+use crate::controller::delete_if_present;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
@@ -52,6 +53,8 @@ impl SnapshotError {
         }
     }
 }
+
+crate::controller::failure_from!(SnapshotError);
 
 /// A snapshot's name: the backup's, then the claim's, within the 253 characters of a name.
 pub fn snapshot_name(backup: &str, claim: &str) -> String {
@@ -196,14 +199,7 @@ pub async fn delete_all(api: &Api<VolumeSnapshot>, backup: &str) -> Result<usize
     let selector = ListParams::default().labels(&format!("{BACKUP_NAME_LABEL}={backup}"));
     let existing = api.list(&selector).await?;
     for snapshot in &existing.items {
-        match api
-            .delete(&snapshot.name_any(), &DeleteParams::background())
-            .await
-        {
-            Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.code == 404 => {}
-            Err(e) => return Err(e.into()),
-        }
+        delete_if_present(api, &snapshot.name_any()).await?;
     }
     Ok(existing.items.len())
 }

@@ -81,6 +81,8 @@ impl PlanError {
     }
 }
 
+crate::controller::failure_from!(PlanError);
+
 fn describe(dir: &DatabaseDir) -> String {
     match (&dir.role, &dir.tablespace) {
         (VolumeRole::Data, _) => "data directory".into(),

@@ -244,6 +244,8 @@ impl Error {
     }
 }
 
+crate::controller::failure_from!(Error);
+
 fn is_tls_failure(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = cur {
