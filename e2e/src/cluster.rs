@@ -16,6 +16,13 @@ use serde::de::DeserializeOwned;
 use crate::agent::{pod::pod_dir, volumes::claim_dir};
 
 /// The repository root (this crate lives in `<repo>/e2e`).
+/// Where cargo puts this workspace's binaries, as cargo itself decides it.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target"))
+}
+
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -212,10 +219,7 @@ impl Cluster {
         let exec_file = dir.join(format!("{container}.exec-{}.json", std::process::id()));
         std::fs::write(&exec_file, serde_json::to_vec(&spec).unwrap_or_default())
             .unwrap_or_else(|e| panic!("exec: {}: {e}", exec_file.display()));
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| repo_root().join("target"));
-        let agent = target.join("debug/node-agent");
+        let agent = target_dir().join("debug/node-agent");
         let out = std::process::Command::new(&agent)
             .arg("sandbox")
             .arg(&exec_file)

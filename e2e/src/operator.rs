@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::ServiceAccount;
 use kube::api::PostParams;
 use kube::{Api, Client};
 
-use crate::cluster::{cluster_dir, repo_root};
+use crate::cluster::{cluster_dir, repo_root, target_dir};
 use crate::postgres::free_port;
 
 /// Where the operator's ServiceAccount and Lease live: a release of the chart of its own,
@@ -109,7 +109,7 @@ impl Operator {
         let kubeconfig = dir.join(format!("kubeconfig-{port}"));
         std::fs::write(&kubeconfig, service_account_kubeconfig(&token)).expect("write kubeconfig");
         let log = dir.join(format!("operator-{port}.log"));
-        let binary = repo_root().join("target/debug/pgsnap");
+        let binary = target_dir().join("debug/pgsnap");
         assert!(
             binary.exists(),
             "{} is missing: run `cargo build -p pgsnap` first (make test does)",
