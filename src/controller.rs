@@ -3,11 +3,12 @@
 //! names bounded to what the API server accepts, and the `Api` of the watched namespace(s).
 //! A reconciler keeps only its own decisions; a new controller starts from here.
 
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
@@ -131,6 +132,39 @@ pub fn bounded_name(base: &str, suffix: &str, max: usize) -> String {
     )
 }
 
+/// A name as a label value (at most 63 characters): itself when it fits, else shortened with
+/// a hash of the whole, so people can still select by it. Ownership never goes by this value.
+pub fn label_value(name: &str) -> String {
+    if name.len() <= 63 {
+        return name.to_string();
+    }
+    let hash = &hex::encode(Sha256::digest(name.as_bytes()))[..8];
+    format!("{}-{hash}", name[..54].trim_end_matches(['-', '.', '_']))
+}
+
+/// The labels that tie an object to the object that created it: its uid, which ownership,
+/// selection and deletion go by, and its name as a label value, for people.
+pub fn creator_labels(
+    name_label: &str,
+    uid_label: &str,
+    creator: &impl Resource,
+) -> BTreeMap<String, String> {
+    let meta = creator.meta();
+    BTreeMap::from([
+        (
+            name_label.to_string(),
+            label_value(meta.name.as_deref().unwrap_or_default()),
+        ),
+        (uid_label.to_string(), meta.uid.clone().unwrap_or_default()),
+    ])
+}
+
+/// Whether `object` was created by the object with uid `creator` (see `creator_labels`).
+pub fn created_by(object: &impl Resource, uid_label: &str, creator: Option<&str>) -> bool {
+    let uid = object.meta().labels.as_ref().and_then(|l| l.get(uid_label));
+    creator.is_some() && uid.map(String::as_str) == creator
+}
+
 /// The `Api` of the namespace the operator watches, or of all namespaces.
 pub fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
 where
@@ -139,6 +173,34 @@ where
     match namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
+    }
+}
+
+/// Deletes one object, but only if `creator` created it; one that is gone, or that is not
+/// its own, is left alone. The uid precondition keeps a same-named successor safe.
+pub async fn delete_if_created_by<K>(
+    api: &Api<K>,
+    name: &str,
+    uid_label: &str,
+    creator: Option<&str>,
+) -> Result<bool, kube::Error>
+where
+    K: Resource + Clone + DeserializeOwned + Debug,
+{
+    let Some(object) = api.get_opt(name).await? else {
+        return Ok(false);
+    };
+    if !created_by(&object, uid_label, creator) {
+        return Ok(false);
+    }
+    let params = DeleteParams::background().preconditions(Preconditions {
+        uid: object.meta().uid.clone(),
+        resource_version: None,
+    });
+    match api.delete(name, &params).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(false),
+        Err(e) => Err(e),
     }
 }
 
@@ -217,6 +279,17 @@ impl Reporter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn label_values_fit_and_stay_distinct() {
+        assert_eq!(label_value("orders-1"), "orders-1");
+        let long = format!("{}a", "b".repeat(252));
+        let value = label_value(&long);
+        assert_eq!(value.len(), 63);
+        assert_ne!(value, label_value(&format!("{}c", "b".repeat(252))));
+        let dotted = format!("{}.{}", "b".repeat(53), "x".repeat(20));
+        assert!(!label_value(&dotted).contains(".-"));
+    }
 
     #[test]
     fn bounded_names_fit_and_stay_distinct() {

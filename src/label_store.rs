@@ -10,10 +10,10 @@ use kube::api::{ObjectMeta, Patch, PatchParams};
 use kube::{Api, Client, Resource, ResourceExt};
 use sha2::{Digest, Sha256};
 
-use crate::api::BACKUP_NAME_LABEL;
-use crate::api::backup::VolumeRole;
+use crate::api::backup::{Backup, VolumeRole};
 use crate::api::snapshot::VolumeSnapshot;
-use crate::controller::FIELD_MANAGER;
+use crate::api::{BACKUP_NAME_LABEL, BACKUP_UID_LABEL};
+use crate::controller::{FIELD_MANAGER, bounded_name, created_by, creator_labels};
 
 pub const BACKUP_LABEL_KEY: &str = "backup_label";
 pub const TABLESPACE_MAP_KEY: &str = "tablespace_map";
@@ -31,10 +31,13 @@ pub mod annotations {
     pub const TABLESPACE_MAP_SHA256: &str = "pgsnap.io/tablespace-map-sha256";
     /// JSON list of [`super::SnapshotLocation`]: where each directory is inside each snapshot.
     pub const VOLUMES: &str = "pgsnap.io/volumes";
+    /// The Backup's full name (its label value may be shortened).
+    pub const BACKUP_NAME: &str = "pgsnap.io/backup-name";
 }
 
+/// `<backup>-backup-label`, shortened with a hash when that exceeds a name's 253 characters.
 pub fn config_map_name(backup: &str) -> String {
-    format!("{backup}-backup-label")
+    bounded_name(backup, "backup-label", 253)
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
@@ -113,6 +116,10 @@ pub enum LabelStoreError {
     },
     #[error("label ConfigMap {name}: {what}")]
     Invalid { name: String, what: String },
+    #[error(
+        "ConfigMap {0} already exists and belongs to another backup (an earlier Backup of this name whose deletionPolicy retained it, or another object): pgsnap never adopts or overwrites it. Delete it if it is not needed, or give this Backup another name"
+    )]
+    NameConflict(String),
 }
 
 impl LabelStoreError {
@@ -122,6 +129,7 @@ impl LabelStoreError {
             LabelStoreError::Missing(_) => "LabelMissing",
             LabelStoreError::ChecksumMismatch { .. } => "LabelChecksumMismatch",
             LabelStoreError::Invalid { .. } => "LabelConfigMapInvalid",
+            LabelStoreError::NameConflict(_) => "NameConflict",
         }
     }
 
@@ -135,15 +143,17 @@ impl LabelStoreError {
 
 crate::controller::failure_from!(LabelStoreError);
 
-/// Builds the ConfigMap `name`; `owner` is the data VolumeSnapshot.
+/// Builds the ConfigMap `name`; `owner` is the data VolumeSnapshot, `labels` say which
+/// Backup created it.
 pub fn build(
     record: &LabelRecord,
     name: &str,
     namespace: &str,
     owner: &VolumeSnapshot,
+    labels: BTreeMap<String, String>,
 ) -> Result<ConfigMap, LabelStoreError> {
     use annotations::*;
-    let annotations = BTreeMap::from([
+    let mut annotations = BTreeMap::from([
         (START_LSN.to_string(), record.start_lsn.clone()),
         (STOP_LSN.to_string(), record.stop_lsn.clone()),
         (TIMELINE.to_string(), record.timeline.to_string()),
@@ -162,11 +172,9 @@ pub fn build(
         ),
         (VOLUMES.to_string(), serde_json::to_string(&record.volumes)?),
     ]);
-    let labels = record
-        .backup
-        .iter()
-        .map(|b| (BACKUP_NAME_LABEL.to_string(), b.clone()))
-        .collect();
+    if let Some(backup) = &record.backup {
+        annotations.insert(BACKUP_NAME.to_string(), backup.clone());
+    }
     Ok(ConfigMap {
         metadata: ObjectMeta {
             name: Some(name.to_string()),
@@ -249,7 +257,10 @@ pub fn read(cm: &ConfigMap) -> Result<LabelRecord, LabelStoreError> {
         ));
     }
     Ok(LabelRecord {
-        backup: cm.labels().get(BACKUP_NAME_LABEL).cloned(),
+        backup: ann
+            .get(BACKUP_NAME)
+            .or_else(|| cm.labels().get(BACKUP_NAME_LABEL))
+            .cloned(),
         backup_label,
         tablespace_map,
         start_lsn: get(START_LSN)?,
@@ -261,26 +272,32 @@ pub fn read(cm: &ConfigMap) -> Result<LabelRecord, LabelStoreError> {
     })
 }
 
-/// Writes the ConfigMap (server-side apply, so a retry after a crash is harmless).
+/// Writes the ConfigMap for `creator` (server-side apply, so a retry after a crash is
+/// harmless); one of that name that another object made is a `NameConflict`, never touched.
 pub async fn store(
     client: &Client,
     record: &LabelRecord,
     name: &str,
-    namespace: &str,
+    creator: &Backup,
     owner: &VolumeSnapshot,
 ) -> Result<ConfigMap, LabelStoreError> {
-    let cm = build(record, name, namespace, owner)?;
-    Api::<ConfigMap>::namespaced(client.clone(), namespace)
-        .patch(
-            name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&cm),
-        )
+    let namespace = creator.namespace().unwrap_or_default();
+    let api = Api::<ConfigMap>::namespaced(client.clone(), &namespace);
+    let write = |source| LabelStoreError::Write {
+        name: name.to_string(),
+        source,
+    };
+    if let Some(existing) = api.get_opt(name).await.map_err(write)?
+        && !created_by(&existing, BACKUP_UID_LABEL, creator.uid().as_deref())
+    {
+        return Err(LabelStoreError::NameConflict(name.to_string()));
+    }
+    let labels = creator_labels(BACKUP_NAME_LABEL, BACKUP_UID_LABEL, creator);
+    let cm = build(record, name, &namespace, owner, labels)?;
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    api.patch(name, &params, &Patch::Apply(&cm))
         .await
-        .map_err(|source| LabelStoreError::Write {
-            name: name.to_string(),
-            source,
-        })
+        .map_err(write)
 }
 
 #[cfg(test)]
@@ -339,13 +356,18 @@ mod tests {
     }
 
     fn config_map(record: &LabelRecord) -> ConfigMap {
-        build(
-            record,
-            &config_map_name("orders-1"),
-            "shop",
-            &data_snapshot(),
-        )
-        .unwrap()
+        let labels = record
+            .backup
+            .iter()
+            .map(|b| {
+                (
+                    BACKUP_NAME_LABEL.to_string(),
+                    crate::controller::label_value(b),
+                )
+            })
+            .collect();
+        let name = config_map_name("orders-1");
+        build(record, &name, "shop", &data_snapshot(), labels).unwrap()
     }
 
     #[test]
@@ -387,9 +409,16 @@ mod tests {
         assert_eq!(read(&config_map(&record)).unwrap(), record);
         let by_hand = LabelRecord {
             backup: None,
-            ..record
+            ..record.clone()
         };
         assert_eq!(read(&config_map(&by_hand)).unwrap(), by_hand);
+        // A name longer than a label value comes back whole.
+        let long = LabelRecord {
+            backup: Some("b".repeat(253)),
+            ..record.clone()
+        };
+        assert_eq!(read(&config_map(&long)).unwrap(), long);
+        assert_eq!(config_map_name(&"b".repeat(253)).len(), 253);
     }
 
     #[test]

@@ -9,12 +9,13 @@ use kube::api::{ListParams, ObjectMeta, PostParams};
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 
-use crate::api::BACKUP_NAME_LABEL;
+use crate::api::backup::Backup;
 use crate::api::snapshot::{
     DEFAULT_CLASS_ANNOTATION, VolumeSnapshot, VolumeSnapshotClass, VolumeSnapshotSource,
     VolumeSnapshotSpec,
 };
-use crate::controller::delete_if_present;
+use crate::api::{BACKUP_NAME_LABEL, BACKUP_UID_LABEL};
+use crate::controller::{created_by, creator_labels, delete_if_present};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
@@ -34,6 +35,10 @@ pub enum SnapshotError {
     Failed { name: String, message: String },
     #[error("snapshot {0} was deleted while the backup waited for it")]
     Deleted(String),
+    #[error(
+        "{kind} {name} already exists and belongs to another backup (an earlier Backup of this name whose deletionPolicy retained it, or another object): pgsnap never adopts or overwrites it. Delete it if it is not needed, or give this Backup another name"
+    )]
+    NameConflict { kind: &'static str, name: String },
     #[error("snapshot API call failed: {0}")]
     Api(#[from] kube::Error),
     #[error("watching snapshots failed: {0}")]
@@ -49,6 +54,7 @@ impl SnapshotError {
                 "NoSnapshotClass"
             }
             SnapshotError::Failed { .. } | SnapshotError::Deleted(_) => "SnapshotFailed",
+            SnapshotError::NameConflict { .. } => "NameConflict",
             SnapshotError::Api(_) | SnapshotError::Watch(_) => "KubernetesApi",
         }
     }
@@ -121,21 +127,19 @@ pub fn default_class_for(classes: &[VolumeSnapshotClass], driver: &str) -> Optio
     defaults.into_iter().next()
 }
 
-/// Requests a snapshot of `claim`. Creating one that exists already (a retry) is fine.
+/// Requests a snapshot of `claim` for `backup`. Creating one that exists already is a retry
+/// when it is this backup's own, and a `NameConflict` when it is anyone else's.
 pub async fn create(
     api: &Api<VolumeSnapshot>,
-    backup: &str,
+    backup: &Backup,
     claim: &str,
     class: &str,
     annotations: BTreeMap<String, String>,
 ) -> Result<VolumeSnapshot, SnapshotError> {
     let snapshot = VolumeSnapshot {
         metadata: ObjectMeta {
-            name: Some(snapshot_name(backup, claim)),
-            labels: Some(BTreeMap::from([(
-                BACKUP_NAME_LABEL.to_string(),
-                backup.to_string(),
-            )])),
+            name: Some(snapshot_name(&backup.name_any(), claim)),
+            labels: Some(creator_labels(BACKUP_NAME_LABEL, BACKUP_UID_LABEL, backup)),
             annotations: Some(annotations),
             ..Default::default()
         },
@@ -150,20 +154,35 @@ pub async fn create(
     };
     match api.create(&PostParams::default(), &snapshot).await {
         Ok(created) => Ok(created),
-        Err(kube::Error::Api(s)) if s.code == 409 => Ok(api.get(&snapshot.name_any()).await?),
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            let existing = api.get(&snapshot.name_any()).await?;
+            if created_by(&existing, BACKUP_UID_LABEL, backup.uid().as_deref()) {
+                Ok(existing)
+            } else {
+                Err(SnapshotError::NameConflict {
+                    kind: "VolumeSnapshot",
+                    name: snapshot.name_any(),
+                })
+            }
+        }
         Err(e) => Err(e.into()),
     }
+}
+
+/// The selector of every snapshot a backup (by uid) made.
+pub fn of_backup(uid: &str) -> ListParams {
+    ListParams::default().labels(&format!("{BACKUP_UID_LABEL}={uid}"))
 }
 
 /// Watches the backup's snapshots until every one of `names` satisfies `done`; a snapshot
 /// error or deletion ends the wait at once. The caller bounds it with its deadline.
 pub async fn wait_until(
     api: &Api<VolumeSnapshot>,
-    backup: &str,
+    backup_uid: &str,
     names: &[String],
     done: fn(&VolumeSnapshot) -> bool,
 ) -> Result<Vec<VolumeSnapshot>, SnapshotError> {
-    let config = watcher::Config::default().labels(&format!("{BACKUP_NAME_LABEL}={backup}"));
+    let config = watcher::Config::default().labels(&format!("{BACKUP_UID_LABEL}={backup_uid}"));
     let mut events = watcher(api.clone(), config).boxed();
     let mut seen: HashMap<String, VolumeSnapshot> = HashMap::new();
     while let Some(event) = events.try_next().await? {
@@ -194,10 +213,12 @@ pub async fn wait_until(
     Err(SnapshotError::Watch(watcher::Error::NoResourceVersion))
 }
 
-/// Deletes every snapshot of the backup; returns how many there were.
-pub async fn delete_all(api: &Api<VolumeSnapshot>, backup: &str) -> Result<usize, SnapshotError> {
-    let selector = ListParams::default().labels(&format!("{BACKUP_NAME_LABEL}={backup}"));
-    let existing = api.list(&selector).await?;
+/// Deletes every snapshot the backup (by uid) made; returns how many there were.
+pub async fn delete_all(
+    api: &Api<VolumeSnapshot>,
+    backup_uid: &str,
+) -> Result<usize, SnapshotError> {
+    let existing = api.list(&of_backup(backup_uid)).await?;
     for snapshot in &existing.items {
         delete_if_present(api, &snapshot.name_any()).await?;
     }

@@ -481,6 +481,39 @@ async fn refusals_retained_snapshots_and_a_time_target() {
             Duration::from_secs(30),
         )
         .await;
+    // A new Backup of the same name: the retained snapshots and label are not its own, so it
+    // fails before backup mode, and deleting it (deletionPolicy Delete) takes none of them.
+    let again = backup(&cluster, &db, "b1", json!({})).await;
+    let error = again.status.as_ref().and_then(|s| s.error.clone());
+    let error = error.expect("the new b1 fails and says why");
+    assert_eq!(error.reason, "NameConflict", "{}", error.message);
+    assert!(
+        again.status.as_ref().is_some_and(|s| s.start_lsn.is_none()),
+        "the new b1 never entered backup mode"
+    );
+    cluster
+        .api::<Backup>()
+        .delete("b1", &DeleteParams::default())
+        .await
+        .expect("delete the new b1");
+    cluster
+        .wait_deleted(
+            cluster.api::<Backup>(),
+            "b1",
+            &again.uid().unwrap(),
+            Duration::from_secs(30),
+        )
+        .await;
+    for s in &status.snapshots {
+        let snapshots = cluster.api::<pgsnap::api::snapshot::VolumeSnapshot>();
+        assert!(
+            snapshots.get_opt(&s.name).await.unwrap().is_some(),
+            "the retained snapshot {} survived the new b1",
+            s.name
+        );
+    }
+    assert!(cms.get_opt(&cm_name).await.unwrap().is_some());
+
     let r = restore(
         &cluster,
         "retained",

@@ -15,10 +15,17 @@ use serde::{Deserialize, Serialize};
 /// The API group of every pgsnap resource; also the prefix of its labels and annotations.
 pub const GROUP: &str = "pgsnap.io";
 
-/// Label on every object a Backup creates (snapshots, label ConfigMap): the Backup's name.
+/// Label on every object a Backup creates (snapshots, label ConfigMap): the Backup's name,
+/// as a label value (shortened with a hash beyond 63 characters).
 pub const BACKUP_NAME_LABEL: &str = "pgsnap.io/backup";
-/// Label on every object a Restore creates (PVCs, the prepare Job): the Restore's name.
+/// Label on every object a Backup creates: the Backup's uid. Only the object with this uid
+/// ever adopts or deletes it, so a new Backup of a reused name never touches a retained one.
+pub const BACKUP_UID_LABEL: &str = "pgsnap.io/backup-uid";
+/// Label on every object a Restore creates (PVCs, the prepare Job): the Restore's name, as
+/// a label value.
 pub const RESTORE_NAME_LABEL: &str = "pgsnap.io/restore";
+/// Label on every object a Restore creates: the Restore's uid, which ownership goes by.
+pub const RESTORE_UID_LABEL: &str = "pgsnap.io/restore-uid";
 
 /// All CRDs as one multi-document YAML stream, as `pgsnap crd` prints and `crds/` holds.
 pub fn crds_yaml() -> Result<String, serde_yaml::Error> {

@@ -14,7 +14,6 @@ use futures::StreamExt;
 use futures::channel::mpsc;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-use kube::api::ListParams;
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
@@ -25,10 +24,12 @@ use kube::{Api, Client, ResourceExt};
 use tokio::sync::{oneshot, watch};
 use tracing::{Instrument, info, info_span, warn};
 
-use crate::api::BACKUP_NAME_LABEL;
+use crate::api::BACKUP_UID_LABEL;
 use crate::api::backup::{Backup, BackupError, BackupStatus, DeletionPolicy, Phase};
 use crate::api::snapshot::VolumeSnapshot;
-use crate::controller::{self, Failure, PhasedStatus, Reporter, delete_if_present, now, set_phase};
+use crate::controller::{
+    self, Failure, PhasedStatus, Reporter, delete_if_created_by, now, set_phase,
+};
 use crate::label_store;
 use crate::snapshots::{self, SnapshotError};
 use crate::telemetry::{Metrics, Outcome, TimedStep};
@@ -181,19 +182,13 @@ impl Context {
         status: &mut BackupStatus,
         failure: Failure,
     ) -> Result<(), kube::Error> {
-        let ns = backup.namespace().unwrap_or_default();
-        let name = backup.name_any();
-        let removed =
-            snapshots::delete_all(&Api::namespaced(self.client.clone(), &ns), &name).await;
-        let cm: Api<ConfigMap> = Api::namespaced(self.client.clone(), &ns);
-        if let Err(e) = delete_if_present(&cm, &label_store::config_map_name(&name)).await {
-            warn!(error = %e, "could not delete the label ConfigMap");
-        }
+        let removed = self.remove_made(backup).await;
         let cleanup_note = match removed {
             Ok(0) => String::new(),
             Ok(n) => format!(" ({n} partial snapshot(s) deleted)"),
             Err(e) => format!(
-                " (deleting its snapshots failed: {e}; delete VolumeSnapshots labelled {BACKUP_NAME_LABEL}={name})"
+                " (deleting its snapshots failed: {e}; delete VolumeSnapshots labelled {BACKUP_UID_LABEL}={})",
+                backup.uid().unwrap_or_default()
             ),
         };
         warn!(reason = %failure.reason, message = %failure.message, "backup failed");
@@ -216,6 +211,19 @@ impl Context {
             .await;
         self.metrics.ended(Outcome::Failed, &failure.reason);
         Ok(())
+    }
+
+    /// Deletes the snapshots and the label ConfigMap this very Backup (by uid) made, and
+    /// nothing else; returns how many snapshots there were.
+    async fn remove_made(&self, backup: &Backup) -> Result<usize, SnapshotError> {
+        let ns = backup.namespace().unwrap_or_default();
+        let uid = backup.uid().unwrap_or_default();
+        let removed =
+            snapshots::delete_all(&Api::namespaced(self.client.clone(), &ns), &uid).await?;
+        let cm: Api<ConfigMap> = Api::namespaced(self.client.clone(), &ns);
+        let name = label_store::config_map_name(&backup.name_any());
+        delete_if_created_by(&cm, &name, BACKUP_UID_LABEL, Some(&uid)).await?;
+        Ok(removed)
     }
 
     /// Hands a backup to a session task when `phase::admit` lets it run now.
@@ -471,8 +479,8 @@ async fn await_ready(
 ) -> Result<Action, Error> {
     let api: Api<VolumeSnapshot> =
         Api::namespaced(ctx.client.clone(), &backup.namespace().unwrap_or_default());
-    let selector = format!("{BACKUP_NAME_LABEL}={}", backup.name_any());
-    let existing = api.list(&ListParams::default().labels(&selector)).await?;
+    let uid = backup.uid().unwrap_or_default();
+    let existing = api.list(&snapshots::of_backup(&uid)).await?;
     let before = status.clone();
     match phase::readiness(&observe_snapshots(&mut status, &existing.items)) {
         Readiness::Wait if status != before => ctx.patch_status(&backup, &status).await?,
@@ -527,14 +535,9 @@ async fn cleanup(backup: Arc<Backup>, ctx: Arc<Context>) -> Result<Action, Error
         ),
     )
     .await;
-    let name = backup.name_any();
-    let ns = backup.namespace().unwrap_or_default();
     match backup.spec.deletion_policy {
         DeletionPolicy::Delete => {
-            let removed =
-                snapshots::delete_all(&Api::namespaced(ctx.client.clone(), &ns), &name).await?;
-            let cm: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
-            delete_if_present(&cm, &label_store::config_map_name(&name)).await?;
+            let removed = ctx.remove_made(&backup).await?;
             info!(
                 snapshots = removed,
                 "deleted the backup's snapshots and label"
@@ -554,6 +557,16 @@ fn error_policy(backup: Arc<Backup>, error: &Error, _ctx: Arc<Context>) -> Actio
         Error::Kube(_) | Error::Snapshot(_) => Action::requeue(Duration::from_secs(5)),
         Error::Finalizer(_) => Action::requeue(Duration::from_secs(15)),
     }
+}
+
+/// The Backup (by the uid label) that made `snapshot`.
+fn creator_of(store: &Store<Backup>, snapshot: &VolumeSnapshot) -> Option<ObjectRef<Backup>> {
+    let uid = snapshot.labels().get(BACKUP_UID_LABEL)?;
+    store
+        .state()
+        .iter()
+        .find(|b| b.uid().as_ref() == Some(uid))
+        .map(|b| ObjectRef::from_obj(&**b))
 }
 
 /// The Pending backups that wait for Secret `secret` (by name) in its namespace.
@@ -613,10 +626,10 @@ pub async fn run(
         // Snapshots of a backup wake it when they are cut, ready or failed.
         .watches(
             snapshots,
-            watcher::Config::default().labels(BACKUP_NAME_LABEL),
-            |s: VolumeSnapshot| {
-                let backup = s.labels().get(BACKUP_NAME_LABEL)?.clone();
-                Some(ObjectRef::new(&backup).within(&s.namespace()?))
+            watcher::Config::default().labels(BACKUP_UID_LABEL),
+            {
+                let store = store.clone();
+                move |s: VolumeSnapshot| creator_of(&store, &s)
             },
         )
         // A Pending backup waits for its password Secret. Metadata only: the operator never

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::api::ListParams;
 use kube::runtime::events::EventType;
 use kube::{Api, Client, ResourceExt};
@@ -17,12 +17,13 @@ use tracing::info;
 
 use super::volumes::{self, DatabaseDir, PlannedSnapshot};
 use super::{Context, phase};
+use crate::api::BACKUP_UID_LABEL;
 use crate::api::backup::{
     Backup, BackupSpec, BackupStatus, BackupTimings, BackupWindow, Checkpoint, Phase,
     PostgresStatus, ServerRole, SnapshotStatus, TargetRole, VolumeRole,
 };
 use crate::api::snapshot::VolumeSnapshot;
-use crate::controller::{Failure, now, set_phase};
+use crate::controller::{Failure, created_by, now, set_phase};
 use crate::label_store::{self, LABEL_CONFIGMAP_ANNOTATION, LabelRecord, SnapshotLocation};
 use crate::postgres::{self, ConnectOptions, Session, Started, Stopped};
 use crate::snapshots;
@@ -247,6 +248,7 @@ async fn execute(
     status.postgres = Some(postgres_status(&pod, &server));
     let plan = plan_snapshots(&mut session, &pod, &backup.spec).await?;
     let classes = snapshot_classes(ctx, backup, &plan).await?;
+    check_names_free(ctx, backup, &plan).await?;
     announce_start(ctx, backup, status, &pod, &server).await?;
 
     // Backup mode begins here: from now on every step races the deadline.
@@ -335,6 +337,35 @@ async fn snapshot_classes(
     Ok(classes)
 }
 
+/// Before backup mode: the names this backup will create must be free, or its own. A
+/// retained backup of an earlier Backup with this name is never adopted or overwritten.
+async fn check_names_free(
+    ctx: &Context,
+    backup: &Backup,
+    plan: &[PlannedSnapshot],
+) -> Result<(), Failure> {
+    let ns = backup.namespace().unwrap_or_default();
+    let uid = backup.uid();
+    let snapshot_api: Api<VolumeSnapshot> = Api::namespaced(ctx.client.clone(), &ns);
+    for planned in plan {
+        let name = snapshots::snapshot_name(&backup.name_any(), &planned.persistent_volume_claim);
+        if let Some(existing) = snapshot_api.get_opt(&name).await?
+            && !created_by(&existing, BACKUP_UID_LABEL, uid.as_deref())
+        {
+            let kind = "VolumeSnapshot";
+            return Err(snapshots::SnapshotError::NameConflict { kind, name }.into());
+        }
+    }
+    let name = label_store::config_map_name(&backup.name_any());
+    let config_maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
+    if let Some(existing) = config_maps.get_opt(&name).await?
+        && !created_by(&existing, BACKUP_UID_LABEL, uid.as_deref())
+    {
+        return Err(label_store::LabelStoreError::NameConflict(name).into());
+    }
+    Ok(())
+}
+
 async fn announce_start(
     ctx: &Context,
     backup: &Backup,
@@ -404,12 +435,12 @@ async fn cut_snapshots(
     standby: bool,
     deadline: Instant,
 ) -> Result<Cut, Failure> {
-    let name = backup.name_any();
+    let uid = backup.uid().unwrap_or_default();
     let api: Api<VolumeSnapshot> =
         Api::namespaced(ctx.client.clone(), &backup.namespace().unwrap_or_default());
     let annotations = BTreeMap::from([(
         LABEL_CONFIGMAP_ANNOTATION.to_string(),
-        label_store::config_map_name(&name),
+        label_store::config_map_name(&backup.name_any()),
     )]);
     let begin = Instant::now();
     let message = format!("cutting {} snapshot(s) in backup mode", plan.len());
@@ -427,12 +458,13 @@ async fn cut_snapshots(
         for planned in &batch {
             let class = &classes[plan.iter().position(|p| p == *planned).unwrap_or(0)];
             let claim = &planned.persistent_volume_claim;
-            let created = snapshots::create(&api, &name, claim, class, annotations.clone()).await?;
+            let created =
+                snapshots::create(&api, backup, claim, class, annotations.clone()).await?;
             names.push(created.name_any());
         }
         let wait = timeout_at(
             deadline.into(),
-            snapshots::wait_until(&api, &name, &names, VolumeSnapshot::is_cut),
+            snapshots::wait_until(&api, &uid, &names, VolumeSnapshot::is_cut),
         );
         // The status write overlaps the driver's cut instead of lengthening backup mode.
         let done = if status_written {
@@ -556,9 +588,8 @@ async fn store_label(
         .find(|(p, _)| p.role == VolumeRole::Data)
         .map(|(_, v)| v)
         .ok_or_else(|| Failure::new("PathNotOnClaim", "no snapshot holds the data directory"))?;
-    let ns = backup.namespace().unwrap_or_default();
     let name = label_store::config_map_name(&backup.name_any());
-    label_store::store(&ctx.client, record, &name, &ns, data).await?;
+    label_store::store(&ctx.client, record, &name, backup, data).await?;
     Ok(())
 }
 

@@ -28,13 +28,13 @@ use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
 use tracing::{info, warn};
 
-use crate::api::RESTORE_NAME_LABEL;
 use crate::api::backup::Backup;
 use crate::api::restore::{
     ClaimDeletionPolicy, Restore, RestoreError, RestorePhase, RestoreSource, RestoreStatus,
     RestoreTimings,
 };
 use crate::api::snapshot::VolumeSnapshot;
+use crate::api::{RESTORE_NAME_LABEL, RESTORE_UID_LABEL};
 use crate::controller::{self, Failure, PhasedStatus, Reporter, now, set_phase};
 use crate::label_store::{self, LabelRecord};
 use crate::telemetry::{Metrics, Outcome};
@@ -348,10 +348,9 @@ async fn ensure_claim(
     claim: &PlannedClaim,
 ) -> Result<PersistentVolumeClaim, Stop> {
     let ns = restore.namespace().unwrap_or_default();
-    let name = restore.name_any();
     let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
     match pvcs.get_opt(&claim.name).await? {
-        Some(pvc) if phase::made_by(&pvc, &name) => Ok(pvc),
+        Some(pvc) if phase::made_by(&pvc, restore) => Ok(pvc),
         Some(_) => Err(Failure::new(
             "ClaimExists",
             format!(
@@ -364,7 +363,7 @@ async fn ensure_claim(
             let owner = (restore.spec.claim_deletion_policy == ClaimDeletionPolicy::Delete)
                 .then(|| restore.controller_owner_ref(&()))
                 .flatten();
-            let pvc = plan::claim(claim, &ns, &name, owner);
+            let pvc = plan::claim(claim, &ns, restore_labels(restore), owner);
             Ok(pvcs.create(&PostParams::default(), &pvc).await?)
         }
     }
@@ -447,7 +446,7 @@ async fn ensure_job(
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
     let job_name = controller::bounded_name(&name, "prepare", 63);
     match jobs.get_opt(&job_name).await? {
-        Some(job) if phase::made_by(&job, &name) => Ok(job),
+        Some(job) if phase::made_by(&job, restore) => Ok(job),
         Some(_) => Err(Failure::new(
             "JobExists",
             format!("Job {job_name} exists and was not made by this Restore"),
@@ -460,7 +459,7 @@ async fn ensure_job(
             let id = plan::JobIdentity {
                 name: &job_name,
                 namespace: &ns,
-                restore: &name,
+                labels: restore_labels(restore),
                 owner,
                 image: &ctx.settings.image,
                 label_config_map: &source.config_map,
@@ -469,6 +468,11 @@ async fn ensure_job(
             Ok(jobs.create(&PostParams::default(), &job).await?)
         }
     }
+}
+
+/// The labels on every object a Restore creates.
+fn restore_labels(restore: &Restore) -> std::collections::BTreeMap<String, String> {
+    controller::creator_labels(RESTORE_NAME_LABEL, RESTORE_UID_LABEL, restore)
 }
 
 fn error_policy(restore: Arc<Restore>, error: &Error, _ctx: Arc<Context>) -> Action {
@@ -493,15 +497,19 @@ pub async fn run(
         settings,
         metrics,
     });
-    Controller::new(restores, watcher::Config::default())
-        .owns(jobs, watcher::Config::default().labels(RESTORE_NAME_LABEL))
+    let controller = Controller::new(restores, watcher::Config::default());
+    let store = controller.store();
+    controller
+        .owns(jobs, watcher::Config::default().labels(RESTORE_UID_LABEL))
         // A restored claim wakes its Restore when it binds.
         .watches(
             pvcs,
-            watcher::Config::default().labels(RESTORE_NAME_LABEL),
-            |pvc: PersistentVolumeClaim| {
-                let restore = pvc.labels().get(RESTORE_NAME_LABEL)?.clone();
-                Some(ObjectRef::new(&restore).within(&pvc.namespace()?))
+            watcher::Config::default().labels(RESTORE_UID_LABEL),
+            move |pvc: PersistentVolumeClaim| {
+                let uid = pvc.labels().get(RESTORE_UID_LABEL)?;
+                let state = store.state();
+                let restore = state.iter().find(|r| r.uid().as_ref() == Some(uid))?;
+                Some(ObjectRef::from_obj(&**restore))
             },
         )
         .graceful_shutdown_on(shutdown)

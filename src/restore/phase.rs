@@ -8,13 +8,13 @@
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ContainerStateTerminated, PersistentVolumeClaim};
 use k8s_openapi::api::storage::v1::StorageClass;
-use kube::ResourceExt;
+use kube::{Resource, ResourceExt};
 
-use crate::api::RESTORE_NAME_LABEL;
+use crate::api::RESTORE_UID_LABEL;
 use crate::api::backup::{BackupStatus, Phase, VolumeRole};
-use crate::api::restore::RestoreSpec;
+use crate::api::restore::{Restore, RestoreSpec};
 use crate::api::snapshot::VolumeSnapshot;
-use crate::controller::Failure;
+use crate::controller::{Failure, created_by};
 use crate::label_store::{self, LabelRecord};
 use crate::restore::plan::PlannedClaim;
 use crate::restore::prepare::EXIT_REFUSED;
@@ -113,9 +113,9 @@ pub fn default_class(classes: &[StorageClass]) -> Option<String> {
         .map(|c| c.name_any())
 }
 
-/// Whether an object carries this Restore's label: only such objects are its own.
-pub fn made_by(object: &impl ResourceExt, restore: &str) -> bool {
-    object.labels().get(RESTORE_NAME_LABEL).map(String::as_str) == Some(restore)
+/// Whether this very Restore (by uid) made `object`: only such objects are its own.
+pub fn made_by(object: &impl Resource, restore: &Restore) -> bool {
+    created_by(object, RESTORE_UID_LABEL, restore.uid().as_deref())
 }
 
 pub fn is_bound(pvc: &PersistentVolumeClaim) -> bool {

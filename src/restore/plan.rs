@@ -17,7 +17,6 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::ObjectMeta;
 
-use crate::api::RESTORE_NAME_LABEL;
 use crate::api::backup::VolumeRole;
 use crate::api::restore::{RecoverySpec, RestoreClaim, RestoredClaim};
 use crate::controller::Failure;
@@ -284,21 +283,19 @@ fn check_mounts_apart(planned: &[PlannedClaim]) -> Result<(), Failure> {
     Ok(())
 }
 
-/// The PVC for a planned claim; owned by the Restore only when the claims go with it.
+/// The PVC for a planned claim, with the labels of the Restore that creates it; owned by
+/// the Restore only when the claims go with it.
 pub fn claim(
     planned: &PlannedClaim,
     namespace: &str,
-    restore: &str,
+    labels: BTreeMap<String, String>,
     owner: Option<OwnerReference>,
 ) -> PersistentVolumeClaim {
     PersistentVolumeClaim {
         metadata: ObjectMeta {
             name: Some(planned.name.clone()),
             namespace: Some(namespace.to_string()),
-            labels: Some(BTreeMap::from([(
-                RESTORE_NAME_LABEL.to_string(),
-                restore.to_string(),
-            )])),
+            labels: Some(labels),
             owner_references: owner.map(|o| vec![o]),
             ..Default::default()
         },
@@ -373,11 +370,11 @@ pub fn prepare_args(
     args
 }
 
-/// Who the prepare Job is: its name, where, whose, and what it runs.
+/// Who the prepare Job is: its name, where, whose (the Restore's labels), and what it runs.
 pub struct JobIdentity<'a> {
     pub name: &'a str,
     pub namespace: &'a str,
-    pub restore: &'a str,
+    pub labels: BTreeMap<String, String>,
     pub owner: OwnerReference,
     pub image: &'a str,
     /// The backup's label ConfigMap, mounted into the Job.
@@ -397,7 +394,7 @@ pub fn prepare_job(
     let JobIdentity {
         name,
         namespace,
-        restore,
+        labels,
         owner,
         image,
         label_config_map,
@@ -444,7 +441,6 @@ pub fn prepare_job(
             ..Default::default()
         });
     }
-    let labels = BTreeMap::from([(RESTORE_NAME_LABEL.to_string(), restore.to_string())]);
     Job {
         metadata: ObjectMeta {
             name: Some(name.to_string()),
@@ -512,6 +508,7 @@ pub fn prepare_job(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::RESTORE_NAME_LABEL;
     use crate::label_store::Location;
 
     fn loc(
@@ -716,7 +713,7 @@ mod tests {
         let id = JobIdentity {
             name: "r-prepare",
             namespace: "shop",
-            restore: "r",
+            labels: BTreeMap::from([(RESTORE_NAME_LABEL.to_string(), "r".to_string())]),
             owner,
             image: "pgsnap:dev",
             label_config_map: "b1-backup-label",
@@ -753,7 +750,7 @@ mod tests {
         );
         assert_eq!(pod.restart_policy.as_deref(), Some("Never"));
         // Restored claims: from the snapshot, at least the size.
-        let pvc = claim(&planned[0], "shop", "r", None);
+        let pvc = claim(&planned[0], "shop", BTreeMap::new(), None);
         let spec = pvc.spec.unwrap();
         assert_eq!(spec.data_source.unwrap().name, "b1-data");
         assert_eq!(
