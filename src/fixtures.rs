@@ -77,6 +77,13 @@ impl Call {
         }))
     }
 
+    /// A JSON patch, such as the finalizer helper's.
+    pub(crate) fn json_patch(path: impl Into<String>) -> Self {
+        let mut call = Call::new(Method::PATCH, path);
+        call.content_type = Some("application/json-patch+json");
+        call
+    }
+
     /// A list of the objects labelled `selector`.
     pub(crate) fn list(path: impl Into<String>, selector: &str) -> Self {
         Call::get(path).query("labelSelector", selector)
@@ -331,6 +338,12 @@ impl Backup {
 
     pub(crate) fn with_status(mut self, status: BackupStatus) -> Self {
         self.status = Some(status);
+        self
+    }
+
+    /// Deleted by a user: only the finalizer holds it.
+    pub(crate) fn deleted(mut self) -> Self {
+        self.metadata.deletion_timestamp = Some(crate::controller::now());
         self
     }
 }
