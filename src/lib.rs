@@ -6,6 +6,8 @@ pub mod api;
 pub mod backup;
 pub mod cli;
 pub mod controller;
+#[cfg(test)]
+pub(crate) mod fixtures;
 pub mod label_store;
 pub mod leader;
 pub mod postgres;

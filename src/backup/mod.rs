@@ -4,6 +4,8 @@
 
 pub mod phase;
 pub mod task;
+#[cfg(test)]
+mod tests;
 pub mod volumes;
 
 use std::collections::HashMap;
@@ -118,6 +120,24 @@ fn key(backup: &Backup) -> String {
 }
 
 impl Context {
+    /// `finished` hears of every task that ends, so queued backups get their turn.
+    fn new(
+        client: Client,
+        settings: Settings,
+        metrics: Arc<Metrics>,
+        finished: mpsc::UnboundedSender<()>,
+    ) -> Self {
+        Context {
+            reporter: Reporter::new(client.clone(), "Backup"),
+            client,
+            metrics,
+            settings,
+            running: Mutex::new(HashMap::new()),
+            written: Mutex::new(HashMap::new()),
+            finished,
+        }
+    }
+
     fn running(&self) -> std::sync::MutexGuard<'_, HashMap<String, Running>> {
         self.running.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -610,15 +630,7 @@ pub async fn run(
     let backups: Api<Backup> = controller::api(&client, ns.as_deref());
     let snapshots: Api<VolumeSnapshot> = controller::api(&client, ns.as_deref());
     let secrets: Api<PartialObjectMeta<Secret>> = controller::api(&client, ns.as_deref());
-    let ctx = Arc::new(Context {
-        reporter: Reporter::new(client.clone(), "Backup"),
-        client,
-        metrics,
-        settings,
-        running: Mutex::new(HashMap::new()),
-        written: Mutex::new(HashMap::new()),
-        finished: finished_tx,
-    });
+    let ctx = Arc::new(Context::new(client, settings, metrics, finished_tx));
     let controller = Controller::new(backups, watcher::Config::default());
     let store = controller.store();
     ready();

@@ -10,6 +10,8 @@
 pub mod phase;
 pub mod plan;
 pub mod prepare;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -105,6 +107,15 @@ pub struct Context {
 }
 
 impl Context {
+    fn new(client: Client, settings: Settings, metrics: Arc<Metrics>) -> Self {
+        Context {
+            reporter: Reporter::new(client.clone(), "Restore"),
+            client,
+            settings,
+            metrics,
+        }
+    }
+
     /// Moves to `phase` (status, `Ready` condition, an Event) when that is news.
     async fn enter(
         &self,
@@ -491,12 +502,7 @@ pub async fn run(
     let restores: Api<Restore> = controller::api(&client, ns.as_deref());
     let jobs: Api<Job> = controller::api(&client, ns.as_deref());
     let pvcs: Api<PersistentVolumeClaim> = controller::api(&client, ns.as_deref());
-    let ctx = Arc::new(Context {
-        reporter: Reporter::new(client.clone(), "Restore"),
-        client,
-        settings,
-        metrics,
-    });
+    let ctx = Arc::new(Context::new(client, settings, metrics));
     let controller = Controller::new(restores, watcher::Config::default());
     let store = controller.store();
     controller

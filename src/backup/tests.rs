@@ -1,0 +1,360 @@
+//! Each phase of the Backup reconciler against a scripted API server, up to where a session
+//! task would take over: admission, Finalizing, a lost session and deletion.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::channel::mpsc;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use kube::Client;
+use kube::runtime::controller::Action;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+use super::{Context, FINALIZER, Running, Settings, reconcile};
+use crate::api::backup::{
+    Backup, BackupStatus, BackupWindow, DeletionPolicy, Phase, SnapshotStatus, VolumeRole,
+};
+use crate::controller::now;
+use crate::fixtures::{
+    self, BACKUP_PATH, CONFIG_MAPS_PATH, Call, LABEL_CONFIG_MAP, SNAPSHOTS_PATH, assert_phase,
+    own_label_config_map, ready_message, snapshot,
+};
+use crate::telemetry::Metrics;
+
+const SECRET_PATH: &str = "/api/v1/namespaces/shop/secrets/db-password";
+const PODS_PATH: &str = "/api/v1/namespaces/shop/pods";
+const SELECTOR: &str = "pgsnap.io/backup-uid=backup-uid";
+const DATA_SNAPSHOT: &str = "orders-1-data";
+
+fn context(client: Client, max_concurrent: usize) -> Context {
+    let settings = Settings {
+        max_concurrent,
+        connect_timeout: Duration::from_secs(1),
+        namespace: Some(fixtures::NS.into()),
+    };
+    // No controller listens for finished tasks here; none is started either.
+    let (finished, _) = mpsc::unbounded();
+    Context::new(client, settings, Arc::new(Metrics::default()), finished)
+}
+
+/// Reconciles `backup` once against `script`.
+async fn reconcile_with(backup: Backup, script: Vec<Call>) -> Action {
+    reconcile_beside(backup, script, 4, &[]).await
+}
+
+/// Reconciles `backup` once against `script` while this process runs the backups
+/// `running` (database key, backup name), with room for `max_concurrent`.
+async fn reconcile_beside(
+    backup: Backup,
+    script: Vec<Call>,
+    max_concurrent: usize,
+    running: &[(&str, &str)],
+) -> Action {
+    fixtures::run(script, |client| {
+        let ctx = context(client, max_concurrent);
+        for (database, name) in running {
+            let entry = Running {
+                name: name.to_string(),
+                database: database.to_string(),
+                abort: None,
+                done: watch::channel(true).1,
+            };
+            ctx.running().insert(format!("shop/{name}"), entry);
+        }
+        reconcile(Arc::new(backup), Arc::new(ctx))
+    })
+    .await
+    .expect("the reconcile succeeds")
+}
+
+fn secret(password: &[u8]) -> Value {
+    let password = k8s_openapi::ByteString(password.to_vec());
+    json!({ "metadata": { "name": "db-password" }, "data": { "password": password } })
+}
+
+fn pod(phase: &str) -> Value {
+    json!({ "metadata": { "name": "db-0", "namespace": "shop" }, "status": { "phase": phase } })
+}
+
+fn finalizing(ready: bool) -> BackupStatus {
+    let at = now();
+    BackupStatus {
+        phase: Some(Phase::Finalizing),
+        snapshots: vec![SnapshotStatus {
+            name: DATA_SNAPSHOT.into(),
+            persistent_volume_claim: "data-db-0".into(),
+            role: VolumeRole::Data,
+            tablespace: None,
+            path_in_volume: "pgdata".into(),
+            cut_at: Some(at.clone()),
+            ready_to_use: ready,
+            restore_size: None,
+        }],
+        backup_window: Some(BackupWindow {
+            started_at: at.clone(),
+            stopped_at: Some(at),
+            seconds: Some("1.5".into()),
+        }),
+        label_config_map: Some(LABEL_CONFIG_MAP.into()),
+        ..Default::default()
+    }
+}
+
+/// Waiting in Pending: status Pending with the reason, Ready False, a Normal Event.
+fn pending(backup: &Backup, reason: &'static str, message: &'static str) -> Vec<Call> {
+    vec![
+        Call::apply_status(BACKUP_PATH, backup).body(move |body| {
+            let status = &body["status"];
+            assert_phase(status, "Pending", "False", reason);
+            assert_eq!(ready_message(status), message);
+        }),
+        Call::event("Normal", reason).body(move |e| assert_eq!(e["note"], message)),
+    ]
+}
+
+/// A failure: the backup's snapshots (`existing`) and label ConfigMap deleted, then status
+/// Failed with the reason and nothing left to restore from, and a Warning Event.
+fn failed(
+    backup: &Backup,
+    existing: &[&str],
+    reason: &'static str,
+    message: &'static str,
+) -> Vec<Call> {
+    let snapshots = existing.iter().map(|s| snapshot(s, false, None));
+    let mut script = vec![Call::list(SNAPSHOTS_PATH, SELECTOR).returns_list(snapshots)];
+    script.extend(
+        existing
+            .iter()
+            .map(|s| Call::delete(format!("{SNAPSHOTS_PATH}/{s}"))),
+    );
+    let note = match existing.len() {
+        0 => message.to_string(),
+        n => format!("{message} ({n} partial snapshot(s) deleted)"),
+    };
+    script.extend([
+        Call::get(format!("{CONFIG_MAPS_PATH}/{LABEL_CONFIG_MAP}")).returns(own_label_config_map()),
+        Call::delete(format!("{CONFIG_MAPS_PATH}/{LABEL_CONFIG_MAP}"))
+            .body(|b| assert_eq!(b["preconditions"]["uid"], "label-uid")),
+        Call::apply_status(BACKUP_PATH, backup).body(move |body| {
+            let status = &body["status"];
+            assert_phase(status, "Failed", "False", reason);
+            assert_eq!(ready_message(status), message);
+            assert_eq!(
+                status["error"],
+                json!({ "reason": reason, "message": message })
+            );
+            // A label without its data restores nothing: status names neither.
+            assert_eq!(status.get("snapshots"), None);
+            assert_eq!(status.get("labelConfigMap"), None);
+        }),
+        Call::event("Warning", reason).body(move |e| assert_eq!(e["note"], note)),
+    ]);
+    script
+}
+
+#[tokio::test]
+async fn a_backup_waits_in_pending_for_its_password_secret() {
+    let backup = Backup::test();
+    let mut script = vec![Call::get(SECRET_PATH).not_found()];
+    script.extend(pending(
+        &backup,
+        "SecretNotFound",
+        "waiting for the password in Secret shop/db-password key \"password\"; the backup starts once it exists",
+    ));
+    assert_eq!(reconcile_with(backup, script).await, Action::await_change());
+}
+
+#[tokio::test]
+async fn a_password_that_is_not_utf8_fails_the_backup() {
+    let backup = Backup::test();
+    let mut script = vec![Call::get(SECRET_PATH).returns(secret(&[0xff, 0xfe]))];
+    script.extend(failed(
+        &backup,
+        &[],
+        "InvalidSecret",
+        "the password in the Secret is not valid UTF-8",
+    ));
+    reconcile_with(backup, script).await;
+}
+
+#[tokio::test]
+async fn a_backup_with_no_running_target_pod_fails() {
+    let mut backup = Backup::test();
+    backup.spec.target.pod_name = None;
+    backup.spec.target.selector = Some(LabelSelector {
+        match_labels: Some([("app".into(), "db".into())].into()),
+        ..Default::default()
+    });
+    let mut script = vec![
+        Call::get(SECRET_PATH).returns(secret(b"secret")),
+        Call::list(PODS_PATH, "app=db").returns_list([pod("Pending")]),
+    ];
+    script.extend(failed(
+        &backup,
+        &[],
+        "NoTargetPod",
+        "no running pod in shop matches the selector \"app=db\"",
+    ));
+    reconcile_with(backup, script).await;
+}
+
+/// Secret and pod found: admission is all that is left to decide.
+fn admissible() -> Vec<Call> {
+    vec![
+        Call::get(SECRET_PATH).returns(secret(b"secret")),
+        Call::get(format!("{PODS_PATH}/db-0")).returns(pod("Running")),
+    ]
+}
+
+#[tokio::test]
+async fn a_backup_of_a_busy_database_queues_behind_the_running_one() {
+    let backup = Backup::test();
+    let mut script = admissible();
+    script.extend(pending(
+        &backup,
+        "DatabaseBusy",
+        "queued: backup orders-0 of the same database is running; one backup per database at a time",
+    ));
+    reconcile_beside(backup, script, 4, &[("shop/pod/db-0", "orders-0")]).await;
+}
+
+#[tokio::test]
+async fn a_backup_beyond_the_operators_limit_waits_for_a_slot() {
+    let backup = Backup::test();
+    let mut script = admissible();
+    script.extend(pending(
+        &backup,
+        "WaitingForSlot",
+        "queued: 1 backups are running, the operator's limit (--max-concurrent-backups)",
+    ));
+    reconcile_beside(backup, script, 1, &[("shop/pod/other-0", "other-1")]).await;
+}
+
+#[tokio::test]
+async fn a_finalizing_backup_completes_when_every_snapshot_is_ready() {
+    let backup = Backup::test().with_status(finalizing(false));
+    let message = "1 snapshot(s) ready to use; the server spent 1.5s in backup mode";
+    let script = vec![
+        Call::list(SNAPSHOTS_PATH, SELECTOR).returns_list([snapshot(DATA_SNAPSHOT, true, None)]),
+        Call::apply_status(BACKUP_PATH, &backup).body(move |body| {
+            let status = &body["status"];
+            assert_phase(status, "Completed", "True", "Completed");
+            assert_eq!(ready_message(status), message);
+            assert_eq!(status["snapshots"][0]["readyToUse"], true);
+            assert_eq!(status["snapshots"][0]["restoreSize"], "10Gi");
+            assert!(status["completedAt"].is_string(), "{status}");
+        }),
+        Call::event("Normal", "Completed").body(move |e| assert_eq!(e["note"], message)),
+    ];
+    reconcile_with(backup, script).await;
+}
+
+#[tokio::test]
+async fn a_finalizing_backup_records_progress_and_keeps_waiting() {
+    let backup = Backup::test().with_status(finalizing(false));
+    // Not ready yet, but its restoreSize is news: status only, no Event.
+    let script = vec![
+        Call::list(SNAPSHOTS_PATH, SELECTOR).returns_list([snapshot(DATA_SNAPSHOT, false, None)]),
+        Call::apply_status(BACKUP_PATH, &backup).body(|body| {
+            let status = &body["status"];
+            assert_eq!(status["phase"], "Finalizing");
+            assert_eq!(status["snapshots"][0]["readyToUse"], false);
+            assert_eq!(status["snapshots"][0]["restoreSize"], "10Gi");
+        }),
+    ];
+    reconcile_with(backup, script).await;
+}
+
+#[tokio::test]
+async fn a_failed_snapshot_fails_the_backup_and_removes_what_it_made() {
+    let backup = Backup::test().with_status(finalizing(false));
+    let failing = snapshot(DATA_SNAPSHOT, false, Some("disk full"));
+    let mut script = vec![Call::list(SNAPSHOTS_PATH, SELECTOR).returns_list([failing])];
+    script.extend(failed(
+        &backup,
+        &[DATA_SNAPSHOT],
+        "SnapshotFailed",
+        "snapshot orders-1-data failed: disk full",
+    ));
+    reconcile_with(backup, script).await;
+}
+
+#[tokio::test]
+async fn a_snapshot_deleted_before_it_was_ready_fails_the_backup() {
+    let backup = Backup::test().with_status(finalizing(false));
+    let mut script = vec![Call::list(SNAPSHOTS_PATH, SELECTOR).returns_list(Vec::<Value>::new())];
+    script.extend(failed(
+        &backup,
+        &[],
+        "SnapshotMissing",
+        "snapshot orders-1-data was deleted before it was ready",
+    ));
+    reconcile_with(backup, script).await;
+}
+
+#[tokio::test]
+async fn a_session_phase_without_a_task_here_is_a_lost_session() {
+    let backup = Backup::test().with_status(BackupStatus {
+        phase: Some(Phase::Snapshotting),
+        ..finalizing(false)
+    });
+    let script = failed(
+        &backup,
+        &[DATA_SNAPSHOT],
+        "SessionLost",
+        "the operator lost the database session mid-backup (restart or leadership change); PostgreSQL aborted the backup by itself. Create a new Backup",
+    );
+    reconcile_with(backup, script).await;
+}
+
+/// The finalizer comes off once cleanup is done; the API server then deletes the Backup.
+fn finalizer_removed(backup: &Backup) -> Call {
+    let mut gone = backup.clone();
+    gone.metadata.finalizers = None;
+    Call::json_patch(BACKUP_PATH)
+        .body(|patch| {
+            assert_eq!(
+                patch,
+                &json!([
+                    { "op": "test", "path": "/metadata/finalizers/0", "value": FINALIZER },
+                    { "op": "remove", "path": "/metadata/finalizers/0" },
+                ])
+            );
+        })
+        .returns(gone)
+}
+
+fn completed() -> BackupStatus {
+    BackupStatus {
+        phase: Some(Phase::Completed),
+        ..finalizing(true)
+    }
+}
+
+#[tokio::test]
+async fn deleting_a_backup_with_policy_delete_removes_its_snapshots_and_label() {
+    let backup = Backup::test().with_status(completed()).deleted();
+    let snapshots = [
+        snapshot(DATA_SNAPSHOT, true, None),
+        snapshot("orders-1-wal", true, None),
+    ];
+    let script = vec![
+        Call::list(SNAPSHOTS_PATH, SELECTOR).returns_list(snapshots),
+        Call::delete(format!("{SNAPSHOTS_PATH}/{DATA_SNAPSHOT}")),
+        Call::delete(format!("{SNAPSHOTS_PATH}/orders-1-wal")),
+        Call::get(format!("{CONFIG_MAPS_PATH}/{LABEL_CONFIG_MAP}")).returns(own_label_config_map()),
+        Call::delete(format!("{CONFIG_MAPS_PATH}/{LABEL_CONFIG_MAP}"))
+            .body(|b| assert_eq!(b["preconditions"]["uid"], "label-uid")),
+        finalizer_removed(&backup),
+    ];
+    reconcile_with(backup, script).await;
+}
+
+#[tokio::test]
+async fn deleting_a_backup_with_policy_retain_keeps_everything() {
+    let mut backup = Backup::test().with_status(completed()).deleted();
+    backup.spec.deletion_policy = DeletionPolicy::Retain;
+    let script = vec![finalizer_removed(&backup)];
+    reconcile_with(backup, script).await;
+}
