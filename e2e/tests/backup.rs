@@ -592,13 +592,14 @@ async fn sigterm_and_the_deadline_abort_cleanly() {
             }),
         )
     };
-    let name = apply(&cluster, backup_spec("deadline", spec("10s"))).await;
+    // Long enough for the cut on a loaded machine, so the deadline falls in the archive wait.
+    let name = apply(&cluster, backup_spec("deadline", spec("20s"))).await;
     let backup = cluster
         .wait_for(
             cluster.api::<Backup>(),
             &name,
             "Failed",
-            Duration::from_secs(40),
+            Duration::from_secs(60),
             phase_is(&[Phase::Failed]),
         )
         .await;
