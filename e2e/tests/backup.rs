@@ -637,6 +637,68 @@ async fn sigterm_and_the_deadline_abort_cleanly() {
     assert_clean(&cluster, &db, &name, false).await;
 }
 
+/// A pod named by one Backup and selected by another is one database: the second queues
+/// behind the first instead of opening a second backup session beside it.
+#[tokio::test]
+async fn one_pod_by_name_and_by_selector_is_one_database() {
+    let cluster = Cluster::from_env().await;
+    let _operator = Operator::for_test(&cluster).await;
+    // An archive that never succeeds keeps the first backup in its stop call.
+    let db = postgres_pod(16)
+        .setting("archive_mode", "on")
+        .setting("archive_command", "false")
+        .create(&cluster)
+        .await;
+    let secret = db.password_secret(&cluster).await;
+    let by_name = on(
+        &db,
+        &secret,
+        json!({"checkpoint": "Fast", "deadline": "60s"}),
+    );
+    let first = apply(&cluster, backup_spec("by-name", by_name)).await;
+    cluster
+        .wait_for(
+            cluster.api::<Backup>(),
+            &first,
+            "Stopping",
+            Duration::from_secs(40),
+            phase_is(&[Phase::Stopping]),
+        )
+        .await;
+    let by_selector = on(
+        &db,
+        &secret,
+        json!({"target": {"selector": {"matchLabels": {"app": db.name}}}, "checkpoint": "Fast"}),
+    );
+    let second = apply(&cluster, backup_spec("by-selector", by_selector)).await;
+    let queued = cluster
+        .wait_for(
+            cluster.api::<Backup>(),
+            &second,
+            "Pending/DatabaseBusy",
+            Duration::from_secs(20),
+            |b: Option<&Backup>| {
+                b.and_then(|b| b.status.as_ref()).is_some_and(|s| {
+                    s.conditions
+                        .iter()
+                        .any(|c| c.type_ == "Ready" && c.reason == "DatabaseBusy")
+                })
+            },
+        )
+        .await;
+    let status = queued.status.as_ref().unwrap();
+    let ready = status.conditions.iter().find(|c| c.type_ == "Ready");
+    assert!(
+        ready.is_some_and(|c| c.message.contains("backup by-name of the same database")),
+        "{ready:?}"
+    );
+    assert_eq!(status.phase, Some(Phase::Pending));
+    let sessions: String = db
+        .sql_value("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgsnap'")
+        .await;
+    assert_eq!(sessions, "1", "one backup session on the database");
+}
+
 /// Delete removes snapshots and label; Retain keeps both.
 #[tokio::test]
 async fn deletion_honours_the_deletion_policy() {

@@ -91,7 +91,8 @@ impl Error {
 /// A backup holding a session in this process.
 struct Running {
     name: String,
-    database: String,
+    /// The database(s) it may run on (`task::database_keys`).
+    databases: Vec<String>,
     /// Sending a failure ends the task: it closes the session, cleans up and reports it.
     abort: Option<oneshot::Sender<Failure>>,
     /// Becomes true when the task has finished, cleanup included.
@@ -254,13 +255,13 @@ impl Context {
         secrets: Secrets,
     ) -> Admission {
         let k = key(&backup);
-        let database = task::database_key(&backup);
+        let databases = task::database_keys(&pods);
         let mut running = self.running();
-        let busy: Vec<(String, String)> = running
+        let busy: Vec<(Vec<String>, String)> = running
             .values()
-            .map(|r| (r.database.clone(), r.name.clone()))
+            .map(|r| (r.databases.clone(), r.name.clone()))
             .collect();
-        let admission = phase::admit(&database, &busy, self.settings.max_concurrent);
+        let admission = phase::admit(&databases, &busy, self.settings.max_concurrent);
         if admission != Admission::Go {
             return admission;
         }
@@ -270,7 +271,7 @@ impl Context {
             k.clone(),
             Running {
                 name: backup.name_any(),
-                database,
+                databases,
                 abort: Some(abort_tx),
                 done: done_rx,
             },

@@ -63,9 +63,11 @@ pub enum Admission {
     },
 }
 
-/// `running` holds (database key, backup name) of every backup holding a session.
-pub fn admit(database: &str, running: &[(String, String)], limit: usize) -> Admission {
-    if let Some((_, name)) = running.iter().find(|(db, _)| db == database) {
+/// `databases`: the keys of the database(s) this backup may run on; `running` holds the
+/// keys and name of every backup holding a session.
+pub fn admit(databases: &[String], running: &[(Vec<String>, String)], limit: usize) -> Admission {
+    let shares = |keys: &Vec<String>| keys.iter().any(|k| databases.contains(k));
+    if let Some((_, name)) = running.iter().find(|(keys, _)| shares(keys)) {
         return Admission::DatabaseBusy {
             running: name.clone(),
         };
@@ -185,21 +187,36 @@ mod tests {
 
     #[test]
     fn one_backup_per_database_and_a_global_limit() {
+        let keys = |k: &[&str]| k.iter().map(|k| k.to_string()).collect::<Vec<_>>();
+        // b1 by podName (uid-0); b2 by a selector of uid-1 and uid-2.
         let running = vec![
-            ("shop/db-0".to_string(), "b1".to_string()),
-            ("shop/db-1".to_string(), "b2".to_string()),
+            (keys(&["uid-0"]), "b1".to_string()),
+            (keys(&["uid-1", "uid-2"]), "b2".to_string()),
         ];
         assert_eq!(
-            admit("shop/db-0", &running, 10),
+            admit(&keys(&["uid-0"]), &running, 10),
+            Admission::DatabaseBusy {
+                running: "b1".into()
+            }
+        );
+        // The same pod by another route is the same database.
+        assert_eq!(
+            admit(&keys(&["uid-2"]), &running, 10),
+            Admission::DatabaseBusy {
+                running: "b2".into()
+            }
+        );
+        assert_eq!(
+            admit(&keys(&["uid-3", "uid-0"]), &running, 10),
             Admission::DatabaseBusy {
                 running: "b1".into()
             }
         );
         assert_eq!(
-            admit("shop/db-2", &running, 2),
+            admit(&keys(&["uid-3"]), &running, 2),
             Admission::LimitReached { limit: 2 }
         );
-        assert_eq!(admit("shop/db-2", &running, 3), Admission::Go);
+        assert_eq!(admit(&keys(&["uid-3"]), &running, 3), Admission::Go);
     }
 
     fn obs(name: &str, exists: bool, ready: bool, error: Option<&str>) -> SnapshotObservation {

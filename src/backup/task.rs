@@ -110,16 +110,17 @@ fn selector_string(
     parts.join(",")
 }
 
-/// Backups of the same database queue behind each other: the named pod, or the selector.
-pub fn database_key(backup: &Backup) -> String {
-    let ns = backup.namespace().unwrap_or_default();
-    match (&backup.spec.target.pod_name, &backup.spec.target.selector) {
-        (Some(pod), _) => format!("{ns}/pod/{pod}"),
-        (None, selector) => format!(
-            "{ns}/selector/{}",
-            selector.as_ref().map(selector_string).unwrap_or_default()
-        ),
-    }
+/// Backups of one database queue behind each other. A database is its pod, by uid, so a pod
+/// named by one Backup and selected by another is one database; a selector's backup may land
+/// on any pod it selects, so it holds them all.
+pub fn database_keys(pods: &[Pod]) -> Vec<String> {
+    pods.iter()
+        .map(|p| {
+            p.uid().unwrap_or_else(|| {
+                format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any())
+            })
+        })
+        .collect()
 }
 
 /// The port: the spec's, else the container port named `postgresql`, else 5432.

@@ -56,7 +56,7 @@ async fn reconcile_beside(
         for (database, name) in running {
             let entry = Running {
                 name: name.to_string(),
-                database: database.to_string(),
+                databases: vec![database.to_string()],
                 abort: None,
                 done: watch::channel(true).1,
             };
@@ -74,7 +74,10 @@ fn secret(password: &[u8]) -> Value {
 }
 
 fn pod(phase: &str) -> Value {
-    json!({ "metadata": { "name": "db-0", "namespace": "shop" }, "status": { "phase": phase } })
+    json!({
+        "metadata": { "name": "db-0", "namespace": "shop", "uid": "db-0-uid" },
+        "status": { "phase": phase },
+    })
 }
 
 fn finalizing(ready: bool) -> BackupStatus {
@@ -216,7 +219,7 @@ async fn a_backup_of_a_busy_database_queues_behind_the_running_one() {
         "DatabaseBusy",
         "queued: backup orders-0 of the same database is running; one backup per database at a time",
     ));
-    reconcile_beside(backup, script, 4, &[("shop/pod/db-0", "orders-0")]).await;
+    reconcile_beside(backup, script, 4, &[("db-0-uid", "orders-0")]).await;
 }
 
 #[tokio::test]
@@ -228,7 +231,7 @@ async fn a_backup_beyond_the_operators_limit_waits_for_a_slot() {
         "WaitingForSlot",
         "queued: 1 backups are running, the operator's limit (--max-concurrent-backups)",
     ));
-    reconcile_beside(backup, script, 1, &[("shop/pod/other-0", "other-1")]).await;
+    reconcile_beside(backup, script, 1, &[("other-0-uid", "other-1")]).await;
 }
 
 #[tokio::test]
