@@ -848,3 +848,77 @@ async fn a_restore_resumes_after_the_operator_dies() {
         .unwrap_or_else(|e| panic!("PostgreSQL on the resumed restore: {e}"));
     assert_eq!(marks(&client).await, (1..=30).collect::<BTreeSet<i64>>());
 }
+
+/// The longest names the API server accepts: every name and label pgsnap derives from them
+/// stays valid, the backup completes and restores, and both objects delete without hanging.
+#[tokio::test]
+async fn the_longest_names_back_up_restore_and_delete() {
+    let cluster = Cluster::from_env().await;
+    let _operator = Operator::for_test(&cluster).await;
+    let db = postgres_pod(16).archive(true).create(&cluster).await;
+    db.sql("CREATE TABLE marks (v bigint PRIMARY KEY)").await;
+    db.sql("INSERT INTO marks SELECT generate_series(1, 50)")
+        .await;
+    let backup_name = format!("b{}", "x".repeat(252));
+    let b = backup(&cluster, &db, &backup_name, json!({})).await;
+    let status = completed(&b).clone();
+    assert!(
+        status
+            .label_config_map
+            .as_ref()
+            .is_some_and(|n| n.len() <= 253)
+    );
+    let restore_name = format!("r{}", "y".repeat(252));
+    let r = restore(
+        &cluster,
+        &restore_name,
+        json!({"backupName": backup_name, "claims": claims_for(&b, "long"),
+               "recovery": {"restoreCommand": format!("cp {ARCHIVE_MOUNT}/%f %p")}}),
+    )
+    .await;
+    assert_restored(&r);
+    let (client, _) = start_restored(&cluster, &db, &r)
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL on the restored claims: {e}"));
+    assert_eq!(marks(&client).await, (1..=50).collect::<BTreeSet<i64>>());
+
+    cluster
+        .api::<Restore>()
+        .delete(&restore_name, &DeleteParams::default())
+        .await
+        .expect("delete the restore");
+    cluster
+        .wait_deleted(
+            cluster.api::<Restore>(),
+            &restore_name,
+            &r.uid().unwrap(),
+            Duration::from_secs(30),
+        )
+        .await;
+    cluster
+        .api::<Backup>()
+        .delete(&backup_name, &DeleteParams::default())
+        .await
+        .expect("delete the backup");
+    cluster
+        .wait_deleted(
+            cluster.api::<Backup>(),
+            &backup_name,
+            &b.uid().unwrap(),
+            Duration::from_secs(30),
+        )
+        .await;
+    // The snapshot controller releases a deleted snapshot a moment after the operator acts.
+    let snapshots = cluster.api::<pgsnap::api::snapshot::VolumeSnapshot>();
+    for s in &status.snapshots {
+        let t0 = Instant::now();
+        while snapshots.get_opt(&s.name).await.unwrap().is_some() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "snapshot {} outlived its Backup (deletionPolicy Delete)",
+                s.name
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
