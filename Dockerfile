@@ -4,10 +4,12 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY crds ./crds
+COPY benches ./benches
+# The workspace's other member: cargo reads its manifest and the targets it declares.
 COPY e2e/Cargo.toml ./e2e/Cargo.toml
-# The workspace names e2e as a member; an empty library satisfies it for this build.
-RUN mkdir -p e2e/src && touch e2e/src/lib.rs \
- && cargo build --release --locked -p pgsnap \
+COPY e2e/src ./e2e/src
+COPY e2e/benches ./e2e/benches
+RUN cargo build --release --locked -p pgsnap \
  && strip target/release/pgsnap
 
 FROM gcr.io/distroless/cc-debian12:nonroot

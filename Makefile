@@ -2,13 +2,13 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: test demo crds deps lint cluster-up cluster-down
+.PHONY: test demo crds deps lint image-check cluster-up cluster-down
 
 ## Every test: unit, CRD drift, the PostgreSQL 10-18 matrix, the cluster and end-to-end tests.
 ## The tests run against the local cluster (e2e/cluster, docs/cluster.md): it comes up first,
 ## its KUBECONFIG and PATH are exported, and it goes down at the end whatever the outcome
 ## (PGSNAP_KEEP_CLUSTER=1 leaves it running). A cluster that cannot start fails the target.
-test: deps lint
+test: deps lint image-check
 	@mkdir -p target; \
 	[[ -n "$$PGSNAP_KEEP_CLUSTER" ]] || trap 'e2e/cluster down' EXIT; \
 	e2e/cluster up && eval "$$(e2e/cluster env)" && \
@@ -18,6 +18,10 @@ test: deps lint
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --tests --benches --locked -- -D warnings
+
+## The image's build stage, from exactly the files the Dockerfile copies (no engine here).
+image-check:
+	@hack/image-check
 
 ## The test cluster alone: make cluster-up, then eval "$$(e2e/cluster env)"; make cluster-down.
 cluster-up:
