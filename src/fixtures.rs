@@ -325,6 +325,7 @@ impl Backup {
             checkpoint: Default::default(),
             wait_for_archive: true,
             deadline: crate::api::Duration::from_secs(600),
+            ready_timeout: crate::api::Duration::from_secs(86400),
             deletion_policy: Default::default(),
             volumes: Vec::new(),
         };

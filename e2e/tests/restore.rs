@@ -152,7 +152,7 @@ async fn start_restored(
     r: &Restore,
 ) -> Result<(tokio_postgres::Client, Duration), String> {
     let status = r.status.as_ref().ok_or("no status")?;
-    let name = format!("{}-pg", r.name_any());
+    let name = pgsnap::controller::bounded_name(&r.name_any(), "pg", 63);
     let mut mounts = vec![json!({"name": "archive", "mountPath": ARCHIVE_MOUNT})];
     let mut volumes = vec![
         json!({"name": "archive", "persistentVolumeClaim": {"claimName": source.claim("archive")}}),
@@ -421,9 +421,8 @@ async fn refusals_retained_snapshots_and_a_time_target() {
         .await
         .expect("foreign ConfigMap");
     let r = restore(&cluster, "foreign", json!({"volumeSnapshotName": data_snapshot, "labelConfigMapName": "b1-foreign", "claims": [{"role": "Data", "name": "d-foreign"}], "recovery": {"restoreCommand": archive}})).await;
-    // The reason travels in the container's termination message; a node that does not
-    // report one (the test cluster's agent) leaves the exit status: a refusal all the same.
-    failed_with(&r, &["SystemIdentifierMismatch", "PrepareRefused"]);
+    // The reason travels in the container's termination message, which the node reports.
+    failed_with(&r, &["SystemIdentifierMismatch"]);
     let error = r.status.as_ref().and_then(|s| s.error.clone()).unwrap();
     eprintln!(
         "label of another database: {}: {}",

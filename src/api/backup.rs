@@ -63,6 +63,12 @@ pub struct BackupSpec {
     #[serde(default = "default_deadline")]
     #[x_kube(validation = Rule::new("self.matches('^([0-9]+(\\\\.[0-9]+)?(ms|s|m|h))+$') && duration(self) >= duration('10s') && duration(self) <= duration('24h')").message("deadline must be a duration between 10s and 24h, e.g. 10m"))]
     pub deadline: Duration,
+    /// How long the snapshots may take to become ready to use after the server left backup
+    /// mode (the driver's upload), before the backup fails as SnapshotNotReady (Go duration,
+    /// 1m–168h).
+    #[serde(default = "default_ready_timeout")]
+    #[x_kube(validation = Rule::new("self.matches('^([0-9]+(\\\\.[0-9]+)?(ms|s|m|h))+$') && duration(self) >= duration('1m') && duration(self) <= duration('168h')").message("readyTimeout must be a duration between 1m and 168h, e.g. 24h"))]
+    pub ready_timeout: Duration,
     /// What deleting the Backup does to its snapshots and label ConfigMap.
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
@@ -80,6 +86,11 @@ fn default_true() -> bool {
 
 fn default_deadline() -> Duration {
     Duration::from_secs(600)
+}
+
+/// A day: long enough for a first full upload of a large volume on cloud block storage.
+fn default_ready_timeout() -> Duration {
+    Duration::from_secs(24 * 3600)
 }
 
 /// Which pod holds the server: a name, or a label selector plus a role.

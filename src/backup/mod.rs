@@ -503,9 +503,23 @@ async fn await_ready(
     let uid = backup.uid().unwrap_or_default();
     let existing = api.list(&snapshots::of_backup(&uid)).await?;
     let before = status.clone();
-    match phase::readiness(&observe_snapshots(&mut status, &existing.items)) {
-        Readiness::Wait if status != before => ctx.patch_status(&backup, &status).await?,
-        Readiness::Wait => {}
+    // The readyTimeout runs from the stop; a timer, not a snapshot event, ends a wait past it.
+    let waited = status
+        .backup_window
+        .as_ref()
+        .and_then(|w| w.stopped_at.as_ref())
+        .map(|t| k8s_openapi::jiff::Timestamp::now().duration_since(t.0))
+        .and_then(|d| Duration::try_from(d).ok())
+        .unwrap_or_default();
+    let timeout = backup.spec.ready_timeout;
+    let overdue = (waited >= timeout.0).then_some(timeout);
+    match phase::readiness(&observe_snapshots(&mut status, &existing.items), overdue) {
+        Readiness::Wait => {
+            if status != before {
+                ctx.patch_status(&backup, &status).await?;
+            }
+            return Ok(Action::requeue(timeout.0.saturating_sub(waited)));
+        }
         Readiness::Fail { reason, message } => {
             ctx.fail(&backup, &mut status, Failure::new(reason, message))
                 .await?

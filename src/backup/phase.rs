@@ -1,6 +1,7 @@
 //! The Backup's state machine as pure decisions: what to do in each phase, given what was
 //! observed. The reconciler and the session task do the I/O these decisions ask for.
 
+use crate::api::Duration;
 use crate::api::backup::{Phase, TargetRole};
 
 /// What the reconciler does with a Backup in a given phase.
@@ -98,8 +99,9 @@ pub enum Readiness {
 }
 
 /// After the stop: done when every snapshot is ready; a lost or failed snapshot fails the
-/// backup, since the label without its data restores nothing.
-pub fn readiness(snapshots: &[SnapshotObservation]) -> Readiness {
+/// backup, since the label without its data restores nothing, and so does waiting past
+/// `overdue` (the readyTimeout, once it has passed): Finalizing never lasts forever.
+pub fn readiness(snapshots: &[SnapshotObservation], overdue: Option<Duration>) -> Readiness {
     if snapshots.is_empty() {
         return Readiness::Fail {
             reason: "SnapshotMissing",
@@ -121,10 +123,21 @@ pub fn readiness(snapshots: &[SnapshotObservation]) -> Readiness {
             message: format!("snapshot {name} failed: {err}"),
         };
     }
-    if snapshots.iter().all(|s| s.ready) {
-        Readiness::Complete
-    } else {
-        Readiness::Wait
+    let waiting: Vec<&str> = snapshots
+        .iter()
+        .filter(|s| !s.ready)
+        .map(|s| s.name.as_str())
+        .collect();
+    match (waiting.is_empty(), overdue) {
+        (true, _) => Readiness::Complete,
+        (false, None) => Readiness::Wait,
+        (false, Some(timeout)) => Readiness::Fail {
+            reason: "SnapshotNotReady",
+            message: format!(
+                "snapshot(s) {} not ready to use {timeout} after the server left backup mode (spec.readyTimeout): the backup cannot be restored",
+                waiting.join(", ")
+            ),
+        },
     }
 }
 
@@ -231,28 +244,49 @@ mod tests {
     #[test]
     fn readiness_waits_for_all_and_fails_on_any_loss() {
         assert_eq!(
-            readiness(&[obs("a", true, true, None), obs("b", true, false, None)]),
+            readiness(
+                &[obs("a", true, true, None), obs("b", true, false, None)],
+                None
+            ),
             Readiness::Wait
         );
         assert_eq!(
-            readiness(&[obs("a", true, true, None), obs("b", true, true, None)]),
+            readiness(
+                &[obs("a", true, true, None), obs("b", true, true, None)],
+                None
+            ),
             Readiness::Complete
         );
         assert!(matches!(
-            readiness(&[obs("a", true, true, None), obs("b", false, false, None)]),
+            readiness(
+                &[obs("a", true, true, None), obs("b", false, false, None)],
+                None
+            ),
             Readiness::Fail {
                 reason: "SnapshotMissing",
                 ..
             }
         ));
         assert!(matches!(
-            readiness(&[obs("a", true, false, Some("disk full"))]),
+            readiness(&[obs("a", true, false, Some("disk full"))], None),
             Readiness::Fail {
                 reason: "SnapshotFailed",
                 ..
             }
         ));
-        assert!(matches!(readiness(&[]), Readiness::Fail { .. }));
+        assert!(matches!(readiness(&[], None), Readiness::Fail { .. }));
+        let day = Some(Duration::from_secs(86400));
+        assert_eq!(
+            readiness(&[obs("a", true, true, None), obs("b", true, false, None)], day),
+            Readiness::Fail {
+                reason: "SnapshotNotReady",
+                message: "snapshot(s) b not ready to use 24h after the server left backup mode (spec.readyTimeout): the backup cannot be restored".into()
+            }
+        );
+        assert_eq!(
+            readiness(&[obs("a", true, true, None)], day),
+            Readiness::Complete
+        );
     }
 
     #[test]

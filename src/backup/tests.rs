@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::channel::mpsc;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, Time};
 use kube::Client;
 use kube::runtime::controller::Action;
 use serde_json::{Value, json};
@@ -279,6 +279,24 @@ async fn a_failed_snapshot_fails_the_backup_and_removes_what_it_made() {
         &[DATA_SNAPSHOT],
         "SnapshotFailed",
         "snapshot orders-1-data failed: disk full",
+    ));
+    reconcile_with(backup, script).await;
+}
+
+#[tokio::test]
+async fn a_snapshot_not_ready_within_the_ready_timeout_fails_the_backup() {
+    let mut status = finalizing(false);
+    let day_ago =
+        k8s_openapi::jiff::Timestamp::now() - k8s_openapi::jiff::SignedDuration::from_hours(25);
+    status.backup_window.as_mut().unwrap().stopped_at = Some(Time(day_ago));
+    let backup = Backup::test().with_status(status);
+    let waiting = snapshot(DATA_SNAPSHOT, false, None);
+    let mut script = vec![Call::list(SNAPSHOTS_PATH, SELECTOR).returns_list([waiting])];
+    script.extend(failed(
+        &backup,
+        &[DATA_SNAPSHOT],
+        "SnapshotNotReady",
+        "snapshot(s) orders-1-data not ready to use 24h after the server left backup mode (spec.readyTimeout): the backup cannot be restored",
     ));
     reconcile_with(backup, script).await;
 }
