@@ -5,14 +5,14 @@ use std::collections::{BTreeMap, HashMap};
 
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
-use kube::api::{ListParams, ObjectMeta, PostParams};
+use kube::api::{ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 
 use crate::api::backup::Backup;
 use crate::api::snapshot::{
-    DEFAULT_CLASS_ANNOTATION, VolumeSnapshot, VolumeSnapshotClass, VolumeSnapshotSource,
-    VolumeSnapshotSpec,
+    DEFAULT_CLASS_ANNOTATION, VolumeSnapshot, VolumeSnapshotClass, VolumeSnapshotContent,
+    VolumeSnapshotSource, VolumeSnapshotSpec,
 };
 use crate::api::{BACKUP_NAME_LABEL, BACKUP_UID_LABEL};
 use crate::controller::{created_by, creator_labels, delete_if_present};
@@ -213,16 +213,46 @@ pub async fn wait_until(
     Err(SnapshotError::Watch(watcher::Error::NoResourceVersion))
 }
 
-/// Deletes every snapshot the backup (by uid) made; returns how many there were.
+/// Deletes every snapshot the backup (by uid) made, and with each its storage snapshot:
+/// a content its class would retain is switched to Delete first, or it would outlive the
+/// backup as an orphan. Returns how many snapshots there were.
 pub async fn delete_all(
-    api: &Api<VolumeSnapshot>,
+    client: &Client,
+    namespace: &str,
     backup_uid: &str,
 ) -> Result<usize, SnapshotError> {
+    let api: Api<VolumeSnapshot> = Api::namespaced(client.clone(), namespace);
     let existing = api.list(&of_backup(backup_uid)).await?;
     for snapshot in &existing.items {
-        delete_if_present(api, &snapshot.name_any()).await?;
+        release_content(client, snapshot).await?;
+        delete_if_present(&api, &snapshot.name_any()).await?;
     }
     Ok(existing.items.len())
+}
+
+/// Sets the deletion policy of the content bound to `snapshot` to Delete, when the content
+/// is that very snapshot's (its volumeSnapshotRef names the snapshot's uid).
+async fn release_content(client: &Client, snapshot: &VolumeSnapshot) -> Result<(), SnapshotError> {
+    let Some(name) = snapshot
+        .status
+        .as_ref()
+        .and_then(|s| s.bound_volume_snapshot_content_name.as_deref())
+    else {
+        return Ok(());
+    };
+    let contents: Api<VolumeSnapshotContent> = Api::all(client.clone());
+    let Some(content) = contents.get_opt(name).await? else {
+        return Ok(());
+    };
+    let ours = content.spec.volume_snapshot_ref.uid.is_some()
+        && content.spec.volume_snapshot_ref.uid == snapshot.uid();
+    if ours && content.spec.deletion_policy != "Delete" {
+        let patch = serde_json::json!({"spec": {"deletionPolicy": "Delete"}});
+        contents
+            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -699,6 +699,75 @@ async fn one_pod_by_name_and_by_selector_is_one_database() {
     assert_eq!(sessions, "1", "one backup session on the database");
 }
 
+/// With a VolumeSnapshotClass that retains, deleting a snapshot leaves its content and the
+/// storage snapshot behind: pgsnap switches its own contents to Delete first, so a Backup
+/// deleted with deletionPolicy Delete leaves no orphan.
+#[tokio::test]
+async fn a_retain_snapshot_class_leaves_no_orphan_content() {
+    let cluster = Cluster::from_env().await;
+    let _operator = Operator::for_test(&cluster).await;
+    let db = postgres_pod(16).create(&cluster).await;
+    let secret = db.password_secret(&cluster).await;
+    let gvk =
+        kube::api::GroupVersionKind::gvk("snapshot.storage.k8s.io", "v1", "VolumeSnapshotClass");
+    let classes: Api<kube::api::DynamicObject> = Api::all_with(
+        cluster.client.clone(),
+        &kube::api::ApiResource::from_gvk(&gvk),
+    );
+    let class = format!("retain-{}", cluster.namespace);
+    let retain: kube::api::DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshotClass",
+        "metadata": {"name": class}, "driver": "hostpath.csi.k8s.io", "deletionPolicy": "Retain",
+        "parameters": {"ignoreFailedRead": "true"},
+    }))
+    .unwrap();
+    classes
+        .create(&PostParams::default(), &retain)
+        .await
+        .expect("a Retain class");
+    let spec = on(
+        &db,
+        &secret,
+        json!({"checkpoint": "Fast", "waitForArchive": false, "volumeSnapshotClassName": class}),
+    );
+    let name = apply(&cluster, backup_spec("retained-class", spec)).await;
+    let backup = wait_terminal(&cluster, &name).await;
+    assert_completed(&backup);
+    let contents: Vec<String> = cluster
+        .api::<VolumeSnapshot>()
+        .list(&ListParams::default().labels(&format!("pgsnap.io/backup={name}")))
+        .await
+        .expect("list")
+        .items
+        .iter()
+        .filter_map(|s| {
+            s.status
+                .as_ref()?
+                .bound_volume_snapshot_content_name
+                .clone()
+        })
+        .collect();
+    assert!(!contents.is_empty(), "the snapshots are bound to contents");
+    cluster
+        .api::<Backup>()
+        .delete(&name, &DeleteParams::default())
+        .await
+        .expect("delete");
+    let content_api: Api<pgsnap::api::snapshot::VolumeSnapshotContent> =
+        Api::all(cluster.client.clone());
+    let t0 = std::time::Instant::now();
+    for content in &contents {
+        while content_api.get_opt(content).await.unwrap().is_some() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "VolumeSnapshotContent {content} outlived its Backup under a Retain class"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+    let _ = classes.delete(&class, &DeleteParams::default()).await;
+}
+
 /// Delete removes snapshots and label; Retain keeps both.
 #[tokio::test]
 async fn deletion_honours_the_deletion_policy() {

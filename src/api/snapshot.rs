@@ -55,6 +55,23 @@ pub struct VolumeSnapshotError {
     pub time: Option<Time>,
 }
 
+/// The storage side of a snapshot, cluster-scoped: pgsnap reads and patches the content
+/// bound to one of its own snapshots, never creates one.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "snapshot.storage.k8s.io",
+    version = "v1",
+    kind = "VolumeSnapshotContent"
+)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeSnapshotContentSpec {
+    /// `Delete` or `Retain`: whether deleting the content deletes the storage snapshot.
+    #[serde(default)]
+    pub deletion_policy: String,
+    #[serde(default)]
+    pub volume_snapshot_ref: k8s_openapi::api::core::v1::ObjectReference,
+}
+
 impl VolumeSnapshot {
     /// Cut: the storage system has taken the point-in-time copy, so the database may leave
     /// backup mode even though the copy may still be uploading.

@@ -239,8 +239,7 @@ impl Context {
     async fn remove_made(&self, backup: &Backup) -> Result<usize, SnapshotError> {
         let ns = backup.namespace().unwrap_or_default();
         let uid = backup.uid().unwrap_or_default();
-        let removed =
-            snapshots::delete_all(&Api::namespaced(self.client.clone(), &ns), &uid).await?;
+        let removed = snapshots::delete_all(&self.client, &ns, &uid).await?;
         let cm: Api<ConfigMap> = Api::namespaced(self.client.clone(), &ns);
         let name = label_store::config_map_name(&backup.name_any());
         delete_if_created_by(&cm, &name, BACKUP_UID_LABEL, Some(&uid)).await?;
