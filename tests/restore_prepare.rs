@@ -85,6 +85,7 @@ fn restore_prepare(
             &sha256(stopped.spcmapfile.as_bytes()),
         ])
         .args(["--system-identifier", &sysid.to_string()])
+        .args(["--stop-lsn", &stopped.stop_lsn.to_string()])
         .args(extra)
         .output()
         .unwrap();

@@ -583,6 +583,7 @@ async fn restore_prepare_as_an_init_container() {
                         format!("--backup-label-sha256={}", ann["pgsnap.io/backup-label-sha256"]),
                         format!("--tablespace-map-sha256={}", ann["pgsnap.io/tablespace-map-sha256"]),
                         format!("--system-identifier={}", ann["pgsnap.io/system-identifier"]),
+                        format!("--stop-lsn={}", ann["pgsnap.io/stop-lsn"]),
                         format!("--restore-command=cp {ARCHIVE_MOUNT}/%f %p"),
                     ],
                     "volumeMounts": [

@@ -351,6 +351,8 @@ pub fn prepare_args(
         label.tablespace_map_sha256(),
         "--system-identifier".into(),
         label.system_identifier.clone(),
+        "--stop-lsn".into(),
+        label.stop_lsn.clone(),
         "--promote".into(),
         recovery.promote.to_string(),
         "--termination-message-path".into(),
@@ -817,6 +819,7 @@ mod tests {
                 Some(label.tablespace_map_sha256())
             );
             assert_eq!(inputs.system_identifier, 7312345678901234567);
+            assert_eq!(inputs.stop_lsn.to_string(), label.stop_lsn);
             assert!(inputs.remove_standby_signal);
             assert_eq!(
                 inputs.recovery,

@@ -15,6 +15,7 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt, symlink};
 use std::path::{Path, PathBuf};
 
 use crate::label_store::{BACKUP_LABEL_KEY, TABLESPACE_MAP_KEY, sha256_hex};
+use crate::postgres::Lsn;
 
 /// Written last, holding the sha256 of the `backup_label` it prepared the directory with.
 pub const DONE_MARKER: &str = "pgsnap-restore.done";
@@ -57,6 +58,9 @@ pub struct Inputs {
     pub tablespace_map_sha256: Option<String>,
     /// The backed-up server's system identifier (annotation `pgsnap.io/system-identifier`).
     pub system_identifier: u64,
+    /// The backup's stop LSN (annotation `pgsnap.io/stop-lsn`): a restored copy has not
+    /// checkpointed past it.
+    pub stop_lsn: Lsn,
     /// New location of the WAL directory, when `pg_wal` is a link and the WAL volume is
     /// mounted elsewhere than on the backed-up server.
     pub wal_dir: Option<PathBuf>,
@@ -90,6 +94,10 @@ pub enum PrepareError {
     SystemIdentifierMismatch { expected: u64, found: u64 },
     #[error("{path} is not a PostgreSQL data directory: {detail}")]
     NotADataDirectory { path: PathBuf, detail: String },
+    #[error(
+        "the data directory is not a restored copy of the backup: {0}. It looks like a live database; restore-prepare writes nothing into it (restore the snapshot into a new volume)"
+    )]
+    NotARestoredCopy(String),
     #[error("PostgreSQL {0} is not supported; restore-prepare knows 10 and later")]
     UnsupportedMajor(String),
     #[error(
@@ -116,6 +124,7 @@ impl PrepareError {
             PrepareError::LabelInvalid(_) => "LabelInvalid",
             PrepareError::SystemIdentifierMismatch { .. } => "SystemIdentifierMismatch",
             PrepareError::NotADataDirectory { .. } => "NotADataDirectory",
+            PrepareError::NotARestoredCopy(_) => "NotARestoredCopy",
             PrepareError::UnsupportedMajor(_) => "UnsupportedMajor",
             PrepareError::PreparedFromAnotherLabel { .. } => "PreparedFromAnotherBackup",
             PrepareError::InvalidSetting { .. } => "InvalidRecoverySetting",
@@ -141,22 +150,60 @@ pub enum PrepareOutcome {
     AlreadyPrepared,
 }
 
-/// The system identifier in `global/pg_control`: its first field, a native-endian u64
-/// (little-endian on the x86-64 and arm64 servers pgsnap restores).
-pub fn system_identifier(data_dir: &Path) -> Result<u64, PrepareError> {
+/// What `global/pg_control` says of a data directory: whose it is, and enough to tell a
+/// restored copy from a live database. The fields read sit at the same offsets on 10–18
+/// (`ControlFileData`: system_identifier at 0, state at 16, checkPoint at 32), native-endian,
+/// which is little-endian on the x86-64 and arm64 servers pgsnap restores.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ControlFile {
+    pub system_identifier: u64,
+    /// `DBState`: 1 shut down, 2 shut down in recovery, 5 in archive recovery, 6 in production.
+    pub state: u32,
+    /// The latest checkpoint's location.
+    pub checkpoint: Lsn,
+}
+
+/// A cleanly stopped server's states: a snapshot cut in backup mode is of a running one.
+const SHUT_DOWN_STATES: [u32; 2] = [1, 2];
+
+pub fn read_control_file(data_dir: &Path) -> Result<ControlFile, PrepareError> {
     let path = data_dir.join("global/pg_control");
     let bytes = fs::read(&path).map_err(|e| PrepareError::NotADataDirectory {
         path: data_dir.to_path_buf(),
         detail: format!("cannot read global/pg_control: {e}"),
     })?;
-    let first: [u8; 8] = bytes
-        .get(..8)
-        .and_then(|b| b.try_into().ok())
-        .ok_or_else(|| PrepareError::NotADataDirectory {
-            path: data_dir.to_path_buf(),
-            detail: format!("global/pg_control is {} bytes long", bytes.len()),
-        })?;
-    Ok(u64::from_le_bytes(first))
+    let field = |at: usize, len: usize| {
+        bytes
+            .get(at..at + len)
+            .ok_or_else(|| PrepareError::NotADataDirectory {
+                path: data_dir.to_path_buf(),
+                detail: format!("global/pg_control is {} bytes long", bytes.len()),
+            })
+    };
+    let u64_at = |at| field(at, 8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()));
+    Ok(ControlFile {
+        system_identifier: u64_at(0)?,
+        state: field(16, 4).map(|b| u32::from_le_bytes(b.try_into().unwrap_or_default()))?,
+        checkpoint: Lsn(u64_at(32)?),
+    })
+}
+
+/// A snapshot cut in backup mode holds a running server whose latest checkpoint is at or
+/// before the backup's stop. A directory that was shut down cleanly, or has checkpointed past
+/// the stop, is a live database (or one that ran on): preparing it would rewind it.
+pub fn check_restored_copy(control: &ControlFile, stop_lsn: Lsn) -> Result<(), PrepareError> {
+    if SHUT_DOWN_STATES.contains(&control.state) {
+        return Err(PrepareError::NotARestoredCopy(
+            "pg_control says its server was shut down cleanly, and a snapshot taken in backup mode is of a running server".into(),
+        ));
+    }
+    if control.checkpoint > stop_lsn {
+        return Err(PrepareError::NotARestoredCopy(format!(
+            "its latest checkpoint {} is after the backup's stop {stop_lsn}, so a server has run on it since the backup",
+            control.checkpoint
+        )));
+    }
+    Ok(())
 }
 
 /// The major version in `PG_VERSION` ("12", or "9.6" for old servers).
@@ -460,10 +507,12 @@ fn read_optional(path: &Path) -> Result<Option<Vec<u8>>, PrepareError> {
 pub fn prepare(inputs: &Inputs) -> Result<PrepareOutcome, PrepareError> {
     let data = &inputs.data_dir;
     let files = read_label_files(inputs)?;
-    let major = check_data_dir(data, inputs.system_identifier)?;
+    let (major, control) = check_data_dir(data, inputs.system_identifier)?;
+    // A prepared copy may have recovered and run since; the marker says it was ours.
     if let Some(done) = read_optional(&data.join(DONE_MARKER))? {
         return rerun_outcome(&done, &files.label_sha);
     }
+    check_restored_copy(&control, inputs.stop_lsn)?;
     let map_out = relocated_map(&files.map, &inputs.tablespaces)?;
     let settings = recovery_settings(major, &inputs.recovery)?;
 
@@ -520,14 +569,16 @@ fn check_sha256(file: &'static str, expected: &str, actual: &str) -> Result<(), 
     })
 }
 
-/// A PostgreSQL data directory of the backed-up database system; returns its major.
-fn check_data_dir(data: &Path, expected: u64) -> Result<u32, PrepareError> {
+/// A PostgreSQL data directory of the backed-up database system; returns its major and
+/// what its pg_control says.
+fn check_data_dir(data: &Path, expected: u64) -> Result<(u32, ControlFile), PrepareError> {
     let major = major_version(data)?;
-    let found = system_identifier(data)?;
-    if found != expected {
+    let control = read_control_file(data)?;
+    if control.system_identifier != expected {
+        let found = control.system_identifier;
         return Err(PrepareError::SystemIdentifierMismatch { expected, found });
     }
-    Ok(major)
+    Ok((major, control))
 }
 
 /// A directory holding the done marker was prepared before: from this label, nothing is
@@ -695,6 +746,10 @@ pub struct Args {
     /// The backed-up server's system identifier, from pgsnap.io/system-identifier.
     #[arg(long)]
     pub system_identifier: u64,
+    /// The backup's stop LSN, from pgsnap.io/stop-lsn: a data directory that has run past it
+    /// is a live database, not a restored copy, and is refused.
+    #[arg(long)]
+    pub stop_lsn: Lsn,
     /// Point the pg_wal link here (the WAL volume's new location).
     #[arg(long)]
     pub wal_dir: Option<PathBuf>,
@@ -745,6 +800,7 @@ impl Args {
             backup_label_sha256: self.backup_label_sha256.clone(),
             tablespace_map_sha256: self.tablespace_map_sha256.clone(),
             system_identifier: self.system_identifier,
+            stop_lsn: self.stop_lsn,
             wal_dir: self.wal_dir.clone(),
             tablespaces: self.tablespaces.clone(),
             recovery: Recovery {
@@ -808,6 +864,43 @@ mod tests {
         }
     }
 
+    /// A pg_control of [`SYSID`] in `state`, its latest checkpoint at `checkpoint`.
+    fn write_control(data: &Path, state: u32, checkpoint: u64) {
+        let mut control = vec![0u8; 8192];
+        control[..8].copy_from_slice(&SYSID.to_le_bytes());
+        control[16..20].copy_from_slice(&state.to_le_bytes());
+        control[32..40].copy_from_slice(&checkpoint.to_le_bytes());
+        fs::write(data.join("global/pg_control"), control).unwrap();
+    }
+
+    #[test]
+    fn a_live_database_is_refused_and_left_untouched() {
+        for (state, checkpoint, why) in [
+            (1, 0x3000028, "shut down cleanly"),
+            (2, 0x3000028, "shut down cleanly"),
+            (6, 0x4000028, "after the backup's stop 0/3000100"),
+        ] {
+            let (_dir, inputs) = scratch("16");
+            write_control(&inputs.data_dir, state, checkpoint);
+            let before = walk(&inputs.data_dir);
+            let err = prepare(&inputs).unwrap_err();
+            assert_eq!(err.reason(), "NotARestoredCopy");
+            assert!(err.to_string().contains(why), "{err}");
+            assert_eq!(
+                walk(&inputs.data_dir),
+                before,
+                "a refusal wrote into the volume"
+            );
+        }
+        // A copy of a standby, cut in archive recovery, is a restored copy.
+        let (_dir, inputs) = scratch("16");
+        write_control(&inputs.data_dir, 5, 0x3000100);
+        assert!(matches!(
+            prepare(&inputs),
+            Ok(PrepareOutcome::Prepared { .. })
+        ));
+    }
+
     fn scratch(major: &str) -> (Dir, Inputs) {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -819,9 +912,7 @@ mod tests {
         fs::create_dir_all(data.join("base/pgsql_tmp")).unwrap();
         fs::create_dir_all(&labels).unwrap();
         fs::write(data.join("PG_VERSION"), format!("{major}\n")).unwrap();
-        let mut control = SYSID.to_le_bytes().to_vec();
-        control.resize(8192, 0);
-        fs::write(data.join("global/pg_control"), control).unwrap();
+        write_control(&data, 6, 0x3000028);
         fs::write(data.join("postmaster.pid"), "42\n").unwrap();
         fs::write(data.join("pg_replslot/old_slot/state"), "x").unwrap();
         fs::write(data.join("base/pgsql_tmp/pgsql_tmp42.0"), "x").unwrap();
@@ -838,6 +929,7 @@ mod tests {
             backup_label_sha256: sha256_hex(LABEL.as_bytes()),
             tablespace_map_sha256: Some(sha256_hex(b"")),
             system_identifier: SYSID,
+            stop_lsn: Lsn(0x3000100),
             wal_dir: None,
             tablespaces: vec![],
             recovery: Recovery {
