@@ -10,3 +10,11 @@ pub mod verify;
 
 pub use cluster::Cluster;
 pub use postgres::{PostgresPod, postgres_pod};
+
+/// A free TCP port on loopback (pods share the host network, so each server needs its own).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("finding a free port: {e}"))
+}

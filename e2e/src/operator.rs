@@ -12,7 +12,7 @@ use kube::api::PostParams;
 use kube::{Api, Client};
 
 use crate::cluster::{cluster_dir, repo_root};
-use crate::postgres::free_port;
+use crate::free_port;
 
 /// Where the operator's ServiceAccount and Lease live: a release of the chart of its own,
 /// so tests and `make demo` (release `pgsnap` in `pgsnap-system`) never own the same objects.

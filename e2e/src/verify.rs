@@ -12,30 +12,23 @@ use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod};
 use kube::api::PostParams;
 use pgsnap::api::Backup;
 use pgsnap::api::backup::VolumeRole;
+use pgsnap::postgres::Lsn;
 use serde_json::json;
 use tokio::task::JoinHandle;
 use tokio_postgres::NoTls;
 
 use crate::cluster::Cluster;
+use crate::free_port;
 use crate::postgres::{
-    ARCHIVE_MOUNT, DATA_MOUNT, POSTGRES_UID, PostgresPod, TABLESPACE_MOUNT, WAL_MOUNT, free_port,
+    ARCHIVE_MOUNT, DATA_MOUNT, POSTGRES_UID, PostgresPod, TABLESPACE_MOUNT, WAL_MOUNT,
 };
-
-/// "X/Y" as PostgreSQL prints an LSN.
-pub fn parse_lsn(text: &str) -> u64 {
-    let (hi, lo) = text
-        .trim()
-        .split_once('/')
-        .unwrap_or_else(|| panic!("not an LSN: {text:?}"));
-    (u64::from_str_radix(hi, 16).expect("LSN") << 32) | u64::from_str_radix(lo, 16).expect("LSN")
-}
 
 /// Inserts numbered rows into `marks` one transaction at a time and records, after each
 /// commit, the server's WAL flush position: a row whose position is at or before a backup's
 /// stop LSN was committed before the stop and must survive the restore.
 pub struct Writer {
     stop: Arc<AtomicBool>,
-    task: JoinHandle<Vec<(i64, u64)>>,
+    task: JoinHandle<Vec<(i64, Lsn)>>,
 }
 
 impl Writer {
@@ -63,7 +56,8 @@ impl Writer {
                 else {
                     break;
                 };
-                written.push((i, parse_lsn(row.get(0))));
+                let lsn = row.get::<_, &str>(0).parse().expect("the server's LSN");
+                written.push((i, lsn));
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
             written
@@ -72,14 +66,21 @@ impl Writer {
     }
 
     /// Stops writing; returns (row, WAL position after its commit).
-    pub async fn finish(self) -> Vec<(i64, u64)> {
+    pub async fn finish(self) -> Vec<(i64, Lsn)> {
         self.stop.store(true, Ordering::Relaxed);
         self.task.await.expect("writer task")
     }
 }
 
+/// A WAL position as a Backup's status reports it (`startLSN`, `stopLSN`).
+pub fn status_lsn(field: Option<&str>) -> Lsn {
+    let text = field.expect("the Backup's status has no LSN");
+    text.parse()
+        .unwrap_or_else(|e| panic!("the Backup's status LSN {text:?}: {e}"))
+}
+
 /// Rows that must be in any correct restore of a backup that stopped at `stop_lsn`.
-pub fn committed_before(written: &[(i64, u64)], stop_lsn: u64) -> BTreeSet<i64> {
+pub fn committed_before(written: &[(i64, Lsn)], stop_lsn: Lsn) -> BTreeSet<i64> {
     written
         .iter()
         .filter(|(_, lsn)| *lsn <= stop_lsn)

@@ -237,8 +237,8 @@ async fn happy_path(major: u32, negative_control: bool) {
         ])
         .await;
 
-    let stop_lsn = verify::parse_lsn(status.stop_lsn.as_deref().unwrap());
-    let start_lsn = verify::parse_lsn(status.start_lsn.as_deref().unwrap());
+    let stop_lsn = verify::status_lsn(status.stop_lsn.as_deref());
+    let start_lsn = verify::status_lsn(status.start_lsn.as_deref());
     let expected = verify::committed_before(&written, stop_lsn);
     let during = written
         .iter()
@@ -342,10 +342,8 @@ async fn every_volume_of_the_database_is_snapshotted() {
     assert!(
         cm.data.as_ref().unwrap()["tablespace_map"].contains("/var/lib/postgresql/tablespace/data")
     );
-    let expected = verify::committed_before(
-        &written,
-        verify::parse_lsn(status.stop_lsn.as_deref().unwrap()),
-    );
+    let expected =
+        verify::committed_before(&written, verify::status_lsn(status.stop_lsn.as_deref()));
     let restored = verify::restore(&cluster, &db, &backup, Prepare::Correct)
         .await
         .unwrap_or_else(|e| panic!("restore failed: {e}"));
@@ -731,8 +729,8 @@ async fn twenty_backups_of_five_databases() {
                     backup_spec(
                         &format!("{}-{round}", db.name),
                         on(
-                            &db,
-                            &secret,
+                            db,
+                            secret,
                             json!({
                                 "checkpoint": "Fast",
                                 "waitForArchive": false,

@@ -13,8 +13,9 @@ use kube::runtime::wait::Condition;
 use pgsnap::api::Backup;
 use pgsnap::api::backup::Phase;
 use pgsnap::api::restore::{Restore, RestorePhase};
+use pgsnap_e2e::free_port;
 use pgsnap_e2e::operator::Operator;
-use pgsnap_e2e::postgres::{ARCHIVE_MOUNT, POSTGRES_UID, free_port};
+use pgsnap_e2e::postgres::{ARCHIVE_MOUNT, POSTGRES_UID};
 use pgsnap_e2e::verify::{self, Writer};
 use pgsnap_e2e::{Cluster, PostgresPod, postgres_pod};
 use serde_json::json;
@@ -223,10 +224,8 @@ async fn round_trip(major: u32, multi: bool) {
     load.await.expect("pgbench");
     let status = completed(&b);
     assert_eq!(status.snapshots.len(), if multi { 3 } else { 1 });
-    let expected = verify::committed_before(
-        &written,
-        verify::parse_lsn(status.stop_lsn.as_deref().unwrap()),
-    );
+    let expected =
+        verify::committed_before(&written, verify::status_lsn(status.stop_lsn.as_deref()));
 
     let t0 = Instant::now();
     let r = restore(

@@ -7,7 +7,6 @@
 
 use std::fs;
 use std::io::Write;
-use std::net::TcpListener;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -17,6 +16,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use pgsnap::postgres::{ConnectOptions, SslMode};
+use pgsnap_e2e::free_port;
 use tokio_postgres::{Client, NoTls};
 
 pub const MAJORS: [u32; 9] = [10, 11, 12, 13, 14, 15, 16, 17, 18];
@@ -185,14 +185,6 @@ impl Drop for TestDir {
             let _ = fs::remove_dir_all(&self.0);
         }
     }
-}
-
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 pub struct Pg {
