@@ -5,16 +5,14 @@
 //! before the stop call, with balanced pgbench sums and silent amcheck. The same restore
 //! without backup_label, and without the archived WAL, must be caught by that check.
 
-mod pgharness;
-
 use std::path::Path;
 use std::time::Duration;
 
-use pgharness::{
+use pgsnap::postgres::{BackupFrom, Session};
+use pgsnap_e2e::pgharness::{
     Expect, Pg, RestorePlan, TestDir, archive_command, check_restore, fuzzy_copy, insert_known,
     prepare_restore,
 };
-use pgsnap::postgres::{BackupFrom, Session};
 
 async fn restore_matrix(major: u32) {
     let dir = TestDir::new(&format!("restore{major}"));

@@ -3,18 +3,16 @@
 //! backup of the standby under pgbench load says BACKUP FROM: standby and restores, and a
 //! promotion in the middle of a standby backup ends in StandbyPromoted.
 
-mod pgharness;
-
 use std::fs;
 use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use pgharness::{
-    Expect, Pg, RestorePlan, TestDir, archive_command, check_restore, fuzzy_copy, insert_known,
-    prepare_restore,
-};
 use pgsnap::postgres::{BackupFrom, Error, Session};
+use pgsnap_e2e::pgharness::{
+    Expect, Pg, RestorePlan, TestDir, archive_command, check_restore, chown, fuzzy_copy,
+    insert_known, prepare_restore,
+};
 
 /// A streaming standby of `primary` in `dir/standby`, seeded by a pgsnap backup.
 async fn make_standby(primary: &Pg, dir: &TestDir, archive: &Path) -> Pg {
@@ -58,7 +56,7 @@ async fn make_standby(primary: &Pg, dir: &TestDir, archive: &Path) -> Pg {
         writeln!(conf, "archive_mode = off").unwrap();
     }
     let mut standby = Pg::existing(primary.major, &data, dir.0.join("standby.log"));
-    pgharness::chown(&data);
+    chown(&data);
     standby.start(Duration::from_secs(90)).await.unwrap();
     standby
 }

@@ -9,16 +9,16 @@
 //! refused with their reasons; and the same copy started WITHOUT backup_label comes up without
 //! any error yet misses committed rows, which shows the check above can fail.
 
-mod pgharness;
-
 use std::fs;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use pgharness::{Expect, Pg, TestDir, archive_command, check_restore, fuzzy_copy, insert_known};
 use pgsnap::postgres::{Session, Stopped};
+use pgsnap_e2e::pgharness::{
+    Expect, Pg, TestDir, archive_command, check_restore, fuzzy_copy, insert_known,
+};
 
 fn sha256(bytes: &[u8]) -> String {
     pgsnap::label_store::sha256_hex(bytes)

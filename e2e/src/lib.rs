@@ -1,10 +1,14 @@
-//! The pgsnap test cluster from the Rust side: the node agent (`agent`, run by
-//! `e2e/cluster up` as the `node-agent` binary) and the support that end-to-end tests use
-//! (`cluster`: client, namespace, waits, logs; `postgres`: PostgreSQL pods).
+//! The pgsnap test cluster from the Rust side, and the one test-support code base: the node
+//! agent (`agent`, run by `e2e/cluster up` as the `node-agent` binary) and the support that
+//! end-to-end tests use (`cluster`: client, namespace, waits, logs; `postgres`: PostgreSQL
+//! pods; `verify`: restores of a Backup's snapshots). The root package's PostgreSQL matrix
+//! tests and benches use it too, as a dev-dependency (`pgharness`: local servers of every
+//! major, no cluster).
 
 pub mod agent;
 pub mod cluster;
 pub mod operator;
+pub mod pgharness;
 pub mod postgres;
 pub mod verify;
 

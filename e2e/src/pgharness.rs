@@ -3,7 +3,6 @@
 //! unprivileged user when the tests run as root, on a free TCP port, killed on drop even when
 //! the test panics. Also: a fuzzy file-by-file copy (what a non-atomic snapshot does) and the
 //! restore check that proves a backup restores.
-#![allow(dead_code)] // each test binary uses a different part of the harness
 
 use std::fs;
 use std::io::Write;
@@ -16,8 +15,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use pgsnap::postgres::{ConnectOptions, SslMode};
-use pgsnap_e2e::free_port;
 use tokio_postgres::{Client, NoTls};
+
+use crate::cluster::repo_root;
+use crate::free_port;
 
 pub const MAJORS: [u32; 9] = [10, 11, 12, 13, 14, 15, 16, 17, 18];
 
@@ -43,10 +44,6 @@ pub const BASE_SETTINGS: &[(&str, &str)] = &[
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 static STAGE: Mutex<()> = Mutex::new(());
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
 
 fn is_root() -> bool {
     fs::metadata("/proc/self")
@@ -106,7 +103,7 @@ fn command(program: &Path) -> Command {
 
 /// The bin directory of a major, readable by the server user (root's cache is not).
 pub fn bin_dir(major: u32) -> PathBuf {
-    let out = Command::new(repo().join("hack/postgres-bin"))
+    let out = Command::new(repo_root().join("hack/postgres-bin"))
         .arg(major.to_string())
         .output()
         .expect("hack/postgres-bin");
