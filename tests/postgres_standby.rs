@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use pgsnap::postgres::{BackupFrom, Error, Session};
 use pgsnap_e2e::pgharness::{
-    Expect, Pg, RestorePlan, TestDir, archive_command, check_restore, chown, fuzzy_copy,
-    insert_known, prepare_restore,
+    Expect, Pg, RestorePrepare, TestDir, archive_command, check_restore, chown, fuzzy_copy,
+    insert_known,
 };
 
 /// A streaming standby of `primary` in `dir/standby`, seeded by a pgsnap backup.
@@ -176,8 +176,14 @@ async fn standby_matrix(major: u32) {
     assert!(stopped.labelfile.contains("BACKUP FROM: standby"));
     assert!(stopped.stop_lsn >= started.start_lsn);
 
-    // The primary's archive must reach the standby's stop point (its minimum recovery
-    // point, which may lag behind what it replayed) and, for the known rows, beyond.
+    // A standby backup is consistent at the standby's minimum recovery point, which may be
+    // behind the known rows it replayed: recover to a target past them (and past that point),
+    // which the primary's archive must reach.
+    let target: String = pclient
+        .query_one("select pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
     let last: String = pclient
         .query_one("select pg_walfile_name(pg_switch_wal())", &[])
         .await
@@ -190,18 +196,17 @@ async fn standby_matrix(major: u32) {
     );
     wait_archived(&archive, &last).await;
 
-    prepare_restore(
-        major,
+    let sysid = s.server().system_identifier;
+    RestorePrepare::new(env!("CARGO_BIN_EXE_pgsnap"), &dir, &stopped, sysid).prepare(
         &copy,
-        &RestorePlan {
-            labelfile: Some(&stopped.labelfile),
-            spcmapfile: &stopped.spcmapfile,
-            tablespaces: vec![],
-            wal_source: &archive,
-            // A standby backup is consistent at the standby's minimum recovery point, which
-            // may be behind what it had replayed: recover all archived WAL instead.
-            immediate: false,
-        },
+        &[
+            "--restore-command".to_string(),
+            format!("cp {}/%f %p", archive.display()),
+            "--target-lsn".to_string(),
+            target,
+            // The copy is a standby's: without this it would stay one.
+            "--remove-standby-signal".to_string(),
+        ],
     );
     let mut restored = Pg::existing(major, &copy, dir.0.join("restored.log"));
     let report = check_restore(

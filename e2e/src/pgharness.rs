@@ -14,7 +14,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use pgsnap::postgres::{ConnectOptions, SslMode};
+use pgsnap::label_store::sha256_hex;
+use pgsnap::postgres::{ConnectOptions, SslMode, Stopped};
 use tokio_postgres::{Client, NoTls};
 
 use crate::cluster::repo_root;
@@ -623,84 +624,103 @@ pub fn archive_command(archive: &Path) -> String {
     )
 }
 
-/// How a copy is turned into a restore.
-pub struct RestorePlan<'a> {
-    pub labelfile: Option<&'a str>,
-    pub spcmapfile: &'a str,
-    /// (location in the backed-up server, where its copy now is)
-    pub tablespaces: Vec<(String, PathBuf)>,
-    /// Where restore_command finds WAL.
-    pub wal_source: &'a Path,
-    /// Stop at the end of the backup (primary backups), or replay all WAL there is.
-    pub immediate: bool,
+/// The label ConfigMap as a restore mounts it: one file per key, in `root/name`.
+pub fn label_dir(root: &Path, name: &str, backup_label: &str, tablespace_map: &str) -> PathBuf {
+    let dir = root.join(name);
+    fs::create_dir_all(&dir).unwrap();
+    fs::write(dir.join("backup_label"), backup_label).unwrap();
+    fs::write(dir.join("tablespace_map"), tablespace_map).unwrap();
+    dir
 }
 
-/// Writes backup_label, tablespace_map (with the tablespaces' new locations), the signal
-/// file and recovery settings into the copy: what `pgsnap restore-prepare` will do.
-pub fn prepare_restore(major: u32, data: &Path, plan: &RestorePlan) {
-    for stale in [
-        "standby.signal",
-        "recovery.signal",
-        "recovery.conf",
-        "backup_label",
-        "tablespace_map",
-    ] {
-        let _ = fs::remove_file(data.join(stale));
-    }
-    let tblspc = data.join("pg_tblspc");
-    if let Some(label) = plan.labelfile {
-        fs::write(data.join("backup_label"), label).unwrap();
-        if !plan.spcmapfile.is_empty() {
-            let mut map = plan.spcmapfile.to_string();
-            for (old, new) in &plan.tablespaces {
-                map = map.replace(old.as_str(), &new.display().to_string());
-            }
-            fs::write(data.join("tablespace_map"), map).unwrap();
-            // The links in the copy point at the live server's tablespaces: the map must be
-            // what recreates them.
-            for e in fs::read_dir(&tblspc).unwrap() {
-                fs::remove_file(e.unwrap().path()).unwrap();
-            }
+/// A fresh copy of the "snapshots" in `copy` at `dir/name`, to prepare and start. Its
+/// server must not archive into the backed-up server's archive.
+pub fn restore_target(major: u32, dir: &TestDir, copy: &Path, name: &str) -> PathBuf {
+    let target = dir.0.join(name);
+    fuzzy_copy(copy, &target, Duration::ZERO);
+    Pg::existing(
+        major,
+        &target.join("data"),
+        dir.0.join(format!("{name}.log")),
+    )
+    .configure(&[("archive_mode", "off")]);
+    target
+}
+
+/// `pgsnap restore-prepare` for one backup, run as a Restore's Job runs it: the product's
+/// binary, the backup's label files as the mounted ConfigMap, and the checksums and system
+/// identifier the Backup recorded.
+pub struct RestorePrepare {
+    /// The binary; the root package's tests have it as `env!("CARGO_BIN_EXE_pgsnap")`.
+    pub pgsnap: PathBuf,
+    pub labels: PathBuf,
+    pub backup_label_sha256: String,
+    pub tablespace_map_sha256: String,
+    pub system_identifier: u64,
+}
+
+/// How a restore-prepare run ended.
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+    pub took: Duration,
+}
+
+impl RestorePrepare {
+    /// For the backup `stopped` of database system `system_identifier`, its label files
+    /// in `dir/label`.
+    pub fn new(pgsnap: &str, dir: &TestDir, stopped: &Stopped, system_identifier: u64) -> Self {
+        RestorePrepare {
+            pgsnap: PathBuf::from(pgsnap),
+            labels: label_dir(&dir.0, "label", &stopped.labelfile, &stopped.spcmapfile),
+            backup_label_sha256: sha256_hex(stopped.labelfile.as_bytes()),
+            tablespace_map_sha256: sha256_hex(stopped.spcmapfile.as_bytes()),
+            system_identifier,
         }
-    } else {
-        // Without a label there is no map: point the links at the copies by hand.
-        for e in fs::read_dir(&tblspc).unwrap() {
-            let link = e.unwrap().path();
-            let target = fs::read_link(&link).unwrap();
-            if let Some((_, new)) = plan
-                .tablespaces
-                .iter()
-                .find(|(old, _)| Path::new(old) == target)
-            {
-                fs::remove_file(&link).unwrap();
-                std::os::unix::fs::symlink(new, &link).unwrap();
-            }
+    }
+
+    /// Prepares `data` with the backup's label files; `extra` are further flags.
+    pub fn run(&self, data: &Path, extra: &[String]) -> Run {
+        self.run_with_labels(data, &self.labels, extra)
+    }
+
+    /// `run` with other label files (tampered, missing, another backup's) in `labels`.
+    pub fn run_with_labels(&self, data: &Path, labels: &Path, extra: &[String]) -> Run {
+        let t0 = Instant::now();
+        let out = Command::new(&self.pgsnap)
+            .arg("restore-prepare")
+            .arg("--data-dir")
+            .arg(data)
+            .arg("--label-dir")
+            .arg(labels)
+            .args(["--backup-label-sha256", &self.backup_label_sha256])
+            .args(["--tablespace-map-sha256", &self.tablespace_map_sha256])
+            .args(["--system-identifier", &self.system_identifier.to_string()])
+            .args(extra)
+            .output()
+            .expect("pgsnap restore-prepare");
+        Run {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into(),
+            stderr: String::from_utf8_lossy(&out.stderr).into(),
+            took: t0.elapsed(),
         }
     }
-    let mut settings = vec![
-        format!("restore_command = 'cp {}/%f %p'", plan.wal_source.display()),
-        "recovery_target_action = 'promote'".to_string(),
-    ];
-    if plan.immediate {
-        settings.push("recovery_target = 'immediate'".to_string());
+
+    /// `run`, which must prepare the directory.
+    pub fn prepare(&self, data: &Path, extra: &[String]) -> Run {
+        let run = self.run(data, extra);
+        assert_eq!(
+            run.code,
+            0,
+            "restore-prepare {}:\n{}{}",
+            data.display(),
+            run.stdout,
+            run.stderr
+        );
+        run
     }
-    if major >= 12 {
-        fs::write(data.join("recovery.signal"), "").unwrap();
-        let mut conf = fs::OpenOptions::new()
-            .append(true)
-            .open(data.join("postgresql.conf"))
-            .unwrap();
-        writeln!(conf, "archive_mode = off\n{}", settings.join("\n")).unwrap();
-        // A standby's primary_conninfo is harmless here: only standby mode uses it.
-    } else {
-        fs::write(data.join("recovery.conf"), settings.join("\n") + "\n").unwrap();
-        let mut conf = fs::OpenOptions::new()
-            .append(true)
-            .open(data.join("postgresql.conf"))
-            .unwrap();
-        writeln!(conf, "archive_mode = off").unwrap();
-    }
-    chown(data);
 }
 
 /// What the restored server must hold.
@@ -712,59 +732,50 @@ pub struct Expect {
     pub pgbench: bool,
 }
 
+/// Why a restore failed the check.
+#[derive(Debug)]
+pub enum Failure {
+    /// The server did not start, or did not end recovery: the end of its log.
+    NotServing(String),
+    /// Rows committed before the stop call are not in `table`.
+    Missing {
+        table: &'static str,
+        found: usize,
+        of: usize,
+    },
+    /// The restored data is inconsistent (pgbench sums, amcheck), or could not be read.
+    Broken(String),
+}
+
 /// Starts the restored server and checks it: recovery ends, every known row is there,
-/// pgbench's balances add up, amcheck is silent. Err says what failed.
-pub async fn check_restore(pg: &mut Pg, expect: &Expect) -> Result<String, String> {
-    pg.start(Duration::from_secs(90)).await?;
+/// pgbench's balances add up, amcheck is silent.
+pub async fn check_restore(pg: &mut Pg, expect: &Expect) -> Result<String, Failure> {
+    pg.start(Duration::from_secs(90))
+        .await
+        .map_err(Failure::NotServing)?;
     let client = pg.client().await;
     let until = Instant::now() + Duration::from_secs(60);
+    let q = |e: tokio_postgres::Error| Failure::Broken(format!("{e:?}\n{}", pg.log_tail(10)));
     loop {
         let in_recovery: bool = client
             .query_one("select pg_is_in_recovery()", &[])
             .await
-            .map_err(|e| e.to_string())?
+            .map_err(q)?
             .get(0);
         if !in_recovery {
             break;
         }
         if Instant::now() > until {
-            return Err(format!(
+            return Err(Failure::NotServing(format!(
                 "still in recovery after 60 s:\n{}",
                 pg.log_tail(20)
-            ));
+            )));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let q = |e: tokio_postgres::Error| format!("{e:?}\n{}", pg.log_tail(10));
-    let found: i64 = client
-        .query_one(
-            "select count(*) from known where id = any($1)",
-            &[&expect.known],
-        )
-        .await
-        .map_err(q)?
-        .get(0);
-    if found != expect.known.len() as i64 {
-        return Err(format!(
-            "{found} of {} known rows restored",
-            expect.known.len()
-        ));
-    }
+    expect_rows(&client, "known", &expect.known).await?;
     if !expect.in_tablespace.is_empty() {
-        let found: i64 = client
-            .query_one(
-                "select count(*) from in_ts where id = any($1)",
-                &[&expect.in_tablespace],
-            )
-            .await
-            .map_err(q)?
-            .get(0);
-        if found != expect.in_tablespace.len() as i64 {
-            return Err(format!(
-                "{found} of {} tablespace rows restored",
-                expect.in_tablespace.len()
-            ));
-        }
+        expect_rows(&client, "in_ts", &expect.in_tablespace).await?;
     }
     if expect.pgbench {
         let row = client
@@ -779,9 +790,9 @@ pub async fn check_restore(pg: &mut Pg, expect: &Expect) -> Result<String, Strin
             .map_err(q)?;
         let sums: Vec<i64> = (0..4).map(|i| row.get(i)).collect();
         if sums.iter().any(|s| *s != sums[3]) {
-            return Err(format!(
+            return Err(Failure::Broken(format!(
                 "pgbench balances disagree (accounts, tellers, branches, history): {sums:?}"
-            ));
+            )));
         }
     }
     let heapallindexed = if pg.major >= 11 { ", true" } else { "" };
@@ -808,9 +819,41 @@ pub async fn check_restore(pg: &mut Pg, expect: &Expect) -> Result<String, Strin
                 &[],
             )
             .await
-            .map_err(|e| format!("amcheck {index}: {e:?}"))?;
+            .map_err(|e| Failure::Broken(format!("amcheck {index}: {e:?}")))?;
     }
     Ok(format!("{} indexes checked", indexes.len()))
+}
+
+async fn expect_rows(client: &Client, table: &'static str, ids: &[i64]) -> Result<(), Failure> {
+    let found: i64 = client
+        .query_one(
+            &format!("select count(*) from {table} where id = any($1)"),
+            &[&ids],
+        )
+        .await
+        .map_err(|e| Failure::Broken(format!("{table}: {e:?}")))?
+        .get(0);
+    let (found, of) = (found as usize, ids.len());
+    if found == of {
+        Ok(())
+    } else {
+        Err(Failure::Missing { table, found, of })
+    }
+}
+
+/// The failure a restore without backup_label shows: PostgreSQL recovers from pg_control's
+/// checkpoint instead of the label's, is consistent at once and stops there (recovery_target
+/// 'immediate'), without error and without the rows only WAL from the label's redo point
+/// brings back. Panics on any other outcome; returns how many known rows were lost.
+pub fn known_rows_lost(major: u32, report: Result<String, Failure>) -> usize {
+    match report {
+        Err(Failure::Missing {
+            table: "known",
+            found,
+            of,
+        }) if found < of => of - found,
+        other => panic!("PostgreSQL {major} without backup_label: {other:?}"),
+    }
 }
 
 /// `CREATE TABLE known` plus rows 1..=n (n separate commits) returning the ids.
