@@ -12,8 +12,9 @@ use std::time::Duration;
 use pgsnap::postgres::{BackupFrom, Session};
 use pgsnap_e2e::pgharness::{
     Expect, Failure, Pg, RestorePrepare, TestDir, archive_command, check_restore, fuzzy_copy,
-    insert_known, known_rows_lost, restore_target,
+    marks_lost, restore_target, write_marks,
 };
+use pgsnap_e2e::proof::committed_before;
 
 async fn restore_matrix(major: u32) {
     let dir = TestDir::new(&format!("restore{major}"));
@@ -35,7 +36,7 @@ async fn restore_matrix(major: u32) {
     pg.tablespace_with_rows(&tablespace).await;
     pg.pgbench_init(1);
     let client = pg.client().await;
-    let mut known = insert_known(&client, 1, 10).await;
+    let mut written = write_marks(&client, 1, 10).await;
 
     let load = pg.pgbench_load(2, 120);
     let mut s = Session::connect(&pg.opts("postgres", None)).await.unwrap();
@@ -67,8 +68,8 @@ async fn restore_matrix(major: u32) {
         );
     });
     // Committed after the copy, before the stop: only WAL can bring these back.
-    let after_copy = insert_known(&client, 1000, 50).await;
-    known.extend(&after_copy);
+    let after_copy = write_marks(&client, 1000, 50).await;
+    written.extend(&after_copy);
     client
         .batch_execute(
             "insert into in_ts select g, md5(g::text) from generate_series(1001, 1100) g",
@@ -77,13 +78,13 @@ async fn restore_matrix(major: u32) {
         .unwrap();
     let stopped = s.stop(true).await.unwrap();
     load.finish();
-    let written: i64 = client
+    let transactions: i64 = client
         .query_one("select count(*) from pgbench_history", &[])
         .await
         .unwrap()
         .get(0);
-    assert!(written > 0, "pgbench wrote during the backup");
-    eprintln!("PostgreSQL {major}: {written} pgbench transactions during the backup");
+    assert!(transactions > 0, "pgbench wrote during the backup");
+    eprintln!("PostgreSQL {major}: {transactions} pgbench transactions during the backup");
 
     assert_eq!(stopped.label.backup_from, BackupFrom::Primary);
     // 7. tablespace_map: "<oid> <location>\n".
@@ -92,8 +93,14 @@ async fn restore_matrix(major: u32) {
         format!("{oid} {}\n", tablespace.display())
     );
 
+    let marks = committed_before(&written, stopped.stop_lsn);
+    assert_eq!(
+        marks.len(),
+        written.len(),
+        "the stop LSN is past every commit"
+    );
     let expect = Expect {
-        known: known.clone(),
+        marks,
         in_tablespace: (1..=1100).collect(),
         pgbench: true,
     };
@@ -134,7 +141,7 @@ async fn restore_matrix(major: u32) {
     fs::remove_file(no_label.data.join("backup_label")).unwrap();
     // Exactly the rows committed after the copy are lost: only WAL from the label's redo
     // point has them.
-    let lost = known_rows_lost(major, check_restore(&mut no_label, &expect).await);
+    let lost = marks_lost(major, check_restore(&mut no_label, &expect).await);
     assert_eq!(
         lost,
         after_copy.len(),

@@ -16,9 +16,10 @@ use std::time::{Duration, Instant};
 
 use pgsnap::postgres::Session;
 use pgsnap_e2e::pgharness::{
-    Expect, Pg, RestorePrepare, TestDir, archive_command, check_restore, fuzzy_copy, insert_known,
-    known_rows_lost, label_dir, restore_target,
+    Expect, Pg, RestorePrepare, TestDir, archive_command, check_restore, fuzzy_copy, label_dir,
+    marks_lost, restore_target, write_marks,
 };
+use pgsnap_e2e::proof::committed_before;
 
 /// Copies the entries of `src` accepted by `take` into `dst`: directories fuzzily, files and
 /// links as they are. Two calls with complementary filters make one copy in two passes.
@@ -59,7 +60,7 @@ async fn prove(major: u32) {
     pg.tablespace_with_rows(&tablespace).await;
     pg.pgbench_init(1);
     let client = pg.client().await;
-    let mut known = insert_known(&client, 1, 10).await;
+    let mut written = write_marks(&client, 1, 10).await;
 
     let load = pg.pgbench_load(2, 120);
     let mut s = Session::connect(&pg.opts("postgres", None)).await.unwrap();
@@ -77,8 +78,8 @@ async fn prove(major: u32) {
     // only WAL from the label's redo point brings back) pg_control and the rest.
     let copy = dir.0.join("copy");
     tokio::task::block_in_place(|| copy_entries(&pg.data, &copy.join("data"), |n| n == "base"));
-    let after_data_files = insert_known(&client, 1000, 50).await;
-    known.extend(&after_data_files);
+    let after_data_files = write_marks(&client, 1000, 50).await;
+    written.extend(&after_data_files);
     client.batch_execute("checkpoint").await.unwrap();
     tokio::task::block_in_place(|| {
         copy_entries(&pg.data, &copy.join("data"), |n| n != "base");
@@ -89,12 +90,18 @@ async fn prove(major: u32) {
         );
     });
     // After the copy, before the stop: only archived WAL brings these back.
-    let after_copy = insert_known(&client, 2000, 20).await;
-    known.extend(&after_copy);
+    let after_copy = write_marks(&client, 2000, 20).await;
+    written.extend(&after_copy);
     let stopped = s.stop(true).await.unwrap();
     load.finish();
+    let marks = committed_before(&written, stopped.stop_lsn);
+    assert_eq!(
+        marks.len(),
+        written.len(),
+        "the stop LSN is past every commit"
+    );
     let expect = Expect {
-        known,
+        marks,
         in_tablespace: (1..=1000).collect(),
         pgbench: true,
     };
@@ -198,7 +205,7 @@ async fn prove(major: u32) {
     let mut unlabelled = Pg::existing(major, &data, dir.0.join("no-label.log"));
     // Exactly the rows committed after the data files were copied are lost: pg_control's
     // checkpoint is past the first of them, and only WAL has the others.
-    let lost = known_rows_lost(major, check_restore(&mut unlabelled, &expect).await);
+    let lost = marks_lost(major, check_restore(&mut unlabelled, &expect).await);
     assert_eq!(
         lost,
         after_data_files.len() + after_copy.len(),

@@ -1,7 +1,7 @@
 //! The pgsnap test cluster from the Rust side, and the one test-support code base: the node
 //! agent (`agent`, run by `e2e/cluster up` as the `node-agent` binary) and the support that
 //! end-to-end tests use (`cluster`: client, namespace, waits, logs; `postgres`: PostgreSQL
-//! pods; `verify`: restores of a Backup's snapshots). The root package's PostgreSQL matrix
+//! pods; `verify`: restores of a Backup's snapshots; `proof`: what every restore must hold). The root package's PostgreSQL matrix
 //! tests and benches use it too, as a dev-dependency (`pgharness`: local servers of every
 //! major, no cluster).
 
@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod operator;
 pub mod pgharness;
 pub mod postgres;
+pub mod proof;
 pub mod verify;
 
 pub use cluster::Cluster;

@@ -4,6 +4,7 @@
 //! the test panics. Also: a fuzzy file-by-file copy (what a non-atomic snapshot does) and the
 //! restore check that proves a backup restores.
 
+use std::collections::BTreeSet;
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -15,11 +16,12 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use pgsnap::label_store::sha256_hex;
-use pgsnap::postgres::{ConnectOptions, SslMode, Stopped};
+use pgsnap::postgres::{ConnectOptions, Lsn, SslMode, Stopped};
 use tokio_postgres::{Client, NoTls};
 
 use crate::cluster::repo_root;
 use crate::free_port;
+use crate::proof;
 
 pub const MAJORS: [u32; 9] = [10, 11, 12, 13, 14, 15, 16, 17, 18];
 
@@ -725,8 +727,8 @@ impl RestorePrepare {
 
 /// What the restored server must hold.
 pub struct Expect {
-    /// ids in table `known`, each committed before the stop call.
-    pub known: Vec<i64>,
+    /// Rows of the proof's table (`proof::committed_before` the stop or recovery target).
+    pub marks: BTreeSet<i64>,
     /// ids in table `in_ts` (in the tablespace), when there is one.
     pub in_tablespace: Vec<i64>,
     pub pgbench: bool,
@@ -737,7 +739,7 @@ pub struct Expect {
 pub enum Failure {
     /// The server did not start, or did not end recovery: the end of its log.
     NotServing(String),
-    /// Rows committed before the stop call are not in `table`.
+    /// Rows that must be there are not in `table`.
     Missing {
         table: &'static str,
         found: usize,
@@ -747,7 +749,7 @@ pub enum Failure {
     Broken(String),
 }
 
-/// Starts the restored server and checks it: recovery ends, every known row is there,
+/// Starts the restored server and checks it: recovery ends, every row of the proof is there,
 /// pgbench's balances add up, amcheck is silent.
 pub async fn check_restore(pg: &mut Pg, expect: &Expect) -> Result<String, Failure> {
     pg.start(Duration::from_secs(90))
@@ -773,7 +775,15 @@ pub async fn check_restore(pg: &mut Pg, expect: &Expect) -> Result<String, Failu
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    expect_rows(&client, "known", &expect.known).await?;
+    let restored = proof::restored_marks(&client).await.map_err(q)?;
+    let missing = proof::missing(&expect.marks, &restored).len();
+    if missing > 0 {
+        return Err(Failure::Missing {
+            table: "marks",
+            found: expect.marks.len() - missing,
+            of: expect.marks.len(),
+        });
+    }
     if !expect.in_tablespace.is_empty() {
         expect_rows(&client, "in_ts", &expect.in_tablespace).await?;
     }
@@ -844,11 +854,11 @@ async fn expect_rows(client: &Client, table: &'static str, ids: &[i64]) -> Resul
 /// The failure a restore without backup_label shows: PostgreSQL recovers from pg_control's
 /// checkpoint instead of the label's, is consistent at once and stops there (recovery_target
 /// 'immediate'), without error and without the rows only WAL from the label's redo point
-/// brings back. Panics on any other outcome; returns how many known rows were lost.
-pub fn known_rows_lost(major: u32, report: Result<String, Failure>) -> usize {
+/// brings back. Panics on any other outcome; returns how many of the proof's rows were lost.
+pub fn marks_lost(major: u32, report: Result<String, Failure>) -> usize {
     match report {
         Err(Failure::Missing {
-            table: "known",
+            table: "marks",
             found,
             of,
         }) if found < of => of - found,
@@ -856,21 +866,13 @@ pub fn known_rows_lost(major: u32, report: Result<String, Failure>) -> usize {
     }
 }
 
-/// `CREATE TABLE known` plus rows 1..=n (n separate commits) returning the ids.
-pub async fn insert_known(client: &Client, from: i64, n: i64) -> Vec<i64> {
-    client
-        .batch_execute("create table if not exists known (id int8 primary key, v text not null)")
-        .await
-        .unwrap();
-    let ids: Vec<i64> = (from..from + n).collect();
-    for id in &ids {
-        client
-            .execute(
-                "insert into known values ($1::int8, md5($1::int8::text))",
-                &[id],
-            )
-            .await
-            .unwrap();
+/// Rows `from..from + n` of the proof, each in its own transaction: (row, WAL position
+/// after its commit).
+pub async fn write_marks(client: &Client, from: i64, n: i64) -> Vec<(i64, Lsn)> {
+    proof::create_marks(client).await.unwrap();
+    let mut written = Vec::new();
+    for v in from..from + n {
+        written.push((v, proof::mark(client, v).await.unwrap()));
     }
-    ids
+    written
 }

@@ -1,6 +1,5 @@
-//! Proof that a backup restores: rows written throughout the backup, each with the WAL
-//! position its commit reached, and a restore of the snapshots that must hold every row
-//! committed before the backup's stop LSN.
+//! Proof that a backup restores, in the test cluster: the proof's rows (`proof`) written
+//! throughout the backup, and a restore of its snapshots to read them back from.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -22,10 +21,9 @@ use crate::free_port;
 use crate::postgres::{
     ARCHIVE_MOUNT, DATA_MOUNT, POSTGRES_UID, PostgresPod, TABLESPACE_MOUNT, WAL_MOUNT,
 };
+use crate::proof;
 
-/// Inserts numbered rows into `marks` one transaction at a time and records, after each
-/// commit, the server's WAL flush position: a row whose position is at or before a backup's
-/// stop LSN was committed before the stop and must survive the restore.
+/// Writes numbered rows (`proof::mark`) one transaction at a time until finished.
 pub struct Writer {
     stop: Arc<AtomicBool>,
     task: JoinHandle<Vec<(i64, Lsn)>>,
@@ -33,9 +31,10 @@ pub struct Writer {
 
 impl Writer {
     pub async fn start(db: &PostgresPod) -> Writer {
-        db.sql("CREATE TABLE IF NOT EXISTS marks (v bigint PRIMARY KEY)")
-            .await;
         let client = db.connect().await;
+        proof::create_marks(&client)
+            .await
+            .expect("CREATE TABLE marks");
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let task = tokio::spawn(async move {
@@ -43,20 +42,9 @@ impl Writer {
             let mut i = 0i64;
             while !flag.load(Ordering::Relaxed) {
                 i += 1;
-                if client
-                    .execute("INSERT INTO marks VALUES ($1)", &[&i])
-                    .await
-                    .is_err()
-                {
-                    break;
-                }
-                let Ok(row) = client
-                    .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
-                    .await
-                else {
+                let Ok(lsn) = proof::mark(&client, i).await else {
                     break;
                 };
-                let lsn = row.get::<_, &str>(0).parse().expect("the server's LSN");
                 written.push((i, lsn));
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
@@ -77,15 +65,6 @@ pub fn status_lsn(field: Option<&str>) -> Lsn {
     let text = field.expect("the Backup's status has no LSN");
     text.parse()
         .unwrap_or_else(|e| panic!("the Backup's status LSN {text:?}: {e}"))
-}
-
-/// Rows that must be in any correct restore of a backup that stopped at `stop_lsn`.
-pub fn committed_before(written: &[(i64, Lsn)], stop_lsn: Lsn) -> BTreeSet<i64> {
-    written
-        .iter()
-        .filter(|(_, lsn)| *lsn <= stop_lsn)
-        .map(|(i, _)| *i)
-        .collect()
 }
 
 /// How the restore is prepared, so a negative control can leave something out.
@@ -203,11 +182,9 @@ async fn start_and_read(
     );
     let pod = restored_pod(source, name, port, &pgdata, mounts, volumes, &[])?;
     let (client, _) = serve_restored(cluster, source, &pod, port).await?;
-    let rows = client
-        .query("SELECT v FROM marks", &[])
+    proof::restored_marks(&client)
         .await
-        .map_err(|e| format!("reading marks: {e}"))?;
-    Ok(rows.iter().map(|r| r.get::<_, i64>(0)).collect())
+        .map_err(|e| format!("reading marks: {e}"))
 }
 
 /// A one-shot pod of `source`'s image serving the restored claims: `mounts` and `volumes`
@@ -298,9 +275,4 @@ pub async fn serve_restored(
         "recovery did not end in 90 s ({last}):\n{}",
         cluster.pod_logs(&name).await
     ))
-}
-
-/// The check: every row committed before the stop is in the restore.
-pub fn missing(expected: &BTreeSet<i64>, restored: &BTreeSet<i64>) -> Vec<i64> {
-    expected.difference(restored).copied().collect()
 }
