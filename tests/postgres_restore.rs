@@ -11,9 +11,10 @@ use std::time::Duration;
 
 use pgsnap::postgres::{BackupFrom, Session};
 use pgsnap_e2e::pgharness::{
-    Expect, Failure, Pg, RestorePrepare, TestDir, archive_command, check_restore, fuzzy_copy,
-    marks_lost, restore_target, write_marks,
+    Expect, Failure, Pg, TestDir, archive_command, check_restore, fuzzy_copy, marks_lost,
+    restore_target, write_marks,
 };
+use pgsnap_e2e::prepare::RestorePrepare;
 use pgsnap_e2e::proof::committed_before;
 
 async fn restore_matrix(major: u32) {
@@ -104,7 +105,7 @@ async fn restore_matrix(major: u32) {
         in_tablespace: (1..=1100).collect(),
         pgbench: true,
     };
-    let prepare = RestorePrepare::new(env!("CARGO_BIN_EXE_pgsnap"), &dir, &stopped, sysid);
+    let prepare = RestorePrepare::new(env!("CARGO_BIN_EXE_pgsnap"), &dir.0, &stopped, sysid);
     let restore = |name: &str, wal: &Path| {
         let target = tokio::task::block_in_place(|| restore_target(major, &dir, &copy, name));
         prepare.prepare(

@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 
 use pgsnap::postgres::{BackupFrom, Error, Lsn, Session};
 use pgsnap_e2e::pgharness::{
-    Expect, Pg, RestorePrepare, TestDir, archive_command, check_restore, chown, fuzzy_copy,
-    write_marks,
+    Expect, Pg, TestDir, archive_command, check_restore, chown, fuzzy_copy, write_marks,
 };
+use pgsnap_e2e::prepare::RestorePrepare;
 use pgsnap_e2e::proof::committed_before;
 
 /// A streaming standby of `primary` in `dir/standby`, seeded by a pgsnap backup.
@@ -200,7 +200,7 @@ async fn standby_matrix(major: u32) {
     wait_archived(&archive, &last).await;
 
     let sysid = s.server().system_identifier;
-    RestorePrepare::new(env!("CARGO_BIN_EXE_pgsnap"), &dir, &stopped, sysid).prepare(
+    RestorePrepare::new(env!("CARGO_BIN_EXE_pgsnap"), &dir.0, &stopped, sysid).prepare(
         &copy,
         &[
             "--restore-command".to_string(),

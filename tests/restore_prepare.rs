@@ -16,9 +16,10 @@ use std::time::{Duration, Instant};
 
 use pgsnap::postgres::Session;
 use pgsnap_e2e::pgharness::{
-    Expect, Pg, RestorePrepare, TestDir, archive_command, check_restore, fuzzy_copy, label_dir,
-    marks_lost, restore_target, write_marks,
+    Expect, Pg, TestDir, archive_command, check_restore, fuzzy_copy, marks_lost, restore_target,
+    write_marks,
 };
+use pgsnap_e2e::prepare::{RestorePrepare, label_dir};
 use pgsnap_e2e::proof::committed_before;
 
 /// Copies the entries of `src` accepted by `take` into `dst`: directories fuzzily, files and
@@ -106,7 +107,7 @@ async fn prove(major: u32) {
         pgbench: true,
     };
 
-    let prepare = RestorePrepare::new(env!("CARGO_BIN_EXE_pgsnap"), &dir, &stopped, sysid);
+    let prepare = RestorePrepare::new(env!("CARGO_BIN_EXE_pgsnap"), &dir.0, &stopped, sysid);
     let restore_command = format!("cp {}/%f %p", archive.display());
     let fresh =
         |name: &str| tokio::task::block_in_place(|| restore_target(major, &dir, &copy, name));

@@ -1,15 +1,17 @@
 //! The pgsnap test cluster from the Rust side, and the one test-support code base: the node
 //! agent (`agent`, run by `e2e/cluster up` as the `node-agent` binary) and the support that
 //! end-to-end tests use (`cluster`: client, namespace, waits, logs; `postgres`: PostgreSQL
-//! pods; `verify`: restores of a Backup's snapshots; `proof`: what every restore must hold). The root package's PostgreSQL matrix
-//! tests and benches use it too, as a dev-dependency (`pgharness`: local servers of every
-//! major, no cluster).
+//! pods; `verify`: restores of a Backup's snapshots). Shared with the root package's
+//! PostgreSQL matrix tests and benches, which take this crate as a dev-dependency:
+//! `pgharness` (local servers of every major, no cluster), `prepare` (the product's
+//! restore-prepare on a restored data directory) and `proof` (what every restore must hold).
 
 pub mod agent;
 pub mod cluster;
 pub mod operator;
 pub mod pgharness;
 pub mod postgres;
+pub mod prepare;
 pub mod proof;
 pub mod verify;
 

@@ -68,6 +68,17 @@ pub struct Operator {
     namespace: Option<String>,
 }
 
+/// The product's binary, `target/debug/pgsnap`.
+pub fn pgsnap_binary() -> PathBuf {
+    let binary = repo_root().join("target/debug/pgsnap");
+    assert!(
+        binary.exists(),
+        "{} is missing: run `cargo build -p pgsnap` first (make test does)",
+        binary.display()
+    );
+    binary
+}
+
 impl Operator {
     /// An operator for one test's namespace alone, without leader election, so tests running
     /// side by side never share one.
@@ -109,13 +120,7 @@ impl Operator {
         let kubeconfig = dir.join(format!("kubeconfig-{port}"));
         std::fs::write(&kubeconfig, service_account_kubeconfig(&token)).expect("write kubeconfig");
         let log = dir.join(format!("operator-{port}.log"));
-        let binary = repo_root().join("target/debug/pgsnap");
-        assert!(
-            binary.exists(),
-            "{} is missing: run `cargo build -p pgsnap` first (make test does)",
-            binary.display()
-        );
-        let child = Command::new(binary)
+        let child = Command::new(pgsnap_binary())
             .arg("run")
             .arg(format!("--metrics-addr=127.0.0.1:{port}"))
             .args(args)
