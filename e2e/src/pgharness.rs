@@ -699,7 +699,21 @@ pub async fn check_restore(pg: &mut Pg, expect: &Expect) -> Result<String, Failu
         });
     }
     if !expect.in_tablespace.is_empty() {
-        expect_rows(&client, "in_ts", &expect.in_tablespace).await?;
+        let found: i64 = client
+            .query_one(
+                "select count(*) from in_ts where id = any($1)",
+                &[&expect.in_tablespace],
+            )
+            .await
+            .map_err(q)?
+            .get(0);
+        if found as usize != expect.in_tablespace.len() {
+            return Err(Failure::Missing {
+                table: "in_ts",
+                found: found as usize,
+                of: expect.in_tablespace.len(),
+            });
+        }
     }
     if expect.pgbench {
         let row = client
@@ -746,23 +760,6 @@ pub async fn check_restore(pg: &mut Pg, expect: &Expect) -> Result<String, Failu
             .map_err(|e| Failure::Broken(format!("amcheck {index}: {e:?}")))?;
     }
     Ok(format!("{} indexes checked", indexes.len()))
-}
-
-async fn expect_rows(client: &Client, table: &'static str, ids: &[i64]) -> Result<(), Failure> {
-    let found: i64 = client
-        .query_one(
-            &format!("select count(*) from {table} where id = any($1)"),
-            &[&ids],
-        )
-        .await
-        .map_err(|e| Failure::Broken(format!("{table}: {e:?}")))?
-        .get(0);
-    let (found, of) = (found as usize, ids.len());
-    if found == of {
-        Ok(())
-    } else {
-        Err(Failure::Missing { table, found, of })
-    }
 }
 
 /// The failure a restore without backup_label shows: PostgreSQL recovers from pg_control's
