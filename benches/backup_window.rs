@@ -3,16 +3,13 @@
 //! without the wait), with `fast` and with a spread checkpoint, on an idle server and under pgbench load. Prints a markdown
 //! table. Not a test: timings depend on the machine.
 //!
-//!   cargo run --example backup_window            # all majors
-//!   cargo run --example backup_window -- 16 17   # some
-
-#[path = "../tests/pgharness/mod.rs"]
-mod pgharness;
+//!   cargo bench -p pgsnap --bench backup_window            # all majors
+//!   cargo bench -p pgsnap --bench backup_window -- 16 17   # some
 
 use std::time::Duration;
 
-use pgharness::{MAJORS, Pg, TestDir, archive_command};
 use pgsnap::postgres::Session;
+use pgsnap_e2e::pgharness::{MAJORS, Pg, TestDir, archive_command};
 
 /// Spread checkpoints take checkpoint_completion_target × checkpoint_timeout when there is
 /// enough to write: 0.5 × 30 s (the smallest checkpoint_timeout) bounds them at ~15 s.

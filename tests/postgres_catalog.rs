@@ -3,12 +3,10 @@
 //! listed with their locations. A role without the file privileges is told the grants. And
 //! a server with wal_level = minimal is refused before a backup starts.
 
-mod pgharness;
-
 use std::time::Duration;
 
-use pgharness::{Pg, TestDir};
 use pgsnap::postgres::{Session, grants};
+use pgsnap_e2e::pgharness::{Pg, TestDir};
 
 async fn wal_link(major: u32) {
     let dir = TestDir::new(&format!("catalog{major}"));

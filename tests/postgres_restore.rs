@@ -1,20 +1,21 @@
 //! A backup is only as good as its restore. On every major 10-18: pgbench writes while the
 //! data directory and a tablespace are copied file by file in backup mode (a fuzzy,
-//! non-atomic copy, like the hostpath CSI driver's tar); then the copy plus backup_label,
-//! tablespace_map and the WAL archive must recover to a server holding every row committed
-//! before the stop call, with balanced pgbench sums and silent amcheck. The same restore
-//! without backup_label, and without the archived WAL, must be caught by that check.
+//! non-atomic copy, like the hostpath CSI driver's tar); then the copy, prepared by
+//! `pgsnap restore-prepare` with the WAL archive, must recover to a server holding every row
+//! committed before the stop call, with balanced pgbench sums and silent amcheck. The same
+//! restore without backup_label, and without the archived WAL, must be caught by that check.
 
-mod pgharness;
-
+use std::fs;
 use std::path::Path;
 use std::time::Duration;
 
-use pgharness::{
-    Expect, Pg, RestorePlan, TestDir, archive_command, check_restore, fuzzy_copy, insert_known,
-    prepare_restore,
-};
 use pgsnap::postgres::{BackupFrom, Session};
+use pgsnap_e2e::pgharness::{
+    Expect, Failure, Pg, TestDir, archive_command, check_restore, fuzzy_copy, marks_lost,
+    restore_target, write_marks,
+};
+use pgsnap_e2e::prepare::RestorePrepare;
+use pgsnap_e2e::proof::committed_before;
 
 async fn restore_matrix(major: u32) {
     let dir = TestDir::new(&format!("restore{major}"));
@@ -36,7 +37,7 @@ async fn restore_matrix(major: u32) {
     pg.tablespace_with_rows(&tablespace).await;
     pg.pgbench_init(1);
     let client = pg.client().await;
-    let mut known = insert_known(&client, 1, 10).await;
+    let mut written = write_marks(&client, 1, 10).await;
 
     let load = pg.pgbench_load(2, 120);
     let mut s = Session::connect(&pg.opts("postgres", None)).await.unwrap();
@@ -46,6 +47,7 @@ async fn restore_matrix(major: u32) {
         tablespace.display().to_string()
     );
     let oid = s.server().tablespaces[0].oid;
+    let sysid = s.server().system_identifier;
     let started = s
         .start(
             &format!("restore proof {major}"),
@@ -67,7 +69,8 @@ async fn restore_matrix(major: u32) {
         );
     });
     // Committed after the copy, before the stop: only WAL can bring these back.
-    known.extend(insert_known(&client, 1000, 50).await);
+    let after_copy = write_marks(&client, 1000, 50).await;
+    written.extend(&after_copy);
     client
         .batch_execute(
             "insert into in_ts select g, md5(g::text) from generate_series(1001, 1100) g",
@@ -76,13 +79,13 @@ async fn restore_matrix(major: u32) {
         .unwrap();
     let stopped = s.stop(true).await.unwrap();
     load.finish();
-    let written: i64 = client
+    let transactions: i64 = client
         .query_one("select count(*) from pgbench_history", &[])
         .await
         .unwrap()
         .get(0);
-    assert!(written > 0, "pgbench wrote during the backup");
-    eprintln!("PostgreSQL {major}: {written} pgbench transactions during the backup");
+    assert!(transactions > 0, "pgbench wrote during the backup");
+    eprintln!("PostgreSQL {major}: {transactions} pgbench transactions during the backup");
 
     assert_eq!(stopped.label.backup_from, BackupFrom::Primary);
     // 7. tablespace_map: "<oid> <location>\n".
@@ -91,26 +94,28 @@ async fn restore_matrix(major: u32) {
         format!("{oid} {}\n", tablespace.display())
     );
 
+    let marks = committed_before(&written, stopped.stop_lsn);
+    assert_eq!(
+        marks.len(),
+        written.len(),
+        "the stop LSN is past every commit"
+    );
     let expect = Expect {
-        known: known.clone(),
+        marks,
         in_tablespace: (1..=1100).collect(),
         pgbench: true,
     };
-    let restore = |name: &str, with_label: bool, wal: &Path| {
-        let target = dir.0.join(name);
-        tokio::task::block_in_place(|| {
-            fuzzy_copy(&copy, &target, Duration::ZERO);
-        });
-        prepare_restore(
-            major,
+    let prepare = RestorePrepare::new(env!("CARGO_BIN_EXE_pgsnap"), &dir.0, &stopped, sysid);
+    let restore = |name: &str, wal: &Path| {
+        let target = tokio::task::block_in_place(|| restore_target(major, &dir, &copy, name));
+        prepare.prepare(
             &target.join("data"),
-            &RestorePlan {
-                labelfile: with_label.then_some(stopped.labelfile.as_str()),
-                spcmapfile: &stopped.spcmapfile,
-                tablespaces: vec![(tablespace.display().to_string(), target.join("tablespace"))],
-                wal_source: wal,
-                immediate: true,
-            },
+            &[
+                "--restore-command".to_string(),
+                format!("cp {}/%f %p", wal.display()),
+                "--tablespace".to_string(),
+                format!("{oid}={}", target.join("tablespace").display()),
+            ],
         );
         Pg::existing(
             major,
@@ -120,33 +125,37 @@ async fn restore_matrix(major: u32) {
     };
 
     // 4. The restore proof.
-    let mut good = restore("restored", true, &archive);
+    let mut good = restore("restored", &archive);
     let report = check_restore(&mut good, &expect).await;
     assert!(
         report.is_ok(),
         "restore of PostgreSQL {major} failed: {report:?}"
     );
-    // tablespace_map recreated the link, to the relocated copy.
+    // The server recreated the link from tablespace_map: the map has the relocated copy.
     let link = std::fs::read_link(good.data.join(format!("pg_tblspc/{oid}"))).unwrap();
     assert_eq!(link, dir.0.join("restored/tablespace"));
     good.stop();
 
-    // 5. Negative controls: the same check must fail.
-    let mut no_label = restore("no-label", false, &archive);
-    let report = check_restore(&mut no_label, &expect).await;
-    assert!(
-        report.is_err(),
-        "restore without backup_label passed the check on {major}"
-    );
-    eprintln!(
-        "PostgreSQL {major} without backup_label: {}",
-        first_line(&report.unwrap_err())
+    // 5. Negative controls: the same check must fail, for the reason each one is about.
+    // The label lost after preparing.
+    let mut no_label = restore("no-label", &archive);
+    fs::remove_file(no_label.data.join("backup_label")).unwrap();
+    // Exactly the rows committed after the copy are lost: only WAL from the label's redo
+    // point has them.
+    let lost = marks_lost(major, check_restore(&mut no_label, &expect).await);
+    assert_eq!(
+        lost,
+        after_copy.len(),
+        "PostgreSQL {major} without backup_label"
     );
     no_label.stop();
 
-    let mut no_wal = restore("no-wal", true, &empty_archive);
+    let mut no_wal = restore("no-wal", &empty_archive);
+    // Without the archive: the server refuses to start, saying why.
     let report = check_restore(&mut no_wal, &expect).await;
-    let err = report.expect_err("restore without the archived WAL passed the check");
+    let Err(Failure::NotServing(log)) = report else {
+        panic!("PostgreSQL {major} without the archived WAL: {report:?}");
+    };
     assert!(
         [
             "WAL ends before end of online backup",
@@ -155,18 +164,14 @@ async fn restore_matrix(major: u32) {
             "recovery ended before configured recovery target was reached",
         ]
         .iter()
-        .any(|m| err.contains(m)),
-        "PostgreSQL {major} without WAL: {err}"
+        .any(|m| log.contains(m)),
+        "PostgreSQL {major} without WAL: {log}"
     );
     eprintln!(
         "PostgreSQL {major} without WAL: {}",
-        err.lines().rfind(|l| l.contains("FATAL")).unwrap_or("")
+        log.lines().rfind(|l| l.contains("FATAL")).unwrap_or("")
     );
     no_wal.stop();
-}
-
-fn first_line(s: &str) -> &str {
-    s.lines().next().unwrap_or("")
 }
 
 macro_rules! per_major {

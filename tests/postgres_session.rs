@@ -2,12 +2,10 @@
 //! concurrent backups, abort by dropping the session, the deadline (in backup mode and in
 //! the archive wait), grants for a non-superuser, and connection failures.
 
-mod pgharness;
-
 use std::time::Duration;
 
-use pgharness::{Pg, TestDir, archive_command};
 use pgsnap::postgres::{BackupFrom, Error, Session, Step, grants};
+use pgsnap_e2e::pgharness::{Pg, TestDir, archive_command};
 
 const PASSWORD: &str = "s3cret-Pw-for-tests";
 

@@ -3,18 +3,17 @@
 //! backup of the standby under pgbench load says BACKUP FROM: standby and restores, and a
 //! promotion in the middle of a standby backup ends in StandbyPromoted.
 
-mod pgharness;
-
 use std::fs;
 use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use pgharness::{
-    Expect, Pg, RestorePlan, TestDir, archive_command, check_restore, fuzzy_copy, insert_known,
-    prepare_restore,
+use pgsnap::postgres::{BackupFrom, Error, Lsn, Session};
+use pgsnap_e2e::pgharness::{
+    Expect, Pg, TestDir, archive_command, check_restore, chown, fuzzy_copy, write_marks,
 };
-use pgsnap::postgres::{BackupFrom, Error, Session};
+use pgsnap_e2e::prepare::RestorePrepare;
+use pgsnap_e2e::proof::committed_before;
 
 /// A streaming standby of `primary` in `dir/standby`, seeded by a pgsnap backup.
 async fn make_standby(primary: &Pg, dir: &TestDir, archive: &Path) -> Pg {
@@ -58,18 +57,18 @@ async fn make_standby(primary: &Pg, dir: &TestDir, archive: &Path) -> Pg {
         writeln!(conf, "archive_mode = off").unwrap();
     }
     let mut standby = Pg::existing(primary.major, &data, dir.0.join("standby.log"));
-    pgharness::chown(&data);
+    chown(&data);
     standby.start(Duration::from_secs(90)).await.unwrap();
     standby
 }
 
-/// Waits until the standby has replayed the known row `id`.
+/// Waits until the standby has replayed row `id` of the proof.
 async fn wait_replayed(standby: &Pg, id: i64) {
     let client = standby.client().await;
     let until = Instant::now() + Duration::from_secs(60);
     loop {
         let n: i64 = client
-            .query_one("select count(*) from known where id = $1", &[&id])
+            .query_one("select count(*) from marks where v = $1", &[&id])
             .await
             .unwrap()
             .get(0);
@@ -147,7 +146,7 @@ async fn standby_matrix(major: u32) {
     primary.start(Duration::from_secs(60)).await.unwrap();
     primary.pgbench_init(1);
     let pclient = primary.client().await;
-    let mut known = insert_known(&pclient, 1, 10).await;
+    let mut written = write_marks(&pclient, 1, 10).await;
 
     let mut standby = make_standby(&primary, &dir, &archive).await;
     wait_replayed(&standby, 10).await;
@@ -170,7 +169,7 @@ async fn standby_matrix(major: u32) {
     );
     let copy = dir.0.join("copy/data");
     tokio::task::block_in_place(|| fuzzy_copy(&standby.data, &copy, Duration::from_millis(5)));
-    known.extend(insert_known(&pclient, 1000, 30).await);
+    written.extend(write_marks(&pclient, 1000, 30).await);
     wait_replayed(&standby, 1029).await;
     let stopped = s.stop(true).await.unwrap();
     load.finish();
@@ -178,8 +177,16 @@ async fn standby_matrix(major: u32) {
     assert!(stopped.labelfile.contains("BACKUP FROM: standby"));
     assert!(stopped.stop_lsn >= started.start_lsn);
 
-    // The primary's archive must reach the standby's stop point (its minimum recovery
-    // point, which may lag behind what it replayed) and, for the known rows, beyond.
+    // A standby backup is consistent at the standby's minimum recovery point, which may be
+    // behind rows it replayed: recover to a target past them (and past that point),
+    // which the primary's archive must reach.
+    let target: Lsn = pclient
+        .query_one("select pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get::<_, &str>(0)
+        .parse()
+        .unwrap();
     let last: String = pclient
         .query_one("select pg_walfile_name(pg_switch_wal())", &[])
         .await
@@ -192,24 +199,23 @@ async fn standby_matrix(major: u32) {
     );
     wait_archived(&archive, &last).await;
 
-    prepare_restore(
-        major,
+    let sysid = s.server().system_identifier;
+    RestorePrepare::new(env!("CARGO_BIN_EXE_pgsnap"), &dir.0, &stopped, sysid).prepare(
         &copy,
-        &RestorePlan {
-            labelfile: Some(&stopped.labelfile),
-            spcmapfile: &stopped.spcmapfile,
-            tablespaces: vec![],
-            wal_source: &archive,
-            // A standby backup is consistent at the standby's minimum recovery point, which
-            // may be behind what it had replayed: recover all archived WAL instead.
-            immediate: false,
-        },
+        &[
+            "--restore-command".to_string(),
+            format!("cp {}/%f %p", archive.display()),
+            "--target-lsn".to_string(),
+            target.to_string(),
+            // The copy is a standby's: without this it would stay one.
+            "--remove-standby-signal".to_string(),
+        ],
     );
     let mut restored = Pg::existing(major, &copy, dir.0.join("restored.log"));
     let report = check_restore(
         &mut restored,
         &Expect {
-            known: known.clone(),
+            marks: committed_before(&written, target),
             in_tablespace: vec![],
             pgbench: true,
         },

@@ -1,15 +1,13 @@
 //! TLS: sslmode disable / prefer / require / verify-full against a server that only lets
 //! the backup role in over TLS, with a throwaway CA made by openssl.
 
-mod pgharness;
-
 use std::fs;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use pgharness::{Pg, TestDir, chown};
 use pgsnap::postgres::{Session, SslMode};
+use pgsnap_e2e::pgharness::{Pg, TestDir, chown};
 
 const PASSWORD: &str = "tls-Pw-for-tests";
 

@@ -7,22 +7,20 @@
 //!
 //! Negative controls: a tampered label, a label from another database and a missing label are
 //! refused with their reasons; and the same copy started WITHOUT backup_label comes up without
-//! any error yet misses committed rows, which shows the check above can fail.
-
-mod pgharness;
+//! any error yet misses committed rows (and only that), which shows the check above can fail.
 
 use std::fs;
 use std::os::unix::fs::symlink;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use pgharness::{Expect, Pg, TestDir, archive_command, check_restore, fuzzy_copy, insert_known};
-use pgsnap::postgres::{Session, Stopped};
-
-fn sha256(bytes: &[u8]) -> String {
-    pgsnap::label_store::sha256_hex(bytes)
-}
+use pgsnap::postgres::Session;
+use pgsnap_e2e::pgharness::{
+    Expect, Pg, TestDir, archive_command, check_restore, fuzzy_copy, marks_lost, restore_target,
+    write_marks,
+};
+use pgsnap_e2e::prepare::{RestorePrepare, label_dir};
+use pgsnap_e2e::proof::committed_before;
 
 /// Copies the entries of `src` accepted by `take` into `dst`: directories fuzzily, files and
 /// links as they are. Two calls with complementary filters make one copy in two passes.
@@ -46,57 +44,6 @@ fn copy_entries(src: &Path, dst: &Path, take: impl Fn(&str) -> bool) {
     }
 }
 
-/// The mounted label ConfigMap: one file per key.
-fn label_dir(root: &Path, name: &str, backup_label: &str, tablespace_map: &str) -> PathBuf {
-    let dir = root.join(name);
-    fs::create_dir_all(&dir).unwrap();
-    fs::write(dir.join("backup_label"), backup_label).unwrap();
-    fs::write(dir.join("tablespace_map"), tablespace_map).unwrap();
-    dir
-}
-
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-    took: Duration,
-}
-
-fn restore_prepare(
-    data: &Path,
-    labels: &Path,
-    stopped: &Stopped,
-    sysid: u64,
-    extra: &[String],
-) -> Run {
-    let t0 = Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_pgsnap"))
-        .arg("restore-prepare")
-        .arg("--data-dir")
-        .arg(data)
-        .arg("--label-dir")
-        .arg(labels)
-        .args([
-            "--backup-label-sha256",
-            &sha256(stopped.labelfile.as_bytes()),
-        ])
-        .args([
-            "--tablespace-map-sha256",
-            &sha256(stopped.spcmapfile.as_bytes()),
-        ])
-        .args(["--system-identifier", &sysid.to_string()])
-        .args(["--stop-lsn", &stopped.stop_lsn.to_string()])
-        .args(extra)
-        .output()
-        .unwrap();
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into(),
-        stderr: String::from_utf8_lossy(&out.stderr).into(),
-        took: t0.elapsed(),
-    }
-}
-
 async fn prove(major: u32) {
     let dir = TestDir::new(&format!("prepare{major}"));
     let archive = dir.owned("archive");
@@ -114,7 +61,7 @@ async fn prove(major: u32) {
     pg.tablespace_with_rows(&tablespace).await;
     pg.pgbench_init(1);
     let client = pg.client().await;
-    let mut known = insert_known(&client, 1, 10).await;
+    let mut written = write_marks(&client, 1, 10).await;
 
     let load = pg.pgbench_load(2, 120);
     let mut s = Session::connect(&pg.opts("postgres", None)).await.unwrap();
@@ -132,7 +79,8 @@ async fn prove(major: u32) {
     // only WAL from the label's redo point brings back) pg_control and the rest.
     let copy = dir.0.join("copy");
     tokio::task::block_in_place(|| copy_entries(&pg.data, &copy.join("data"), |n| n == "base"));
-    known.extend(insert_known(&client, 1000, 50).await);
+    let after_data_files = write_marks(&client, 1000, 50).await;
+    written.extend(&after_data_files);
     client.batch_execute("checkpoint").await.unwrap();
     tokio::task::block_in_place(|| {
         copy_entries(&pg.data, &copy.join("data"), |n| n != "base");
@@ -143,29 +91,26 @@ async fn prove(major: u32) {
         );
     });
     // After the copy, before the stop: only archived WAL brings these back.
-    known.extend(insert_known(&client, 2000, 20).await);
+    let after_copy = write_marks(&client, 2000, 20).await;
+    written.extend(&after_copy);
     let stopped = s.stop(true).await.unwrap();
     load.finish();
+    let marks = committed_before(&written, stopped.stop_lsn);
+    assert_eq!(
+        marks.len(),
+        written.len(),
+        "the stop LSN is past every commit"
+    );
     let expect = Expect {
-        known,
+        marks,
         in_tablespace: (1..=1000).collect(),
         pgbench: true,
     };
 
-    let labels = label_dir(&dir.0, "label", &stopped.labelfile, &stopped.spcmapfile);
+    let prepare = RestorePrepare::new(env!("CARGO_BIN_EXE_pgsnap"), &dir.0, &stopped, sysid);
     let restore_command = format!("cp {}/%f %p", archive.display());
-    let fresh = |name: &str| {
-        let target = dir.0.join(name);
-        tokio::task::block_in_place(|| fuzzy_copy(&copy, &target, Duration::ZERO));
-        // The restored server must not archive into the backed-up server's archive.
-        Pg::existing(
-            major,
-            &target.join("data"),
-            dir.0.join(format!("{name}.log")),
-        )
-        .configure(&[("archive_mode", "off")]);
-        target
-    };
+    let fresh =
+        |name: &str| tokio::task::block_in_place(|| restore_target(major, &dir, &copy, name));
     let args = |target: &Path| {
         vec![
             "--restore-command".to_string(),
@@ -184,7 +129,7 @@ async fn prove(major: u32) {
         &stopped.labelfile.replacen("LABEL: ", "LABEL: x", 1),
         &stopped.spcmapfile,
     );
-    let run = restore_prepare(&data, &tampered, &stopped, sysid, &args(&target));
+    let run = prepare.run_with_labels(&data, &tampered, &args(&target));
     assert_eq!(run.code, 3, "{}", run.stderr);
     assert!(
         run.stderr.contains("LabelChecksumMismatch"),
@@ -192,14 +137,14 @@ async fn prove(major: u32) {
         run.stderr
     );
     let empty = label_dir(&dir.0, "empty", "", "");
-    let run = restore_prepare(&data, &empty, &stopped, sysid, &args(&target));
+    let run = prepare.run_with_labels(&data, &empty, &args(&target));
     assert!(
         run.code == 3 && run.stderr.contains("LabelMissing"),
         "{}",
         run.stderr
     );
     let other = Pg::init(major, &dir, "other", &[]);
-    let run = restore_prepare(&other.data, &labels, &stopped, sysid, &args(&target));
+    let run = prepare.run(&other.data, &args(&target));
     assert!(
         run.code == 3 && run.stderr.contains("SystemIdentifierMismatch"),
         "{}",
@@ -209,13 +154,13 @@ async fn prove(major: u32) {
     assert!(!data.join("recovery.signal").exists() && !data.join("recovery.conf").exists());
 
     // 2. The restore: prepare, prepare again (a no-op), start, check.
-    let run = restore_prepare(&data, &labels, &stopped, sysid, &args(&target));
+    let run = prepare.run(&data, &args(&target));
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     eprintln!(
         "PostgreSQL {major}: restore-prepare took {:?}:\n{}",
         run.took, run.stdout
     );
-    let again = restore_prepare(&data, &labels, &stopped, sysid, &args(&target));
+    let again = prepare.run(&data, &args(&target));
     assert!(
         again.code == 0 && again.stdout.contains("nothing changed"),
         "{}",
@@ -244,7 +189,7 @@ async fn prove(major: u32) {
     restored.stop();
     // After recovery the label is backup_label.old; a rerun (an initContainer on the next pod
     // start) must not put it back.
-    let rerun = restore_prepare(&data, &labels, &stopped, sysid, &args(&target));
+    let rerun = prepare.run(&data, &args(&target));
     assert!(
         rerun.code == 0 && rerun.stdout.contains("nothing changed"),
         "{}",
@@ -255,15 +200,17 @@ async fn prove(major: u32) {
     // 3. The failure this all prevents: the same copy, prepared, then its label lost.
     let target = fresh("no-label");
     let data = target.join("data");
-    let run = restore_prepare(&data, &labels, &stopped, sysid, &args(&target));
+    let run = prepare.run(&data, &args(&target));
     assert_eq!(run.code, 0, "{}", run.stderr);
     fs::remove_file(data.join("backup_label")).unwrap();
     let mut unlabelled = Pg::existing(major, &data, dir.0.join("no-label.log"));
-    let report = check_restore(&mut unlabelled, &expect).await;
-    let err = report.expect_err("a restore without backup_label passed the check");
-    eprintln!(
-        "PostgreSQL {major} without backup_label: {}",
-        err.lines().next().unwrap_or("")
+    // Exactly the rows committed after the data files were copied are lost: pg_control's
+    // checkpoint is past the first of them, and only WAL has the others.
+    let lost = marks_lost(major, check_restore(&mut unlabelled, &expect).await);
+    assert_eq!(
+        lost,
+        after_data_files.len() + after_copy.len(),
+        "PostgreSQL {major} without backup_label"
     );
 }
 

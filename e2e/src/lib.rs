@@ -1,12 +1,27 @@
-//! The pgsnap test cluster from the Rust side: the node agent (`agent`, run by
-//! `e2e/cluster up` as the `node-agent` binary) and the support that end-to-end tests use
-//! (`cluster`: client, namespace, waits, logs; `postgres`: PostgreSQL pods).
+//! The pgsnap test cluster from the Rust side, and the one test-support code base: the node
+//! agent (`agent`, run by `e2e/cluster up` as the `node-agent` binary) and the support that
+//! end-to-end tests use (`cluster`: client, namespace, waits, logs; `postgres`: PostgreSQL
+//! pods; `verify`: restores of a Backup's snapshots). Shared with the root package's
+//! PostgreSQL matrix tests and benches, which take this crate as a dev-dependency:
+//! `pgharness` (local servers of every major, no cluster), `prepare` (the product's
+//! restore-prepare on a restored data directory) and `proof` (what every restore must hold).
 
 pub mod agent;
 pub mod cluster;
 pub mod operator;
+pub mod pgharness;
 pub mod postgres;
+pub mod prepare;
+pub mod proof;
 pub mod verify;
 
 pub use cluster::Cluster;
 pub use postgres::{PostgresPod, postgres_pod};
+
+/// A free TCP port on loopback (pods share the host network, so each server needs its own).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("finding a free port: {e}"))
+}

@@ -12,7 +12,7 @@ use kube::api::PostParams;
 use kube::{Api, Client};
 
 use crate::cluster::{cluster_dir, repo_root, target_dir};
-use crate::postgres::free_port;
+use crate::free_port;
 
 /// Where the operator's ServiceAccount and Lease live: a release of the chart of its own,
 /// so tests and `make demo` (release `pgsnap` in `pgsnap-system`) never own the same objects.
@@ -68,6 +68,17 @@ pub struct Operator {
     namespace: Option<String>,
 }
 
+/// The product's binary, `target/debug/pgsnap`.
+pub fn pgsnap_binary() -> PathBuf {
+    let binary = target_dir().join("debug/pgsnap");
+    assert!(
+        binary.exists(),
+        "{} is missing: run `cargo build -p pgsnap` first (make test does)",
+        binary.display()
+    );
+    binary
+}
+
 impl Operator {
     /// An operator for one test's namespace alone, without leader election, so tests running
     /// side by side never share one.
@@ -109,13 +120,7 @@ impl Operator {
         let kubeconfig = dir.join(format!("kubeconfig-{port}"));
         std::fs::write(&kubeconfig, service_account_kubeconfig(&token)).expect("write kubeconfig");
         let log = dir.join(format!("operator-{port}.log"));
-        let binary = target_dir().join("debug/pgsnap");
-        assert!(
-            binary.exists(),
-            "{} is missing: run `cargo build -p pgsnap` first (make test does)",
-            binary.display()
-        );
-        let child = Command::new(binary)
+        let child = Command::new(pgsnap_binary())
             .arg("run")
             .arg(format!("--metrics-addr=127.0.0.1:{port}"))
             .args(args)

@@ -18,6 +18,7 @@ use serde_json::json;
 use tokio_postgres::{NoTls, SimpleQueryMessage};
 
 use crate::cluster::Cluster;
+use crate::free_port;
 
 /// Where things live inside the pod (the official image's layout, PGDATA in a subdirectory
 /// of its volume as is usual in Kubernetes).
@@ -434,14 +435,6 @@ pub async fn password_secret(cluster: &Cluster, name: &str, password: &str) -> S
         Err(kube::Error::Api(s)) if s.code == 409 => name.to_string(),
         Err(e) => panic!("secret {name}: {e}"),
     }
-}
-
-/// A free TCP port on loopback (pods share the host network, so each server needs its own).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or_else(|e| panic!("finding a free port: {e}"))
 }
 
 async fn create_pvc(cluster: &Cluster, name: &str) {

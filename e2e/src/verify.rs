@@ -1,6 +1,5 @@
-//! Proof that a backup restores: rows written throughout the backup, each with the WAL
-//! position its commit reached, and a restore of the snapshots that must hold every row
-//! committed before the backup's stop LSN.
+//! Proof that a backup restores, in the test cluster: the proof's rows (`proof`) written
+//! throughout the backup, and a restore of its snapshots to read them back from.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -9,40 +8,37 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod};
+use kube::ResourceExt;
 use kube::api::PostParams;
 use pgsnap::api::Backup;
 use pgsnap::api::backup::VolumeRole;
+use pgsnap::label_store::{BACKUP_LABEL_KEY, TABLESPACE_MAP_KEY, annotations};
+use pgsnap::postgres::Lsn;
 use serde_json::json;
 use tokio::task::JoinHandle;
 use tokio_postgres::NoTls;
 
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, cluster_dir};
+use crate::free_port;
+use crate::operator::pgsnap_binary;
 use crate::postgres::{
-    ARCHIVE_MOUNT, DATA_MOUNT, POSTGRES_UID, PostgresPod, TABLESPACE_MOUNT, WAL_MOUNT, free_port,
+    ARCHIVE_MOUNT, DATA_MOUNT, POSTGRES_UID, PostgresPod, TABLESPACE_MOUNT, WAL_MOUNT,
 };
+use crate::prepare::{RestorePrepare, label_dir};
+use crate::proof;
 
-/// "X/Y" as PostgreSQL prints an LSN.
-pub fn parse_lsn(text: &str) -> u64 {
-    let (hi, lo) = text
-        .trim()
-        .split_once('/')
-        .unwrap_or_else(|| panic!("not an LSN: {text:?}"));
-    (u64::from_str_radix(hi, 16).expect("LSN") << 32) | u64::from_str_radix(lo, 16).expect("LSN")
-}
-
-/// Inserts numbered rows into `marks` one transaction at a time and records, after each
-/// commit, the server's WAL flush position: a row whose position is at or before a backup's
-/// stop LSN was committed before the stop and must survive the restore.
+/// Writes numbered rows (`proof::mark`) one transaction at a time until finished.
 pub struct Writer {
     stop: Arc<AtomicBool>,
-    task: JoinHandle<Vec<(i64, u64)>>,
+    task: JoinHandle<Vec<(i64, Lsn)>>,
 }
 
 impl Writer {
     pub async fn start(db: &PostgresPod) -> Writer {
-        db.sql("CREATE TABLE IF NOT EXISTS marks (v bigint PRIMARY KEY)")
-            .await;
         let client = db.connect().await;
+        proof::create_marks(&client)
+            .await
+            .expect("CREATE TABLE marks");
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let task = tokio::spawn(async move {
@@ -50,20 +46,10 @@ impl Writer {
             let mut i = 0i64;
             while !flag.load(Ordering::Relaxed) {
                 i += 1;
-                if client
-                    .execute("INSERT INTO marks VALUES ($1)", &[&i])
-                    .await
-                    .is_err()
-                {
-                    break;
-                }
-                let Ok(row) = client
-                    .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
-                    .await
-                else {
+                let Ok(lsn) = proof::mark(&client, i).await else {
                     break;
                 };
-                written.push((i, parse_lsn(row.get(0))));
+                written.push((i, lsn));
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
             written
@@ -72,34 +58,33 @@ impl Writer {
     }
 
     /// Stops writing; returns (row, WAL position after its commit).
-    pub async fn finish(self) -> Vec<(i64, u64)> {
+    pub async fn finish(self) -> Vec<(i64, Lsn)> {
         self.stop.store(true, Ordering::Relaxed);
         self.task.await.expect("writer task")
     }
 }
 
-/// Rows that must be in any correct restore of a backup that stopped at `stop_lsn`.
-pub fn committed_before(written: &[(i64, u64)], stop_lsn: u64) -> BTreeSet<i64> {
-    written
-        .iter()
-        .filter(|(_, lsn)| *lsn <= stop_lsn)
-        .map(|(i, _)| *i)
-        .collect()
+/// A WAL position as a Backup's status reports it (`startLSN`, `stopLSN`).
+pub fn status_lsn(field: Option<&str>) -> Lsn {
+    let text = field.expect("the Backup's status has no LSN");
+    text.parse()
+        .unwrap_or_else(|e| panic!("the Backup's status LSN {text:?}: {e}"))
 }
 
 /// How the restore is prepared, so a negative control can leave something out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Prepare {
-    /// backup_label and tablespace_map from the ConfigMap, WAL from the archive.
+    /// By restore-prepare, with WAL from the archive.
     Correct,
-    /// Everything but backup_label: PostgreSQL then silently does plain crash recovery.
+    /// The same, then backup_label removed: PostgreSQL then silently does plain crash
+    /// recovery.
     WithoutLabel,
 }
 
-/// Restores `backup` into new PVCs (from its snapshots), writes what the label ConfigMap
-/// holds, starts PostgreSQL on them with WAL from the source's archive and a recovery
-/// target of "immediate" (the end of the backup), and returns the rows it holds, or why it
-/// could not start.
+/// Restores `backup` into new PVCs (from its snapshots), prepares them with the product's
+/// restore-prepare and the label ConfigMap (WAL from the source's archive, recovery target
+/// "immediate": the end of the backup), starts PostgreSQL on them and returns the rows it
+/// holds, or why it could not start.
 pub async fn restore(
     cluster: &Cluster,
     source: &PostgresPod,
@@ -116,7 +101,7 @@ pub async fn restore(
         .get(&cm_name)
         .await
         .map_err(|e| format!("label ConfigMap: {e}"))?;
-    let data = cm.data.unwrap_or_default();
+    let data = cm.data.clone().unwrap_or_default();
     let suffix = match how {
         Prepare::Correct => "r",
         Prepare::WithoutLabel => "nolabel",
@@ -156,31 +141,44 @@ pub async fn restore(
         volumes.push(json!({"name": claim, "persistentVolumeClaim": {"claimName": claim}}));
     }
     let pgdata = pgdata.ok_or("no data snapshot")?;
-    let write = |file: &str, text: &str| {
-        let path = pgdata.join(file);
-        std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
-        std::os::unix::fs::lchown(&path, Some(POSTGRES_UID), Some(POSTGRES_UID))
-            .map_err(|e| e.to_string())
+    let annotation = |key: &str| {
+        cm.annotations()
+            .get(key)
+            .cloned()
+            .ok_or(format!("no {key} on the label ConfigMap"))
     };
-    if how == Prepare::Correct {
-        write(
-            "backup_label",
-            data.get("backup_label")
+    let prepare = RestorePrepare {
+        pgsnap: pgsnap_binary(),
+        labels: label_dir(
+            &cluster_dir().join("labels").join(&cluster.namespace),
+            &name,
+            data.get(BACKUP_LABEL_KEY)
                 .ok_or("no backup_label in the ConfigMap")?,
-        )?;
-        if let Some(map) = data.get("tablespace_map").filter(|m| !m.is_empty()) {
-            write("tablespace_map", map)?;
-        }
-    }
-    let _ = std::fs::remove_file(pgdata.join("postmaster.pid"));
-    write("recovery.signal", "")?;
-    let auto = std::fs::read_to_string(pgdata.join("postgresql.auto.conf")).unwrap_or_default();
-    write(
-        "postgresql.auto.conf",
-        &format!(
-            "{auto}\nrestore_command = 'cp {ARCHIVE_MOUNT}/%f %p'\nrecovery_target = 'immediate'\nrecovery_target_action = 'promote'\narchive_mode = 'off'\n"
+            data.get(TABLESPACE_MAP_KEY)
+                .map(String::as_str)
+                .unwrap_or_default(),
         ),
-    )?;
+        backup_label_sha256: annotation(annotations::BACKUP_LABEL_SHA256)?,
+        tablespace_map_sha256: annotation(annotations::TABLESPACE_MAP_SHA256)?,
+        system_identifier: annotation(annotations::SYSTEM_IDENTIFIER)?
+            .parse()
+            .map_err(|e| format!("system identifier: {e}"))?,
+        stop_lsn: annotation(annotations::STOP_LSN)?,
+    };
+    // Paths as the restored server's pod sees them: the volumes are where they were.
+    let run = prepare.run(
+        &pgdata,
+        &[
+            "--restore-command".to_string(),
+            format!("cp {ARCHIVE_MOUNT}/%f %p"),
+        ],
+    );
+    if run.code != 0 {
+        return Err(format!("restore-prepare:\n{}{}", run.stdout, run.stderr));
+    }
+    if how == Prepare::WithoutLabel {
+        std::fs::remove_file(pgdata.join("backup_label")).map_err(|e| e.to_string())?;
+    }
     start_and_read(cluster, source, &name, mounts, volumes, &pgdata).await
 }
 
@@ -200,13 +198,20 @@ async fn start_and_read(
             .and_then(|n| n.to_str())
             .unwrap_or("pgdata")
     );
-    let pod = restored_pod(source, name, port, &pgdata, mounts, volumes, &[])?;
+    // It must not archive into the backed-up server's archive.
+    let pod = restored_pod(
+        source,
+        name,
+        port,
+        &pgdata,
+        mounts,
+        volumes,
+        &["-c", "archive_mode=off"],
+    )?;
     let (client, _) = serve_restored(cluster, source, &pod, port).await?;
-    let rows = client
-        .query("SELECT v FROM marks", &[])
+    proof::restored_marks(&client)
         .await
-        .map_err(|e| format!("reading marks: {e}"))?;
-    Ok(rows.iter().map(|r| r.get::<_, i64>(0)).collect())
+        .map_err(|e| format!("reading marks: {e}"))
 }
 
 /// A one-shot pod of `source`'s image serving the restored claims: `mounts` and `volumes`
@@ -297,9 +302,4 @@ pub async fn serve_restored(
         "recovery did not end in 90 s ({last}):\n{}",
         cluster.pod_logs(&name).await
     ))
-}
-
-/// The check: every row committed before the stop is in the restore.
-pub fn missing(expected: &BTreeSet<i64>, restored: &BTreeSet<i64>) -> Vec<i64> {
-    expected.difference(restored).copied().collect()
 }

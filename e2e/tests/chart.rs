@@ -16,7 +16,7 @@ use serde_json::json;
 
 /// `helm <args>` from the cluster's tool cache; (success, stdout, stderr).
 fn helm(args: &[&str]) -> (bool, String, String) {
-    let script = "eval \"$(e2e/cluster env)\"; helm \"$@\"".to_string();
+    let script = "eval \"$(e2e/cluster env)\"; helm \"$@\"";
     let out = Command::new("bash")
         .arg("-c")
         .arg(script)
@@ -109,7 +109,7 @@ async fn helm_install_runs_the_operator_and_a_backup_completes() {
     let cluster = Cluster::from_env().await;
     let ns = cluster.namespace.clone();
     let release = format!("it-{}", &ns[ns.len() - 5..]);
-    let port = pgsnap_e2e::postgres::free_port().to_string();
+    let port = pgsnap_e2e::free_port().to_string();
     let (ok, out, err) = helm(&[
         "install",
         &release,

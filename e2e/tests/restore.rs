@@ -13,8 +13,10 @@ use kube::runtime::wait::Condition;
 use pgsnap::api::Backup;
 use pgsnap::api::backup::Phase;
 use pgsnap::api::restore::{Restore, RestorePhase};
+use pgsnap_e2e::free_port;
 use pgsnap_e2e::operator::Operator;
-use pgsnap_e2e::postgres::{ARCHIVE_MOUNT, POSTGRES_UID, free_port};
+use pgsnap_e2e::postgres::{ARCHIVE_MOUNT, POSTGRES_UID};
+use pgsnap_e2e::proof;
 use pgsnap_e2e::verify::{self, Writer};
 use pgsnap_e2e::{Cluster, PostgresPod, postgres_pod};
 use serde_json::json;
@@ -184,16 +186,6 @@ async fn start_restored(
     verify::serve_restored(cluster, source, &pod, port).await
 }
 
-async fn marks(client: &tokio_postgres::Client) -> BTreeSet<i64> {
-    client
-        .query("SELECT v FROM marks", &[])
-        .await
-        .expect("marks")
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
-}
-
 /// Backup under pgbench and a row writer; Restore; PostgreSQL on the claims; every row
 /// committed before the stop is there. `multi`: data + WAL + tablespace volumes.
 async fn round_trip(major: u32, multi: bool) {
@@ -223,10 +215,8 @@ async fn round_trip(major: u32, multi: bool) {
     load.await.expect("pgbench");
     let status = completed(&b);
     assert_eq!(status.snapshots.len(), if multi { 3 } else { 1 });
-    let expected = verify::committed_before(
-        &written,
-        verify::parse_lsn(status.stop_lsn.as_deref().unwrap()),
-    );
+    let expected =
+        proof::committed_before(&written, verify::status_lsn(status.stop_lsn.as_deref()));
 
     let t0 = Instant::now();
     let r = restore(
@@ -253,8 +243,8 @@ async fn round_trip(major: u32, multi: bool) {
         timings.prepare_seconds.as_deref().unwrap_or("?"),
         recovery.as_secs_f64()
     );
-    let restored = marks(&client).await;
-    let missing = verify::missing(&expected, &restored);
+    let restored = proof::restored_marks(&client).await.expect("marks");
+    let missing = proof::missing(&expected, &restored);
     assert!(
         missing.is_empty(),
         "{} of {} rows committed before the stop are missing: {:?}",
@@ -524,7 +514,7 @@ async fn refusals_retained_snapshots_and_a_time_target() {
     let (client, _) = start_restored(&cluster, &db, &r)
         .await
         .unwrap_or_else(|e| panic!("PostgreSQL on the retained snapshot: {e}"));
-    let rows = marks(&client).await;
+    let rows = proof::restored_marks(&client).await.expect("marks");
     assert_eq!(
         rows,
         (1..=100).collect::<BTreeSet<i64>>(),
@@ -624,7 +614,10 @@ async fn restore_prepare_as_an_init_container() {
     let (client, _) = verify::serve_restored(&cluster, &db, &pod(p), p)
         .await
         .unwrap_or_else(|e| panic!("first start: {e}"));
-    assert_eq!(marks(&client).await, (1..=50).collect::<BTreeSet<i64>>());
+    assert_eq!(
+        proof::restored_marks(&client).await.expect("marks"),
+        (1..=50).collect::<BTreeSet<i64>>()
+    );
     client
         .batch_execute("INSERT INTO marks SELECT generate_series(51, 60)")
         .await
@@ -664,7 +657,7 @@ async fn restore_prepare_as_an_init_container() {
         .await
         .unwrap_or_else(|e| panic!("second start: {e}"));
     assert_eq!(
-        marks(&client).await,
+        proof::restored_marks(&client).await.expect("marks"),
         (1..=60).collect::<BTreeSet<i64>>(),
         "rows written after the restore survive a restart"
     );
@@ -846,7 +839,10 @@ async fn a_restore_resumes_after_the_operator_dies() {
     let (client, _) = start_restored(&cluster, &db, &r)
         .await
         .unwrap_or_else(|e| panic!("PostgreSQL on the resumed restore: {e}"));
-    assert_eq!(marks(&client).await, (1..=30).collect::<BTreeSet<i64>>());
+    assert_eq!(
+        proof::restored_marks(&client).await.expect("marks"),
+        (1..=30).collect::<BTreeSet<i64>>()
+    );
 }
 
 /// The longest names the API server accepts: every name and label pgsnap derives from them
@@ -880,7 +876,10 @@ async fn the_longest_names_back_up_restore_and_delete() {
     let (client, _) = start_restored(&cluster, &db, &r)
         .await
         .unwrap_or_else(|e| panic!("PostgreSQL on the restored claims: {e}"));
-    assert_eq!(marks(&client).await, (1..=50).collect::<BTreeSet<i64>>());
+    assert_eq!(
+        proof::restored_marks(&client).await.expect("marks"),
+        (1..=50).collect::<BTreeSet<i64>>()
+    );
 
     cluster
         .api::<Restore>()

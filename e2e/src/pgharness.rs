@@ -3,11 +3,10 @@
 //! unprivileged user when the tests run as root, on a free TCP port, killed on drop even when
 //! the test panics. Also: a fuzzy file-by-file copy (what a non-atomic snapshot does) and the
 //! restore check that proves a backup restores.
-#![allow(dead_code)] // each test binary uses a different part of the harness
 
+use std::collections::BTreeSet;
 use std::fs;
 use std::io::Write;
-use std::net::TcpListener;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -16,8 +15,12 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use pgsnap::postgres::{ConnectOptions, SslMode};
+use pgsnap::postgres::{ConnectOptions, Lsn, SslMode};
 use tokio_postgres::{Client, NoTls};
+
+use crate::cluster::repo_root;
+use crate::free_port;
+use crate::proof;
 
 pub const MAJORS: [u32; 9] = [10, 11, 12, 13, 14, 15, 16, 17, 18];
 
@@ -43,10 +46,6 @@ pub const BASE_SETTINGS: &[(&str, &str)] = &[
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 static STAGE: Mutex<()> = Mutex::new(());
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
 
 fn is_root() -> bool {
     fs::metadata("/proc/self")
@@ -106,7 +105,7 @@ fn command(program: &Path) -> Command {
 
 /// The bin directory of a major, readable by the server user (root's cache is not).
 pub fn bin_dir(major: u32) -> PathBuf {
-    let out = Command::new(repo().join("hack/postgres-bin"))
+    let out = Command::new(repo_root().join("hack/postgres-bin"))
         .arg(major.to_string())
         .output()
         .expect("hack/postgres-bin");
@@ -185,14 +184,6 @@ impl Drop for TestDir {
             let _ = fs::remove_dir_all(&self.0);
         }
     }
-}
-
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 pub struct Pg {
@@ -634,132 +625,78 @@ pub fn archive_command(archive: &Path) -> String {
     )
 }
 
-/// How a copy is turned into a restore.
-pub struct RestorePlan<'a> {
-    pub labelfile: Option<&'a str>,
-    pub spcmapfile: &'a str,
-    /// (location in the backed-up server, where its copy now is)
-    pub tablespaces: Vec<(String, PathBuf)>,
-    /// Where restore_command finds WAL.
-    pub wal_source: &'a Path,
-    /// Stop at the end of the backup (primary backups), or replay all WAL there is.
-    pub immediate: bool,
-}
-
-/// Writes backup_label, tablespace_map (with the tablespaces' new locations), the signal
-/// file and recovery settings into the copy: what `pgsnap restore-prepare` will do.
-pub fn prepare_restore(major: u32, data: &Path, plan: &RestorePlan) {
-    for stale in [
-        "standby.signal",
-        "recovery.signal",
-        "recovery.conf",
-        "backup_label",
-        "tablespace_map",
-    ] {
-        let _ = fs::remove_file(data.join(stale));
-    }
-    let tblspc = data.join("pg_tblspc");
-    if let Some(label) = plan.labelfile {
-        fs::write(data.join("backup_label"), label).unwrap();
-        if !plan.spcmapfile.is_empty() {
-            let mut map = plan.spcmapfile.to_string();
-            for (old, new) in &plan.tablespaces {
-                map = map.replace(old.as_str(), &new.display().to_string());
-            }
-            fs::write(data.join("tablespace_map"), map).unwrap();
-            // The links in the copy point at the live server's tablespaces: the map must be
-            // what recreates them.
-            for e in fs::read_dir(&tblspc).unwrap() {
-                fs::remove_file(e.unwrap().path()).unwrap();
-            }
-        }
-    } else {
-        // Without a label there is no map: point the links at the copies by hand.
-        for e in fs::read_dir(&tblspc).unwrap() {
-            let link = e.unwrap().path();
-            let target = fs::read_link(&link).unwrap();
-            if let Some((_, new)) = plan
-                .tablespaces
-                .iter()
-                .find(|(old, _)| Path::new(old) == target)
-            {
-                fs::remove_file(&link).unwrap();
-                std::os::unix::fs::symlink(new, &link).unwrap();
-            }
-        }
-    }
-    let mut settings = vec![
-        format!("restore_command = 'cp {}/%f %p'", plan.wal_source.display()),
-        "recovery_target_action = 'promote'".to_string(),
-    ];
-    if plan.immediate {
-        settings.push("recovery_target = 'immediate'".to_string());
-    }
-    if major >= 12 {
-        fs::write(data.join("recovery.signal"), "").unwrap();
-        let mut conf = fs::OpenOptions::new()
-            .append(true)
-            .open(data.join("postgresql.conf"))
-            .unwrap();
-        writeln!(conf, "archive_mode = off\n{}", settings.join("\n")).unwrap();
-        // A standby's primary_conninfo is harmless here: only standby mode uses it.
-    } else {
-        fs::write(data.join("recovery.conf"), settings.join("\n") + "\n").unwrap();
-        let mut conf = fs::OpenOptions::new()
-            .append(true)
-            .open(data.join("postgresql.conf"))
-            .unwrap();
-        writeln!(conf, "archive_mode = off").unwrap();
-    }
-    chown(data);
+/// A fresh copy of the "snapshots" in `copy` at `dir/name`, to prepare and start. Its
+/// server must not archive into the backed-up server's archive.
+pub fn restore_target(major: u32, dir: &TestDir, copy: &Path, name: &str) -> PathBuf {
+    let target = dir.0.join(name);
+    fuzzy_copy(copy, &target, Duration::ZERO);
+    Pg::existing(
+        major,
+        &target.join("data"),
+        dir.0.join(format!("{name}.log")),
+    )
+    .configure(&[("archive_mode", "off")]);
+    target
 }
 
 /// What the restored server must hold.
 pub struct Expect {
-    /// ids in table `known`, each committed before the stop call.
-    pub known: Vec<i64>,
+    /// Rows of the proof's table (`proof::committed_before` the stop or recovery target).
+    pub marks: BTreeSet<i64>,
     /// ids in table `in_ts` (in the tablespace), when there is one.
     pub in_tablespace: Vec<i64>,
     pub pgbench: bool,
 }
 
-/// Starts the restored server and checks it: recovery ends, every known row is there,
-/// pgbench's balances add up, amcheck is silent. Err says what failed.
-pub async fn check_restore(pg: &mut Pg, expect: &Expect) -> Result<String, String> {
-    pg.start(Duration::from_secs(90)).await?;
+/// Why a restore failed the check.
+#[derive(Debug)]
+pub enum Failure {
+    /// The server did not start, or did not end recovery: the end of its log.
+    NotServing(String),
+    /// Rows that must be there are not in `table`.
+    Missing {
+        table: &'static str,
+        found: usize,
+        of: usize,
+    },
+    /// The restored data is inconsistent (pgbench sums, amcheck), or could not be read.
+    Broken(String),
+}
+
+/// Starts the restored server and checks it: recovery ends, every row of the proof is there,
+/// pgbench's balances add up, amcheck is silent.
+pub async fn check_restore(pg: &mut Pg, expect: &Expect) -> Result<String, Failure> {
+    pg.start(Duration::from_secs(90))
+        .await
+        .map_err(Failure::NotServing)?;
     let client = pg.client().await;
     let until = Instant::now() + Duration::from_secs(60);
+    let q = |e: tokio_postgres::Error| Failure::Broken(format!("{e:?}\n{}", pg.log_tail(10)));
     loop {
         let in_recovery: bool = client
             .query_one("select pg_is_in_recovery()", &[])
             .await
-            .map_err(|e| e.to_string())?
+            .map_err(q)?
             .get(0);
         if !in_recovery {
             break;
         }
         if Instant::now() > until {
-            return Err(format!(
+            return Err(Failure::NotServing(format!(
                 "still in recovery after 60 s:\n{}",
                 pg.log_tail(20)
-            ));
+            )));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let q = |e: tokio_postgres::Error| format!("{e:?}\n{}", pg.log_tail(10));
-    let found: i64 = client
-        .query_one(
-            "select count(*) from known where id = any($1)",
-            &[&expect.known],
-        )
-        .await
-        .map_err(q)?
-        .get(0);
-    if found != expect.known.len() as i64 {
-        return Err(format!(
-            "{found} of {} known rows restored",
-            expect.known.len()
-        ));
+    let restored = proof::restored_marks(&client).await.map_err(q)?;
+    let missing = proof::missing(&expect.marks, &restored).len();
+    if missing > 0 {
+        return Err(Failure::Missing {
+            table: "marks",
+            found: expect.marks.len() - missing,
+            of: expect.marks.len(),
+        });
     }
     if !expect.in_tablespace.is_empty() {
         let found: i64 = client
@@ -770,11 +707,12 @@ pub async fn check_restore(pg: &mut Pg, expect: &Expect) -> Result<String, Strin
             .await
             .map_err(q)?
             .get(0);
-        if found != expect.in_tablespace.len() as i64 {
-            return Err(format!(
-                "{found} of {} tablespace rows restored",
-                expect.in_tablespace.len()
-            ));
+        if found as usize != expect.in_tablespace.len() {
+            return Err(Failure::Missing {
+                table: "in_ts",
+                found: found as usize,
+                of: expect.in_tablespace.len(),
+            });
         }
     }
     if expect.pgbench {
@@ -790,9 +728,9 @@ pub async fn check_restore(pg: &mut Pg, expect: &Expect) -> Result<String, Strin
             .map_err(q)?;
         let sums: Vec<i64> = (0..4).map(|i| row.get(i)).collect();
         if sums.iter().any(|s| *s != sums[3]) {
-            return Err(format!(
+            return Err(Failure::Broken(format!(
                 "pgbench balances disagree (accounts, tellers, branches, history): {sums:?}"
-            ));
+            )));
         }
     }
     let heapallindexed = if pg.major >= 11 { ", true" } else { "" };
@@ -819,26 +757,33 @@ pub async fn check_restore(pg: &mut Pg, expect: &Expect) -> Result<String, Strin
                 &[],
             )
             .await
-            .map_err(|e| format!("amcheck {index}: {e:?}"))?;
+            .map_err(|e| Failure::Broken(format!("amcheck {index}: {e:?}")))?;
     }
     Ok(format!("{} indexes checked", indexes.len()))
 }
 
-/// `CREATE TABLE known` plus rows 1..=n (n separate commits) returning the ids.
-pub async fn insert_known(client: &Client, from: i64, n: i64) -> Vec<i64> {
-    client
-        .batch_execute("create table if not exists known (id int8 primary key, v text not null)")
-        .await
-        .unwrap();
-    let ids: Vec<i64> = (from..from + n).collect();
-    for id in &ids {
-        client
-            .execute(
-                "insert into known values ($1::int8, md5($1::int8::text))",
-                &[id],
-            )
-            .await
-            .unwrap();
+/// The failure a restore without backup_label shows: PostgreSQL recovers from pg_control's
+/// checkpoint instead of the label's, is consistent at once and stops there (recovery_target
+/// 'immediate'), without error and without the rows only WAL from the label's redo point
+/// brings back. Panics on any other outcome; returns how many of the proof's rows were lost.
+pub fn marks_lost(major: u32, report: Result<String, Failure>) -> usize {
+    match report {
+        Err(Failure::Missing {
+            table: "marks",
+            found,
+            of,
+        }) if found < of => of - found,
+        other => panic!("PostgreSQL {major} without backup_label: {other:?}"),
     }
-    ids
+}
+
+/// Rows `from..from + n` of the proof, each in its own transaction: (row, WAL position
+/// after its commit).
+pub async fn write_marks(client: &Client, from: i64, n: i64) -> Vec<(i64, Lsn)> {
+    proof::create_marks(client).await.unwrap();
+    let mut written = Vec::new();
+    for v in from..from + n {
+        written.push((v, proof::mark(client, v).await.unwrap()));
+    }
+    written
 }
