@@ -153,6 +153,51 @@ async fn prove(major: u32) {
     assert!(!data.join("backup_label").exists() && !other.data.join("backup_label").exists());
     assert!(!data.join("recovery.signal").exists() && !data.join("recovery.conf").exists());
 
+    // The live database itself (an initContainer pointed at production by mistake): running
+    // and checkpointed past the stop, then shut down cleanly. Refused both times, nothing
+    // written, and it starts again as it was.
+    client.batch_execute("CHECKPOINT").await.unwrap();
+    let live = prepare.run(&pg.data, &args(&target));
+    assert!(
+        live.code == 3
+            && live.stderr.contains("NotARestoredCopy")
+            && live.stderr.contains("after the backup's stop"),
+        "{}",
+        live.stderr
+    );
+    pg.stop();
+    let stopped_cleanly = prepare.run(&pg.data, &args(&target));
+    assert!(
+        stopped_cleanly.code == 3
+            && stopped_cleanly.stderr.contains("NotARestoredCopy")
+            && stopped_cleanly.stderr.contains("shut down cleanly"),
+        "{}",
+        stopped_cleanly.stderr
+    );
+    for f in [
+        "backup_label",
+        "recovery.signal",
+        "recovery.conf",
+        "pgsnap-restore.done",
+    ] {
+        assert!(
+            !pg.data.join(f).exists(),
+            "a refusal wrote {f} into the live database"
+        );
+    }
+    pg.start(Duration::from_secs(60)).await.unwrap();
+    let in_recovery: bool = pg
+        .client()
+        .await
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        !in_recovery,
+        "the live database starts as the primary it was"
+    );
+
     // 2. The restore: prepare, prepare again (a no-op), start, check.
     let run = prepare.run(&data, &args(&target));
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
