@@ -269,6 +269,16 @@ fn parse_query(query: &str) -> Vec<(String, String)> {
 }
 
 /// Asserts the phase of an applied status and the `Ready` condition that mirrors it.
+/// Failed for `reason`: the phase, Ready False with the message, and `status.error`.
+pub(crate) fn assert_failed(status: &Value, reason: &str, message: &str) {
+    assert_phase(status, "Failed", "False", reason);
+    assert_eq!(ready_message(status), message);
+    assert_eq!(
+        status["error"],
+        json!({ "reason": reason, "message": message })
+    );
+}
+
 pub(crate) fn assert_phase(status: &Value, phase: &str, ready: &str, reason: &str) {
     let condition = status["conditions"]
         .as_array()

@@ -17,8 +17,8 @@ use crate::api::backup::{
 };
 use crate::controller::now;
 use crate::fixtures::{
-    self, BACKUP_PATH, CONFIG_MAPS_PATH, Call, LABEL_CONFIG_MAP, SNAPSHOTS_PATH, assert_phase,
-    own_label_config_map, ready_message, snapshot,
+    self, BACKUP_PATH, CONFIG_MAPS_PATH, Call, LABEL_CONFIG_MAP, SNAPSHOTS_PATH, assert_failed,
+    assert_phase, own_label_config_map, ready_message, snapshot,
 };
 use crate::telemetry::Metrics;
 
@@ -141,12 +141,7 @@ fn failed(
             .body(|b| assert_eq!(b["preconditions"]["uid"], "label-uid")),
         Call::apply_status(BACKUP_PATH, backup).body(move |body| {
             let status = &body["status"];
-            assert_phase(status, "Failed", "False", reason);
-            assert_eq!(ready_message(status), message);
-            assert_eq!(
-                status["error"],
-                json!({ "reason": reason, "message": message })
-            );
+            assert_failed(status, reason, message);
             // A label without its data restores nothing: status names neither.
             assert_eq!(status.get("snapshots"), None);
             assert_eq!(status.get("labelConfigMap"), None);

@@ -13,7 +13,7 @@ use crate::api::restore::{Restore, RestorePhase};
 use crate::api::{BACKUP_NAME_LABEL, RESTORE_NAME_LABEL, RESTORE_UID_LABEL};
 use crate::fixtures::{
     self, BACKUP, BACKUP_PATH, CONFIG_MAPS_PATH, Call, LABEL_CONFIG_MAP, NS, SNAPSHOTS_PATH,
-    assert_phase, ready_message, snapshot,
+    assert_failed, assert_phase, ready_message, snapshot,
 };
 use crate::label_store::{self, LabelRecord, Location, SnapshotLocation};
 use crate::telemetry::Metrics;
@@ -133,12 +133,7 @@ fn failed(restore: &Restore, reason: &'static str, message: &'static str) -> Vec
     vec![
         Call::apply_status(RESTORE_PATH, restore).body(move |body| {
             let status = &body["status"];
-            assert_phase(status, "Failed", "False", reason);
-            assert_eq!(ready_message(status), message);
-            assert_eq!(
-                status["error"],
-                json!({ "reason": reason, "message": message })
-            );
+            assert_failed(status, reason, message);
         }),
         Call::event("Warning", reason).body(move |e| assert_eq!(e["note"], message)),
     ]
