@@ -193,25 +193,23 @@ where
     if !created_by(&object, uid_label, creator) {
         return Ok(false);
     }
+    delete_exactly(api, &object).await
+}
+
+/// Deletes `object` itself: its uid is a precondition, so a successor of the same name is
+/// never deleted in its place. Returns whether it was still there to delete.
+pub async fn delete_exactly<K>(api: &Api<K>, object: &K) -> Result<bool, kube::Error>
+where
+    K: Resource + Clone + DeserializeOwned + Debug,
+{
     let params = DeleteParams::background().preconditions(Preconditions {
         uid: object.meta().uid.clone(),
         resource_version: None,
     });
-    match api.delete(name, &params).await {
+    let name = object.meta().name.clone().unwrap_or_default();
+    match api.delete(&name, &params).await {
         Ok(_) => Ok(true),
         Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(false),
-        Err(e) => Err(e),
-    }
-}
-
-/// Deletes one object; one that is already gone counts as deleted.
-pub async fn delete_if_present<K>(api: &Api<K>, name: &str) -> Result<(), kube::Error>
-where
-    K: Resource + Clone + DeserializeOwned + Debug,
-{
-    match api.delete(name, &DeleteParams::background()).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
         Err(e) => Err(e),
     }
 }

@@ -6,14 +6,14 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
-use kube::api::{ObjectMeta, Patch, PatchParams};
+use kube::api::{ObjectMeta, PostParams};
 use kube::{Api, Client, Resource, ResourceExt};
 use sha2::{Digest, Sha256};
 
 use crate::api::backup::{Backup, VolumeRole};
 use crate::api::snapshot::VolumeSnapshot;
 use crate::api::{BACKUP_NAME_LABEL, BACKUP_UID_LABEL};
-use crate::controller::{FIELD_MANAGER, bounded_name, created_by, creator_labels};
+use crate::controller::{bounded_name, created_by, creator_labels};
 
 pub const BACKUP_LABEL_KEY: &str = "backup_label";
 pub const TABLESPACE_MAP_KEY: &str = "tablespace_map";
@@ -72,8 +72,8 @@ pub struct SnapshotLocation {
 /// What the label ConfigMap holds: written once by the backup, read by every restore.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LabelRecord {
-    /// The Backup that took it (the ConfigMap's `pgsnap.io/backup` label); a copy made by
-    /// hand for a retained snapshot may have none.
+    /// The Backup that took it (the ConfigMap's `pgsnap.io/backup-name` annotation); a copy
+    /// made by hand for a retained snapshot may have none.
     pub backup: Option<String>,
     pub backup_label: String,
     pub tablespace_map: String,
@@ -244,6 +244,15 @@ pub fn read(cm: &ConfigMap) -> Result<LabelRecord, LabelStoreError> {
         let what = format!("system identifier {system_identifier:?} is not a number");
         return Err(LabelStoreError::invalid(&name, what));
     }
+    for key in [START_LSN, STOP_LSN] {
+        let lsn = get(key)?;
+        if lsn.parse::<crate::postgres::Lsn>().is_err() {
+            return Err(LabelStoreError::invalid(
+                &name,
+                format!("{key} {lsn:?} is not an LSN"),
+            ));
+        }
+    }
     let timeline = get(TIMELINE)?;
     let timeline = timeline.parse().map_err(|_| {
         LabelStoreError::invalid(&name, format!("timeline {timeline:?} is not a number"))
@@ -272,8 +281,8 @@ pub fn read(cm: &ConfigMap) -> Result<LabelRecord, LabelStoreError> {
     })
 }
 
-/// Writes the ConfigMap for `creator` (server-side apply, so a retry after a crash is
-/// harmless); one of that name that another object made is a `NameConflict`, never touched.
+/// Creates the ConfigMap for `creator`. One of that name that this Backup made already (a
+/// retry) is fine; anyone else's is a `NameConflict` and never touched.
 pub async fn store(
     client: &Client,
     record: &LabelRecord,
@@ -287,17 +296,19 @@ pub async fn store(
         name: name.to_string(),
         source,
     };
-    if let Some(existing) = api.get_opt(name).await.map_err(write)?
-        && !created_by(&existing, BACKUP_UID_LABEL, creator.uid().as_deref())
-    {
-        return Err(LabelStoreError::NameConflict(name.to_string()));
-    }
     let labels = creator_labels(BACKUP_NAME_LABEL, BACKUP_UID_LABEL, creator);
     let cm = build(record, name, &namespace, owner, labels)?;
-    let params = PatchParams::apply(FIELD_MANAGER).force();
-    api.patch(name, &params, &Patch::Apply(&cm))
-        .await
-        .map_err(write)
+    match api.create(&PostParams::default(), &cm).await {
+        Ok(created) => Ok(created),
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            let existing = api.get(name).await.map_err(write)?;
+            match created_by(&existing, BACKUP_UID_LABEL, creator.uid().as_deref()) {
+                true => Ok(existing),
+                false => Err(LabelStoreError::NameConflict(name.to_string())),
+            }
+        }
+        Err(e) => Err(write(e)),
+    }
 }
 
 #[cfg(test)]

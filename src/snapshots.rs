@@ -15,7 +15,7 @@ use crate::api::snapshot::{
     VolumeSnapshotSource, VolumeSnapshotSpec,
 };
 use crate::api::{BACKUP_NAME_LABEL, BACKUP_UID_LABEL};
-use crate::controller::{created_by, creator_labels, delete_if_present};
+use crate::controller::{created_by, creator_labels, delete_exactly};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
@@ -225,7 +225,7 @@ pub async fn delete_all(
     let existing = api.list(&of_backup(backup_uid)).await?;
     for snapshot in &existing.items {
         release_content(client, snapshot).await?;
-        delete_if_present(&api, &snapshot.name_any()).await?;
+        delete_exactly(&api, snapshot).await?;
     }
     Ok(existing.items.len())
 }

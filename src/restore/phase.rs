@@ -202,12 +202,15 @@ pub fn job_outcome(job: &Job) -> JobOutcome {
     JobOutcome::Running
 }
 
-/// The refusal restore-prepare wrote to its termination message: `Reason: message`.
+/// The refusal restore-prepare wrote to its termination message: `Reason: message`, the
+/// reason CamelCase as every condition reason must be (a log line such as clap's
+/// `error: ...` is not one).
 pub fn refusal(termination_message: &str) -> Option<Failure> {
     let line = termination_message.trim();
     let (reason, message) = line.split_once(": ")?;
-    (!reason.is_empty() && reason.chars().all(|c| c.is_ascii_alphanumeric()))
-        .then(|| Failure::new(reason, message))
+    let camel = reason.starts_with(|c: char| c.is_ascii_uppercase())
+        && reason.chars().all(|c| c.is_ascii_alphanumeric());
+    camel.then(|| Failure::new(reason, message))
 }
 
 /// Why the Job failed: restore-prepare's refusal from a termination message when there is
@@ -217,8 +220,10 @@ pub fn job_failure(
     job_message: String,
     terminated: &[ContainerStateTerminated],
 ) -> Failure {
+    // Only a refusal (its exit status) says why in its termination message.
     if let Some(refusal) = terminated
         .iter()
+        .filter(|t| t.exit_code == EXIT_REFUSED)
         .filter_map(|t| t.message.as_deref())
         .find_map(refusal)
     {
@@ -249,6 +254,7 @@ mod tests {
             ("LabelChecksumMismatch", "backup_label does not match")
         );
         assert_eq!(refusal("thread 'main' panicked at x: y"), None);
+        assert_eq!(refusal("error: invalid value '0/x' for '--stop-lsn'"), None);
         assert_eq!(refusal(""), None);
     }
 
