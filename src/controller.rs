@@ -12,6 +12,8 @@ use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
+
+use crate::api::CreatorLabels;
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 use tracing::warn;
@@ -144,25 +146,35 @@ pub fn label_value(name: &str) -> String {
 
 /// The labels that tie an object to the object that created it: its uid, which ownership,
 /// selection and deletion go by, and its name as a label value, for people.
-pub fn creator_labels(
-    name_label: &str,
-    uid_label: &str,
-    creator: &impl Resource,
-) -> BTreeMap<String, String> {
+pub fn creator_labels(labels: &CreatorLabels, creator: &impl Resource) -> BTreeMap<String, String> {
     let meta = creator.meta();
     BTreeMap::from([
         (
-            name_label.to_string(),
+            labels.name.to_string(),
             label_value(meta.name.as_deref().unwrap_or_default()),
         ),
-        (uid_label.to_string(), meta.uid.clone().unwrap_or_default()),
+        (labels.uid.to_string(), meta.uid.clone().unwrap_or_default()),
     ])
 }
 
-/// Whether `object` was created by the object with uid `creator` (see `creator_labels`).
-pub fn created_by(object: &impl Resource, uid_label: &str, creator: Option<&str>) -> bool {
-    let uid = object.meta().labels.as_ref().and_then(|l| l.get(uid_label));
-    creator.is_some() && uid.map(String::as_str) == creator
+/// Whether `creator` created `object`: it carries the creator's uid. An object made before
+/// objects carried it (pgsnap 0.1) counts when it carries the creator's name, no uid, and is
+/// no older than the creator, so an older object of a reused name is never taken for its own.
+pub fn created_by(object: &impl Resource, labels: &CreatorLabels, creator: &impl Resource) -> bool {
+    let (object, creator) = (object.meta(), creator.meta());
+    let label = |key: &str| object.labels.as_ref().and_then(|l| l.get(key));
+    match (label(labels.uid), &creator.uid) {
+        (Some(uid), Some(own)) => uid == own,
+        (Some(_), None) => false,
+        (None, _) => {
+            let name = creator.name.as_deref().map(label_value);
+            let no_older = match (&object.creation_timestamp, &creator.creation_timestamp) {
+                (Some(made), Some(born)) => made.0 >= born.0,
+                _ => false,
+            };
+            label(labels.name).is_some() && label(labels.name) == name.as_ref() && no_older
+        }
+    }
 }
 
 /// The `Api` of the namespace the operator watches, or of all namespaces.
@@ -181,8 +193,8 @@ where
 pub async fn delete_if_created_by<K>(
     api: &Api<K>,
     name: &str,
-    uid_label: &str,
-    creator: Option<&str>,
+    labels: &CreatorLabels,
+    creator: &impl Resource,
 ) -> Result<bool, kube::Error>
 where
     K: Resource + Clone + DeserializeOwned + Debug,
@@ -190,7 +202,7 @@ where
     let Some(object) = api.get_opt(name).await? else {
         return Ok(false);
     };
-    if !created_by(&object, uid_label, creator) {
+    if !created_by(&object, labels, creator) {
         return Ok(false);
     }
     delete_exactly(api, &object).await
@@ -287,6 +299,63 @@ mod tests {
         assert_ne!(value, label_value(&format!("{}c", "b".repeat(252))));
         let dotted = format!("{}.{}", "b".repeat(53), "x".repeat(20));
         assert!(!label_value(&dotted).contains(".-"));
+    }
+
+    #[test]
+    fn only_the_creator_owns_what_it_made_even_from_before_uid_labels() {
+        use crate::api::BACKUP_CREATOR;
+        use k8s_openapi::api::core::v1::ConfigMap;
+        let at = |s: i64| Some(Time(k8s_openapi::jiff::Timestamp::from_second(s).unwrap()));
+        let object = |labels: &[(&str, &str)], made: i64| ConfigMap {
+            metadata: kube::api::ObjectMeta {
+                labels: Some(
+                    labels
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                ),
+                creation_timestamp: at(made),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let creator = ConfigMap {
+            metadata: kube::api::ObjectMeta {
+                name: Some("b1".into()),
+                uid: Some("u1".into()),
+                creation_timestamp: at(100),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let (name, uid) = (BACKUP_CREATOR.name, BACKUP_CREATOR.uid);
+        assert!(created_by(
+            &object(&[(name, "b1"), (uid, "u1")], 50),
+            &BACKUP_CREATOR,
+            &creator
+        ));
+        assert!(!created_by(
+            &object(&[(name, "b1"), (uid, "u0")], 150),
+            &BACKUP_CREATOR,
+            &creator
+        ));
+        // Made before uid labels: its own when no older than the creator.
+        assert!(created_by(
+            &object(&[(name, "b1")], 150),
+            &BACKUP_CREATOR,
+            &creator
+        ));
+        assert!(!created_by(
+            &object(&[(name, "b1")], 50),
+            &BACKUP_CREATOR,
+            &creator
+        ));
+        assert!(!created_by(
+            &object(&[(name, "b2")], 150),
+            &BACKUP_CREATOR,
+            &creator
+        ));
+        assert!(!created_by(&object(&[], 150), &BACKUP_CREATOR, &creator));
     }
 
     #[test]

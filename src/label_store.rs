@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 
 use crate::api::backup::{Backup, VolumeRole};
 use crate::api::snapshot::VolumeSnapshot;
-use crate::api::{BACKUP_NAME_LABEL, BACKUP_UID_LABEL};
+use crate::api::{BACKUP_CREATOR, BACKUP_NAME_LABEL};
 use crate::controller::{bounded_name, created_by, creator_labels};
 
 pub const BACKUP_LABEL_KEY: &str = "backup_label";
@@ -296,13 +296,13 @@ pub async fn store(
         name: name.to_string(),
         source,
     };
-    let labels = creator_labels(BACKUP_NAME_LABEL, BACKUP_UID_LABEL, creator);
+    let labels = creator_labels(&BACKUP_CREATOR, creator);
     let cm = build(record, name, &namespace, owner, labels)?;
     match api.create(&PostParams::default(), &cm).await {
         Ok(created) => Ok(created),
         Err(kube::Error::Api(s)) if s.code == 409 => {
             let existing = api.get(name).await.map_err(write)?;
-            match created_by(&existing, BACKUP_UID_LABEL, creator.uid().as_deref()) {
+            match created_by(&existing, &BACKUP_CREATOR, creator) {
                 true => Ok(existing),
                 false => Err(LabelStoreError::NameConflict(name.to_string())),
             }

@@ -14,8 +14,8 @@ use crate::api::snapshot::{
     DEFAULT_CLASS_ANNOTATION, VolumeSnapshot, VolumeSnapshotClass, VolumeSnapshotContent,
     VolumeSnapshotSource, VolumeSnapshotSpec,
 };
-use crate::api::{BACKUP_NAME_LABEL, BACKUP_UID_LABEL};
-use crate::controller::{created_by, creator_labels, delete_exactly};
+use crate::api::{BACKUP_CREATOR, BACKUP_NAME_LABEL, BACKUP_UID_LABEL};
+use crate::controller::{created_by, creator_labels, delete_exactly, label_value};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
@@ -139,7 +139,7 @@ pub async fn create(
     let snapshot = VolumeSnapshot {
         metadata: ObjectMeta {
             name: Some(snapshot_name(&backup.name_any(), claim)),
-            labels: Some(creator_labels(BACKUP_NAME_LABEL, BACKUP_UID_LABEL, backup)),
+            labels: Some(creator_labels(&BACKUP_CREATOR, backup)),
             annotations: Some(annotations),
             ..Default::default()
         },
@@ -156,7 +156,7 @@ pub async fn create(
         Ok(created) => Ok(created),
         Err(kube::Error::Api(s)) if s.code == 409 => {
             let existing = api.get(&snapshot.name_any()).await?;
-            if created_by(&existing, BACKUP_UID_LABEL, backup.uid().as_deref()) {
+            if created_by(&existing, &BACKUP_CREATOR, backup) {
                 Ok(existing)
             } else {
                 Err(SnapshotError::NameConflict {
@@ -172,6 +172,30 @@ pub async fn create(
 /// The selector of every snapshot a backup (by uid) made.
 pub fn of_backup(uid: &str) -> ListParams {
     ListParams::default().labels(&format!("{BACKUP_UID_LABEL}={uid}"))
+}
+
+/// Every snapshot `backup` made: by its uid, and those it made before snapshots carried the
+/// uid (pgsnap 0.1), by its name (see `controller::created_by`).
+pub async fn list_own(
+    api: &Api<VolumeSnapshot>,
+    backup: &Backup,
+) -> Result<Vec<VolumeSnapshot>, SnapshotError> {
+    let mut own = api
+        .list(&of_backup(&backup.uid().unwrap_or_default()))
+        .await?
+        .items;
+    let legacy = format!(
+        "{BACKUP_NAME_LABEL}={},!{BACKUP_UID_LABEL}",
+        label_value(&backup.name_any())
+    );
+    let legacy = api.list(&ListParams::default().labels(&legacy)).await?;
+    own.extend(
+        legacy
+            .items
+            .into_iter()
+            .filter(|s| created_by(s, &BACKUP_CREATOR, backup)),
+    );
+    Ok(own)
 }
 
 /// Watches the backup's snapshots until every one of `names` satisfies `done`; a snapshot
@@ -213,21 +237,18 @@ pub async fn wait_until(
     Err(SnapshotError::Watch(watcher::Error::NoResourceVersion))
 }
 
-/// Deletes every snapshot the backup (by uid) made, and with each its storage snapshot:
-/// a content its class would retain is switched to Delete first, or it would outlive the
-/// backup as an orphan. Returns how many snapshots there were.
-pub async fn delete_all(
-    client: &Client,
-    namespace: &str,
-    backup_uid: &str,
-) -> Result<usize, SnapshotError> {
-    let api: Api<VolumeSnapshot> = Api::namespaced(client.clone(), namespace);
-    let existing = api.list(&of_backup(backup_uid)).await?;
-    for snapshot in &existing.items {
+/// Deletes every snapshot `backup` made, and with each its storage snapshot: a content its
+/// class would retain is switched to Delete first, or it would outlive the backup as an
+/// orphan. Returns how many snapshots there were.
+pub async fn delete_all(client: &Client, backup: &Backup) -> Result<usize, SnapshotError> {
+    let api: Api<VolumeSnapshot> =
+        Api::namespaced(client.clone(), &backup.namespace().unwrap_or_default());
+    let existing = list_own(&api, backup).await?;
+    for snapshot in &existing {
         release_content(client, snapshot).await?;
         delete_exactly(&api, snapshot).await?;
     }
-    Ok(existing.items.len())
+    Ok(existing.len())
 }
 
 /// Sets the deletion policy of the content bound to `snapshot` to Delete, when the content

@@ -27,6 +27,22 @@ pub const RESTORE_NAME_LABEL: &str = "pgsnap.io/restore";
 /// Label on every object a Restore creates: the Restore's uid, which ownership goes by.
 pub const RESTORE_UID_LABEL: &str = "pgsnap.io/restore-uid";
 
+/// The two labels that tie an object to the Backup or Restore that created it.
+pub struct CreatorLabels {
+    pub name: &'static str,
+    pub uid: &'static str,
+}
+
+pub const BACKUP_CREATOR: CreatorLabels = CreatorLabels {
+    name: BACKUP_NAME_LABEL,
+    uid: BACKUP_UID_LABEL,
+};
+
+pub const RESTORE_CREATOR: CreatorLabels = CreatorLabels {
+    name: RESTORE_NAME_LABEL,
+    uid: RESTORE_UID_LABEL,
+};
+
 /// All CRDs as one multi-document YAML stream, as `pgsnap crd` prints and `crds/` holds.
 pub fn crds_yaml() -> Result<String, serde_yaml::Error> {
     let mut out = String::new();

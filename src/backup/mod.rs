@@ -26,9 +26,9 @@ use kube::{Api, Client, ResourceExt};
 use tokio::sync::{oneshot, watch};
 use tracing::{Instrument, info, info_span, warn};
 
-use crate::api::BACKUP_UID_LABEL;
 use crate::api::backup::{Backup, BackupError, BackupStatus, DeletionPolicy, Phase};
 use crate::api::snapshot::VolumeSnapshot;
+use crate::api::{BACKUP_CREATOR, BACKUP_UID_LABEL};
 use crate::controller::{
     self, Failure, PhasedStatus, Reporter, delete_if_created_by, now, set_phase,
 };
@@ -238,11 +238,10 @@ impl Context {
     /// nothing else; returns how many snapshots there were.
     async fn remove_made(&self, backup: &Backup) -> Result<usize, SnapshotError> {
         let ns = backup.namespace().unwrap_or_default();
-        let uid = backup.uid().unwrap_or_default();
-        let removed = snapshots::delete_all(&self.client, &ns, &uid).await?;
+        let removed = snapshots::delete_all(&self.client, backup).await?;
         let cm: Api<ConfigMap> = Api::namespaced(self.client.clone(), &ns);
         let name = label_store::config_map_name(&backup.name_any());
-        delete_if_created_by(&cm, &name, BACKUP_UID_LABEL, Some(&uid)).await?;
+        delete_if_created_by(&cm, &name, &BACKUP_CREATOR, backup).await?;
         Ok(removed)
     }
 
@@ -499,8 +498,7 @@ async fn await_ready(
 ) -> Result<Action, Error> {
     let api: Api<VolumeSnapshot> =
         Api::namespaced(ctx.client.clone(), &backup.namespace().unwrap_or_default());
-    let uid = backup.uid().unwrap_or_default();
-    let existing = api.list(&snapshots::of_backup(&uid)).await?;
+    let existing = snapshots::list_own(&api, &backup).await?;
     let before = status.clone();
     // The readyTimeout runs from the stop; a timer, not a snapshot event, ends a wait past it.
     let waited = status
@@ -512,7 +510,7 @@ async fn await_ready(
         .unwrap_or_default();
     let timeout = backup.spec.ready_timeout;
     let overdue = (waited >= timeout.0).then_some(timeout);
-    match phase::readiness(&observe_snapshots(&mut status, &existing.items), overdue) {
+    match phase::readiness(&observe_snapshots(&mut status, &existing), overdue) {
         Readiness::Wait => {
             if status != before {
                 ctx.patch_status(&backup, &status).await?;

@@ -17,7 +17,7 @@ use tracing::info;
 
 use super::volumes::{self, DatabaseDir, PlannedSnapshot};
 use super::{Context, phase};
-use crate::api::BACKUP_UID_LABEL;
+use crate::api::BACKUP_CREATOR;
 use crate::api::backup::{
     Backup, BackupSpec, BackupStatus, BackupTimings, BackupWindow, Checkpoint, Phase,
     PostgresStatus, ServerRole, SnapshotStatus, TargetRole, VolumeRole,
@@ -346,12 +346,11 @@ async fn check_names_free(
     plan: &[PlannedSnapshot],
 ) -> Result<(), Failure> {
     let ns = backup.namespace().unwrap_or_default();
-    let uid = backup.uid();
     let snapshot_api: Api<VolumeSnapshot> = Api::namespaced(ctx.client.clone(), &ns);
     for planned in plan {
         let name = snapshots::snapshot_name(&backup.name_any(), &planned.persistent_volume_claim);
         if let Some(existing) = snapshot_api.get_opt(&name).await?
-            && !created_by(&existing, BACKUP_UID_LABEL, uid.as_deref())
+            && !created_by(&existing, &BACKUP_CREATOR, backup)
         {
             let kind = "VolumeSnapshot";
             return Err(snapshots::SnapshotError::NameConflict { kind, name }.into());
@@ -360,7 +359,7 @@ async fn check_names_free(
     let name = label_store::config_map_name(&backup.name_any());
     let config_maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
     if let Some(existing) = config_maps.get_opt(&name).await?
-        && !created_by(&existing, BACKUP_UID_LABEL, uid.as_deref())
+        && !created_by(&existing, &BACKUP_CREATOR, backup)
     {
         return Err(label_store::LabelStoreError::NameConflict(name).into());
     }

@@ -25,6 +25,8 @@ use crate::telemetry::Metrics;
 const SECRET_PATH: &str = "/api/v1/namespaces/shop/secrets/db-password";
 const PODS_PATH: &str = "/api/v1/namespaces/shop/pods";
 const SELECTOR: &str = "pgsnap.io/backup-uid=backup-uid";
+/// Snapshots of [`BACKUP`] made before snapshots carried its uid.
+const LEGACY_SELECTOR: &str = "pgsnap.io/backup=orders-1,!pgsnap.io/backup-uid";
 const DATA_SNAPSHOT: &str = "orders-1-data";
 
 fn context(client: Client, max_concurrent: usize) -> Context {
@@ -116,6 +118,15 @@ fn pending(backup: &Backup, reason: &'static str, message: &'static str) -> Vec<
     ]
 }
 
+/// The two listings of the backup's own snapshots: by uid (`existing`), and those made before
+/// snapshots carried it (none).
+fn own_snapshots<T: serde::Serialize>(existing: impl IntoIterator<Item = T>) -> Vec<Call> {
+    vec![
+        Call::list(SNAPSHOTS_PATH, SELECTOR).returns_list(existing),
+        Call::list(SNAPSHOTS_PATH, LEGACY_SELECTOR).returns_list(Vec::<Value>::new()),
+    ]
+}
+
 /// A failure: the backup's snapshots (`existing`) and label ConfigMap deleted, then status
 /// Failed with the reason and nothing left to restore from, and a Warning Event.
 fn failed(
@@ -125,7 +136,7 @@ fn failed(
     message: &'static str,
 ) -> Vec<Call> {
     let snapshots = existing.iter().map(|s| snapshot(s, false, None));
-    let mut script = vec![Call::list(SNAPSHOTS_PATH, SELECTOR).returns_list(snapshots)];
+    let mut script = own_snapshots(snapshots);
     script.extend(
         existing
             .iter()
@@ -233,8 +244,8 @@ async fn a_backup_beyond_the_operators_limit_waits_for_a_slot() {
 async fn a_finalizing_backup_completes_when_every_snapshot_is_ready() {
     let backup = Backup::test().with_status(finalizing(false));
     let message = "1 snapshot(s) ready to use; the server spent 1.5s in backup mode";
-    let script = vec![
-        Call::list(SNAPSHOTS_PATH, SELECTOR).returns_list([snapshot(DATA_SNAPSHOT, true, None)]),
+    let mut script = own_snapshots([snapshot(DATA_SNAPSHOT, true, None)]);
+    script.extend([
         Call::apply_status(BACKUP_PATH, &backup).body(move |body| {
             let status = &body["status"];
             assert_phase(status, "Completed", "True", "Completed");
@@ -244,7 +255,7 @@ async fn a_finalizing_backup_completes_when_every_snapshot_is_ready() {
             assert!(status["completedAt"].is_string(), "{status}");
         }),
         Call::event("Normal", "Completed").body(move |e| assert_eq!(e["note"], message)),
-    ];
+    ]);
     reconcile_with(backup, script).await;
 }
 
@@ -252,15 +263,13 @@ async fn a_finalizing_backup_completes_when_every_snapshot_is_ready() {
 async fn a_finalizing_backup_records_progress_and_keeps_waiting() {
     let backup = Backup::test().with_status(finalizing(false));
     // Not ready yet, but its restoreSize is news: status only, no Event.
-    let script = vec![
-        Call::list(SNAPSHOTS_PATH, SELECTOR).returns_list([snapshot(DATA_SNAPSHOT, false, None)]),
-        Call::apply_status(BACKUP_PATH, &backup).body(|body| {
-            let status = &body["status"];
-            assert_eq!(status["phase"], "Finalizing");
-            assert_eq!(status["snapshots"][0]["readyToUse"], false);
-            assert_eq!(status["snapshots"][0]["restoreSize"], "10Gi");
-        }),
-    ];
+    let mut script = own_snapshots([snapshot(DATA_SNAPSHOT, false, None)]);
+    script.extend([Call::apply_status(BACKUP_PATH, &backup).body(|body| {
+        let status = &body["status"];
+        assert_eq!(status["phase"], "Finalizing");
+        assert_eq!(status["snapshots"][0]["readyToUse"], false);
+        assert_eq!(status["snapshots"][0]["restoreSize"], "10Gi");
+    })]);
     reconcile_with(backup, script).await;
 }
 
@@ -268,7 +277,7 @@ async fn a_finalizing_backup_records_progress_and_keeps_waiting() {
 async fn a_failed_snapshot_fails_the_backup_and_removes_what_it_made() {
     let backup = Backup::test().with_status(finalizing(false));
     let failing = snapshot(DATA_SNAPSHOT, false, Some("disk full"));
-    let mut script = vec![Call::list(SNAPSHOTS_PATH, SELECTOR).returns_list([failing])];
+    let mut script = own_snapshots([failing]);
     script.extend(failed(
         &backup,
         &[DATA_SNAPSHOT],
@@ -286,7 +295,7 @@ async fn a_snapshot_not_ready_within_the_ready_timeout_fails_the_backup() {
     status.backup_window.as_mut().unwrap().stopped_at = Some(Time(day_ago));
     let backup = Backup::test().with_status(status);
     let waiting = snapshot(DATA_SNAPSHOT, false, None);
-    let mut script = vec![Call::list(SNAPSHOTS_PATH, SELECTOR).returns_list([waiting])];
+    let mut script = own_snapshots([waiting]);
     script.extend(failed(
         &backup,
         &[DATA_SNAPSHOT],
@@ -299,7 +308,7 @@ async fn a_snapshot_not_ready_within_the_ready_timeout_fails_the_backup() {
 #[tokio::test]
 async fn a_snapshot_deleted_before_it_was_ready_fails_the_backup() {
     let backup = Backup::test().with_status(finalizing(false));
-    let mut script = vec![Call::list(SNAPSHOTS_PATH, SELECTOR).returns_list(Vec::<Value>::new())];
+    let mut script = own_snapshots(Vec::<Value>::new());
     script.extend(failed(
         &backup,
         &[],
@@ -355,15 +364,15 @@ async fn deleting_a_backup_with_policy_delete_removes_its_snapshots_and_label() 
         snapshot(DATA_SNAPSHOT, true, None),
         snapshot("orders-1-wal", true, None),
     ];
-    let script = vec![
-        Call::list(SNAPSHOTS_PATH, SELECTOR).returns_list(snapshots),
+    let mut script = own_snapshots(snapshots);
+    script.extend([
         Call::delete(format!("{SNAPSHOTS_PATH}/{DATA_SNAPSHOT}")),
         Call::delete(format!("{SNAPSHOTS_PATH}/orders-1-wal")),
         Call::get(format!("{CONFIG_MAPS_PATH}/{LABEL_CONFIG_MAP}")).returns(own_label_config_map()),
         Call::delete(format!("{CONFIG_MAPS_PATH}/{LABEL_CONFIG_MAP}"))
             .body(|b| assert_eq!(b["preconditions"]["uid"], "label-uid")),
         finalizer_removed(&backup),
-    ];
+    ]);
     reconcile_with(backup, script).await;
 }
 

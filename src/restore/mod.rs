@@ -36,7 +36,7 @@ use crate::api::restore::{
     RestoreTimings,
 };
 use crate::api::snapshot::VolumeSnapshot;
-use crate::api::{RESTORE_NAME_LABEL, RESTORE_UID_LABEL};
+use crate::api::{RESTORE_CREATOR, RESTORE_UID_LABEL};
 use crate::controller::{self, Failure, PhasedStatus, Reporter, now, set_phase};
 use crate::label_store::{self, LabelRecord};
 use crate::telemetry::{Metrics, Outcome};
@@ -126,10 +126,7 @@ impl Context {
         message: String,
     ) -> Result<(), kube::Error> {
         let news = status.phase != Some(phase)
-            || !status
-                .conditions
-                .iter()
-                .any(|c| c.reason == reason && c.message == message);
+            || !controller::ready_says(&status.conditions, reason, &message);
         set_phase(status, restore, phase, reason, &message);
         self.reporter.patch_status(restore, status).await?;
         if news {
@@ -483,7 +480,7 @@ async fn ensure_job(
 
 /// The labels on every object a Restore creates.
 fn restore_labels(restore: &Restore) -> std::collections::BTreeMap<String, String> {
-    controller::creator_labels(RESTORE_NAME_LABEL, RESTORE_UID_LABEL, restore)
+    controller::creator_labels(&RESTORE_CREATOR, restore)
 }
 
 fn error_policy(restore: Arc<Restore>, error: &Error, _ctx: Arc<Context>) -> Action {

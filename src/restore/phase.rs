@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::{ContainerStateTerminated, PersistentVolumeClaim
 use k8s_openapi::api::storage::v1::StorageClass;
 use kube::{Resource, ResourceExt};
 
-use crate::api::RESTORE_UID_LABEL;
+use crate::api::RESTORE_CREATOR;
 use crate::api::backup::{BackupStatus, Phase, VolumeRole};
 use crate::api::restore::{Restore, RestoreSpec};
 use crate::api::snapshot::VolumeSnapshot;
@@ -115,7 +115,7 @@ pub fn default_class(classes: &[StorageClass]) -> Option<String> {
 
 /// Whether this very Restore (by uid) made `object`: only such objects are its own.
 pub fn made_by(object: &impl Resource, restore: &Restore) -> bool {
-    created_by(object, RESTORE_UID_LABEL, restore.uid().as_deref())
+    created_by(object, &RESTORE_CREATOR, restore)
 }
 
 pub fn is_bound(pvc: &PersistentVolumeClaim) -> bool {
