@@ -636,6 +636,69 @@ async fn sigterm_and_the_deadline_abort_cleanly() {
     assert_clean(&cluster, &db, &name, false).await;
 }
 
+/// PostgreSQL 10 cannot show where a linked pg_wal is. Without `spec.volumes` the backup is
+/// refused before backup mode (never a backup of the data volume alone); with the volumes
+/// listed, pg_wal's volume is snapshotted too and the backup restores every row.
+#[tokio::test]
+async fn postgres_10_with_pg_wal_on_its_own_volume() {
+    let cluster = Cluster::from_env().await;
+    let _operator = Operator::for_test(&cluster).await;
+    let db = postgres_pod(10)
+        .archive(true)
+        .wal_volume(true)
+        .create(&cluster)
+        .await;
+    let secret = db.password_secret(&cluster).await;
+    let guess = on(&db, &secret, json!({"checkpoint": "Fast"}));
+    let refused = wait_terminal(
+        &cluster,
+        &apply(&cluster, backup_spec("guess", guess)).await,
+    )
+    .await;
+    assert_failed(&refused, "WalLocationUnknown");
+    assert!(
+        refused
+            .status
+            .as_ref()
+            .is_some_and(|s| s.start_lsn.is_none()),
+        "refused before backup mode"
+    );
+
+    let listed = on(
+        &db,
+        &secret,
+        json!({"checkpoint": "Fast", "volumes": [
+            {"persistentVolumeClaim": db.claim("data")},
+            {"persistentVolumeClaim": db.claim("wal")},
+        ]}),
+    );
+    let writer = Writer::start(&db).await;
+    let name = apply(&cluster, backup_spec("listed", listed)).await;
+    let backup = wait_terminal(&cluster, &name).await;
+    let written = writer.finish().await;
+    assert_completed(&backup);
+    let status = backup.status.clone().unwrap();
+    let mut roles: Vec<(VolumeRole, String)> = status
+        .snapshots
+        .iter()
+        .map(|s| (s.role, s.persistent_volume_claim.clone()))
+        .collect();
+    roles.sort();
+    assert_eq!(
+        roles,
+        [
+            (VolumeRole::Data, db.claim("data")),
+            (VolumeRole::Wal, db.claim("wal"))
+        ]
+    );
+    let expected =
+        proof::committed_before(&written, verify::status_lsn(status.stop_lsn.as_deref()));
+    let restored = verify::restore(&cluster, &db, &backup, Prepare::Correct)
+        .await
+        .unwrap_or_else(|e| panic!("restore failed: {e}"));
+    assert!(proof::missing(&expected, &restored).is_empty());
+}
+
 /// A pod named by one Backup and selected by another is one database: the second queues
 /// behind the first instead of opening a second backup session beside it.
 #[tokio::test]

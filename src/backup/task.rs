@@ -312,13 +312,34 @@ async fn plan_snapshots(
         match session.locate_wal(&candidates).await {
             Ok(Some(wal)) => dirs[1].path = wal,
             Ok(None) => {}
-            Err(e) if server.major < 11 => {
-                info!(error = %e, "PostgreSQL 10 cannot tell whether pg_wal links to another volume; taking it inside the data directory")
+            // PostgreSQL 10 cannot say; never assume pg_wal is inside the data directory.
+            Err(_) if server.major < 11 => {
+                dirs[1].path = wal_without_the_server(&pod_spec, &dirs, &overrides, &candidates)?
             }
             Err(e) => return Err(e.into()),
         }
     }
     Ok(volumes::plan(&pod_spec, &dirs, &overrides)?)
+}
+
+/// pg_wal's location on PostgreSQL 10: from the claims `spec.volumes` lists, else refused
+/// before backup mode, because a pg_wal on an unlisted volume would be left out silently.
+fn wal_without_the_server(
+    pod: &k8s_openapi::api::core::v1::PodSpec,
+    dirs: &[DatabaseDir],
+    overrides: &[String],
+    candidates: &[&str],
+) -> Result<String, Failure> {
+    if overrides.is_empty() {
+        return Err(Failure::new(
+            "WalLocationUnknown",
+            format!(
+                "PostgreSQL 10 cannot show whether pg_wal links to another volume, and the pod mounts other writable volumes ({}): list the database's volumes in spec.volumes (the data volume, and pg_wal's when it has its own)",
+                candidates.join(", ")
+            ),
+        ));
+    }
+    Ok(volumes::wal_on_listed_claim(pod, dirs, overrides).unwrap_or_else(|| dirs[1].path.clone()))
 }
 
 /// The VolumeSnapshotClass of each planned snapshot, resolved before backup mode begins.

@@ -195,6 +195,39 @@ fn locate(pod: &PodSpec, dir: &DatabaseDir) -> Result<Location, PlanError> {
     })
 }
 
+/// Where pg_wal is when the server cannot say (PostgreSQL 10 reads no directory outside the
+/// data directory) but `spec.volumes` lists the database's claims: the one listed claim that
+/// holds no other directory of the database, at its mount path (the restored claim is
+/// mounted there again, so the `pg_wal` link resolves whether it points at the mount or
+/// below it). None when every listed claim holds another directory: pg_wal is inside the
+/// data directory.
+pub fn wal_on_listed_claim(
+    pod: &PodSpec,
+    dirs: &[DatabaseDir],
+    overrides: &[String],
+) -> Option<String> {
+    let used: Vec<String> = dirs
+        .iter()
+        .filter(|d| d.role != VolumeRole::Wal)
+        .filter_map(|d| locate(pod, d).ok())
+        .map(|l| l.persistent_volume_claim)
+        .collect();
+    let mut spare = overrides.iter().filter(|o| !used.contains(o));
+    let (Some(claim), None) = (spare.next(), spare.next()) else {
+        return None;
+    };
+    let volume = pod.volumes.iter().flatten().find(|v| {
+        v.persistent_volume_claim
+            .as_ref()
+            .is_some_and(|c| &c.claim_name == claim)
+    })?;
+    pod.containers
+        .iter()
+        .flat_map(|c| c.volume_mounts.iter().flatten())
+        .find(|m| m.name == volume.name && m.sub_path.is_none())
+        .map(|m| normalise(&m.mount_path).to_string_lossy().to_string())
+}
+
 /// Where pg_wal could be if it links out of the data directory: every mount (and its
 /// `pg_wal`) of a volume that can hold data, other than the data directory's own mount.
 pub fn wal_candidates(pod: &PodSpec, data_directory: &str) -> Vec<String> {
@@ -294,6 +327,46 @@ mod tests {
             tablespace_oid: None,
             path: path.into(),
         }
+    }
+
+    /// PostgreSQL 10 cannot locate a linked pg_wal: the listed claims say where it is.
+    #[test]
+    fn without_the_server_pg_wal_is_on_the_one_listed_claim_holding_nothing_else() {
+        let pod = pod(
+            &[
+                ("data", "/var/lib/postgresql/data", None),
+                ("wal", "/wal", None),
+                ("archive", "/archive", None),
+            ],
+            &[
+                ("data", Some("data-db-0")),
+                ("wal", Some("wal-db-0")),
+                ("archive", Some("archive-db-0")),
+            ],
+        );
+        let dirs = [
+            dir(VolumeRole::Data, "/var/lib/postgresql/data/pgdata"),
+            dir(VolumeRole::Wal, "/var/lib/postgresql/data/pgdata/pg_wal"),
+        ];
+        let listed = |claims: &[&str]| claims.iter().map(|c| c.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            wal_on_listed_claim(&pod, &dirs, &listed(&["data-db-0", "wal-db-0"])).as_deref(),
+            Some("/wal")
+        );
+        // Only the data volume listed: pg_wal is inside it.
+        assert_eq!(
+            wal_on_listed_claim(&pod, &dirs, &listed(&["data-db-0"])),
+            None
+        );
+        // Two spare claims: no guess (the plan then refuses the one no directory uses).
+        assert_eq!(
+            wal_on_listed_claim(
+                &pod,
+                &dirs,
+                &listed(&["data-db-0", "wal-db-0", "archive-db-0"])
+            ),
+            None
+        );
     }
 
     #[test]
