@@ -761,6 +761,163 @@ async fn one_pod_by_name_and_by_selector_is_one_database() {
     assert_eq!(sessions, "1", "one backup session on the database");
 }
 
+fn snapshot_classes(cluster: &Cluster) -> Api<kube::api::DynamicObject> {
+    let gvk =
+        kube::api::GroupVersionKind::gvk("snapshot.storage.k8s.io", "v1", "VolumeSnapshotClass");
+    Api::all_with(
+        cluster.client.clone(),
+        &kube::api::ApiResource::from_gvk(&gvk),
+    )
+}
+
+/// A VolumeSnapshotClass of the test driver for this test's namespace, with `parameters` on
+/// top of the default class's (the driver's behaviours: e2e/go/hostpath/main.go).
+async fn snapshot_class(
+    cluster: &Cluster,
+    kind: &str,
+    deletion_policy: &str,
+    parameters: serde_json::Value,
+) -> String {
+    let name = format!("{kind}-{}", cluster.namespace);
+    let mut params = json!({"ignoreFailedRead": "true"});
+    params
+        .as_object_mut()
+        .unwrap()
+        .extend(parameters.as_object().cloned().unwrap_or_default());
+    let class: kube::api::DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshotClass",
+        "metadata": {"name": name}, "driver": "hostpath.csi.k8s.io",
+        "deletionPolicy": deletion_policy, "parameters": params,
+    }))
+    .unwrap();
+    snapshot_classes(cluster)
+        .create(&PostParams::default(), &class)
+        .await
+        .unwrap_or_else(|e| panic!("VolumeSnapshotClass {name}: {e}"));
+    name
+}
+
+async fn delete_snapshot_class(cluster: &Cluster, name: &str) {
+    let _ = snapshot_classes(cluster)
+        .delete(name, &DeleteParams::default())
+        .await;
+}
+
+/// Cut and ready apart, as on cloud block storage: the server leaves backup mode at the cut,
+/// and the Backup is Completed only once the upload is done.
+#[tokio::test]
+async fn the_server_leaves_backup_mode_at_the_cut_and_completes_at_ready() {
+    let cluster = Cluster::from_env().await;
+    let _operator = Operator::for_test(&cluster).await;
+    let db = postgres_pod(16).create(&cluster).await;
+    let secret = db.password_secret(&cluster).await;
+    let class = snapshot_class(&cluster, "upload", "Delete", json!({"uploadSeconds": "8"})).await;
+    let spec = on(
+        &db,
+        &secret,
+        json!({"checkpoint": "Fast", "waitForArchive": false, "volumeSnapshotClassName": class}),
+    );
+    let name = apply(&cluster, backup_spec("uploaded", spec)).await;
+    let finalizing = cluster
+        .wait_for(
+            cluster.api::<Backup>(),
+            &name,
+            "Finalizing",
+            Duration::from_secs(60),
+            phase_is(&[Phase::Finalizing, Phase::Completed, Phase::Failed]),
+        )
+        .await;
+    let status = finalizing.status.clone().unwrap();
+    assert_eq!(status.phase, Some(Phase::Finalizing), "{:#?}", status.error);
+    assert!(
+        status.snapshots.iter().all(|s| !s.ready_to_use),
+        "the upload is not done yet"
+    );
+    let sessions = db
+        .sql_value("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgsnap'")
+        .await;
+    assert_eq!(
+        sessions, "0",
+        "out of backup mode while the snapshot uploads"
+    );
+    let backup = wait_terminal(&cluster, &name).await;
+    assert_completed(&backup);
+    let status = backup.status.unwrap();
+    let stopped = status.backup_window.unwrap().stopped_at.unwrap();
+    let waited = status.completed_at.unwrap().0.duration_since(stopped.0);
+    assert!(
+        waited.as_secs_f64() >= 5.0,
+        "Completed {waited:?} after the stop, before the upload's 8 s"
+    );
+    delete_snapshot_class(&cluster, &class).await;
+}
+
+/// A snapshot the driver fails: Failed with the driver's message, out of backup mode,
+/// nothing left behind.
+#[tokio::test]
+async fn a_snapshot_the_driver_fails_fails_the_backup_with_its_message() {
+    let cluster = Cluster::from_env().await;
+    let _operator = Operator::for_test(&cluster).await;
+    let db = postgres_pod(16).create(&cluster).await;
+    let secret = db.password_secret(&cluster).await;
+    let class = snapshot_class(
+        &cluster,
+        "failing",
+        "Delete",
+        json!({"failWith": "disk on fire"}),
+    )
+    .await;
+    let spec = on(
+        &db,
+        &secret,
+        json!({"checkpoint": "Fast", "waitForArchive": false, "volumeSnapshotClassName": class}),
+    );
+    let name = apply(&cluster, backup_spec("failing", spec)).await;
+    let backup = wait_terminal(&cluster, &name).await;
+    assert_failed(&backup, "SnapshotFailed");
+    let message = &backup
+        .status
+        .as_ref()
+        .unwrap()
+        .error
+        .as_ref()
+        .unwrap()
+        .message;
+    assert!(message.contains("disk on fire"), "{message}");
+    assert_clean(&cluster, &db, &name, false).await;
+    delete_snapshot_class(&cluster, &class).await;
+}
+
+/// A snapshot that never becomes ready: Finalizing ends at `readyTimeout` as
+/// SnapshotNotReady, and the snapshots go.
+#[tokio::test]
+async fn a_snapshot_never_ready_fails_at_the_ready_timeout() {
+    let cluster = Cluster::from_env().await;
+    let _operator = Operator::for_test(&cluster).await;
+    let db = postgres_pod(16).create(&cluster).await;
+    let secret = db.password_secret(&cluster).await;
+    let class = snapshot_class(&cluster, "never", "Delete", json!({"neverReady": "true"})).await;
+    let spec = on(
+        &db,
+        &secret,
+        json!({"checkpoint": "Fast", "waitForArchive": false, "volumeSnapshotClassName": class,
+               "readyTimeout": "1m"}),
+    );
+    let name = apply(&cluster, backup_spec("never-ready", spec)).await;
+    let backup = cluster
+        .wait_for(
+            cluster.api::<Backup>(),
+            &name,
+            "Failed",
+            Duration::from_secs(150),
+            phase_is(&[Phase::Completed, Phase::Failed]),
+        )
+        .await;
+    assert_failed(&backup, "SnapshotNotReady");
+    assert_clean(&cluster, &db, &name, false).await;
+    delete_snapshot_class(&cluster, &class).await;
+}
+
 /// With a VolumeSnapshotClass that retains, deleting a snapshot leaves its content and the
 /// storage snapshot behind: pgsnap switches its own contents to Delete first, so a Backup
 /// deleted with deletionPolicy Delete leaves no orphan.
@@ -770,23 +927,7 @@ async fn a_retain_snapshot_class_leaves_no_orphan_content() {
     let _operator = Operator::for_test(&cluster).await;
     let db = postgres_pod(16).create(&cluster).await;
     let secret = db.password_secret(&cluster).await;
-    let gvk =
-        kube::api::GroupVersionKind::gvk("snapshot.storage.k8s.io", "v1", "VolumeSnapshotClass");
-    let classes: Api<kube::api::DynamicObject> = Api::all_with(
-        cluster.client.clone(),
-        &kube::api::ApiResource::from_gvk(&gvk),
-    );
-    let class = format!("retain-{}", cluster.namespace);
-    let retain: kube::api::DynamicObject = serde_json::from_value(json!({
-        "apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshotClass",
-        "metadata": {"name": class}, "driver": "hostpath.csi.k8s.io", "deletionPolicy": "Retain",
-        "parameters": {"ignoreFailedRead": "true"},
-    }))
-    .unwrap();
-    classes
-        .create(&PostParams::default(), &retain)
-        .await
-        .expect("a Retain class");
+    let class = snapshot_class(&cluster, "retain", "Retain", json!({})).await;
     let spec = on(
         &db,
         &secret,
@@ -827,7 +968,7 @@ async fn a_retain_snapshot_class_leaves_no_orphan_content() {
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
-    let _ = classes.delete(&class, &DeleteParams::default()).await;
+    delete_snapshot_class(&cluster, &class).await;
 }
 
 /// Delete removes snapshots and label; Retain keeps both.

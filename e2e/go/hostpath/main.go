@@ -6,6 +6,12 @@
 //     non-atomic copy (files may change while tar reads them), the case backup mode exists for;
 //   - VolumeSnapshotClass parameter ignoreFailedRead=true lets tar skip files removed under it.
 //
+// Class parameters also give it the behaviours of real drivers, for pgsnap's failure tests:
+//   - uploadSeconds=N: the snapshot is cut (creationTime set) when the tar ends, and ready to
+//     use only N seconds later, as cloud block storage uploads after the cut;
+//   - neverReady=true: cut, and never ready;
+//   - failWith=MESSAGE: CreateSnapshot fails with MESSAGE.
+//
 // Only the identity and controller services are served: the node agent bind-mounts volume
 // directories itself, so no NodePublish is needed.
 package main
@@ -54,7 +60,15 @@ type snapshot struct {
 	Size     int64     `json:"size"`
 	Path     string    `json:"path"`
 	Created  time.Time `json:"created"`
-	Ready    bool      `json:"ready"`
+	// Cut: the tar is whole. Ready: uploaded; or it will be at ReadyAt (nil: never).
+	Cut     bool       `json:"cut"`
+	Ready   bool       `json:"ready"`
+	ReadyAt *time.Time `json:"readyAt,omitempty"`
+}
+
+// ready says whether the snapshot is ready to use now.
+func (s *snapshot) ready() bool {
+	return s.Ready || (s.Cut && s.ReadyAt != nil && !time.Now().Before(*s.ReadyAt))
 }
 
 type state struct {
@@ -95,7 +109,8 @@ func (d *driver) load() error {
 	}
 	// A snapshot whose tar was cut short by a restart is worthless.
 	for id, s := range d.st.Snapshots {
-		if !s.Ready {
+		s.Cut = s.Cut || s.Ready
+		if !s.Cut {
 			os.Remove(s.Path)
 			delete(d.st.Snapshots, id)
 		}
@@ -215,7 +230,7 @@ func (d *driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 	switch {
 	case src.GetSnapshot() != nil:
 		s, ok := d.st.Snapshots[src.GetSnapshot().GetSnapshotId()]
-		if !ok || !s.Ready {
+		if !ok || !s.ready() {
 			return fail(status.Errorf(codes.NotFound, "snapshot %s not found or not ready", src.GetSnapshot().GetSnapshotId()))
 		}
 		if s.Size > size {
@@ -291,7 +306,7 @@ func (d *driver) ControllerExpandVolume(_ context.Context, req *csi.ControllerEx
 
 func (s *snapshot) csi() *csi.Snapshot {
 	return &csi.Snapshot{SnapshotId: s.ID, SourceVolumeId: s.VolumeID, SizeBytes: s.Size,
-		CreationTime: timestamppb.New(s.Created), ReadyToUse: s.Ready}
+		CreationTime: timestamppb.New(s.Created), ReadyToUse: s.ready()}
 }
 
 func (d *driver) CreateSnapshot(ctx context.Context, req *csi.CreateSnapshotRequest) (*csi.CreateSnapshotResponse, error) {
@@ -305,7 +320,7 @@ func (d *driver) CreateSnapshot(ctx context.Context, req *csi.CreateSnapshotRequ
 			if s.VolumeID != req.GetSourceVolumeId() {
 				return nil, status.Errorf(codes.AlreadyExists, "snapshot %s exists for another volume", s.Name)
 			}
-			if !s.Ready {
+			if !s.Cut {
 				// Still being written by an earlier call that timed out. No answer with a
 				// creationTime before the copy is whole: the caller takes creationTime as "cut"
 				// and may end PostgreSQL's backup mode then.
@@ -318,6 +333,10 @@ func (d *driver) CreateSnapshot(ctx context.Context, req *csi.CreateSnapshotRequ
 	if !ok {
 		d.mu.Unlock()
 		return nil, status.Errorf(codes.NotFound, "volume %s not found", req.GetSourceVolumeId())
+	}
+	if msg := req.GetParameters()["failWith"]; msg != "" {
+		d.mu.Unlock()
+		return nil, status.Error(codes.Internal, msg)
 	}
 	s := &snapshot{ID: newID(), Name: req.GetName(), VolumeID: v.ID, Size: v.Size, Created: time.Now().UTC()}
 	s.Path = filepath.Join(d.dir, s.ID+".snap")
@@ -347,7 +366,19 @@ func (d *driver) CreateSnapshot(ctx context.Context, req *csi.CreateSnapshotRequ
 		d.save()
 		return nil, status.Errorf(codes.Internal, "tar of volume %s failed: %v: %s", v.ID, err, out)
 	}
-	s.Ready = true
+	s.Cut = true
+	switch upload := req.GetParameters()["uploadSeconds"]; {
+	case strings.EqualFold(req.GetParameters()["neverReady"], "true"):
+	case upload != "":
+		seconds, err := time.ParseDuration(upload + "s")
+		if err != nil {
+			return nil, status.Errorf(codes.InvalidArgument, "uploadSeconds %q: %v", upload, err)
+		}
+		at := time.Now().Add(seconds)
+		s.ReadyAt = &at
+	default:
+		s.Ready = true
+	}
 	log.Printf("CreateSnapshot %s -> %s of %s (cut at %s, took %s)", s.Name, s.Path, v.ID, s.Created.Format(time.RFC3339Nano), time.Since(s.Created))
 	return &csi.CreateSnapshotResponse{Snapshot: s.csi()}, d.save()
 }
@@ -362,7 +393,7 @@ func (d *driver) DeleteSnapshot(_ context.Context, req *csi.DeleteSnapshotReques
 	if !ok {
 		return &csi.DeleteSnapshotResponse{}, nil
 	}
-	if !s.Ready {
+	if !s.Cut {
 		return nil, status.Errorf(codes.FailedPrecondition, "snapshot %s is still being written", s.ID)
 	}
 	if err := os.Remove(s.Path); err != nil && !errors.Is(err, os.ErrNotExist) {
