@@ -62,15 +62,25 @@ pub fn now() -> Time {
 }
 
 /// A status with a phase and conditions, as every pgsnap resource has.
+/// Where a phase stands, as the Kubernetes condition conventions (and kstatus, which Flux,
+/// Argo CD and kpt read) tell it: in progress, done and good, or failed for good.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Progress {
+    InProgress,
+    Succeeded,
+    Failed,
+}
+
 pub trait PhasedStatus {
     type Phase: Copy;
-    /// Whether this phase means the work is done and good: `Ready` is True only then.
-    fn is_ready(phase: Self::Phase) -> bool;
+    fn progress(phase: Self::Phase) -> Progress;
     fn set_phase_fields(&mut self, phase: Self::Phase, generation: Option<i64>);
     fn conditions_mut(&mut self) -> &mut Vec<Condition>;
 }
 
-/// Sets the phase, `observedGeneration` and the `Ready` condition that mirrors the phase.
+/// Sets the phase, `observedGeneration` and the conditions that mirror the phase: `Ready`
+/// (True when it succeeded), `Reconciling` (True while in progress) and `Stalled` (True when
+/// it failed for good), so a GitOps pipeline stops at once on a failure instead of timing out.
 pub fn set_phase<S: PhasedStatus>(
     status: &mut S,
     object: &impl Resource,
@@ -80,15 +90,27 @@ pub fn set_phase<S: PhasedStatus>(
 ) {
     let generation = object.meta().generation;
     status.set_phase_fields(phase, generation);
-    let ready = Condition {
-        type_: "Ready".into(),
-        status: if S::is_ready(phase) { "True" } else { "False" }.into(),
-        reason: reason.into(),
-        message: message.into(),
-        observed_generation: generation,
-        last_transition_time: now(),
-    };
-    set_condition(status.conditions_mut(), ready);
+    let progress = S::progress(phase);
+    for (type_, true_when) in [
+        ("Ready", Progress::Succeeded),
+        ("Reconciling", Progress::InProgress),
+        ("Stalled", Progress::Failed),
+    ] {
+        let condition = Condition {
+            type_: type_.into(),
+            status: if progress == true_when {
+                "True"
+            } else {
+                "False"
+            }
+            .into(),
+            reason: reason.into(),
+            message: message.into(),
+            observed_generation: generation,
+            last_transition_time: now(),
+        };
+        set_condition(status.conditions_mut(), condition);
+    }
 }
 
 /// Replaces the condition of the same type, keeping its transition time when the status
@@ -356,6 +378,31 @@ mod tests {
             &creator
         ));
         assert!(!created_by(&object(&[], 150), &BACKUP_CREATOR, &creator));
+    }
+
+    #[test]
+    fn the_conditions_say_in_progress_done_or_failed_as_kstatus_reads_them() {
+        use crate::api::backup::{BackupStatus, Phase};
+        let backup = k8s_openapi::api::core::v1::ConfigMap::default();
+        let states = |phase: Phase| {
+            let mut status = BackupStatus::default();
+            set_phase(&mut status, &backup, phase, "R", "m");
+            status
+                .conditions
+                .iter()
+                .map(|c| (c.type_.clone(), c.status.clone()))
+                .collect::<Vec<_>>()
+        };
+        let said = |r: &str, g: &str, s: &str| {
+            vec![
+                ("Ready".to_string(), r.to_string()),
+                ("Reconciling".to_string(), g.to_string()),
+                ("Stalled".to_string(), s.to_string()),
+            ]
+        };
+        assert_eq!(states(Phase::Snapshotting), said("False", "True", "False"));
+        assert_eq!(states(Phase::Completed), said("True", "False", "False"));
+        assert_eq!(states(Phase::Failed), said("False", "False", "True"));
     }
 
     #[test]

@@ -70,6 +70,16 @@ async fn wait_terminal(cluster: &Cluster, name: &str) -> Backup {
         .await
 }
 
+/// The status of each condition GitOps tools read (kstatus): Ready, Reconciling, Stalled.
+fn conditions(backup: &Backup) -> [String; 3] {
+    let status = backup.status.as_ref().expect("status");
+    ["Ready", "Reconciling", "Stalled"].map(|t| {
+        let c = status.conditions.iter().find(|c| c.type_ == t);
+        c.map(|c| c.status.clone())
+            .unwrap_or_else(|| panic!("no {t} condition"))
+    })
+}
+
 fn assert_completed(backup: &Backup) {
     let status = backup.status.as_ref().expect("status");
     assert_eq!(
@@ -79,12 +89,7 @@ fn assert_completed(backup: &Backup) {
         backup.name_any(),
         status.error
     );
-    let ready = status
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Ready")
-        .expect("Ready condition");
-    assert_eq!(ready.status, "True");
+    assert_eq!(conditions(backup), ["True", "False", "False"]);
     assert!(
         status
             .snapshots
@@ -105,6 +110,11 @@ fn assert_failed(backup: &Backup, reason: &str) {
     );
     let error = status.error.as_ref().expect("a failed backup says why");
     assert_eq!(error.reason, reason, "{error:#?}");
+    assert_eq!(
+        conditions(backup),
+        ["False", "False", "True"],
+        "Stalled: failed for good"
+    );
 }
 
 /// After any backup: no session of pgsnap left on the server, no snapshot of a failed backup.

@@ -119,6 +119,11 @@ fn failed_with(r: &Restore, reasons: &[&str]) {
         "restore {}: {status:#?}",
         r.name_any()
     );
+    let stalled = status.conditions.iter().find(|c| c.type_ == "Stalled");
+    assert!(
+        stalled.is_some_and(|c| c.status == "True"),
+        "a failed restore reads as failed to GitOps tools: {stalled:?}"
+    );
     let error = status.error.as_ref().expect("a failed restore says why");
     assert!(
         reasons.contains(&error.reason.as_str()),

@@ -30,7 +30,7 @@ use crate::api::backup::{Backup, BackupError, BackupStatus, DeletionPolicy, Phas
 use crate::api::snapshot::VolumeSnapshot;
 use crate::api::{BACKUP_CREATOR, BACKUP_UID_LABEL};
 use crate::controller::{
-    self, Failure, PhasedStatus, Reporter, delete_if_created_by, now, set_phase,
+    self, Failure, PhasedStatus, Progress, Reporter, delete_if_created_by, now, set_phase,
 };
 use crate::label_store;
 use crate::snapshots::{self, SnapshotError};
@@ -52,8 +52,12 @@ pub struct Settings {
 impl PhasedStatus for BackupStatus {
     type Phase = Phase;
 
-    fn is_ready(phase: Phase) -> bool {
-        phase == Phase::Completed
+    fn progress(phase: Phase) -> Progress {
+        match phase {
+            Phase::Completed => Progress::Succeeded,
+            Phase::Failed => Progress::Failed,
+            _ => Progress::InProgress,
+        }
     }
 
     fn set_phase_fields(&mut self, phase: Phase, generation: Option<i64>) {

@@ -37,7 +37,7 @@ use crate::api::restore::{
 };
 use crate::api::snapshot::VolumeSnapshot;
 use crate::api::{RESTORE_CREATOR, RESTORE_UID_LABEL};
-use crate::controller::{self, Failure, PhasedStatus, Reporter, now, set_phase};
+use crate::controller::{self, Failure, PhasedStatus, Progress, Reporter, now, set_phase};
 use crate::label_store::{self, LabelRecord};
 use crate::telemetry::{Metrics, Outcome};
 use phase::JobOutcome;
@@ -85,8 +85,12 @@ impl From<kube::Error> for Stop {
 impl PhasedStatus for RestoreStatus {
     type Phase = RestorePhase;
 
-    fn is_ready(phase: RestorePhase) -> bool {
-        phase == RestorePhase::Completed
+    fn progress(phase: RestorePhase) -> Progress {
+        match phase {
+            RestorePhase::Completed => Progress::Succeeded,
+            RestorePhase::Failed => Progress::Failed,
+            _ => Progress::InProgress,
+        }
     }
 
     fn set_phase_fields(&mut self, phase: RestorePhase, generation: Option<i64>) {
