@@ -60,6 +60,36 @@ pub fn install_chart_rbac() {
     ));
 }
 
+/// Whether the operator's ServiceAccount (the chart's RBAC) may `verb` `resource` (core
+/// group) in `namespace`, as the API server's authorizer says.
+pub async fn operator_may(client: &Client, verb: &str, resource: &str, namespace: &str) -> bool {
+    use k8s_openapi::api::authorization::v1::{
+        ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
+    };
+    let review = SubjectAccessReview {
+        spec: SubjectAccessReviewSpec {
+            user: Some(format!(
+                "system:serviceaccount:{OPERATOR_NAMESPACE}:{RELEASE}"
+            )),
+            groups: Some(vec!["system:serviceaccounts".into()]),
+            resource_attributes: Some(ResourceAttributes {
+                verb: Some(verb.into()),
+                resource: Some(resource.into()),
+                namespace: Some(namespace.into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    Api::<SubjectAccessReview>::all(client.clone())
+        .create(&PostParams::default(), &review)
+        .await
+        .expect("a SubjectAccessReview")
+        .status
+        .is_some_and(|s| s.allowed)
+}
+
 pub struct Operator {
     child: Child,
     pub metrics_port: u16,

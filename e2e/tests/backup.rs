@@ -11,7 +11,7 @@ use kube::{Api, ResourceExt};
 use pgsnap::api::Backup;
 use pgsnap::api::backup::{Phase, VolumeRole};
 use pgsnap::api::snapshot::VolumeSnapshot;
-use pgsnap_e2e::operator::Operator;
+use pgsnap_e2e::operator::{Operator, operator_may};
 use pgsnap_e2e::postgres::password_secret;
 use pgsnap_e2e::proof;
 use pgsnap_e2e::verify::{self, Prepare, Writer};
@@ -442,6 +442,15 @@ async fn a_missing_secret_waits_then_proceeds() {
     );
     password_secret(&cluster, "late", &db.password).await;
     assert_completed(&wait_terminal(&cluster, &name).await);
+    // It found the Secret by name: the chart lets it read a named Secret, and no more.
+    let ns = &cluster.namespace;
+    assert!(operator_may(&cluster.client, "get", "secrets", ns).await);
+    for verb in ["list", "watch"] {
+        assert!(
+            !operator_may(&cluster.client, verb, "secrets", ns).await,
+            "the operator may {verb} every Secret"
+        );
+    }
 }
 
 /// Each bad target ends Failed with the session module's reason, once, with an Event.

@@ -16,7 +16,6 @@ use futures::StreamExt;
 use futures::channel::mpsc;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{self, finalizer};
@@ -36,6 +35,9 @@ use crate::label_store;
 use crate::snapshots::{self, SnapshotError};
 use crate::telemetry::{Metrics, Outcome, TimedStep};
 use phase::{Admission, Next, Readiness, SnapshotObservation};
+
+/// How often a Backup waiting for its Secret looks for it again.
+const SECRET_RECHECK: Duration = Duration::from_secs(5);
 
 /// Keeps a Backup until its snapshots are dealt with as its deletionPolicy says.
 pub const FINALIZER: &str = "pgsnap.io/backup-protection";
@@ -415,8 +417,10 @@ async fn admit(backup: Arc<Backup>, ctx: Arc<Context>) -> Result<Action, Error> 
     let mut status = backup.status.clone().unwrap_or_default();
     let secrets = match read_secrets(&ctx.client, &backup).await? {
         SecretsRead::Found(secrets) => secrets,
+        // Secrets are read by name only (no watch): check again on a timer.
         SecretsRead::Missing(message) => {
-            return wait_pending(&ctx, &backup, &mut status, "SecretNotFound", message).await;
+            wait_pending(&ctx, &backup, &mut status, "SecretNotFound", message).await?;
+            return Ok(Action::requeue(SECRET_RECHECK));
         }
         SecretsRead::Invalid(failure) => {
             ctx.fail(&backup, &mut status, failure).await?;
@@ -605,34 +609,6 @@ fn creator_of(store: &Store<Backup>, snapshot: &VolumeSnapshot) -> Option<Object
         .map(|b| ObjectRef::from_obj(&**b))
 }
 
-/// The Pending backups that wait for Secret `secret` (by name) in its namespace.
-fn waiting_for_secret(
-    store: &Store<Backup>,
-    secret: &PartialObjectMeta<Secret>,
-) -> Vec<ObjectRef<Backup>> {
-    let ns = secret.namespace();
-    let name = secret.name_any();
-    store
-        .state()
-        .into_iter()
-        .filter(|b| {
-            b.namespace() == ns
-                && b.status
-                    .as_ref()
-                    .and_then(|st| st.phase)
-                    .is_none_or(|p| p == Phase::Pending)
-        })
-        .filter(|b| {
-            let c = &b.spec.connection;
-            [&c.password_secret_ref, &c.ca_secret_ref]
-                .into_iter()
-                .flatten()
-                .any(|r| r.name == name)
-        })
-        .map(|b| ObjectRef::from_obj(&*b))
-        .collect()
-}
-
 /// Runs the Backup controller until `shutdown` resolves, then aborts running backups cleanly.
 pub async fn run(
     client: Client,
@@ -645,7 +621,6 @@ pub async fn run(
     let ns = settings.namespace.clone();
     let backups: Api<Backup> = controller::api(&client, ns.as_deref());
     let snapshots: Api<VolumeSnapshot> = controller::api(&client, ns.as_deref());
-    let secrets: Api<PartialObjectMeta<Secret>> = controller::api(&client, ns.as_deref());
     let ctx = Arc::new(Context::new(client, settings, metrics, finished_tx));
     let controller = Controller::new(backups, watcher::Config::default());
     let store = controller.store();
@@ -655,16 +630,8 @@ pub async fn run(
         .watches(
             snapshots,
             watcher::Config::default().labels(BACKUP_UID_LABEL),
-            {
-                let store = store.clone();
-                move |s: VolumeSnapshot| creator_of(&store, &s)
-            },
+            move |s: VolumeSnapshot| creator_of(&store, &s),
         )
-        // A Pending backup waits for its password Secret. Metadata only: the operator never
-        // holds Secret values it does not need.
-        .watches(secrets, watcher::Config::default(), move |s| {
-            waiting_for_secret(&store, &s)
-        })
         .reconcile_all_on(finished_rx)
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx.clone())
