@@ -100,6 +100,34 @@ fn assert_completed(backup: &Backup) {
     );
 }
 
+/// Each snapshot's role and claim, in order.
+fn snapshot_roles(backup: &Backup) -> Vec<(VolumeRole, String)> {
+    let status = backup.status.as_ref().expect("status");
+    let mut roles: Vec<_> = status
+        .snapshots
+        .iter()
+        .map(|s| (s.role, s.persistent_volume_claim.clone()))
+        .collect();
+    roles.sort();
+    roles
+}
+
+/// The backup restores (through restore-prepare) with every row `written` committed by its
+/// stop.
+async fn assert_restores_every_row(
+    cluster: &Cluster,
+    db: &PostgresPod,
+    backup: &Backup,
+    written: &[(i64, pgsnap::postgres::Lsn)],
+) {
+    let stop = backup.status.as_ref().and_then(|s| s.stop_lsn.as_deref());
+    let expected = proof::committed_before(written, verify::status_lsn(stop));
+    let restored = verify::restore(cluster, db, backup, Prepare::Correct)
+        .await
+        .unwrap_or_else(|e| panic!("restore failed: {e}"));
+    assert!(proof::missing(&expected, &restored).is_empty());
+}
+
 fn assert_failed(backup: &Backup, reason: &str) {
     let status = backup.status.as_ref().expect("status");
     assert_eq!(
@@ -331,14 +359,8 @@ async fn every_volume_of_the_database_is_snapshotted() {
     let written = writer.finish().await;
     assert_completed(&backup);
     let status = backup.status.clone().unwrap();
-    let mut roles: Vec<(VolumeRole, String)> = status
-        .snapshots
-        .iter()
-        .map(|s| (s.role, s.persistent_volume_claim.clone()))
-        .collect();
-    roles.sort();
     assert_eq!(
-        roles,
+        snapshot_roles(&backup),
         [
             (VolumeRole::Data, db.claim("data")),
             (VolumeRole::Wal, db.claim("wal")),
@@ -353,12 +375,7 @@ async fn every_volume_of_the_database_is_snapshotted() {
     assert!(
         cm.data.as_ref().unwrap()["tablespace_map"].contains("/var/lib/postgresql/tablespace/data")
     );
-    let expected =
-        proof::committed_before(&written, verify::status_lsn(status.stop_lsn.as_deref()));
-    let restored = verify::restore(&cluster, &db, &backup, Prepare::Correct)
-        .await
-        .unwrap_or_else(|e| panic!("restore failed: {e}"));
-    assert!(proof::missing(&expected, &restored).is_empty());
+    assert_restores_every_row(&cluster, &db, &backup, &written).await;
 }
 
 /// A selector with role Standby picks the streaming replica; the label says so.
@@ -696,26 +713,14 @@ async fn postgres_10_with_pg_wal_on_its_own_volume() {
     let backup = wait_terminal(&cluster, &name).await;
     let written = writer.finish().await;
     assert_completed(&backup);
-    let status = backup.status.clone().unwrap();
-    let mut roles: Vec<(VolumeRole, String)> = status
-        .snapshots
-        .iter()
-        .map(|s| (s.role, s.persistent_volume_claim.clone()))
-        .collect();
-    roles.sort();
     assert_eq!(
-        roles,
+        snapshot_roles(&backup),
         [
             (VolumeRole::Data, db.claim("data")),
             (VolumeRole::Wal, db.claim("wal"))
         ]
     );
-    let expected =
-        proof::committed_before(&written, verify::status_lsn(status.stop_lsn.as_deref()));
-    let restored = verify::restore(&cluster, &db, &backup, Prepare::Correct)
-        .await
-        .unwrap_or_else(|e| panic!("restore failed: {e}"));
-    assert!(proof::missing(&expected, &restored).is_empty());
+    assert_restores_every_row(&cluster, &db, &backup, &written).await;
 }
 
 /// A pod named by one Backup and selected by another is one database: the second queues
@@ -822,25 +827,41 @@ async fn delete_snapshot_class(cluster: &Cluster, name: &str) {
         .await;
 }
 
+/// A PostgreSQL 16 pod, and a Backup `name` of it through a class of the test driver with
+/// `parameters` (`extra` on top of a fast checkpoint without the archive wait). Returns the
+/// pod and the class.
+async fn backup_through_class(
+    cluster: &Cluster,
+    name: &str,
+    deletion_policy: &str,
+    parameters: serde_json::Value,
+    extra: serde_json::Value,
+) -> (PostgresPod, String) {
+    let db = postgres_pod(16).create(cluster).await;
+    let secret = db.password_secret(cluster).await;
+    let class = snapshot_class(cluster, name, deletion_policy, parameters).await;
+    let mut rest =
+        json!({"checkpoint": "Fast", "waitForArchive": false, "volumeSnapshotClassName": class});
+    rest.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().cloned().unwrap_or_default());
+    apply(cluster, backup_spec(name, on(&db, &secret, rest))).await;
+    (db, class)
+}
+
 /// Cut and ready apart, as on cloud block storage: the server leaves backup mode at the cut,
 /// and the Backup is Completed only once the upload is done.
 #[tokio::test]
 async fn the_server_leaves_backup_mode_at_the_cut_and_completes_at_ready() {
     let cluster = Cluster::from_env().await;
     let _operator = Operator::for_test(&cluster).await;
-    let db = postgres_pod(16).create(&cluster).await;
-    let secret = db.password_secret(&cluster).await;
-    let class = snapshot_class(&cluster, "upload", "Delete", json!({"uploadSeconds": "8"})).await;
-    let spec = on(
-        &db,
-        &secret,
-        json!({"checkpoint": "Fast", "waitForArchive": false, "volumeSnapshotClassName": class}),
-    );
-    let name = apply(&cluster, backup_spec("uploaded", spec)).await;
+    let name = "uploaded";
+    let params = json!({"uploadSeconds": "8"});
+    let (db, class) = backup_through_class(&cluster, name, "Delete", params, json!({})).await;
     let finalizing = cluster
         .wait_for(
             cluster.api::<Backup>(),
-            &name,
+            name,
             "Finalizing",
             Duration::from_secs(60),
             phase_is(&[Phase::Finalizing, Phase::Completed, Phase::Failed]),
@@ -859,7 +880,7 @@ async fn the_server_leaves_backup_mode_at_the_cut_and_completes_at_ready() {
         sessions, "0",
         "out of backup mode while the snapshot uploads"
     );
-    let backup = wait_terminal(&cluster, &name).await;
+    let backup = wait_terminal(&cluster, name).await;
     assert_completed(&backup);
     let status = backup.status.unwrap();
     let stopped = status.backup_window.unwrap().stopped_at.unwrap();
@@ -877,22 +898,10 @@ async fn the_server_leaves_backup_mode_at_the_cut_and_completes_at_ready() {
 async fn a_snapshot_the_driver_fails_fails_the_backup_with_its_message() {
     let cluster = Cluster::from_env().await;
     let _operator = Operator::for_test(&cluster).await;
-    let db = postgres_pod(16).create(&cluster).await;
-    let secret = db.password_secret(&cluster).await;
-    let class = snapshot_class(
-        &cluster,
-        "failing",
-        "Delete",
-        json!({"failWith": "disk on fire"}),
-    )
-    .await;
-    let spec = on(
-        &db,
-        &secret,
-        json!({"checkpoint": "Fast", "waitForArchive": false, "volumeSnapshotClassName": class}),
-    );
-    let name = apply(&cluster, backup_spec("failing", spec)).await;
-    let backup = wait_terminal(&cluster, &name).await;
+    let name = "failing";
+    let params = json!({"failWith": "disk on fire"});
+    let (db, class) = backup_through_class(&cluster, name, "Delete", params, json!({})).await;
+    let backup = wait_terminal(&cluster, name).await;
     assert_failed(&backup, "SnapshotFailed");
     let message = &backup
         .status
@@ -903,7 +912,7 @@ async fn a_snapshot_the_driver_fails_fails_the_backup_with_its_message() {
         .unwrap()
         .message;
     assert!(message.contains("disk on fire"), "{message}");
-    assert_clean(&cluster, &db, &name, false).await;
+    assert_clean(&cluster, &db, name, false).await;
     delete_snapshot_class(&cluster, &class).await;
 }
 
@@ -913,27 +922,21 @@ async fn a_snapshot_the_driver_fails_fails_the_backup_with_its_message() {
 async fn a_snapshot_never_ready_fails_at_the_ready_timeout() {
     let cluster = Cluster::from_env().await;
     let _operator = Operator::for_test(&cluster).await;
-    let db = postgres_pod(16).create(&cluster).await;
-    let secret = db.password_secret(&cluster).await;
-    let class = snapshot_class(&cluster, "never", "Delete", json!({"neverReady": "true"})).await;
-    let spec = on(
-        &db,
-        &secret,
-        json!({"checkpoint": "Fast", "waitForArchive": false, "volumeSnapshotClassName": class,
-               "readyTimeout": "1m"}),
-    );
-    let name = apply(&cluster, backup_spec("never-ready", spec)).await;
+    let name = "never-ready";
+    let params = json!({"neverReady": "true"});
+    let extra = json!({"readyTimeout": "1m"});
+    let (db, class) = backup_through_class(&cluster, name, "Delete", params, extra).await;
     let backup = cluster
         .wait_for(
             cluster.api::<Backup>(),
-            &name,
+            name,
             "Failed",
             Duration::from_secs(150),
             phase_is(&[Phase::Completed, Phase::Failed]),
         )
         .await;
     assert_failed(&backup, "SnapshotNotReady");
-    assert_clean(&cluster, &db, &name, false).await;
+    assert_clean(&cluster, &db, name, false).await;
     delete_snapshot_class(&cluster, &class).await;
 }
 
@@ -944,16 +947,9 @@ async fn a_snapshot_never_ready_fails_at_the_ready_timeout() {
 async fn a_retain_snapshot_class_leaves_no_orphan_content() {
     let cluster = Cluster::from_env().await;
     let _operator = Operator::for_test(&cluster).await;
-    let db = postgres_pod(16).create(&cluster).await;
-    let secret = db.password_secret(&cluster).await;
-    let class = snapshot_class(&cluster, "retain", "Retain", json!({})).await;
-    let spec = on(
-        &db,
-        &secret,
-        json!({"checkpoint": "Fast", "waitForArchive": false, "volumeSnapshotClassName": class}),
-    );
-    let name = apply(&cluster, backup_spec("retained-class", spec)).await;
-    let backup = wait_terminal(&cluster, &name).await;
+    let name = "retained-class";
+    let (_db, class) = backup_through_class(&cluster, name, "Retain", json!({}), json!({})).await;
+    let backup = wait_terminal(&cluster, name).await;
     assert_completed(&backup);
     let contents: Vec<String> = cluster
         .api::<VolumeSnapshot>()
@@ -972,7 +968,7 @@ async fn a_retain_snapshot_class_leaves_no_orphan_content() {
     assert!(!contents.is_empty(), "the snapshots are bound to contents");
     cluster
         .api::<Backup>()
-        .delete(&name, &DeleteParams::default())
+        .delete(name, &DeleteParams::default())
         .await
         .expect("delete");
     let content_api: Api<pgsnap::api::snapshot::VolumeSnapshotContent> =
