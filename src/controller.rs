@@ -137,6 +137,11 @@ pub fn ready_says(conditions: &[Condition], reason: &str, message: &str) -> bool
         .any(|c| c.type_ == "Ready" && c.reason == reason && c.message == message)
 }
 
+/// The first `len` hex digits of the sha256 of `text`: what keeps shortened names distinct.
+pub fn hash_prefix(text: &str, len: usize) -> String {
+    hex::encode(Sha256::digest(text.as_bytes()))[..len].to_string()
+}
+
 /// A name of at most `max` characters: `base-suffix`, with the base shortened and a hash of
 /// the whole added when too long, so distinct inputs keep distinct names.
 pub fn bounded_name(base: &str, suffix: &str, max: usize) -> String {
@@ -144,7 +149,7 @@ pub fn bounded_name(base: &str, suffix: &str, max: usize) -> String {
     if name.len() <= max {
         return name;
     }
-    let hash = &hex::encode(Sha256::digest(name.as_bytes()))[..8];
+    let hash = hash_prefix(&name, 8);
     let keep = max.saturating_sub(suffix.len() + hash.len() + 2);
     let mut cut = keep.min(base.len());
     while !base.is_char_boundary(cut) {
@@ -162,7 +167,7 @@ pub fn label_value(name: &str) -> String {
     if name.len() <= 63 {
         return name.to_string();
     }
-    let hash = &hex::encode(Sha256::digest(name.as_bytes()))[..8];
+    let hash = hash_prefix(name, 8);
     format!("{}-{hash}", name[..54].trim_end_matches(['-', '.', '_']))
 }
 

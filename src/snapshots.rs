@@ -68,7 +68,7 @@ pub fn snapshot_name(backup: &str, claim: &str) -> String {
     if name.len() <= 253 {
         return name;
     }
-    let hash = &crate::label_store::sha256_hex(name.as_bytes())[..10];
+    let hash = crate::controller::hash_prefix(&name, 10);
     format!("{}-{hash}", &name[..242].trim_end_matches(['-', '.']))
 }
 

@@ -454,22 +454,21 @@ impl Pg {
         }
     }
 
+    /// pgbench against this server as the harness' superuser, with `args` first.
+    fn pgbench(&self, args: &[&str]) -> Command {
+        let mut command = Command::new("pgbench");
+        command
+            .args(args)
+            .args(["-h", "127.0.0.1", "-U", "postgres", "-p"])
+            .arg(self.port.to_string())
+            .arg("postgres");
+        command
+    }
+
     /// Runs pgbench -i as the harness' superuser.
     pub fn pgbench_init(&self, scale: u32) {
-        let out = Command::new("pgbench")
-            .args([
-                "-i",
-                "-q",
-                "-s",
-                &scale.to_string(),
-                "-h",
-                "127.0.0.1",
-                "-U",
-                "postgres",
-            ])
-            .arg("-p")
-            .arg(self.port.to_string())
-            .arg("postgres")
+        let out = self
+            .pgbench(&["-i", "-q", "-s", &scale.to_string()])
             .output()
             .expect("pgbench");
         assert!(
@@ -481,21 +480,9 @@ impl Pg {
 
     /// Starts a pgbench load in the background; stop it with [`Load::finish`].
     pub fn pgbench_load(&self, clients: u32, seconds: u32) -> Load {
-        let child = Command::new("pgbench")
-            .args([
-                "-n",
-                "-c",
-                &clients.to_string(),
-                "-T",
-                &seconds.to_string(),
-                "-h",
-                "127.0.0.1",
-                "-U",
-                "postgres",
-            ])
-            .arg("-p")
-            .arg(self.port.to_string())
-            .arg("postgres")
+        let (clients, seconds) = (clients.to_string(), seconds.to_string());
+        let child = self
+            .pgbench(&["-n", "-c", &clients, "-T", &seconds])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

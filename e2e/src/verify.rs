@@ -198,16 +198,7 @@ async fn start_and_read(
             .and_then(|n| n.to_str())
             .unwrap_or("pgdata")
     );
-    // It must not archive into the backed-up server's archive.
-    let pod = restored_pod(
-        source,
-        name,
-        port,
-        &pgdata,
-        mounts,
-        volumes,
-        &["-c", "archive_mode=off"],
-    )?;
+    let pod = restored_pod(source, name, port, &pgdata, mounts, volumes)?;
     let (client, _) = serve_restored(cluster, source, &pod, port).await?;
     proof::restored_marks(&client)
         .await
@@ -215,7 +206,7 @@ async fn start_and_read(
 }
 
 /// A one-shot pod of `source`'s image serving the restored claims: `mounts` and `volumes`
-/// as the pod spec takes them, PGDATA at `pgdata`, listening on `port`, plus `args`.
+/// as the pod spec takes them, PGDATA at `pgdata`, listening on `port`, archiving nothing.
 pub fn restored_pod(
     source: &PostgresPod,
     name: &str,
@@ -223,10 +214,14 @@ pub fn restored_pod(
     pgdata: &str,
     mounts: Vec<serde_json::Value>,
     volumes: Vec<serde_json::Value>,
-    args: &[&str],
 ) -> Result<Pod, String> {
-    let mut all_args = vec!["-c".to_string(), format!("port={port}")];
-    all_args.extend(args.iter().map(|a| a.to_string()));
+    // It must not archive into the backed-up server's archive.
+    let args = [
+        "-c".to_string(),
+        format!("port={port}"),
+        "-c".into(),
+        "archive_mode=off".into(),
+    ];
     serde_json::from_value(json!({
         "metadata": {"name": name},
         "spec": {
@@ -236,7 +231,7 @@ pub fn restored_pod(
             "containers": [{
                 "name": "postgres",
                 "image": format!("postgres:{}", source.major),
-                "args": all_args,
+                "args": args,
                 "env": [
                     {"name": "POSTGRES_PASSWORD", "value": source.password},
                     {"name": "PGDATA", "value": pgdata},

@@ -179,15 +179,7 @@ async fn start_restored(
     }
     let port = free_port();
     let pgdata = pgdata.ok_or("no Data claim")?;
-    let pod = verify::restored_pod(
-        source,
-        &name,
-        port,
-        &pgdata,
-        mounts,
-        volumes,
-        &["-c", "archive_mode=off"],
-    )?;
+    let pod = verify::restored_pod(source, &name, port, &pgdata, mounts, volumes)?;
     verify::serve_restored(cluster, source, &pod, port).await
 }
 
