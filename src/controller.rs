@@ -61,6 +61,27 @@ pub fn now() -> Time {
     Time(k8s_openapi::jiff::Timestamp::now())
 }
 
+/// How long a finalizer retries a cleanup that fails for a reason that may pass (the API
+/// server briefly unavailable) before it reports and lets the object go.
+pub const CLEANUP_PATIENCE: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Whether a finalizer should stop retrying its cleanup and let the object go: the API
+/// refuses for good (forbidden, as when the operator's Role goes with a deleted namespace;
+/// invalid), or deletion was asked for longer than [`CLEANUP_PATIENCE`] ago. A finalizer that
+/// never lets go keeps its object, and the namespace, Terminating for ever.
+pub fn cleanup_gives_up(
+    error: Option<&kube::Error>,
+    deleting_since: Option<&Time>,
+    now: &Time,
+) -> bool {
+    let refused =
+        matches!(error, Some(kube::Error::Api(s)) if matches!(s.code, 400 | 401 | 403 | 422));
+    let patience = k8s_openapi::jiff::SignedDuration::try_from(CLEANUP_PATIENCE)
+        .unwrap_or(k8s_openapi::jiff::SignedDuration::MAX);
+    let waited_out = deleting_since.is_some_and(|t| now.0.duration_since(t.0) >= patience);
+    refused || waited_out
+}
+
 /// A status with a phase and conditions, as every pgsnap resource has.
 /// Where a phase stands, as the Kubernetes condition conventions (and kstatus, which Flux,
 /// Argo CD and kpt read) tell it: in progress, done and good, or failed for good.

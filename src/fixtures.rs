@@ -143,14 +143,28 @@ impl Call {
         self.returns(json!({ "metadata": {}, "items": items }))
     }
 
-    pub(crate) fn not_found(mut self) -> Self {
+    pub(crate) fn not_found(self) -> Self {
+        self.refused(StatusCode::NOT_FOUND, "NotFound")
+    }
+
+    /// RBAC's answer, as when the operator's Role went with a deleted namespace.
+    pub(crate) fn forbidden(self) -> Self {
+        self.refused(StatusCode::FORBIDDEN, "Forbidden")
+    }
+
+    /// An API server that cannot answer now.
+    pub(crate) fn unavailable(self) -> Self {
+        self.refused(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable")
+    }
+
+    fn refused(mut self, code: StatusCode, reason: &'static str) -> Self {
         let path = self.path.clone();
         self.reply = Box::new(move |_| {
             let status = json!({
                 "kind": "Status", "apiVersion": "v1", "status": "Failure",
-                "reason": "NotFound", "code": 404, "message": format!("{path} not found"),
+                "reason": reason, "code": code.as_u16(), "message": format!("{path}: {reason}"),
             });
-            (StatusCode::NOT_FOUND, status)
+            (code, status)
         });
         self
     }

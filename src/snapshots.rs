@@ -46,6 +46,14 @@ pub enum SnapshotError {
 }
 
 impl SnapshotError {
+    /// The API server's refusal behind this error, when there is one.
+    pub fn api_error(&self) -> Option<&kube::Error> {
+        match self {
+            SnapshotError::Api(e) => Some(e),
+            _ => None,
+        }
+    }
+
     pub fn reason(&self) -> &'static str {
         match self {
             SnapshotError::ClaimNotFound(_) | SnapshotError::ClaimNotBound(_) => "ClaimNotReady",

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! let cluster = Cluster::from_env().await;
-//! let db = postgres_pod(16).archive(true).wal_volume(true).create(&cluster).await;
+//! let db = postgres_pod(16).archive_volume().wal_volume(true).create(&cluster).await;
 //! db.sql("CREATE TABLE t (x int)").await;
 //! ```
 
@@ -37,7 +37,7 @@ pub fn postgres_pod(major: u32) -> PostgresPodBuilder {
     PostgresPodBuilder {
         major,
         name: None,
-        archive: false,
+        archive: Archive::Outside,
         wal_volume: false,
         tablespace_volume: false,
         standby_of: None,
@@ -45,10 +45,22 @@ pub fn postgres_pod(major: u32) -> PostgresPodBuilder {
     }
 }
 
+/// Where the server archives WAL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Archive {
+    /// A directory outside every volume of the cluster, the way an object store is: backups
+    /// have a WAL source, and nothing a test restores reads it.
+    Outside,
+    /// An archive PVC mounted in the pod, which restores read.
+    Volume,
+    /// `archive_mode=off`.
+    Off,
+}
+
 pub struct PostgresPodBuilder {
     major: u32,
     name: Option<String>,
-    archive: bool,
+    archive: Archive,
     wal_volume: bool,
     tablespace_volume: bool,
     standby_of: Option<Primary>,
@@ -70,9 +82,15 @@ impl PostgresPodBuilder {
         self.name = Some(name.into());
         self
     }
-    /// `archive_mode=on` with an `archive_command` copying WAL to an archive volume.
-    pub fn archive(mut self, on: bool) -> Self {
-        self.archive = on;
+    /// WAL archived to an archive volume (a PVC restores mount), instead of to a directory
+    /// outside the cluster's volumes.
+    pub fn archive_volume(mut self) -> Self {
+        self.archive = Archive::Volume;
+        self
+    }
+    /// No WAL archive at all (`archive_mode=off`), like most plain StatefulSets.
+    pub fn no_archive(mut self) -> Self {
+        self.archive = Archive::Off;
         self
     }
     /// pg_wal on a volume of its own (initdb --waldir).
@@ -125,7 +143,7 @@ impl PostgresPodBuilder {
         if self.tablespace_volume {
             claims.push((claim("tablespace"), TABLESPACE_MOUNT));
         }
-        if self.archive {
+        if self.archive == Archive::Volume {
             claims.push((claim("archive"), ARCHIVE_MOUNT));
         }
         for (c, _) in &claims {
@@ -137,8 +155,9 @@ impl PostgresPodBuilder {
             false => None,
         };
         let archive_dir = match self.archive {
-            true => Some(cluster.pvc_host_dir(&claim("archive")).await),
-            false => None,
+            Archive::Volume => Some(cluster.pvc_host_dir(&claim("archive")).await),
+            Archive::Outside => Some(outside_archive(cluster, &name)),
+            Archive::Off => None,
         };
         if let Some(primary) = &self.standby_of {
             base_backup(primary, &name, &data_dir, tablespace_dir.as_deref()).await;
@@ -146,13 +165,25 @@ impl PostgresPodBuilder {
 
         let mut args: Vec<String> = vec!["-c".into(), format!("port={port}")];
         let mut settings = self.settings.clone();
-        if self.archive {
+        // A standby archives only with `always`.
+        let mode = match (&self.archive, &self.standby_of) {
+            (Archive::Off, _) => "off",
+            (_, Some(_)) => "always",
+            (_, None) => "on",
+        };
+        settings
+            .entry("archive_mode".into())
+            .or_insert_with(|| mode.into());
+        let archive_in = match self.archive {
+            Archive::Volume => Some(PathBuf::from(ARCHIVE_MOUNT)),
+            Archive::Outside => archive_dir.clone(),
+            Archive::Off => None,
+        };
+        if let Some(dir) = archive_in {
+            let dir = dir.display();
             settings
-                .entry("archive_mode".into())
-                .or_insert_with(|| "on".into());
-            settings.entry("archive_command".into()).or_insert_with(|| {
-                format!("test ! -f {ARCHIVE_MOUNT}/%f && cp %p {ARCHIVE_MOUNT}/%f")
-            });
+                .entry("archive_command".into())
+                .or_insert_with(|| format!("test ! -f {dir}/%f && cp %p {dir}/%f"));
         }
         for (k, v) in &settings {
             args.extend(["-c".into(), format!("{k}={v}")]);
@@ -223,6 +254,19 @@ impl PostgresPodBuilder {
         }
         db
     }
+}
+
+/// A fresh archive directory for one pod in the cluster's state directory, which no volume
+/// mounts; the pods see the host's file system outside their volumes.
+fn outside_archive(cluster: &Cluster, pod: &str) -> PathBuf {
+    let dir = cluster
+        .dir
+        .join("archives")
+        .join(format!("{}-{pod}", cluster.namespace));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    let _ = std::os::unix::fs::lchown(&dir, Some(POSTGRES_UID), Some(POSTGRES_UID));
+    dir
 }
 
 /// A running PostgreSQL pod.

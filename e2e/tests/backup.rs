@@ -9,7 +9,7 @@ use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::runtime::wait::Condition;
 use kube::{Api, ResourceExt};
 use pgsnap::api::Backup;
-use pgsnap::api::backup::{Phase, VolumeRole};
+use pgsnap::api::backup::{Phase, VolumeRole, WalSource};
 use pgsnap::api::snapshot::VolumeSnapshot;
 use pgsnap_e2e::operator::{Operator, operator_may};
 use pgsnap_e2e::postgres::password_secret;
@@ -209,7 +209,7 @@ async fn expect_events(cluster: &Cluster, name: &str, reasons: &[&str]) {
 async fn happy_path(major: u32, negative_control: bool) {
     let cluster = Cluster::from_env().await;
     let operator = Operator::for_test(&cluster).await;
-    let db = postgres_pod(major).archive(true).create(&cluster).await;
+    let db = postgres_pod(major).archive_volume().create(&cluster).await;
     db.pgbench_init(1);
     let secret = db.password_secret(&cluster).await;
     let writer = Writer::start(&db).await;
@@ -333,7 +333,7 @@ async fn every_volume_of_the_database_is_snapshotted() {
     let cluster = Cluster::from_env().await;
     let _operator = Operator::for_test(&cluster).await;
     let db = postgres_pod(16)
-        .archive(true)
+        .archive_volume()
         .wal_volume(true)
         .tablespace_volume(true)
         .create(&cluster)
@@ -393,8 +393,27 @@ async fn a_standby_is_chosen_by_role_and_backed_up() {
         .standby_of(&primary)
         .create(&cluster)
         .await;
+    // A standby archiving with `on` leaves its WAL to the primary, which the backup cannot
+    // wait for.
+    let leaves_it = postgres_pod(16)
+        .name("pg-c")
+        .standby_of(&primary)
+        .setting("archive_mode", "on")
+        .create(&cluster)
+        .await;
     assert_eq!(standby.sql_value("SELECT pg_is_in_recovery()").await, "t");
     let secret = primary.password_secret(&cluster).await;
+    let refused = apply(
+        &cluster,
+        backup_spec(
+            "standby-on",
+            json!({
+                "target": {"podName": leaves_it.name},
+                "connection": {"passwordSecretRef": {"name": secret, "key": "password"}},
+            }),
+        ),
+    )
+    .await;
     let name = apply(
         &cluster,
         backup_spec("from-standby", json!({
@@ -408,6 +427,7 @@ async fn a_standby_is_chosen_by_role_and_backed_up() {
     let backup = wait_terminal(&cluster, &name).await;
     assert_completed(&backup);
     let status = backup.status.unwrap();
+    assert_eq!(status.wal_source, Some(WalSource::Archive));
     let postgres = status.postgres.unwrap();
     assert_eq!(postgres.pod, "pg-b");
     assert_eq!(
@@ -420,6 +440,13 @@ async fn a_standby_is_chosen_by_role_and_backed_up() {
         .await
         .unwrap();
     assert!(cm.data.unwrap()["backup_label"].contains("BACKUP FROM: standby"));
+    let refused = wait_terminal(&cluster, &refused).await;
+    assert_failed(&refused, "NoWalSource");
+    let message = refused.status.unwrap().error.unwrap().message;
+    assert!(
+        message.contains("set archive_mode = always on the standby"),
+        "{message}"
+    );
 }
 
 /// A missing Secret keeps the Backup Pending, naming it; creating the Secret starts it.
@@ -476,8 +503,15 @@ async fn bad_targets_fail_with_a_reason() {
     let cluster = Cluster::from_env().await;
     let _operator = Operator::for_test(&cluster).await;
     let db = postgres_pod(15).create(&cluster).await;
+    // The most common database in Kubernetes: no WAL archive.
+    let plain = postgres_pod(15)
+        .name("plain")
+        .no_archive()
+        .create(&cluster)
+        .await;
     db.sql("CREATE ROLE weak LOGIN PASSWORD 'weak'").await;
     let secret = db.password_secret(&cluster).await;
+    let plain_secret = plain.password_secret(&cluster).await;
     password_secret(&cluster, "weak", "weak").await;
     password_secret(&cluster, "wrong", "not-the-password").await;
     let cases = [
@@ -501,6 +535,11 @@ async fn bad_targets_fail_with_a_reason() {
             json!({"target": {"podName": db.name}, "connection": {"user": "weak", "passwordSecretRef": {"name": "weak", "key": "password"}}}),
             "MissingPrivilege",
         ),
+        (
+            "no-archive",
+            json!({"target": {"podName": plain.name}, "connection": {"passwordSecretRef": {"name": plain_secret, "key": "password"}}}),
+            "NoWalSource",
+        ),
     ];
     for (name, spec, _) in &cases {
         apply(&cluster, backup_spec(name, spec.clone())).await;
@@ -523,6 +562,15 @@ async fn bad_targets_fail_with_a_reason() {
         expect_events(&cluster, name, &[reason]).await;
         assert_clean(&cluster, &db, name, false).await;
     }
+    // Refused before backup mode, saying what to do.
+    let refused = cluster.api::<Backup>().get("no-archive").await.unwrap();
+    let status = refused.status.unwrap();
+    assert_eq!(status.start_lsn, None);
+    let message = status.error.unwrap().message;
+    assert!(
+        message.starts_with("the server archives no WAL (archive_mode = off): turn on archiving"),
+        "{message}"
+    );
 }
 
 /// The operator dies mid-backup (the session dies with it): on restart the Backup ends
@@ -680,7 +728,7 @@ async fn postgres_10_with_pg_wal_on_its_own_volume() {
     let cluster = Cluster::from_env().await;
     let _operator = Operator::for_test(&cluster).await;
     let db = postgres_pod(10)
-        .archive(true)
+        .archive_volume()
         .wal_volume(true)
         .create(&cluster)
         .await;

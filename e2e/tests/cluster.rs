@@ -327,7 +327,7 @@ async fn postgres_pods_with_wal_tablespace_and_archive_volumes_and_a_standby() {
     for major in [11, 18] {
         let primary = postgres_pod(major)
             .name(&format!("primary{major}"))
-            .archive(true)
+            .archive_volume()
             .wal_volume(true)
             .tablespace_volume(true)
             .setting("max_wal_senders", "5")

@@ -189,7 +189,7 @@ async fn round_trip(major: u32, multi: bool) {
     let cluster = Cluster::from_env().await;
     let operator = Operator::for_test(&cluster).await;
     let db = postgres_pod(major)
-        .archive(true)
+        .archive_volume()
         .wal_volume(multi)
         .tablespace_volume(multi)
         .create(&cluster)
@@ -306,7 +306,7 @@ async fn restore_recovers_every_committed_row_on_postgres_18() {
 async fn refusals_retained_snapshots_and_a_time_target() {
     let cluster = Cluster::from_env().await;
     let _operator = Operator::for_test(&cluster).await;
-    let db = postgres_pod(16).archive(true).create(&cluster).await;
+    let db = postgres_pod(16).archive_volume().create(&cluster).await;
     let archive = format!("cp {ARCHIVE_MOUNT}/%f %p");
     db.sql("CREATE TABLE marks (v bigint PRIMARY KEY)").await;
     db.sql("INSERT INTO marks SELECT generate_series(1, 100)")
@@ -382,7 +382,7 @@ async fn refusals_retained_snapshots_and_a_time_target() {
     // restore-prepare finds another system identifier in pg_control and refuses.
     let other = postgres_pod(16)
         .name("other")
-        .archive(true)
+        .archive_volume()
         .create(&cluster)
         .await;
     let b2 = backup(&cluster, &other, "b2", json!({})).await;
@@ -526,7 +526,7 @@ async fn refusals_retained_snapshots_and_a_time_target() {
 async fn restore_prepare_as_an_init_container() {
     let cluster = Cluster::from_env().await;
     let _operator = Operator::for_test(&cluster).await;
-    let db = postgres_pod(17).archive(true).create(&cluster).await;
+    let db = postgres_pod(17).archive_volume().create(&cluster).await;
     db.sql("CREATE TABLE marks (v bigint PRIMARY KEY)").await;
     db.sql("INSERT INTO marks SELECT generate_series(1, 50)")
         .await;
@@ -743,7 +743,7 @@ async fn invalid_restores_are_refused_by_the_api_server() {
 async fn claims_owned_by_the_restore_go_with_it() {
     let cluster = Cluster::from_env().await;
     let _operator = Operator::for_test(&cluster).await;
-    let db = postgres_pod(16).archive(true).create(&cluster).await;
+    let db = postgres_pod(16).archive_volume().create(&cluster).await;
     let b = backup(&cluster, &db, "b16", json!({})).await;
     completed(&b);
     let r = restore(
@@ -787,7 +787,7 @@ async fn claims_owned_by_the_restore_go_with_it() {
 async fn a_restore_resumes_after_the_operator_dies() {
     let cluster = Cluster::from_env().await;
     let mut first = Operator::for_test(&cluster).await;
-    let db = postgres_pod(14).archive(true).create(&cluster).await;
+    let db = postgres_pod(14).archive_volume().create(&cluster).await;
     db.sql("CREATE TABLE marks (v bigint PRIMARY KEY)").await;
     db.sql("INSERT INTO marks SELECT generate_series(1, 30)")
         .await;
@@ -848,7 +848,7 @@ async fn a_restore_resumes_after_the_operator_dies() {
 async fn the_longest_names_back_up_restore_and_delete() {
     let cluster = Cluster::from_env().await;
     let _operator = Operator::for_test(&cluster).await;
-    let db = postgres_pod(16).archive(true).create(&cluster).await;
+    let db = postgres_pod(16).archive_volume().create(&cluster).await;
     db.sql("CREATE TABLE marks (v bigint PRIMARY KEY)").await;
     db.sql("INSERT INTO marks SELECT generate_series(1, 50)")
         .await;

@@ -182,6 +182,15 @@ pub enum DeletionPolicy {
     Retain,
 }
 
+/// Where a restore of the backup finds the WAL from its start to its stop: the snapshots are
+/// cut in backup mode and never hold it themselves.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+pub enum WalSource {
+    /// The server's WAL archive (`archive_command` or `archive_library`); a restore names
+    /// `restoreCommand`.
+    Archive,
+}
+
 /// A PVC to snapshot, named explicitly.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -238,6 +247,8 @@ pub struct BackupStatus {
     /// Whether a temporary replication slot kept the backup's WAL from being recycled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wal_pinned: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wal_source: Option<WalSource>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backup_window: Option<BackupWindow>,
     /// Where the backup window went: what the server and the storage took, and what pgsnap added.

@@ -576,13 +576,28 @@ async fn cleanup(backup: Arc<Backup>, ctx: Arc<Context>) -> Result<Action, Error
     )
     .await;
     match backup.spec.deletion_policy {
-        DeletionPolicy::Delete => {
-            let removed = ctx.remove_made(&backup).await?;
-            info!(
+        DeletionPolicy::Delete => match ctx.remove_made(&backup).await {
+            Ok(removed) => info!(
                 snapshots = removed,
                 "deleted the backup's snapshots and label"
-            );
-        }
+            ),
+            Err(e)
+                if controller::cleanup_gives_up(
+                    e.api_error(),
+                    backup.metadata.deletion_timestamp.as_ref(),
+                    &now(),
+                ) =>
+            {
+                let message = format!(
+                    "could not delete the backup's snapshots and label ConfigMap ({e}); letting the Backup go: delete what carries the label {BACKUP_UID_LABEL}={} by hand",
+                    backup.uid().unwrap_or_default()
+                );
+                warn!(reason = e.reason(), "{message}");
+                ctx.publish(&backup, EventType::Warning, "CleanupAbandoned", message)
+                    .await;
+            }
+            Err(e) => return Err(e.into()),
+        },
         DeletionPolicy::Retain => {
             info!("deletionPolicy Retain: keeping the backup's snapshots and label ConfigMap")
         }

@@ -2,7 +2,8 @@
 //! observed. The reconciler and the session task do the I/O these decisions ask for.
 
 use crate::api::Duration;
-use crate::api::backup::{Phase, TargetRole};
+use crate::api::backup::{Phase, TargetRole, WalSource};
+use crate::controller::Failure;
 
 /// What the reconciler does with a Backup in a given phase.
 #[derive(Debug, PartialEq, Eq)]
@@ -141,6 +142,29 @@ pub fn readiness(snapshots: &[SnapshotObservation], overdue: Option<Duration>) -
     }
 }
 
+/// Where a restore will find this backup's WAL, or why there is no such place. Decided before
+/// backup mode: a backup whose WAL goes nowhere is unrestorable by construction.
+pub fn wal_source(
+    in_recovery: bool,
+    archive_mode: &str,
+    archiver: &str,
+) -> Result<WalSource, Failure> {
+    let refuse = |why: String| {
+        Err(Failure::new(
+            "NoWalSource",
+            format!(
+                "{why}; the snapshots are cut in backup mode and lack the WAL up to the backup's end, so this backup could not be restored"
+            ),
+        ))
+    };
+    match archive_mode {
+        "off" => refuse("the server archives no WAL (archive_mode = off): turn on archiving (archive_mode = on and an archive_command)".into()),
+        "on" if in_recovery => refuse("a standby with archive_mode = on leaves archiving to its primary, and its backup cannot wait for that archive: set archive_mode = always on the standby".into()),
+        _ if archiver.trim().is_empty() => refuse(format!("archive_mode is {archive_mode} but neither archive_command nor archive_library is set, so no WAL reaches an archive")),
+        _ => Ok(WalSource::Archive),
+    }
+}
+
 /// Picks the server to back up among the selected pods (name, in recovery), by role. Pods are
 /// considered in name order, so the choice is stable.
 pub fn choose_server(role: TargetRole, candidates: &[(String, bool)]) -> Option<String> {
@@ -168,6 +192,32 @@ pub fn overhead(window: f64, cut_wait: f64, stop_call: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_an_archiving_server_has_a_wal_source() {
+        let reason = |r: Result<WalSource, Failure>| r.map_err(|f| f.reason);
+        assert_eq!(
+            reason(wal_source(false, "on", "cp %p /a/%f")),
+            Ok(WalSource::Archive)
+        );
+        assert_eq!(
+            reason(wal_source(true, "always", "cp %p /a/%f")),
+            Ok(WalSource::Archive)
+        );
+        assert_eq!(
+            reason(wal_source(false, "always", "basic_archive")),
+            Ok(WalSource::Archive)
+        );
+        let no_source = Err("NoWalSource".to_string());
+        assert_eq!(reason(wal_source(false, "off", "cp %p /a/%f")), no_source);
+        assert_eq!(reason(wal_source(false, "on", "")), no_source);
+        assert_eq!(reason(wal_source(true, "on", "cp %p /a/%f")), no_source);
+        let message = wal_source(true, "on", "cp").unwrap_err().message;
+        assert!(
+            message.contains("set archive_mode = always on the standby"),
+            "{message}"
+        );
+    }
 
     #[test]
     fn each_phase_has_one_step() {

@@ -247,6 +247,11 @@ async fn execute(
     let (mut session, pod) = connect(work).await?;
     let server = session.server().clone();
     status.postgres = Some(postgres_status(&pod, &server));
+    status.wal_source = Some(phase::wal_source(
+        server.in_recovery,
+        &server.archive_mode,
+        &server.archiver,
+    )?);
     let plan = plan_snapshots(&mut session, &pod, &backup.spec).await?;
     let classes = snapshot_classes(ctx, backup, &plan).await?;
     check_names_free(ctx, backup, &plan).await?;

@@ -15,7 +15,7 @@ use super::{Context, FINALIZER, Running, Settings, reconcile};
 use crate::api::backup::{
     Backup, BackupStatus, BackupWindow, DeletionPolicy, Phase, SnapshotStatus, VolumeRole,
 };
-use crate::controller::now;
+use crate::controller::{CLEANUP_PATIENCE, now};
 use crate::fixtures::{
     self, BACKUP_PATH, CONFIG_MAPS_PATH, Call, LABEL_CONFIG_MAP, SNAPSHOTS_PATH, assert_failed,
     assert_phase, own_label_config_map, ready_message, snapshot,
@@ -45,6 +45,13 @@ async fn reconcile_with(backup: Backup, script: Vec<Call>) -> Action {
     reconcile_beside(backup, script, 4, &[]).await
 }
 
+/// Reconciles `backup` once against `script`, which it must fail.
+async fn reconcile_failing(backup: Backup, script: Vec<Call>) -> super::Error {
+    reconcile_result(backup, script, 4, &[])
+        .await
+        .expect_err("the reconcile fails")
+}
+
 /// Reconciles `backup` once against `script` while this process runs the backups
 /// `running` (database key, backup name), with room for `max_concurrent`.
 async fn reconcile_beside(
@@ -53,6 +60,17 @@ async fn reconcile_beside(
     max_concurrent: usize,
     running: &[(&str, &str)],
 ) -> Action {
+    reconcile_result(backup, script, max_concurrent, running)
+        .await
+        .expect("the reconcile succeeds")
+}
+
+async fn reconcile_result(
+    backup: Backup,
+    script: Vec<Call>,
+    max_concurrent: usize,
+    running: &[(&str, &str)],
+) -> Result<Action, super::Error> {
     fixtures::run(script, |client| {
         let ctx = context(client, max_concurrent);
         for (database, name) in running {
@@ -67,7 +85,6 @@ async fn reconcile_beside(
         reconcile(Arc::new(backup), Arc::new(ctx))
     })
     .await
-    .expect("the reconcile succeeds")
 }
 
 fn secret(password: &[u8]) -> Value {
@@ -378,6 +395,38 @@ async fn deleting_a_backup_with_policy_delete_removes_its_snapshots_and_label() 
         finalizer_removed(&backup),
     ]);
     reconcile_with(backup, script).await;
+}
+
+/// The namespace is being deleted and the operator's Role in it is gone: the cleanup can never
+/// succeed, so the finalizer says so and lets go instead of holding the namespace.
+#[tokio::test]
+async fn a_cleanup_the_api_forbids_is_reported_and_lets_go() {
+    let backup = Backup::test().with_status(completed()).deleted();
+    let script = vec![
+        Call::list(SNAPSHOTS_PATH, SELECTOR).forbidden(),
+        Call::event("Warning", "CleanupAbandoned"),
+        finalizer_removed(&backup),
+    ];
+    reconcile_with(backup, script).await;
+}
+
+/// An error that may pass is retried, until deletion has waited longer than the patience.
+#[tokio::test]
+async fn a_cleanup_failing_past_the_patience_lets_go() {
+    let unavailable = || Call::list(SNAPSHOTS_PATH, SELECTOR).unavailable();
+    let recent = Backup::test().with_status(completed()).deleted();
+    let error = reconcile_failing(recent, vec![unavailable()]).await;
+    assert_eq!(error.reason(), "Finalizer");
+
+    let mut long_ago = Backup::test().with_status(completed()).deleted();
+    let since = k8s_openapi::jiff::Timestamp::now() - CLEANUP_PATIENCE;
+    long_ago.metadata.deletion_timestamp = Some(Time(since));
+    let script = vec![
+        unavailable(),
+        Call::event("Warning", "CleanupAbandoned"),
+        finalizer_removed(&long_ago),
+    ];
+    reconcile_with(long_ago, script).await;
 }
 
 #[tokio::test]

@@ -43,6 +43,9 @@ pub struct ServerInfo {
     pub wal_segment_size: u64,
     pub tablespaces: Vec<Tablespace>,
     pub archive_mode: String,
+    /// `archive_command`, or on 15+ `archive_library` when that is what archives; empty
+    /// when nothing does.
+    pub archiver: String,
     pub wal_level: String,
     pub full_page_writes: bool,
     pub role: RoleInfo,
@@ -62,6 +65,7 @@ impl ServerInfo {
         };
         let wal_segment_size = read_wal_segment_size(client, user).await?;
         let tablespaces = read_tablespaces(client, user).await?;
+        let archiver = read_archiver(client, user, facts.version_num).await?;
         Ok(ServerInfo {
             version_num: facts.version_num,
             version: facts.version,
@@ -74,6 +78,7 @@ impl ServerInfo {
             wal_segment_size,
             tablespaces,
             archive_mode: facts.archive_mode,
+            archiver,
             wal_level: facts.wal_level,
             full_page_writes: facts.full_page_writes,
             role,
@@ -139,6 +144,23 @@ async fn read_data_directory(client: &Client, user: &str) -> Result<String, Erro
         .await
         .map_err(|e| {
             query_err("reading data_directory", user, e)
+                .with_grant(|| format!("GRANT pg_read_all_settings TO {}", quote_ident(user)))
+        })?
+        .get(0))
+}
+
+/// What archives WAL: the command, or on 15+ the library when no command is set.
+async fn read_archiver(client: &Client, user: &str, version_num: u32) -> Result<String, Error> {
+    let sql = if major_of(version_num) >= 15 {
+        "select coalesce(nullif(current_setting('archive_command'), ''), current_setting('archive_library'))"
+    } else {
+        "select current_setting('archive_command')"
+    };
+    Ok(client
+        .query_one(sql, &[])
+        .await
+        .map_err(|e| {
+            query_err("reading archive_command", user, e)
                 .with_grant(|| format!("GRANT pg_read_all_settings TO {}", quote_ident(user)))
         })?
         .get(0))
