@@ -76,10 +76,14 @@ pub fn cleanup_gives_up(
 ) -> bool {
     let refused =
         matches!(error, Some(kube::Error::Api(s)) if matches!(s.code, 400 | 401 | 403 | 422));
+    refused || out_of_patience(deleting_since, now)
+}
+
+/// Whether [`CLEANUP_PATIENCE`] has passed since `since`.
+pub fn out_of_patience(since: Option<&Time>, now: &Time) -> bool {
     let patience = k8s_openapi::jiff::SignedDuration::try_from(CLEANUP_PATIENCE)
         .unwrap_or(k8s_openapi::jiff::SignedDuration::MAX);
-    let waited_out = deleting_since.is_some_and(|t| now.0.duration_since(t.0) >= patience);
-    refused || waited_out
+    since.is_some_and(|t| now.0.duration_since(t.0) >= patience)
 }
 
 /// A status with a phase and conditions, as every pgsnap resource has.

@@ -427,6 +427,7 @@ pub(crate) fn own_label_config_map() -> k8s_openapi::api::core::v1::ConfigMap {
 }
 
 /// A snapshot of [`BACKUP`] of 10Gi, ready or not, failed when `error` says why.
+/// A snapshot of [`BACKUP`], cut, `ready` or failed with `error`.
 pub(crate) fn snapshot(name: &str, ready: bool, error: Option<&str>) -> VolumeSnapshot {
     let mut snapshot = VolumeSnapshot::new(
         name,
@@ -441,6 +442,7 @@ pub(crate) fn snapshot(name: &str, ready: bool, error: Option<&str>) -> VolumeSn
     snapshot.metadata = meta(name, &format!("{name}-uid"));
     snapshot.metadata.labels = Some(backup_labels());
     snapshot.status = Some(VolumeSnapshotStatus {
+        creation_time: Some(crate::controller::now()),
         ready_to_use: Some(ready),
         restore_size: Some(k8s_openapi::apimachinery::pkg::api::resource::Quantity(
             "10Gi".into(),

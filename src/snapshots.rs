@@ -15,7 +15,9 @@ use crate::api::snapshot::{
     VolumeSnapshotSource, VolumeSnapshotSpec,
 };
 use crate::api::{BACKUP_CREATOR, BACKUP_NAME_LABEL, BACKUP_UID_LABEL};
-use crate::controller::{created_by, creator_labels, delete_exactly, label_value};
+use crate::controller::{
+    created_by, creator_labels, delete_exactly, label_value, now, out_of_patience,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
@@ -245,18 +247,37 @@ pub async fn wait_until(
     Err(SnapshotError::Watch(watcher::Error::NoResourceVersion))
 }
 
+/// What deleting a backup's snapshots did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Removal {
+    pub deleted: usize,
+    /// Snapshots still being cut, left to delete once cut.
+    pub deferred: Vec<String>,
+}
+
 /// Deletes every snapshot `backup` made, and with each its storage snapshot: a content its
 /// class would retain is switched to Delete first, or it would outlive the backup as an
-/// orphan. Returns how many snapshots there were.
-pub async fn delete_all(client: &Client, backup: &Backup) -> Result<usize, SnapshotError> {
+/// orphan. A snapshot still being cut is deferred: deleted mid-cut, external-snapshotter's
+/// two controllers can race and keep it until their next resync, 15 minutes later
+/// (kubernetes-csi/external-snapshotter#880, seen here with 8.6). One cutting for longer
+/// than `CLEANUP_PATIENCE` is deleted anyway.
+pub async fn delete_all(client: &Client, backup: &Backup) -> Result<Removal, SnapshotError> {
     let api: Api<VolumeSnapshot> =
         Api::namespaced(client.clone(), &backup.namespace().unwrap_or_default());
-    let existing = list_own(&api, backup).await?;
-    for snapshot in &existing {
-        release_content(client, snapshot).await?;
-        delete_exactly(&api, snapshot).await?;
+    let mut removal = Removal::default();
+    let now = now();
+    for snapshot in list_own(&api, backup).await? {
+        if snapshot.is_being_cut()
+            && !out_of_patience(snapshot.metadata.creation_timestamp.as_ref(), &now)
+        {
+            removal.deferred.push(snapshot.name_any());
+            continue;
+        }
+        release_content(client, &snapshot).await?;
+        delete_exactly(&api, &snapshot).await?;
+        removal.deleted += 1;
     }
-    Ok(existing.len())
+    Ok(removal)
 }
 
 /// Sets the deletion policy of the content bound to `snapshot` to Delete, when the content

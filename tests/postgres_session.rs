@@ -20,7 +20,11 @@ fn abort_warning(major: u32) -> &'static str {
 
 /// Waits up to 5 s for a backend to exit.
 async fn backend_gone(client: &tokio_postgres::Client, pid: i32) -> bool {
-    for _ in 0..50 {
+    backend_gone_within(client, pid, Duration::from_secs(5)).await
+}
+
+async fn backend_gone_within(client: &tokio_postgres::Client, pid: i32, within: Duration) -> bool {
+    for _ in 0..within.as_millis() / 100 {
         let n: i64 = client
             .query_one(
                 "select count(*) from pg_stat_activity where pid = $1",
@@ -284,6 +288,61 @@ async fn session_matrix(major: u32) {
     );
     pg.exec("alter system reset archive_command").await;
     pg.exec("select pg_reload_conf()").await;
+
+    // A client that froze in backup mode (SIGSTOP, or a network that drops every packet): the
+    // socket stays open and nothing is sent. The server ends the backup itself, and drops the
+    // slot, at the deadline plus the grace.
+    let opts = pg.opts("postgres", None);
+    let (started_tx, started_rx) = std::sync::mpsc::channel();
+    let frozen = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let s = rt.block_on(async {
+            let mut s = Session::connect(&opts).await.unwrap();
+            let started = s
+                .start("frozen", true, Duration::from_secs(2))
+                .await
+                .unwrap();
+            started_tx
+                .send((s.backend_pid(), started.slot_name.clone()))
+                .unwrap();
+            s
+        });
+        // Nothing runs on this runtime now, not even the session's own deadline.
+        std::thread::sleep(Duration::from_secs(12));
+        drop(s);
+    });
+    let (pid, slot) = started_rx.recv().unwrap();
+    let t = std::time::Instant::now();
+    let gone = backend_gone_within(&client, pid, Duration::from_secs(10)).await;
+    assert!(
+        gone,
+        "backend {pid} of a frozen client, PostgreSQL {major}:\n{}",
+        pg.log_tail(10)
+    );
+    assert!(
+        t.elapsed() >= Duration::from_secs(5),
+        "ended after {:?}, before the deadline and grace",
+        t.elapsed()
+    );
+    let why = "terminating connection due to idle-in-transaction timeout";
+    assert!(
+        pg.wait_for_log(&[why], Duration::from_secs(2)).await,
+        "{}",
+        pg.log_tail(20)
+    );
+    let slots: i64 = client
+        .query_one(
+            "select count(*) from pg_replication_slots where slot_name = $1",
+            &[&slot.unwrap()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(slots, 0, "the frozen backup's slot still pins WAL");
+    frozen.join().unwrap();
 
     // ... and while start waits for a spread checkpoint with lots to write.
     pg.exec("create table dirty as select g, md5(g::text) as v from generate_series(1, 100000) g")

@@ -13,6 +13,7 @@ pub mod pgharness;
 pub mod postgres;
 pub mod prepare;
 pub mod proof;
+pub mod proxy;
 pub mod verify;
 
 pub use cluster::Cluster;

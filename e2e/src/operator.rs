@@ -247,6 +247,16 @@ impl Operator {
         false
     }
 
+    /// SIGSTOP: the process freezes with every socket open, as a hung node or a stopped
+    /// container does; [`Operator::resume`] thaws it.
+    pub fn suspend(&self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGSTOP) };
+    }
+
+    pub fn resume(&self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGCONT) };
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

@@ -11,9 +11,11 @@ use kube::{Api, ResourceExt};
 use pgsnap::api::Backup;
 use pgsnap::api::backup::{Phase, VolumeRole, WalSource};
 use pgsnap::api::snapshot::VolumeSnapshot;
+use pgsnap::postgres::SERVER_GRACE;
 use pgsnap_e2e::operator::{Operator, operator_may};
 use pgsnap_e2e::postgres::password_secret;
 use pgsnap_e2e::proof;
+use pgsnap_e2e::proxy::FreezingProxy;
 use pgsnap_e2e::verify::{self, Prepare, Writer};
 use pgsnap_e2e::{Cluster, PostgresPod, postgres_pod};
 use serde_json::json;
@@ -718,6 +720,100 @@ async fn sigterm_and_the_deadline_abort_cleanly() {
     let backup = cluster.api::<Backup>().get(&name).await.unwrap();
     assert_failed(&backup, "OperatorShutdown");
     assert_clean(&cluster, &db, &name, false).await;
+}
+
+/// How a backup's peer vanishes without closing its connection.
+#[derive(Clone, Copy, Debug)]
+enum Vanish {
+    /// The network between operator and server drops everything (a frozen proxy).
+    Network,
+    /// The operator process is frozen (SIGSTOP), every socket open.
+    Operator,
+}
+
+/// The server ends backup mode by itself, and drops the slot, when the operator cannot: at
+/// the deadline plus `SERVER_GRACE`, whatever the operator or the network does. PostgreSQL 13
+/// has no `idle_session_timeout`; the backup's transaction bounds it there too.
+async fn the_server_ends_backup_mode_when(vanish: Vanish) {
+    let cluster = Cluster::from_env().await;
+    let operator = Operator::for_test(&cluster).await;
+    let db = postgres_pod(13).create(&cluster).await;
+    let proxy = FreezingProxy::start(([127, 0, 0, 1], db.port).into()).await;
+    let secret = db.password_secret(&cluster).await;
+    // The storage takes longer to cut than the deadline: the server idles in backup mode.
+    let class = snapshot_class(&cluster, "slow-cut", "Delete", json!({"cutSeconds": "20"})).await;
+    let name = format!("vanished-{vanish:?}").to_lowercase();
+    let deadline = Duration::from_secs(10);
+    apply(&cluster, backup_spec(&name, json!({
+        "target": {"podName": db.name},
+        "connection": {"port": proxy.port, "passwordSecretRef": {"name": secret, "key": "password"}},
+        "checkpoint": "Fast", "waitForArchive": false, "deadline": "10s",
+        "volumeSnapshotClassName": class,
+    })))
+    .await;
+    cluster
+        .wait_for(
+            cluster.api::<Backup>(),
+            &name,
+            "Snapshotting",
+            Duration::from_secs(30),
+            phase_is(&[Phase::Snapshotting]),
+        )
+        .await;
+    let pid = db
+        .sql_value("SELECT pid FROM pg_stat_activity WHERE application_name = 'pgsnap'")
+        .await;
+    let slot = format!("pgsnap_{pid}");
+    let since = std::time::Instant::now();
+    match vanish {
+        Vanish::Network => proxy.freeze(),
+        Vanish::Operator => operator.suspend(),
+    }
+    let in_backup = format!(
+        "SELECT (SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}) \
+         + (SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{slot}')"
+    );
+    // Bounded by the deadline and the grace from the start call, which was before `since`.
+    let bound = deadline + SERVER_GRACE + Duration::from_secs(5);
+    while db.sql_value(&in_backup).await != "0" {
+        assert!(
+            since.elapsed() < bound,
+            "backend {pid} or slot {slot} still there {:?} after the peer vanished",
+            since.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    eprintln!(
+        "{vanish:?}: the server left backup mode {:?} after the peer vanished",
+        since.elapsed()
+    );
+    operator.resume();
+    let backup = wait_terminal(&cluster, &name).await;
+    let reason = &backup
+        .status
+        .as_ref()
+        .unwrap()
+        .error
+        .as_ref()
+        .unwrap()
+        .reason;
+    // A thawed operator finds its deadline passed, or the session the server ended.
+    assert!(
+        ["DeadlineExceeded", "SessionLost"].contains(&reason.as_str()),
+        "{reason}"
+    );
+    assert_clean(&cluster, &db, &name, false).await;
+    delete_snapshot_class(&cluster, &class).await;
+}
+
+#[tokio::test]
+async fn a_partition_cannot_keep_the_server_in_backup_mode() {
+    the_server_ends_backup_mode_when(Vanish::Network).await;
+}
+
+#[tokio::test]
+async fn a_frozen_operator_cannot_keep_the_server_in_backup_mode() {
+    the_server_ends_backup_mode_when(Vanish::Operator).await;
 }
 
 /// PostgreSQL 10 cannot show where a linked pg_wal is. Without `spec.volumes` the backup is

@@ -256,6 +256,10 @@ pub struct BackupStatus {
     pub timings: Option<BackupTimings>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub snapshots: Vec<SnapshotStatus>,
+    /// A failed backup's snapshots that were still being cut when it failed: each is deleted
+    /// once cut (deleting one mid-cut can leave it behind with external-snapshotter).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub snapshots_to_delete: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub label_config_map: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -81,6 +81,13 @@ impl VolumeSnapshot {
         })
     }
 
+    /// Requested, and the storage has reported neither a cut nor an error: it may be cutting
+    /// right now.
+    pub fn is_being_cut(&self) -> bool {
+        let cut_at = self.status.as_ref().and_then(|s| s.creation_time.as_ref());
+        cut_at.is_none() && self.error_message().is_none()
+    }
+
     pub fn is_ready(&self) -> bool {
         self.status
             .as_ref()

@@ -32,7 +32,7 @@ use crate::controller::{
     self, Failure, PhasedStatus, Progress, Reporter, delete_if_created_by, now, set_phase,
 };
 use crate::label_store;
-use crate::snapshots::{self, SnapshotError};
+use crate::snapshots::{self, Removal, SnapshotError};
 use crate::telemetry::{Metrics, Outcome, TimedStep};
 use phase::{Admission, Next, Readiness, SnapshotObservation};
 
@@ -82,6 +82,8 @@ pub enum Error {
     Snapshot(#[from] SnapshotError),
     #[error("finalizer: {0}")]
     Finalizer(#[source] Box<finalizer::Error<Error>>),
+    #[error("snapshots still being cut, deleted once cut: {}", .0.join(", "))]
+    BeingCut(Vec<String>),
 }
 
 impl Error {
@@ -90,6 +92,7 @@ impl Error {
             Error::Kube(_) => "KubernetesApi",
             Error::Snapshot(e) => e.reason(),
             Error::Finalizer(_) => "Finalizer",
+            Error::BeingCut(_) => "SnapshotsBeingCut",
         }
     }
 }
@@ -210,9 +213,8 @@ impl Context {
         failure: Failure,
     ) -> Result<(), kube::Error> {
         let removed = self.remove_made(backup).await;
-        let cleanup_note = match removed {
-            Ok(0) => String::new(),
-            Ok(n) => format!(" ({n} partial snapshot(s) deleted)"),
+        let cleanup_note = match &removed {
+            Ok(r) => removal_note(r),
             Err(e) => format!(
                 " (deleting its snapshots failed: {e}; delete VolumeSnapshots labelled {BACKUP_UID_LABEL}={})",
                 backup.uid().unwrap_or_default()
@@ -227,6 +229,7 @@ impl Context {
             &failure.message,
         );
         status.snapshots.clear();
+        status.snapshots_to_delete = removed.map(|r| r.deferred).unwrap_or_default();
         status.label_config_map = None;
         status.error = Some(BackupError {
             reason: failure.reason.clone(),
@@ -240,9 +243,9 @@ impl Context {
         Ok(())
     }
 
-    /// Deletes the snapshots and the label ConfigMap this very Backup (by uid) made, and
-    /// nothing else; returns how many snapshots there were.
-    async fn remove_made(&self, backup: &Backup) -> Result<usize, SnapshotError> {
+    /// Deletes the snapshots (those still being cut later, see `snapshots::delete_all`) and the
+    /// label ConfigMap this very Backup (by uid) made, and nothing else.
+    async fn remove_made(&self, backup: &Backup) -> Result<Removal, SnapshotError> {
         let ns = backup.namespace().unwrap_or_default();
         let removed = snapshots::delete_all(&self.client, backup).await?;
         let cm: Api<ConfigMap> = Api::namespaced(self.client.clone(), &ns);
@@ -344,7 +347,8 @@ async fn apply(backup: Arc<Backup>, ctx: Arc<Context>) -> Result<Action, Error> 
     if lags_behind_own_write(&ctx, &backup, status.phase) {
         return Ok(Action::await_change());
     }
-    match phase::next(status.phase, ctx.is_running(&key(&backup))) {
+    let to_delete = !status.snapshots_to_delete.is_empty();
+    match phase::next(status.phase, ctx.is_running(&key(&backup)), to_delete) {
         Next::Admit => admit(backup, ctx).await,
         Next::LeaveToTask | Next::Done => Ok(Action::await_change()),
         Next::SessionLost => {
@@ -356,6 +360,45 @@ async fn apply(backup: Arc<Backup>, ctx: Arc<Context>) -> Result<Action, Error> 
             Ok(Action::await_change())
         }
         Next::AwaitReady => await_ready(backup, ctx, status).await,
+        Next::FinishRemoval => finish_removal(backup, ctx, status).await,
+    }
+}
+
+/// A failed backup's snapshots that were being cut: each is deleted once cut (a snapshot's
+/// change wakes its Backup).
+async fn finish_removal(
+    backup: Arc<Backup>,
+    ctx: Arc<Context>,
+    mut status: BackupStatus,
+) -> Result<Action, Error> {
+    let removal = ctx.remove_made(&backup).await?;
+    if removal.deferred != status.snapshots_to_delete {
+        info!(
+            deleted = removal.deleted,
+            still_being_cut = removal.deferred.len(),
+            "deleting the failed backup's snapshots once cut"
+        );
+        status.snapshots_to_delete = removal.deferred;
+        ctx.patch_status(&*backup, &status).await?;
+    }
+    Ok(Action::await_change())
+}
+
+fn removal_note(removal: &Removal) -> String {
+    let mut notes = Vec::new();
+    if removal.deleted > 0 {
+        notes.push(format!("{} partial snapshot(s) deleted", removal.deleted));
+    }
+    if !removal.deferred.is_empty() {
+        notes.push(format!(
+            "{} snapshot(s) still being cut, deleted once cut: {}",
+            removal.deferred.len(),
+            removal.deferred.join(", ")
+        ));
+    }
+    match notes.is_empty() {
+        true => String::new(),
+        false => format!(" ({})", notes.join("; ")),
     }
 }
 
@@ -577,8 +620,11 @@ async fn cleanup(backup: Arc<Backup>, ctx: Arc<Context>) -> Result<Action, Error
     .await;
     match backup.spec.deletion_policy {
         DeletionPolicy::Delete => match ctx.remove_made(&backup).await {
-            Ok(removed) => info!(
-                snapshots = removed,
+            Ok(removal) if !removal.deferred.is_empty() => {
+                return Err(Error::BeingCut(removal.deferred));
+            }
+            Ok(removal) => info!(
+                snapshots = removal.deleted,
                 "deleted the backup's snapshots and label"
             ),
             Err(e)
@@ -609,7 +655,9 @@ fn error_policy(backup: Arc<Backup>, error: &Error, _ctx: Arc<Context>) -> Actio
     warn!(backup = %key(&backup), reason = error.reason(), %error, "reconcile failed; retrying");
     match error {
         // The API server or the snapshot API is briefly unavailable: retry soon.
-        Error::Kube(_) | Error::Snapshot(_) => Action::requeue(Duration::from_secs(5)),
+        Error::Kube(_) | Error::Snapshot(_) | Error::BeingCut(_) => {
+            Action::requeue(Duration::from_secs(5))
+        }
         Error::Finalizer(_) => Action::requeue(Duration::from_secs(15)),
     }
 }

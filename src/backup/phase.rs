@@ -17,17 +17,20 @@ pub enum Next {
     SessionLost,
     /// Out of backup mode: wait for every snapshot to be ready to use.
     AwaitReady,
+    /// Failed while snapshots were being cut: delete each once it is cut.
+    FinishRemoval,
     /// Completed or Failed: nothing left to do.
     Done,
 }
 
-pub fn next(phase: Option<Phase>, task_running: bool) -> Next {
+pub fn next(phase: Option<Phase>, task_running: bool, snapshots_to_delete: bool) -> Next {
     match phase.unwrap_or(Phase::Pending) {
         Phase::Pending if task_running => Next::LeaveToTask,
         Phase::Pending => Next::Admit,
         p if p.holds_session() && task_running => Next::LeaveToTask,
         p if p.holds_session() => Next::SessionLost,
         Phase::Finalizing => Next::AwaitReady,
+        Phase::Failed if snapshots_to_delete => Next::FinishRemoval,
         _ => Next::Done,
     }
 }
@@ -221,20 +224,25 @@ mod tests {
 
     #[test]
     fn each_phase_has_one_step() {
-        assert_eq!(next(None, false), Next::Admit);
-        assert_eq!(next(Some(Phase::Pending), false), Next::Admit);
-        assert_eq!(next(Some(Phase::Pending), true), Next::LeaveToTask);
+        assert_eq!(next(None, false, false), Next::Admit);
+        assert_eq!(next(Some(Phase::Pending), false, false), Next::Admit);
+        assert_eq!(next(Some(Phase::Pending), true, false), Next::LeaveToTask);
         for p in [Phase::Starting, Phase::Snapshotting, Phase::Stopping] {
-            assert_eq!(next(Some(p), true), Next::LeaveToTask);
+            assert_eq!(next(Some(p), true, false), Next::LeaveToTask);
             assert_eq!(
-                next(Some(p), false),
+                next(Some(p), false, false),
                 Next::SessionLost,
                 "{p:?} without a task"
             );
         }
-        assert_eq!(next(Some(Phase::Finalizing), false), Next::AwaitReady);
-        assert_eq!(next(Some(Phase::Completed), false), Next::Done);
-        assert_eq!(next(Some(Phase::Failed), true), Next::Done);
+        assert_eq!(
+            next(Some(Phase::Finalizing), false, false),
+            Next::AwaitReady
+        );
+        assert_eq!(next(Some(Phase::Completed), false, false), Next::Done);
+        assert_eq!(next(Some(Phase::Failed), true, false), Next::Done);
+        assert_eq!(next(Some(Phase::Failed), false, true), Next::FinishRemoval);
+        assert_eq!(next(Some(Phase::Completed), false, true), Next::Done);
     }
 
     #[test]

@@ -354,6 +354,70 @@ async fn a_session_phase_without_a_task_here_is_a_lost_session() {
     reconcile_with(backup, script).await;
 }
 
+/// A snapshot the storage is still cutting is not deleted mid-cut (external-snapshotter can
+/// then keep it until its resync): the Failed status lists it, and once it is cut it goes.
+#[tokio::test]
+async fn a_snapshot_still_being_cut_is_deleted_once_cut() {
+    let backup = Backup::test().with_status(BackupStatus {
+        phase: Some(Phase::Snapshotting),
+        ..Default::default()
+    });
+    let mut being_cut = snapshot(DATA_SNAPSHOT, false, None);
+    being_cut.status = None;
+    let mut script = own_snapshots([being_cut.clone()]);
+    script.extend([
+        Call::get(format!("{CONFIG_MAPS_PATH}/{LABEL_CONFIG_MAP}")).not_found(),
+        Call::apply_status(BACKUP_PATH, &backup).body(|body| {
+            assert_eq!(body["status"]["phase"], "Failed");
+            assert_eq!(body["status"]["snapshotsToDelete"], json!([DATA_SNAPSHOT]));
+        }),
+        Call::event("Warning", "SessionLost").body(|e| {
+            let note = e["note"].as_str().unwrap_or_default();
+            assert!(
+                note.ends_with(&format!(
+                    "(1 snapshot(s) still being cut, deleted once cut: {DATA_SNAPSHOT})"
+                )),
+                "{note}"
+            );
+        }),
+    ]);
+    reconcile_with(backup, script).await;
+
+    // Still cutting: nothing to do yet.
+    let failed = Backup::test().with_status(BackupStatus {
+        phase: Some(Phase::Failed),
+        snapshots_to_delete: vec![DATA_SNAPSHOT.into()],
+        ..Default::default()
+    });
+    let mut script = own_snapshots([being_cut]);
+    script.push(Call::get(format!("{CONFIG_MAPS_PATH}/{LABEL_CONFIG_MAP}")).not_found());
+    reconcile_with(failed.clone(), script).await;
+
+    // Cut: deleted, and the status says nothing is left.
+    let mut script = own_snapshots([snapshot(DATA_SNAPSHOT, false, None)]);
+    script.extend([
+        Call::delete(format!("{SNAPSHOTS_PATH}/{DATA_SNAPSHOT}")),
+        Call::get(format!("{CONFIG_MAPS_PATH}/{LABEL_CONFIG_MAP}")).not_found(),
+        Call::apply_status(BACKUP_PATH, &failed).body(|body| {
+            assert_eq!(body["status"]["phase"], "Failed");
+            assert_eq!(body["status"].get("snapshotsToDelete"), None);
+        }),
+    ]);
+    reconcile_with(failed, script).await;
+}
+
+/// Deleting a Backup whose snapshot is being cut waits for the cut, finalizer kept.
+#[tokio::test]
+async fn deleting_a_backup_waits_for_a_snapshot_being_cut() {
+    let backup = Backup::test().with_status(completed()).deleted();
+    let mut being_cut = snapshot(DATA_SNAPSHOT, false, None);
+    being_cut.status = None;
+    let mut script = own_snapshots([being_cut]);
+    script.push(Call::get(format!("{CONFIG_MAPS_PATH}/{LABEL_CONFIG_MAP}")).not_found());
+    let error = reconcile_failing(backup, script).await;
+    assert!(error.to_string().contains(DATA_SNAPSHOT), "{error}");
+}
+
 /// The finalizer comes off once cleanup is done; the API server then deletes the Backup.
 fn finalizer_removed(backup: &Backup) -> Call {
     let mut gone = backup.clone();

@@ -11,4 +11,6 @@ pub use catalog::{MIN_MAJOR, RoleInfo, ServerInfo, Tablespace};
 pub use connect::{ConnectOptions, SslMode};
 pub use error::{Error, Step};
 pub use label::{BackupFrom, BackupLabel, LabelError, Lsn};
-pub use session::{MAX_LABEL_BYTES, Session, Started, Stopped, backup_functions, grants};
+pub use session::{
+    MAX_LABEL_BYTES, SERVER_GRACE, Session, Started, Stopped, backup_functions, grants,
+};

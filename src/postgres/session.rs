@@ -28,6 +28,11 @@ pub const MAX_LABEL_BYTES: usize = 1024;
 /// How long the cancel request sent on abort may take; the connection is closed anyway.
 const CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long after the deadline the server ends the backup by itself, when the operator did not
+/// (it froze, or the network between them did). Later than the operator's own close, so a
+/// live operator is always the one that reports the deadline.
+pub const SERVER_GRACE: Duration = Duration::from_secs(5);
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Started {
     pub start_lsn: Lsn,
@@ -206,7 +211,16 @@ impl Session {
         self.state = State::Broken;
 
         let (slot_name, wal_not_pinned_reason) = self.pin_wal().await;
+        self.batch(
+            &limits(self.info.major, deadline + SERVER_GRACE),
+            Step::Start,
+        )
+        .await?;
         let (start_lsn, took) = self.backup_start(label, fast, t0, deadline).await?;
+        // The checkpoint took part of the deadline: the server's own limit counts from the
+        // start call too.
+        let rest = (deadline + SERVER_GRACE).saturating_sub(t0.elapsed());
+        self.batch(&in_backup_limits(rest), Step::Start).await?;
         info!(
             pid = self.backend_pid,
             %start_lsn,
@@ -289,6 +303,7 @@ impl Session {
         let t0 = Instant::now();
         let row = self.backup_stop(&backup, wait_for_archive).await?;
         let took = t0.elapsed();
+        self.batch(LIFT_LIMITS, Step::Stop).await?;
         let backup_window = backup.returned_at.elapsed();
         // The server is out of backup mode: nothing left for the deadline to abort.
         self.control.send_replace(Control::Idle);
@@ -399,6 +414,17 @@ impl Session {
             return Err(Error::StandbyPromoted {
                 detail: "the server left recovery before the backup was stopped".into(),
             });
+        }
+        Ok(())
+    }
+
+    /// Statements without results around start and stop; a failure leaves the session's
+    /// backup state unknown, so the session is closed.
+    async fn batch(&mut self, sql: &str, step: Step) -> Result<(), Error> {
+        if let Err(e) = self.client.batch_execute(sql).await {
+            let err = self.query_error("setting the session's limits", step, e);
+            self.close_on_failure();
+            return Err(err);
         }
         Ok(())
     }
@@ -677,6 +703,41 @@ pub fn grants(major: u32, role: &str) -> Vec<String> {
     out
 }
 
+/// The server's own guard on backup mode, set before the start call, so that a frozen
+/// operator or a network that drops everything cannot keep the server in backup mode (and the
+/// slot pinning WAL) for the hours the kernel takes to give up:
+/// - the backup runs inside a transaction, so the backend idle between start and stop is
+///   ended by `idle_in_transaction_session_timeout` (10+; `idle_session_timeout`, 14+ only,
+///   never applies inside a transaction), and its exit aborts the backup and drops the slot;
+/// - `statement_timeout` bounds a start or stop the server itself is stuck in (a spread
+///   checkpoint, the archive wait) when nobody is left to cancel it;
+/// - keepalives (and `tcp_user_timeout`, 12+) notice a peer that is gone within about 30 s.
+///
+/// Every role may set all of these for its own session.
+fn limits(major: u32, limit: Duration) -> String {
+    let ms = limit.as_millis();
+    let mut sql = format!(
+        "SET statement_timeout = {ms}; SET idle_in_transaction_session_timeout = {ms}; \
+         SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; SET tcp_keepalives_count = 3; "
+    );
+    if major >= 12 {
+        sql.push_str("SET tcp_user_timeout = 30000; ");
+    }
+    sql.push_str("BEGIN");
+    sql
+}
+
+/// After the start returned: what is left of the deadline (and the grace), inside the
+/// backup's transaction.
+fn in_backup_limits(rest: Duration) -> String {
+    let ms = rest.as_millis().max(1);
+    format!("SET statement_timeout = {ms}; SET idle_in_transaction_session_timeout = {ms}")
+}
+
+/// After the stop: out of backup mode, the session is an ordinary one again.
+const LIFT_LIMITS: &str =
+    "COMMIT; RESET statement_timeout; RESET idle_in_transaction_session_timeout";
+
 /// Why a statement of the backup did not return a row.
 enum Failure {
     Deadline,
@@ -798,6 +859,22 @@ mod tests {
         assert_eq!(too_long.reason(), "LabelTooLong");
         let two_lines = check_label("a\nSTART TIMELINE: 9").unwrap_err();
         assert_eq!(two_lines.reason(), "LabelHasControlCharacters");
+    }
+
+    #[test]
+    fn the_server_bounds_backup_mode_itself_on_every_major() {
+        let on_11 = limits(11, Duration::from_secs(65));
+        assert!(on_11.contains("SET idle_in_transaction_session_timeout = 65000;"));
+        assert!(on_11.contains("SET statement_timeout = 65000;"));
+        assert!(
+            on_11.ends_with("BEGIN"),
+            "the backup runs in a transaction: {on_11}"
+        );
+        assert!(
+            !on_11.contains("tcp_user_timeout"),
+            "no such setting before 12"
+        );
+        assert!(limits(12, Duration::from_secs(1)).contains("SET tcp_user_timeout = 30000;"));
     }
 
     #[test]

@@ -9,6 +9,8 @@
 // Class parameters also give it the behaviours of real drivers, for pgsnap's failure tests:
 //   - uploadSeconds=N: the snapshot is cut (creationTime set) when the tar ends, and ready to
 //     use only N seconds later, as cloud block storage uploads after the cut;
+//   - cutSeconds=N: the cut itself takes N seconds more (a slow storage), during which
+//     PostgreSQL stays in backup mode;
 //   - neverReady=true: cut, and never ready;
 //   - failWith=MESSAGE: CreateSnapshot fails with MESSAGE.
 //
@@ -344,6 +346,13 @@ func (d *driver) CreateSnapshot(ctx context.Context, req *csi.CreateSnapshotRequ
 	d.save()
 	d.mu.Unlock()
 
+	if cut := req.GetParameters()["cutSeconds"]; cut != "" {
+		seconds, err := time.ParseDuration(cut + "s")
+		if err != nil {
+			return nil, status.Errorf(codes.InvalidArgument, "cutSeconds %q: %v", cut, err)
+		}
+		time.Sleep(seconds)
+	}
 	args := []string{"-c", "-z", "-f", s.Path}
 	if strings.EqualFold(req.GetParameters()["ignoreFailedRead"], "true") {
 		args = append(args, "--ignore-failed-read")
