@@ -379,7 +379,7 @@ async fn finish_removal(
             "deleting the failed backup's snapshots once cut"
         );
         status.snapshots_to_delete = removal.deferred;
-        ctx.patch_status(&*backup, &status).await?;
+        ctx.patch_status(&backup, &status).await?;
     }
     Ok(Action::await_change())
 }
