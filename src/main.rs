@@ -22,7 +22,14 @@ async fn main() -> anyhow::Result<()> {
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     telemetry::init_logging(&args.log_level, args.log_format);
-    let client = kube::Client::try_default().await?;
+    let config = kube::Config::infer().await?;
+    // The lease's own client is never fenced: it is how the fence opens.
+    let lease_client = kube::Client::try_from(config.clone())?;
+    let fence = match args.leader_election {
+        true => leader::Fence::closed(),
+        false => leader::Fence::open(),
+    };
+    let client = leader::fenced(config, fence.clone())?;
     let metrics = Arc::new(Metrics::default());
     let health = Arc::new(Health::default());
     tokio::spawn(telemetry::serve(
@@ -31,6 +38,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         health.clone(),
     ));
     info!(addr = %args.metrics_addr, "serving /metrics, /healthz and /readyz");
+    // Ready means serving, not leading: a standby replica is ready too, or a rolling update
+    // would wait for a pod that cannot lead while the old one holds the lease.
+    lease_client.apiserver_version().await?;
+    health.ready.store(true, Ordering::Relaxed);
 
     // A signal cancels `stop`; so does losing the leader lease.
     let stop = CancellationToken::new();
@@ -41,20 +52,32 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         identity: args.identity.clone().unwrap_or_else(hostname),
         duration: Duration::from_secs(15),
     };
-    let lease_api = if args.leader_election {
+    let held = if args.leader_election {
         tokio::select! {
-            api = leader::acquire(&client, &lease) => Some(api),
+            held = leader::acquire(&lease_client, &lease, &fence) => Some(held),
             _ = stop.cancelled() => return Ok(()),
         }
     } else {
         None
     };
-    if let Some(api) = lease_api.clone() {
-        tokio::spawn(stop_when_lease_lost(api, lease.clone(), stop.clone()));
-    }
-    run_controllers(client, &args, metrics, health, &stop).await;
-    if let Some(api) = lease_api {
-        leader::release(&api, &lease).await;
+    metrics.leader.set(1);
+    let hold = held.map(|held| {
+        let (lease, fence, stop) = (lease.clone(), fence.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut held = held;
+            tokio::select! {
+                _ = leader::hold(&mut held, &lease, &fence) => stop.cancel(),
+                _ = stop.cancelled() => {}
+            }
+            held
+        })
+    });
+    run_controllers(client, &args, metrics.clone(), &stop).await;
+    metrics.leader.set(0);
+    if let Some(hold) = hold
+        && let Ok(held) = hold.await
+    {
+        leader::release(&held, &lease).await;
     }
     Ok(())
 }
@@ -64,7 +87,6 @@ async fn run_controllers(
     client: kube::Client,
     args: &RunArgs,
     metrics: Arc<Metrics>,
-    health: Arc<Health>,
     stop: &CancellationToken,
 ) {
     let backups = backup::Settings {
@@ -76,13 +98,11 @@ async fn run_controllers(
         namespace: args.namespace.clone(),
         image: args.restore_image.clone(),
     };
-    let ready = move || health.ready.store(true, Ordering::Relaxed);
     tokio::join!(
         backup::run(
             client.clone(),
             backups,
             metrics.clone(),
-            ready,
             shutdown_on(stop.clone())
         ),
         restore::run(client, restores, metrics, shutdown_on(stop.clone())),
@@ -99,17 +119,6 @@ async fn stop_on_signal(stop: CancellationToken) {
         _ = tokio::signal::ctrl_c() => info!("interrupted: stopping"),
     }
     stop.cancel();
-}
-
-async fn stop_when_lease_lost(
-    api: kube::Api<k8s_openapi::api::coordination::v1::Lease>,
-    lease: leader::LeaseSettings,
-    stop: CancellationToken,
-) {
-    tokio::select! {
-        _ = leader::hold(api, lease) => stop.cancel(),
-        _ = stop.cancelled() => {}
-    }
 }
 
 /// A controller wants a Sync shutdown future; a oneshot receiver is one.

@@ -78,6 +78,8 @@ pub struct Metrics {
     pub step_seconds: Family<StepLabels, Histogram>,
     pub backup_mode_seconds: Histogram,
     pub in_flight: Gauge,
+    /// 1 while this replica runs the controllers (holds the lease, or elects none).
+    pub leader: Gauge,
 }
 
 impl Default for Metrics {
@@ -95,6 +97,7 @@ impl Default for Metrics {
             0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
         ]);
         let in_flight = Gauge::default();
+        let leader = Gauge::default();
         registry.register(
             "backups",
             "Backups that ended, by result and reason",
@@ -120,6 +123,11 @@ impl Default for Metrics {
             "Backups holding a database session now",
             in_flight.clone(),
         );
+        registry.register(
+            "leader",
+            "1 while this replica runs the controllers",
+            leader.clone(),
+        );
         Metrics {
             registry,
             backups,
@@ -127,6 +135,7 @@ impl Default for Metrics {
             step_seconds,
             backup_mode_seconds,
             in_flight,
+            leader,
         }
     }
 }
@@ -157,7 +166,7 @@ impl Metrics {
     }
 }
 
-/// Readiness: true once this replica's controller runs (it leads, and its caches are warm).
+/// Readiness: true once the replica serves and reaches the API server, leading or not.
 #[derive(Default)]
 pub struct Health {
     pub ready: AtomicBool,
@@ -207,6 +216,6 @@ async fn readyz(State(shared): State<Shared>) -> impl IntoResponse {
     if shared.health.ready.load(Ordering::Relaxed) {
         (StatusCode::OK, "ready")
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not leading yet")
+        (StatusCode::SERVICE_UNAVAILABLE, "not serving yet")
     }
 }

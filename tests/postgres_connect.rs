@@ -15,6 +15,7 @@ fn opts(port: u16) -> ConnectOptions {
         database: "postgres".into(),
         ssl_mode: SslMode::Prefer,
         ca_cert_pem: None,
+        server_name: None,
         application_name: "pgsnap-test".into(),
         connect_timeout: Duration::from_secs(1),
     }

@@ -14,6 +14,7 @@ pub mod postgres;
 pub mod prepare;
 pub mod proof;
 pub mod proxy;
+pub mod tls;
 pub mod verify;
 
 pub use cluster::Cluster;

@@ -236,15 +236,42 @@ impl Operator {
     /// SIGTERM, as Kubernetes stops a pod; returns whether it exited 0 within `grace`.
     pub fn terminate(&mut self, grace: Duration) -> bool {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = std::time::Instant::now() + grace;
+        let exited = self.wait_exit(grace);
+        if exited.is_none() {
+            self.kill();
+        }
+        exited.is_some_and(|s| s.success())
+    }
+
+    /// How the process exited, if it did within `within`.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + within;
         while std::time::Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
-                return status.success();
+                return Some(status);
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        self.kill();
-        false
+        None
+    }
+
+    /// Whether this replica runs the controllers now (`pgsnap_leader`).
+    pub async fn leading(&self) -> bool {
+        self.metrics().await.lines().any(|l| l == "pgsnap_leader 1")
+    }
+
+    /// Waits until this replica leads; returns how long that took.
+    pub async fn wait_leading(&self, within: Duration) -> Duration {
+        let since = std::time::Instant::now();
+        while !self.leading().await {
+            assert!(
+                since.elapsed() < within,
+                "the replica did not lead within {within:?}; its log:\n{}",
+                self.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        since.elapsed()
     }
 
     /// SIGSTOP: the process freezes with every socket open, as a hung node or a stopped

@@ -384,6 +384,7 @@ impl Pg {
             database: "postgres".into(),
             ssl_mode: SslMode::Disable,
             ca_cert_pem: None,
+            server_name: None,
             application_name: "pgsnap-test".into(),
             connect_timeout: Duration::from_secs(10),
         }

@@ -459,15 +459,17 @@ impl PostgresPod {
 
 /// A Secret `name` whose key `password` holds `password`; its name. Creating it again is fine.
 pub async fn password_secret(cluster: &Cluster, name: &str, password: &str) -> String {
+    secret(cluster, name, "password", password).await
+}
+
+/// A Secret `name` holding `value` under `key` (kept if it exists); returns its name.
+pub async fn secret(cluster: &Cluster, name: &str, key: &str, value: &str) -> String {
     let secret = k8s_openapi::api::core::v1::Secret {
         metadata: kube::api::ObjectMeta {
             name: Some(name.into()),
             ..Default::default()
         },
-        string_data: Some(BTreeMap::from([(
-            "password".to_string(),
-            password.to_string(),
-        )])),
+        string_data: Some(BTreeMap::from([(key.to_string(), value.to_string())])),
         ..Default::default()
     };
     match cluster

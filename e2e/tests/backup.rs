@@ -13,9 +13,10 @@ use pgsnap::api::backup::{Phase, VolumeRole, WalSource};
 use pgsnap::api::snapshot::VolumeSnapshot;
 use pgsnap::postgres::SERVER_GRACE;
 use pgsnap_e2e::operator::{Operator, operator_may};
-use pgsnap_e2e::postgres::password_secret;
+use pgsnap_e2e::postgres::{POSTGRES_UID, password_secret, secret};
 use pgsnap_e2e::proof;
 use pgsnap_e2e::proxy::FreezingProxy;
+use pgsnap_e2e::tls::TestCa;
 use pgsnap_e2e::verify::{self, Prepare, Writer};
 use pgsnap_e2e::{Cluster, PostgresPod, postgres_pod};
 use serde_json::json;
@@ -814,6 +815,172 @@ async fn a_partition_cannot_keep_the_server_in_backup_mode() {
 #[tokio::test]
 async fn a_frozen_operator_cannot_keep_the_server_in_backup_mode() {
     the_server_ends_backup_mode_when(Vanish::Operator).await;
+}
+
+/// Two replicas with leader election: exactly one acts. The leader frozen mid-backup (SIGSTOP)
+/// is replaced once the lease runs out by the standby's own clock; the new leader ends the
+/// backup `SessionLost` and runs the next one, and the thawed old leader writes nothing (its
+/// client is fenced) and exits. A leader killed mid-backup, likewise.
+#[tokio::test]
+async fn two_replicas_one_leader() {
+    let cluster = Cluster::from_env().await;
+    let args = [
+        "--leader-election=true".to_string(),
+        format!("--lease-name=lease-{}", cluster.namespace),
+        format!("--namespace={}", cluster.namespace),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let lease = Duration::from_secs(15);
+    let mut first = Operator::start(&cluster.client, &args).await;
+    first.wait_leading(Duration::from_secs(20)).await;
+    // Ready means serving: the standby replica is ready without leading.
+    let mut second = Operator::start(&cluster.client, &args).await;
+    assert!(!second.leading().await, "two leaders");
+
+    let db = postgres_pod(16).create(&cluster).await;
+    let secret = db.password_secret(&cluster).await;
+    let class = snapshot_class(&cluster, "slow-cut", "Delete", json!({"cutSeconds": "20"})).await;
+    let slow = json!({"checkpoint": "Fast", "waitForArchive": false, "deadline": "15s", "volumeSnapshotClassName": class});
+    let lost_mid_backup = async |name: &str| {
+        apply(&cluster, backup_spec(name, on(&db, &secret, slow.clone()))).await;
+        cluster
+            .wait_for(
+                cluster.api::<Backup>(),
+                name,
+                "Snapshotting",
+                Duration::from_secs(30),
+                phase_is(&[Phase::Snapshotting]),
+            )
+            .await;
+    };
+
+    lost_mid_backup("frozen-leader").await;
+    first.suspend();
+    let took = second.wait_leading(lease * 3).await;
+    eprintln!("the standby led {took:?} after the leader froze");
+    assert!(
+        took >= lease - Duration::from_secs(5),
+        "took over after {took:?}, before the lease ran out"
+    );
+    let failed = wait_terminal(&cluster, "frozen-leader").await;
+    assert_failed(&failed, "SessionLost");
+    first.resume();
+    let exit = first.wait_exit(Duration::from_secs(30));
+    assert!(
+        exit.is_some(),
+        "the thawed leader did not stop:\n{}",
+        first.log_tail()
+    );
+    // It tried to record the backup's end, and the fence refused it.
+    let log = first.log_tail();
+    assert!(
+        log.contains("this replica no longer holds the leader lease"),
+        "{log}"
+    );
+    let after = cluster.api::<Backup>().get("frozen-leader").await.unwrap();
+    assert_eq!(
+        after.status.as_ref().and_then(|s| s.error.clone()),
+        failed.status.and_then(|s| s.error)
+    );
+    assert_clean(&cluster, &db, "frozen-leader", false).await;
+
+    apply(
+        &cluster,
+        backup_spec(
+            "under-new-leader",
+            on(
+                &db,
+                &secret,
+                json!({"checkpoint": "Fast", "waitForArchive": false}),
+            ),
+        ),
+    )
+    .await;
+    assert_completed(&wait_terminal(&cluster, "under-new-leader").await);
+
+    lost_mid_backup("killed-leader").await;
+    second.kill();
+    let third = Operator::start(&cluster.client, &args).await;
+    third.wait_leading(lease * 3).await;
+    assert_failed(
+        &wait_terminal(&cluster, "killed-leader").await,
+        "SessionLost",
+    );
+    assert_clean(&cluster, &db, "killed-leader", false).await;
+    delete_snapshot_class(&cluster, &class).await;
+}
+
+/// `VerifyFull` checks the certificate against the name the Backup gives (a Service's DNS
+/// name) while connecting to the pod's IP. The right CA and name complete; no name (so the
+/// pod's IP, which the certificate does not carry), a wrong name, or another CA fail
+/// `TlsFailed` saying which; a name without `VerifyFull` is refused at apply time.
+#[tokio::test]
+async fn verify_full_checks_the_ca_and_the_server_name() {
+    let cluster = Cluster::from_env().await;
+    let _operator = Operator::for_test(&cluster).await;
+    let dir = cluster.dir.join("tls").join(&cluster.namespace);
+    let ca = TestCa::new(&dir, "pgsnap-test-ca");
+    let other = TestCa::new(&dir, "another-ca");
+    let service = "orders-db.shop.svc";
+    let server = ca.issue(service, POSTGRES_UID);
+    let db = postgres_pod(17)
+        .setting("ssl", "on")
+        .setting("ssl_cert_file", &server.cert.display().to_string())
+        .setting("ssl_key_file", &server.key.display().to_string())
+        .create(&cluster)
+        .await;
+    let password = db.password_secret(&cluster).await;
+    let right = secret(&cluster, "right-ca", "ca.crt", &ca.pem()).await;
+    let wrong = secret(&cluster, "other-ca", "ca.crt", &other.pem()).await;
+    let spec = |ca: &str, server_name: Option<&str>, ssl_mode: &str| {
+        let mut connection = json!({
+            "passwordSecretRef": {"name": password, "key": "password"},
+            "sslMode": ssl_mode,
+            "caSecretRef": {"name": ca, "key": "ca.crt"},
+        });
+        if let Some(name) = server_name {
+            connection["serverName"] = json!(name);
+        }
+        json!({"target": {"podName": db.name}, "connection": connection, "checkpoint": "Fast", "waitForArchive": false})
+    };
+    let cases = [
+        ("verified", spec(&right, Some(service), "VerifyFull")),
+        ("pod-ip", spec(&right, None, "VerifyFull")),
+        (
+            "wrong-name",
+            spec(&right, Some("other.shop.svc"), "VerifyFull"),
+        ),
+        ("wrong-ca", spec(&wrong, Some(service), "VerifyFull")),
+    ];
+    for (name, spec) in &cases {
+        apply(&cluster, backup_spec(name, spec.clone())).await;
+    }
+    assert_completed(&wait_terminal(&cluster, "verified").await);
+    for (name, why) in [
+        ("pod-ip", "certificate not valid for name \"127.0.0.1\""),
+        (
+            "wrong-name",
+            "certificate not valid for name \"other.shop.svc\"",
+        ),
+        ("wrong-ca", "UnknownIssuer"),
+    ] {
+        let backup = wait_terminal(&cluster, name).await;
+        assert_failed(&backup, "TlsFailed");
+        let message = backup.status.unwrap().error.unwrap().message;
+        assert!(message.contains(why), "{name}: {message}");
+    }
+    let refused = cluster
+        .api::<Backup>()
+        .create(
+            &PostParams::default(),
+            &backup_spec("name-unverified", spec(&right, Some(service), "Require")),
+        )
+        .await
+        .expect_err("serverName without VerifyFull");
+    assert!(
+        refused.to_string().contains("serverName is the name VerifyFull checks the certificate against; it needs sslMode VerifyFull"),
+        "{refused}"
+    );
 }
 
 /// PostgreSQL 10 cannot show where a linked pg_wal is. Without `spec.volumes` the backup is

@@ -122,6 +122,7 @@ pub enum TargetRole {
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.serverName) || self.sslMode == 'VerifyFull'").message("serverName is the name VerifyFull checks the certificate against; it needs sslMode VerifyFull"))]
 pub struct Connection {
     /// Default: the pod's container port named `postgresql`, else 5432.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -139,6 +140,12 @@ pub struct Connection {
     /// The CA certificate (PEM) that signs the server's certificate, for `VerifyFull`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_secret_ref: Option<SecretKeyRef>,
+    /// The host name `VerifyFull` checks the server's certificate against, e.g. the Service's
+    /// DNS name (`orders-db.shop.svc`); the connection still goes to the pod's IP. Default:
+    /// the pod's IP, which certificates rarely name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub server_name: Option<String>,
 }
 
 impl Default for Connection {
@@ -150,6 +157,7 @@ impl Default for Connection {
             password_secret_ref: None,
             ssl_mode: SslMode::default(),
             ca_secret_ref: None,
+            server_name: None,
         }
     }
 }

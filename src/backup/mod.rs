@@ -677,7 +677,6 @@ pub async fn run(
     client: Client,
     settings: Settings,
     metrics: Arc<Metrics>,
-    ready: impl FnOnce(),
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let (finished_tx, finished_rx) = mpsc::unbounded();
@@ -687,7 +686,6 @@ pub async fn run(
     let ctx = Arc::new(Context::new(client, settings, metrics, finished_tx));
     let controller = Controller::new(backups, watcher::Config::default());
     let store = controller.store();
-    ready();
     controller
         // Snapshots of a backup wake it when they are cut, ready or failed.
         .watches(

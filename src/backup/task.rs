@@ -160,6 +160,7 @@ fn connect_options(work: &Assignment, pod: &Pod) -> Result<ConnectOptions, Failu
         database: conn.database.clone(),
         ssl_mode: conn.ssl_mode,
         ca_cert_pem: work.ca_cert.clone(),
+        server_name: conn.server_name.clone(),
         application_name: "pgsnap".into(),
         connect_timeout: work.connect_timeout,
     })

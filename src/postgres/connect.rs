@@ -50,6 +50,9 @@ pub struct ConnectOptions {
     pub ssl_mode: SslMode,
     /// PEM, one or more certificates; required for `VerifyFull`.
     pub ca_cert_pem: Option<Vec<u8>>,
+    /// The name the certificate must carry under `VerifyFull`, when not `host`: the
+    /// connection goes to `host` (an IP address), the check to this name.
+    pub server_name: Option<String>,
     /// Shown in `pg_stat_activity`, so a DBA can see who holds the backup open.
     pub application_name: String,
     pub connect_timeout: Duration,
@@ -66,6 +69,7 @@ impl std::fmt::Debug for ConnectOptions {
             .field("database", &self.database)
             .field("ssl_mode", &self.ssl_mode)
             .field("ca_cert_pem", &self.ca_cert_pem.as_ref().map(|c| c.len()))
+            .field("server_name", &self.server_name)
             .field("application_name", &self.application_name)
             .field("connect_timeout", &self.connect_timeout)
             .finish()
@@ -84,8 +88,12 @@ impl ConnectOptions {
 
     pub(crate) fn config(&self) -> tokio_postgres::Config {
         let mut cfg = tokio_postgres::Config::new();
-        cfg.host(&self.host)
-            .port(self.port)
+        match (&self.server_name, self.host.parse::<std::net::IpAddr>()) {
+            // TLS verifies (and SNI names) `host`; `hostaddr` is where the socket goes.
+            (Some(name), Ok(ip)) => cfg.host(name).hostaddr(ip),
+            _ => cfg.host(&self.host),
+        };
+        cfg.port(self.port)
             .user(&self.user)
             .dbname(&self.database)
             .application_name(&self.application_name)
