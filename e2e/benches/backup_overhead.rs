@@ -7,14 +7,22 @@
 //! `status.timings`: the checkpoint (start call), the cut (the CSI driver), the stop call, and
 //! the operator's overhead (time in backup mode minus cut and stop). Then it measures the
 //! operator's resident memory idle and with 500 Backup objects in its cache.
+//!
+//!   e2e/cluster up && cargo bench -p pgsnap-e2e --bench backup_overhead -- size
+//!
+//! Time in backup mode against database size instead: databases of 1 and 10 GB
+//! (`PGSNAP_BENCH_SIZES_GB`), N backups each (default 5), cut copy-on-write (XFS reflink, the
+//! way block storage cuts) and, for contrast on the smallest, by the driver's tar.
 
 use std::time::Duration;
 
+use kube::ResourceExt;
 use kube::api::{DeleteParams, PostParams};
 use kube::runtime::wait::Condition;
 use pgsnap::api::Backup;
-use pgsnap::api::backup::Phase;
+use pgsnap::api::backup::{BackupStatus, Phase};
 use pgsnap_e2e::operator::Operator;
+use pgsnap_e2e::postgres::REFLINK_CLASS;
 use pgsnap_e2e::{Cluster, postgres_pod};
 use serde_json::json;
 
@@ -42,7 +50,8 @@ fn rss_mib(pid: u32) -> f64 {
     kib / 1024.0
 }
 
-fn backup(name: &str, pod: &str, secret: Option<&str>) -> Backup {
+/// A Backup of `pod` through `class` (default: the driver's default class).
+fn backup(name: &str, pod: &str, secret: Option<&str>, class: Option<&str>) -> Backup {
     let connection = match secret {
         Some(s) => json!({"passwordSecretRef": {"name": s, "key": "password"}}),
         None => json!({}),
@@ -50,26 +59,62 @@ fn backup(name: &str, pod: &str, secret: Option<&str>) -> Backup {
     serde_json::from_value(json!({
         "apiVersion": "pgsnap.io/v1alpha1", "kind": "Backup",
         "metadata": {"name": name},
-        "spec": {"target": {"podName": pod}, "connection": connection, "checkpoint": "Fast", "waitForArchive": false},
+        "spec": {"target": {"podName": pod}, "connection": connection, "checkpoint": "Fast",
+                 "waitForArchive": false, "volumeSnapshotClassName": class},
     }))
     .expect("backup")
 }
 
-#[tokio::main]
-async fn main() {
-    let runs: usize = std::env::var("PGSNAP_BENCH_BACKUPS")
+/// Runs one backup to Completed, deletes it, and returns its status.
+async fn completed(cluster: &Cluster, backup: Backup) -> BackupStatus {
+    let api = cluster.api::<Backup>();
+    let name = backup.name_any();
+    api.create(&PostParams::default(), &backup)
+        .await
+        .expect("create");
+    let done = cluster
+        .wait_for(
+            api.clone(),
+            &name,
+            "done",
+            Duration::from_secs(900),
+            terminal(),
+        )
+        .await;
+    let status = done.status.expect("status");
+    assert_eq!(status.phase, Some(Phase::Completed), "{:?}", status.error);
+    // Keep the snapshot count flat: each backup's snapshots go with it.
+    api.delete(&name, &DeleteParams::default())
+        .await
+        .expect("delete");
+    status
+}
+
+fn window_seconds(status: &BackupStatus) -> f64 {
+    status
+        .backup_window
+        .as_ref()
+        .and_then(|w| w.seconds.as_deref())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn runs(default: usize) -> usize {
+    std::env::var("PGSNAP_BENCH_BACKUPS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(30);
+        .unwrap_or(default)
+}
+
+#[tokio::main]
+async fn main() {
+    // cargo passes --bench to a harness-less bench; what follows `--` comes after it.
+    if std::env::args().any(|a| a == "size") {
+        return by_size().await;
+    }
+    let runs = runs(30);
     let cluster = Cluster::from_env().await;
-    let operator = Operator::start(
-        &cluster.client,
-        &[
-            "--leader-election=false",
-            &format!("--namespace={}", cluster.namespace),
-        ],
-    )
-    .await;
+    let operator = Operator::for_test(&cluster).await;
     let idle = rss_mib(operator.pid());
     let db = postgres_pod(17).create(&cluster).await;
     db.pgbench_init(1);
@@ -79,40 +124,17 @@ async fn main() {
     let (mut window, mut checkpoint, mut cut, mut stop, mut overhead) =
         (vec![], vec![], vec![], vec![], vec![]);
     for i in 0..runs {
-        let name = format!("bench-{i}");
-        api.create(
-            &PostParams::default(),
-            &backup(&name, &db.name, Some(&secret)),
+        let status = completed(
+            &cluster,
+            backup(&format!("bench-{i}"), &db.name, Some(&secret), None),
         )
-        .await
-        .expect("create");
-        let done = cluster
-            .wait_for(
-                api.clone(),
-                &name,
-                "done",
-                Duration::from_secs(120),
-                terminal(),
-            )
-            .await;
-        let status = done.status.expect("status");
-        assert_eq!(status.phase, Some(Phase::Completed), "{:?}", status.error);
-        let t = status.timings.expect("timings");
-        window.push(
-            status
-                .backup_window
-                .and_then(|w| w.seconds)
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(0.0),
-        );
+        .await;
+        let t = status.timings.clone().expect("timings");
+        window.push(window_seconds(&status));
         checkpoint.push(t.checkpoint_seconds);
         cut.push(t.cut_seconds);
         stop.push(t.stop_seconds);
         overhead.push(t.overhead_seconds);
-        // Keep the snapshot count flat: each backup's snapshots go with it.
-        api.delete(&name, &DeleteParams::default())
-            .await
-            .expect("delete");
     }
     println!(
         "## Backup timings ({runs} backups, PostgreSQL 17, fast checkpoint, idle server, CSI hostpath)\n"
@@ -137,7 +159,7 @@ async fn main() {
     for i in 0..500 {
         api.create(
             &PostParams::default(),
-            &backup(&format!("mem-{i}"), "absent", None),
+            &backup(&format!("mem-{i}"), "absent", None, None),
         )
         .await
         .expect("create");
@@ -158,4 +180,71 @@ async fn main() {
     println!(
         "\n## Operator memory (RSS)\n\n| state | MiB |\n|---|---|\n| idle | {idle:.1} |\n| 500 Backup objects | {loaded:.1} |"
     );
+}
+
+/// Time in backup mode against database size: a copy-on-write cut takes the same time for 1
+/// and 10 GB; the driver's tar grows with the data.
+async fn by_size() {
+    let sizes: Vec<u64> = std::env::var("PGSNAP_BENCH_SIZES_GB")
+        .unwrap_or_else(|_| "1,10".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let runs = runs(5);
+    let cluster = Cluster::from_env().await;
+    let _operator = Operator::for_test(&cluster).await;
+    println!(
+        "## Time in backup mode by database size ({runs} backups each, PostgreSQL 17, fast checkpoint)\n"
+    );
+    println!(
+        "| database | cut | median cut ms | median time in backup mode ms |\n|---|---|---|---|"
+    );
+    for (n, &gb) in sizes.iter().enumerate() {
+        // The WAL of the fill is thrown away (archive_command = 'true'): nothing is restored
+        // here, and archiving 10 GB would only slow the fill.
+        let db = postgres_pod(17)
+            .name(&format!("size{gb}"))
+            .storage(REFLINK_CLASS, "64Gi")
+            .setting("archive_command", "true")
+            .setting("max_wal_size", "4GB")
+            .create(&cluster)
+            .await;
+        db.sql("CREATE TABLE fill (g bigint, pad text)").await;
+        for _ in 0..gb {
+            // About 1.1 GB a statement: 1000-byte rows, too short to be compressed.
+            db.sql(
+                "INSERT INTO fill SELECT g, repeat('x', 1000) FROM generate_series(1, 1000000) g",
+            )
+            .await;
+        }
+        db.sql("CHECKPOINT").await;
+        let size = db
+            .sql_value("SELECT pg_size_pretty(pg_database_size('postgres'))")
+            .await;
+        let secret = db.password_secret(&cluster).await;
+        let mut classes = vec![(REFLINK_CLASS, "copy-on-write")];
+        if n == 0 {
+            classes.push(("csi-hostpath-snapclass", "tar"));
+        }
+        for (class, how) in classes {
+            let (mut cut, mut window) = (vec![], vec![]);
+            for i in 0..runs {
+                let name = format!("size{gb}-{how}-{i}");
+                let status = completed(
+                    &cluster,
+                    backup(&name, &db.name, Some(&secret), Some(class)),
+                )
+                .await;
+                cut.push(status.timings.as_ref().map_or(0.0, |t| t.cut_seconds));
+                window.push(window_seconds(&status));
+            }
+            cut.sort_by(f64::total_cmp);
+            window.sort_by(f64::total_cmp);
+            println!(
+                "| {size} | {how} | {:.1} | {:.1} |",
+                percentile(&cut, 0.5) * 1000.0,
+                percentile(&window, 0.5) * 1000.0
+            );
+        }
+    }
 }

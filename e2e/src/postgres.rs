@@ -42,8 +42,14 @@ pub fn postgres_pod(major: u32) -> PostgresPodBuilder {
         tablespace_volume: false,
         standby_of: None,
         settings: BTreeMap::new(),
+        storage_class: None,
+        size: "1Gi",
     }
 }
+
+/// The StorageClass and VolumeSnapshotClass (e2e/manifests/storage.yaml) of copy-on-write
+/// volumes and cuts.
+pub const REFLINK_CLASS: &str = "csi-hostpath-reflink";
 
 /// Where the server archives WAL.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +71,8 @@ pub struct PostgresPodBuilder {
     tablespace_volume: bool,
     standby_of: Option<Primary>,
     settings: BTreeMap<String, String>,
+    storage_class: Option<&'static str>,
+    size: &'static str,
 }
 
 /// What a standby needs of its primary.
@@ -117,6 +125,13 @@ impl PostgresPodBuilder {
         self.tablespace_volume |= primary.tablespace_dir.is_some();
         self
     }
+    /// Every PVC of the pod from this StorageClass (default: the cluster's default), of `size`
+    /// (default 1Gi).
+    pub fn storage(mut self, class: &'static str, size: &'static str) -> Self {
+        self.storage_class = Some(class);
+        self.size = size;
+        self
+    }
     /// A server setting, passed as `-c key=value` like users do with the image.
     pub fn setting(mut self, key: &str, value: &str) -> Self {
         self.settings.insert(key.into(), value.into());
@@ -147,7 +162,7 @@ impl PostgresPodBuilder {
             claims.push((claim("archive"), ARCHIVE_MOUNT));
         }
         for (c, _) in &claims {
-            create_pvc(cluster, c).await;
+            create_pvc(cluster, c, self.storage_class, self.size).await;
         }
         let data_dir = cluster.pvc_host_dir(&claim("data")).await;
         let tablespace_dir = match self.tablespace_volume {
@@ -483,10 +498,10 @@ pub async fn secret(cluster: &Cluster, name: &str, key: &str, value: &str) -> St
     }
 }
 
-async fn create_pvc(cluster: &Cluster, name: &str) {
+async fn create_pvc(cluster: &Cluster, name: &str, class: Option<&str>, size: &str) {
     let pvc: PersistentVolumeClaim = serde_json::from_value(json!({
         "metadata": {"name": name},
-        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": size}}, "storageClassName": class}
     }))
     .unwrap_or_else(|e| panic!("{e}"));
     cluster

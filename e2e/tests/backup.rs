@@ -13,7 +13,7 @@ use pgsnap::api::backup::{Phase, VolumeRole, WalSource};
 use pgsnap::api::snapshot::VolumeSnapshot;
 use pgsnap::postgres::SERVER_GRACE;
 use pgsnap_e2e::operator::{Operator, operator_may};
-use pgsnap_e2e::postgres::{POSTGRES_UID, password_secret, secret};
+use pgsnap_e2e::postgres::{POSTGRES_UID, REFLINK_CLASS, password_secret, secret};
 use pgsnap_e2e::proof;
 use pgsnap_e2e::proxy::FreezingProxy;
 use pgsnap_e2e::tls::TestCa;
@@ -61,16 +61,33 @@ fn phase_is(phases: &'static [Phase]) -> impl Condition<Backup> {
     }
 }
 
-async fn wait_terminal(cluster: &Cluster, name: &str) -> Backup {
+/// Waits (at most `within`) until the Backup is in one of `phases`.
+async fn wait_phase(
+    cluster: &Cluster,
+    name: &str,
+    phases: &'static [Phase],
+    within: Duration,
+) -> Backup {
+    let what = format!("{phases:?}");
     cluster
         .wait_for(
             cluster.api::<Backup>(),
             name,
-            "Completed or Failed",
-            Duration::from_secs(120),
-            phase_is(&[Phase::Completed, Phase::Failed]),
+            &what,
+            within,
+            phase_is(phases),
         )
         .await
+}
+
+async fn wait_terminal(cluster: &Cluster, name: &str) -> Backup {
+    wait_phase(
+        cluster,
+        name,
+        &[Phase::Completed, Phase::Failed],
+        Duration::from_secs(120),
+    )
+    .await
 }
 
 /// The status of each condition GitOps tools read (kstatus): Ready, Reconciling, Stalled.
@@ -328,6 +345,29 @@ async fn backup_restores_on_postgres_15_and_the_check_catches_a_missing_label() 
 #[tokio::test]
 async fn backup_restores_on_postgres_18() {
     happy_path(18, false).await;
+}
+
+/// A copy-on-write cut (XFS reflink), the way block storage cuts: the backup restores every row
+/// committed by its stop (e2e/benches/backup_size.rs shows the cut's time does not grow with
+/// the database).
+#[tokio::test]
+async fn a_copy_on_write_cut_restores_every_row() {
+    let cluster = Cluster::from_env().await;
+    let _operator = Operator::for_test(&cluster).await;
+    let db = postgres_pod(17)
+        .storage(REFLINK_CLASS, "1Gi")
+        .archive_volume()
+        .create(&cluster)
+        .await;
+    db.pgbench_init(1);
+    let secret = db.password_secret(&cluster).await;
+    let writer = Writer::start(&db).await;
+    let spec = json!({"checkpoint": "Fast", "volumeSnapshotClassName": REFLINK_CLASS});
+    let name = apply(&cluster, backup_spec("reflink", on(&db, &secret, spec))).await;
+    let backup = wait_terminal(&cluster, &name).await;
+    let written = writer.finish().await;
+    assert_completed(&backup);
+    assert_restores_every_row(&cluster, &db, &backup, &written).await;
 }
 
 /// Data, a WAL volume and a tablespace volume: one snapshot each, and the restore needs all three.
@@ -603,26 +643,10 @@ async fn an_operator_killed_mid_backup_leaves_nothing_behind() {
         ),
     )
     .await;
-    cluster
-        .wait_for(
-            cluster.api::<Backup>(),
-            &name,
-            "Stopping",
-            Duration::from_secs(30),
-            phase_is(&[Phase::Stopping]),
-        )
-        .await;
+    wait_phase(&cluster, &name, &[Phase::Stopping], Duration::from_secs(30)).await;
     first.kill();
     let _second = Operator::for_test(&cluster).await;
-    let backup = cluster
-        .wait_for(
-            cluster.api::<Backup>(),
-            &name,
-            "Failed",
-            Duration::from_secs(20),
-            phase_is(&[Phase::Failed]),
-        )
-        .await;
+    let backup = wait_phase(&cluster, &name, &[Phase::Failed], Duration::from_secs(20)).await;
     assert_failed(&backup, "SessionLost");
     // The server aborts the backup once it notices the dead connection.
     for _ in 0..50 {
@@ -680,15 +704,7 @@ async fn sigterm_and_the_deadline_abort_cleanly() {
     };
     // Long enough for the cut on a loaded machine, so the deadline falls in the archive wait.
     let name = apply(&cluster, backup_spec("deadline", spec("20s"))).await;
-    let backup = cluster
-        .wait_for(
-            cluster.api::<Backup>(),
-            &name,
-            "Failed",
-            Duration::from_secs(60),
-            phase_is(&[Phase::Failed]),
-        )
-        .await;
+    let backup = wait_phase(&cluster, &name, &[Phase::Failed], Duration::from_secs(60)).await;
     assert_failed(&backup, "DeadlineExceeded");
     let message = &backup
         .status
@@ -705,15 +721,7 @@ async fn sigterm_and_the_deadline_abort_cleanly() {
     assert_clean(&cluster, &db, &name, false).await;
 
     let name = apply(&cluster, backup_spec("terminated", spec("10m"))).await;
-    cluster
-        .wait_for(
-            cluster.api::<Backup>(),
-            &name,
-            "Stopping",
-            Duration::from_secs(30),
-            phase_is(&[Phase::Stopping]),
-        )
-        .await;
+    wait_phase(&cluster, &name, &[Phase::Stopping], Duration::from_secs(30)).await;
     assert!(
         op.terminate(Duration::from_secs(20)),
         "the operator did not exit 0 on SIGTERM"
@@ -752,15 +760,13 @@ async fn the_server_ends_backup_mode_when(vanish: Vanish) {
         "volumeSnapshotClassName": class,
     })))
     .await;
-    cluster
-        .wait_for(
-            cluster.api::<Backup>(),
-            &name,
-            "Snapshotting",
-            Duration::from_secs(30),
-            phase_is(&[Phase::Snapshotting]),
-        )
-        .await;
+    wait_phase(
+        &cluster,
+        &name,
+        &[Phase::Snapshotting],
+        Duration::from_secs(30),
+    )
+    .await;
     let pid = db
         .sql_value("SELECT pid FROM pg_stat_activity WHERE application_name = 'pgsnap'")
         .await;
@@ -843,15 +849,13 @@ async fn two_replicas_one_leader() {
     let slow = json!({"checkpoint": "Fast", "waitForArchive": false, "deadline": "15s", "volumeSnapshotClassName": class});
     let lost_mid_backup = async |name: &str| {
         apply(&cluster, backup_spec(name, on(&db, &secret, slow.clone()))).await;
-        cluster
-            .wait_for(
-                cluster.api::<Backup>(),
-                name,
-                "Snapshotting",
-                Duration::from_secs(30),
-                phase_is(&[Phase::Snapshotting]),
-            )
-            .await;
+        wait_phase(
+            &cluster,
+            name,
+            &[Phase::Snapshotting],
+            Duration::from_secs(30),
+        )
+        .await;
     };
 
     lost_mid_backup("frozen-leader").await;
@@ -1053,15 +1057,13 @@ async fn one_pod_by_name_and_by_selector_is_one_database() {
         json!({"checkpoint": "Fast", "deadline": "60s"}),
     );
     let first = apply(&cluster, backup_spec("by-name", by_name)).await;
-    cluster
-        .wait_for(
-            cluster.api::<Backup>(),
-            &first,
-            "Stopping",
-            Duration::from_secs(40),
-            phase_is(&[Phase::Stopping]),
-        )
-        .await;
+    wait_phase(
+        &cluster,
+        &first,
+        &[Phase::Stopping],
+        Duration::from_secs(40),
+    )
+    .await;
     let by_selector = on(
         &db,
         &secret,
@@ -1169,15 +1171,13 @@ async fn the_server_leaves_backup_mode_at_the_cut_and_completes_at_ready() {
     let name = "uploaded";
     let params = json!({"uploadSeconds": "8"});
     let (db, class) = backup_through_class(&cluster, name, "Delete", params, json!({})).await;
-    let finalizing = cluster
-        .wait_for(
-            cluster.api::<Backup>(),
-            name,
-            "Finalizing",
-            Duration::from_secs(60),
-            phase_is(&[Phase::Finalizing, Phase::Completed, Phase::Failed]),
-        )
-        .await;
+    let finalizing = wait_phase(
+        &cluster,
+        name,
+        &[Phase::Finalizing, Phase::Completed, Phase::Failed],
+        Duration::from_secs(60),
+    )
+    .await;
     let status = finalizing.status.clone().unwrap();
     assert_eq!(status.phase, Some(Phase::Finalizing), "{:#?}", status.error);
     assert!(
@@ -1237,15 +1237,13 @@ async fn a_snapshot_never_ready_fails_at_the_ready_timeout() {
     let params = json!({"neverReady": "true"});
     let extra = json!({"readyTimeout": "1m"});
     let (db, class) = backup_through_class(&cluster, name, "Delete", params, extra).await;
-    let backup = cluster
-        .wait_for(
-            cluster.api::<Backup>(),
-            name,
-            "Failed",
-            Duration::from_secs(150),
-            phase_is(&[Phase::Completed, Phase::Failed]),
-        )
-        .await;
+    let backup = wait_phase(
+        &cluster,
+        name,
+        &[Phase::Completed, Phase::Failed],
+        Duration::from_secs(150),
+    )
+    .await;
     assert_failed(&backup, "SnapshotNotReady");
     assert_clean(&cluster, &db, name, false).await;
     delete_snapshot_class(&cluster, &class).await;
@@ -1410,15 +1408,13 @@ async fn twenty_backups_of_five_databases() {
         Vec<(k8s_openapi::jiff::Timestamp, k8s_openapi::jiff::Timestamp)>,
     > = BTreeMap::new();
     for name in &names {
-        let backup = cluster
-            .wait_for(
-                cluster.api::<Backup>(),
-                name,
-                "Completed",
-                Duration::from_secs(240),
-                phase_is(&[Phase::Completed, Phase::Failed]),
-            )
-            .await;
+        let backup = wait_phase(
+            &cluster,
+            name,
+            &[Phase::Completed, Phase::Failed],
+            Duration::from_secs(240),
+        )
+        .await;
         assert_completed(&backup);
         let status = backup.status.unwrap();
         let w = status.backup_window.unwrap();
