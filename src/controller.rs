@@ -65,18 +65,21 @@ pub fn now() -> Time {
 /// server briefly unavailable) before it reports and lets the object go.
 pub const CLEANUP_PATIENCE: std::time::Duration = std::time::Duration::from_secs(600);
 
-/// Whether a finalizer should stop retrying its cleanup and let the object go: the API
-/// refuses for good (forbidden, as when the operator's Role goes with a deleted namespace;
-/// invalid), or deletion was asked for longer than [`CLEANUP_PATIENCE`] ago. A finalizer that
-/// never lets go keeps its object, and the namespace, Terminating for ever.
-pub fn cleanup_gives_up(
-    error: Option<&kube::Error>,
-    deleting_since: Option<&Time>,
-    now: &Time,
-) -> bool {
-    let refused =
-        matches!(error, Some(kube::Error::Api(s)) if matches!(s.code, 400 | 401 | 403 | 422));
-    refused || out_of_patience(deleting_since, now)
+/// How long it retries one the API refuses (forbidden, as when the operator's Role went with
+/// a deleted namespace; invalid): long enough for RBAC applied out of order to arrive.
+pub const REFUSED_PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Whether a finalizer should stop retrying its cleanup, failing for `failing_for`, and let
+/// the object go. A finalizer that never lets go keeps its object, and its namespace,
+/// Terminating for ever.
+pub fn cleanup_gives_up(error: Option<&kube::Error>, failing_for: std::time::Duration) -> bool {
+    let refused = matches!(error, Some(kube::Error::Api(s)) if matches!(s.code, 400 | 403 | 422));
+    failing_for
+        >= if refused {
+            REFUSED_PATIENCE
+        } else {
+            CLEANUP_PATIENCE
+        }
 }
 
 /// Whether [`CLEANUP_PATIENCE`] has passed since `since`.

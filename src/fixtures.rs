@@ -426,8 +426,7 @@ pub(crate) fn own_label_config_map() -> k8s_openapi::api::core::v1::ConfigMap {
     }
 }
 
-/// A snapshot of [`BACKUP`] of 10Gi, ready or not, failed when `error` says why.
-/// A snapshot of [`BACKUP`], cut, `ready` or failed with `error`.
+/// A snapshot of [`BACKUP`] of 10Gi, cut, ready or not, failed when `error` says why.
 pub(crate) fn snapshot(name: &str, ready: bool, error: Option<&str>) -> VolumeSnapshot {
     let mut snapshot = VolumeSnapshot::new(
         name,

@@ -68,7 +68,9 @@ impl Observer {
 
 /// Until when this replica may act on the cluster. Every request of the controllers' client
 /// passes through it (see [`fenced`]), so a replica that froze past its lease (SIGSTOP, a hung
-/// node) writes nothing when it thaws, before it has even noticed.
+/// node) writes nothing when it thaws, before it has even noticed. Best effort, not a fencing
+/// token: the monotonic clock stops while a machine is suspended (a paused VM thaws believing
+/// less time passed), and a request sent just before a freeze may still arrive after it.
 #[derive(Clone, Debug)]
 pub struct Fence(Arc<Mutex<Option<Instant>>>);
 

@@ -61,19 +61,28 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         None
     };
     metrics.leader.set(1);
+    // The lease is renewed until the controllers have stopped, so a shutdown's last writes
+    // (aborted backups' statuses, their snapshots deleted) still pass the fence.
+    let stopped = CancellationToken::new();
     let hold = held.map(|held| {
-        let (lease, fence, stop) = (lease.clone(), fence.clone(), stop.clone());
+        let (lease, fence, stop, stopped) =
+            (lease.clone(), fence.clone(), stop.clone(), stopped.clone());
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             let mut held = held;
             tokio::select! {
-                _ = leader::hold(&mut held, &lease, &fence) => stop.cancel(),
-                _ = stop.cancelled() => {}
+                _ = leader::hold(&mut held, &lease, &fence) => {
+                    metrics.leader.set(0);
+                    stop.cancel();
+                }
+                _ = stopped.cancelled() => {}
             }
             held
         })
     });
     run_controllers(client, &args, metrics.clone(), &stop).await;
     metrics.leader.set(0);
+    stopped.cancel();
     if let Some(hold) = hold
         && let Ok(held) = hold.await
     {

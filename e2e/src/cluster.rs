@@ -106,6 +106,12 @@ impl Cluster {
     }
 
     /// An Api of a namespaced kind in the test's namespace.
+    /// The test's WAL archives outside every volume (see `postgres_pod`), removed with the
+    /// test's namespace.
+    pub fn archives(&self) -> PathBuf {
+        self.dir.join("archives").join(&self.namespace)
+    }
+
     pub fn api<K>(&self) -> Api<K>
     where
         K: Resource<Scope = NamespaceResourceScope>,
@@ -399,6 +405,7 @@ impl Drop for Cluster {
                 self.namespace
             );
         }
+        let _ = std::fs::remove_dir_all(self.archives());
     }
 }
 

@@ -274,10 +274,7 @@ impl PostgresPodBuilder {
 /// A fresh archive directory for one pod in the cluster's state directory, which no volume
 /// mounts; the pods see the host's file system outside their volumes.
 fn outside_archive(cluster: &Cluster, pod: &str) -> PathBuf {
-    let dir = cluster
-        .dir
-        .join("archives")
-        .join(format!("{}-{pod}", cluster.namespace));
+    let dir = cluster.archives().join(pod);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
     let _ = std::os::unix::fs::lchown(&dir, Some(POSTGRES_UID), Some(POSTGRES_UID));

@@ -348,8 +348,8 @@ async fn backup_restores_on_postgres_18() {
 }
 
 /// A copy-on-write cut (XFS reflink), the way block storage cuts: the backup restores every row
-/// committed by its stop (e2e/benches/backup_size.rs shows the cut's time does not grow with
-/// the database).
+/// committed by its stop (`cargo bench -p pgsnap-e2e --bench backup_overhead -- size` shows the
+/// cut's time does not grow with the database).
 #[tokio::test]
 async fn a_copy_on_write_cut_restores_every_row() {
     let cluster = Cluster::from_env().await;
@@ -729,6 +729,8 @@ async fn sigterm_and_the_deadline_abort_cleanly() {
     let backup = cluster.api::<Backup>().get(&name).await.unwrap();
     assert_failed(&backup, "OperatorShutdown");
     assert_clean(&cluster, &db, &name, false).await;
+    // Only a running operator takes its finalizers off the Backups, when the test ends.
+    let _cleanup = Operator::for_test(&cluster).await;
 }
 
 /// How a backup's peer vanishes without closing its connection.

@@ -10,7 +10,7 @@ pub mod volumes;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use futures::channel::mpsc;
@@ -29,7 +29,8 @@ use crate::api::backup::{Backup, BackupError, BackupStatus, DeletionPolicy, Phas
 use crate::api::snapshot::VolumeSnapshot;
 use crate::api::{BACKUP_CREATOR, BACKUP_UID_LABEL};
 use crate::controller::{
-    self, Failure, PhasedStatus, Progress, Reporter, delete_if_created_by, now, set_phase,
+    self, CLEANUP_PATIENCE, Failure, PhasedStatus, Progress, Reporter, delete_if_created_by, now,
+    set_phase,
 };
 use crate::label_store;
 use crate::snapshots::{self, Removal, SnapshotError};
@@ -119,6 +120,8 @@ pub struct Context {
     written: Mutex<HashMap<String, (String, Phase)>>,
     /// A task ended: queued backups may now run.
     finished: mpsc::UnboundedSender<()>,
+    /// Since when the deletion cleanup of each Backup (by uid) has failed.
+    cleanup_failing: Mutex<HashMap<String, Instant>>,
 }
 
 fn key(backup: &Backup) -> String {
@@ -145,7 +148,20 @@ impl Context {
             running: Mutex::new(HashMap::new()),
             written: Mutex::new(HashMap::new()),
             finished,
+            cleanup_failing: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// How long the cleanup of `backup` has been failing, counting this failure.
+    fn cleanup_failing_for(&self, backup: &Backup) -> Duration {
+        let mut failing = self
+            .cleanup_failing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let since = failing
+            .entry(backup.uid().unwrap_or_default())
+            .or_insert_with(Instant::now);
+        since.elapsed()
     }
 
     fn running(&self) -> std::sync::MutexGuard<'_, HashMap<String, Running>> {
@@ -320,6 +336,7 @@ async fn reconcile(backup: Arc<Backup>, ctx: Arc<Context>) -> Result<Action, Err
         finalizer::Error::RemoveFinalizer(kube::Error::Api(s)) if s.code == 404 => {
             Ok(Action::await_change())
         }
+        finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => Err(e),
         e => Err(Error::Finalizer(Box::new(e))),
     })
 }
@@ -372,6 +389,7 @@ async fn finish_removal(
     mut status: BackupStatus,
 ) -> Result<Action, Error> {
     let removal = ctx.remove_made(&backup).await?;
+    let waiting = !removal.deferred.is_empty();
     if removal.deferred != status.snapshots_to_delete {
         info!(
             deleted = removal.deleted,
@@ -381,7 +399,11 @@ async fn finish_removal(
         status.snapshots_to_delete = removal.deferred;
         ctx.patch_status(&backup, &status).await?;
     }
-    Ok(Action::await_change())
+    // A cut wakes the Backup; a snapshot that never changes is deleted after the patience.
+    Ok(match waiting {
+        true => Action::requeue(CLEANUP_PATIENCE),
+        false => Action::await_change(),
+    })
 }
 
 fn removal_note(removal: &Removal) -> String {
@@ -618,41 +640,47 @@ async fn cleanup(backup: Arc<Backup>, ctx: Arc<Context>) -> Result<Action, Error
         ),
     )
     .await;
-    match backup.spec.deletion_policy {
-        DeletionPolicy::Delete => match ctx.remove_made(&backup).await {
-            Ok(removal) if !removal.deferred.is_empty() => {
-                return Err(Error::BeingCut(removal.deferred));
-            }
-            Ok(removal) => info!(
+    // Retain keeps a backup; one that never got out of backup mode left only partial
+    // snapshots, which go whatever the policy.
+    let out_of_backup_mode = matches!(
+        backup.status.as_ref().and_then(|s| s.phase),
+        Some(Phase::Finalizing | Phase::Completed)
+    );
+    if backup.spec.deletion_policy == DeletionPolicy::Retain && out_of_backup_mode {
+        info!("deletionPolicy Retain: keeping the backup's snapshots and label ConfigMap");
+        return Ok(Action::await_change());
+    }
+    match ctx.remove_made(&backup).await {
+        Ok(removal) if !removal.deferred.is_empty() => Err(Error::BeingCut(removal.deferred)),
+        Ok(removal) => {
+            info!(
                 snapshots = removal.deleted,
                 "deleted the backup's snapshots and label"
-            ),
-            Err(e)
-                if controller::cleanup_gives_up(
-                    e.api_error(),
-                    backup.metadata.deletion_timestamp.as_ref(),
-                    &now(),
-                ) =>
-            {
-                let message = format!(
-                    "could not delete the backup's snapshots and label ConfigMap ({e}); letting the Backup go: delete what carries the label {BACKUP_UID_LABEL}={} by hand",
-                    backup.uid().unwrap_or_default()
-                );
-                warn!(reason = e.reason(), "{message}");
-                ctx.publish(&backup, EventType::Warning, "CleanupAbandoned", message)
-                    .await;
-            }
-            Err(e) => return Err(e.into()),
-        },
-        DeletionPolicy::Retain => {
-            info!("deletionPolicy Retain: keeping the backup's snapshots and label ConfigMap")
+            );
+            Ok(Action::await_change())
         }
+        Err(e) if controller::cleanup_gives_up(e.api_error(), ctx.cleanup_failing_for(&backup)) => {
+            let message = format!(
+                "could not delete the backup's snapshots and label ConfigMap ({e}); letting the Backup go: delete what carries the label {BACKUP_UID_LABEL}={} by hand",
+                backup.uid().unwrap_or_default()
+            );
+            warn!(reason = e.reason(), "{message}");
+            ctx.publish(&backup, EventType::Warning, "CleanupAbandoned", message)
+                .await;
+            Ok(Action::await_change())
+        }
+        Err(e) => Err(e.into()),
     }
-    Ok(Action::await_change())
 }
 
 fn error_policy(backup: Arc<Backup>, error: &Error, _ctx: Arc<Context>) -> Action {
-    warn!(backup = %key(&backup), reason = error.reason(), %error, "reconcile failed; retrying");
+    match error {
+        // Waiting, not failing: a snapshot's cut also wakes the Backup.
+        Error::BeingCut(_) => info!(backup = %key(&backup), %error, "deletion waits"),
+        _ => {
+            warn!(backup = %key(&backup), reason = error.reason(), %error, "reconcile failed; retrying")
+        }
+    }
     match error {
         // The API server or the snapshot API is briefly unavailable: retry soon.
         Error::Kube(_) | Error::Snapshot(_) | Error::BeingCut(_) => {

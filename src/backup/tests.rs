@@ -15,7 +15,7 @@ use super::{Context, FINALIZER, Running, Settings, reconcile};
 use crate::api::backup::{
     Backup, BackupStatus, BackupWindow, DeletionPolicy, Phase, SnapshotStatus, VolumeRole,
 };
-use crate::controller::{CLEANUP_PATIENCE, now};
+use crate::controller::{CLEANUP_PATIENCE, REFUSED_PATIENCE, now};
 use crate::fixtures::{
     self, BACKUP_PATH, CONFIG_MAPS_PATH, Call, LABEL_CONFIG_MAP, SNAPSHOTS_PATH, assert_failed,
     assert_phase, own_label_config_map, ready_message, snapshot,
@@ -71,8 +71,28 @@ async fn reconcile_result(
     max_concurrent: usize,
     running: &[(&str, &str)],
 ) -> Result<Action, super::Error> {
+    reconcile_cleanup_failing(backup, script, max_concurrent, running, None).await
+}
+
+/// Reconciles `backup` once, its deletion cleanup having failed for `failing_for` already.
+async fn reconcile_cleanup_failing(
+    backup: Backup,
+    script: Vec<Call>,
+    max_concurrent: usize,
+    running: &[(&str, &str)],
+    failing_for: Option<Duration>,
+) -> Result<Action, super::Error> {
     fixtures::run(script, |client| {
         let ctx = context(client, max_concurrent);
+        if let Some(ago) = failing_for {
+            let since = std::time::Instant::now()
+                .checked_sub(ago)
+                .expect("a machine up longer than the patience");
+            ctx.cleanup_failing
+                .lock()
+                .unwrap()
+                .insert("backup-uid".into(), since);
+        }
         for (database, name) in running {
             let entry = Running {
                 name: name.to_string(),
@@ -462,35 +482,66 @@ async fn deleting_a_backup_with_policy_delete_removes_its_snapshots_and_label() 
 }
 
 /// The namespace is being deleted and the operator's Role in it is gone: the cleanup can never
-/// succeed, so the finalizer says so and lets go instead of holding the namespace.
+/// succeed. After a minute of refusals (RBAC applied out of order would have arrived) the
+/// finalizer says so and lets go instead of holding the namespace.
 #[tokio::test]
 async fn a_cleanup_the_api_forbids_is_reported_and_lets_go() {
+    let forbidden = || Call::list(SNAPSHOTS_PATH, SELECTOR).forbidden();
     let backup = Backup::test().with_status(completed()).deleted();
+    let first = reconcile_cleanup_failing(backup.clone(), vec![forbidden()], 4, &[], None).await;
+    assert_eq!(first.expect_err("retried").reason(), "KubernetesApi");
     let script = vec![
-        Call::list(SNAPSHOTS_PATH, SELECTOR).forbidden(),
+        forbidden(),
         Call::event("Warning", "CleanupAbandoned"),
         finalizer_removed(&backup),
     ];
-    reconcile_with(backup, script).await;
+    let later = Some(REFUSED_PATIENCE);
+    reconcile_cleanup_failing(backup, script, 4, &[], later)
+        .await
+        .expect("let go");
 }
 
-/// An error that may pass is retried, until deletion has waited longer than the patience.
+/// An error that may pass (the API server unavailable) is retried for the whole patience,
+/// counted from the first failure (not from the deletion, which an operator outage may
+/// have made long ago); then the finalizer lets go.
 #[tokio::test]
 async fn a_cleanup_failing_past_the_patience_lets_go() {
     let unavailable = || Call::list(SNAPSHOTS_PATH, SELECTOR).unavailable();
-    let recent = Backup::test().with_status(completed()).deleted();
-    let error = reconcile_failing(recent, vec![unavailable()]).await;
-    assert_eq!(error.reason(), "Finalizer");
-
-    let mut long_ago = Backup::test().with_status(completed()).deleted();
-    let since = k8s_openapi::jiff::Timestamp::now() - CLEANUP_PATIENCE;
-    long_ago.metadata.deletion_timestamp = Some(Time(since));
+    let mut backup = Backup::test().with_status(completed()).deleted();
+    let long_ago = k8s_openapi::jiff::Timestamp::now() - CLEANUP_PATIENCE * 2;
+    backup.metadata.deletion_timestamp = Some(Time(long_ago));
+    let script = vec![unavailable()];
+    let retried =
+        reconcile_cleanup_failing(backup.clone(), script, 4, &[], Some(REFUSED_PATIENCE)).await;
+    assert!(retried.is_err());
     let script = vec![
         unavailable(),
         Call::event("Warning", "CleanupAbandoned"),
-        finalizer_removed(&long_ago),
+        finalizer_removed(&backup),
     ];
-    reconcile_with(long_ago, script).await;
+    let patience = Some(CLEANUP_PATIENCE);
+    reconcile_cleanup_failing(backup, script, 4, &[], patience)
+        .await
+        .expect("let go");
+}
+
+/// Retain keeps a backup; a failed one holds only partial snapshots, which go.
+#[tokio::test]
+async fn deleting_a_failed_backup_with_policy_retain_removes_its_partial_snapshots() {
+    let mut backup = Backup::test()
+        .with_status(BackupStatus {
+            phase: Some(Phase::Failed),
+            ..Default::default()
+        })
+        .deleted();
+    backup.spec.deletion_policy = DeletionPolicy::Retain;
+    let mut script = own_snapshots([snapshot(DATA_SNAPSHOT, false, None)]);
+    script.extend([
+        Call::delete(format!("{SNAPSHOTS_PATH}/{DATA_SNAPSHOT}")),
+        Call::get(format!("{CONFIG_MAPS_PATH}/{LABEL_CONFIG_MAP}")).not_found(),
+        finalizer_removed(&backup),
+    ]);
+    reconcile_with(backup, script).await;
 }
 
 #[tokio::test]

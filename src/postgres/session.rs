@@ -214,13 +214,15 @@ impl Session {
         self.batch(
             &limits(self.info.major, deadline + SERVER_GRACE),
             Step::Start,
+            deadline,
         )
         .await?;
         let (start_lsn, took) = self.backup_start(label, fast, t0, deadline).await?;
         // The checkpoint took part of the deadline: the server's own limit counts from the
         // start call too.
         let rest = (deadline + SERVER_GRACE).saturating_sub(t0.elapsed());
-        self.batch(&in_backup_limits(rest), Step::Start).await?;
+        self.batch(&in_backup_limits(rest), Step::Start, deadline)
+            .await?;
         info!(
             pid = self.backend_pid,
             %start_lsn,
@@ -300,14 +302,24 @@ impl Session {
     /// Stops the backup in this session and returns the files a restore needs.
     pub async fn stop(&mut self, wait_for_archive: bool) -> Result<Stopped, Error> {
         let backup = self.check_can_stop()?;
+        // statement_timeout counts per statement: a stop stuck in the archive wait gets only
+        // what is left since the start call.
+        let rest = (backup.deadline + SERVER_GRACE).saturating_sub(backup.called_at.elapsed());
+        let sql = format!("SET statement_timeout = {}", rest.as_millis().max(1));
+        self.batch(&sql, Step::Stop, backup.deadline).await?;
         let t0 = Instant::now();
         let row = self.backup_stop(&backup, wait_for_archive).await?;
         let took = t0.elapsed();
-        self.batch(LIFT_LIMITS, Step::Stop).await?;
         let backup_window = backup.returned_at.elapsed();
         // The server is out of backup mode: nothing left for the deadline to abort.
         self.control.send_replace(Control::Idle);
         self.state = State::Idle;
+        // Nothing of the backup is left in the transaction: if it cannot end, the connection
+        // goes (a standby's backup then cannot be checked below, and fails).
+        if let Err(e) = self.client.batch_execute(LIFT_LIMITS).await {
+            warn!(error = %e, "could not end the backup's transaction; closing the session");
+            self.close_on_failure();
+        }
 
         let stop_lsn: Lsn = row
             .get::<_, String>(0)
@@ -420,9 +432,12 @@ impl Session {
 
     /// Statements without results around start and stop; a failure leaves the session's
     /// backup state unknown, so the session is closed.
-    async fn batch(&mut self, sql: &str, step: Step) -> Result<(), Error> {
+    async fn batch(&mut self, sql: &str, step: Step, deadline: Duration) -> Result<(), Error> {
         if let Err(e) = self.client.batch_execute(sql).await {
-            let err = self.query_error("setting the session's limits", step, e);
+            let err = match self.shared.deadline_passed.load(Ordering::SeqCst) {
+                true => Error::DeadlineExceeded { step, deadline },
+                false => self.query_error("setting the session's limits", step, e),
+            };
             self.close_on_failure();
             return Err(err);
         }
@@ -723,7 +738,9 @@ fn limits(major: u32, limit: Duration) -> String {
     if major >= 12 {
         sql.push_str("SET tcp_user_timeout = 30000; ");
     }
-    sql.push_str("BEGIN");
+    // Read committed whatever the role's default: between statements it holds no snapshot,
+    // so a backup holds back no vacuum and, on a standby, meets no recovery conflict.
+    sql.push_str("BEGIN ISOLATION LEVEL READ COMMITTED");
     sql
 }
 
@@ -867,8 +884,8 @@ mod tests {
         assert!(on_11.contains("SET idle_in_transaction_session_timeout = 65000;"));
         assert!(on_11.contains("SET statement_timeout = 65000;"));
         assert!(
-            on_11.ends_with("BEGIN"),
-            "the backup runs in a transaction: {on_11}"
+            on_11.ends_with("BEGIN ISOLATION LEVEL READ COMMITTED"),
+            "the backup runs in a read-committed transaction: {on_11}"
         );
         assert!(
             !on_11.contains("tcp_user_timeout"),

@@ -375,6 +375,14 @@ func (d *driver) CreateSnapshot(ctx context.Context, req *csi.CreateSnapshotRequ
 		d.mu.Unlock()
 		return nil, status.Error(codes.Internal, msg)
 	}
+	var cutTakes time.Duration
+	if cut := req.GetParameters()["cutSeconds"]; cut != "" {
+		var err error
+		if cutTakes, err = time.ParseDuration(cut + "s"); err != nil {
+			d.mu.Unlock()
+			return nil, status.Errorf(codes.InvalidArgument, "cutSeconds %q: %v", cut, err)
+		}
+	}
 	reflink := strings.EqualFold(req.GetParameters()["cut"], "reflink")
 	var source string
 	if reflink {
@@ -394,13 +402,7 @@ func (d *driver) CreateSnapshot(ctx context.Context, req *csi.CreateSnapshotRequ
 	d.save()
 	d.mu.Unlock()
 
-	if cut := req.GetParameters()["cutSeconds"]; cut != "" {
-		seconds, err := time.ParseDuration(cut + "s")
-		if err != nil {
-			return nil, status.Errorf(codes.InvalidArgument, "cutSeconds %q: %v", cut, err)
-		}
-		time.Sleep(seconds)
-	}
+	time.Sleep(cutTakes)
 	var out []byte
 	var err error
 	if reflink {
