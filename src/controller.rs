@@ -10,6 +10,7 @@ use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
 use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 
@@ -230,6 +231,24 @@ pub fn created_by(object: &impl Resource, labels: &CreatorLabels, creator: &impl
             label(labels.name).is_some() && label(labels.name) == name.as_ref() && no_older
         }
     }
+}
+
+/// The object in `store` whose uid the `uid_label` of `child` names: how a watched object
+/// maps back to the one that created it.
+pub fn creator_in<K>(
+    store: &Store<K>,
+    child: &impl Resource,
+    uid_label: &str,
+) -> Option<ObjectRef<K>>
+where
+    K: Resource<DynamicType = ()> + Clone,
+{
+    let uid = child.labels().get(uid_label)?;
+    store
+        .state()
+        .iter()
+        .find(|k| k.uid().as_ref() == Some(uid))
+        .map(|k| ObjectRef::from_obj(&**k))
 }
 
 /// The `Api` of the namespace the operator watches, or of all namespaces.

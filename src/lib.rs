@@ -12,5 +12,6 @@ pub mod label_store;
 pub mod leader;
 pub mod postgres;
 pub mod restore;
+pub mod schedule;
 pub mod snapshots;
 pub mod telemetry;

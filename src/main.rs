@@ -5,7 +5,7 @@ use std::time::Duration;
 use clap::Parser;
 use pgsnap::cli::{Cli, Command, RunArgs};
 use pgsnap::telemetry::{self, Health, Metrics};
-use pgsnap::{backup, leader, restore};
+use pgsnap::{backup, leader, restore, schedule};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -114,7 +114,18 @@ async fn run_controllers(
             metrics.clone(),
             shutdown_on(stop.clone())
         ),
-        restore::run(client, restores, metrics, shutdown_on(stop.clone())),
+        restore::run(
+            client.clone(),
+            restores,
+            metrics.clone(),
+            shutdown_on(stop.clone())
+        ),
+        schedule::run(
+            client,
+            args.namespace.clone(),
+            metrics,
+            shutdown_on(stop.clone())
+        ),
     );
 }
 

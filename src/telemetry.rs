@@ -50,6 +50,13 @@ pub enum Outcome {
     Failed,
 }
 
+/// One BackupSchedule.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ScheduleLabels {
+    pub namespace: String,
+    pub schedule: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StepLabels {
     pub step: TimedStep,
@@ -80,6 +87,12 @@ pub struct Metrics {
     pub in_flight: Gauge,
     /// 1 while this replica runs the controllers (holds the lease, or elects none).
     pub leader: Gauge,
+    /// Per schedule: when its newest Completed Backup left backup mode (Unix seconds).
+    pub schedule_last_success: Family<ScheduleLabels, Gauge>,
+    /// Per schedule: the time between its last two runs, for "no success within 2 intervals".
+    pub schedule_interval: Family<ScheduleLabels, Gauge>,
+    /// Per schedule: the Backups retention keeps.
+    pub schedule_kept: Family<ScheduleLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -98,6 +111,24 @@ impl Default for Metrics {
         ]);
         let in_flight = Gauge::default();
         let leader = Gauge::default();
+        let schedule_last_success = Family::<ScheduleLabels, Gauge>::default();
+        let schedule_interval = Family::<ScheduleLabels, Gauge>::default();
+        let schedule_kept = Family::<ScheduleLabels, Gauge>::default();
+        registry.register(
+            "schedule_last_success_timestamp_seconds",
+            "When each schedule's newest Completed Backup left backup mode",
+            schedule_last_success.clone(),
+        );
+        registry.register(
+            "schedule_interval_seconds",
+            "Each schedule's expected time between runs",
+            schedule_interval.clone(),
+        );
+        registry.register(
+            "schedule_backups_kept",
+            "Backups each schedule's retention keeps",
+            schedule_kept.clone(),
+        );
         registry.register(
             "backups",
             "Backups that ended, by result and reason",
@@ -136,6 +167,9 @@ impl Default for Metrics {
             backup_mode_seconds,
             in_flight,
             leader,
+            schedule_last_success,
+            schedule_interval,
+            schedule_kept,
         }
     }
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 use pgsnap::api::Backup;
 use pgsnap::api::backup::Phase;
 use pgsnap::api::restore::{Restore, RestorePhase};
+use pgsnap::api::schedule::BackupSchedule;
 use pgsnap_e2e::Cluster;
 use pgsnap_e2e::operator::{Operator, cluster_shell};
 use tokio_postgres::NoTls;
@@ -122,4 +123,24 @@ async fn the_examples_back_up_and_restore() {
         "the restored server of examples/restore.yaml:\n{}",
         cluster.pod_logs("orders-restored").await
     );
+
+    // The schedule is accepted and planned (its first run is tonight).
+    cluster_shell(&format!(
+        "kubectl -n {ns} apply -f examples/schedule.yaml >/dev/null"
+    ));
+    let scheduled = cluster
+        .wait_for(
+            cluster.api::<BackupSchedule>(),
+            "orders-nightly",
+            "scheduled",
+            Duration::from_secs(30),
+            |s: Option<&BackupSchedule>| {
+                s.and_then(|s| s.status.as_ref())
+                    .is_some_and(|s| s.next_schedule_time.is_some())
+            },
+        )
+        .await;
+    let next = scheduled.status.unwrap().next_schedule_time.unwrap().0;
+    let berlin = next.to_zoned(k8s_openapi::jiff::tz::TimeZone::get("Europe/Berlin").unwrap());
+    assert_eq!((berlin.hour(), berlin.minute()), (3, 0), "{berlin}");
 }

@@ -37,9 +37,9 @@ pub use crate::postgres::SslMode;
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
-    )
+    ),
+    validation = Rule::new("self.spec == oldSelf.spec").message("a Backup's spec is immutable: create a new Backup instead")
 )]
-#[x_kube(validation = Rule::new("self == oldSelf").message("a Backup's spec is immutable: create a new Backup instead"))]
 #[serde(rename_all = "camelCase")]
 pub struct BackupSpec {
     /// The pod whose PostgreSQL server is backed up.

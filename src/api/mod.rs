@@ -4,6 +4,7 @@
 
 pub mod backup;
 pub mod restore;
+pub mod schedule;
 pub mod snapshot;
 
 pub use backup::{Backup, BackupSpec, BackupStatus, Phase};
@@ -27,6 +28,12 @@ pub const RESTORE_NAME_LABEL: &str = "pgsnap.io/restore";
 /// Label on every object a Restore creates: the Restore's uid, which ownership goes by.
 pub const RESTORE_UID_LABEL: &str = "pgsnap.io/restore-uid";
 
+/// Label on every Backup a BackupSchedule creates: the schedule's name, as a label value.
+pub const SCHEDULE_NAME_LABEL: &str = "pgsnap.io/schedule";
+/// Label on every Backup a BackupSchedule creates: the schedule's uid. A schedule prunes only
+/// Backups with its own uid, never one made by hand or by another schedule of the same name.
+pub const SCHEDULE_UID_LABEL: &str = "pgsnap.io/schedule-uid";
+
 /// The two labels that tie an object to the Backup or Restore that created it.
 pub struct CreatorLabels {
     pub name: &'static str,
@@ -43,10 +50,19 @@ pub const RESTORE_CREATOR: CreatorLabels = CreatorLabels {
     uid: RESTORE_UID_LABEL,
 };
 
+pub const SCHEDULE_CREATOR: CreatorLabels = CreatorLabels {
+    name: SCHEDULE_NAME_LABEL,
+    uid: SCHEDULE_UID_LABEL,
+};
+
 /// All CRDs as one multi-document YAML stream, as `pgsnap crd` prints and `crds/` holds.
 pub fn crds_yaml() -> Result<String, serde_yaml::Error> {
     let mut out = String::new();
-    for crd in [Backup::crd(), restore::Restore::crd()] {
+    for crd in [
+        Backup::crd(),
+        restore::Restore::crd(),
+        schedule::BackupSchedule::crd(),
+    ] {
         let mut crd = serde_yaml::to_value(&crd)?;
         unwrap_descriptions(&mut crd);
         out.push_str("---\n");

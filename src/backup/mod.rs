@@ -19,7 +19,6 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{self, finalizer};
-use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 use tokio::sync::{oneshot, watch};
@@ -690,16 +689,6 @@ fn error_policy(backup: Arc<Backup>, error: &Error, _ctx: Arc<Context>) -> Actio
     }
 }
 
-/// The Backup (by the uid label) that made `snapshot`.
-fn creator_of(store: &Store<Backup>, snapshot: &VolumeSnapshot) -> Option<ObjectRef<Backup>> {
-    let uid = snapshot.labels().get(BACKUP_UID_LABEL)?;
-    store
-        .state()
-        .iter()
-        .find(|b| b.uid().as_ref() == Some(uid))
-        .map(|b| ObjectRef::from_obj(&**b))
-}
-
 /// Runs the Backup controller until `shutdown` resolves, then aborts running backups cleanly.
 pub async fn run(
     client: Client,
@@ -719,7 +708,7 @@ pub async fn run(
         .watches(
             snapshots,
             watcher::Config::default().labels(BACKUP_UID_LABEL),
-            move |s: VolumeSnapshot| creator_of(&store, &s),
+            move |s: VolumeSnapshot| controller::creator_in(&store, &s, BACKUP_UID_LABEL),
         )
         .reconcile_all_on(finished_rx)
         .graceful_shutdown_on(shutdown)

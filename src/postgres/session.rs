@@ -95,6 +95,7 @@ struct InBackup {
     deadline: Duration,
     slot_name: Option<String>,
     from_standby: bool,
+    guard: Guard,
 }
 
 pub struct Session {
@@ -211,17 +212,14 @@ impl Session {
         self.state = State::Broken;
 
         let (slot_name, wal_not_pinned_reason) = self.pin_wal().await;
-        self.batch(
-            &limits(self.info.major, deadline + SERVER_GRACE),
-            Step::Start,
-            deadline,
-        )
-        .await?;
+        let guard = Guard::of(self.info.major, self.info.in_recovery);
+        let sql = guard.before_start(self.info.major, deadline + SERVER_GRACE);
+        self.batch(&sql, Step::Start, deadline).await?;
         let (start_lsn, took) = self.backup_start(label, fast, t0, deadline).await?;
         // The checkpoint took part of the deadline: the server's own limit counts from the
         // start call too.
         let rest = (deadline + SERVER_GRACE).saturating_sub(t0.elapsed());
-        self.batch(&in_backup_limits(rest), Step::Start, deadline)
+        self.batch(&guard.limits(rest), Step::Start, deadline)
             .await?;
         info!(
             pid = self.backend_pid,
@@ -237,6 +235,7 @@ impl Session {
             deadline,
             slot_name: slot_name.clone(),
             from_standby: self.info.in_recovery,
+            guard,
         });
         Ok(Started {
             start_lsn,
@@ -316,7 +315,7 @@ impl Session {
         self.state = State::Idle;
         // Nothing of the backup is left in the transaction: if it cannot end, the connection
         // goes (a standby's backup then cannot be checked below, and fails).
-        if let Err(e) = self.client.batch_execute(LIFT_LIMITS).await {
+        if let Err(e) = self.client.batch_execute(&backup.guard.lift()).await {
             warn!(error = %e, "could not end the backup's transaction; closing the session");
             self.close_on_failure();
         }
@@ -718,42 +717,84 @@ pub fn grants(major: u32, role: &str) -> Vec<String> {
     out
 }
 
-/// The server's own guard on backup mode, set before the start call, so that a frozen
-/// operator or a network that drops everything cannot keep the server in backup mode (and the
-/// slot pinning WAL) for the hours the kernel takes to give up:
-/// - the backup runs inside a transaction, so the backend idle between start and stop is
-///   ended by `idle_in_transaction_session_timeout` (10+; `idle_session_timeout`, 14+ only,
-///   never applies inside a transaction), and its exit aborts the backup and drops the slot;
-/// - `statement_timeout` bounds a start or stop the server itself is stuck in (a spread
-///   checkpoint, the archive wait) when nobody is left to cancel it;
-/// - keepalives (and `tcp_user_timeout`, 12+) notice a peer that is gone within about 30 s.
-///
-/// Every role may set all of these for its own session.
-fn limits(major: u32, limit: Duration) -> String {
-    let ms = limit.as_millis();
-    let mut sql = format!(
-        "SET statement_timeout = {ms}; SET idle_in_transaction_session_timeout = {ms}; \
-         SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; SET tcp_keepalives_count = 3; "
-    );
-    if major >= 12 {
-        sql.push_str("SET tcp_user_timeout = 30000; ");
+/// How the server itself ends a backup whose client froze or vanished behind a network that
+/// drops everything: the backend idle between start and stop is ended by an idle timeout, and
+/// its exit aborts the backup and drops the slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Guard {
+    /// 14+: `idle_session_timeout`.
+    IdleSession,
+    /// 10-13 primaries: start and stop in one read-committed transaction, whose
+    /// `idle_in_transaction_session_timeout` does the same (`idle_session_timeout` does not
+    /// exist there).
+    Transaction,
+    /// 10-13 standbys: a transaction there is ended by recovery conflicts while the primary
+    /// works (measured on 10 and 11), so only `statement_timeout` and keepalives guard them.
+    KeepalivesOnly,
+}
+
+impl Guard {
+    pub fn of(major: u32, in_recovery: bool) -> Guard {
+        match (major >= 14, in_recovery) {
+            (true, _) => Guard::IdleSession,
+            (false, false) => Guard::Transaction,
+            (false, true) => Guard::KeepalivesOnly,
+        }
     }
-    // Read committed whatever the role's default: between statements it holds no snapshot,
-    // so a backup holds back no vacuum and, on a standby, meets no recovery conflict.
-    sql.push_str("BEGIN ISOLATION LEVEL READ COMMITTED");
-    sql
-}
 
-/// After the start returned: what is left of the deadline (and the grace), inside the
-/// backup's transaction.
-fn in_backup_limits(rest: Duration) -> String {
-    let ms = rest.as_millis().max(1);
-    format!("SET statement_timeout = {ms}; SET idle_in_transaction_session_timeout = {ms}")
-}
+    fn idle_setting(self) -> Option<&'static str> {
+        match self {
+            Guard::IdleSession => Some("idle_session_timeout"),
+            Guard::Transaction => Some("idle_in_transaction_session_timeout"),
+            Guard::KeepalivesOnly => None,
+        }
+    }
 
-/// After the stop: out of backup mode, the session is an ordinary one again.
-const LIFT_LIMITS: &str =
-    "COMMIT; RESET statement_timeout; RESET idle_in_transaction_session_timeout";
+    /// Set before the start call: the limits at the deadline plus the grace, keepalives (and
+    /// `tcp_user_timeout`, 12+) that notice a peer gone within about 30 s, and
+    /// `statement_timeout` for a start or stop the server itself is stuck in (a spread
+    /// checkpoint, the archive wait) when nobody is left to cancel it. Every role may set all
+    /// of these for its own session.
+    pub fn before_start(self, major: u32, limit: Duration) -> String {
+        let mut sql = self.limits(limit);
+        sql.push_str(
+            "; SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; SET tcp_keepalives_count = 3",
+        );
+        if major >= 12 {
+            sql.push_str("; SET tcp_user_timeout = 30000");
+        }
+        if self == Guard::Transaction {
+            // Read committed whatever the role's default: between statements it holds no
+            // snapshot, so a backup holds back no vacuum.
+            sql.push_str("; BEGIN ISOLATION LEVEL READ COMMITTED");
+        }
+        sql
+    }
+
+    /// The limits at `limit` from now: after the start returned, what is left since the start
+    /// call.
+    pub fn limits(self, limit: Duration) -> String {
+        let ms = limit.as_millis().max(1);
+        let mut sql = format!("SET statement_timeout = {ms}");
+        if let Some(idle) = self.idle_setting() {
+            sql.push_str(&format!("; SET {idle} = {ms}"));
+        }
+        sql
+    }
+
+    /// After the stop: out of backup mode, the session is an ordinary one again.
+    pub fn lift(self) -> String {
+        let mut sql = String::new();
+        if self == Guard::Transaction {
+            sql.push_str("COMMIT; ");
+        }
+        sql.push_str("RESET statement_timeout");
+        if let Some(idle) = self.idle_setting() {
+            sql.push_str(&format!("; RESET {idle}"));
+        }
+        sql
+    }
+}
 
 /// Why a statement of the backup did not return a row.
 enum Failure {
@@ -880,18 +921,41 @@ mod tests {
 
     #[test]
     fn the_server_bounds_backup_mode_itself_on_every_major() {
-        let on_11 = limits(11, Duration::from_secs(65));
-        assert!(on_11.contains("SET idle_in_transaction_session_timeout = 65000;"));
-        assert!(on_11.contains("SET statement_timeout = 65000;"));
+        let limit = Duration::from_secs(65);
+        assert_eq!(Guard::of(14, true), Guard::IdleSession);
+        assert_eq!(Guard::of(13, false), Guard::Transaction);
+        assert_eq!(Guard::of(10, true), Guard::KeepalivesOnly);
+        let on_11 = Guard::Transaction.before_start(11, limit);
         assert!(
-            on_11.ends_with("BEGIN ISOLATION LEVEL READ COMMITTED"),
+            on_11.starts_with(
+                "SET statement_timeout = 65000; SET idle_in_transaction_session_timeout = 65000;"
+            ),
+            "{on_11}"
+        );
+        assert!(
+            on_11.ends_with("; BEGIN ISOLATION LEVEL READ COMMITTED"),
             "the backup runs in a read-committed transaction: {on_11}"
         );
         assert!(
             !on_11.contains("tcp_user_timeout"),
             "no such setting before 12"
         );
-        assert!(limits(12, Duration::from_secs(1)).contains("SET tcp_user_timeout = 30000;"));
+        let on_17 = Guard::IdleSession.before_start(17, limit);
+        assert!(
+            on_17.contains("SET idle_session_timeout = 65000;"),
+            "{on_17}"
+        );
+        assert!(on_17.contains("SET tcp_user_timeout = 30000") && !on_17.contains("BEGIN"));
+        let standby_12 = Guard::KeepalivesOnly.before_start(12, limit);
+        assert!(
+            !standby_12.contains("session_timeout") && !standby_12.contains("BEGIN"),
+            "{standby_12}"
+        );
+        assert_eq!(
+            Guard::Transaction.lift(),
+            "COMMIT; RESET statement_timeout; RESET idle_in_transaction_session_timeout"
+        );
+        assert_eq!(Guard::KeepalivesOnly.lift(), "RESET statement_timeout");
     }
 
     #[test]

@@ -25,7 +25,6 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{ListParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
-use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
 use tracing::{info, warn};
@@ -513,10 +512,7 @@ pub async fn run(
             pvcs,
             watcher::Config::default().labels(RESTORE_UID_LABEL),
             move |pvc: PersistentVolumeClaim| {
-                let uid = pvc.labels().get(RESTORE_UID_LABEL)?;
-                let state = store.state();
-                let restore = state.iter().find(|r| r.uid().as_ref() == Some(uid))?;
-                Some(ObjectRef::from_obj(&**restore))
+                controller::creator_in(&store, &pvc, RESTORE_UID_LABEL)
             },
         )
         .graceful_shutdown_on(shutdown)

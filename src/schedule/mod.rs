@@ -1,0 +1,447 @@
+//! The BackupSchedule controller: makes a Backup when a run comes due and prunes the
+//! schedule's Backups by its retention. Level-based: each pass reads the schedule's Backups
+//! and the Restores that read them, decides with [`plan`], and acts; the next pass is timed
+//! for the next run.
+
+pub mod plan;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::api::{ListParams, ObjectMeta, PostParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::EventType;
+use kube::runtime::finalizer::{self, finalizer};
+use kube::runtime::watcher;
+use kube::{Api, Client, ResourceExt};
+use tracing::{info, warn};
+
+use crate::api::backup::{Backup, Phase};
+use crate::api::restore::Restore;
+use crate::api::schedule::{
+    BackupDeletionPolicy, BackupRef, BackupSchedule, BackupScheduleStatus, ConcurrencyPolicy,
+};
+use crate::api::{SCHEDULE_CREATOR, SCHEDULE_UID_LABEL};
+use crate::controller::{self, Reporter, created_by, creator_labels, delete_exactly, now};
+use crate::telemetry::{Metrics, ScheduleLabels};
+use plan::{Candidate, Clock, Run, State};
+
+const FINALIZER: &str = "pgsnap.io/schedule-protection";
+
+/// A Backup annotated so is never pruned by its schedule.
+pub const KEEP_ANNOTATION: &str = "pgsnap.io/keep";
+
+/// The run a Backup was made for.
+pub const SCHEDULED_AT_ANNOTATION: &str = "pgsnap.io/scheduled-at";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<finalizer::Error<Error>>),
+}
+
+impl Error {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "KubernetesApi",
+            Error::Finalizer(_) => "Finalizer",
+        }
+    }
+}
+
+pub struct Context {
+    client: Client,
+    reporter: Reporter,
+    metrics: Arc<Metrics>,
+}
+
+/// Runs the BackupSchedule controller until `shutdown` resolves.
+pub async fn run(
+    client: Client,
+    namespace: Option<String>,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    let schedules: Api<BackupSchedule> = controller::api(&client, namespace.as_deref());
+    let backups: Api<Backup> = controller::api(&client, namespace.as_deref());
+    let ctx = Arc::new(Context {
+        reporter: Reporter::new(client.clone(), "BackupSchedule"),
+        client,
+        metrics,
+    });
+    let controller = Controller::new(schedules, watcher::Config::default());
+    let store = controller.store();
+    controller
+        // A Backup of the schedule that ends, or goes, wakes it (retention, status).
+        .watches(
+            backups,
+            watcher::Config::default().labels(SCHEDULE_UID_LABEL),
+            move |backup: Backup| controller::creator_in(&store, &backup, SCHEDULE_UID_LABEL),
+        )
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|_| futures::future::ready(()))
+        .await;
+    info!("schedule controller stopped");
+}
+
+async fn reconcile(schedule: Arc<BackupSchedule>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let api: Api<BackupSchedule> = Api::namespaced(
+        ctx.client.clone(),
+        &schedule.namespace().unwrap_or_default(),
+    );
+    finalizer(&api, FINALIZER, schedule, |event| async {
+        match event {
+            finalizer::Event::Apply(s) => apply(s, &ctx).await,
+            finalizer::Event::Cleanup(s) => cleanup(s, &ctx).await,
+        }
+    })
+    .await
+    .or_else(|e| match e {
+        finalizer::Error::RemoveFinalizer(kube::Error::Api(s)) if s.code == 404 => {
+            Ok(Action::await_change())
+        }
+        finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => Err(e),
+        e => Err(Error::Finalizer(Box::new(e))),
+    })
+}
+
+/// One pass: the due run, retention, status; then wait for the next run.
+async fn apply(schedule: Arc<BackupSchedule>, ctx: &Context) -> Result<Action, Error> {
+    let spec = &schedule.spec;
+    let mut status = schedule.status.clone().unwrap_or_default();
+    let clock = match Clock::parse(&spec.schedule, spec.time_zone.as_deref()) {
+        Ok(clock) => clock,
+        Err(why) => {
+            set_ready(&mut status, &schedule, false, "InvalidSchedule", &why);
+            status.next_schedule_time = None;
+            ctx.reporter.patch_status(&*schedule, &status).await?;
+            ctx.reporter
+                .publish(&*schedule, EventType::Warning, "InvalidSchedule", why)
+                .await;
+            return Ok(Action::await_change());
+        }
+    };
+    let now = jiff::Timestamp::now();
+    let mut backups = own_backups(ctx, &schedule).await?;
+
+    let acted_on = status
+        .last_schedule_time
+        .as_ref()
+        .or(schedule.metadata.creation_timestamp.as_ref())
+        .map(|t| t.0)
+        .unwrap_or(now);
+    match plan::due(&clock, acted_on, now, spec.starting_deadline.0) {
+        Run::None => {}
+        Run::Due(at) if !spec.suspend => {
+            if let Some(made) = start_run(ctx, &schedule, &backups, at).await? {
+                backups.push(made);
+            }
+            status.last_schedule_time = Some(Time(at));
+        }
+        Run::Due(at) | Run::Missed(at) => {
+            let why = match spec.suspend {
+                true => format!("the run due at {at} was skipped: the schedule is suspended"),
+                false => format!(
+                    "the run due at {at} was missed by more than the startingDeadline ({})",
+                    spec.starting_deadline
+                ),
+            };
+            ctx.reporter
+                .publish(&*schedule, EventType::Normal, "RunSkipped", why)
+                .await;
+            status.last_schedule_time = Some(Time(at));
+        }
+    }
+
+    prune(ctx, &schedule, &backups, &clock, now, &mut status).await?;
+    status.next_schedule_time = clock.next_after(now).map(Time);
+    status.last_successful_backup = newest_completed(&backups);
+    let message = match (&status.next_schedule_time, spec.suspend) {
+        (_, true) => "suspended".to_string(),
+        (Some(next), false) => format!("next run at {}", next.0),
+        (None, false) => "the schedule has no further run".to_string(),
+    };
+    set_ready(&mut status, &schedule, true, "Scheduled", &message);
+    record_metrics(ctx, &schedule, &clock, &status, now);
+    if schedule.status.as_ref() != Some(&status) {
+        ctx.reporter.patch_status(&*schedule, &status).await?;
+    }
+    Ok(match status.next_schedule_time.as_ref() {
+        Some(next) => {
+            let wait = now.duration_until(next.0).unsigned_abs();
+            Action::requeue(wait.max(Duration::from_millis(100)))
+        }
+        None => Action::await_change(),
+    })
+}
+
+/// Makes the Backup of the run due at `at`, unless the concurrency policy says to skip it.
+async fn start_run(
+    ctx: &Context,
+    schedule: &BackupSchedule,
+    backups: &[Backup],
+    at: jiff::Timestamp,
+) -> Result<Option<Backup>, Error> {
+    let ns = schedule.namespace().unwrap_or_default();
+    let api: Api<Backup> = Api::namespaced(ctx.client.clone(), &ns);
+    let running: Vec<&Backup> = backups.iter().filter(|b| !is_terminal(b)).collect();
+    if !running.is_empty() {
+        match schedule.spec.concurrency_policy {
+            ConcurrencyPolicy::Forbid => {
+                let message = format!(
+                    "the run due at {at} was skipped: {} still runs (concurrencyPolicy Forbid)",
+                    running[0].name_any()
+                );
+                ctx.reporter
+                    .publish(schedule, EventType::Normal, "RunSkipped", message)
+                    .await;
+                return Ok(None);
+            }
+            ConcurrencyPolicy::Replace => {
+                for backup in running {
+                    delete_exactly(&api, backup).await?;
+                }
+            }
+        }
+    }
+    let name = plan::backup_name(&schedule.name_any(), at);
+    let backup = Backup {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            namespace: Some(ns),
+            labels: Some(creator_labels(&SCHEDULE_CREATOR, schedule)),
+            annotations: Some(BTreeMap::from([(
+                SCHEDULED_AT_ANNOTATION.to_string(),
+                at.to_string(),
+            )])),
+            ..Default::default()
+        },
+        spec: schedule.spec.backup_template.clone(),
+        status: None,
+    };
+    match api.create(&PostParams::default(), &backup).await {
+        Ok(made) => {
+            info!(backup = %name, due = %at, "scheduled backup created");
+            ctx.reporter
+                .publish(
+                    schedule,
+                    EventType::Normal,
+                    "BackupCreated",
+                    format!("Backup {name} for the run due at {at}"),
+                )
+                .await;
+            Ok(Some(made))
+        }
+        // Made by an earlier pass whose status write was lost: the run is done.
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Retention: deletes what it does not keep (each Backup's deletionPolicy decides its
+/// snapshots), and records what it keeps and why.
+async fn prune(
+    ctx: &Context,
+    schedule: &BackupSchedule,
+    backups: &[Backup],
+    clock: &Clock,
+    now: jiff::Timestamp,
+    status: &mut BackupScheduleStatus,
+) -> Result<(), Error> {
+    let ns = schedule.namespace().unwrap_or_default();
+    let restoring = restoring_backups(ctx, &ns).await?;
+    let candidates: Vec<Candidate> = backups
+        .iter()
+        .map(|b| Candidate {
+            name: b.name_any(),
+            state: state_of(b),
+            restoring: restoring.contains(&b.name_any()),
+            annotated: b.annotations().get(KEEP_ANNOTATION).map(String::as_str) == Some("true"),
+        })
+        .collect();
+    let decision = plan::retain(
+        &candidates,
+        &schedule.spec.retention,
+        clock.time_zone(),
+        now,
+    );
+    let api: Api<Backup> = Api::namespaced(ctx.client.clone(), &ns);
+    for name in &decision.prune {
+        if let Some(backup) = backups.iter().find(|b| &b.name_any() == name) {
+            delete_exactly(&api, backup).await?;
+            info!(backup = %name, "pruned by retention");
+            ctx.reporter
+                .publish(
+                    schedule,
+                    EventType::Normal,
+                    "Pruned",
+                    format!("Backup {name} is kept by no retention rule"),
+                )
+                .await;
+        }
+    }
+    status.kept = decision.kept;
+    Ok(())
+}
+
+/// The schedule's own Backups (by its uid), never one made by hand.
+async fn own_backups(ctx: &Context, schedule: &BackupSchedule) -> Result<Vec<Backup>, Error> {
+    let api: Api<Backup> = Api::namespaced(
+        ctx.client.clone(),
+        &schedule.namespace().unwrap_or_default(),
+    );
+    let selector = format!(
+        "{SCHEDULE_UID_LABEL}={}",
+        schedule.uid().unwrap_or_default()
+    );
+    Ok(api
+        .list(&ListParams::default().labels(&selector))
+        .await?
+        .items
+        .into_iter()
+        .filter(|b| b.metadata.deletion_timestamp.is_none())
+        .filter(|b| created_by(b, &SCHEDULE_CREATOR, schedule))
+        .collect())
+}
+
+/// Names of the Backups a Restore in progress reads.
+async fn restoring_backups(ctx: &Context, ns: &str) -> Result<Vec<String>, Error> {
+    let api: Api<Restore> = Api::namespaced(ctx.client.clone(), ns);
+    Ok(api
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|r| {
+            !r.status
+                .as_ref()
+                .and_then(|s| s.phase)
+                .is_some_and(|p| p.is_terminal())
+        })
+        .filter_map(|r| r.spec.backup_name)
+        .collect())
+}
+
+fn is_terminal(backup: &Backup) -> bool {
+    backup
+        .status
+        .as_ref()
+        .and_then(|s| s.phase)
+        .is_some_and(Phase::is_terminal)
+}
+
+fn state_of(backup: &Backup) -> State {
+    let status = backup.status.as_ref();
+    let created = backup
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .map(|t| t.0)
+        .unwrap_or_else(jiff::Timestamp::now);
+    match status.and_then(|s| s.phase) {
+        Some(Phase::Completed) => State::Completed(completed_at(backup).unwrap_or(created)),
+        Some(Phase::Failed) => State::Failed(created),
+        _ => State::Running,
+    }
+}
+
+/// When the Backup's server left backup mode: the moment its data is from.
+fn completed_at(backup: &Backup) -> Option<jiff::Timestamp> {
+    let window = backup.status.as_ref()?.backup_window.as_ref()?;
+    Some(window.stopped_at.as_ref()?.0)
+}
+
+fn newest_completed(backups: &[Backup]) -> Option<BackupRef> {
+    backups
+        .iter()
+        .filter_map(|b| match state_of(b) {
+            State::Completed(at) => Some((at, b)),
+            _ => None,
+        })
+        .max_by_key(|(at, _)| *at)
+        .map(|(at, b)| BackupRef {
+            name: b.name_any(),
+            time: Some(Time(at)),
+        })
+}
+
+fn record_metrics(
+    ctx: &Context,
+    schedule: &BackupSchedule,
+    clock: &Clock,
+    status: &BackupScheduleStatus,
+    now: jiff::Timestamp,
+) {
+    let labels = ScheduleLabels {
+        namespace: schedule.namespace().unwrap_or_default(),
+        schedule: schedule.name_any(),
+    };
+    let metrics = &ctx.metrics;
+    if let Some(time) = status
+        .last_successful_backup
+        .as_ref()
+        .and_then(|b| b.time.as_ref())
+    {
+        metrics
+            .schedule_last_success
+            .get_or_create(&labels)
+            .set(time.0.as_second());
+    }
+    if let Some(interval) = clock.interval_after(now) {
+        metrics
+            .schedule_interval
+            .get_or_create(&labels)
+            .set(interval.as_secs() as i64);
+    }
+    metrics
+        .schedule_kept
+        .get_or_create(&labels)
+        .set(status.kept.len() as i64);
+}
+
+fn set_ready(
+    status: &mut BackupScheduleStatus,
+    schedule: &BackupSchedule,
+    ready: bool,
+    reason: &str,
+    message: &str,
+) {
+    let generation = schedule.metadata.generation;
+    status.observed_generation = generation;
+    controller::set_condition(
+        &mut status.conditions,
+        Condition {
+            type_: "Ready".into(),
+            status: if ready { "True" } else { "False" }.into(),
+            reason: reason.into(),
+            message: message.into(),
+            observed_generation: generation,
+            last_transition_time: now(),
+        },
+    );
+}
+
+/// Deletion: the schedule's Backups stay (no longer scheduled) or go, as its policy says.
+async fn cleanup(schedule: Arc<BackupSchedule>, ctx: &Context) -> Result<Action, Error> {
+    if schedule.spec.backup_deletion_policy == BackupDeletionPolicy::Delete {
+        let api: Api<Backup> = Api::namespaced(
+            ctx.client.clone(),
+            &schedule.namespace().unwrap_or_default(),
+        );
+        for backup in own_backups(ctx, &schedule).await? {
+            delete_exactly(&api, &backup).await?;
+        }
+    }
+    Ok(Action::await_change())
+}
+
+fn error_policy(schedule: Arc<BackupSchedule>, error: &Error, _ctx: Arc<Context>) -> Action {
+    warn!(schedule = %schedule.name_any(), reason = error.reason(), %error, "reconcile failed; retrying");
+    Action::requeue(Duration::from_secs(5))
+}
