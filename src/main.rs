@@ -91,7 +91,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Both controllers, under the same lease: a replica that loses it stops both.
+/// The controllers, under one lease: a replica that loses it stops them all.
 async fn run_controllers(
     client: kube::Client,
     args: &RunArgs,

@@ -89,7 +89,8 @@ pub struct Metrics {
     pub leader: Gauge,
     /// Per schedule: when its newest Completed Backup left backup mode (Unix seconds).
     pub schedule_last_success: Family<ScheduleLabels, Gauge>,
-    /// Per schedule: the time between its last two runs, for "no success within 2 intervals".
+    /// Per schedule: the longest time between its next runs, for "no success within 2
+    /// intervals".
     pub schedule_interval: Family<ScheduleLabels, Gauge>,
     /// Per schedule: the Backups retention keeps.
     pub schedule_kept: Family<ScheduleLabels, Gauge>,

@@ -12,6 +12,7 @@ use pgsnap::api::Backup;
 use pgsnap::api::backup::Phase;
 use pgsnap::api::schedule::BackupSchedule;
 use pgsnap::api::snapshot::VolumeSnapshot;
+use pgsnap::controller;
 use pgsnap_e2e::operator::Operator;
 use pgsnap_e2e::{Cluster, postgres_pod};
 use serde_json::json;
@@ -93,6 +94,25 @@ async fn a_schedule_backs_up_and_prunes_to_its_retention() {
         )
         .await
         .unwrap();
+    // Once the schedule has said so, no pass acts on the old spec any more.
+    let suspended = |s: Option<&BackupSchedule>| {
+        s.is_some_and(|s| {
+            let status = s.status.as_ref();
+            status.and_then(|st| st.observed_generation) == s.metadata.generation
+                && status.is_some_and(|st| {
+                    controller::ready_says(&st.conditions, "Scheduled", "suspended")
+                })
+        })
+    };
+    cluster
+        .wait_for(
+            schedules.clone(),
+            "nightly",
+            "suspended",
+            Duration::from_secs(30),
+            suspended,
+        )
+        .await;
     let settled = |backups: &[Backup]| {
         let running = backups
             .iter()
@@ -195,6 +215,7 @@ async fn a_schedule_backs_up_and_prunes_to_its_retention() {
         )),
         "{metrics}"
     );
+    // Two more runs come due while suspended.
     tokio::time::sleep(Duration::from_secs(11)).await;
     let after: BTreeSet<String> = scheduled(&cluster, &uid)
         .await

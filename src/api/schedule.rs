@@ -133,6 +133,10 @@ pub struct BackupScheduleStatus {
     /// The due time of the last run the schedule acted on (made a Backup, or skipped).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_schedule_time: Option<Time>,
+    /// The pattern and time zone `lastScheduleTime` counts in: a changed one counts from the
+    /// change, so an edit never makes a run at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_schedule_time: Option<Time>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -155,7 +159,7 @@ pub struct BackupRef {
 #[serde(rename_all = "camelCase")]
 pub struct KeptBackup {
     pub name: String,
-    /// `last`, `hourly`, `daily`, `weekly`, `monthly`, `yearly`, `newest`, `restoring`,
-    /// `annotated`, `running` or `failedRecently`.
+    /// `newest`, `last`, `hourly`, `daily`, `weekly`, `monthly`, `yearly`, `noRetention` (no
+    /// rule is set), `running`, `restoring`, `annotated` or `failedRecently`.
     pub reasons: Vec<String>,
 }

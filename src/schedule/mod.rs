@@ -25,7 +25,7 @@ use crate::api::schedule::{
     BackupDeletionPolicy, BackupRef, BackupSchedule, BackupScheduleStatus, ConcurrencyPolicy,
 };
 use crate::api::{SCHEDULE_CREATOR, SCHEDULE_UID_LABEL};
-use crate::controller::{self, Reporter, created_by, creator_labels, delete_exactly, now};
+use crate::controller::{self, Reporter, creator_labels, delete_exactly, now};
 use crate::telemetry::{Metrics, ScheduleLabels};
 use plan::{Candidate, Clock, Run, State};
 
@@ -111,6 +111,10 @@ async fn reconcile(schedule: Arc<BackupSchedule>, ctx: Arc<Context>) -> Result<A
     })
 }
 
+/// How often a schedule is looked at even when no run is due: Failed Backups and those a
+/// Restore held expire by time, and Restores are not watched.
+const RECHECK: Duration = Duration::from_secs(600);
+
 /// One pass: the due run, retention, status; then wait for the next run.
 async fn apply(schedule: Arc<BackupSchedule>, ctx: &Context) -> Result<Action, Error> {
     let spec = &schedule.spec;
@@ -118,29 +122,49 @@ async fn apply(schedule: Arc<BackupSchedule>, ctx: &Context) -> Result<Action, E
     let clock = match Clock::parse(&spec.schedule, spec.time_zone.as_deref()) {
         Ok(clock) => clock,
         Err(why) => {
-            set_ready(&mut status, &schedule, false, "InvalidSchedule", &why);
-            status.next_schedule_time = None;
-            ctx.reporter.patch_status(&*schedule, &status).await?;
-            ctx.reporter
-                .publish(&*schedule, EventType::Warning, "InvalidSchedule", why)
-                .await;
+            // Said once, not on every wake-up by one of its Backups.
+            if !controller::ready_says(&status.conditions, "InvalidSchedule", &why) {
+                set_ready(&mut status, &schedule, false, "InvalidSchedule", &why);
+                status.next_schedule_time = None;
+                ctx.reporter.patch_status(&*schedule, &status).await?;
+                ctx.reporter
+                    .publish(&*schedule, EventType::Warning, "InvalidSchedule", why)
+                    .await;
+            }
             return Ok(Action::await_change());
         }
     };
     let now = jiff::Timestamp::now();
     let mut backups = own_backups(ctx, &schedule).await?;
 
+    // A changed pattern or zone starts counting now: an edit never makes a run at once.
+    let pattern = format!(
+        "{} {}",
+        spec.schedule,
+        spec.time_zone.as_deref().unwrap_or("UTC")
+    );
+    if status
+        .schedule
+        .as_ref()
+        .is_some_and(|acted| *acted != pattern)
+    {
+        status.last_schedule_time = Some(Time(now));
+    }
+    status.schedule = Some(pattern);
     let acted_on = status
         .last_schedule_time
         .as_ref()
         .or(schedule.metadata.creation_timestamp.as_ref())
         .map(|t| t.0)
         .unwrap_or(now);
+    let mut blocked = None;
     match plan::due(&clock, acted_on, now, spec.starting_deadline.0) {
         Run::None => {}
         Run::Due(at) if !spec.suspend => {
-            if let Some(made) = start_run(ctx, &schedule, &backups, at).await? {
-                backups.push(made);
+            match start_run(ctx, &schedule, &backups, at).await? {
+                RunStart::Made(made) => backups.push(*made),
+                RunStart::AlreadyMade => {}
+                RunStart::Blocked(why) => blocked = Some(why),
             }
             status.last_schedule_time = Some(Time(at));
         }
@@ -161,47 +185,84 @@ async fn apply(schedule: Arc<BackupSchedule>, ctx: &Context) -> Result<Action, E
 
     prune(ctx, &schedule, &backups, &clock, now, &mut status).await?;
     status.next_schedule_time = clock.next_after(now).map(Time);
-    status.last_successful_backup = newest_completed(&backups);
-    let message = match (&status.next_schedule_time, spec.suspend) {
-        (_, true) => "suspended".to_string(),
-        (Some(next), false) => format!("next run at {}", next.0),
-        (None, false) => "the schedule has no further run".to_string(),
+    // Never backwards: a pruned or deleted newest Backup does not make the last success older.
+    status.last_successful_backup = match (
+        newest_completed(&backups),
+        status.last_successful_backup.take(),
+    ) {
+        (Some(new), Some(old)) if old.time > new.time => Some(old),
+        (new, old) => new.or(old),
     };
-    set_ready(&mut status, &schedule, true, "Scheduled", &message);
+    match (blocked, &status.next_schedule_time, spec.suspend) {
+        (Some(why), _, _) => set_ready(&mut status, &schedule, false, "RunBlocked", &why),
+        (None, _, true) => set_ready(&mut status, &schedule, true, "Scheduled", "suspended"),
+        (None, Some(next), false) => {
+            let message = format!("next run at {}", next.0);
+            set_ready(&mut status, &schedule, true, "Scheduled", &message)
+        }
+        (None, None, false) => {
+            let message = "the schedule has no further run";
+            set_ready(&mut status, &schedule, true, "Scheduled", message)
+        }
+    }
     record_metrics(ctx, &schedule, &clock, &status, now);
     if schedule.status.as_ref() != Some(&status) {
         ctx.reporter.patch_status(&*schedule, &status).await?;
     }
-    Ok(match status.next_schedule_time.as_ref() {
-        Some(next) => {
-            let wait = now.duration_until(next.0).unsigned_abs();
-            Action::requeue(wait.max(Duration::from_millis(100)))
-        }
-        None => Action::await_change(),
-    })
+    let until_next = status
+        .next_schedule_time
+        .as_ref()
+        .map(|next| now.duration_until(next.0).unsigned_abs())
+        .unwrap_or(RECHECK);
+    Ok(Action::requeue(
+        until_next.clamp(Duration::from_millis(100), RECHECK),
+    ))
 }
 
-/// Makes the Backup of the run due at `at`, unless the concurrency policy says to skip it.
+/// What starting a run did.
+enum RunStart {
+    Made(Box<Backup>),
+    /// An earlier pass made this run's Backup already (its status write had not arrived).
+    AlreadyMade,
+    /// The previous run's Backup still runs and the policy is Forbid: why, for status.
+    Blocked(String),
+}
+
+/// Makes the Backup of the run due at `at`, unless it exists or the concurrency policy says
+/// to skip it.
 async fn start_run(
     ctx: &Context,
     schedule: &BackupSchedule,
     backups: &[Backup],
     at: jiff::Timestamp,
-) -> Result<Option<Backup>, Error> {
+) -> Result<RunStart, Error> {
+    let run = at.to_string();
+    let of_this_run = |b: &&Backup| b.annotations().get(SCHEDULED_AT_ANNOTATION) == Some(&run);
+    if backups.iter().any(|b| of_this_run(&b)) {
+        return Ok(RunStart::AlreadyMade);
+    }
     let ns = schedule.namespace().unwrap_or_default();
     let api: Api<Backup> = Api::namespaced(ctx.client.clone(), &ns);
-    let running: Vec<&Backup> = backups.iter().filter(|b| !is_terminal(b)).collect();
-    if !running.is_empty() {
+    let running: Vec<&Backup> = backups
+        .iter()
+        .filter(|b| {
+            !b.status
+                .as_ref()
+                .and_then(|s| s.phase)
+                .is_some_and(Phase::is_terminal)
+        })
+        .collect();
+    if let Some(first) = running.first() {
         match schedule.spec.concurrency_policy {
             ConcurrencyPolicy::Forbid => {
-                let message = format!(
+                let why = format!(
                     "the run due at {at} was skipped: {} still runs (concurrencyPolicy Forbid)",
-                    running[0].name_any()
+                    first.name_any()
                 );
                 ctx.reporter
-                    .publish(schedule, EventType::Normal, "RunSkipped", message)
+                    .publish(schedule, EventType::Warning, "RunBlocked", why.clone())
                     .await;
-                return Ok(None);
+                return Ok(RunStart::Blocked(why));
             }
             ConcurrencyPolicy::Replace => {
                 for backup in running {
@@ -216,10 +277,7 @@ async fn start_run(
             name: Some(name.clone()),
             namespace: Some(ns),
             labels: Some(creator_labels(&SCHEDULE_CREATOR, schedule)),
-            annotations: Some(BTreeMap::from([(
-                SCHEDULED_AT_ANNOTATION.to_string(),
-                at.to_string(),
-            )])),
+            annotations: Some(BTreeMap::from([(SCHEDULED_AT_ANNOTATION.to_string(), run)])),
             ..Default::default()
         },
         spec: schedule.spec.backup_template.clone(),
@@ -236,10 +294,18 @@ async fn start_run(
                     format!("Backup {name} for the run due at {at}"),
                 )
                 .await;
-            Ok(Some(made))
+            Ok(RunStart::Made(Box::new(made)))
         }
-        // Made by an earlier pass whose status write was lost: the run is done.
-        Err(kube::Error::Api(s)) if s.code == 409 => Ok(None),
+        // The name is taken by something this schedule did not make for this run.
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            let why = format!(
+                "the run due at {at} was skipped: a Backup named {name} exists and is not this schedule's"
+            );
+            ctx.reporter
+                .publish(schedule, EventType::Warning, "NameConflict", why.clone())
+                .await;
+            Ok(RunStart::Blocked(why))
+        }
         Err(e) => Err(e.into()),
     }
 }
@@ -306,7 +372,6 @@ async fn own_backups(ctx: &Context, schedule: &BackupSchedule) -> Result<Vec<Bac
         .items
         .into_iter()
         .filter(|b| b.metadata.deletion_timestamp.is_none())
-        .filter(|b| created_by(b, &SCHEDULE_CREATOR, schedule))
         .collect())
 }
 
@@ -328,14 +393,6 @@ async fn restoring_backups(ctx: &Context, ns: &str) -> Result<Vec<String>, Error
         .collect())
 }
 
-fn is_terminal(backup: &Backup) -> bool {
-    backup
-        .status
-        .as_ref()
-        .and_then(|s| s.phase)
-        .is_some_and(Phase::is_terminal)
-}
-
 fn state_of(backup: &Backup) -> State {
     let status = backup.status.as_ref();
     let created = backup
@@ -346,7 +403,13 @@ fn state_of(backup: &Backup) -> State {
         .unwrap_or_else(jiff::Timestamp::now);
     match status.and_then(|s| s.phase) {
         Some(Phase::Completed) => State::Completed(completed_at(backup).unwrap_or(created)),
-        Some(Phase::Failed) => State::Failed(created),
+        // Since it failed, so keepFailedFor is all inspection time.
+        Some(Phase::Failed) => State::Failed(
+            status
+                .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+                .map(|c| c.last_transition_time.0)
+                .unwrap_or(created),
+        ),
         _ => State::Running,
     }
 }
@@ -371,6 +434,13 @@ fn newest_completed(backups: &[Backup]) -> Option<BackupRef> {
         })
 }
 
+fn labels_of(schedule: &BackupSchedule) -> ScheduleLabels {
+    ScheduleLabels {
+        namespace: schedule.namespace().unwrap_or_default(),
+        schedule: schedule.name_any(),
+    }
+}
+
 fn record_metrics(
     ctx: &Context,
     schedule: &BackupSchedule,
@@ -378,10 +448,7 @@ fn record_metrics(
     status: &BackupScheduleStatus,
     now: jiff::Timestamp,
 ) {
-    let labels = ScheduleLabels {
-        namespace: schedule.namespace().unwrap_or_default(),
-        schedule: schedule.name_any(),
-    };
+    let labels = labels_of(schedule);
     let metrics = &ctx.metrics;
     if let Some(time) = status
         .last_successful_backup
@@ -427,18 +494,57 @@ fn set_ready(
     );
 }
 
-/// Deletion: the schedule's Backups stay (no longer scheduled) or go, as its policy says.
+/// Deletion: the schedule's Backups stay (no longer scheduled) or go, as its policy says;
+/// one a Restore reads or annotated to keep always stays. A cleanup that cannot succeed lets
+/// go after the patience, with a Warning.
 async fn cleanup(schedule: Arc<BackupSchedule>, ctx: &Context) -> Result<Action, Error> {
-    if schedule.spec.backup_deletion_policy == BackupDeletionPolicy::Delete {
-        let api: Api<Backup> = Api::namespaced(
-            ctx.client.clone(),
-            &schedule.namespace().unwrap_or_default(),
-        );
-        for backup in own_backups(ctx, &schedule).await? {
+    let labels = labels_of(&schedule);
+    ctx.metrics.schedule_last_success.remove(&labels);
+    ctx.metrics.schedule_interval.remove(&labels);
+    ctx.metrics.schedule_kept.remove(&labels);
+    if schedule.spec.backup_deletion_policy == BackupDeletionPolicy::Keep {
+        return Ok(Action::await_change());
+    }
+    match delete_backups(ctx, &schedule).await {
+        Ok(()) => Ok(Action::await_change()),
+        Err(e) => {
+            let since = schedule.metadata.deletion_timestamp.as_ref();
+            let failing_for = since
+                .map(|t| jiff::Timestamp::now().duration_since(t.0).unsigned_abs())
+                .unwrap_or_default();
+            let refusal = match &e {
+                Error::Kube(e) => Some(e),
+                Error::Finalizer(_) => None,
+            };
+            if !controller::cleanup_gives_up(refusal, failing_for) {
+                return Err(e);
+            }
+            let message =
+                format!("could not delete the schedule's Backups ({e}); letting the schedule go");
+            warn!("{message}");
+            ctx.reporter
+                .publish(&*schedule, EventType::Warning, "CleanupAbandoned", message)
+                .await;
+            Ok(Action::await_change())
+        }
+    }
+}
+
+async fn delete_backups(ctx: &Context, schedule: &BackupSchedule) -> Result<(), Error> {
+    let ns = schedule.namespace().unwrap_or_default();
+    let api: Api<Backup> = Api::namespaced(ctx.client.clone(), &ns);
+    let restoring = restoring_backups(ctx, &ns).await?;
+    for backup in own_backups(ctx, schedule).await? {
+        let kept = backup
+            .annotations()
+            .get(KEEP_ANNOTATION)
+            .map(String::as_str)
+            == Some("true");
+        if !kept && !restoring.contains(&backup.name_any()) {
             delete_exactly(&api, &backup).await?;
         }
     }
-    Ok(Action::await_change())
+    Ok(())
 }
 
 fn error_policy(schedule: Arc<BackupSchedule>, error: &Error, _ctx: Arc<Context>) -> Action {

@@ -49,11 +49,17 @@ impl Clock {
         Some(next.timestamp())
     }
 
-    /// The time between the two runs after `at`: the schedule's expected interval.
+    /// The longest time between two of the next few runs after `at`: the interval an alert
+    /// may expect (a weekday schedule's is its weekend).
     pub fn interval_after(&self, at: Timestamp) -> Option<std::time::Duration> {
-        let first = self.next_after(at)?;
-        let second = self.next_after(first)?;
-        Some(second.duration_since(first).unsigned_abs())
+        let mut runs = vec![self.next_after(at)?];
+        for _ in 0..8 {
+            let last = *runs.last()?;
+            runs.push(self.next_after(last)?);
+        }
+        runs.windows(2)
+            .map(|w| w[1].duration_since(w[0]).unsigned_abs())
+            .max()
     }
 
     /// The last run at or before `at`.
@@ -119,8 +125,9 @@ pub enum State {
     Failed(Timestamp),
 }
 
-/// The period a time falls in, in the schedule's time zone: (year, month or week, day, hour).
-type Bucket = fn(&Zoned) -> (i32, i32, i32, i32);
+/// The period a time falls in, in the schedule's time zone: (year, month or week, day, hour,
+/// UTC offset: the hour repeated when clocks go back is two hours).
+type Bucket = fn(&Zoned) -> (i32, i32, i32, i32, i32);
 
 /// What retention decided: what stays (newest first, with why) and what goes.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -175,24 +182,28 @@ pub fn retain(
     }
     let periods: [(&'static str, Option<u32>, Bucket); 5] = [
         ("hourly", retention.hourly, |z| {
+            let offset = z.offset().seconds();
             (
                 z.year().into(),
                 z.month().into(),
                 z.day().into(),
                 z.hour().into(),
+                offset,
             )
         }),
         ("daily", retention.daily, |z| {
-            (z.year().into(), z.month().into(), z.day().into(), 0)
+            (z.year().into(), z.month().into(), z.day().into(), 0, 0)
         }),
         ("weekly", retention.weekly, |z| {
             let week = z.date().iso_week_date();
-            (week.year().into(), week.week().into(), 0, 0)
+            (week.year().into(), week.week().into(), 0, 0, 0)
         }),
         ("monthly", retention.monthly, |z| {
-            (z.year().into(), z.month().into(), 0, 0)
+            (z.year().into(), z.month().into(), 0, 0, 0)
         }),
-        ("yearly", retention.yearly, |z| (z.year().into(), 0, 0, 0)),
+        ("yearly", retention.yearly, |z| {
+            (z.year().into(), 0, 0, 0, 0)
+        }),
     ];
     for (label, count, bucket) in periods {
         let Some(count) = count else { continue };
@@ -240,7 +251,7 @@ pub fn retain(
             .is_none()
             .cmp(&order(a).is_none())
             .then_with(|| order(b).cmp(&order(a)))
-            .then_with(|| a.name.cmp(&b.name))
+            .then_with(|| b.name.cmp(&a.name))
     });
     let mut decision = Decision::default();
     for c in sorted {
@@ -331,11 +342,19 @@ mod tests {
             berlin.next_after(ts("2026-07-10T00:00:00Z")),
             Some(ts("2026-07-10T01:00:00Z"))
         );
-        // The spring-forward night (29 March 2026) skips 02:00-03:00 local: a 02:30 run
-        // lands on the next day's 02:30, not in a gap.
+        // The spring-forward night (29 March 2026) skips 02:00-03:00 local: the 02:30 run
+        // happens at the first instant after the gap, 03:00 CEST, once.
         let gap = Clock::parse("30 2 * * *", Some("Europe/Berlin")).unwrap();
-        let next = gap.next_after(ts("2026-03-28T02:00:00Z")).unwrap();
-        assert!(next >= ts("2026-03-29T00:00:00Z"), "{next}");
+        assert_eq!(
+            gap.next_after(ts("2026-03-28T02:00:00Z")),
+            Some(ts("2026-03-29T01:00:00Z"))
+        );
+        // A weekday schedule's interval is its weekend.
+        let weekdays = Clock::parse("0 3 * * 1-5", None).unwrap();
+        assert_eq!(
+            weekdays.interval_after(ts("2026-01-01T00:00:00Z")),
+            Some(secs(3 * 86400))
+        );
         assert!(Clock::parse("61 * * * *", None).is_err());
         assert!(Clock::parse("0 3 * * *", Some("Mars/Olympus")).is_err());
     }
