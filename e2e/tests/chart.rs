@@ -81,6 +81,51 @@ fn helm_template_matches_the_golden_output() {
     }
 }
 
+/// The PrometheusRule's alerts, evaluated by promtool against series that must and must not
+/// fire them (charts/pgsnap/tests/alerts.test.yaml).
+#[test]
+fn the_alerts_fire_when_they_should() {
+    let mut args = TEMPLATE.to_vec();
+    args.extend([
+        "--set",
+        "metrics.prometheusRule.enabled=true",
+        "--show-only",
+        "templates/prometheusrule.yaml",
+    ]);
+    let (ok, out, err) = helm(&args);
+    assert!(ok, "helm template: {err}");
+    let rule: serde_yaml::Value = serde_yaml::from_str(&out).expect("a PrometheusRule");
+    let dir = std::env::temp_dir().join(format!("pgsnap-alerts-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("alerts.rules.yaml"),
+        serde_yaml::to_string(&rule["spec"]).unwrap(),
+    )
+    .unwrap();
+    std::fs::copy(
+        repo_root().join("charts/pgsnap/tests/alerts.test.yaml"),
+        dir.join("alerts.test.yaml"),
+    )
+    .unwrap();
+    for check in [
+        ["check", "rules", "alerts.rules.yaml"],
+        ["test", "rules", "alerts.test.yaml"],
+    ] {
+        let out = Command::new("promtool")
+            .args(check)
+            .current_dir(&dir)
+            .output()
+            .expect("promtool (hack/deps installs it)");
+        assert!(
+            out.status.success(),
+            "promtool {check:?}:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn bad_values_are_refused() {
     for bad in [
