@@ -34,6 +34,14 @@ const FINALIZER: &str = "pgsnap.io/schedule-protection";
 /// A Backup annotated so is never pruned by its schedule.
 pub const KEEP_ANNOTATION: &str = "pgsnap.io/keep";
 
+fn marked_to_keep(backup: &Backup) -> bool {
+    backup
+        .annotations()
+        .get(KEEP_ANNOTATION)
+        .map(String::as_str)
+        == Some("true")
+}
+
 /// The run a Backup was made for.
 pub const SCHEDULED_AT_ANNOTATION: &str = "pgsnap.io/scheduled-at";
 
@@ -328,7 +336,7 @@ async fn prune(
             name: b.name_any(),
             state: state_of(b),
             restoring: restoring.contains(&b.name_any()),
-            annotated: b.annotations().get(KEEP_ANNOTATION).map(String::as_str) == Some("true"),
+            annotated: marked_to_keep(b),
         })
         .collect();
     let decision = plan::retain(
@@ -535,12 +543,7 @@ async fn delete_backups(ctx: &Context, schedule: &BackupSchedule) -> Result<(), 
     let api: Api<Backup> = Api::namespaced(ctx.client.clone(), &ns);
     let restoring = restoring_backups(ctx, &ns).await?;
     for backup in own_backups(ctx, schedule).await? {
-        let kept = backup
-            .annotations()
-            .get(KEEP_ANNOTATION)
-            .map(String::as_str)
-            == Some("true");
-        if !kept && !restoring.contains(&backup.name_any()) {
+        if !marked_to_keep(&backup) && !restoring.contains(&backup.name_any()) {
             delete_exactly(&api, &backup).await?;
         }
     }
