@@ -40,6 +40,18 @@ pub fn cluster_dir() -> PathBuf {
 const HOW_TO_FIX: &str =
     "start the test cluster with `e2e/cluster up` (docs/cluster.md), or run `make test`";
 
+/// A pod cut off the network ([`Cluster::cut`]); dropping it restores the link.
+#[must_use = "the link is restored when this is dropped"]
+pub struct Cut(std::net::Ipv4Addr);
+
+impl Drop for Cut {
+    fn drop(&mut self) {
+        if let Err(e) = crate::agent::network::set_cut(self.0, false) {
+            eprintln!("restoring the link of {}: {e}", self.0);
+        }
+    }
+}
+
 /// A test's handle on the cluster, with its own namespace (deleted when dropped; every
 /// component's log tail is printed first if the test is failing).
 pub struct Cluster {
@@ -238,6 +250,35 @@ impl Cluster {
             });
         let _ = std::fs::remove_file(&exec_file);
         out
+    }
+
+    /// Cuts the pod off the network, as a partition does: packets to and from its address
+    /// are dropped, connections stay open, until the returned guard is dropped.
+    pub async fn cut(&self, pod: &str) -> Cut {
+        let ip = self.pod_ip(pod).await;
+        let ip = ip
+            .parse()
+            .unwrap_or_else(|_| panic!("cut: pod {pod}'s address {ip} is not IPv4"));
+        crate::agent::network::set_cut(ip, true).unwrap_or_else(|e| panic!("cut {pod}: {e}"));
+        Cut(ip)
+    }
+
+    /// The pod's address, once it has one (the pod may not even exist yet).
+    pub async fn pod_ip(&self, pod: &str) -> String {
+        let has_ip = |p: Option<&Pod>| {
+            p.and_then(|p| p.status.as_ref())
+                .is_some_and(|s| s.pod_ip.is_some())
+        };
+        let p = self
+            .wait_for(
+                self.api::<Pod>(),
+                pod,
+                "an address",
+                Duration::from_secs(120),
+                has_ip,
+            )
+            .await;
+        p.status.and_then(|s| s.pod_ip).unwrap_or_default()
     }
 
     /// Every container log of a pod, each under a header.

@@ -7,20 +7,20 @@
 //! restore-prepare on a restored data directory) and `proof` (what every restore must hold).
 
 pub mod agent;
+pub mod backups;
 pub mod cluster;
 pub mod operator;
 pub mod pgharness;
 pub mod postgres;
 pub mod prepare;
 pub mod proof;
-pub mod proxy;
 pub mod tls;
 pub mod verify;
 
 pub use cluster::Cluster;
 pub use postgres::{PostgresPod, postgres_pod};
 
-/// A free TCP port on loopback (pods share the host network, so each server needs its own).
+/// A free TCP port on the host's loopback, for what tests run on the host itself.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())

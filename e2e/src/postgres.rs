@@ -18,7 +18,6 @@ use serde_json::json;
 use tokio_postgres::{NoTls, SimpleQueryMessage};
 
 use crate::cluster::Cluster;
-use crate::free_port;
 
 /// Where things live inside the pod (the official image's layout, PGDATA in a subdirectory
 /// of its volume as is usual in Kubernetes).
@@ -31,6 +30,8 @@ pub const ARCHIVE_MOUNT: &str = "/var/lib/postgresql/archive";
 pub const TABLESPACE: &str = "ts1";
 /// The image's `postgres` user.
 pub const POSTGRES_UID: u32 = 999;
+/// The port every server listens on, as in the image: each pod has an address of its own.
+pub const PORT: u16 = 5432;
 
 /// Starts describing a PostgreSQL pod of one major version (10..18).
 pub fn postgres_pod(major: u32) -> PostgresPodBuilder {
@@ -77,7 +78,7 @@ pub struct PostgresPodBuilder {
 
 /// What a standby needs of its primary.
 struct Primary {
-    port: u16,
+    host: String,
     password: String,
     data_dir: PathBuf,
     tablespace_dir: Option<PathBuf>,
@@ -115,7 +116,7 @@ impl PostgresPodBuilder {
     /// low-level backup API while the primary runs.
     pub fn standby_of(mut self, primary: &PostgresPod) -> Self {
         self.standby_of = Some(Primary {
-            port: primary.port,
+            host: primary.host.clone(),
             password: primary.password.clone(),
             data_dir: primary.data_dir.clone(),
             tablespace_dir: primary.tablespace_dir.clone(),
@@ -144,11 +145,10 @@ impl PostgresPodBuilder {
             .name
             .clone()
             .unwrap_or_else(|| format!("pg{}", self.major));
-        let port = free_port();
         // A standby has its primary's catalog, so its password too.
         let password = match &self.standby_of {
             Some(p) => p.password.clone(),
-            None => format!("pw-{name}-{port}"),
+            None => format!("pw-{name}"),
         };
         let claim = |role: &str| format!("{role}-{name}");
         let mut claims = vec![(claim("data"), DATA_MOUNT)];
@@ -178,7 +178,7 @@ impl PostgresPodBuilder {
             base_backup(primary, &name, &data_dir, tablespace_dir.as_deref()).await;
         }
 
-        let mut args: Vec<String> = vec!["-c".into(), format!("port={port}")];
+        let mut args: Vec<String> = Vec::new();
         let mut settings = self.settings.clone();
         // A standby archives only with `always`.
         let mode = match (&self.archive, &self.standby_of) {
@@ -230,8 +230,8 @@ impl PostgresPodBuilder {
                     "image": format!("postgres:{}", self.major),
                     "args": args,
                     "env": env,
-                    "ports": [{"name": "postgresql", "containerPort": port}],
-                    "readinessProbe": {"tcpSocket": {"port": port}, "periodSeconds": 1, "failureThreshold": 1},
+                    "ports": [{"name": "postgresql", "containerPort": PORT}],
+                    "readinessProbe": {"tcpSocket": {"port": PORT}, "periodSeconds": 1, "failureThreshold": 1},
                     "volumeMounts": mounts,
                 }],
                 "volumes": volumes,
@@ -243,12 +243,12 @@ impl PostgresPodBuilder {
             .create(&PostParams::default(), &pod)
             .await
             .unwrap_or_else(|e| panic!("creating pod {name}: {e}"));
-        let db = PostgresPod {
+        let mut db = PostgresPod {
             name: name.clone(),
             namespace: cluster.namespace.clone(),
             major: self.major,
-            host: "127.0.0.1".into(),
-            port,
+            host: String::new(),
+            port: PORT,
             user: "postgres".into(),
             password,
             data_dir,
@@ -287,7 +287,7 @@ pub struct PostgresPod {
     pub name: String,
     pub namespace: String,
     pub major: u32,
-    /// Pods share the host network: the server is at host:port from the test process too.
+    /// The pod's address: the test process reaches it over the node's bridge.
     pub host: String,
     pub port: u16,
     /// The superuser and its password.
@@ -362,6 +362,25 @@ impl PostgresPod {
             .unwrap_or_else(|| panic!("{query}: no row"))
     }
 
+    /// The single value of a query run by `psql` inside the pod (over its own loopback,
+    /// which initdb trusts): works while the pod is cut off the network.
+    pub async fn sql_in_pod(&self, cluster: &Cluster, query: &str) -> String {
+        let out = cluster
+            .exec(
+                &self.name,
+                "postgres",
+                &["psql", "-h", "127.0.0.1", "-U", &self.user, "-XAtc", query],
+            )
+            .await;
+        assert!(
+            out.status.success(),
+            "psql in {}: {query}: {}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
     fn pgbench(&self, args: &[&str]) -> String {
         let out = std::process::Command::new("pgbench")
             .args([
@@ -401,7 +420,7 @@ impl PostgresPod {
     /// Waits for the pod's readiness (TCP probe on its port), then for a working session
     /// (the server may still be finishing recovery). A pod that fails ends the test with
     /// its logs.
-    async fn wait_ready(&self, cluster: &Cluster) {
+    async fn wait_ready(&mut self, cluster: &Cluster) {
         let ready_or_failed = |p: Option<&Pod>| {
             let status = p.and_then(|p| p.status.as_ref());
             let phase = status.and_then(|s| s.phase.as_deref());
@@ -452,6 +471,10 @@ impl PostgresPod {
                 cluster.pod_logs(&self.name).await
             );
         }
+        self.host = pod
+            .status
+            .and_then(|s| s.pod_ip)
+            .unwrap_or_else(|| panic!("postgres pod {} is Running without a podIP", self.name));
         let mut last = String::new();
         for _ in 0..60 {
             match tokio_postgres::connect(&self.conninfo("postgres"), NoTls).await {
@@ -559,6 +582,8 @@ fn copy_tree(from: &Path, to: &Path, rel: &Path) {
     let _ = std::os::unix::fs::lchown(&dst, Some(POSTGRES_UID), Some(POSTGRES_UID));
 }
 
+const REPLICATION_HBA: &str = "\nhost replication all all md5\n";
+
 /// A base backup of the primary into the standby's (empty) volumes, with the low-level API
 /// in one session, a replication slot named after the standby, and standby settings.
 async fn base_backup(
@@ -568,13 +593,26 @@ async fn base_backup(
     tablespace_dir: Option<&Path>,
 ) {
     let conninfo = format!(
-        "host=127.0.0.1 port={} user=postgres password={} dbname=postgres",
-        primary.port, primary.password
+        "host={} port={PORT} user=postgres password={} dbname=postgres",
+        primary.host, primary.password
     );
     let (client, conn) = tokio_postgres::connect(&conninfo, NoTls)
         .await
         .unwrap_or_else(|e| panic!("connecting to the primary: {e}"));
     tokio::spawn(conn);
+    // The image allows replication from its own loopback only; a standby is another pod.
+    // (`md5` also takes SCRAM passwords.)
+    let hba = primary.data_dir.join("pgdata/pg_hba.conf");
+    let mut text =
+        std::fs::read_to_string(&hba).unwrap_or_else(|e| panic!("{}: {e}", hba.display()));
+    if !text.contains(REPLICATION_HBA) {
+        text.push_str(REPLICATION_HBA);
+        std::fs::write(&hba, text).unwrap_or_else(|e| panic!("{}: {e}", hba.display()));
+        client
+            .simple_query("SELECT pg_reload_conf()")
+            .await
+            .unwrap_or_else(|e| panic!("reloading the primary: {e}"));
+    }
     let slot = standby.replace('-', "_");
     client
         .simple_query(&format!(
@@ -640,8 +678,8 @@ async fn base_backup(
         let _ = std::os::unix::fs::lchown(&path, Some(POSTGRES_UID), Some(POSTGRES_UID));
     }
     let conn = format!(
-        "host=127.0.0.1 port={} user=postgres password={} application_name={slot}",
-        primary.port, primary.password
+        "host={} port={PORT} user=postgres password={} application_name={slot}",
+        primary.host, primary.password
     );
     if primary.major >= 12 {
         write("standby.signal", "");

@@ -19,10 +19,9 @@ use tokio::task::JoinHandle;
 use tokio_postgres::NoTls;
 
 use crate::cluster::{Cluster, cluster_dir};
-use crate::free_port;
 use crate::operator::pgsnap_binary;
 use crate::postgres::{
-    ARCHIVE_MOUNT, DATA_MOUNT, POSTGRES_UID, PostgresPod, TABLESPACE_MOUNT, WAL_MOUNT,
+    ARCHIVE_MOUNT, DATA_MOUNT, PORT, POSTGRES_UID, PostgresPod, TABLESPACE_MOUNT, WAL_MOUNT,
 };
 use crate::prepare::{RestorePrepare, label_dir};
 use crate::proof;
@@ -190,7 +189,6 @@ async fn start_and_read(
     volumes: Vec<serde_json::Value>,
     pgdata: &Path,
 ) -> Result<BTreeSet<i64>, String> {
-    let port = free_port();
     let pgdata = format!(
         "{DATA_MOUNT}/{}",
         pgdata
@@ -198,30 +196,24 @@ async fn start_and_read(
             .and_then(|n| n.to_str())
             .unwrap_or("pgdata")
     );
-    let pod = restored_pod(source, name, port, &pgdata, mounts, volumes)?;
-    let (client, _) = serve_restored(cluster, source, &pod, port).await?;
+    let pod = restored_pod(source, name, &pgdata, mounts, volumes)?;
+    let (client, _) = serve_restored(cluster, source, &pod).await?;
     proof::restored_marks(&client)
         .await
         .map_err(|e| format!("reading marks: {e}"))
 }
 
 /// A one-shot pod of `source`'s image serving the restored claims: `mounts` and `volumes`
-/// as the pod spec takes them, PGDATA at `pgdata`, listening on `port`, archiving nothing.
+/// as the pod spec takes them, PGDATA at `pgdata`, archiving nothing.
 pub fn restored_pod(
     source: &PostgresPod,
     name: &str,
-    port: u16,
     pgdata: &str,
     mounts: Vec<serde_json::Value>,
     volumes: Vec<serde_json::Value>,
 ) -> Result<Pod, String> {
     // It must not archive into the backed-up server's archive.
-    let args = [
-        "-c".to_string(),
-        format!("port={port}"),
-        "-c".into(),
-        "archive_mode=off".into(),
-    ];
+    let args = ["-c", "archive_mode=off"];
     serde_json::from_value(json!({
         "metadata": {"name": name},
         "spec": {
@@ -244,13 +236,12 @@ pub fn restored_pod(
     .map_err(|e| e.to_string())
 }
 
-/// Creates the pod of a restored server (listening on `port`, with `source`'s superuser)
-/// and waits until it accepts sessions out of recovery; the session, and how long it took.
+/// Creates the pod of a restored server (with `source`'s superuser) and waits until it
+/// accepts sessions out of recovery; the session, and how long it took.
 pub async fn serve_restored(
     cluster: &Cluster,
     source: &PostgresPod,
     pod: &Pod,
-    port: u16,
 ) -> Result<(tokio_postgres::Client, Duration), String> {
     let name = pod.metadata.name.clone().unwrap_or_default();
     let t0 = std::time::Instant::now();
@@ -259,27 +250,29 @@ pub async fn serve_restored(
         .create(&PostParams::default(), pod)
         .await
         .map_err(|e| format!("pod {name}: {e}"))?;
-    let conninfo = format!(
-        "host=127.0.0.1 port={port} user={} password={} dbname=postgres",
-        source.user, source.password
-    );
     let mut last = String::new();
     // Recovery ends with a promotion; until then the server refuses or is in recovery.
     while t0.elapsed() < Duration::from_secs(90) {
-        let phase = cluster
+        let status = cluster
             .api::<Pod>()
             .get(&name)
             .await
             .ok()
             .and_then(|p| p.status)
-            .and_then(|s| s.phase)
             .unwrap_or_default();
+        let phase = status.phase.unwrap_or_default();
         if phase == "Failed" || phase == "Succeeded" {
             return Err(format!(
                 "the restored server exited ({phase}):\n{}",
                 cluster.pod_logs(&name).await
             ));
         }
+        let conninfo = format!(
+            "host={} port={PORT} user={} password={} dbname=postgres",
+            status.pod_ip.as_deref().unwrap_or("0.0.0.0"),
+            source.user,
+            source.password
+        );
         match tokio_postgres::connect(&conninfo, NoTls).await {
             Ok((client, conn)) => {
                 tokio::spawn(conn);

@@ -6,89 +6,21 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{DeleteParams, ListParams, PostParams};
-use kube::runtime::wait::Condition;
 use kube::{Api, ResourceExt};
 use pgsnap::api::Backup;
 use pgsnap::api::backup::{Phase, VolumeRole, WalSource};
 use pgsnap::api::snapshot::VolumeSnapshot;
 use pgsnap::postgres::SERVER_GRACE;
+use pgsnap_e2e::backups::{
+    apply, backup_spec, delete_snapshot_class, on, snapshot_class, wait_phase, wait_terminal,
+};
 use pgsnap_e2e::operator::{Operator, operator_may};
 use pgsnap_e2e::postgres::{POSTGRES_UID, REFLINK_CLASS, password_secret, secret};
 use pgsnap_e2e::proof;
-use pgsnap_e2e::proxy::FreezingProxy;
 use pgsnap_e2e::tls::TestCa;
 use pgsnap_e2e::verify::{self, Prepare, Writer};
 use pgsnap_e2e::{Cluster, PostgresPod, postgres_pod};
 use serde_json::json;
-
-/// A Backup spec targeting `db` by pod name with the password Secret `secret`, plus `rest`.
-fn on(db: &PostgresPod, secret: &str, rest: serde_json::Value) -> serde_json::Value {
-    let mut spec = json!({
-        "target": {"podName": db.name},
-        "connection": {"passwordSecretRef": {"name": secret, "key": "password"}},
-    });
-    spec.as_object_mut()
-        .unwrap()
-        .extend(rest.as_object().cloned().unwrap_or_default());
-    spec
-}
-
-fn backup_spec(name: &str, spec: serde_json::Value) -> Backup {
-    serde_json::from_value(json!({
-        "apiVersion": "pgsnap.io/v1alpha1",
-        "kind": "Backup",
-        "metadata": {"name": name},
-        "spec": spec,
-    }))
-    .expect("a Backup")
-}
-
-async fn apply(cluster: &Cluster, backup: Backup) -> String {
-    let name = backup.name_any();
-    cluster
-        .api::<Backup>()
-        .create(&PostParams::default(), &backup)
-        .await
-        .unwrap_or_else(|e| panic!("creating backup {name}: {e}"));
-    name
-}
-
-fn phase_is(phases: &'static [Phase]) -> impl Condition<Backup> {
-    move |b: Option<&Backup>| {
-        b.and_then(|b| b.status.as_ref())
-            .and_then(|s| s.phase)
-            .is_some_and(|p| phases.contains(&p))
-    }
-}
-
-/// Waits (at most `within`) until the Backup is in one of `phases`.
-async fn wait_phase(
-    cluster: &Cluster,
-    name: &str,
-    phases: &'static [Phase],
-    within: Duration,
-) -> Backup {
-    let what = format!("{phases:?}");
-    cluster
-        .wait_for(
-            cluster.api::<Backup>(),
-            name,
-            &what,
-            within,
-            phase_is(phases),
-        )
-        .await
-}
-
-async fn wait_terminal(cluster: &Cluster, name: &str) -> Backup {
-    wait_phase(
-        cluster,
-        name,
-        &[Phase::Completed, Phase::Failed],
-        Duration::from_secs(120),
-    )
-    .await
-}
 
 /// The status of each condition GitOps tools read (kstatus): Ready, Reconciling, Stalled.
 fn conditions(backup: &Backup) -> [String; 3] {
@@ -736,7 +668,7 @@ async fn sigterm_and_the_deadline_abort_cleanly() {
 /// How a backup's peer vanishes without closing its connection.
 #[derive(Clone, Copy, Debug)]
 enum Vanish {
-    /// The network between operator and server drops everything (a frozen proxy).
+    /// The server's pod is cut off the network: everything is dropped, nothing closed.
     Network,
     /// The operator process is frozen (SIGSTOP), every socket open.
     Operator,
@@ -749,18 +681,23 @@ async fn the_server_ends_backup_mode_when(vanish: Vanish) {
     let cluster = Cluster::from_env().await;
     let operator = Operator::for_test(&cluster).await;
     let db = postgres_pod(13).create(&cluster).await;
-    let proxy = FreezingProxy::start(([127, 0, 0, 1], db.port).into()).await;
     let secret = db.password_secret(&cluster).await;
     // The storage takes longer to cut than the deadline: the server idles in backup mode.
     let class = snapshot_class(&cluster, "slow-cut", "Delete", json!({"cutSeconds": "20"})).await;
     let name = format!("vanished-{vanish:?}").to_lowercase();
     let deadline = Duration::from_secs(10);
-    apply(&cluster, backup_spec(&name, json!({
-        "target": {"podName": db.name},
-        "connection": {"port": proxy.port, "passwordSecretRef": {"name": secret, "key": "password"}},
-        "checkpoint": "Fast", "waitForArchive": false, "deadline": "10s",
-        "volumeSnapshotClassName": class,
-    })))
+    apply(
+        &cluster,
+        backup_spec(
+            &name,
+            json!({
+                "target": {"podName": db.name},
+                "connection": {"passwordSecretRef": {"name": secret, "key": "password"}},
+                "checkpoint": "Fast", "waitForArchive": false, "deadline": "10s",
+                "volumeSnapshotClassName": class,
+            }),
+        ),
+    )
     .await;
     wait_phase(
         &cluster,
@@ -774,17 +711,21 @@ async fn the_server_ends_backup_mode_when(vanish: Vanish) {
         .await;
     let slot = format!("pgsnap_{pid}");
     let since = std::time::Instant::now();
-    match vanish {
-        Vanish::Network => proxy.freeze(),
-        Vanish::Operator => operator.suspend(),
-    }
+    let cut = match vanish {
+        Vanish::Network => Some(cluster.cut(&db.name).await),
+        Vanish::Operator => {
+            operator.suspend();
+            None
+        }
+    };
     let in_backup = format!(
         "SELECT (SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}) \
          + (SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{slot}')"
     );
     // Bounded by the deadline and the grace from the start call, which was before `since`.
     let bound = deadline + SERVER_GRACE + Duration::from_secs(5);
-    while db.sql_value(&in_backup).await != "0" {
+    // Asked from inside the pod: a cut pod is out of the test's reach too.
+    while db.sql_in_pod(&cluster, &in_backup).await != "0" {
         assert!(
             since.elapsed() < bound,
             "backend {pid} or slot {slot} still there {:?} after the peer vanished",
@@ -796,6 +737,7 @@ async fn the_server_ends_backup_mode_when(vanish: Vanish) {
         "{vanish:?}: the server left backup mode {:?} after the peer vanished",
         since.elapsed()
     );
+    drop(cut);
     operator.resume();
     let backup = wait_terminal(&cluster, &name).await;
     let reason = &backup
@@ -962,8 +904,9 @@ async fn verify_full_checks_the_ca_and_the_server_name() {
         apply(&cluster, backup_spec(name, spec.clone())).await;
     }
     assert_completed(&wait_terminal(&cluster, "verified").await);
+    let pod_ip = format!("certificate not valid for name \"{}\"", db.host);
     for (name, why) in [
-        ("pod-ip", "certificate not valid for name \"127.0.0.1\""),
+        ("pod-ip", pod_ip.as_str()),
         (
             "wrong-name",
             "certificate not valid for name \"other.shop.svc\"",
@@ -1098,48 +1041,6 @@ async fn one_pod_by_name_and_by_selector_is_one_database() {
         .sql_value("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgsnap'")
         .await;
     assert_eq!(sessions, "1", "one backup session on the database");
-}
-
-fn snapshot_classes(cluster: &Cluster) -> Api<kube::api::DynamicObject> {
-    let gvk =
-        kube::api::GroupVersionKind::gvk("snapshot.storage.k8s.io", "v1", "VolumeSnapshotClass");
-    Api::all_with(
-        cluster.client.clone(),
-        &kube::api::ApiResource::from_gvk(&gvk),
-    )
-}
-
-/// A VolumeSnapshotClass of the test driver for this test's namespace, with `parameters` on
-/// top of the default class's (the driver's behaviours: e2e/go/hostpath/main.go).
-async fn snapshot_class(
-    cluster: &Cluster,
-    kind: &str,
-    deletion_policy: &str,
-    parameters: serde_json::Value,
-) -> String {
-    let name = format!("{kind}-{}", cluster.namespace);
-    let mut params = json!({"ignoreFailedRead": "true"});
-    params
-        .as_object_mut()
-        .unwrap()
-        .extend(parameters.as_object().cloned().unwrap_or_default());
-    let class: kube::api::DynamicObject = serde_json::from_value(json!({
-        "apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshotClass",
-        "metadata": {"name": name}, "driver": "hostpath.csi.k8s.io",
-        "deletionPolicy": deletion_policy, "parameters": params,
-    }))
-    .unwrap();
-    snapshot_classes(cluster)
-        .create(&PostParams::default(), &class)
-        .await
-        .unwrap_or_else(|e| panic!("VolumeSnapshotClass {name}: {e}"));
-    name
-}
-
-async fn delete_snapshot_class(cluster: &Cluster, name: &str) {
-    let _ = snapshot_classes(cluster)
-        .delete(name, &DeleteParams::default())
-        .await;
 }
 
 /// A PostgreSQL 16 pod, and a Backup `name` of it through a class of the test driver with

@@ -7,9 +7,13 @@ use std::process::Command;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
+use kube::ResourceExt;
 use kube::api::PostParams;
 use pgsnap::api::Backup;
 use pgsnap::api::backup::Phase;
+use pgsnap_e2e::backups::{
+    apply, backup_spec, delete_snapshot_class, on, snapshot_class, wait_phase, wait_terminal,
+};
 use pgsnap_e2e::cluster::repo_root;
 use pgsnap_e2e::{Cluster, postgres_pod};
 use serde_json::json;
@@ -30,6 +34,29 @@ fn helm(args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stdout).into(),
         String::from_utf8_lossy(&out.stderr).into(),
     )
+}
+
+/// `helm install` of the chart into the test's namespace as the tests run it: the node
+/// agent's `pgsnap:dev` image, watching that namespace only, waiting for the rollout.
+fn install(release: &str, ns: &str) -> (bool, String, String) {
+    helm(&[
+        "install",
+        release,
+        "charts/pgsnap",
+        "--namespace",
+        ns,
+        "--set",
+        "image.repository=pgsnap",
+        "--set",
+        "image.tag=dev",
+        "--set",
+        "image.pullPolicy=Never",
+        "--set",
+        &format!("watchNamespaces={{{ns}}}"),
+        "--wait",
+        "--timeout",
+        "2m",
+    ])
 }
 
 const TEMPLATE: &[&str] = &[
@@ -154,27 +181,7 @@ async fn helm_install_runs_the_operator_and_a_backup_completes() {
     let cluster = Cluster::from_env().await;
     let ns = cluster.namespace.clone();
     let release = format!("it-{}", &ns[ns.len() - 5..]);
-    let port = pgsnap_e2e::free_port().to_string();
-    let (ok, out, err) = helm(&[
-        "install",
-        &release,
-        "charts/pgsnap",
-        "--namespace",
-        &ns,
-        "--set",
-        "image.repository=pgsnap",
-        "--set",
-        "image.tag=dev",
-        "--set",
-        "image.pullPolicy=Never",
-        "--set",
-        &format!("metrics.port={port}"),
-        "--set",
-        &format!("watchNamespaces={{{ns}}}"),
-        "--wait",
-        "--timeout",
-        "2m",
-    ]);
+    let (ok, out, err) = install(&release, &ns);
     assert!(ok, "helm install:\n{out}\n{err}");
 
     let db = postgres_pod(17).create(&cluster).await;
@@ -260,4 +267,123 @@ async fn helm_install_runs_the_operator_and_a_backup_completes() {
         .await;
     let (ok, _, err) = helm(&["uninstall", &release, "--namespace", &ns, "--wait"]);
     assert!(ok, "helm uninstall: {err}");
+}
+
+/// `helm upgrade` while a backup runs, as users upgrade: a changed value, then a new image
+/// tag. Ready means serving, not leading, so the rolling update's new pod turns Ready beside
+/// the old leader and the rollout finishes; the old pod, stopped, ends its backup
+/// `OperatorShutdown` (or lets it complete); the new pod takes the lease and completes the
+/// next backup. Nothing is left running or stuck.
+#[tokio::test]
+async fn helm_upgrade_finishes_while_a_backup_runs() {
+    let cluster = Cluster::from_env().await;
+    let ns = cluster.namespace.clone();
+    let release = format!("up-{}", &ns[ns.len() - 5..]);
+    let (ok, out, err) = install(&release, &ns);
+    assert!(ok, "helm install:\n{out}\n{err}");
+    let db = postgres_pod(17).create(&cluster).await;
+    let secret = db.password_secret(&cluster).await;
+    // A cut that takes a while: the upgrade lands mid-backup.
+    let slow = snapshot_class(&cluster, "slow-cut", "Delete", json!({"cutSeconds": "15"})).await;
+    let spec = |class: Option<&str>| {
+        let mut rest = json!({"checkpoint": "Fast", "waitForArchive": false});
+        if let Some(class) = class {
+            rest["volumeSnapshotClassName"] = json!(class);
+        }
+        on(&db, &secret, rest)
+    };
+    for (step, change) in [("value", "logging.format=text"), ("image", "image.tag=v2")] {
+        let during = apply(
+            &cluster,
+            backup_spec(&format!("during-{step}"), spec(Some(&slow))),
+        )
+        .await;
+        wait_phase(
+            &cluster,
+            &during,
+            &[Phase::Snapshotting],
+            Duration::from_secs(60),
+        )
+        .await;
+        let t0 = std::time::Instant::now();
+        let (ok, out, err) = helm(&[
+            "upgrade",
+            &release,
+            "charts/pgsnap",
+            "--namespace",
+            &ns,
+            "--reuse-values",
+            "--set",
+            change,
+            "--wait",
+            "--timeout",
+            "2m",
+        ]);
+        assert!(ok, "helm upgrade --set {change}:\n{out}\n{err}");
+        eprintln!("helm upgrade --set {change}: {:?}", t0.elapsed());
+        let ended = wait_terminal(&cluster, &during).await;
+        let status = ended.status.unwrap();
+        eprintln!(
+            "the backup during the upgrade: {:?} {:?}",
+            status.phase,
+            status.error.as_ref().map(|e| &e.reason)
+        );
+        match status.phase {
+            Some(Phase::Completed) => {}
+            _ => assert_eq!(
+                status.error.as_ref().map(|e| e.reason.as_str()),
+                Some("OperatorShutdown"),
+                "{change}: {status:?}"
+            ),
+        }
+        let after = apply(&cluster, backup_spec(&format!("after-{step}"), spec(None))).await;
+        let next = wait_terminal(&cluster, &after).await.status.unwrap();
+        assert_eq!(
+            next.phase,
+            Some(Phase::Completed),
+            "{change}: {:?}",
+            next.error
+        );
+    }
+    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> = cluster.api();
+    let operators = pods
+        .list(&kube::api::ListParams::default().labels("app.kubernetes.io/name=pgsnap"))
+        .await
+        .unwrap();
+    let images: Vec<_> = operators
+        .items
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .map(|p| {
+            p.spec.as_ref().unwrap().containers[0]
+                .image
+                .clone()
+                .unwrap_or_default()
+        })
+        .collect();
+    assert_eq!(images, ["pgsnap:v2"], "one operator pod, the upgraded one");
+
+    for b in cluster
+        .api::<Backup>()
+        .list(&Default::default())
+        .await
+        .unwrap()
+    {
+        cluster
+            .api::<Backup>()
+            .delete(&b.name_any(), &Default::default())
+            .await
+            .unwrap();
+        cluster
+            .wait_deleted(
+                cluster.api::<Backup>(),
+                &b.name_any(),
+                &b.uid().unwrap(),
+                Duration::from_secs(60),
+            )
+            .await;
+    }
+    let (ok, _, err) = helm(&["uninstall", &release, "--namespace", &ns, "--wait"]);
+    assert!(ok, "helm uninstall: {err}");
+    delete_snapshot_class(&cluster, &slow).await;
 }

@@ -10,6 +10,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, ServiceA
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{ApiResource, DeleteParams, DynamicObject, GroupVersionKind, PostParams};
 use kube::{Api, Client, Resource};
+use pgsnap_e2e::agent::network;
 use pgsnap_e2e::{Cluster, postgres_pod};
 use serde_json::json;
 
@@ -221,7 +222,9 @@ async fn a_postgres_16_pod_runs_and_answers_sql() {
     let pod = pods.get(&db.name).await.unwrap();
     let status = pod.status.unwrap();
     assert_eq!(status.phase.as_deref(), Some("Running"));
-    assert_eq!(status.pod_ip.as_deref(), Some("127.0.0.1"));
+    assert_eq!(status.pod_ip.as_deref(), Some(db.host.as_str()));
+    assert_ne!(db.host, "127.0.0.1", "an address of its own");
+    assert_eq!(status.host_ip.as_deref(), Some("127.0.0.1"));
 
     // Deletion: the server gets its stop signal, the pod object goes away.
     let uid = pod.metadata.uid.unwrap();
@@ -230,7 +233,11 @@ async fn a_postgres_16_pod_runs_and_answers_sql() {
         .unwrap();
     cluster.wait_deleted(pods, &db.name, &uid, T).await;
     assert!(
-        std::net::TcpStream::connect(("127.0.0.1", db.port)).is_err(),
+        std::net::TcpStream::connect_timeout(
+            &format!("{}:{}", db.host, db.port).parse().unwrap(),
+            std::time::Duration::from_secs(2)
+        )
+        .is_err(),
         "the server stopped"
     );
 }
@@ -491,8 +498,8 @@ async fn every_postgres_major_from_10_to_18_runs_like_the_official_image() {
         assert_eq!(db.sql_value("SHOW shared_buffers").await, "16MB");
         // Password authentication over TCP, as from another pod.
         let wrong = format!(
-            "host=127.0.0.1 port={} user=postgres password=wrong dbname=postgres",
-            db.port
+            "host={} port={} user=postgres password=wrong dbname=postgres",
+            db.host, db.port
         );
         assert!(
             tokio_postgres::connect(&wrong, tokio_postgres::NoTls)
@@ -599,24 +606,18 @@ async fn the_postgres_image_honours_its_environment_and_init_scripts() {
         }
     }))
     .await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
     // No securityContext: the entrypoint starts as root and drops to postgres (999).
     create(&cluster.api::<Pod>(), json!({
         "metadata": {"name": "app-db"},
         "spec": {"containers": [{
             "name": "postgres", "image": "postgres:15-bookworm",
-            "args": ["-c", format!("port={port}")],
             "env": [
                 {"name": "POSTGRES_USER", "value": "app"},
                 {"name": "POSTGRES_PASSWORD", "value": "app-pw"},
                 {"name": "POSTGRES_DB", "value": "appdb"},
                 {"name": "POSTGRES_INITDB_ARGS", "value": "--data-checksums"}
             ],
-            "readinessProbe": {"exec": {"command": ["pg_isready", "-h", "127.0.0.1", "-p", port.to_string()]}, "periodSeconds": 1},
+            "readinessProbe": {"exec": {"command": ["pg_isready", "-h", "127.0.0.1"]}, "periodSeconds": 1},
             "volumeMounts": [{"name": "scripts", "mountPath": "/docker-entrypoint-initdb.d"}, {"name": "data", "mountPath": "/var/lib/postgresql/data"}]
         }],
         "volumes": [{"name": "scripts", "configMap": {"name": "initdb"}}, {"name": "data", "emptyDir": {}}]}
@@ -629,10 +630,11 @@ async fn the_postgres_image_honours_its_environment_and_init_scripts() {
             || s.and_then(|s| s.container_statuses.as_ref())
                 .is_some_and(|c| c.iter().any(|c| c.restart_count > 0))
     };
-    cluster
+    let pod = cluster
         .wait_for(cluster.api::<Pod>(), "app-db", "Ready", T, ready)
         .await;
-    let conninfo = format!("host=127.0.0.1 port={port} user=app password=app-pw dbname=appdb");
+    let ip = pod.status.and_then(|s| s.pod_ip).unwrap();
+    let conninfo = format!("host={ip} port=5432 user=app password=app-pw dbname=appdb");
     let (client, conn) = match tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await {
         Ok(c) => c,
         Err(e) => panic!("{e}\n{}", cluster.pod_logs("app-db").await),
@@ -662,4 +664,81 @@ async fn the_postgres_image_honours_its_environment_and_init_scripts() {
             .await
             .get::<_, bool>(0)
     );
+}
+
+/// Each pod has a network namespace and an address of its own on the node's bridge: two
+/// servers on 5432, pod to pod and host to pod, the `kubernetes` Service at its ClusterIP
+/// inside, `hostNetwork` pods on the host's; a cut pod drops packets without closing
+/// connections, and its namespace goes with it.
+#[tokio::test]
+async fn every_pod_has_a_network_of_its_own() {
+    let cluster = Cluster::from_env().await;
+    let (a, b) = tokio::join!(
+        postgres_pod(16).name("net-a").create(&cluster),
+        postgres_pod(16).name("net-b").create(&cluster)
+    );
+    assert_ne!(a.host, b.host);
+    assert_eq!((a.port, b.port), (5432, 5432));
+    let in_a = |argv: &'static [&'static str]| cluster.exec(&a.name, "postgres", argv);
+    let shell = |out: std::process::Output| {
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+        )
+    };
+    let b_ready = format!("pg_isready -h {} -p 5432", b.host);
+    let out = cluster
+        .exec(&a.name, "postgres", &["sh", "-c", &b_ready])
+        .await;
+    assert_eq!(shell(out).0, Some(0), "pod to pod");
+    // The Service's ClusterIP answers inside the pod; the API server's certificate names it.
+    let (code, readyz) = shell(in_a(&["sh", "-c", "curl -sS --cacert /var/run/secrets/kubernetes.io/serviceaccount/ca.crt https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT/readyz; echo; echo $KUBERNETES_SERVICE_HOST"]).await);
+    assert_eq!((code, readyz.as_str()), (Some(0), "ok\n10.96.0.1"));
+
+    create(
+        &cluster.api::<Pod>(),
+        json!({
+            "metadata": {"name": "on-the-host"},
+            "spec": {"hostNetwork": true, "containers": [{
+                "name": "sh", "image": "busybox",
+                "command": ["sleep", "3600"],
+            }]}
+        }),
+    )
+    .await;
+    assert_eq!(cluster.pod_ip("on-the-host").await, "127.0.0.1");
+
+    // The partition: the open session hangs (no reset, no error), then carries on.
+    let client = a.connect().await;
+    let cut = cluster.cut(&a.name).await;
+    let hung = tokio::time::timeout(Duration::from_secs(3), client.simple_query("SELECT 1")).await;
+    assert!(hung.is_err(), "a query over a cut link must hang: {hung:?}");
+    let out = cluster
+        .exec(
+            &b.name,
+            "postgres",
+            &["sh", "-c", &format!("pg_isready -t 2 -h {}", a.host)],
+        )
+        .await;
+    assert_eq!(shell(out).0, Some(2), "pod to cut pod: no response");
+    drop(cut);
+    let rows = tokio::time::timeout(Duration::from_secs(30), client.simple_query("SELECT 1"))
+        .await
+        .expect("the link is back")
+        .expect("the same session works again");
+    assert!(!rows.is_empty());
+
+    // The namespace goes with the pod.
+    let pods = cluster.api::<Pod>();
+    let pod = pods.get(&a.name).await.unwrap();
+    let ip = a.host.parse().unwrap();
+    let netns = network::netns_of(&network::bridge_of(ip).unwrap(), ip);
+    assert!(netns.exists(), "{}", netns.display());
+    pods.delete(&a.name, &DeleteParams::default())
+        .await
+        .unwrap();
+    cluster
+        .wait_deleted(pods, &a.name, &pod.metadata.uid.unwrap(), T)
+        .await;
+    assert!(!netns.exists(), "{} is left", netns.display());
 }

@@ -43,16 +43,18 @@ async fn the_examples_back_up_and_restore() {
         "kubectl -n {ns} apply -f examples/postgres.yaml >/dev/null"
     ));
     // TCP opens once the image's init scripts (the grants) have run.
-    let source =
-        "host=127.0.0.1 port=5432 user=postgres password=change-me-superuser dbname=postgres";
-    let created = query_when_ready(source, "SELECT count(*) FROM (SELECT 1) AS ready").await;
+    let source = format!(
+        "host={} port=5432 user=postgres password=change-me-superuser dbname=postgres",
+        cluster.pod_ip("orders-db-0").await
+    );
+    let created = query_when_ready(&source, "SELECT count(*) FROM (SELECT 1) AS ready").await;
     assert_eq!(
         created,
         Ok(1),
         "examples/postgres.yaml: the server does not answer:\n{}",
         cluster.pod_logs("orders-db-0").await
     );
-    let (client, conn) = tokio_postgres::connect(source, NoTls)
+    let (client, conn) = tokio_postgres::connect(&source, NoTls)
         .await
         .expect("connect");
     tokio::spawn(conn);
@@ -110,10 +112,12 @@ async fn the_examples_back_up_and_restore() {
         "examples/restore.yaml: {:?}",
         status.error
     );
-    let target =
-        "host=127.0.0.1 port=5433 user=postgres password=change-me-superuser dbname=postgres";
+    let target = format!(
+        "host={} port=5432 user=postgres password=change-me-superuser dbname=postgres",
+        cluster.pod_ip("orders-restored").await
+    );
     let rows = query_when_ready(
-        target,
+        &target,
         "SELECT CASE WHEN pg_is_in_recovery() THEN NULL ELSE (SELECT count(*) FROM orders) END",
     )
     .await;

@@ -13,7 +13,6 @@ use kube::runtime::wait::Condition;
 use pgsnap::api::Backup;
 use pgsnap::api::backup::Phase;
 use pgsnap::api::restore::{Restore, RestorePhase};
-use pgsnap_e2e::free_port;
 use pgsnap_e2e::operator::Operator;
 use pgsnap_e2e::postgres::{ARCHIVE_MOUNT, POSTGRES_UID};
 use pgsnap_e2e::proof;
@@ -177,10 +176,9 @@ async fn start_restored(
             ));
         }
     }
-    let port = free_port();
     let pgdata = pgdata.ok_or("no Data claim")?;
-    let pod = verify::restored_pod(source, &name, port, &pgdata, mounts, volumes)?;
-    verify::serve_restored(cluster, source, &pod, port).await
+    let pod = verify::restored_pod(source, &name, &pgdata, mounts, volumes)?;
+    verify::serve_restored(cluster, source, &pod).await
 }
 
 /// Backup under pgbench and a row writer; Restore; PostgreSQL on the claims; every row
@@ -553,7 +551,7 @@ async fn restore_prepare_as_an_init_container() {
         .create(&PostParams::default(), &pvc)
         .await
         .expect("pvc");
-    let pod = |port: u16| -> Pod {
+    let pod = || -> Pod {
         serde_json::from_value(json!({
             "metadata": {"name": "init-restored"},
             "spec": {
@@ -581,7 +579,7 @@ async fn restore_prepare_as_an_init_container() {
                 "containers": [{
                     "name": "postgres",
                     "image": "postgres:17",
-                    "args": ["-c", format!("port={port}"), "-c", "archive_mode=off"],
+                    "args": ["-c", "archive_mode=off"],
                     "env": [
                         {"name": "POSTGRES_PASSWORD", "value": db.password},
                         {"name": "PGDATA", "value": "/var/lib/postgresql/data/pgdata"},
@@ -600,15 +598,7 @@ async fn restore_prepare_as_an_init_container() {
         }))
         .unwrap()
     };
-    let port = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    };
-    let p = port();
-    let (client, _) = verify::serve_restored(&cluster, &db, &pod(p), p)
+    let (client, _) = verify::serve_restored(&cluster, &db, &pod())
         .await
         .unwrap_or_else(|e| panic!("first start: {e}"));
     assert_eq!(
@@ -649,8 +639,7 @@ async fn restore_prepare_as_an_init_container() {
             Duration::from_secs(60),
         )
         .await;
-    let p = port();
-    let (client, _) = verify::serve_restored(&cluster, &db, &pod(p), p)
+    let (client, _) = verify::serve_restored(&cluster, &db, &pod())
         .await
         .unwrap_or_else(|e| panic!("second start: {e}"));
     assert_eq!(

@@ -155,7 +155,15 @@ pub async fn launch_spec(
         _ => "/",
     };
     env.push(("HOME".into(), home.into()));
-    let (host, port) = (&shared.api_host, &shared.api_port);
+    let host_network = pod.spec.as_ref().and_then(|s| s.host_network) == Some(true);
+    // The `kubernetes` Service: its ClusterIP in a pod's own network (the agent relays it),
+    // the API server itself on the host's.
+    let host = if host_network {
+        shared.api_host.clone()
+    } else {
+        super::network::SERVICE_IP.to_string()
+    };
+    let port = &shared.api_port;
     env.extend([
         ("KUBERNETES_SERVICE_HOST".to_string(), host.clone()),
         ("KUBERNETES_SERVICE_PORT".to_string(), port.clone()),
@@ -249,6 +257,21 @@ pub async fn launch_spec(
             read_only: m.read_only.unwrap_or(false),
         });
     }
+    // The container's own /tmp, fresh for each start as a new writable layer is: servers put
+    // their sockets and lock files there (`/tmp/.s.PGSQL.5432`), and every pod uses 5432.
+    let tmp = pod_dir.join(format!("{}.tmp", c.name));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp)
+        .and_then(|()| std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o1777)))
+        .map_err(|e| PodError::Launch(format!("{}: {e}", tmp.display())))?;
+    mounts.insert(
+        0,
+        Mount {
+            source: tmp,
+            target: "/tmp".into(),
+            read_only: false,
+        },
+    );
     // Parents before children, so a volume mounted inside another one stays visible.
     mounts.sort_by_key(|m| m.target.components().count());
     // The termination message file, fresh for each start, writable by any user (kubelet's).
@@ -309,6 +332,10 @@ pub async fn launch_spec(
         supplementary_groups: groups,
         mounts,
         hostname: hostname.chars().take(64).collect(),
+        netns: (!host_network)
+            .then(|| super::env::pod_ip(pod).parse().ok())
+            .flatten()
+            .map(|ip| shared.network.netns_of(ip)),
     })
 }
 
@@ -457,6 +484,7 @@ pub async fn probe_once(
     c: &Container,
     spec: &LaunchSpec,
     spec_file: &Path,
+    pod_ip: &str,
 ) -> bool {
     let timeout = Duration::from_secs(probe.timeout_seconds.unwrap_or(1).max(1) as u64);
     if let Some(exec) = &probe.exec {
@@ -486,7 +514,7 @@ pub async fn probe_once(
         let Some(port) = port_of(&tcp.port) else {
             return false;
         };
-        let addr = format!("{}:{port}", tcp.host.as_deref().unwrap_or(super::POD_IP));
+        let addr = format!("{}:{port}", tcp.host.as_deref().unwrap_or(pod_ip));
         return matches!(
             tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await,
             Ok(Ok(_))
@@ -496,11 +524,11 @@ pub async fn probe_once(
         let Some(port) = port_of(&http.port) else {
             return false;
         };
-        let host = http.host.clone().unwrap_or_else(|| super::POD_IP.into());
+        let host = http.host.as_deref().unwrap_or(pod_ip);
         let path = http.path.clone().unwrap_or_else(|| "/".into());
         // HTTPS is not spoken here: a TLS port that accepts connections counts as up.
         let tls = http.scheme.as_deref() == Some("HTTPS");
-        let check = http_check(&host, port, &path, tls);
+        let check = http_check(host, port, &path, tls);
         return matches!(tokio::time::timeout(timeout, check).await, Ok(Ok(true)));
     }
     // gRPC probes are not implemented: report ready rather than never.

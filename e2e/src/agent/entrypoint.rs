@@ -4,10 +4,8 @@
 //! Same contract as the image: POSTGRES_USER / POSTGRES_PASSWORD / POSTGRES_DB / PGDATA /
 //! POSTGRES_INITDB_ARGS / POSTGRES_INITDB_WALDIR / POSTGRES_HOST_AUTH_METHOD, initdb on an
 //! empty PGDATA, scripts from /docker-entrypoint-initdb.d, arguments starting with `-` go
-//! to `postgres`, and as root it drops to the `postgres` user (uid 999) like `gosu`.
-//! One deliberate difference: initdb's default `trust` for TCP from 127.0.0.1 is replaced by
-//! password authentication, because every pod here shares the host's loopback, where the
-//! official image would only ever see connections from other pod IPs.
+//! to `postgres`, and as root it drops to the `postgres` user (uid 999) like `gosu`; the
+//! server listens on every address of the pod (the image's `listen_addresses = '*'`).
 
 use std::ffi::OsString;
 use std::os::unix::fs::PermissionsExt;
@@ -199,9 +197,6 @@ fn init_database(o: &Options, pgdata: &Path) -> Result<(), EntrypointError> {
     initdb
         .arg(format!("--username={user}"))
         .arg(format!("--pwfile={}", pwfile.display()));
-    initdb
-        .arg("--auth-local=trust")
-        .arg(format!("--auth-host={auth}"));
     if let Some(waldir) = env("POSTGRES_INITDB_WALDIR") {
         initdb.arg(format!("--waldir={waldir}"));
     }
@@ -214,7 +209,12 @@ fn init_database(o: &Options, pgdata: &Path) -> Result<(), EntrypointError> {
     step("initdb", &mut initdb)?;
     std::fs::remove_file(&pwfile).ok();
 
-    // The image's pg_setup_hba_conf: password auth from anywhere.
+    // The image's postgresql.conf.sample listens everywhere; its pg_setup_hba_conf asks for
+    // a password from anywhere but the pod's own loopback.
+    let conf = pgdata.join("postgresql.conf");
+    let mut text = std::fs::read_to_string(&conf).map_err(io("reading postgresql.conf"))?;
+    text.push_str("\nlisten_addresses = '*'\n");
+    std::fs::write(&conf, text).map_err(io("writing postgresql.conf"))?;
     let hba = pgdata.join("pg_hba.conf");
     let mut text = std::fs::read_to_string(&hba).map_err(io("reading pg_hba.conf"))?;
     text.push_str(&format!("\nhost all all all {auth}\n"));

@@ -37,6 +37,14 @@ pub fn expand(input: &str, vars: &dyn Fn(&str) -> Option<String>) -> String {
     out
 }
 
+/// The pod's address: the agent records it in its copy of the pod before anything runs.
+pub fn pod_ip(pod: &Pod) -> &str {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.pod_ip.as_deref())
+        .unwrap_or(super::NODE_IP)
+}
+
 /// Resolves `fieldRef` paths against the pod (the downward API).
 pub fn field(pod: &Pod, sel: &ObjectFieldSelector) -> Result<String, PodError> {
     let meta = &pod.metadata;
@@ -51,9 +59,8 @@ pub fn field(pod: &Pod, sel: &ObjectFieldSelector) -> Result<String, PodError> {
             .spec
             .as_ref()
             .and_then(|s| s.service_account_name.clone()),
-        "status.podIP" | "status.hostIP" | "status.podIPs" | "status.hostIPs" => {
-            Some(super::POD_IP.into())
-        }
+        "status.podIP" | "status.podIPs" => Some(pod_ip(pod).into()),
+        "status.hostIP" | "status.hostIPs" => Some(super::NODE_IP.into()),
         "metadata.labels" | "metadata.annotations" => {
             let map = if path == "metadata.labels" {
                 &meta.labels
@@ -264,7 +271,8 @@ mod tests {
     fn downward_api_fields() {
         let pod: Pod = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "p", "namespace": "n", "labels": {"app": "db"}},
-            "spec": {"containers": [], "nodeName": "node"}
+            "spec": {"containers": [], "nodeName": "node"},
+            "status": {"podIP": "10.244.0.9"}
         }))
         .unwrap();
         let f = |p: &str| {
@@ -279,7 +287,8 @@ mod tests {
         };
         assert_eq!(f("metadata.namespace"), "n");
         assert_eq!(f("metadata.labels['app']"), "db");
-        assert_eq!(f("status.podIP"), "127.0.0.1");
+        assert_eq!(f("status.podIP"), "10.244.0.9");
+        assert_eq!(f("status.hostIP"), "127.0.0.1");
         assert_eq!(f("spec.nodeName"), "node");
     }
 }

@@ -5,6 +5,7 @@ pub mod container;
 pub mod entrypoint;
 pub mod env;
 pub mod images;
+pub mod network;
 pub mod node;
 pub mod pod;
 pub mod sandbox;
@@ -23,8 +24,9 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use tokio::sync::watch;
 
-/// Pods share the host network: the pod IP and the host IP are loopback.
-pub const POD_IP: &str = "127.0.0.1";
+/// The node's address (its InternalIP, every pod's hostIP, and the podIP of `hostNetwork`
+/// pods): the host's loopback, where the control plane listens.
+pub const NODE_IP: &str = "127.0.0.1";
 
 /// `node-agent` command line (the contract with `e2e/cluster up`).
 #[derive(Debug, Clone, clap::Parser)]
@@ -55,6 +57,12 @@ pub struct Args {
     /// The binary behind the `pgsnap:dev` image; default `<repo>/target/debug/pgsnap`.
     #[arg(long)]
     pub pgsnap_bin: Option<PathBuf>,
+    /// The bridge that joins the pods' network namespaces (created if missing).
+    #[arg(long, default_value = "pgsnap0")]
+    pub bridge: String,
+    /// The pods' addresses (a /24; the first is the bridge's).
+    #[arg(long, default_value = "10.244.0.0/24")]
+    pub pod_cidr: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +77,8 @@ pub enum AgentError {
     ApiServer(String),
     #[error("cannot find the repository (hack/postgres-bin) from {0}; pass --repo")]
     Repo(PathBuf),
+    #[error("pod network: {0}")]
+    Network(#[from] network::NetworkError),
 }
 
 /// Why a pod cannot run (yet); shown as the containers' waiting reason and message.
@@ -84,6 +94,8 @@ pub enum PodError {
     Kube(#[from] kube::Error),
     #[error("{0}")]
     Launch(String),
+    #[error(transparent)]
+    Network(#[from] network::NetworkError),
 }
 
 impl PodError {
@@ -94,6 +106,7 @@ impl PodError {
             PodError::Volume(_) | PodError::Kube(_) => "ContainerCreating",
             PodError::Config(_) => "CreateContainerConfigError",
             PodError::Launch(_) => "RunContainerError",
+            PodError::Network(_) => "FailedCreatePodSandBox",
         }
     }
 }
@@ -109,6 +122,7 @@ pub struct Shared {
     pub agent_exe: PathBuf,
     pub pgsnap_bin: PathBuf,
     pub binaries: images::PostgresBinaries,
+    pub network: network::PodNetwork,
     /// Process groups of running containers, so the agent can stop them all on exit.
     pub groups: Mutex<HashSet<u32>>,
     /// Flips to true when the agent is asked to exit.
@@ -150,6 +164,11 @@ pub async fn run(args: Args) -> Result<(), AgentError> {
     };
     std::fs::create_dir_all(args.root.join("pods"))
         .map_err(|e| AgentError::Io(format!("creating {}", args.root.display()), e))?;
+    let api_addr = format!("{api_host}:{api_port}")
+        .parse()
+        .map_err(|_| AgentError::ApiServer(args.api_server.clone()))?;
+    let network = network::PodNetwork::new(&args.bridge, &args.pod_cidr, api_addr)?;
+    network.set_up()?;
     let (shutdown_tx, shutdown) = watch::channel(false);
     let shared = Arc::new(Shared {
         client: client.clone(),
@@ -164,6 +183,7 @@ pub async fn run(args: Args) -> Result<(), AgentError> {
             .clone()
             .unwrap_or_else(|| repo.join("target/debug/pgsnap")),
         binaries: images::PostgresBinaries::new(&repo),
+        network,
         groups: Mutex::default(),
         shutdown,
     });

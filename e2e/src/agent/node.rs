@@ -71,7 +71,7 @@ fn status(now: &Time) -> NodeStatus {
         addresses: Some(vec![
             NodeAddress {
                 type_: "InternalIP".into(),
-                address: super::POD_IP.into(),
+                address: super::NODE_IP.into(),
             },
             NodeAddress {
                 type_: "Hostname".into(),

@@ -62,17 +62,34 @@ pub async fn worker(shared: Arc<Shared>, updates: watch::Receiver<Update>) {
     run_pod(shared, updates, pod).instrument(span).await
 }
 
-async fn run_pod(shared: Arc<Shared>, mut updates: watch::Receiver<Update>, pod: Pod) {
+async fn run_pod(shared: Arc<Shared>, mut updates: watch::Receiver<Update>, mut pod: Pod) {
     let ns = pod.metadata.namespace.clone().unwrap_or_default();
     let name = pod.metadata.name.clone().unwrap_or_default();
     let uid = pod.metadata.uid.clone().unwrap_or_default();
     let spec = pod.spec.clone().unwrap_or_default();
+    // A pod that already ended (before an agent restart) is not run again.
+    let finished_before = matches!(
+        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Succeeded") | Some("Failed")
+    );
+    // The sandbox's network first, as a runtime does: its address is in the environment.
+    let link = if finished_before || spec.host_network == Some(true) {
+        Ok(None)
+    } else {
+        shared.network.attach().map(Some)
+    };
+    let pod_ip = match &link {
+        Ok(Some(l)) => l.ip.to_string(),
+        _ => super::NODE_IP.to_string(),
+    };
+    pod.status.get_or_insert_default().pod_ip = Some(pod_ip.clone());
     let model = PodModel {
         phase: Phase::Pending,
         reason: None,
         message: None,
         start_time: Timestamp::now(),
         initialized: spec.init_containers.as_ref().is_none_or(Vec::is_empty),
+        pod_ip,
         init: spec
             .init_containers
             .iter()
@@ -86,11 +103,6 @@ async fn run_pod(shared: Arc<Shared>, mut updates: watch::Receiver<Update>, pod:
             .collect(),
         transitions: Default::default(),
     };
-    // A pod that already ended (before an agent restart) is not run again.
-    let finished_before = matches!(
-        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
-        Some("Succeeded") | Some("Failed")
-    );
     let ctx = Arc::new(PodCtx {
         api: Api::namespaced(shared.client.clone(), &ns),
         refs: Refs::new(shared.client.clone(), &ns),
@@ -104,11 +116,20 @@ async fn run_pod(shared: Arc<Shared>, mut updates: watch::Receiver<Update>, pod:
     tracing::info!("pod assigned to this node");
 
     let (stop_tx, stop_rx) = watch::channel(None::<Stop>);
+    let (link, sandbox_failed) = match link {
+        Ok(link) => (link, None),
+        Err(e) => (None, Some(PodError::from(e))),
+    };
     let lifecycle = {
         let ctx = ctx.clone();
         async move {
-            if !finished_before {
-                ctx.lifecycle(stop_rx).await;
+            match sandbox_failed {
+                _ if finished_before => {}
+                Some(e) => {
+                    ctx.set_waiting_all(&e).await;
+                    ctx.fail(&e).await;
+                }
+                None => ctx.lifecycle(stop_rx).await,
             }
         }
     };
@@ -148,6 +169,10 @@ async fn run_pod(shared: Arc<Shared>, mut updates: watch::Receiver<Update>, pod:
                 let _ = stop_tx.send(Some(Stop { grace: SHUTDOWN_GRACE }));
             }
         }
+    }
+    // Every process is gone: nothing holds the namespace any more.
+    if let Some(link) = link {
+        shared.network.detach(link);
     }
     if agent_stopping && !deleting {
         // The agent is exiting: the pod stays in the API, like a pod of a stopped kubelet.
@@ -265,11 +290,8 @@ impl PodCtx {
                             reason: e.reason().into(),
                             message: Some(e.to_string()),
                         };
-                        m.phase = Phase::Failed;
-                        m.reason = Some(e.reason().into());
-                        m.message = Some(e.to_string());
                     });
-                    self.publish().await;
+                    self.fail(&e).await;
                     return;
                 }
             }
@@ -387,6 +409,17 @@ impl PodCtx {
             }
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
+    }
+
+    /// Fails the pod for a problem no retry fixes (an unknown image, no sandbox).
+    async fn fail(&self, e: &PodError) {
+        tracing::warn!(error = %e, "pod failed");
+        self.update(|m| {
+            m.phase = Phase::Failed;
+            m.reason = Some(e.reason().into());
+            m.message = Some(e.to_string());
+        });
+        self.publish().await;
     }
 
     async fn set_waiting_all(&self, e: &PodError) {
@@ -547,7 +580,15 @@ impl PodCtx {
             let mut tick = tokio::time::interval(period);
             loop {
                 tick.tick().await;
-                let ok = container::probe_once(shared, &probe, c, &spec, &probe_file).await;
+                let ok = container::probe_once(
+                    shared,
+                    &probe,
+                    c,
+                    &spec,
+                    &probe_file,
+                    super::env::pod_ip(&self.pod),
+                )
+                .await;
                 (oks, fails) = if ok { (oks + 1, 0) } else { (0, fails + 1) };
                 let ready = self.update(|m| Self::slot(m, slot).ready);
                 let now_ready = if oks >= need_ok {

@@ -27,6 +27,8 @@ pub struct LaunchSpec {
     /// Bind mounts, applied in order (the agent sorts parents before children).
     pub mounts: Vec<Mount>,
     pub hostname: String,
+    /// The pod's network namespace; `None` for `hostNetwork` pods.
+    pub netns: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -81,6 +83,15 @@ pub fn run(spec_path: &Path) -> SandboxError {
 
 /// Sets up namespaces, mounts and credentials (everything before exec).
 fn enter(spec: &LaunchSpec) -> Result<(), SandboxError> {
+    if let Some(path) = &spec.netns {
+        let ns = std::fs::File::open(path).map_err(sys(format!("{}", path.display())))?;
+        use std::os::fd::AsRawFd;
+        // SAFETY: setns on a namespace file descriptor we hold open.
+        check(
+            unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) },
+            "entering the pod's network namespace",
+        )?;
+    }
     // SAFETY: plain syscalls on valid, NUL-terminated arguments in a single-threaded process.
     unsafe {
         // A private mount namespace (the volumes) and UTS namespace (the pod's hostname).

@@ -123,6 +123,8 @@ pub struct PodModel {
     pub message: Option<String>,
     pub start_time: Timestamp,
     pub initialized: bool,
+    /// The pod's own address, or the node's for a `hostNetwork` pod.
+    pub pod_ip: String,
     pub init: Vec<ContainerModel>,
     pub containers: Vec<ContainerModel>,
     /// Each condition's last value and when it took it (its lastTransitionTime).
@@ -155,10 +157,10 @@ impl PodModel {
             "phase": self.phase.as_str(),
             "reason": self.reason,
             "message": self.message,
-            "hostIP": super::POD_IP,
-            "hostIPs": [{ "ip": super::POD_IP }],
-            "podIP": super::POD_IP,
-            "podIPs": [{ "ip": super::POD_IP }],
+            "hostIP": super::NODE_IP,
+            "hostIPs": [{ "ip": super::NODE_IP }],
+            "podIP": self.pod_ip,
+            "podIPs": [{ "ip": self.pod_ip }],
             "startTime": self.start_time.to_string(),
             "conditions": conditions,
             "initContainerStatuses": self.init.iter().map(ContainerModel::json).collect::<Vec<_>>(),
@@ -188,6 +190,7 @@ mod tests {
             message: None,
             start_time: now,
             initialized: true,
+            pod_ip: "10.244.0.2".into(),
             init: vec![],
             containers: vec![c],
             transitions: Default::default(),
@@ -217,6 +220,7 @@ mod tests {
         );
         // The status must be a valid PodStatus.
         let typed: k8s_openapi::api::core::v1::PodStatus = serde_json::from_value(s).unwrap();
-        assert_eq!(typed.pod_ip.as_deref(), Some("127.0.0.1"));
+        assert_eq!(typed.pod_ip.as_deref(), Some("10.244.0.2"));
+        assert_eq!(typed.host_ip.as_deref(), Some("127.0.0.1"));
     }
 }

@@ -1,0 +1,124 @@
+//! Backups from a test's point of view: specs, creation, waits on their phase, and classes of
+//! the test CSI driver with its failure behaviours.
+
+use std::time::Duration;
+
+use kube::api::{DeleteParams, DynamicObject, PostParams};
+use kube::runtime::wait::Condition;
+use kube::{Api, ResourceExt};
+use pgsnap::api::Backup;
+use pgsnap::api::backup::Phase;
+use serde_json::json;
+
+use crate::{Cluster, PostgresPod};
+
+/// A Backup spec targeting `db` by pod name with the password Secret `secret`, plus `rest`.
+pub fn on(db: &PostgresPod, secret: &str, rest: serde_json::Value) -> serde_json::Value {
+    let mut spec = json!({
+        "target": {"podName": db.name},
+        "connection": {"passwordSecretRef": {"name": secret, "key": "password"}},
+    });
+    spec.as_object_mut()
+        .unwrap()
+        .extend(rest.as_object().cloned().unwrap_or_default());
+    spec
+}
+
+pub fn backup_spec(name: &str, spec: serde_json::Value) -> Backup {
+    serde_json::from_value(json!({
+        "apiVersion": "pgsnap.io/v1alpha1",
+        "kind": "Backup",
+        "metadata": {"name": name},
+        "spec": spec,
+    }))
+    .expect("a Backup")
+}
+
+pub async fn apply(cluster: &Cluster, backup: Backup) -> String {
+    let name = backup.name_any();
+    cluster
+        .api::<Backup>()
+        .create(&PostParams::default(), &backup)
+        .await
+        .unwrap_or_else(|e| panic!("creating backup {name}: {e}"));
+    name
+}
+
+fn phase_is(phases: &'static [Phase]) -> impl Condition<Backup> {
+    move |b: Option<&Backup>| {
+        b.and_then(|b| b.status.as_ref())
+            .and_then(|s| s.phase)
+            .is_some_and(|p| phases.contains(&p))
+    }
+}
+
+/// Waits (at most `within`) until the Backup is in one of `phases`.
+pub async fn wait_phase(
+    cluster: &Cluster,
+    name: &str,
+    phases: &'static [Phase],
+    within: Duration,
+) -> Backup {
+    let what = format!("{phases:?}");
+    cluster
+        .wait_for(
+            cluster.api::<Backup>(),
+            name,
+            &what,
+            within,
+            phase_is(phases),
+        )
+        .await
+}
+
+pub async fn wait_terminal(cluster: &Cluster, name: &str) -> Backup {
+    wait_phase(
+        cluster,
+        name,
+        &[Phase::Completed, Phase::Failed],
+        Duration::from_secs(120),
+    )
+    .await
+}
+
+fn snapshot_classes(cluster: &Cluster) -> Api<DynamicObject> {
+    let gvk =
+        kube::api::GroupVersionKind::gvk("snapshot.storage.k8s.io", "v1", "VolumeSnapshotClass");
+    Api::all_with(
+        cluster.client.clone(),
+        &kube::api::ApiResource::from_gvk(&gvk),
+    )
+}
+
+/// A VolumeSnapshotClass of the test driver for this test's namespace, with `parameters` on
+/// top of the default class's (the driver's behaviours: e2e/go/hostpath/main.go).
+pub async fn snapshot_class(
+    cluster: &Cluster,
+    kind: &str,
+    deletion_policy: &str,
+    parameters: serde_json::Value,
+) -> String {
+    let name = format!("{kind}-{}", cluster.namespace);
+    let mut params = json!({"ignoreFailedRead": "true"});
+    params
+        .as_object_mut()
+        .unwrap()
+        .extend(parameters.as_object().cloned().unwrap_or_default());
+    let class: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshotClass",
+        "metadata": {"name": name}, "driver": "hostpath.csi.k8s.io",
+        "deletionPolicy": deletion_policy, "parameters": params,
+    }))
+    .unwrap();
+    snapshot_classes(cluster)
+        .create(&PostParams::default(), &class)
+        .await
+        .unwrap_or_else(|e| panic!("VolumeSnapshotClass {name}: {e}"));
+    name
+}
+
+pub async fn delete_snapshot_class(cluster: &Cluster, name: &str) {
+    let _ = snapshot_classes(cluster)
+        .delete(name, &DeleteParams::default())
+        .await;
+}
