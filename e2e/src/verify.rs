@@ -105,14 +105,15 @@ pub async fn restore(
         Prepare::Correct => "r",
         Prepare::WithoutLabel => "nolabel",
     };
-    let name = format!("{}-{suffix}", source.name);
+    // Named after the backup: a test may restore several backups of one server.
+    let name = format!("{}-{suffix}", backup.name_any());
     let mut mounts = vec![json!({"name": "archive", "mountPath": ARCHIVE_MOUNT})];
     let mut volumes = vec![
         json!({"name": "archive", "persistentVolumeClaim": {"claimName": source.claim("archive")}}),
     ];
     let mut pgdata = None;
     for snap in &status.snapshots {
-        let claim = format!("{}-{suffix}", snap.persistent_volume_claim);
+        let claim = format!("{}-{:?}-{suffix}", backup.name_any(), snap.role).to_lowercase();
         let pvc: PersistentVolumeClaim = serde_json::from_value(json!({
             "metadata": {"name": claim},
             "spec": {

@@ -932,9 +932,10 @@ async fn verify_full_checks_the_ca_and_the_server_name() {
     );
 }
 
-/// PostgreSQL 10 cannot show where a linked pg_wal is. Without `spec.volumes` the backup is
-/// refused before backup mode (never a backup of the data volume alone); with the volumes
-/// listed, pg_wal's volume is snapshotted too and the backup restores every row.
+/// PostgreSQL 10 cannot show where a linked pg_wal is. Without `spec.volumes` the backup
+/// holds the data volume alone, says why in an Event, and still restores every row
+/// (restore-prepare recreates pg_wal; the WAL is in the archive); with the volumes listed,
+/// pg_wal's volume is snapshotted too.
 #[tokio::test]
 async fn postgres_10_with_pg_wal_on_its_own_volume() {
     let cluster = Cluster::from_env().await;
@@ -945,42 +946,84 @@ async fn postgres_10_with_pg_wal_on_its_own_volume() {
         .create(&cluster)
         .await;
     let secret = db.password_secret(&cluster).await;
-    let guess = on(&db, &secret, json!({"checkpoint": "Fast"}));
-    let refused = wait_terminal(
-        &cluster,
-        &apply(&cluster, backup_spec("guess", guess)).await,
-    )
-    .await;
-    assert_failed(&refused, "WalLocationUnknown");
-    assert!(
-        refused
-            .status
-            .as_ref()
-            .is_some_and(|s| s.start_lsn.is_none()),
-        "refused before backup mode"
-    );
+    let listed = json!([
+        {"persistentVolumeClaim": db.claim("data")},
+        {"persistentVolumeClaim": db.claim("wal")},
+    ]);
+    for (name, volumes, roles) in [
+        ("unlisted", json!([]), vec![VolumeRole::Data]),
+        ("listed", listed, vec![VolumeRole::Data, VolumeRole::Wal]),
+    ] {
+        let spec = on(
+            &db,
+            &secret,
+            json!({"checkpoint": "Fast", "volumes": volumes}),
+        );
+        let writer = Writer::start(&db).await;
+        let backup = wait_terminal(&cluster, &apply(&cluster, backup_spec(name, spec)).await).await;
+        let written = writer.finish().await;
+        assert_completed(&backup);
+        let claims = roles
+            .iter()
+            .map(|r| (*r, db.claim(&format!("{r:?}").to_lowercase())));
+        assert_eq!(
+            snapshot_roles(&backup),
+            claims.collect::<Vec<_>>(),
+            "{name}"
+        );
+        assert_restores_every_row(&cluster, &db, &backup, &written).await;
+    }
+    expect_events(&cluster, "unlisted", &["WalNotLocated"]).await;
+}
 
-    let listed = on(
-        &db,
-        &secret,
-        json!({"checkpoint": "Fast", "volumes": [
-            {"persistentVolumeClaim": db.claim("data")},
-            {"persistentVolumeClaim": db.claim("wal")},
-        ]}),
+/// The README's grants and no file access (15+): on the common layout (data and a WAL
+/// archive volume, pg_wal inside the data directory) and with pg_wal on a volume of its own,
+/// the backup completes without `pg_read_server_files` and restores every row; pg_wal's
+/// volume is left out where the role cannot tell where it is, and an Event says so.
+#[tokio::test]
+async fn the_minimal_role_backs_up_every_layout() {
+    let cluster = Cluster::from_env().await;
+    let _operator = Operator::for_test(&cluster).await;
+    let (plain, split) = tokio::join!(
+        postgres_pod(17)
+            .name("plain")
+            .archive_volume()
+            .create(&cluster),
+        postgres_pod(17)
+            .name("split")
+            .archive_volume()
+            .wal_volume(true)
+            .create(&cluster),
     );
-    let writer = Writer::start(&db).await;
-    let name = apply(&cluster, backup_spec("listed", listed)).await;
-    let backup = wait_terminal(&cluster, &name).await;
-    let written = writer.finish().await;
-    assert_completed(&backup);
-    assert_eq!(
-        snapshot_roles(&backup),
-        [
-            (VolumeRole::Data, db.claim("data")),
-            (VolumeRole::Wal, db.claim("wal"))
-        ]
-    );
-    assert_restores_every_row(&cluster, &db, &backup, &written).await;
+    for db in [&plain, &split] {
+        db.sql(
+            "CREATE ROLE pgsnap LOGIN REPLICATION PASSWORD 'minimal'; \
+             GRANT EXECUTE ON FUNCTION pg_backup_start(text, boolean) TO pgsnap; \
+             GRANT EXECUTE ON FUNCTION pg_backup_stop(boolean) TO pgsnap; \
+             GRANT pg_read_all_settings TO pgsnap",
+        )
+        .await;
+        let secret = password_secret(&cluster, &format!("{}-minimal", db.name), "minimal").await;
+        let spec = json!({
+            "target": {"podName": db.name},
+            "connection": {"user": "pgsnap", "passwordSecretRef": {"name": secret, "key": "password"}},
+            "checkpoint": "Fast",
+        });
+        let writer = Writer::start(db).await;
+        let backup = wait_terminal(
+            &cluster,
+            &apply(&cluster, backup_spec(&db.name, spec)).await,
+        )
+        .await;
+        let written = writer.finish().await;
+        assert_completed(&backup);
+        assert_eq!(
+            snapshot_roles(&backup),
+            [(VolumeRole::Data, db.claim("data"))]
+        );
+        assert_restores_every_row(&cluster, db, &backup, &written).await;
+        expect_events(&cluster, &db.name, &["WalNotLocated"]).await;
+    }
 }
 
 /// A pod named by one Backup and selected by another is one database: the second queues

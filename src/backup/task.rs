@@ -253,7 +253,12 @@ async fn execute(
         &server.archive_mode,
         &server.archiver,
     )?);
-    let plan = plan_snapshots(&mut session, &pod, &backup.spec).await?;
+    let (plan, unlocated) = plan_snapshots(&mut session, &pod, &backup.spec).await?;
+    if let Some(message) = unlocated {
+        info!(%message, "pg_wal not located");
+        ctx.publish(backup, EventType::Normal, "WalNotLocated", message)
+            .await;
+    }
     let classes = snapshot_classes(ctx, backup, &plan).await?;
     check_names_free(ctx, backup, &plan).await?;
     announce_start(ctx, backup, status, &pod, &server).await?;
@@ -296,11 +301,13 @@ fn postgres_status(pod: &Pod, server: &postgres::ServerInfo) -> PostgresStatus {
 }
 
 /// Which claims to snapshot: the directories the server reports, through the pod's mounts.
+/// Also, when pg_wal may link to another volume that no one can name, why its volume is not
+/// in the plan.
 async fn plan_snapshots(
     session: &mut Session,
     pod: &Pod,
     spec: &BackupSpec,
-) -> Result<Vec<PlannedSnapshot>, Failure> {
+) -> Result<(Vec<PlannedSnapshot>, Option<String>), Failure> {
     let server = session.server().clone();
     let overrides: Vec<String> = spec
         .volumes
@@ -309,6 +316,7 @@ async fn plan_snapshots(
         .collect();
     let pod_spec = pod.spec.clone().unwrap_or_default();
     let mut dirs = database_dirs(&server);
+    let mut unlocated = None;
     // pg_wal may be a link to another volume, which SQL cannot read; ask the server which of
     // the pod's other writable mounts is its WAL directory. Only when there are any: the
     // common single-volume pod needs no file-reading privilege.
@@ -318,37 +326,41 @@ async fn plan_snapshots(
         match session.locate_wal(&candidates).await {
             Ok(Some(wal)) => dirs[1].path = wal,
             Ok(None) => {}
-            // PostgreSQL 10 cannot say; never assume pg_wal is inside the data directory.
-            Err(_) if server.major < 11 => {
-                dirs[1].path = wal_without_the_server(&pod_spec, &dirs, &overrides, &candidates)?
+            // PostgreSQL 10 cannot say, nor can a role without file access: pg_wal is then
+            // on the one listed claim no other directory uses, or not in the backup at all.
+            // Nothing is lost either way: the backup's WAL is in the archive, never in a
+            // snapshot, and restore-prepare recreates a pg_wal whose volume is not restored.
+            Err(e)
+                if server.major < 11 || matches!(e, postgres::Error::MissingPrivilege { .. }) =>
+            {
+                match volumes::wal_on_listed_claim(&pod_spec, &dirs, &overrides) {
+                    Some(wal) => dirs[1].path = wal,
+                    None if overrides.is_empty() => {
+                        unlocated = Some(wal_not_located(&e, &candidates))
+                    }
+                    None => {}
+                }
             }
             Err(e) => return Err(e.into()),
         }
     }
-    Ok(volumes::plan(&pod_spec, &dirs, &overrides)?)
+    Ok((volumes::plan(&pod_spec, &dirs, &overrides)?, unlocated))
 }
 
-/// pg_wal's location on PostgreSQL 10: from the claims `spec.volumes` lists, else refused
-/// before backup mode, because a pg_wal on an unlisted volume would be left out silently.
-fn wal_without_the_server(
-    pod: &k8s_openapi::api::core::v1::PodSpec,
-    dirs: &[DatabaseDir],
-    overrides: &[String],
-    candidates: &[&str],
-) -> Result<String, Failure> {
-    if overrides.is_empty() {
-        return Err(Failure::new(
-            "WalLocationUnknown",
-            format!(
-                "PostgreSQL 10 cannot show whether pg_wal links to another volume, and the pod mounts other writable volumes ({}): list the database's volumes in spec.volumes (the data volume, and pg_wal's when it has its own)",
-                candidates.join(", ")
-            ),
-        ));
-    }
-    Ok(volumes::wal_on_listed_claim(pod, dirs, overrides).unwrap_or_else(|| dirs[1].path.clone()))
+/// Why pg_wal's volume is left out, and how to have it in.
+fn wal_not_located(e: &postgres::Error, candidates: &[&str]) -> String {
+    let why = match e {
+        postgres::Error::MissingPrivilege { grant, .. } => {
+            format!("the role may not read files outside the data directory ({grant} to have it snapshotted)")
+        }
+        _ => "PostgreSQL 10 shows no directory outside the data directory (list the database's claims in spec.volumes to have it snapshotted)".into(),
+    };
+    format!(
+        "pg_wal may link to another of the pod's volumes ({}), and {why}: the backup holds the data directory without that volume; a restore takes the backup's WAL from the archive as always, and restore-prepare recreates pg_wal if its volume is not restored",
+        candidates.join(", ")
+    )
 }
 
-/// The VolumeSnapshotClass of each planned snapshot, resolved before backup mode begins.
 async fn snapshot_classes(
     ctx: &Context,
     backup: &Backup,

@@ -11,7 +11,7 @@
 
 use std::fs;
 use std::io::{self, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, symlink};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, symlink};
 use std::path::{Path, PathBuf};
 
 use crate::label_store::{BACKUP_LABEL_KEY, TABLESPACE_MAP_KEY, sha256_hex};
@@ -108,6 +108,10 @@ pub enum PrepareError {
     InvalidSetting { name: &'static str, detail: String },
     #[error("cannot relocate: {0}")]
     Relocation(String),
+    #[error(
+        "pg_wal links to {0}, which is not there (its volume is not part of this restore), and no restore command names the archive the backup's WAL is in: pass --restore-command (Restore: spec.recovery.restoreCommand), or mount pg_wal's restored volume there"
+    )]
+    WalMissing(PathBuf),
     #[error("{action} {path}: {source}")]
     Io {
         action: &'static str,
@@ -129,6 +133,7 @@ impl PrepareError {
             PrepareError::PreparedFromAnotherLabel { .. } => "PreparedFromAnotherBackup",
             PrepareError::InvalidSetting { .. } => "InvalidRecoverySetting",
             PrepareError::Relocation(_) => "RelocationFailed",
+            PrepareError::WalMissing(_) => "WalMissing",
             PrepareError::Io { .. } => "FilesystemError",
         }
     }
@@ -515,11 +520,12 @@ pub fn prepare(inputs: &Inputs) -> Result<PrepareOutcome, PrepareError> {
     check_restored_copy(&control, inputs.stop_lsn)?;
     let map_out = relocated_map(&files.map, &inputs.tablespaces)?;
     let settings = recovery_settings(major, &inputs.recovery)?;
+    let wal = wal_dir(data, inputs)?;
 
     // The label first, the marker last.
     let mut actions = Vec::new();
     write_label_files(data, &files, &map_out, &mut actions)?;
-    relink_volumes(data, inputs, &mut actions)?;
+    relink_volumes(data, inputs, &wal, &mut actions)?;
     remove_server_leftovers(data, inputs.remove_standby_signal, &mut actions)?;
     write_recovery_settings(data, major, &files.label_sha, &settings, &mut actions)?;
     write_file(
@@ -622,16 +628,62 @@ fn write_label_files(
     Ok(())
 }
 
+/// What becomes of `pg_wal`.
+#[derive(Debug, PartialEq)]
+enum WalDir {
+    /// A directory, or a link that leads to one: as it is.
+    Keep,
+    /// The WAL volume is mounted elsewhere now: the link follows it.
+    Relink(PathBuf),
+    /// A link to a volume this restore does not have (a backup that could not locate it, or
+    /// a restore that left it out): an empty directory in its place. Nothing is lost, the
+    /// backup's WAL comes from the archive.
+    Recreate,
+}
+
+fn wal_dir(data: &Path, inputs: &Inputs) -> Result<WalDir, PrepareError> {
+    if let Some(dir) = &inputs.wal_dir {
+        return Ok(WalDir::Relink(dir.clone()));
+    }
+    let link = data.join("pg_wal");
+    let Ok(target) = fs::read_link(&link) else {
+        return Ok(WalDir::Keep);
+    };
+    if fs::metadata(&link).is_ok_and(|m| m.is_dir()) {
+        return Ok(WalDir::Keep);
+    }
+    if inputs.recovery.restore_command.is_none() {
+        return Err(PrepareError::WalMissing(target));
+    }
+    Ok(WalDir::Recreate)
+}
+
 fn relink_volumes(
     data: &Path,
     inputs: &Inputs,
+    wal: &WalDir,
     actions: &mut Vec<String>,
 ) -> Result<(), PrepareError> {
     for (oid, path) in &inputs.tablespaces {
         relink(&data.join("pg_tblspc").join(oid.to_string()), path, actions)?;
     }
-    if let Some(wal) = &inputs.wal_dir {
-        relink(&data.join("pg_wal"), wal, actions)?;
+    let pg_wal = data.join("pg_wal");
+    match wal {
+        WalDir::Keep => {}
+        WalDir::Relink(dir) => relink(&pg_wal, dir, actions)?,
+        WalDir::Recreate => {
+            let target = fs::read_link(&pg_wal).map_err(io_err("read link", &pg_wal))?;
+            fs::remove_file(&pg_wal).map_err(io_err("remove", &pg_wal))?;
+            fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&pg_wal)
+                .map_err(io_err("create", &pg_wal))?;
+            own_like_data_dir(data, &pg_wal)?;
+            actions.push(format!(
+                "replaced pg_wal (a link to {}, which this restore does not have) by an empty directory: WAL comes from the archive",
+                target.display()
+            ));
+        }
     }
     Ok(())
 }
@@ -1256,5 +1308,47 @@ mod tests {
             fs::read_link(inputs.data_dir.join("pg_wal")).unwrap(),
             Path::new("/new/wal")
         );
+    }
+
+    /// A pg_wal whose volume is not restored (a backup that could not locate it): with a
+    /// restore command it becomes an empty directory, owned like the data directory; without
+    /// one, refused before anything is written. A link that leads somewhere is kept.
+    #[test]
+    fn a_pg_wal_link_to_nowhere_is_recreated_when_the_archive_has_the_wal() {
+        let (_dir, mut inputs) = scratch("15");
+        let pg_wal = inputs.data_dir.join("pg_wal");
+        symlink("/nonexistent/wal/pg_wal", &pg_wal).unwrap();
+        inputs.recovery.restore_command = None;
+        let refused = prepare(&inputs).unwrap_err();
+        assert_eq!(refused.reason(), "WalMissing");
+        assert!(
+            refused.to_string().contains("/nonexistent/wal/pg_wal"),
+            "{refused}"
+        );
+        assert!(
+            !inputs.data_dir.join("backup_label").exists(),
+            "nothing written"
+        );
+
+        inputs.recovery.restore_command = Some("cp /archive/%f %p".into());
+        let Ok(PrepareOutcome::Prepared { actions, .. }) = prepare(&inputs) else {
+            panic!("not prepared")
+        };
+        let meta = fs::symlink_metadata(&pg_wal).unwrap();
+        assert!(meta.is_dir(), "a directory now");
+        assert_eq!(meta.mode() & 0o777, 0o700);
+        let data = fs::metadata(&inputs.data_dir).unwrap();
+        assert_eq!((meta.uid(), meta.gid()), (data.uid(), data.gid()));
+        assert!(
+            actions.iter().any(|a| a.starts_with("replaced pg_wal")),
+            "{actions:?}"
+        );
+
+        let (dir, inputs) = scratch("15");
+        let wal = dir.0.join("wal");
+        fs::create_dir(&wal).unwrap();
+        symlink(&wal, inputs.data_dir.join("pg_wal")).unwrap();
+        prepare(&inputs).unwrap();
+        assert_eq!(fs::read_link(inputs.data_dir.join("pg_wal")).unwrap(), wal);
     }
 }
