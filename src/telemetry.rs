@@ -57,6 +57,14 @@ pub struct ScheduleLabels {
     pub schedule: String,
 }
 
+/// One database: its PostgreSQL system identifier (`status.postgres.systemIdentifier`), which
+/// stays the same across pods, failovers and restarts.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DatabaseLabels {
+    pub namespace: String,
+    pub database: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StepLabels {
     pub step: TimedStep,
@@ -94,6 +102,12 @@ pub struct Metrics {
     pub schedule_interval: Family<ScheduleLabels, Gauge>,
     /// Per schedule: the Backups retention keeps.
     pub schedule_kept: Family<ScheduleLabels, Gauge>,
+    /// Per schedule: when its newest Failed Backup failed (Unix seconds).
+    pub schedule_last_failure: Family<ScheduleLabels, Gauge>,
+    /// Per database: when its newest Completed backup left backup mode (Unix seconds).
+    pub database_last_success: Family<DatabaseLabels, Gauge>,
+    /// Per database: when its newest backup failed (Unix seconds).
+    pub database_last_failure: Family<DatabaseLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -115,6 +129,24 @@ impl Default for Metrics {
         let schedule_last_success = Family::<ScheduleLabels, Gauge>::default();
         let schedule_interval = Family::<ScheduleLabels, Gauge>::default();
         let schedule_kept = Family::<ScheduleLabels, Gauge>::default();
+        let schedule_last_failure = Family::<ScheduleLabels, Gauge>::default();
+        let database_last_success = Family::<DatabaseLabels, Gauge>::default();
+        let database_last_failure = Family::<DatabaseLabels, Gauge>::default();
+        registry.register(
+            "schedule_last_failure_timestamp_seconds",
+            "When each schedule's newest Failed Backup failed",
+            schedule_last_failure.clone(),
+        );
+        registry.register(
+            "database_last_success_timestamp_seconds",
+            "When each database's newest Completed backup left backup mode",
+            database_last_success.clone(),
+        );
+        registry.register(
+            "database_last_failure_timestamp_seconds",
+            "When each database's newest backup failed",
+            database_last_failure.clone(),
+        );
         registry.register(
             "schedule_last_success_timestamp_seconds",
             "When each schedule's newest Completed Backup left backup mode",
@@ -171,6 +203,9 @@ impl Default for Metrics {
             schedule_last_success,
             schedule_interval,
             schedule_kept,
+            schedule_last_failure,
+            database_last_success,
+            database_last_failure,
         }
     }
 }
@@ -180,6 +215,19 @@ impl Metrics {
         self.step_seconds
             .get_or_create(&StepLabels { step })
             .observe(seconds);
+    }
+
+    /// A database's backup that ended at `at` (Unix seconds): its freshness gauge moves
+    /// forward, never back, so replaying old Backups after a restart rebuilds it.
+    pub fn database_backup_ended(&self, labels: DatabaseLabels, result: Outcome, at: i64) {
+        let family = match result {
+            Outcome::Completed => &self.database_last_success,
+            Outcome::Failed => &self.database_last_failure,
+        };
+        let gauge = family.get_or_create(&labels);
+        if gauge.get() < at {
+            gauge.set(at);
+        }
     }
 
     pub fn ended(&self, result: Outcome, reason: &str) {

@@ -1,7 +1,8 @@
 //! BackupSchedule on the test cluster: runs every few seconds make Completed Backups,
 //! retention prunes them to `keepLast` (their snapshots go with them), a Backup made by hand
 //! is never touched, suspend stops new runs, a pattern that cannot be parsed says so, and
-//! deleting the schedule keeps its Backups.
+//! deleting the schedule keeps its Backups; after an outage one catch-up run, and a Backup a
+//! Restore uses outlives its retention.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -10,9 +11,11 @@ use kube::ResourceExt;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use pgsnap::api::Backup;
 use pgsnap::api::backup::Phase;
-use pgsnap::api::schedule::BackupSchedule;
+use pgsnap::api::restore::Restore;
+use pgsnap::api::schedule::{BackupSchedule, ConcurrencyPolicy};
 use pgsnap::api::snapshot::VolumeSnapshot;
 use pgsnap::controller;
+use pgsnap::schedule::SCHEDULED_AT_ANNOTATION;
 use pgsnap_e2e::operator::Operator;
 use pgsnap_e2e::{Cluster, postgres_pod};
 use serde_json::json;
@@ -215,6 +218,17 @@ async fn a_schedule_backs_up_and_prunes_to_its_retention() {
         )),
         "{metrics}"
     );
+    // And per database, by its system identifier.
+    let sysid = db
+        .sql_value("SELECT system_identifier FROM pg_control_system()")
+        .await;
+    assert!(
+        metrics.contains(&format!(
+            "pgsnap_database_last_success_timestamp_seconds{{namespace=\"{}\",database=\"{sysid}\"}} ",
+            cluster.namespace
+        )),
+        "{metrics}"
+    );
     // Two more runs come due while suspended.
     tokio::time::sleep(Duration::from_secs(11)).await;
     let after: BTreeSet<String> = scheduled(&cluster, &uid)
@@ -271,4 +285,147 @@ async fn a_schedule_backs_up_and_prunes_to_its_retention() {
         after,
         "the schedule's Backups stay"
     );
+}
+
+/// After an outage the schedule makes one catch-up run for the missed ones, never a burst
+/// (`Replace`: it replaces whatever run the outage interrupted); a
+/// Backup that a Restore in progress uses is kept past its retention; the restarted operator
+/// rebuilds the freshness metrics from the Backups it finds.
+#[tokio::test]
+async fn after_an_outage_one_catch_up_run_and_a_restore_holds_its_backup() {
+    let cluster = Cluster::from_env().await;
+    let mut operator = Operator::for_test(&cluster).await;
+    let db = postgres_pod(17).archive_volume().create(&cluster).await;
+    let secret = db.password_secret(&cluster).await;
+    let template = json!({
+        "target": {"podName": db.name},
+        "connection": {"passwordSecretRef": {"name": secret, "key": "password"}},
+        "checkpoint": "Fast", "waitForArchive": false,
+    });
+    let mut often = schedule("often", "*/4 * * * * *", template);
+    often.spec.retention.keep_last = Some(1);
+    often.spec.starting_deadline = pgsnap::api::Duration(Duration::from_secs(60));
+    // Replace: a run the killed operator left behind never blocks the catch-up (Forbid would
+    // skip it, as a CronJob does).
+    often.spec.concurrency_policy = ConcurrencyPolicy::Replace;
+    let uid = cluster
+        .api::<BackupSchedule>()
+        .create(&PostParams::default(), &often)
+        .await
+        .unwrap()
+        .uid()
+        .unwrap();
+    let since = Instant::now();
+    let held = loop {
+        let done = scheduled(&cluster, &uid).await;
+        if let Some(b) = done.iter().find(|b| phase(b) == Some(Phase::Completed)) {
+            break b.name_any();
+        }
+        assert!(
+            since.elapsed() < Duration::from_secs(60),
+            "no Completed run"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    // A Restore that stays in progress: its claim's StorageClass does not exist.
+    let restore: Restore = serde_json::from_value(json!({
+        "apiVersion": "pgsnap.io/v1alpha1", "kind": "Restore",
+        "metadata": {"name": "holds"},
+        "spec": {
+            "backupName": held,
+            "claims": [{"role": "Data", "name": "held-data", "storageClassName": "never-binds"}],
+            "recovery": {"restoreCommand": "cp /archive/%f %p"},
+        },
+    }))
+    .unwrap();
+    cluster
+        .api::<Restore>()
+        .create(&PostParams::default(), &restore)
+        .await
+        .unwrap();
+
+    // The operator is away for four runs.
+    operator.kill();
+    tokio::time::sleep(Duration::from_secs(16)).await;
+    let before: BTreeSet<String> = scheduled(&cluster, &uid)
+        .await
+        .iter()
+        .map(|b| b.name_any())
+        .collect();
+    let back = k8s_openapi::jiff::Timestamp::now();
+    operator = Operator::for_test(&cluster).await;
+    let scheduled_at = |b: &Backup| -> k8s_openapi::jiff::Timestamp {
+        b.annotations()[SCHEDULED_AT_ANNOTATION].parse().unwrap()
+    };
+    // Until a regular run after the restart has come: the catch-up had its chance.
+    let since = Instant::now();
+    let runs = loop {
+        let runs = scheduled(&cluster, &uid).await;
+        if runs.iter().any(|b| scheduled_at(b) > back) {
+            break runs;
+        }
+        assert!(
+            since.elapsed() < Duration::from_secs(30),
+            "no run after the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let missed: Vec<String> = runs
+        .iter()
+        .filter(|b| scheduled_at(b) <= back && !before.contains(&b.name_any()))
+        .map(|b| b.name_any())
+        .collect();
+    let all: Vec<_> = runs.iter().map(|b| (b.name_any(), phase(b))).collect();
+    assert_eq!(missed.len(), 1, "one catch-up run for four missed: {all:?}");
+
+    // Retention keeps one, and the Backup the Restore uses besides; the schedule says why.
+    let since = Instant::now();
+    loop {
+        let status = cluster
+            .api::<BackupSchedule>()
+            .get("often")
+            .await
+            .unwrap()
+            .status;
+        let kept = status.map(|s| s.kept).unwrap_or_default();
+        if let Some(k) = kept.iter().find(|k| k.name == held) {
+            assert!(k.reasons.contains(&"restoring".to_string()), "{kept:?}");
+            break;
+        }
+        assert!(
+            since.elapsed() < Duration::from_secs(30),
+            "{held} not kept: {kept:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(
+        cluster
+            .api::<Backup>()
+            .get_opt(&held)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    let sysid = db
+        .sql_value("SELECT system_identifier FROM pg_control_system()")
+        .await;
+    let freshness = format!(
+        "pgsnap_database_last_success_timestamp_seconds{{namespace=\"{}\",database=\"{sysid}\"}} ",
+        cluster.namespace
+    );
+    assert!(
+        operator.metrics().await.contains(&freshness),
+        "no {freshness}"
+    );
+
+    cluster
+        .api::<Restore>()
+        .delete("holds", &DeleteParams::default())
+        .await
+        .unwrap();
+    cluster
+        .api::<BackupSchedule>()
+        .delete("often", &DeleteParams::default())
+        .await
+        .unwrap();
 }

@@ -276,6 +276,22 @@ pub struct BackupStatus {
     pub error: Option<BackupError>,
 }
 
+impl BackupStatus {
+    /// When a finished backup ended: a Completed one at the moment its data is from (its
+    /// server left backup mode), a Failed one when it failed.
+    pub fn ended_at(&self) -> Option<Time> {
+        match self.phase? {
+            Phase::Completed => self.backup_window.as_ref()?.stopped_at.clone(),
+            Phase::Failed => self
+                .conditions
+                .iter()
+                .find(|c| c.type_ == "Ready")
+                .map(|c| c.last_transition_time.clone()),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PostgresStatus {

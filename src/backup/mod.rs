@@ -33,7 +33,7 @@ use crate::controller::{
 };
 use crate::label_store;
 use crate::snapshots::{self, Removal, SnapshotError};
-use crate::telemetry::{Metrics, Outcome, TimedStep};
+use crate::telemetry::{DatabaseLabels, Metrics, Outcome, TimedStep};
 use phase::{Admission, Next, Readiness, SnapshotObservation};
 
 /// How often a Backup waiting for its Secret looks for it again.
@@ -363,6 +363,7 @@ async fn apply(backup: Arc<Backup>, ctx: Arc<Context>) -> Result<Action, Error> 
     if lags_behind_own_write(&ctx, &backup, status.phase) {
         return Ok(Action::await_change());
     }
+    record_freshness(&ctx, &backup, &status);
     let to_delete = !status.snapshots_to_delete.is_empty();
     match phase::next(status.phase, ctx.is_running(&key(&backup)), to_delete) {
         Next::Admit => admit(backup, ctx).await,
@@ -378,6 +379,31 @@ async fn apply(backup: Arc<Backup>, ctx: Arc<Context>) -> Result<Action, Error> 
         Next::AwaitReady => await_ready(backup, ctx, status).await,
         Next::FinishRemoval => finish_removal(backup, ctx, status).await,
     }
+}
+
+/// A finished backup of a known database moves that database's freshness gauges; every
+/// reconcile does, so the gauges are whole again after a restart.
+fn record_freshness(ctx: &Context, backup: &Backup, status: &BackupStatus) {
+    let (Some(phase), Some(at)) = (status.phase, status.ended_at()) else {
+        return;
+    };
+    let Some(database) = status
+        .postgres
+        .as_ref()
+        .and_then(|p| p.system_identifier.clone())
+    else {
+        return;
+    };
+    let result = match phase {
+        Phase::Completed => Outcome::Completed,
+        _ => Outcome::Failed,
+    };
+    let labels = DatabaseLabels {
+        namespace: backup.namespace().unwrap_or_default(),
+        database,
+    };
+    ctx.metrics
+        .database_backup_ended(labels, result, at.0.as_second());
 }
 
 /// A failed backup's snapshots that were being cut: each is deleted once cut (a snapshot's

@@ -19,7 +19,7 @@ use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 use tracing::{info, warn};
 
-use crate::api::backup::{Backup, Phase};
+use crate::api::backup::{Backup, BackupStatus, Phase};
 use crate::api::restore::Restore;
 use crate::api::schedule::{
     BackupDeletionPolicy, BackupRef, BackupSchedule, BackupScheduleStatus, ConcurrencyPolicy,
@@ -213,7 +213,14 @@ async fn apply(schedule: Arc<BackupSchedule>, ctx: &Context) -> Result<Action, E
             set_ready(&mut status, &schedule, true, "Scheduled", message)
         }
     }
-    record_metrics(ctx, &schedule, &clock, &status, now);
+    record_metrics(
+        ctx,
+        &schedule,
+        &clock,
+        &status,
+        newest_failure(&backups),
+        now,
+    );
     if schedule.status.as_ref() != Some(&status) {
         ctx.reporter.patch_status(&*schedule, &status).await?;
     }
@@ -409,23 +416,15 @@ fn state_of(backup: &Backup) -> State {
         .as_ref()
         .map(|t| t.0)
         .unwrap_or_else(jiff::Timestamp::now);
+    // A Failed one since it failed, so keepFailedFor is all inspection time.
+    let ended = status
+        .and_then(BackupStatus::ended_at)
+        .map_or(created, |t| t.0);
     match status.and_then(|s| s.phase) {
-        Some(Phase::Completed) => State::Completed(completed_at(backup).unwrap_or(created)),
-        // Since it failed, so keepFailedFor is all inspection time.
-        Some(Phase::Failed) => State::Failed(
-            status
-                .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
-                .map(|c| c.last_transition_time.0)
-                .unwrap_or(created),
-        ),
+        Some(Phase::Completed) => State::Completed(ended),
+        Some(Phase::Failed) => State::Failed(ended),
         _ => State::Running,
     }
-}
-
-/// When the Backup's server left backup mode: the moment its data is from.
-fn completed_at(backup: &Backup) -> Option<jiff::Timestamp> {
-    let window = backup.status.as_ref()?.backup_window.as_ref()?;
-    Some(window.stopped_at.as_ref()?.0)
 }
 
 fn newest_completed(backups: &[Backup]) -> Option<BackupRef> {
@@ -442,6 +441,16 @@ fn newest_completed(backups: &[Backup]) -> Option<BackupRef> {
         })
 }
 
+fn newest_failure(backups: &[Backup]) -> Option<jiff::Timestamp> {
+    backups
+        .iter()
+        .filter_map(|b| match state_of(b) {
+            State::Failed(at) => Some(at),
+            _ => None,
+        })
+        .max()
+}
+
 fn labels_of(schedule: &BackupSchedule) -> ScheduleLabels {
     ScheduleLabels {
         namespace: schedule.namespace().unwrap_or_default(),
@@ -454,10 +463,17 @@ fn record_metrics(
     schedule: &BackupSchedule,
     clock: &Clock,
     status: &BackupScheduleStatus,
+    last_failure: Option<jiff::Timestamp>,
     now: jiff::Timestamp,
 ) {
     let labels = labels_of(schedule);
     let metrics = &ctx.metrics;
+    if let Some(at) = last_failure {
+        metrics
+            .schedule_last_failure
+            .get_or_create(&labels)
+            .set(at.as_second());
+    }
     if let Some(time) = status
         .last_successful_backup
         .as_ref()
@@ -508,6 +524,7 @@ fn set_ready(
 async fn cleanup(schedule: Arc<BackupSchedule>, ctx: &Context) -> Result<Action, Error> {
     let labels = labels_of(&schedule);
     ctx.metrics.schedule_last_success.remove(&labels);
+    ctx.metrics.schedule_last_failure.remove(&labels);
     ctx.metrics.schedule_interval.remove(&labels);
     ctx.metrics.schedule_kept.remove(&labels);
     if schedule.spec.backup_deletion_policy == BackupDeletionPolicy::Keep {
