@@ -230,6 +230,13 @@ impl Metrics {
         }
     }
 
+    /// The OpenMetrics text `/metrics` serves.
+    pub fn render(&self) -> Result<String, std::fmt::Error> {
+        let mut body = String::new();
+        prometheus_client::encoding::text::encode(&mut body, &self.registry)?;
+        Ok(body)
+    }
+
     pub fn ended(&self, result: Outcome, reason: &str) {
         self.backups
             .get_or_create(&ResultLabels {
@@ -277,9 +284,8 @@ pub async fn serve(
 }
 
 async fn render_metrics(State(shared): State<Shared>) -> impl IntoResponse {
-    let mut body = String::new();
-    match prometheus_client::encoding::text::encode(&mut body, &shared.metrics.registry) {
-        Ok(()) => (
+    match shared.metrics.render() {
+        Ok(body) => (
             StatusCode::OK,
             [(
                 header::CONTENT_TYPE,
@@ -300,5 +306,25 @@ async fn readyz(State(shared): State<Shared>) -> impl IntoResponse {
         (StatusCode::OK, "ready")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not serving yet")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn freshness_never_goes_back() {
+        let m = Metrics::default();
+        let db = || DatabaseLabels {
+            namespace: "shop".into(),
+            database: "7350000000000000001".into(),
+        };
+        m.database_backup_ended(db(), Outcome::Completed, 200);
+        // An older Backup replayed after a restart, then a failure: success stays at 200.
+        m.database_backup_ended(db(), Outcome::Completed, 100);
+        m.database_backup_ended(db(), Outcome::Failed, 300);
+        assert_eq!(m.database_last_success.get_or_create(&db()).get(), 200);
+        assert_eq!(m.database_last_failure.get_or_create(&db()).get(), 300);
     }
 }

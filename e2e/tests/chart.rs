@@ -16,6 +16,7 @@ use pgsnap_e2e::backups::{
 };
 use pgsnap_e2e::cluster::repo_root;
 use pgsnap_e2e::{Cluster, postgres_pod};
+use serde::Deserialize;
 use serde_json::json;
 
 /// `helm <args>` from the cluster's tool cache; (success, stdout, stderr).
@@ -110,6 +111,114 @@ fn helm_template_matches_the_golden_output() {
 
 /// The PrometheusRule's alerts, evaluated by promtool against series that must and must not
 /// fire them (charts/pgsnap/tests/alerts.test.yaml).
+/// The metric names the operator registers, as `/metrics` lists them (`# TYPE` lines; a
+/// family shows once it has a series, so each gets one).
+fn exported_metrics() -> Vec<String> {
+    use pgsnap::telemetry::{DatabaseLabels, Metrics, Outcome, ScheduleLabels, TimedStep};
+    let m = Metrics::default();
+    m.ended(Outcome::Failed, "SessionLost");
+    m.restore_ended(Outcome::Completed, "Completed");
+    m.observe(TimedStep::Overhead, 0.1);
+    m.backup_mode_seconds.observe(1.0);
+    let db = || DatabaseLabels {
+        namespace: "shop".into(),
+        database: "7350000000000000001".into(),
+    };
+    m.database_backup_ended(db(), Outcome::Completed, 1);
+    m.database_backup_ended(db(), Outcome::Failed, 1);
+    let schedule = ScheduleLabels {
+        namespace: "shop".into(),
+        schedule: "nightly".into(),
+    };
+    for family in [
+        &m.schedule_last_success,
+        &m.schedule_last_failure,
+        &m.schedule_interval,
+        &m.schedule_kept,
+    ] {
+        family.get_or_create(&schedule).set(1);
+    }
+    let text = m.render().unwrap();
+    text.lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .map(String::from)
+        .collect()
+}
+
+/// Every `pgsnap_*` series a query names, as families (counters end `_total`, histograms
+/// `_bucket`, `_sum`, `_count`).
+fn queried_families(expr: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut rest = expr;
+    while let Some(at) = rest.find("pgsnap_") {
+        let name: String = rest[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        rest = &rest[at + name.len()..];
+        let family = ["_total", "_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(&name);
+        found.push(family.to_string());
+    }
+    found
+}
+
+/// The dashboard (a ConfigMap for Grafana's sidecar, off by default) is valid JSON whose
+/// every query names only metrics the operator exports; the alerts likewise.
+#[test]
+fn the_dashboard_and_the_alerts_query_what_the_operator_exports() {
+    let exported = exported_metrics();
+    let mut args = TEMPLATE.to_vec();
+    args.extend([
+        "--set",
+        "metrics.grafanaDashboard.enabled=true",
+        "--set",
+        "metrics.prometheusRule.enabled=true",
+        "--show-only",
+        "templates/dashboard.yaml",
+        "--show-only",
+        "templates/prometheusrule.yaml",
+    ]);
+    let (ok, out, err) = helm(&args);
+    assert!(ok, "helm template: {err}");
+    let mut exprs = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(&out) {
+        let doc = serde_yaml::Value::deserialize(doc).unwrap();
+        match doc["kind"].as_str() {
+            Some("ConfigMap") => {
+                assert_eq!(doc["metadata"]["labels"]["grafana_dashboard"], "1");
+                let json = doc["data"]["pgsnap.json"].as_str().expect("the dashboard");
+                let dashboard: serde_json::Value = serde_json::from_str(json).expect("JSON");
+                for panel in dashboard["panels"].as_array().unwrap() {
+                    for target in panel["targets"].as_array().unwrap() {
+                        exprs.push(target["expr"].as_str().unwrap().to_string());
+                    }
+                }
+            }
+            Some("PrometheusRule") => {
+                for rule in doc["spec"]["groups"][0]["rules"].as_sequence().unwrap() {
+                    exprs.push(rule["expr"].as_str().unwrap().to_string());
+                }
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(exprs.len() > 10, "{exprs:?}");
+    for expr in &exprs {
+        let families = queried_families(expr);
+        assert!(!families.is_empty(), "{expr}");
+        for family in families {
+            assert!(
+                exported.contains(&family),
+                "{expr}: no {family} in {exported:?}"
+            );
+        }
+    }
+}
+
 #[test]
 fn the_alerts_fire_when_they_should() {
     let mut args = TEMPLATE.to_vec();
