@@ -98,9 +98,11 @@ pub struct Operator {
     namespace: Option<String>,
 }
 
-/// The product's binary, `target/debug/pgsnap`.
+/// The product's binary, `target/debug/pgsnap` (`target/$PGSNAP_PROFILE/pgsnap`).
 pub fn pgsnap_binary() -> PathBuf {
-    let binary = target_dir().join("debug/pgsnap");
+    // Benchmarks measure a release build: `PGSNAP_PROFILE=release`.
+    let profile = std::env::var("PGSNAP_PROFILE").unwrap_or_else(|_| "debug".into());
+    let binary = target_dir().join(profile).join("pgsnap");
     assert!(
         binary.exists(),
         "{} is missing: run `cargo build -p pgsnap` first (make test does)",
@@ -282,6 +284,11 @@ impl Operator {
 
     pub fn resume(&self) {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGCONT) };
+    }
+
+    /// Where the operator logs (text format).
+    pub fn log_path(&self) -> &std::path::Path {
+        &self.log
     }
 
     pub fn pid(&self) -> u32 {
