@@ -350,12 +350,20 @@ fn signal_group(pgid: u32, sig: libc::c_int) {
     unsafe { libc::kill(-(pgid as libc::pid_t), sig) };
 }
 
-/// Starts the sandbox for `spec`; its output goes to `log` (or nowhere).
+/// Where the standard streams of a sandboxed process go.
+pub enum Io<'a> {
+    /// stdout and stderr appended to a log file, no stdin (a container).
+    Log(&'a Path),
+    /// Nothing in, nothing out (an exec probe).
+    Null,
+}
+
+/// Starts the sandbox for `spec`, in a process group of its own (its pid).
 fn spawn(
     shared: &Shared,
     spec: &LaunchSpec,
     spec_file: &Path,
-    log: Option<&Path>,
+    io: Io,
 ) -> std::io::Result<tokio::process::Child> {
     // Owner-only: the spec holds the container's environment, Secret values included.
     let mut file = std::fs::OpenOptions::new()
@@ -366,23 +374,23 @@ fn spawn(
         .open(spec_file)?;
     file.write_all(&serde_json::to_vec_pretty(spec)?)?;
     drop(file);
-    let (out, err) = match log {
-        Some(path) => {
+    let (stdin, stdout, stderr) = match io {
+        Io::Log(path) => {
             let f = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(path)?;
-            (Stdio::from(f.try_clone()?), Stdio::from(f))
+            (Stdio::null(), Stdio::from(f.try_clone()?), Stdio::from(f))
         }
-        None => (Stdio::null(), Stdio::null()),
+        Io::Null => (Stdio::null(), Stdio::null(), Stdio::null()),
     };
     let mut cmd = tokio::process::Command::new(&shared.agent_exe);
     cmd.arg("sandbox")
         .arg(spec_file)
         .env_clear()
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err);
+        .stdin(stdin)
+        .stdout(stdout)
+        .stderr(stderr);
     // Its own process group: stop and kill reach every process of the container.
     cmd.process_group(0);
     // SAFETY: prctl is async-signal-safe. The container dies with the agent (and with the
@@ -394,6 +402,23 @@ fn spawn(
         })
     };
     cmd.spawn()
+}
+
+/// Starts `argv` in a container's sandbox: the container's launch spec (mounts, environment,
+/// user, working directory) with another command. The one way a command runs in a
+/// container besides its own. `spec_file` is where the exec's spec is written.
+pub fn spawn_exec(
+    shared: &Shared,
+    container: &LaunchSpec,
+    argv: Vec<String>,
+    spec_file: &Path,
+    io: Io,
+) -> std::io::Result<tokio::process::Child> {
+    let spec = LaunchSpec {
+        argv,
+        ..container.clone()
+    };
+    spawn(shared, &spec, spec_file, io)
 }
 
 /// A started container process.
@@ -411,7 +436,7 @@ pub fn start(
     log: &Path,
 ) -> Result<Running, PodError> {
     let started = Timestamp::now();
-    let child = spawn(shared, spec, spec_file, Some(log))
+    let child = spawn(shared, spec, spec_file, Io::Log(log))
         .map_err(|e| PodError::Launch(format!("starting the sandbox: {e}")))?;
     let pgid = child.id().unwrap_or_default();
     shared
@@ -488,11 +513,8 @@ pub async fn probe_once(
 ) -> bool {
     let timeout = Duration::from_secs(probe.timeout_seconds.unwrap_or(1).max(1) as u64);
     if let Some(exec) = &probe.exec {
-        let spec = LaunchSpec {
-            argv: exec.command.clone().unwrap_or_default(),
-            ..spec.clone()
-        };
-        let Ok(mut child) = spawn(shared, &spec, spec_file, None) else {
+        let argv = exec.command.clone().unwrap_or_default();
+        let Ok(mut child) = spawn_exec(shared, spec, argv, spec_file, Io::Null) else {
             return false;
         };
         let pgid = child.id().unwrap_or_default();
