@@ -13,6 +13,7 @@ use kube::runtime::wait::{Condition, await_condition, conditions};
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 
+use crate::agent::container::{log_file, next_instance};
 use crate::agent::{pod::pod_dir, volumes::claim_dir};
 
 /// The repository root (this crate lives in `<repo>/e2e`).
@@ -203,16 +204,27 @@ impl Cluster {
         }
     }
 
-    /// The log of one container of a pod of the test namespace (the node agent keeps it in
-    /// `<cluster dir>/node/pods/<ns>_<pod>_<uid>/<container>.log`; `kubectl logs` does not work).
+    /// The log of one container of a pod of the test namespace, every instance's, oldest
+    /// first (the node agent keeps them in
+    /// `<cluster dir>/node/pods/<ns>_<pod>_<uid>/logs/<container>/<n>.log`; `kubectl logs`
+    /// does not work).
     pub async fn container_log(&self, pod: &str, container: &str) -> String {
         let Ok(p) = self.api::<Pod>().get(pod).await else {
             return format!("(pod {pod} not found)");
         };
         let uid = p.metadata.uid.unwrap_or_default();
-        let path = pod_dir(&self.dir.join("node"), &self.namespace, pod, &uid)
-            .join(format!("{container}.log"));
-        std::fs::read_to_string(&path).unwrap_or_else(|e| format!("({}: {e})", path.display()))
+        let dir = pod_dir(&self.dir.join("node"), &self.namespace, pod, &uid);
+        let last = next_instance(&dir, container);
+        if last == 0 {
+            return format!("(no log of {pod}/{container} yet)");
+        }
+        (0..last)
+            .map(|n| {
+                let path = log_file(&dir, container, n);
+                std::fs::read_to_string(&path)
+                    .unwrap_or_else(|e| format!("({}: {e})", path.display()))
+            })
+            .collect()
     }
 
     /// Runs a command in a running container, like `kubectl exec` (which needs a kubelet):
@@ -316,11 +328,14 @@ impl Cluster {
                 .file_name()
                 .is_some_and(|n| n.to_string_lossy().starts_with(&prefix))
             {
-                files.extend(
-                    read_dir(&pod)
-                        .into_iter()
-                        .filter(|f| f.extension().is_some_and(|e| e == "log")),
-                );
+                // Each container's last two instances (`logs/<container>/<n>.log`).
+                for container in read_dir(&pod.join("logs")) {
+                    let mut instances = read_dir(&container);
+                    instances.sort_by_key(|f| {
+                        f.file_stem().and_then(|n| n.to_str()?.parse::<u32>().ok())
+                    });
+                    files.extend(instances.into_iter().rev().take(2).rev());
+                }
             }
         }
         for f in files {

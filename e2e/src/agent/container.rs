@@ -95,14 +95,52 @@ pub fn termination_file(pod_dir: &Path, container: &str) -> PathBuf {
     pod_dir.join(format!("{container}.termination-log"))
 }
 
+/// Where a container's launch spec is kept on the node (what an exec runs in).
+pub fn spec_file(pod_dir: &Path, container: &str) -> PathBuf {
+    pod_dir.join(format!("{container}.json"))
+}
+
+/// The log of one start of a container, like the kubelet's
+/// `/var/log/pods/<ns>_<pod>_<uid>/<container>/<restart>.log`: stdout and stderr of that
+/// instance only, so `kubectl logs --previous` finds the one before.
+pub fn log_file(pod_dir: &Path, container: &str, instance: u32) -> PathBuf {
+    pod_dir
+        .join("logs")
+        .join(container)
+        .join(format!("{instance}.log"))
+}
+
+/// The instance number of the next start of a container: one past the last log there is,
+/// so a pod started again after an agent restart never appends to an older instance's log.
+pub fn next_instance(pod_dir: &Path, container: &str) -> u32 {
+    std::fs::read_dir(pod_dir.join("logs").join(container))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()?
+                .strip_suffix(".log")?
+                .parse::<u32>()
+                .ok()
+        })
+        .max()
+        .map_or(0, |n| n + 1)
+}
+
 /// The kubelet's limits for a termination message and its fallback from the log.
 const MAX_MESSAGE_BYTES: usize = 4096;
 const FALLBACK_LOG_LINES: usize = 80;
 const FALLBACK_LOG_BYTES: usize = 2048;
 
 /// The message of a finished container: its termination-log file, else (with the policy
-/// FallbackToLogsOnError and a failure) the tail of its log.
-pub fn termination_message(pod_dir: &Path, c: &Container, exit_code: i32) -> Option<String> {
+/// FallbackToLogsOnError and a failure) the tail of its log (`log`, this instance's).
+pub fn termination_message(
+    pod_dir: &Path,
+    c: &Container,
+    exit_code: i32,
+    log: &Path,
+) -> Option<String> {
     let tail = |text: &str, max: usize| {
         let mut start = text.len().saturating_sub(max);
         while !text.is_char_boundary(start) {
@@ -117,7 +155,7 @@ pub fn termination_message(pod_dir: &Path, c: &Container, exit_code: i32) -> Opt
     if exit_code == 0 || c.termination_message_policy.as_deref() != Some("FallbackToLogsOnError") {
         return None;
     }
-    let log = std::fs::read_to_string(pod_dir.join(format!("{}.log", c.name))).unwrap_or_default();
+    let log = std::fs::read_to_string(log).unwrap_or_default();
     let lines: Vec<&str> = log.lines().collect();
     let last = lines[lines.len().saturating_sub(FALLBACK_LOG_LINES)..].join("\n");
     Some(tail(&last, FALLBACK_LOG_BYTES)).filter(|m| !m.is_empty())
@@ -376,6 +414,9 @@ fn spawn(
     drop(file);
     let (stdin, stdout, stderr) = match io {
         Io::Log(path) => {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
             let f = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
@@ -426,17 +467,21 @@ pub struct Running {
     child: tokio::process::Child,
     pgid: u32,
     pub started: Timestamp,
+    /// Which start of the container this is (`log_file`).
+    pub instance: u32,
 }
 
-/// Starts a container's process (in its sandbox, logging to `log`).
+/// Starts a container's process (in its sandbox, logging to `log_file(.., instance)`).
 pub fn start(
     shared: &Shared,
     spec: &LaunchSpec,
-    spec_file: &Path,
-    log: &Path,
+    pod_dir: &Path,
+    container: &str,
+    instance: u32,
 ) -> Result<Running, PodError> {
     let started = Timestamp::now();
-    let child = spawn(shared, spec, spec_file, Io::Log(log))
+    let log = log_file(pod_dir, container, instance);
+    let child = spawn(shared, spec, &spec_file(pod_dir, container), Io::Log(&log))
         .map_err(|e| PodError::Launch(format!("starting the sandbox: {e}")))?;
     let pgid = child.id().unwrap_or_default();
     shared
@@ -448,6 +493,7 @@ pub fn start(
         child,
         pgid,
         started,
+        instance,
     })
 }
 
@@ -484,6 +530,7 @@ impl Running {
         use std::os::unix::process::ExitStatusExt;
         match status {
             Ok(s) => Exit {
+                instance: self.instance,
                 // Like a container runtime: death by signal N is exit code 128+N.
                 exit_code: s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0)),
                 signal: s.signal(),
@@ -492,6 +539,7 @@ impl Running {
                 message: None,
             },
             Err(e) => Exit {
+                instance: self.instance,
                 exit_code: 128,
                 signal: None,
                 started: self.started,
@@ -619,19 +667,32 @@ mod tests {
             name: "c".into(),
             ..Default::default()
         };
-        std::fs::write(dir.join("c.log"), "a\nb\n").unwrap();
+        let log = log_file(&dir, "c", 1);
+        std::fs::create_dir_all(log.parent().unwrap()).unwrap();
+        std::fs::write(log_file(&dir, "c", 0), "from the previous instance\n").unwrap();
+        std::fs::write(&log, "a\nb\n").unwrap();
+        assert_eq!(next_instance(&dir, "c"), 2);
+        assert_eq!(next_instance(&dir, "other"), 0);
         std::fs::write(termination_file(&dir, "c"), "").unwrap();
         assert_eq!(
-            termination_message(&dir, &c, 1),
+            termination_message(&dir, &c, 1, &log),
             None,
             "policy File: no fallback"
         );
         c.termination_message_policy = Some("FallbackToLogsOnError".into());
-        assert_eq!(termination_message(&dir, &c, 0), None, "only on failure");
-        assert_eq!(termination_message(&dir, &c, 1).as_deref(), Some("a\nb"));
+        assert_eq!(
+            termination_message(&dir, &c, 0, &log),
+            None,
+            "only on failure"
+        );
+        assert_eq!(
+            termination_message(&dir, &c, 1, &log).as_deref(),
+            Some("a\nb"),
+            "this instance's log only"
+        );
         std::fs::write(termination_file(&dir, "c"), "Reason: x").unwrap();
         assert_eq!(
-            termination_message(&dir, &c, 1).as_deref(),
+            termination_message(&dir, &c, 1, &log).as_deref(),
             Some("Reason: x")
         );
         std::fs::remove_dir_all(&dir).unwrap();

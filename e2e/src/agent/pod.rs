@@ -233,12 +233,12 @@ impl PodCtx {
         }
     }
 
-    /// Only the logs stay after the pod is gone (for post-mortems): volumes, launch specs
-    /// (which hold Secret values) and termination messages go.
+    /// Only the logs (`logs/`) stay after the pod is gone (for post-mortems): volumes,
+    /// launch specs (which hold Secret values) and termination messages go.
     fn clean_up(&self) {
         let entries = std::fs::read_dir(&self.dir).into_iter().flatten().flatten();
         for path in entries.map(|e| e.path()) {
-            if path.extension().is_some_and(|e| e == "log") {
+            if path.file_name().is_some_and(|n| n == "logs") {
                 continue;
             }
             let removed = if path.is_dir() {
@@ -511,8 +511,7 @@ impl PodCtx {
         stop: &mut watch::Receiver<Option<Stop>>,
     ) -> Option<Exit> {
         let shared = &self.shared;
-        let spec_file = self.dir.join(format!("{}.json", c.name));
-        let log = self.dir.join(format!("{}.log", c.name));
+        let instance = container::next_instance(&self.dir, &c.name);
         let mut backoff = FIRST_BACKOFF;
         let (spec, running) = loop {
             let started = match container::launch_spec(
@@ -520,7 +519,9 @@ impl PodCtx {
             )
             .await
             {
-                Ok(spec) => container::start(shared, &spec, &spec_file, &log).map(|r| (spec, r)),
+                Ok(spec) => {
+                    container::start(shared, &spec, &self.dir, &c.name, instance).map(|r| (spec, r))
+                }
                 Err(e) => Err(e),
             };
             match started {
@@ -549,6 +550,7 @@ impl PodCtx {
             let s = Self::slot(m, slot);
             s.state = State::Running {
                 since: running.started,
+                instance,
             };
             s.ready = readiness.is_none() && matches!(slot, Slot::Main(_));
             let all_started = m
@@ -611,13 +613,14 @@ impl PodCtx {
             never = probing => match never {},
         };
         if exit.message.is_none() {
-            exit.message = container::termination_message(&self.dir, c, exit.exit_code);
+            let log = container::log_file(&self.dir, &c.name, instance);
+            exit.message = container::termination_message(&self.dir, c, exit.exit_code, &log);
         }
         Some(exit)
     }
 }
 
-/// The directory of a pod on the node (volumes, logs `<container>.log`).
+/// The directory of a pod on the node (volumes, launch specs, logs `logs/<container>/<n>.log`).
 pub fn pod_dir(root: &Path, namespace: &str, name: &str, uid: &str) -> PathBuf {
     root.join("pods").join(format!("{namespace}_{name}_{uid}"))
 }
