@@ -7,13 +7,12 @@ use std::time::Duration;
 
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, Pod};
-use kube::api::{DeleteParams, PostParams};
+use kube::api::{DeleteParams, LogParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::wait::{Condition, await_condition, conditions};
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 
-use crate::agent::container::{log_file, next_instance};
 use crate::agent::{pod::pod_dir, volumes::claim_dir};
 
 /// The repository root (this crate lives in `<repo>/e2e`).
@@ -204,27 +203,40 @@ impl Cluster {
         }
     }
 
-    /// The log of one container of a pod of the test namespace, every instance's, oldest
-    /// first (the node agent keeps them in
-    /// `<cluster dir>/node/pods/<ns>_<pod>_<uid>/logs/<container>/<n>.log`; `kubectl logs`
-    /// does not work).
+    /// The log of one container of a pod of the test namespace, as `kubectl logs -c` gives
+    /// it (the running instance's, else the last one's); a line saying why when there is none.
     pub async fn container_log(&self, pod: &str, container: &str) -> String {
-        let Ok(p) = self.api::<Pod>().get(pod).await else {
-            return format!("(pod {pod} not found)");
+        self.log(pod, container, false).await
+    }
+
+    async fn log(&self, pod: &str, container: &str, previous: bool) -> String {
+        let params = LogParams {
+            container: Some(container.into()),
+            previous,
+            ..Default::default()
         };
-        let uid = p.metadata.uid.unwrap_or_default();
-        let dir = pod_dir(&self.dir.join("node"), &self.namespace, pod, &uid);
-        let last = next_instance(&dir, container);
-        if last == 0 {
-            return format!("(no log of {pod}/{container} yet)");
-        }
-        (0..last)
-            .map(|n| {
-                let path = log_file(&dir, container, n);
-                std::fs::read_to_string(&path)
-                    .unwrap_or_else(|e| format!("({}: {e})", path.display()))
-            })
-            .collect()
+        self.api::<Pod>()
+            .logs(pod, &params)
+            .await
+            .unwrap_or_else(|e| format!("(logs of {pod}/{container}: {e})"))
+    }
+
+    /// `kubectl` (from the PATH that `e2e/cluster env` sets) for this cluster, in the test's
+    /// namespace.
+    pub fn kubectl(&self) -> tokio::process::Command {
+        let path = std::env::var("PATH").unwrap_or_default();
+        let Some(kubectl) = crate::agent::sandbox::lookup("kubectl", &[("PATH".into(), path)])
+        else {
+            panic!(
+                "kubectl is not in the PATH: eval \"$(e2e/cluster env)\" puts it there; {HOW_TO_FIX}"
+            )
+        };
+        let mut cmd = tokio::process::Command::new(kubectl);
+        cmd.arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .arg("--namespace")
+            .arg(&self.namespace);
+        cmd
     }
 
     /// Runs a command in a running container, like `kubectl exec` (which needs a kubelet):
@@ -293,10 +305,20 @@ impl Cluster {
         p.status.and_then(|s| s.pod_ip).unwrap_or_default()
     }
 
-    /// Every container log of a pod, each under a header.
+    /// Every container log of a pod, each under a header; a restarted container's previous
+    /// instance first.
     pub async fn pod_logs(&self, pod: &str) -> String {
         let Ok(p) = self.api::<Pod>().get(pod).await else {
             return format!("(pod {pod} not found)");
+        };
+        let status = p.status.unwrap_or_default();
+        let restarted = |name: &str| {
+            status
+                .init_container_statuses
+                .iter()
+                .flatten()
+                .chain(status.container_statuses.iter().flatten())
+                .any(|c| c.name == name && c.restart_count > 0)
         };
         let spec = p.spec.unwrap_or_default();
         let mut out = String::new();
@@ -306,6 +328,13 @@ impl Cluster {
             .flatten()
             .chain(spec.containers.iter())
         {
+            if restarted(&c.name) {
+                out.push_str(&format!(
+                    "---- {pod}/{} (previous instance)\n{}\n",
+                    c.name,
+                    self.log(pod, &c.name, true).await
+                ));
+            }
             out.push_str(&format!(
                 "---- {pod}/{}\n{}\n",
                 c.name,

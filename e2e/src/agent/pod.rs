@@ -113,6 +113,7 @@ async fn run_pod(shared: Arc<Shared>, mut updates: watch::Receiver<Update>, mut 
         model: Mutex::new(model),
         publishing: tokio::sync::Mutex::new(()),
     });
+    shared.pods.insert(&ns, ctx.clone());
     tracing::info!("pod assigned to this node");
 
     let (stop_tx, stop_rx) = watch::channel(None::<Stop>);
@@ -193,6 +194,7 @@ async fn run_pod(shared: Arc<Shared>, mut updates: watch::Receiver<Update>, mut 
         }
     }
     ctx.clean_up();
+    shared.pods.remove(&ns, &ctx);
     tracing::info!("pod removed from this node");
 }
 
@@ -617,6 +619,128 @@ impl PodCtx {
             exit.message = container::termination_message(&self.dir, c, exit.exit_code, &log);
         }
         Some(exit)
+    }
+}
+
+/// The pods this node runs, by namespace and name: what the kubelet API (`kubectl logs`)
+/// finds them by.
+#[derive(Default)]
+pub struct Registry(Mutex<HashMap<(String, String), Arc<PodCtx>>>);
+
+/// Why the kubelet API cannot serve a request for a container (the kubelet's wording).
+#[derive(Debug, thiserror::Error)]
+pub enum Lookup {
+    #[error("pod {0:?} does not exist")]
+    NoPod(String),
+    #[error("container {0:?} not found in pod {1:?}")]
+    NoContainer(String, String),
+    /// It exists but is not in a state to serve this (no such instance).
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// One instance's log, and whether that instance still runs (may still write to it).
+pub struct LogSource {
+    pub path: PathBuf,
+    ctx: Arc<PodCtx>,
+    container: String,
+    instance: u32,
+}
+
+impl LogSource {
+    pub fn running(&self) -> bool {
+        self.ctx.update(|m| {
+            find(m, &self.container).is_some_and(
+                |c| matches!(c.state, State::Running { instance, .. } if instance == self.instance),
+            )
+        })
+    }
+}
+
+fn find<'m>(m: &'m PodModel, container: &str) -> Option<&'m ContainerModel> {
+    m.init
+        .iter()
+        .chain(m.containers.iter())
+        .find(|c| c.name == container)
+}
+
+impl Registry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Arc<PodCtx>>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn insert(&self, ns: &str, ctx: Arc<PodCtx>) {
+        self.lock().insert((ns.to_owned(), ctx.name.clone()), ctx);
+    }
+
+    /// Forgets a pod, unless a newer pod of the same name took its place meanwhile.
+    fn remove(&self, ns: &str, ctx: &PodCtx) {
+        let mut pods = self.lock();
+        let key = (ns.to_owned(), ctx.name.clone());
+        if pods
+            .get(&key)
+            .is_some_and(|p| p.pod.metadata.uid == ctx.pod.metadata.uid)
+        {
+            pods.remove(&key);
+        }
+    }
+
+    /// The pod, and the model of its container.
+    fn container(
+        &self,
+        ns: &str,
+        pod: &str,
+        container: &str,
+    ) -> Result<(Arc<PodCtx>, ContainerModel), Lookup> {
+        let ctx = self
+            .lock()
+            .get(&(ns.to_owned(), pod.to_owned()))
+            .cloned()
+            .ok_or_else(|| Lookup::NoPod(pod.to_owned()))?;
+        let model = ctx
+            .update(|m| find(m, container).cloned())
+            .ok_or_else(|| Lookup::NoContainer(container.to_owned(), pod.to_owned()))?;
+        Ok((ctx, model))
+    }
+
+    /// The log `kubectl logs` means, chosen as the kubelet does: with `previous` the last
+    /// terminated instance; else the running one, else the one that ended last.
+    pub fn logs(
+        &self,
+        ns: &str,
+        pod: &str,
+        container: &str,
+        previous: bool,
+    ) -> Result<LogSource, Lookup> {
+        let (ctx, c) = self.container(ns, pod, container)?;
+        let unavailable = |what: String| {
+            Lookup::Unavailable(format!("container {container:?} in pod {pod:?} {what}"))
+        };
+        let instance = match (&c.state, &c.last) {
+            (_, Some(last)) if previous => last.instance,
+            _ if previous => {
+                return Err(Lookup::Unavailable(format!(
+                    "previous terminated container {container:?} in pod {pod:?} not found"
+                )));
+            }
+            (State::Running { instance, .. }, _) => *instance,
+            (State::Terminated(exit), _) => exit.instance,
+            (State::Waiting { .. }, Some(last)) => last.instance,
+            (State::Waiting { reason, .. }, None) if reason == "ErrImagePull" => {
+                return Err(unavailable(
+                    "is waiting to start: image can't be pulled".into(),
+                ));
+            }
+            (State::Waiting { reason, .. }, None) => {
+                return Err(unavailable(format!("is waiting to start: {reason}")));
+            }
+        };
+        Ok(LogSource {
+            path: container::log_file(&ctx.dir, container, instance),
+            ctx,
+            container: container.to_owned(),
+            instance,
+        })
     }
 }
 
