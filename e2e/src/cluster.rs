@@ -13,7 +13,7 @@ use kube::runtime::wait::{Condition, await_condition, conditions};
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 
-use crate::agent::{pod::pod_dir, volumes::claim_dir};
+use crate::agent::volumes::claim_dir;
 
 /// The repository root (this crate lives in `<repo>/e2e`).
 /// Where cargo puts this workspace's binaries, as cargo itself decides it.
@@ -239,41 +239,15 @@ impl Cluster {
         cmd
     }
 
-    /// Runs a command in a running container, like `kubectl exec` (which needs a kubelet):
-    /// in the container's mounts, environment, working directory and user, through the node
-    /// agent's sandbox. Blocking; returns the command's output.
+    /// `kubectl exec <pod> -c <container> -- argv`: the command in the container's mounts,
+    /// environment, working directory and user. Returns its output (and exit status).
     pub async fn exec(&self, pod: &str, container: &str, argv: &[&str]) -> std::process::Output {
-        let Ok(p) = self.api::<Pod>().get(pod).await else {
-            panic!("exec: pod {pod} not found")
-        };
-        let uid = p.metadata.uid.unwrap_or_default();
-        let dir = pod_dir(&self.dir.join("node"), &self.namespace, pod, &uid);
-        let spec_file = dir.join(format!("{container}.json"));
-        let text = std::fs::read(&spec_file).unwrap_or_else(|e| {
-            panic!(
-                "exec: {} ({e}): is {pod}/{container} running?",
-                spec_file.display()
-            )
-        });
-        let mut spec: crate::agent::sandbox::LaunchSpec = serde_json::from_slice(&text)
-            .unwrap_or_else(|e| panic!("exec: {}: {e}", spec_file.display()));
-        spec.argv = argv.iter().map(|a| a.to_string()).collect();
-        let exec_file = dir.join(format!("{container}.exec-{}.json", std::process::id()));
-        std::fs::write(&exec_file, serde_json::to_vec(&spec).unwrap_or_default())
-            .unwrap_or_else(|e| panic!("exec: {}: {e}", exec_file.display()));
-        let agent = target_dir().join("debug/node-agent");
-        let out = std::process::Command::new(&agent)
-            .arg("sandbox")
-            .arg(&exec_file)
+        self.kubectl()
+            .args(["exec", pod, "-c", container, "--"])
+            .args(argv)
             .output()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "exec: running {} ({e}): cargo build -p pgsnap-e2e",
-                    agent.display()
-                )
-            });
-        let _ = std::fs::remove_file(&exec_file);
-        out
+            .await
+            .unwrap_or_else(|e| panic!("running kubectl exec: {e}"))
     }
 
     /// Cuts the pod off the network, as a partition does: packets to and from its address

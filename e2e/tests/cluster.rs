@@ -957,6 +957,93 @@ async fn kubectl_logs_previous_shows_the_last_instance_only() {
 }
 
 #[tokio::test]
+async fn kubectl_exec_passes_output_input_exit_code_and_a_terminal() {
+    let cluster = Cluster::from_env().await;
+    create(
+        &cluster.api::<Pod>(),
+        json!({
+            "metadata": {"name": "shell"},
+            "spec": {
+                "terminationGracePeriodSeconds": 1,
+                "securityContext": {"runAsUser": 1234},
+                "containers": [{"name": "main", "image": "busybox", "command": ["sleep", "1000"],
+                    "workingDir": "/scratch", "env": [{"name": "GREETING", "value": "hi"}],
+                    "volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}]}],
+                "volumes": [{"name": "scratch", "emptyDir": {}}]
+            }
+        }),
+    )
+    .await;
+    cluster
+        .wait_for(cluster.api::<Pod>(), "shell", "running", T, running)
+        .await;
+
+    let out = kubectl(
+        &cluster,
+        &[
+            "exec",
+            "shell",
+            "--",
+            "sh",
+            "-c",
+            "echo $GREETING from $(id -u) in $(pwd); echo to stderr >&2",
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hi from 1234 in /scratch\n"
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "to stderr\n");
+
+    // stdin, to its end (the client closes it and cat sees EOF).
+    let mut child = cluster
+        .kubectl()
+        .args(["exec", "-i", "shell", "--", "sh", "-c", "cat; echo done"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut stdin, b"line 1\nline 2\n")
+        .await
+        .unwrap();
+    drop(stdin);
+    let out = tokio::time::timeout(T, child.wait_with_output())
+        .await
+        .expect("kubectl exec -i ends once its stdin is done")
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "line 1\nline 2\ndone\n"
+    );
+
+    let failed = kubectl(&cluster, &["exec", "shell", "--", "sh", "-c", "exit 3"]).await;
+    assert_eq!(failed.status.code(), Some(3), "{failed:?}");
+
+    // -t needs a terminal on kubectl's side too: script(1) gives it one.
+    let command = format!(
+        "kubectl --kubeconfig {} -n {} exec -it shell -- tty",
+        cluster.dir.join("kubeconfig").display(),
+        cluster.namespace
+    );
+    let tty = tokio::process::Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .expect("script(1) (util-linux)");
+    let text = String::from_utf8_lossy(&tty.stdout);
+    assert!(
+        tty.status.success() && text.contains("/dev/pts/"),
+        "{tty:?}: {text}"
+    );
+}
+
+#[tokio::test]
 async fn the_kubelet_api_requires_a_client_certificate_of_the_cluster_ca() {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};

@@ -394,6 +394,15 @@ pub enum Io<'a> {
     Log(&'a Path),
     /// Nothing in, nothing out (an exec probe).
     Null,
+    /// Pipes for the streams asked for, the rest null (`kubectl exec`).
+    Pipes {
+        stdin: bool,
+        stdout: bool,
+        stderr: bool,
+    },
+    /// All three on this terminal (the slave side of a pty), which becomes the process's
+    /// controlling terminal in a session of its own (`kubectl exec -t`).
+    Tty(std::os::fd::OwnedFd),
 }
 
 /// Starts the sandbox for `spec`, in a process group of its own (its pid).
@@ -412,6 +421,14 @@ fn spawn(
         .open(spec_file)?;
     file.write_all(&serde_json::to_vec_pretty(spec)?)?;
     drop(file);
+    let pipe = |wanted: bool| {
+        if wanted {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        }
+    };
+    let tty = matches!(io, Io::Tty(_));
     let (stdin, stdout, stderr) = match io {
         Io::Log(path) => {
             if let Some(dir) = path.parent() {
@@ -424,6 +441,16 @@ fn spawn(
             (Stdio::null(), Stdio::from(f.try_clone()?), Stdio::from(f))
         }
         Io::Null => (Stdio::null(), Stdio::null(), Stdio::null()),
+        Io::Pipes {
+            stdin,
+            stdout,
+            stderr,
+        } => (pipe(stdin), pipe(stdout), pipe(stderr)),
+        Io::Tty(slave) => (
+            Stdio::from(slave.try_clone()?),
+            Stdio::from(slave.try_clone()?),
+            Stdio::from(slave),
+        ),
     };
     let mut cmd = tokio::process::Command::new(&shared.agent_exe);
     cmd.arg("sandbox")
@@ -432,12 +459,18 @@ fn spawn(
         .stdin(stdin)
         .stdout(stdout)
         .stderr(stderr);
-    // Its own process group: stop and kill reach every process of the container.
-    cmd.process_group(0);
-    // SAFETY: prctl is async-signal-safe. The container dies with the agent (and with the
-    // runtime thread that forked it, which lives as long as the agent).
+    // Its own process group: stop and kill reach every process of the container. A
+    // terminal's process gets a session (and so a group) of its own below instead.
+    if !tty {
+        cmd.process_group(0);
+    }
+    // SAFETY: setsid, ioctl and prctl are async-signal-safe. The container dies with the
+    // agent (and with the runtime thread that forked it, which lives as long as the agent).
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
+            if tty && (libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0) {
+                return Err(std::io::Error::last_os_error());
+            }
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
             Ok(())
         })
@@ -446,8 +479,8 @@ fn spawn(
 }
 
 /// Starts `argv` in a container's sandbox: the container's launch spec (mounts, environment,
-/// user, working directory) with another command. The one way a command runs in a
-/// container besides its own. `spec_file` is where the exec's spec is written.
+/// user, working directory) with another command. The one way exec probes and `kubectl exec`
+/// run a command in a container. `spec_file` is where the exec's spec is written.
 pub fn spawn_exec(
     shared: &Shared,
     container: &LaunchSpec,

@@ -1,9 +1,10 @@
-//! The kubelet's HTTPS API, the part the API server calls for `kubectl logs`:
-//! `GET /containerLogs/{ns}/{pod}/{container}`.
+//! The kubelet's HTTPS API, the part the API server calls for `kubectl logs` and
+//! `kubectl exec`: `GET /containerLogs/{ns}/{pod}/{container}` and
+//! `GET /exec/{ns}/{pod}/{container}` (WebSocket, see `exec`).
 //!
 //! TLS with a serving certificate of the cluster CA; every client must present a certificate
 //! signed by that CA (the API server's `--kubelet-client-certificate`). Any such client may
-//! read logs: there is no authorization beyond the certificate.
+//! read logs and exec: there is no authorization beyond the certificate.
 
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
@@ -12,7 +13,8 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{Path as UrlPath, RawQuery, State};
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::{Path as UrlPath, RawQuery, State, WebSocketUpgrade};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -25,6 +27,7 @@ use rustls::server::WebPkiClientVerifier;
 use tokio::io::AsyncReadExt;
 use tokio_rustls::TlsAcceptor;
 
+use super::exec;
 use super::pod::{LogSource, Lookup};
 use super::{AgentError, Shared};
 
@@ -55,6 +58,7 @@ pub fn tls_acceptor(cert: &Path, key: &Path, client_ca: &Path) -> Result<TlsAcce
                 .with_single_cert(certs, private_key)
         })
         .map_err(|e| tls(cert, &e))?;
+    // HTTP/1.1 only: exec is an HTTP/1.1 upgrade.
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
@@ -63,6 +67,7 @@ pub fn tls_acceptor(cert: &Path, key: &Path, client_ca: &Path) -> Result<TlsAcce
 pub async fn serve(shared: Arc<Shared>, listener: tokio::net::TcpListener, tls: TlsAcceptor) {
     let app = Router::new()
         .route("/containerLogs/{ns}/{pod}/{container}", get(container_logs))
+        .route("/exec/{ns}/{pod}/{container}", get(exec).post(exec))
         .with_state(shared);
     loop {
         let (tcp, peer) = match listener.accept().await {
@@ -84,6 +89,7 @@ pub async fn serve(shared: Arc<Shared>, listener: tokio::net::TcpListener, tls: 
             };
             let served = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), TowerToHyperService::new(app))
+                .with_upgrades()
                 .await;
             if let Err(e) = served {
                 tracing::debug!(%peer, error = %e, "kubelet API connection");
@@ -100,15 +106,16 @@ fn lookup_error(e: Lookup) -> Response {
     (status, e.to_string()).into_response()
 }
 
-/// The query as (name, value) pairs.
-fn query_pairs(query: Option<&str>) -> Vec<(String, String)> {
+/// The query as (name, value) pairs, repeated names kept (exec's `command`).
+pub fn query_pairs(query: Option<&str>) -> Vec<(String, String)> {
     form_urlencoded::parse(query.unwrap_or_default().as_bytes())
         .into_owned()
         .collect()
 }
 
-/// A boolean query value as Go's `strconv.ParseBool` reads it.
-fn flag(name: &str, value: &str) -> Result<bool, String> {
+/// A boolean query value as Go's `strconv.ParseBool` reads it (the API server sends `true`
+/// for logs and `1` for exec).
+pub fn flag(name: &str, value: &str) -> Result<bool, String> {
     match value {
         "1" | "t" | "T" | "true" | "TRUE" | "True" => Ok(true),
         "0" | "f" | "F" | "false" | "FALSE" | "False" => Ok(false),
@@ -273,6 +280,37 @@ fn tail_offset(file: &mut std::fs::File, n: u64) -> std::io::Result<u64> {
         end = start;
     }
     Ok(0)
+}
+
+/// Why an exec request cannot be a WebSocket session.
+const WEBSOCKET_ONLY: &str = "the pgsnap node agent speaks only the WebSocket streaming \
+    protocols (v5.channel.k8s.io, v4.channel.k8s.io), not SPDY: kube-apiserver must pass \
+    WebSockets through (--feature-gates TranslateStreamCloseWebsocketRequests=false)";
+
+async fn exec(
+    State(shared): State<Arc<Shared>>,
+    UrlPath((ns, pod, container)): UrlPath<(String, String, String)>,
+    RawQuery(query): RawQuery,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    let opts = match exec::Options::parse(query.as_deref()) {
+        Ok(o) => o,
+        Err(e) => return (StatusCode::BAD_REQUEST, e).into_response(),
+    };
+    let target = match shared.pods.exec_target(&ns, &pod, &container) {
+        Ok(t) => t,
+        Err(e) => return lookup_error(e),
+    };
+    let Ok(upgrade) = upgrade else {
+        return (StatusCode::BAD_REQUEST, WEBSOCKET_ONLY).into_response();
+    };
+    let upgrade = upgrade.protocols(exec::PROTOCOLS);
+    let Some(protocol) = upgrade.selected_protocol() else {
+        return (StatusCode::BAD_REQUEST, WEBSOCKET_ONLY).into_response();
+    };
+    let v5 = protocol == exec::PROTOCOLS[0];
+    tracing::info!(pod = %format!("{ns}/{pod}"), %container, command = ?opts.command, "exec");
+    upgrade.on_upgrade(move |socket| exec::session(shared, target, container, opts, v5, socket))
 }
 
 #[cfg(test)]

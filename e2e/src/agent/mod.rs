@@ -4,6 +4,7 @@
 pub mod container;
 pub mod entrypoint;
 pub mod env;
+pub mod exec;
 pub mod images;
 pub mod kubelet;
 pub mod network;
@@ -64,7 +65,7 @@ pub struct Args {
     /// The pods' addresses (a /24; the first is the bridge's).
     #[arg(long, default_value = "10.244.0.0/24")]
     pub pod_cidr: String,
-    /// The kubelet API's port on 127.0.0.1 (`kubectl logs` through the API server),
+    /// The kubelet API's port on 127.0.0.1 (`kubectl logs`/`exec` through the API server),
     /// published as the Node's `status.daemonEndpoints.kubeletEndpoint.Port`.
     #[arg(long)]
     pub port: u16,
@@ -138,7 +139,8 @@ pub struct Shared {
     pub pgsnap_bin: PathBuf,
     pub binaries: images::PostgresBinaries,
     pub network: network::PodNetwork,
-    /// Process groups of running containers, so the agent can stop them all on exit.
+    /// Process groups of running containers and execs, so the agent can stop them all on
+    /// exit.
     pub groups: Mutex<HashSet<u32>>,
     /// The pods running here, for the kubelet API.
     pub pods: pod::Registry,

@@ -622,8 +622,8 @@ impl PodCtx {
     }
 }
 
-/// The pods this node runs, by namespace and name: what the kubelet API (`kubectl logs`)
-/// finds them by.
+/// The pods this node runs, by namespace and name: what the kubelet API (`kubectl logs`,
+/// `kubectl exec`) finds them by.
 #[derive(Default)]
 pub struct Registry(Mutex<HashMap<(String, String), Arc<PodCtx>>>);
 
@@ -634,7 +634,7 @@ pub enum Lookup {
     NoPod(String),
     #[error("container {0:?} not found in pod {1:?}")]
     NoContainer(String, String),
-    /// It exists but is not in a state to serve this (no such instance).
+    /// It exists but is not in a state to serve this (no such instance, not running).
     #[error("{0}")]
     Unavailable(String),
 }
@@ -655,6 +655,13 @@ impl LogSource {
             )
         })
     }
+}
+
+/// What an exec in a running container starts from.
+pub struct ExecTarget {
+    /// The container's launch spec (mounts, environment, user, working directory).
+    pub spec: crate::agent::sandbox::LaunchSpec,
+    pub pod_dir: PathBuf,
 }
 
 fn find<'m>(m: &'m PodModel, container: &str) -> Option<&'m ContainerModel> {
@@ -740,6 +747,25 @@ impl Registry {
             ctx,
             container: container.to_owned(),
             instance,
+        })
+    }
+
+    /// A running container's launch spec, for an exec.
+    pub fn exec_target(&self, ns: &str, pod: &str, container: &str) -> Result<ExecTarget, Lookup> {
+        let (ctx, c) = self.container(ns, pod, container)?;
+        if !c.running() {
+            return Err(Lookup::Unavailable(format!(
+                "container {container:?} in pod {pod:?} is not running"
+            )));
+        }
+        let file = container::spec_file(&ctx.dir, container);
+        let spec = std::fs::read(&file)
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+            .map_err(|e| Lookup::Unavailable(format!("{}: {e}", file.display())))?;
+        Ok(ExecTarget {
+            spec,
+            pod_dir: ctx.dir.clone(),
         })
     }
 }
