@@ -7,13 +7,13 @@ use std::time::Duration;
 
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, Pod};
-use kube::api::{DeleteParams, PostParams};
+use kube::api::{DeleteParams, LogParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::wait::{Condition, await_condition, conditions};
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 
-use crate::agent::{pod::pod_dir, volumes::claim_dir};
+use crate::agent::volumes::claim_dir;
 
 /// The repository root (this crate lives in `<repo>/e2e`).
 /// Where cargo puts this workspace's binaries, as cargo itself decides it.
@@ -203,53 +203,51 @@ impl Cluster {
         }
     }
 
-    /// The log of one container of a pod of the test namespace (the node agent keeps it in
-    /// `<cluster dir>/node/pods/<ns>_<pod>_<uid>/<container>.log`; `kubectl logs` does not work).
+    /// The log of one container of a pod of the test namespace, as `kubectl logs -c` gives
+    /// it (the running instance's, else the last one's); a line saying why when there is none.
     pub async fn container_log(&self, pod: &str, container: &str) -> String {
-        let Ok(p) = self.api::<Pod>().get(pod).await else {
-            return format!("(pod {pod} not found)");
-        };
-        let uid = p.metadata.uid.unwrap_or_default();
-        let path = pod_dir(&self.dir.join("node"), &self.namespace, pod, &uid)
-            .join(format!("{container}.log"));
-        std::fs::read_to_string(&path).unwrap_or_else(|e| format!("({}: {e})", path.display()))
+        self.log(pod, container, false).await
     }
 
-    /// Runs a command in a running container, like `kubectl exec` (which needs a kubelet):
-    /// in the container's mounts, environment, working directory and user, through the node
-    /// agent's sandbox. Blocking; returns the command's output.
-    pub async fn exec(&self, pod: &str, container: &str, argv: &[&str]) -> std::process::Output {
-        let Ok(p) = self.api::<Pod>().get(pod).await else {
-            panic!("exec: pod {pod} not found")
+    async fn log(&self, pod: &str, container: &str, previous: bool) -> String {
+        let params = LogParams {
+            container: Some(container.into()),
+            previous,
+            ..Default::default()
         };
-        let uid = p.metadata.uid.unwrap_or_default();
-        let dir = pod_dir(&self.dir.join("node"), &self.namespace, pod, &uid);
-        let spec_file = dir.join(format!("{container}.json"));
-        let text = std::fs::read(&spec_file).unwrap_or_else(|e| {
+        self.api::<Pod>()
+            .logs(pod, &params)
+            .await
+            .unwrap_or_else(|e| format!("(logs of {pod}/{container}: {e})"))
+    }
+
+    /// `kubectl` (from the PATH that `e2e/cluster env` sets) for this cluster, in the test's
+    /// namespace.
+    pub fn kubectl(&self) -> tokio::process::Command {
+        let path = std::env::var("PATH").unwrap_or_default();
+        let Some(kubectl) = crate::agent::sandbox::lookup("kubectl", &[("PATH".into(), path)])
+        else {
             panic!(
-                "exec: {} ({e}): is {pod}/{container} running?",
-                spec_file.display()
+                "kubectl is not in the PATH: eval \"$(e2e/cluster env)\" puts it there; {HOW_TO_FIX}"
             )
-        });
-        let mut spec: crate::agent::sandbox::LaunchSpec = serde_json::from_slice(&text)
-            .unwrap_or_else(|e| panic!("exec: {}: {e}", spec_file.display()));
-        spec.argv = argv.iter().map(|a| a.to_string()).collect();
-        let exec_file = dir.join(format!("{container}.exec-{}.json", std::process::id()));
-        std::fs::write(&exec_file, serde_json::to_vec(&spec).unwrap_or_default())
-            .unwrap_or_else(|e| panic!("exec: {}: {e}", exec_file.display()));
-        let agent = target_dir().join("debug/node-agent");
-        let out = std::process::Command::new(&agent)
-            .arg("sandbox")
-            .arg(&exec_file)
+        };
+        let mut cmd = tokio::process::Command::new(kubectl);
+        cmd.arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .arg("--namespace")
+            .arg(&self.namespace);
+        cmd
+    }
+
+    /// `kubectl exec <pod> -c <container> -- argv`: the command in the container's mounts,
+    /// environment, working directory and user. Returns its output (and exit status).
+    pub async fn exec(&self, pod: &str, container: &str, argv: &[&str]) -> std::process::Output {
+        self.kubectl()
+            .args(["exec", pod, "-c", container, "--"])
+            .args(argv)
             .output()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "exec: running {} ({e}): cargo build -p pgsnap-e2e",
-                    agent.display()
-                )
-            });
-        let _ = std::fs::remove_file(&exec_file);
-        out
+            .await
+            .unwrap_or_else(|e| panic!("running kubectl exec: {e}"))
     }
 
     /// Cuts the pod off the network, as a partition does: packets to and from its address
@@ -281,10 +279,20 @@ impl Cluster {
         p.status.and_then(|s| s.pod_ip).unwrap_or_default()
     }
 
-    /// Every container log of a pod, each under a header.
+    /// Every container log of a pod, each under a header; a restarted container's previous
+    /// instance first.
     pub async fn pod_logs(&self, pod: &str) -> String {
         let Ok(p) = self.api::<Pod>().get(pod).await else {
             return format!("(pod {pod} not found)");
+        };
+        let status = p.status.unwrap_or_default();
+        let restarted = |name: &str| {
+            status
+                .init_container_statuses
+                .iter()
+                .flatten()
+                .chain(status.container_statuses.iter().flatten())
+                .any(|c| c.name == name && c.restart_count > 0)
         };
         let spec = p.spec.unwrap_or_default();
         let mut out = String::new();
@@ -294,6 +302,13 @@ impl Cluster {
             .flatten()
             .chain(spec.containers.iter())
         {
+            if restarted(&c.name) {
+                out.push_str(&format!(
+                    "---- {pod}/{} (previous instance)\n{}\n",
+                    c.name,
+                    self.log(pod, &c.name, true).await
+                ));
+            }
             out.push_str(&format!(
                 "---- {pod}/{}\n{}\n",
                 c.name,
@@ -316,11 +331,14 @@ impl Cluster {
                 .file_name()
                 .is_some_and(|n| n.to_string_lossy().starts_with(&prefix))
             {
-                files.extend(
-                    read_dir(&pod)
-                        .into_iter()
-                        .filter(|f| f.extension().is_some_and(|e| e == "log")),
-                );
+                // Each container's last two instances (`logs/<container>/<n>.log`).
+                for container in read_dir(&pod.join("logs")) {
+                    let mut instances = read_dir(&container);
+                    instances.sort_by_key(|f| {
+                        f.file_stem().and_then(|n| n.to_str()?.parse::<u32>().ok())
+                    });
+                    files.extend(instances.into_iter().rev().take(2).rev());
+                }
             }
         }
         for f in files {

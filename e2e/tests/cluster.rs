@@ -742,3 +742,437 @@ async fn every_pod_has_a_network_of_its_own() {
         .await;
     assert!(!netns.exists(), "{} is left", netns.display());
 }
+
+/// `kubectl <args>` (namespaced to the test), its output.
+async fn kubectl(cluster: &Cluster, args: &[&str]) -> std::process::Output {
+    cluster
+        .kubectl()
+        .args(args)
+        .output()
+        .await
+        .expect("running kubectl")
+}
+
+/// kubectl's stdout, after asserting it succeeded.
+async fn kubectl_ok(cluster: &Cluster, args: &[&str]) -> String {
+    let out = kubectl(cluster, args).await;
+    assert!(
+        out.status.success(),
+        "kubectl {args:?}: {:?}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("UTF-8 output")
+}
+
+fn running(p: Option<&Pod>) -> bool {
+    p.and_then(|p| p.status.as_ref())
+        .and_then(|s| s.container_statuses.as_ref())
+        .is_some_and(|c| {
+            c.iter()
+                .all(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()))
+        })
+}
+
+/// Polls `kubectl logs <args>` until its output ends with `last` (a container writes its
+/// lines soon after it counts as running, not before).
+async fn logs_until(cluster: &Cluster, args: &[&str], last: &str) -> String {
+    let mut out = String::new();
+    for _ in 0..100 {
+        out = kubectl_ok(cluster, &[&["logs"], args].concat()).await;
+        if out.ends_with(last) {
+            return out;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("kubectl logs {args:?} never ended with {last:?}; last output: {out:?}")
+}
+
+#[tokio::test]
+async fn kubectl_logs_shows_each_containers_own_lines() {
+    let cluster = Cluster::from_env().await;
+    create(&cluster.api::<Pod>(), json!({
+        "metadata": {"name": "talker"},
+        "spec": {
+            "terminationGracePeriodSeconds": 1,
+            "initContainers": [{"name": "init", "image": "busybox", "command": ["sh", "-c", "echo from init"]}],
+            "containers": [{"name": "main", "image": "busybox",
+                "command": ["sh", "-c", "echo one; echo two >&2; echo three; exec sleep 1000"]}]
+        }
+    }))
+    .await;
+    cluster
+        .wait_for(cluster.api::<Pod>(), "talker", "running", T, running)
+        .await;
+    assert_eq!(
+        logs_until(&cluster, &["talker", "-c", "main"], "three\n").await,
+        "one\ntwo\nthree\n",
+        "stdout and stderr, in order"
+    );
+    assert_eq!(
+        kubectl_ok(&cluster, &["logs", "talker", "-c", "init"]).await,
+        "from init\n"
+    );
+    assert_eq!(
+        kubectl_ok(&cluster, &["logs", "talker", "-c", "main", "--tail=1"]).await,
+        "three\n"
+    );
+    assert_eq!(
+        kubectl_ok(
+            &cluster,
+            &["logs", "talker", "-c", "main", "--limit-bytes=5"]
+        )
+        .await,
+        "one\nt"
+    );
+    // No restart yet: no previous instance, with the kubelet's words.
+    let previous = kubectl(&cluster, &["logs", "talker", "-c", "main", "--previous"]).await;
+    assert!(!previous.status.success());
+    let stderr = String::from_utf8_lossy(&previous.stderr);
+    assert!(
+        stderr.contains(r#"previous terminated container "main" in pod "talker" not found"#),
+        "{stderr}"
+    );
+    // And the test support's helper reads the same.
+    assert_eq!(
+        cluster.container_log("talker", "main").await,
+        "one\ntwo\nthree\n"
+    );
+}
+
+#[tokio::test]
+async fn kubectl_logs_follow_sees_later_lines_and_ends_with_the_container() {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+    let cluster = Cluster::from_env().await;
+    create(&cluster.api::<Pod>(), json!({
+        "metadata": {"name": "waiter"},
+        "spec": {
+            "restartPolicy": "Never",
+            "containers": [{"name": "main", "image": "busybox",
+                "command": ["sh", "-c", "echo first; until [ -e /signal/go ]; do sleep 0.1; done; echo second"],
+                "volumeMounts": [{"name": "signal", "mountPath": "/signal"}]}],
+            "volumes": [{"name": "signal", "emptyDir": {}}]
+        }
+    }))
+    .await;
+    cluster
+        .wait_for(cluster.api::<Pod>(), "waiter", "running", T, running)
+        .await;
+    logs_until(&cluster, &["waiter"], "first\n").await;
+
+    let mut follow = cluster
+        .kubectl()
+        .args(["logs", "-f", "waiter"])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("kubectl logs -f");
+    let mut out = tokio::io::BufReader::new(follow.stdout.take().unwrap());
+    let mut line = String::new();
+    tokio::time::timeout(T, out.read_line(&mut line))
+        .await
+        .expect("the first line within a minute")
+        .unwrap();
+    assert_eq!(line, "first\n");
+    // Only now does the container write its second line, and end.
+    let touched = cluster
+        .exec("waiter", "main", &["touch", "/signal/go"])
+        .await;
+    assert!(touched.status.success(), "{touched:?}");
+    line.clear();
+    tokio::time::timeout(T, out.read_line(&mut line))
+        .await
+        .expect("the line written after kubectl logs -f started, within a minute")
+        .unwrap();
+    assert_eq!(line, "second\n");
+    let mut rest = String::new();
+    let status = tokio::time::timeout(Duration::from_secs(20), async {
+        out.read_to_string(&mut rest).await.unwrap();
+        follow.wait().await.unwrap()
+    })
+    .await
+    .expect("kubectl logs -f ends when the container exits");
+    assert!(status.success(), "{status:?}");
+    assert_eq!(rest, "");
+}
+
+#[tokio::test]
+async fn kubectl_logs_previous_shows_the_last_instance_only() {
+    let cluster = Cluster::from_env().await;
+    // The first run fails after two lines, the second stays up.
+    let script = r#"n=$(( $(cat /state/n 2>/dev/null || echo 0) + 1 )); echo $n > /state/n
+        echo "run $n: hello"; echo "run $n: bye"
+        [ $n -ge 2 ] || exit 1
+        exec sleep 1000"#;
+    create(
+        &cluster.api::<Pod>(),
+        json!({
+            "metadata": {"name": "restarter"},
+            "spec": {
+                "restartPolicy": "OnFailure",
+                "terminationGracePeriodSeconds": 1,
+                "containers": [{"name": "main", "image": "busybox", "command": ["sh", "-c", script],
+                    "volumeMounts": [{"name": "state", "mountPath": "/state"}]}],
+                "volumes": [{"name": "state", "emptyDir": {}}]
+            }
+        }),
+    )
+    .await;
+    let restarted = |p: Option<&Pod>| {
+        running(p)
+            && p.and_then(|p| p.status.as_ref()?.container_statuses.as_ref())
+                .is_some_and(|c| c[0].restart_count == 1)
+    };
+    cluster
+        .wait_for(
+            cluster.api::<Pod>(),
+            "restarter",
+            "restarted once",
+            T,
+            restarted,
+        )
+        .await;
+    assert_eq!(
+        logs_until(&cluster, &["restarter"], "run 2: bye\n").await,
+        "run 2: hello\nrun 2: bye\n",
+        "the running instance only"
+    );
+    assert_eq!(
+        kubectl_ok(&cluster, &["logs", "restarter", "--previous"]).await,
+        "run 1: hello\nrun 1: bye\n"
+    );
+    assert_eq!(
+        kubectl_ok(&cluster, &["logs", "restarter", "--previous", "--tail=1"]).await,
+        "run 1: bye\n"
+    );
+    assert_eq!(
+        kubectl_ok(&cluster, &["logs", "restarter", "--tail=1"]).await,
+        "run 2: bye\n"
+    );
+    let both = cluster.pod_logs("restarter").await;
+    assert!(
+        both.contains("run 1: bye") && both.contains("run 2: bye"),
+        "{both}"
+    );
+}
+
+#[tokio::test]
+async fn kubectl_exec_passes_output_input_exit_code_and_a_terminal() {
+    let cluster = Cluster::from_env().await;
+    create(
+        &cluster.api::<Pod>(),
+        json!({
+            "metadata": {"name": "shell"},
+            "spec": {
+                "terminationGracePeriodSeconds": 1,
+                "securityContext": {"runAsUser": 1234},
+                "containers": [{"name": "main", "image": "busybox", "command": ["sleep", "1000"],
+                    "workingDir": "/scratch", "env": [{"name": "GREETING", "value": "hi"}],
+                    "volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}]}],
+                "volumes": [{"name": "scratch", "emptyDir": {}}]
+            }
+        }),
+    )
+    .await;
+    cluster
+        .wait_for(cluster.api::<Pod>(), "shell", "running", T, running)
+        .await;
+
+    let out = kubectl(
+        &cluster,
+        &[
+            "exec",
+            "shell",
+            "--",
+            "sh",
+            "-c",
+            "echo $GREETING from $(id -u) in $(pwd); echo to stderr >&2",
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hi from 1234 in /scratch\n"
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "to stderr\n");
+
+    // stdin, to its end (the client closes it and cat sees EOF).
+    let mut child = cluster
+        .kubectl()
+        .args(["exec", "-i", "shell", "--", "sh", "-c", "cat; echo done"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut stdin, b"line 1\nline 2\n")
+        .await
+        .unwrap();
+    drop(stdin);
+    let out = tokio::time::timeout(T, child.wait_with_output())
+        .await
+        .expect("kubectl exec -i ends once its stdin is done")
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "line 1\nline 2\ndone\n"
+    );
+
+    let failed = kubectl(&cluster, &["exec", "shell", "--", "sh", "-c", "exit 3"]).await;
+    assert_eq!(failed.status.code(), Some(3), "{failed:?}");
+
+    // -t needs a terminal on kubectl's side too: script(1) gives it one.
+    let command = format!(
+        "kubectl --kubeconfig {} -n {} exec -it shell -- tty",
+        cluster.dir.join("kubeconfig").display(),
+        cluster.namespace
+    );
+    let tty = tokio::process::Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .expect("script(1) (util-linux)");
+    let text = String::from_utf8_lossy(&tty.stdout);
+    assert!(
+        tty.status.success() && text.contains("/dev/pts/"),
+        "{tty:?}: {text}"
+    );
+}
+
+#[tokio::test]
+async fn the_kubelet_api_requires_a_client_certificate_of_the_cluster_ca() {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cluster = Cluster::from_env().await;
+    let node = Api::<k8s_openapi::api::core::v1::Node>::all(cluster.client.clone())
+        .get("pgsnap-node")
+        .await
+        .unwrap();
+    let port = node
+        .status
+        .and_then(|s| s.daemon_endpoints?.kubelet_endpoint)
+        .map(|e| e.port)
+        .expect("the Node publishes its kubelet port");
+    let pki = cluster.dir.join("pki");
+    // A client certificate (of the API server's identity) signed by a CA of its own.
+    let other = tempdir();
+    for args in [
+        &[
+            "-x509",
+            "-subj",
+            "/CN=other-ca",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+        ][..],
+        &[
+            "-x509",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-subj",
+            "/O=system:masters/CN=kube-apiserver-kubelet-client",
+            "-addext",
+            "basicConstraints=critical,CA:FALSE",
+            "-addext",
+            "extendedKeyUsage=clientAuth",
+            "-keyout",
+            "key.pem",
+            "-out",
+            "cert.pem",
+        ][..],
+    ] {
+        let openssl = std::process::Command::new("openssl")
+            .current_dir(&other)
+            .args(["req", "-newkey", "rsa:2048", "-nodes", "-days", "1"])
+            .args(args)
+            .output()
+            .expect("openssl");
+        assert!(openssl.status.success(), "{openssl:?}");
+    }
+
+    // One GET of the kubelet API; the HTTP status line, or why there is none.
+    let get = |cert: Option<(std::path::PathBuf, std::path::PathBuf)>| {
+        let (pki, ns) = (pki.clone(), cluster.namespace.clone());
+        async move {
+            let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+            let mut roots = rustls::RootCertStore::empty();
+            for ca in CertificateDer::pem_file_iter(pki.join("ca.crt")).unwrap() {
+                roots.add(ca.unwrap()).unwrap();
+            }
+            let builder = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots);
+            let config = match cert {
+                Some((cert, key)) => builder
+                    .with_client_auth_cert(
+                        CertificateDer::pem_file_iter(cert)
+                            .unwrap()
+                            .map(Result::unwrap)
+                            .collect(),
+                        PrivateKeyDer::from_pem_file(key).unwrap(),
+                    )
+                    .unwrap(),
+                None => builder.with_no_client_auth(),
+            };
+            let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+            let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port as u16))
+                .await
+                .unwrap();
+            let name = ServerName::try_from("127.0.0.1").unwrap();
+            let mut tls = connector.connect(name, tcp).await?;
+            let request = format!(
+                "GET /containerLogs/{ns}/no-such-pod/main HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+            );
+            tls.write_all(request.as_bytes()).await?;
+            let mut answer = String::new();
+            tls.read_to_string(&mut answer).await?;
+            Ok::<_, std::io::Error>(answer.lines().next().unwrap_or_default().to_owned())
+        }
+    };
+
+    // The API server's own client certificate is served (the pod does not exist: 404).
+    let apiserver = get(Some((
+        pki.join("apiserver-kubelet-client.crt"),
+        pki.join("apiserver-kubelet-client.key"),
+    )))
+    .await
+    .expect("the API server's client certificate is accepted");
+    assert_eq!(apiserver, "HTTP/1.1 404 Not Found");
+
+    let refused = |r: Result<String, std::io::Error>, expected: rustls::AlertDescription| {
+        let e = r.expect_err("refused");
+        let alert = e
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<rustls::Error>())
+            .cloned();
+        assert_eq!(alert, Some(rustls::Error::AlertReceived(expected)), "{e:?}");
+    };
+    refused(
+        get(None).await,
+        rustls::AlertDescription::CertificateRequired,
+    );
+    refused(
+        get(Some((other.join("cert.pem"), other.join("key.pem")))).await,
+        rustls::AlertDescription::UnknownCA,
+    );
+    let _ = std::fs::remove_dir_all(&other);
+}
+
+fn tempdir() -> std::path::PathBuf {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let dir = std::env::temp_dir().join(format!("pgsnap-e2e-{}-{nanos}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}

@@ -95,14 +95,52 @@ pub fn termination_file(pod_dir: &Path, container: &str) -> PathBuf {
     pod_dir.join(format!("{container}.termination-log"))
 }
 
+/// Where a container's launch spec is kept on the node (what an exec runs in).
+pub fn spec_file(pod_dir: &Path, container: &str) -> PathBuf {
+    pod_dir.join(format!("{container}.json"))
+}
+
+/// The log of one start of a container, like the kubelet's
+/// `/var/log/pods/<ns>_<pod>_<uid>/<container>/<restart>.log`: stdout and stderr of that
+/// instance only, so `kubectl logs --previous` finds the one before.
+pub fn log_file(pod_dir: &Path, container: &str, instance: u32) -> PathBuf {
+    pod_dir
+        .join("logs")
+        .join(container)
+        .join(format!("{instance}.log"))
+}
+
+/// The instance number of the next start of a container: one past the last log there is,
+/// so a pod started again after an agent restart never appends to an older instance's log.
+pub fn next_instance(pod_dir: &Path, container: &str) -> u32 {
+    std::fs::read_dir(pod_dir.join("logs").join(container))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()?
+                .strip_suffix(".log")?
+                .parse::<u32>()
+                .ok()
+        })
+        .max()
+        .map_or(0, |n| n + 1)
+}
+
 /// The kubelet's limits for a termination message and its fallback from the log.
 const MAX_MESSAGE_BYTES: usize = 4096;
 const FALLBACK_LOG_LINES: usize = 80;
 const FALLBACK_LOG_BYTES: usize = 2048;
 
 /// The message of a finished container: its termination-log file, else (with the policy
-/// FallbackToLogsOnError and a failure) the tail of its log.
-pub fn termination_message(pod_dir: &Path, c: &Container, exit_code: i32) -> Option<String> {
+/// FallbackToLogsOnError and a failure) the tail of its log (`log`, this instance's).
+pub fn termination_message(
+    pod_dir: &Path,
+    c: &Container,
+    exit_code: i32,
+    log: &Path,
+) -> Option<String> {
     let tail = |text: &str, max: usize| {
         let mut start = text.len().saturating_sub(max);
         while !text.is_char_boundary(start) {
@@ -117,7 +155,7 @@ pub fn termination_message(pod_dir: &Path, c: &Container, exit_code: i32) -> Opt
     if exit_code == 0 || c.termination_message_policy.as_deref() != Some("FallbackToLogsOnError") {
         return None;
     }
-    let log = std::fs::read_to_string(pod_dir.join(format!("{}.log", c.name))).unwrap_or_default();
+    let log = std::fs::read_to_string(log).unwrap_or_default();
     let lines: Vec<&str> = log.lines().collect();
     let last = lines[lines.len().saturating_sub(FALLBACK_LOG_LINES)..].join("\n");
     Some(tail(&last, FALLBACK_LOG_BYTES)).filter(|m| !m.is_empty())
@@ -350,12 +388,29 @@ fn signal_group(pgid: u32, sig: libc::c_int) {
     unsafe { libc::kill(-(pgid as libc::pid_t), sig) };
 }
 
-/// Starts the sandbox for `spec`; its output goes to `log` (or nowhere).
+/// Where the standard streams of a sandboxed process go.
+pub enum Io<'a> {
+    /// stdout and stderr appended to a log file, no stdin (a container).
+    Log(&'a Path),
+    /// Nothing in, nothing out (an exec probe).
+    Null,
+    /// Pipes for the streams asked for, the rest null (`kubectl exec`).
+    Pipes {
+        stdin: bool,
+        stdout: bool,
+        stderr: bool,
+    },
+    /// All three on this terminal (the slave side of a pty), which becomes the process's
+    /// controlling terminal in a session of its own (`kubectl exec -t`).
+    Tty(std::os::fd::OwnedFd),
+}
+
+/// Starts the sandbox for `spec`, in a process group of its own (its pid).
 fn spawn(
     shared: &Shared,
     spec: &LaunchSpec,
     spec_file: &Path,
-    log: Option<&Path>,
+    io: Io,
 ) -> std::io::Result<tokio::process::Child> {
     // Owner-only: the spec holds the container's environment, Secret values included.
     let mut file = std::fs::OpenOptions::new()
@@ -366,29 +421,56 @@ fn spawn(
         .open(spec_file)?;
     file.write_all(&serde_json::to_vec_pretty(spec)?)?;
     drop(file);
-    let (out, err) = match log {
-        Some(path) => {
+    let pipe = |wanted: bool| {
+        if wanted {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        }
+    };
+    let tty = matches!(io, Io::Tty(_));
+    let (stdin, stdout, stderr) = match io {
+        Io::Log(path) => {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
             let f = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(path)?;
-            (Stdio::from(f.try_clone()?), Stdio::from(f))
+            (Stdio::null(), Stdio::from(f.try_clone()?), Stdio::from(f))
         }
-        None => (Stdio::null(), Stdio::null()),
+        Io::Null => (Stdio::null(), Stdio::null(), Stdio::null()),
+        Io::Pipes {
+            stdin,
+            stdout,
+            stderr,
+        } => (pipe(stdin), pipe(stdout), pipe(stderr)),
+        Io::Tty(slave) => (
+            Stdio::from(slave.try_clone()?),
+            Stdio::from(slave.try_clone()?),
+            Stdio::from(slave),
+        ),
     };
     let mut cmd = tokio::process::Command::new(&shared.agent_exe);
     cmd.arg("sandbox")
         .arg(spec_file)
         .env_clear()
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err);
-    // Its own process group: stop and kill reach every process of the container.
-    cmd.process_group(0);
-    // SAFETY: prctl is async-signal-safe. The container dies with the agent (and with the
-    // runtime thread that forked it, which lives as long as the agent).
+        .stdin(stdin)
+        .stdout(stdout)
+        .stderr(stderr);
+    // Its own process group: stop and kill reach every process of the container. A
+    // terminal's process gets a session (and so a group) of its own below instead.
+    if !tty {
+        cmd.process_group(0);
+    }
+    // SAFETY: setsid, ioctl and prctl are async-signal-safe. The container dies with the
+    // agent (and with the runtime thread that forked it, which lives as long as the agent).
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
+            if tty && (libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0) {
+                return Err(std::io::Error::last_os_error());
+            }
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
             Ok(())
         })
@@ -396,22 +478,43 @@ fn spawn(
     cmd.spawn()
 }
 
+/// Starts `argv` in a container's sandbox: the container's launch spec (mounts, environment,
+/// user, working directory) with another command. The one way exec probes and `kubectl exec`
+/// run a command in a container. `spec_file` is where the exec's spec is written.
+pub fn spawn_exec(
+    shared: &Shared,
+    container: &LaunchSpec,
+    argv: Vec<String>,
+    spec_file: &Path,
+    io: Io,
+) -> std::io::Result<tokio::process::Child> {
+    let spec = LaunchSpec {
+        argv,
+        ..container.clone()
+    };
+    spawn(shared, &spec, spec_file, io)
+}
+
 /// A started container process.
 pub struct Running {
     child: tokio::process::Child,
     pgid: u32,
     pub started: Timestamp,
+    /// Which start of the container this is (`log_file`).
+    pub instance: u32,
 }
 
-/// Starts a container's process (in its sandbox, logging to `log`).
+/// Starts a container's process (in its sandbox, logging to `log_file(.., instance)`).
 pub fn start(
     shared: &Shared,
     spec: &LaunchSpec,
-    spec_file: &Path,
-    log: &Path,
+    pod_dir: &Path,
+    container: &str,
+    instance: u32,
 ) -> Result<Running, PodError> {
     let started = Timestamp::now();
-    let child = spawn(shared, spec, spec_file, Some(log))
+    let log = log_file(pod_dir, container, instance);
+    let child = spawn(shared, spec, &spec_file(pod_dir, container), Io::Log(&log))
         .map_err(|e| PodError::Launch(format!("starting the sandbox: {e}")))?;
     let pgid = child.id().unwrap_or_default();
     shared
@@ -423,6 +526,7 @@ pub fn start(
         child,
         pgid,
         started,
+        instance,
     })
 }
 
@@ -459,6 +563,7 @@ impl Running {
         use std::os::unix::process::ExitStatusExt;
         match status {
             Ok(s) => Exit {
+                instance: self.instance,
                 // Like a container runtime: death by signal N is exit code 128+N.
                 exit_code: s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0)),
                 signal: s.signal(),
@@ -467,6 +572,7 @@ impl Running {
                 message: None,
             },
             Err(e) => Exit {
+                instance: self.instance,
                 exit_code: 128,
                 signal: None,
                 started: self.started,
@@ -488,11 +594,8 @@ pub async fn probe_once(
 ) -> bool {
     let timeout = Duration::from_secs(probe.timeout_seconds.unwrap_or(1).max(1) as u64);
     if let Some(exec) = &probe.exec {
-        let spec = LaunchSpec {
-            argv: exec.command.clone().unwrap_or_default(),
-            ..spec.clone()
-        };
-        let Ok(mut child) = spawn(shared, &spec, spec_file, None) else {
+        let argv = exec.command.clone().unwrap_or_default();
+        let Ok(mut child) = spawn_exec(shared, spec, argv, spec_file, Io::Null) else {
             return false;
         };
         let pgid = child.id().unwrap_or_default();
@@ -597,19 +700,32 @@ mod tests {
             name: "c".into(),
             ..Default::default()
         };
-        std::fs::write(dir.join("c.log"), "a\nb\n").unwrap();
+        let log = log_file(&dir, "c", 1);
+        std::fs::create_dir_all(log.parent().unwrap()).unwrap();
+        std::fs::write(log_file(&dir, "c", 0), "from the previous instance\n").unwrap();
+        std::fs::write(&log, "a\nb\n").unwrap();
+        assert_eq!(next_instance(&dir, "c"), 2);
+        assert_eq!(next_instance(&dir, "other"), 0);
         std::fs::write(termination_file(&dir, "c"), "").unwrap();
         assert_eq!(
-            termination_message(&dir, &c, 1),
+            termination_message(&dir, &c, 1, &log),
             None,
             "policy File: no fallback"
         );
         c.termination_message_policy = Some("FallbackToLogsOnError".into());
-        assert_eq!(termination_message(&dir, &c, 0), None, "only on failure");
-        assert_eq!(termination_message(&dir, &c, 1).as_deref(), Some("a\nb"));
+        assert_eq!(
+            termination_message(&dir, &c, 0, &log),
+            None,
+            "only on failure"
+        );
+        assert_eq!(
+            termination_message(&dir, &c, 1, &log).as_deref(),
+            Some("a\nb"),
+            "this instance's log only"
+        );
         std::fs::write(termination_file(&dir, "c"), "Reason: x").unwrap();
         assert_eq!(
-            termination_message(&dir, &c, 1).as_deref(),
+            termination_message(&dir, &c, 1, &log).as_deref(),
             Some("Reason: x")
         );
         std::fs::remove_dir_all(&dir).unwrap();

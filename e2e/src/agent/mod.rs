@@ -4,7 +4,9 @@
 pub mod container;
 pub mod entrypoint;
 pub mod env;
+pub mod exec;
 pub mod images;
+pub mod kubelet;
 pub mod network;
 pub mod node;
 pub mod pod;
@@ -63,6 +65,18 @@ pub struct Args {
     /// The pods' addresses (a /24; the first is the bridge's).
     #[arg(long, default_value = "10.244.0.0/24")]
     pub pod_cidr: String,
+    /// The kubelet API's port on 127.0.0.1 (`kubectl logs`/`exec` through the API server),
+    /// published as the Node's `status.daemonEndpoints.kubeletEndpoint.Port`.
+    #[arg(long)]
+    pub port: u16,
+    /// The kubelet API's serving certificate and key (PEM).
+    #[arg(long)]
+    pub tls_cert_file: PathBuf,
+    #[arg(long)]
+    pub tls_private_key_file: PathBuf,
+    /// The CA that must have signed every kubelet API client's certificate.
+    #[arg(long)]
+    pub client_ca_file: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +93,8 @@ pub enum AgentError {
     Repo(PathBuf),
     #[error("pod network: {0}")]
     Network(#[from] network::NetworkError),
+    #[error("kubelet API TLS: {0}")]
+    Tls(String),
 }
 
 /// Why a pod cannot run (yet); shown as the containers' waiting reason and message.
@@ -123,8 +139,11 @@ pub struct Shared {
     pub pgsnap_bin: PathBuf,
     pub binaries: images::PostgresBinaries,
     pub network: network::PodNetwork,
-    /// Process groups of running containers, so the agent can stop them all on exit.
+    /// Process groups of running containers and execs, so the agent can stop them all on
+    /// exit.
     pub groups: Mutex<HashSet<u32>>,
+    /// The pods running here, for the kubelet API.
+    pub pods: pod::Registry,
     /// Flips to true when the agent is asked to exit.
     pub shutdown: watch::Receiver<bool>,
 }
@@ -185,12 +204,34 @@ pub async fn run(args: Args) -> Result<(), AgentError> {
         binaries: images::PostgresBinaries::new(&repo),
         network,
         groups: Mutex::default(),
+        pods: pod::Registry::default(),
         shutdown,
     });
 
-    node::register(&client, &args.node_name).await?;
+    // Listening before the Node says where: the API server may call as soon as it knows.
+    let tls = kubelet::tls_acceptor(
+        &args.tls_cert_file,
+        &args.tls_private_key_file,
+        &args.client_ca_file,
+    )?;
+    let listener = tokio::net::TcpListener::bind((NODE_IP, args.port))
+        .await
+        .map_err(|e| {
+            AgentError::Io(
+                format!("kubelet API: listening on {NODE_IP}:{}", args.port),
+                e,
+            )
+        })?;
+    let server = tokio::spawn(kubelet::serve(shared.clone(), listener, tls));
+    tracing::info!(port = args.port, "kubelet API listening");
+
+    node::register(&client, &args.node_name, args.port).await?;
     tracing::info!(node = %args.node_name, "node registered");
-    let heartbeat = tokio::spawn(node::heartbeat(client.clone(), args.node_name.clone()));
+    let heartbeat = tokio::spawn(node::heartbeat(
+        client.clone(),
+        args.node_name.clone(),
+        args.port,
+    ));
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| AgentError::Io("installing the SIGTERM handler".into(), e))?;
@@ -204,6 +245,7 @@ pub async fn run(args: Args) -> Result<(), AgentError> {
 
     tracing::info!("stopping every container");
     heartbeat.abort();
+    server.abort();
     let _ = shutdown_tx.send(true);
     let all_done = futures::future::join_all(workers);
     if tokio::time::timeout(SHUTDOWN_GRACE + Duration::from_secs(2), all_done)

@@ -4,7 +4,10 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::api::core::v1::{Node, NodeAddress, NodeCondition, NodeStatus, NodeSystemInfo};
+use k8s_openapi::api::core::v1::{
+    DaemonEndpoint, Node, NodeAddress, NodeCondition, NodeDaemonEndpoints, NodeStatus,
+    NodeSystemInfo,
+};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, OwnerReference, Time};
 use k8s_openapi::jiff::Timestamp;
@@ -55,7 +58,8 @@ fn conditions(now: &Time) -> Vec<NodeCondition> {
     ]
 }
 
-fn status(now: &Time) -> NodeStatus {
+/// The Node's status; `port` is where the API server reaches the kubelet API.
+fn status(now: &Time, port: u16) -> NodeStatus {
     let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
     let resources = BTreeMap::from([
         // Generous on purpose: the node's only job is to run test pods side by side.
@@ -68,6 +72,11 @@ fn status(now: &Time) -> NodeStatus {
         capacity: Some(resources.clone()),
         allocatable: Some(resources),
         conditions: Some(conditions(now)),
+        daemon_endpoints: Some(NodeDaemonEndpoints {
+            kubelet_endpoint: Some(DaemonEndpoint {
+                port: i32::from(port),
+            }),
+        }),
         addresses: Some(vec![
             NodeAddress {
                 type_: "InternalIP".into(),
@@ -97,8 +106,8 @@ fn status(now: &Time) -> NodeStatus {
     }
 }
 
-/// Creates the Node if needed and posts a Ready status.
-pub async fn register(client: &Client, name: &str) -> Result<(), AgentError> {
+/// Creates the Node if needed and posts a Ready status, with the kubelet API's `port`.
+pub async fn register(client: &Client, name: &str, port: u16) -> Result<(), AgentError> {
     let nodes: Api<Node> = Api::all(client.clone());
     if nodes.get_opt(name).await?.is_none() {
         let node = Node {
@@ -120,7 +129,7 @@ pub async fn register(client: &Client, name: &str) -> Result<(), AgentError> {
         .patch_status(
             name,
             &PatchParams::default(),
-            &Patch::Merge(json!({ "status": status(&now) })),
+            &Patch::Merge(json!({ "status": status(&now, port) })),
         )
         .await?;
     // The API server's TaintNodesByCondition admission taints a new node not-ready; the node
@@ -142,23 +151,23 @@ pub async fn register(client: &Client, name: &str) -> Result<(), AgentError> {
 
 /// Renews the node Lease and the Ready heartbeat forever; errors are logged, not fatal
 /// (the next beat retries).
-pub async fn heartbeat(client: Client, name: String) {
+pub async fn heartbeat(client: Client, name: String, port: u16) {
     let mut tick = tokio::time::interval(HEARTBEAT);
     loop {
         tick.tick().await;
-        if let Err(e) = beat(&client, &name).await {
+        if let Err(e) = beat(&client, &name, port).await {
             tracing::warn!(error = %e, "node heartbeat failed");
         }
     }
 }
 
-async fn beat(client: &Client, name: &str) -> Result<(), AgentError> {
+async fn beat(client: &Client, name: &str, port: u16) -> Result<(), AgentError> {
     let now = Timestamp::now();
     let nodes: Api<Node> = Api::all(client.clone());
     let Some(node) = nodes.get_opt(name).await? else {
         // Someone deleted the Node: register it again, as the kubelet does on restart.
         tracing::warn!("the Node object is gone; registering again");
-        return register(client, name).await;
+        return register(client, name, port).await;
     };
     nodes
         .patch_status(

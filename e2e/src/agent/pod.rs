@@ -113,6 +113,7 @@ async fn run_pod(shared: Arc<Shared>, mut updates: watch::Receiver<Update>, mut 
         model: Mutex::new(model),
         publishing: tokio::sync::Mutex::new(()),
     });
+    shared.pods.insert(&ns, ctx.clone());
     tracing::info!("pod assigned to this node");
 
     let (stop_tx, stop_rx) = watch::channel(None::<Stop>);
@@ -193,6 +194,7 @@ async fn run_pod(shared: Arc<Shared>, mut updates: watch::Receiver<Update>, mut 
         }
     }
     ctx.clean_up();
+    shared.pods.remove(&ns, &ctx);
     tracing::info!("pod removed from this node");
 }
 
@@ -233,12 +235,12 @@ impl PodCtx {
         }
     }
 
-    /// Only the logs stay after the pod is gone (for post-mortems): volumes, launch specs
-    /// (which hold Secret values) and termination messages go.
+    /// Only the logs (`logs/`) stay after the pod is gone (for post-mortems): volumes,
+    /// launch specs (which hold Secret values) and termination messages go.
     fn clean_up(&self) {
         let entries = std::fs::read_dir(&self.dir).into_iter().flatten().flatten();
         for path in entries.map(|e| e.path()) {
-            if path.extension().is_some_and(|e| e == "log") {
+            if path.file_name().is_some_and(|n| n == "logs") {
                 continue;
             }
             let removed = if path.is_dir() {
@@ -511,8 +513,7 @@ impl PodCtx {
         stop: &mut watch::Receiver<Option<Stop>>,
     ) -> Option<Exit> {
         let shared = &self.shared;
-        let spec_file = self.dir.join(format!("{}.json", c.name));
-        let log = self.dir.join(format!("{}.log", c.name));
+        let instance = container::next_instance(&self.dir, &c.name);
         let mut backoff = FIRST_BACKOFF;
         let (spec, running) = loop {
             let started = match container::launch_spec(
@@ -520,7 +521,9 @@ impl PodCtx {
             )
             .await
             {
-                Ok(spec) => container::start(shared, &spec, &spec_file, &log).map(|r| (spec, r)),
+                Ok(spec) => {
+                    container::start(shared, &spec, &self.dir, &c.name, instance).map(|r| (spec, r))
+                }
                 Err(e) => Err(e),
             };
             match started {
@@ -549,6 +552,7 @@ impl PodCtx {
             let s = Self::slot(m, slot);
             s.state = State::Running {
                 since: running.started,
+                instance,
             };
             s.ready = readiness.is_none() && matches!(slot, Slot::Main(_));
             let all_started = m
@@ -611,13 +615,162 @@ impl PodCtx {
             never = probing => match never {},
         };
         if exit.message.is_none() {
-            exit.message = container::termination_message(&self.dir, c, exit.exit_code);
+            let log = container::log_file(&self.dir, &c.name, instance);
+            exit.message = container::termination_message(&self.dir, c, exit.exit_code, &log);
         }
         Some(exit)
     }
 }
 
-/// The directory of a pod on the node (volumes, logs `<container>.log`).
+/// The pods this node runs, by namespace and name: what the kubelet API (`kubectl logs`,
+/// `kubectl exec`) finds them by.
+#[derive(Default)]
+pub struct Registry(Mutex<HashMap<(String, String), Arc<PodCtx>>>);
+
+/// Why the kubelet API cannot serve a request for a container (the kubelet's wording).
+#[derive(Debug, thiserror::Error)]
+pub enum Lookup {
+    #[error("pod {0:?} does not exist")]
+    NoPod(String),
+    #[error("container {0:?} not found in pod {1:?}")]
+    NoContainer(String, String),
+    /// It exists but is not in a state to serve this (no such instance, not running).
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// One instance's log, and whether that instance still runs (may still write to it).
+pub struct LogSource {
+    pub path: PathBuf,
+    ctx: Arc<PodCtx>,
+    container: String,
+    instance: u32,
+}
+
+impl LogSource {
+    pub fn running(&self) -> bool {
+        self.ctx.update(|m| {
+            find(m, &self.container).is_some_and(
+                |c| matches!(c.state, State::Running { instance, .. } if instance == self.instance),
+            )
+        })
+    }
+}
+
+/// What an exec in a running container starts from.
+pub struct ExecTarget {
+    /// The container's launch spec (mounts, environment, user, working directory).
+    pub spec: crate::agent::sandbox::LaunchSpec,
+    pub pod_dir: PathBuf,
+}
+
+fn find<'m>(m: &'m PodModel, container: &str) -> Option<&'m ContainerModel> {
+    m.init
+        .iter()
+        .chain(m.containers.iter())
+        .find(|c| c.name == container)
+}
+
+impl Registry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Arc<PodCtx>>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn insert(&self, ns: &str, ctx: Arc<PodCtx>) {
+        self.lock().insert((ns.to_owned(), ctx.name.clone()), ctx);
+    }
+
+    /// Forgets a pod, unless a newer pod of the same name took its place meanwhile.
+    fn remove(&self, ns: &str, ctx: &PodCtx) {
+        let mut pods = self.lock();
+        let key = (ns.to_owned(), ctx.name.clone());
+        if pods
+            .get(&key)
+            .is_some_and(|p| p.pod.metadata.uid == ctx.pod.metadata.uid)
+        {
+            pods.remove(&key);
+        }
+    }
+
+    /// The pod, and the model of its container.
+    fn container(
+        &self,
+        ns: &str,
+        pod: &str,
+        container: &str,
+    ) -> Result<(Arc<PodCtx>, ContainerModel), Lookup> {
+        let ctx = self
+            .lock()
+            .get(&(ns.to_owned(), pod.to_owned()))
+            .cloned()
+            .ok_or_else(|| Lookup::NoPod(pod.to_owned()))?;
+        let model = ctx
+            .update(|m| find(m, container).cloned())
+            .ok_or_else(|| Lookup::NoContainer(container.to_owned(), pod.to_owned()))?;
+        Ok((ctx, model))
+    }
+
+    /// The log `kubectl logs` means, chosen as the kubelet does: with `previous` the last
+    /// terminated instance; else the running one, else the one that ended last.
+    pub fn logs(
+        &self,
+        ns: &str,
+        pod: &str,
+        container: &str,
+        previous: bool,
+    ) -> Result<LogSource, Lookup> {
+        let (ctx, c) = self.container(ns, pod, container)?;
+        let unavailable = |what: String| {
+            Lookup::Unavailable(format!("container {container:?} in pod {pod:?} {what}"))
+        };
+        let instance = match (&c.state, &c.last) {
+            (_, Some(last)) if previous => last.instance,
+            _ if previous => {
+                return Err(Lookup::Unavailable(format!(
+                    "previous terminated container {container:?} in pod {pod:?} not found"
+                )));
+            }
+            (State::Running { instance, .. }, _) => *instance,
+            (State::Terminated(exit), _) => exit.instance,
+            (State::Waiting { .. }, Some(last)) => last.instance,
+            (State::Waiting { reason, .. }, None) if reason == "ErrImagePull" => {
+                return Err(unavailable(
+                    "is waiting to start: image can't be pulled".into(),
+                ));
+            }
+            (State::Waiting { reason, .. }, None) => {
+                return Err(unavailable(format!("is waiting to start: {reason}")));
+            }
+        };
+        Ok(LogSource {
+            path: container::log_file(&ctx.dir, container, instance),
+            ctx,
+            container: container.to_owned(),
+            instance,
+        })
+    }
+
+    /// A running container's launch spec, for an exec.
+    pub fn exec_target(&self, ns: &str, pod: &str, container: &str) -> Result<ExecTarget, Lookup> {
+        let (ctx, c) = self.container(ns, pod, container)?;
+        if !c.running() {
+            return Err(Lookup::Unavailable(format!(
+                "container {container:?} in pod {pod:?} is not running"
+            )));
+        }
+        let file = container::spec_file(&ctx.dir, container);
+        let spec = std::fs::read(&file)
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+            .map_err(|e| Lookup::Unavailable(format!("{}: {e}", file.display())))?;
+        Ok(ExecTarget {
+            spec,
+            pod_dir: ctx.dir.clone(),
+        })
+    }
+}
+
+/// The directory of a pod on the node (volumes, launch specs, logs `logs/<container>/<n>.log`).
 pub fn pod_dir(root: &Path, namespace: &str, name: &str, uid: &str) -> PathBuf {
     root.join("pods").join(format!("{namespace}_{name}_{uid}"))
 }

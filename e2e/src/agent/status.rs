@@ -6,6 +6,8 @@ use serde_json::{Value, json};
 /// How a container ended.
 #[derive(Debug, Clone)]
 pub struct Exit {
+    /// Which start of the container this was (its log file, see `container::log_file`).
+    pub instance: u32,
     pub exit_code: i32,
     pub signal: Option<i32>,
     pub started: Timestamp,
@@ -42,6 +44,8 @@ pub enum State {
     },
     Running {
         since: Timestamp,
+        /// Which start of the container this is (its log file).
+        instance: u32,
     },
     Terminated(Exit),
 }
@@ -80,7 +84,9 @@ impl ContainerModel {
             State::Waiting { reason, message } => {
                 json!({ "waiting": { "reason": reason, "message": message } })
             }
-            State::Running { since } => json!({ "running": { "startedAt": since.to_string() } }),
+            State::Running { since, .. } => {
+                json!({ "running": { "startedAt": since.to_string() } })
+            }
             State::Terminated(e) => json!({ "terminated": e.json() }),
         };
         json!({
@@ -178,6 +184,7 @@ mod tests {
         let now = Timestamp::now();
         let mut c = ContainerModel::new("db", "postgres:16");
         c.state = State::Terminated(Exit {
+            instance: 0,
             exit_code: 3,
             signal: None,
             started: now,
