@@ -22,6 +22,7 @@ use kube::runtime::wait::Condition;
 use pgsnap::api::Backup;
 use pgsnap::api::backup::{BackupStatus, Phase};
 use pgsnap_e2e::operator::Operator;
+use pgsnap_e2e::percentile;
 use pgsnap_e2e::postgres::REFLINK_CLASS;
 use pgsnap_e2e::{Cluster, postgres_pod};
 use serde_json::json;
@@ -32,22 +33,6 @@ fn terminal() -> impl Condition<Backup> {
             .and_then(|s| s.phase)
             .is_some_and(Phase::is_terminal)
     }
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let rank = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[rank.min(sorted.len() - 1)]
-}
-
-fn rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0);
-    kib / 1024.0
 }
 
 /// A Backup of `pod` through `class` (default: the driver's default class).
@@ -115,7 +100,7 @@ async fn main() {
     let runs = runs(30);
     let cluster = Cluster::from_env().await;
     let operator = Operator::for_test(&cluster).await;
-    let idle = rss_mib(operator.pid());
+    let idle = operator.rss_mib();
     let db = postgres_pod(17).create(&cluster).await;
     db.pgbench_init(1);
     let secret = db.password_secret(&cluster).await;
@@ -176,7 +161,7 @@ async fn main() {
             .await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let loaded = rss_mib(operator.pid());
+    let loaded = operator.rss_mib();
     println!(
         "\n## Operator memory (RSS)\n\n| state | MiB |\n|---|---|\n| idle | {idle:.1} |\n| 500 Backup objects | {loaded:.1} |"
     );

@@ -23,6 +23,7 @@ use pgsnap::api::backup::Phase;
 use pgsnap::api::schedule::BackupSchedule;
 use pgsnap::schedule::SCHEDULED_AT_ANNOTATION;
 use pgsnap_e2e::operator::Operator;
+use pgsnap_e2e::percentile;
 use pgsnap_e2e::{Cluster, PostgresPod, postgres_pod};
 use serde_json::json;
 
@@ -31,22 +32,6 @@ fn env_or(name: &str, default: usize) -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let rank = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[rank.min(sorted.len() - 1)]
-}
-
-fn rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0);
-    kib / 1024.0
 }
 
 fn schedule(
@@ -232,7 +217,7 @@ async fn main() {
     // Memory: idle (the databases' schedules suspended), then with 100 more schedules and
     // 1,000 Backups in the cache.
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let idle = rss_mib(operator.pid());
+    let idle = operator.rss_mib();
     let template = json!({"target": {"podName": "no-such-pod"}, "connection": {}});
     for i in 0..100 {
         schedules
@@ -280,7 +265,7 @@ async fn main() {
         t0.elapsed()
     );
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let loaded = rss_mib(operator.pid());
+    let loaded = operator.rss_mib();
     let total = backups
         .list(&ListParams::default())
         .await

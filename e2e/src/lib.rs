@@ -27,3 +27,9 @@ pub fn free_port() -> u16 {
         .map(|a| a.port())
         .unwrap_or_else(|e| panic!("finding a free port: {e}"))
 }
+
+/// The `p` quantile (0 to 1) of sorted values, by nearest rank.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let rank = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
