@@ -34,7 +34,7 @@ deps:
 
 ## Regenerate crds/ from the Rust types.
 crds:
-	$(CARGO) run --quiet -- crd > crds/pgsnap.io.yaml
+	$(CARGO) run --quiet --bin pgsnap -- crd > crds/pgsnap.io.yaml
 	cp crds/pgsnap.io.yaml charts/pgsnap/crds/pgsnap.io.yaml
 
 ## The main job, locally: cluster, database, operator, a backup, a restore, side by side.

@@ -10,6 +10,7 @@ pub mod controller;
 pub(crate) mod fixtures;
 pub mod label_store;
 pub mod leader;
+pub mod plugin;
 pub mod postgres;
 pub mod restore;
 pub mod schedule;

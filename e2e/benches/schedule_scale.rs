@@ -24,6 +24,7 @@ use pgsnap::api::Backup;
 use pgsnap::api::backup::Phase;
 use pgsnap::api::schedule::BackupSchedule;
 use pgsnap::schedule::SCHEDULED_AT_ANNOTATION;
+use pgsnap_e2e::backups::schedule;
 use pgsnap_e2e::operator::Operator;
 use pgsnap_e2e::percentile;
 use pgsnap_e2e::{Cluster, PostgresPod, postgres_pod};
@@ -36,21 +37,17 @@ fn env_or(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-fn schedule(
+/// A schedule of `template` on `pattern`, keeping ten.
+fn schedule_of(
     name: &str,
     pattern: &str,
     suspend: bool,
     template: serde_json::Value,
 ) -> BackupSchedule {
-    serde_json::from_value(json!({
-        "apiVersion": "pgsnap.io/v1alpha1", "kind": "BackupSchedule",
-        "metadata": {"name": name},
-        "spec": {
-            "schedule": pattern, "suspend": suspend, "backupTemplate": template,
-            "retention": {"keepLast": 10},
-        },
-    }))
-    .expect("a BackupSchedule")
+    let mut s = schedule(name, pattern, template);
+    s.spec.suspend = suspend;
+    s.spec.retention.keep_last = Some(10);
+    s
 }
 
 /// When each Backup's server was in backup mode, from the operator's log (text format:
@@ -143,7 +140,7 @@ async fn main() {
         schedules
             .create(
                 &PostParams::default(),
-                &schedule(&db.name, "*/30 * * * * *", false, template),
+                &schedule_of(&db.name, "*/30 * * * * *", false, template),
             )
             .await
             .expect("schedule");
@@ -235,7 +232,7 @@ async fn main() {
         schedules
             .create(
                 &PostParams::default(),
-                &schedule(&format!("idle-{i:03}"), "0 3 * * *", true, template.clone()),
+                &schedule_of(&format!("idle-{i:03}"), "0 3 * * *", true, template.clone()),
             )
             .await
             .expect("schedule");

@@ -1,5 +1,5 @@
-//! Backups from a test's point of view: specs, creation, waits on their phase, and classes of
-//! the test CSI driver with its failure behaviours.
+//! Backups from a test's point of view: specs (and schedules of them), creation, waits on
+//! their phase, and classes of the test CSI driver with its failure behaviours.
 
 use std::time::Duration;
 
@@ -8,6 +8,7 @@ use kube::runtime::wait::Condition;
 use kube::{Api, ResourceExt};
 use pgsnap::api::Backup;
 use pgsnap::api::backup::Phase;
+use pgsnap::api::schedule::BackupSchedule;
 use serde_json::json;
 
 use crate::{Cluster, PostgresPod};
@@ -22,6 +23,16 @@ pub fn on(db: &PostgresPod, secret: &str, rest: serde_json::Value) -> serde_json
         .unwrap()
         .extend(rest.as_object().cloned().unwrap_or_default());
     spec
+}
+
+/// A BackupSchedule of `template` (a Backup spec) on `pattern`, keeping the last two.
+pub fn schedule(name: &str, pattern: &str, template: serde_json::Value) -> BackupSchedule {
+    serde_json::from_value(json!({
+        "apiVersion": "pgsnap.io/v1alpha1", "kind": "BackupSchedule",
+        "metadata": {"name": name},
+        "spec": {"schedule": pattern, "retention": {"keepLast": 2}, "backupTemplate": template},
+    }))
+    .expect("a BackupSchedule")
 }
 
 pub fn backup_spec(name: &str, spec: serde_json::Value) -> Backup {

@@ -251,7 +251,9 @@ impl Cluster {
     }
 
     /// Cuts the pod off the network, as a partition does: packets to and from its address
-    /// are dropped, connections stay open, until the returned guard is dropped.
+    /// are dropped, connections stay open, until the returned guard is dropped. The API
+    /// server stays reachable from inside the pod (the agent relays it over the pod's own
+    /// loopback): cut database pods, not operator pods.
     pub async fn cut(&self, pod: &str) -> Cut {
         let ip = self.pod_ip(pod).await;
         let ip = ip

@@ -278,14 +278,15 @@ pub struct BackupStatus {
 
 impl BackupStatus {
     /// When a finished backup ended: a Completed one at the moment its data is from (its
-    /// server left backup mode), a Failed one when it failed.
+    /// server left backup mode), a Failed one when it failed (when `Stalled` turned True;
+    /// `Ready` was False long before).
     pub fn ended_at(&self) -> Option<Time> {
         match self.phase? {
             Phase::Completed => self.backup_window.as_ref()?.stopped_at.clone(),
             Phase::Failed => self
                 .conditions
                 .iter()
-                .find(|c| c.type_ == "Ready")
+                .find(|c| c.type_ == "Stalled" && c.status == "True")
                 .map(|c| c.last_transition_time.clone()),
             _ => None,
         }

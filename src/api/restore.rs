@@ -92,7 +92,8 @@ pub struct RestoreClaim {
 #[serde(rename_all = "camelCase")]
 pub struct RecoverySpec {
     /// PostgreSQL's restore_command (`%f`, `%p`), for WAL from an archive. Without it WAL is
-    /// read from pg_wal only, which must then hold the WAL up to the backup's stop LSN.
+    /// read from pg_wal only, which must then hold the WAL up to the backup's stop LSN (and
+    /// a pg_wal whose volume the backup does not hold is refused, WalMissing).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 4096))]
     #[x_kube(validation = Rule::new("!self.contains('\\n') && !self.contains('\\r') && self.size() > 0").message("restoreCommand is one non-empty line"))]

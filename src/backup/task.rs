@@ -361,6 +361,7 @@ fn wal_not_located(e: &postgres::Error, candidates: &[&str]) -> String {
     )
 }
 
+/// The VolumeSnapshotClass of each planned snapshot, resolved before backup mode begins.
 async fn snapshot_classes(
     ctx: &Context,
     backup: &Backup,

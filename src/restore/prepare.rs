@@ -645,15 +645,29 @@ fn wal_dir(data: &Path, inputs: &Inputs) -> Result<WalDir, PrepareError> {
     if let Some(dir) = &inputs.wal_dir {
         return Ok(WalDir::Relink(dir.clone()));
     }
-    let link = data.join("pg_wal");
-    let Ok(target) = fs::read_link(&link) else {
-        return Ok(WalDir::Keep);
+    let pg_wal = data.join("pg_wal");
+    let not_found = |e: &io::Error| e.kind() == io::ErrorKind::NotFound;
+    let missing = match fs::symlink_metadata(&pg_wal) {
+        Ok(m) if !m.file_type().is_symlink() => return Ok(WalDir::Keep),
+        Ok(_) => match fs::metadata(&pg_wal) {
+            Ok(m) if m.is_dir() => return Ok(WalDir::Keep),
+            Ok(_) => {
+                return Err(PrepareError::Relocation(format!(
+                    "{} leads to something that is not a directory",
+                    pg_wal.display()
+                )));
+            }
+            Err(e) if not_found(&e) => {
+                fs::read_link(&pg_wal).map_err(io_err("read link", &pg_wal))?
+            }
+            Err(e) => return Err(io_err("stat", &pg_wal)(e)),
+        },
+        // A run cut short between removing the link and making the directory.
+        Err(e) if not_found(&e) => pg_wal.clone(),
+        Err(e) => return Err(io_err("stat", &pg_wal)(e)),
     };
-    if fs::metadata(&link).is_ok_and(|m| m.is_dir()) {
-        return Ok(WalDir::Keep);
-    }
     if inputs.recovery.restore_command.is_none() {
-        return Err(PrepareError::WalMissing(target));
+        return Err(PrepareError::WalMissing(missing));
     }
     Ok(WalDir::Recreate)
 }
@@ -672,16 +686,23 @@ fn relink_volumes(
         WalDir::Keep => {}
         WalDir::Relink(dir) => relink(&pg_wal, dir, actions)?,
         WalDir::Recreate => {
-            let target = fs::read_link(&pg_wal).map_err(io_err("read link", &pg_wal))?;
-            fs::remove_file(&pg_wal).map_err(io_err("remove", &pg_wal))?;
+            let was = match fs::read_link(&pg_wal) {
+                Ok(target) => {
+                    fs::remove_file(&pg_wal).map_err(io_err("remove", &pg_wal))?;
+                    format!(
+                        "a link to {}, which this restore does not have",
+                        target.display()
+                    )
+                }
+                Err(_) => "missing".into(),
+            };
             fs::DirBuilder::new()
                 .mode(0o700)
                 .create(&pg_wal)
                 .map_err(io_err("create", &pg_wal))?;
             own_like_data_dir(data, &pg_wal)?;
             actions.push(format!(
-                "replaced pg_wal (a link to {}, which this restore does not have) by an empty directory: WAL comes from the archive",
-                target.display()
+                "replaced pg_wal ({was}) by an empty directory: WAL comes from the archive"
             ));
         }
     }
@@ -962,6 +983,7 @@ mod tests {
         fs::create_dir_all(data.join("global")).unwrap();
         fs::create_dir_all(data.join("pg_replslot/old_slot")).unwrap();
         fs::create_dir_all(data.join("base/pgsql_tmp")).unwrap();
+        fs::create_dir_all(data.join("pg_wal")).unwrap();
         fs::create_dir_all(&labels).unwrap();
         fs::write(data.join("PG_VERSION"), format!("{major}\n")).unwrap();
         write_control(&data, 6, 0x3000028);
@@ -1292,6 +1314,7 @@ mod tests {
         inputs.tablespace_map_sha256 = Some(sha256_hex(map.as_bytes()));
         fs::create_dir_all(inputs.data_dir.join("pg_tblspc")).unwrap();
         symlink("/old/ts", inputs.data_dir.join("pg_tblspc/16400")).unwrap();
+        fs::remove_dir(inputs.data_dir.join("pg_wal")).unwrap();
         symlink("/old/wal", inputs.data_dir.join("pg_wal")).unwrap();
         inputs.tablespaces = vec![(16400, "/new/ts".into())];
         inputs.wal_dir = Some("/new/wal".into());
@@ -1317,6 +1340,7 @@ mod tests {
     fn a_pg_wal_link_to_nowhere_is_recreated_when_the_archive_has_the_wal() {
         let (_dir, mut inputs) = scratch("15");
         let pg_wal = inputs.data_dir.join("pg_wal");
+        fs::remove_dir(&pg_wal).unwrap();
         symlink("/nonexistent/wal/pg_wal", &pg_wal).unwrap();
         inputs.recovery.restore_command = None;
         let refused = prepare(&inputs).unwrap_err();
@@ -1344,9 +1368,23 @@ mod tests {
             "{actions:?}"
         );
 
+        // A run cut short after removing the link: pg_wal is made, not forgotten.
+        let (_dir, inputs) = scratch("15");
+        fs::remove_dir(inputs.data_dir.join("pg_wal")).unwrap();
+        let Ok(PrepareOutcome::Prepared { actions, .. }) = prepare(&inputs) else {
+            panic!("not prepared")
+        };
+        assert!(
+            fs::symlink_metadata(inputs.data_dir.join("pg_wal"))
+                .unwrap()
+                .is_dir(),
+            "{actions:?}"
+        );
+
         let (dir, inputs) = scratch("15");
         let wal = dir.0.join("wal");
         fs::create_dir(&wal).unwrap();
+        fs::remove_dir(inputs.data_dir.join("pg_wal")).unwrap();
         symlink(&wal, inputs.data_dir.join("pg_wal")).unwrap();
         prepare(&inputs).unwrap();
         assert_eq!(fs::read_link(inputs.data_dir.join("pg_wal")).unwrap(), wal);

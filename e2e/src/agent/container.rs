@@ -295,21 +295,24 @@ pub async fn launch_spec(
             read_only: m.read_only.unwrap_or(false),
         });
     }
-    // The container's own /tmp, fresh for each start as a new writable layer is: servers put
-    // their sockets and lock files there (`/tmp/.s.PGSQL.5432`), and every pod uses 5432.
-    let tmp = pod_dir.join(format!("{}.tmp", c.name));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp)
-        .and_then(|()| std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o1777)))
-        .map_err(|e| PodError::Launch(format!("{}: {e}", tmp.display())))?;
-    mounts.insert(
-        0,
-        Mount {
-            source: tmp,
-            target: "/tmp".into(),
+    if let Image::Postgres { .. } = run.image {
+        // The image's socket directory, the container's own and fresh at each start as its
+        // writable layer is: every server listens on 5432, so their sockets and lock files
+        // (`.s.PGSQL.5432`) must not meet. Not a private /tmp: the host's files are the image
+        // here, and the agent's own binaries may live under /tmp.
+        let run_dir = pod_dir.join(format!("{}.run", c.name));
+        let _ = std::fs::remove_dir_all(&run_dir);
+        std::fs::create_dir_all(&run_dir)
+            .and_then(|()| {
+                std::fs::set_permissions(&run_dir, std::fs::Permissions::from_mode(0o3777))
+            })
+            .map_err(|e| PodError::Launch(format!("{}: {e}", run_dir.display())))?;
+        mounts.push(Mount {
+            source: run_dir,
+            target: super::entrypoint::SOCKET_DIR.into(),
             read_only: false,
-        },
-    );
+        });
+    }
     // Parents before children, so a volume mounted inside another one stays visible.
     mounts.sort_by_key(|m| m.target.components().count());
     // The termination message file, fresh for each start, writable by any user (kubelet's).

@@ -13,6 +13,10 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// Where the official image's server puts its socket (its Debian build's default; ours
+/// defaults to /tmp, so the entrypoint says it).
+pub const SOCKET_DIR: &str = "/var/run/postgresql";
+
 /// The uid and gid of `postgres` in the official image.
 pub const POSTGRES_UID: u32 = 999;
 
@@ -103,8 +107,13 @@ fn start(o: &Options) -> Result<std::convert::Infallible, EntrypointError> {
         init_database(o, &pgdata)?;
     }
     let postgres = o.bin.join("postgres");
+    // First, so the container's own arguments still win.
+    let socket = format!("unix_socket_directories={SOCKET_DIR}");
     Err(io(format!("exec {}", postgres.display()))(
-        Command::new(&postgres).args(&o.args[1..]).exec(),
+        Command::new(&postgres)
+            .args(["-c", &socket])
+            .args(&o.args[1..])
+            .exec(),
     ))
 }
 

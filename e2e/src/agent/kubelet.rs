@@ -309,7 +309,8 @@ async fn exec(
         return (StatusCode::BAD_REQUEST, WEBSOCKET_ONLY).into_response();
     };
     let v5 = protocol == exec::PROTOCOLS[0];
-    tracing::info!(pod = %format!("{ns}/{pod}"), %container, command = ?opts.command, "exec");
+    // Not the command line: it may carry a password.
+    tracing::info!(pod = %format!("{ns}/{pod}"), %container, "exec");
     upgrade.on_upgrade(move |socket| exec::session(shared, target, container, opts, v5, socket))
 }
 

@@ -45,7 +45,10 @@ pub enum NetworkError {
 pub struct PodNetwork {
     bridge: String,
     prefix: [u8; 3],
-    used: Mutex<BTreeSet<u8>>,
+    /// Addresses in use, and the last one handed out: the next pod takes the next free one
+    /// after it, so an address just released (whose namespace the kernel may still be
+    /// tearing down) is the last to be reused.
+    used: Mutex<(BTreeSet<u8>, u8)>,
     /// Where the API server listens on the host (the relay's target).
     api_server: SocketAddr,
 }
@@ -177,11 +180,14 @@ impl PodNetwork {
     /// Gives a pod its namespace, address and the `kubernetes` Service.
     pub fn attach(&self) -> Result<PodLink, NetworkError> {
         let n = {
-            let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
-            let n = (2..=254u8)
-                .find(|n| !used.contains(n))
+            let mut guard = self.used.lock().unwrap_or_else(|p| p.into_inner());
+            let (used, last) = &mut *guard;
+            let n = (*last + 1..=254)
+                .chain(2..=*last)
+                .find(|n| *n >= 2 && !used.contains(n))
                 .ok_or_else(|| NetworkError::Exhausted(format!("{}", self.addr(0))))?;
             used.insert(n);
+            *last = n;
             n
         };
         match self.plumb(n) {
@@ -197,6 +203,14 @@ impl PodNetwork {
     fn plumb(&self, n: u8) -> Result<PodLink, NetworkError> {
         let (netns, pod_ip) = (self.netns_name(n), self.addr(n));
         let veth = host_veth(&self.bridge, pod_ip);
+        // What an earlier pod of this address may have left: its namespace's name, or a link
+        // that something still held when the namespace went.
+        if netns_path(&netns).exists() {
+            ip(&["netns", "del", &netns])?;
+        }
+        if ip(&["link", "show", "dev", &veth]).is_ok() {
+            ip(&["link", "del", &veth])?;
+        }
         ip(&["netns", "add", &netns])?;
         ip(&[
             "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &netns,
@@ -252,12 +266,15 @@ impl PodNetwork {
         let listener = tokio::net::TcpListener::from_std(listener).map_err(failed)?;
         let target = self.api_server;
         Ok(tokio::spawn(async move {
+            // The connections go with the relay: aborting it drops the set, which aborts them.
+            let mut connections = tokio::task::JoinSet::new();
             while let Ok((mut inbound, _)) = listener.accept().await {
-                tokio::spawn(async move {
+                connections.spawn(async move {
                     if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
                         let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
                     }
                 });
+                while connections.try_join_next().is_some() {}
             }
         }))
     }
@@ -276,6 +293,7 @@ impl PodNetwork {
         self.used
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+            .0
             .remove(&n);
     }
 }

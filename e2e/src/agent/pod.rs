@@ -117,7 +117,7 @@ async fn run_pod(shared: Arc<Shared>, mut updates: watch::Receiver<Update>, mut 
     tracing::info!("pod assigned to this node");
 
     let (stop_tx, stop_rx) = watch::channel(None::<Stop>);
-    let (link, sandbox_failed) = match link {
+    let (mut link, sandbox_failed) = match link {
         Ok(link) => (link, None),
         Err(e) => (None, Some(PodError::from(e))),
     };
@@ -163,17 +163,20 @@ async fn run_pod(shared: Arc<Shared>, mut updates: watch::Receiver<Update>, mut 
             break;
         }
         tokio::select! {
-            _ = &mut lifecycle, if !done => done = true,
+            _ = &mut lifecycle, if !done => {
+                done = true;
+                // Every container has ended for good: the sandbox goes, as the kubelet's
+                // does for a finished pod (its address is free for the next one).
+                if let Some(link) = link.take() {
+                    shared.network.detach(link);
+                }
+            }
             changed = updates.changed(), if watch_open => watch_open = changed.is_ok(),
             _ = shutdown.wait_for(|s| *s), if !agent_stopping => {
                 agent_stopping = true;
                 let _ = stop_tx.send(Some(Stop { grace: SHUTDOWN_GRACE }));
             }
         }
-    }
-    // Every process is gone: nothing holds the namespace any more.
-    if let Some(link) = link {
-        shared.network.detach(link);
     }
     if agent_stopping && !deleting {
         // The agent is exiting: the pod stays in the API, like a pod of a stopped kubelet.

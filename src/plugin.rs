@@ -1,0 +1,394 @@
+//! `kubectl pgsnap`: the command line people use beside `kubectl apply`. `kubectl` runs any
+//! `kubectl-pgsnap` on the PATH as `kubectl pgsnap …`; it reads the same kubeconfig.
+//!
+//! Output is for people by default (aligned columns, colour only on a terminal) and for
+//! scripts with `-o json` (the objects themselves, as the API returns them).
+
+use std::fmt::Write as _;
+use std::io::IsTerminal;
+
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::ListParams;
+use kube::{Api, Client, ResourceExt};
+
+use crate::api::backup::{Backup, Phase};
+use crate::api::{SCHEDULE_NAME_LABEL, backup::BackupStatus};
+
+#[derive(clap::Parser)]
+#[command(
+    name = "kubectl-pgsnap",
+    bin_name = "kubectl pgsnap",
+    about = "pgsnap's Backups from the command line",
+    version
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// The namespace (default: the kubeconfig context's).
+    #[arg(short, long, global = true)]
+    pub namespace: Option<String>,
+    /// `table` for people, `json` for scripts.
+    #[arg(short, long, global = true, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+#[derive(clap::Subcommand)]
+pub enum Command {
+    /// The Backups, newest first: database, age, time in backup mode, size, WAL source,
+    /// schedule.
+    List {
+        /// In every namespace.
+        #[arg(short = 'A', long)]
+        all_namespaces: bool,
+    },
+    /// One Backup: its steps with their durations, the label's LSNs, the snapshots, the
+    /// Events.
+    Describe { backup: String },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("kubeconfig: {0}")]
+    Config(#[from] kube::config::InferConfigError),
+    #[error("{0}")]
+    Kube(#[from] kube::Error),
+    #[error("encoding JSON: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// Runs the command and prints what it found.
+pub async fn main(cli: Cli) -> Result<(), Error> {
+    let config = kube::Config::infer().await?;
+    let namespace = cli
+        .namespace
+        .clone()
+        .unwrap_or_else(|| config.default_namespace.clone());
+    let client = Client::try_from(config)?;
+    let colour = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let text = match &cli.command {
+        Command::List { all_namespaces } => {
+            let api: Api<Backup> = match all_namespaces {
+                true => Api::all(client),
+                false => Api::namespaced(client, &namespace),
+            };
+            let mut backups = api.list(&ListParams::default()).await?.items;
+            backups.sort_by_key(|b| std::cmp::Reverse(b.creation_timestamp().map(|t| t.0)));
+            match cli.output {
+                Output::Json => serde_json::to_string_pretty(&backups)?,
+                Output::Table => list_table(&backups, *all_namespaces, Timestamp::now(), colour),
+            }
+        }
+        Command::Describe { backup } => {
+            let backup = Api::<Backup>::namespaced(client.clone(), &namespace)
+                .get(backup)
+                .await?;
+            let events = events_of(&client, &backup).await?;
+            match cli.output {
+                Output::Json => serde_json::to_string_pretty(&backup)?,
+                Output::Table => describe(&backup, &events, colour),
+            }
+        }
+    };
+    println!("{}", text.trim_end());
+    Ok(())
+}
+
+async fn events_of(client: &Client, backup: &Backup) -> Result<Vec<Event>, kube::Error> {
+    let api: Api<Event> = Api::namespaced(client.clone(), &backup.namespace().unwrap_or_default());
+    let selector = format!(
+        "regarding.kind=Backup,regarding.name={},regarding.uid={}",
+        backup.name_any(),
+        backup.uid().unwrap_or_default()
+    );
+    let mut events = api
+        .list(&ListParams::default().fields(&selector))
+        .await?
+        .items;
+    events.sort_by_key(|e| e.event_time.as_ref().map(|t| t.0));
+    Ok(events)
+}
+
+/// Columns padded to their widest cell; the last one is not padded.
+fn table(rows: &[Vec<String>]) -> String {
+    let widths: Vec<usize> = (0..rows.first().map_or(0, Vec::len))
+        .map(|i| rows.iter().map(|r| visible_len(&r[i])).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let last = row.len() - 1;
+        for (i, cell) in row.iter().enumerate() {
+            out.push_str(cell);
+            if i < last {
+                out.push_str(&" ".repeat(widths[i] - visible_len(cell) + 3));
+            }
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// Length without terminal colour codes.
+fn visible_len(s: &str) -> usize {
+    let mut n = 0;
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            chars.by_ref().find(|c| *c == 'm');
+        } else {
+            n += 1;
+        }
+    }
+    n
+}
+
+fn phase_cell(status: Option<&BackupStatus>, colour: bool) -> String {
+    let phase = status.and_then(|s| s.phase);
+    let text = phase.map_or("Pending".to_string(), |p| format!("{p:?}"));
+    // Green for done, red for failed, as kubectl plugins people know do.
+    let code = match phase {
+        Some(Phase::Completed) => "32",
+        Some(Phase::Failed) => "31",
+        _ => return text,
+    };
+    match colour {
+        true => format!("\u{1b}[{code}m{text}\u{1b}[0m"),
+        false => text,
+    }
+}
+
+/// kubectl's age: the two largest units.
+fn age(since: Timestamp, now: Timestamp) -> String {
+    let s = now.duration_since(since).as_secs().max(0);
+    match s {
+        0..120 => format!("{s}s"),
+        120..7200 => format!("{}m{}s", s / 60, s % 60),
+        7200..172800 => format!("{}h{}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d{}h", s / 86400, s % 86400 / 3600),
+    }
+}
+
+/// The sum of the snapshots' restore sizes, as the storage reports them.
+fn size(status: &BackupStatus) -> String {
+    let bytes: Option<u64> = status
+        .snapshots
+        .iter()
+        .map(|s| s.restore_size.as_deref().and_then(quantity_bytes))
+        .sum();
+    match bytes {
+        Some(b) if b >= 1 << 30 => format!("{:.1}Gi", b as f64 / (1u64 << 30) as f64),
+        Some(b) => format!("{}Mi", b.div_ceil(1 << 20)),
+        None => "-".into(),
+    }
+}
+
+/// Bytes of a Kubernetes quantity in the forms storage reports (`1Gi`, `1073741824`, `1G`).
+fn quantity_bytes(q: &str) -> Option<u64> {
+    let digits = q.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    let number: u64 = digits.parse().ok()?;
+    let factor: u64 = match &q[digits.len()..] {
+        "" => 1,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        "k" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        "T" => 1_000_000_000_000,
+        _ => return None,
+    };
+    number.checked_mul(factor)
+}
+
+fn list_table(backups: &[Backup], all_namespaces: bool, now: Timestamp, colour: bool) -> String {
+    let mut rows = vec![Vec::new()];
+    if all_namespaces {
+        rows[0].push("NAMESPACE".to_string());
+    }
+    rows[0].extend(
+        [
+            "NAME",
+            "PHASE",
+            "DATABASE",
+            "AGE",
+            "BACKUP MODE",
+            "SIZE",
+            "WAL",
+            "SCHEDULE",
+        ]
+        .map(String::from),
+    );
+    for b in backups {
+        let status = b.status.as_ref();
+        let mut row = Vec::new();
+        if all_namespaces {
+            row.push(b.namespace().unwrap_or_default());
+        }
+        let database = status
+            .and_then(|s| s.postgres.as_ref())
+            .map(|p| p.pod.clone())
+            .unwrap_or_else(|| "-".into());
+        let window = status
+            .and_then(|s| s.backup_window.as_ref())
+            .and_then(|w| w.seconds.clone())
+            .map_or("-".into(), |s| format!("{s}s"));
+        row.extend([
+            b.name_any(),
+            phase_cell(status, colour),
+            database,
+            b.creation_timestamp().map_or("-".into(), |t| age(t.0, now)),
+            window,
+            status.map_or("-".into(), size),
+            status
+                .and_then(|s| s.wal_source)
+                .map_or("-".into(), |w| format!("{w:?}")),
+            b.labels()
+                .get(SCHEDULE_NAME_LABEL)
+                .cloned()
+                .unwrap_or_else(|| "-".into()),
+        ]);
+        rows.push(row);
+    }
+    table(&rows)
+}
+
+fn describe(backup: &Backup, events: &[Event], colour: bool) -> String {
+    let status = backup.status.clone().unwrap_or_default();
+    let mut out = String::new();
+    let field = |out: &mut String, k: &str, v: &str| {
+        let _ = writeln!(out, "{:<16}{v}", format!("{k}:"));
+    };
+    field(&mut out, "Name", &backup.name_any());
+    field(
+        &mut out,
+        "Namespace",
+        &backup.namespace().unwrap_or_default(),
+    );
+    field(&mut out, "Phase", &phase_cell(Some(&status), colour));
+    if let Some(error) = &status.error {
+        field(&mut out, "Reason", &error.reason);
+        field(&mut out, "Message", &error.message);
+    }
+    if let Some(pg) = &status.postgres {
+        let role = pg.role.map_or(String::new(), |r| format!(", {r:?}"));
+        let version = pg.version.clone().unwrap_or_default();
+        field(
+            &mut out,
+            "Database",
+            &format!("{} (PostgreSQL {version}{role})", pg.pod),
+        );
+        if let Some(id) = &pg.system_identifier {
+            field(&mut out, "System id", id);
+        }
+    }
+    if let Some(w) = status.wal_source {
+        field(&mut out, "WAL source", &format!("{w:?}"));
+    }
+    if let (Some(start), Some(stop)) = (&status.start_lsn, &status.stop_lsn) {
+        let wal = |w: &Option<String>| w.clone().unwrap_or_default();
+        field(
+            &mut out,
+            "Start LSN",
+            &format!("{start} ({})", wal(&status.start_wal)),
+        );
+        field(
+            &mut out,
+            "Stop LSN",
+            &format!("{stop} ({})", wal(&status.stop_wal)),
+        );
+    }
+    if let Some(cm) = &status.label_config_map {
+        field(&mut out, "Label", cm);
+    }
+    if let Some(t) = &status.timings {
+        let window = status
+            .backup_window
+            .as_ref()
+            .and_then(|w| w.seconds.clone())
+            .unwrap_or_default();
+        out.push_str("\nSteps (time in backup mode ");
+        let _ = writeln!(out, "{window}s):");
+        let ms = |s: f64| format!("{:.0} ms", s * 1000.0);
+        out.push_str(&indent(&table(&[
+            vec!["checkpoint (start)".into(), ms(t.checkpoint_seconds)],
+            vec!["snapshots cut".into(), ms(t.cut_seconds)],
+            vec!["stop".into(), ms(t.stop_seconds)],
+            vec!["pgsnap's overhead".into(), ms(t.overhead_seconds)],
+        ])));
+    }
+    if !status.snapshots.is_empty() {
+        out.push_str("\nSnapshots:\n");
+        let mut rows = vec![
+            ["NAME", "ROLE", "CLAIM", "READY", "SIZE"]
+                .map(String::from)
+                .to_vec(),
+        ];
+        for s in &status.snapshots {
+            let role = match &s.tablespace {
+                Some(t) => format!("{:?} {t}", s.role),
+                None => format!("{:?}", s.role),
+            };
+            rows.push(vec![
+                s.name.clone(),
+                role,
+                s.persistent_volume_claim.clone(),
+                s.ready_to_use.to_string(),
+                s.restore_size.clone().unwrap_or_else(|| "-".into()),
+            ]);
+        }
+        out.push_str(&indent(&table(&rows)));
+    }
+    out.push_str("\nEvents:\n");
+    if events.is_empty() {
+        out.push_str("  <none>\n");
+    } else {
+        let mut rows = vec![["TYPE", "REASON", "MESSAGE"].map(String::from).to_vec()];
+        for e in events {
+            rows.push(vec![
+                e.type_.clone().unwrap_or_default(),
+                e.reason.clone().unwrap_or_default(),
+                e.note.clone().unwrap_or_default(),
+            ]);
+        }
+        out.push_str(&indent(&table(&rows)));
+    }
+    out
+}
+
+fn indent(text: &str) -> String {
+    text.lines().map(|l| format!("  {l}\n")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_ages_and_columns() {
+        assert_eq!(quantity_bytes("1Gi"), Some(1 << 30));
+        assert_eq!(quantity_bytes("1073741824"), Some(1 << 30));
+        assert_eq!(quantity_bytes("5M"), Some(5_000_000));
+        assert_eq!(quantity_bytes("5Q"), None);
+        let t = |s: &str| s.parse::<Timestamp>().unwrap();
+        let now = t("2026-12-03T12:00:00Z");
+        assert_eq!(age(t("2026-12-03T11:59:15Z"), now), "45s");
+        assert_eq!(age(t("2026-12-03T11:50:00Z"), now), "10m0s");
+        assert_eq!(age(t("2026-12-01T09:00:00Z"), now), "2d3h");
+        let coloured = "\u{1b}[32mCompleted\u{1b}[0m";
+        assert_eq!(visible_len(coloured), 9);
+        assert_eq!(
+            table(&[
+                vec!["A".into(), "B".into()],
+                vec![coloured.into(), "x".into()]
+            ]),
+            format!("A           B\n{coloured}   x\n")
+        );
+    }
+}
