@@ -24,7 +24,7 @@ pub const FIELD_MANAGER: &str = "pgsnap";
 
 /// Why an object failed: a stable reason (status, Events, metric labels) and a message a
 /// user can act on. Every module's typed error converts into one.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Failure {
     pub reason: String,
     pub message: String,

@@ -14,6 +14,8 @@ use kube::{Api, Client, ResourceExt};
 
 use crate::api::backup::{Backup, Phase};
 use crate::api::{SCHEDULE_NAME_LABEL, backup::BackupStatus};
+use crate::backup::{SecretsRead, phase, read_secrets, task};
+use crate::controller::Failure;
 
 #[derive(clap::Parser)]
 #[command(
@@ -35,6 +37,10 @@ pub struct Cli {
 
 #[derive(clap::Subcommand)]
 pub enum Command {
+    /// Whether a database can be backed up, before its first backup: connects as a Backup
+    /// would and runs the checks the operator runs before backup mode, each with the fix.
+    /// Exits 1 when a backup would fail.
+    Check(CheckArgs),
     /// The Backups, newest first: database, age, time in backup mode, size, WAL source,
     /// schedule.
     List {
@@ -45,6 +51,27 @@ pub enum Command {
     /// One Backup: its steps with their durations, the label's LSNs, the snapshots, the
     /// Events.
     Describe { backup: String },
+}
+
+#[derive(clap::Args)]
+pub struct CheckArgs {
+    /// The pod running the server.
+    pub pod: String,
+    /// The password's Secret and key, `NAME/KEY` (as a Backup's passwordSecretRef).
+    #[arg(long)]
+    pub secret: Option<String>,
+    /// The role to connect as (default: the Backup's default, postgres).
+    #[arg(long)]
+    pub user: Option<String>,
+    /// The database to connect to.
+    #[arg(long)]
+    pub database: Option<String>,
+    /// The port (default: the pod's container port named postgresql, else 5432).
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// The VolumeSnapshotClass a Backup would name (default: each driver's default class).
+    #[arg(long)]
+    pub snapshot_class: Option<String>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -63,8 +90,8 @@ pub enum Error {
     Json(#[from] serde_json::Error),
 }
 
-/// Runs the command and prints what it found.
-pub async fn main(cli: Cli) -> Result<(), Error> {
+/// Runs the command and prints what it found; false when it found a backup would fail.
+pub async fn main(cli: Cli) -> Result<bool, Error> {
     let config = kube::Config::infer().await?;
     let namespace = cli
         .namespace
@@ -72,7 +99,18 @@ pub async fn main(cli: Cli) -> Result<(), Error> {
         .unwrap_or_else(|| config.default_namespace.clone());
     let client = Client::try_from(config)?;
     let colour = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let mut ok = true;
     let text = match &cli.command {
+        Command::Check(args) => {
+            let checks = check(&client, &namespace, args).await?;
+            ok = checks
+                .iter()
+                .all(|c| !matches!(c.result, Checked::Failed(_)));
+            match cli.output {
+                Output::Json => serde_json::to_string_pretty(&checks)?,
+                Output::Table => check_table(&checks, colour),
+            }
+        }
         Command::List { all_namespaces } => {
             let api: Api<Backup> = match all_namespaces {
                 true => Api::all(client),
@@ -97,7 +135,199 @@ pub async fn main(cli: Cli) -> Result<(), Error> {
         }
     };
     println!("{}", text.trim_end());
-    Ok(())
+    Ok(ok)
+}
+
+/// One line of `check`.
+#[derive(serde::Serialize)]
+struct Check {
+    check: &'static str,
+    #[serde(flatten)]
+    result: Checked,
+}
+
+#[derive(serde::Serialize)]
+#[serde(tag = "result", content = "detail", rename_all = "lowercase")]
+enum Checked {
+    Passed(String),
+    /// The reason a Backup would fail with, and its message (which says the fix).
+    Failed(Failure),
+    /// Not checked: an earlier check it needs failed.
+    Skipped(String),
+}
+
+impl From<Result<String, Failure>> for Checked {
+    fn from(r: Result<String, Failure>) -> Self {
+        match r {
+            Ok(detail) => Checked::Passed(detail),
+            Err(f) => Checked::Failed(f),
+        }
+    }
+}
+
+/// The Backup these flags describe, as the operator would read it (never applied).
+fn backup_of(namespace: &str, args: &CheckArgs) -> Result<Backup, serde_json::Error> {
+    let mut connection = serde_json::Map::new();
+    if let Some((name, key)) = args.secret.as_deref().and_then(|s| s.split_once('/')) {
+        connection.insert(
+            "passwordSecretRef".into(),
+            serde_json::json!({"name": name, "key": key}),
+        );
+    }
+    for (field, value) in [("user", &args.user), ("database", &args.database)] {
+        if let Some(v) = value {
+            connection.insert(field.into(), v.clone().into());
+        }
+    }
+    if let Some(port) = args.port {
+        connection.insert("port".into(), port.into());
+    }
+    let mut spec = serde_json::json!({"target": {"podName": args.pod}, "connection": connection});
+    if let Some(class) = &args.snapshot_class {
+        spec["volumeSnapshotClassName"] = class.clone().into();
+    }
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "pgsnap.io/v1alpha1", "kind": "Backup",
+        "metadata": {"name": "kubectl-pgsnap-check", "namespace": namespace},
+        "spec": spec,
+    }))
+}
+
+/// The operator's own steps before backup mode, in its order, each reported; a step whose
+/// input an earlier one could not give is skipped.
+async fn check(client: &Client, namespace: &str, args: &CheckArgs) -> Result<Vec<Check>, Error> {
+    let backup = std::sync::Arc::new(backup_of(namespace, args)?);
+    let mut checks = Vec::new();
+    let mut push = |check, result: Checked| checks.push(Check { check, result });
+    let skipped = |what: &str| Checked::Skipped(format!("needs {what}"));
+
+    let pods = match task::target_pods(client, &backup).await {
+        Ok(pods) => {
+            push(
+                "target pod",
+                Checked::Passed(format!("{} is running", args.pod)),
+            );
+            pods
+        }
+        Err(f) => {
+            push("target pod", Checked::Failed(f));
+            for c in [
+                "credentials",
+                "connection",
+                "server",
+                "WAL source",
+                "volumes",
+                "snapshot classes",
+            ] {
+                push(c, skipped("the target pod"));
+            }
+            return Ok(checks);
+        }
+    };
+    let secrets = match read_secrets(client, &backup).await? {
+        SecretsRead::Found(s) => {
+            let what = match &args.secret {
+                Some(s) => format!("Secret {s}"),
+                None => "no password (trust or a client certificate)".into(),
+            };
+            push("credentials", Checked::Passed(what));
+            s
+        }
+        SecretsRead::Missing(message) => {
+            push(
+                "credentials",
+                Checked::Failed(Failure::new("SecretNotFound", message)),
+            );
+            return Ok(checks);
+        }
+        SecretsRead::Invalid(f) => {
+            push("credentials", Checked::Failed(f));
+            return Ok(checks);
+        }
+    };
+    let work = task::Assignment {
+        backup: backup.clone(),
+        connect_timeout: std::time::Duration::from_secs(10),
+        pods,
+        password: secrets.password,
+        ca_cert: secrets.ca_cert,
+    };
+    let (mut session, pod) = match task::connect(&work).await {
+        Ok(connected) => connected,
+        Err(f) => {
+            push("connection", Checked::Failed(f));
+            for c in ["server", "WAL source", "volumes", "snapshot classes"] {
+                push(c, skipped("a connection"));
+            }
+            return Ok(checks);
+        }
+    };
+    let server = session.server().clone();
+    push(
+        "connection",
+        Checked::Passed(format!(
+            "PostgreSQL {} as {}, {}",
+            server.version,
+            server.role.name,
+            if server.in_recovery {
+                "standby"
+            } else {
+                "primary"
+            }
+        )),
+    );
+    let ready = session.check_ready().await.map_err(Failure::from);
+    let standby = match server.in_recovery {
+        true => "; the primary writes full-page images",
+        false => "",
+    };
+    let detail = format!(
+        "wal_level {}; {} may call the backup functions{standby}",
+        server.wal_level, server.role.name
+    );
+    push("server", ready.map(|()| detail).into());
+    let wal = phase::wal_source(server.in_recovery, &server.archive_mode, &server.archiver);
+    push(
+        "WAL source",
+        wal.map(|w| format!("{w:?} ({})", server.archiver)).into(),
+    );
+    match task::plan_snapshots(&mut session, &pod, &backup.spec).await {
+        Ok((plan, unlocated)) => {
+            let claims: Vec<String> = plan
+                .iter()
+                .map(|p| format!("{:?}: {}", p.role, p.persistent_volume_claim))
+                .collect();
+            let mut detail = claims.join(", ");
+            if let Some(note) = unlocated {
+                detail.push_str(&format!(" ({note})"));
+            }
+            push("volumes", Checked::Passed(detail));
+            let classes = task::snapshot_classes(client, &backup, &plan).await;
+            push("snapshot classes", classes.map(|c| c.join(", ")).into());
+        }
+        Err(f) => {
+            push("volumes", Checked::Failed(f));
+            push("snapshot classes", skipped("the volumes"));
+        }
+    }
+    Ok(checks)
+}
+
+fn check_table(checks: &[Check], colour: bool) -> String {
+    let paint = |code: &str, text: &str| match colour {
+        true => format!("\u{1b}[{code}m{text}\u{1b}[0m"),
+        false => text.to_string(),
+    };
+    let mut rows = vec![["CHECK", "", "DETAIL"].map(String::from).to_vec()];
+    for c in checks {
+        let (mark, detail) = match &c.result {
+            Checked::Passed(d) => (paint("32", "✓"), d.clone()),
+            Checked::Failed(f) => (paint("31", "✗"), format!("{}: {}", f.reason, f.message)),
+            Checked::Skipped(d) => ("-".to_string(), d.clone()),
+        };
+        rows.push(vec![c.check.to_string(), mark, detail]);
+    }
+    table(&rows)
 }
 
 async fn events_of(client: &Client, backup: &Backup) -> Result<Vec<Event>, kube::Error> {

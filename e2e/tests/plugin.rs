@@ -1,5 +1,5 @@
 //! `kubectl pgsnap` as users run it: the binary on the PATH, found and run by the real
-//! kubectl, against the test cluster.
+//! kubectl, against the test cluster: `list`, `describe`, and `check` before a first backup.
 
 use std::process::Command;
 
@@ -8,6 +8,7 @@ use pgsnap::api::backup::Phase;
 use pgsnap_e2e::backups::{apply, backup_spec, on, wait_terminal};
 use pgsnap_e2e::cluster::{repo_root, target_dir};
 use pgsnap_e2e::operator::Operator;
+use pgsnap_e2e::postgres::password_secret;
 use pgsnap_e2e::{Cluster, postgres_pod};
 use serde_json::json;
 
@@ -120,5 +121,171 @@ async fn list_and_describe_show_a_completed_backup() {
     assert!(
         err.contains("backups.pgsnap.io \"nope\" not found"),
         "{err}"
+    );
+}
+
+/// The rows of `check`'s table: (check, mark, detail).
+fn check_rows(out: &str) -> Vec<(String, String, String)> {
+    out.lines()
+        .skip(1)
+        .map(|l| {
+            let cells: Vec<&str> = l
+                .split("   ")
+                .map(str::trim)
+                .filter(|c| !c.is_empty())
+                .collect();
+            (
+                cells[0].to_string(),
+                cells[1].to_string(),
+                cells.get(2).unwrap_or(&"").to_string(),
+            )
+        })
+        .collect()
+}
+
+/// `check` before a first backup: a server that can be backed up passes every check (exit
+/// 0); a role without the backup functions, `wal_level = minimal`, and a data directory on no
+/// PVC each fail their check with the reason a Backup would fail with and the fix (exit 1).
+#[tokio::test]
+async fn check_says_whether_a_database_can_be_backed_up_and_how_to_fix_it() {
+    let cluster = Cluster::from_env().await;
+    let ns = cluster.namespace.clone();
+    let (good, minimal) = tokio::join!(
+        postgres_pod(17).name("good").create(&cluster),
+        postgres_pod(17)
+            .name("minimal")
+            .no_archive()
+            .setting("wal_level", "minimal")
+            .setting("max_wal_senders", "0")
+            .create(&cluster),
+    );
+    let secret = good.password_secret(&cluster).await;
+    let (code, out, err) = kubectl_pgsnap(&[
+        "check",
+        "good",
+        "-n",
+        &ns,
+        "--secret",
+        &format!("{secret}/password"),
+    ]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let rows = check_rows(&out);
+    let names: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "target pod",
+            "credentials",
+            "connection",
+            "server",
+            "WAL source",
+            "volumes",
+            "snapshot classes"
+        ],
+        "{out}"
+    );
+    assert!(rows.iter().all(|r| r.1 == "✓"), "{out}");
+    assert!(rows[2].2.starts_with("PostgreSQL 17"), "{out}");
+    assert_eq!(rows[5].2, format!("Data: {}", good.claim("data")), "{out}");
+
+    // A role that may read the settings, but not call the backup functions.
+    good.sql("CREATE ROLE weak LOGIN PASSWORD 'weak'; GRANT pg_read_all_settings TO weak")
+        .await;
+    let weak = password_secret(&cluster, "weak", "weak").await;
+    let (code, out, _) = kubectl_pgsnap(&[
+        "check",
+        "good",
+        "-n",
+        &ns,
+        "--secret",
+        &format!("{weak}/password"),
+        "--user",
+        "weak",
+    ]);
+    assert_eq!(code, 1, "{out}");
+    let server = &check_rows(&out)[3];
+    assert_eq!(server.1, "✗", "{out}");
+    assert!(
+        server.2.starts_with("MissingPrivilege: ")
+            && server
+                .2
+                .contains("GRANT EXECUTE ON FUNCTION pg_backup_start(text, boolean) TO weak"),
+        "{out}"
+    );
+
+    let secret = minimal.password_secret(&cluster).await;
+    let (code, out, _) = kubectl_pgsnap(&[
+        "check",
+        "minimal",
+        "-n",
+        &ns,
+        "--secret",
+        &format!("{secret}/password"),
+        "-o",
+        "json",
+    ]);
+    assert_eq!(code, 1, "{out}");
+    let checks: Vec<serde_json::Value> = serde_json::from_str(&out).expect("JSON");
+    let reason = |check: &str| {
+        checks
+            .iter()
+            .find(|c| c["check"] == check)
+            .map(|c| (c["result"].clone(), c["detail"]["reason"].clone()))
+    };
+    assert_eq!(
+        reason("server"),
+        Some((json!("failed"), json!("WalLevelTooLow"))),
+        "{out}"
+    );
+    assert_eq!(
+        reason("WAL source"),
+        Some((json!("failed"), json!("NoWalSource"))),
+        "{out}"
+    );
+
+    // PGDATA on an emptyDir: no PVC to snapshot.
+    let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(json!({
+        "metadata": {"name": "ephemeral"},
+        "spec": {"containers": [{
+            "name": "postgres", "image": "postgres:17",
+            "env": [{"name": "POSTGRES_PASSWORD", "value": "eph"}],
+            "readinessProbe": {"tcpSocket": {"port": 5432}, "periodSeconds": 1},
+            "volumeMounts": [{"name": "data", "mountPath": "/var/lib/postgresql/data"}],
+        }], "volumes": [{"name": "data", "emptyDir": {}}]}
+    }))
+    .unwrap();
+    cluster
+        .api::<k8s_openapi::api::core::v1::Pod>()
+        .create(&Default::default(), &pod)
+        .await
+        .unwrap();
+    let eph = password_secret(&cluster, "eph", "eph").await;
+    let since = std::time::Instant::now();
+    let out = loop {
+        let (code, out, _) = kubectl_pgsnap(&[
+            "check",
+            "ephemeral",
+            "-n",
+            &ns,
+            "--secret",
+            &format!("{eph}/password"),
+        ]);
+        let rows = check_rows(&out);
+        // Until the server accepts the session.
+        if rows.get(2).is_some_and(|r| r.1 == "✓") {
+            assert_eq!(code, 1, "{out}");
+            break out;
+        }
+        assert!(
+            since.elapsed() < std::time::Duration::from_secs(90),
+            "{out}"
+        );
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    };
+    let volumes = &check_rows(&out)[5];
+    assert_eq!(
+        (volumes.1.as_str(), volumes.2.split(':').next()),
+        ("✗", Some("PathNotOnClaim")),
+        "{out}"
     );
 }

@@ -450,20 +450,23 @@ fn removal_note(removal: &Removal) -> String {
 }
 
 /// The password and CA certificate a Backup names.
-struct Secrets {
-    password: Option<String>,
-    ca_cert: Option<Vec<u8>>,
+pub(crate) struct Secrets {
+    pub(crate) password: Option<String>,
+    pub(crate) ca_cert: Option<Vec<u8>>,
 }
 
 /// What reading a Backup's Secrets found.
-enum SecretsRead {
+pub(crate) enum SecretsRead {
     Found(Secrets),
     /// A Secret or key is missing: the backup waits for it (why, for status).
     Missing(String),
     Invalid(Failure),
 }
 
-async fn read_secrets(client: &Client, backup: &Backup) -> Result<SecretsRead, kube::Error> {
+pub(crate) async fn read_secrets(
+    client: &Client,
+    backup: &Backup,
+) -> Result<SecretsRead, kube::Error> {
     let ns = backup.namespace().unwrap_or_default();
     let conn = &backup.spec.connection;
     let mut values = [None, None];

@@ -167,7 +167,7 @@ fn connect_options(work: &Assignment, pod: &Pod) -> Result<ConnectOptions, Failu
 }
 
 /// Connects to the server the target names; with a selector, to each pod until the role fits.
-async fn connect(work: &Assignment) -> Result<(Session, Pod), Failure> {
+pub(crate) async fn connect(work: &Assignment) -> Result<(Session, Pod), Failure> {
     let target = &work.backup.spec.target;
     if target.pod_name.is_some() {
         let pod = work.pods[0].clone();
@@ -259,7 +259,7 @@ async fn execute(
         ctx.publish(backup, EventType::Normal, "WalNotLocated", message)
             .await;
     }
-    let classes = snapshot_classes(ctx, backup, &plan).await?;
+    let classes = snapshot_classes(&ctx.client, backup, &plan).await?;
     check_names_free(ctx, backup, &plan).await?;
     announce_start(ctx, backup, status, &pod, &server).await?;
 
@@ -303,7 +303,7 @@ fn postgres_status(pod: &Pod, server: &postgres::ServerInfo) -> PostgresStatus {
 /// Which claims to snapshot: the directories the server reports, through the pod's mounts.
 /// Also, when pg_wal may link to another volume that no one can name, why its volume is not
 /// in the plan.
-async fn plan_snapshots(
+pub(crate) async fn plan_snapshots(
     session: &mut Session,
     pod: &Pod,
     spec: &BackupSpec,
@@ -362,8 +362,8 @@ fn wal_not_located(e: &postgres::Error, candidates: &[&str]) -> String {
 }
 
 /// The VolumeSnapshotClass of each planned snapshot, resolved before backup mode begins.
-async fn snapshot_classes(
-    ctx: &Context,
+pub(crate) async fn snapshot_classes(
+    client: &Client,
     backup: &Backup,
     plan: &[PlannedSnapshot],
 ) -> Result<Vec<String>, Failure> {
@@ -371,8 +371,7 @@ async fn snapshot_classes(
     let requested = backup.spec.volume_snapshot_class_name.as_deref();
     let mut classes = Vec::with_capacity(plan.len());
     for s in plan {
-        let class =
-            snapshots::resolve_class(&ctx.client, &ns, &s.persistent_volume_claim, requested);
+        let class = snapshots::resolve_class(client, &ns, &s.persistent_volume_claim, requested);
         classes.push(class.await?);
     }
     Ok(classes)

@@ -196,13 +196,7 @@ impl Session {
     ) -> Result<Started, Error> {
         self.check_can_start()?;
         check_label(label)?;
-        if self.info.wal_level == "minimal" {
-            return Err(Error::WalLevelTooLow {
-                wal_level: self.info.wal_level.clone(),
-            });
-        }
-        self.check_privileges().await?;
-        self.check_role_and_full_page_writes().await?;
+        self.check_ready().await?;
 
         let called_at = SystemTime::now();
         let t0 = Instant::now();
@@ -245,6 +239,19 @@ impl Session {
             called_at,
             took,
         })
+    }
+
+    /// What `start` checks of the server before it calls into backup mode: `wal_level`, the
+    /// role's privileges, and on a standby the primary's `full_page_writes`. Also what
+    /// `kubectl pgsnap check` shows.
+    pub async fn check_ready(&mut self) -> Result<(), Error> {
+        if self.info.wal_level == "minimal" {
+            return Err(Error::WalLevelTooLow {
+                wal_level: self.info.wal_level.clone(),
+            });
+        }
+        self.check_privileges().await?;
+        self.check_role_and_full_page_writes().await
     }
 
     fn check_can_start(&mut self) -> Result<(), Error> {
