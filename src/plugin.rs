@@ -9,10 +9,10 @@ use std::io::IsTerminal;
 
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::ListParams;
+use kube::api::{ListParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 
-use crate::api::backup::{Backup, Phase};
+use crate::api::backup::{Backup, Checkpoint, Phase};
 use crate::api::{SCHEDULE_NAME_LABEL, backup::BackupStatus};
 use crate::backup::{SecretsRead, phase, read_secrets, task};
 use crate::controller::Failure;
@@ -40,7 +40,22 @@ pub enum Command {
     /// Whether a database can be backed up, before its first backup: connects as a Backup
     /// would and runs the checks the operator runs before backup mode, each with the fix.
     /// Exits 1 when a backup would fail.
-    Check(CheckArgs),
+    Check(BackupArgs),
+    /// Creates a Backup of the pod (the same flags as `check`); with `--wait` follows it to
+    /// its end, showing each phase, and exits 1 when it fails.
+    Backup {
+        #[command(flatten)]
+        of: BackupArgs,
+        /// The Backup's name (default: the pod's name and the time).
+        #[arg(long)]
+        name: Option<String>,
+        /// `fast` checkpoints at once (more I/O now), `spread` as the server's checkpoints do.
+        #[arg(long, value_enum)]
+        checkpoint: Option<CheckpointArg>,
+        /// Follow it to its end.
+        #[arg(long)]
+        wait: bool,
+    },
     /// The Backups, newest first: database, age, time in backup mode, size, WAL source,
     /// schedule.
     List {
@@ -53,8 +68,15 @@ pub enum Command {
     Describe { backup: String },
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum CheckpointArg {
+    Fast,
+    Spread,
+}
+
+/// A Backup's target and connection, as flags.
 #[derive(clap::Args)]
-pub struct CheckArgs {
+pub struct BackupArgs {
     /// The pod running the server.
     pub pod: String,
     /// The password's Secret and key, `NAME/KEY` (as a Backup's passwordSecretRef).
@@ -88,6 +110,10 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error("encoding JSON: {0}")]
     Json(#[from] serde_json::Error),
+    #[error("watching the Backup: {0}")]
+    Watch(#[from] kube::runtime::watcher::Error),
+    #[error("the Backup {0} was deleted")]
+    Deleted(String),
 }
 
 /// Runs the command and prints what it found; false when it found a backup would fail.
@@ -109,6 +135,40 @@ pub async fn main(cli: Cli) -> Result<bool, Error> {
             match cli.output {
                 Output::Json => serde_json::to_string_pretty(&checks)?,
                 Output::Table => check_table(&checks, colour),
+            }
+        }
+        Command::Backup {
+            of,
+            name,
+            checkpoint,
+            wait,
+        } => {
+            let name = name.clone().unwrap_or_else(|| {
+                format!("{}-{}", of.pod, Timestamp::now().strftime("%Y%m%d-%H%M%S"))
+            });
+            let mut backup = backup_of(&namespace, &name, of)?;
+            if let Some(c) = checkpoint {
+                backup.spec.checkpoint = match c {
+                    CheckpointArg::Fast => Checkpoint::Fast,
+                    CheckpointArg::Spread => Checkpoint::Spread,
+                };
+            }
+            let api = Api::<Backup>::namespaced(client, &namespace);
+            let made = api.create(&PostParams::default(), &backup).await?;
+            if !wait {
+                match cli.output {
+                    Output::Json => serde_json::to_string_pretty(&made)?,
+                    Output::Table => format!("backup.pgsnap.io/{name} created"),
+                }
+            } else {
+                println!("backup.pgsnap.io/{name} created");
+                let ended = follow(&api, &name).await?;
+                let status = ended.status.clone().unwrap_or_default();
+                ok = status.phase == Some(Phase::Completed);
+                match cli.output {
+                    Output::Json => serde_json::to_string_pretty(&ended)?,
+                    Output::Table => outcome(&status),
+                }
             }
         }
         Command::List { all_namespaces } => {
@@ -165,8 +225,61 @@ impl From<Result<String, Failure>> for Checked {
     }
 }
 
-/// The Backup these flags describe, as the operator would read it (never applied).
-fn backup_of(namespace: &str, args: &CheckArgs) -> Result<Backup, serde_json::Error> {
+/// Prints each phase the Backup takes, from its watch, until it ends.
+async fn follow(api: &Api<Backup>, name: &str) -> Result<Backup, Error> {
+    use futures::TryStreamExt;
+    use kube::runtime::{WatchStreamExt, watcher};
+    let t0 = std::time::Instant::now();
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let mut objects = std::pin::pin!(watcher(api.clone(), config).applied_objects());
+    let mut last = None;
+    while let Some(backup) = objects.try_next().await? {
+        let status = backup.status.clone().unwrap_or_default();
+        let phase = status.phase.unwrap_or(Phase::Pending);
+        if last != Some(phase) {
+            let said = status
+                .conditions
+                .iter()
+                .find(|c| c.type_ == "Ready")
+                .map_or(String::new(), |c| c.message.clone());
+            println!(
+                "{:>7.1}s  {:<13}{said}",
+                t0.elapsed().as_secs_f64(),
+                format!("{phase:?}")
+            );
+            last = Some(phase);
+        }
+        if phase.is_terminal() {
+            return Ok(backup);
+        }
+    }
+    Err(Error::Deleted(name.into()))
+}
+
+/// The last line of `backup --wait`.
+fn outcome(status: &BackupStatus) -> String {
+    if let Some(e) = &status.error {
+        return format!("Failed: {}: {}", e.reason, e.message);
+    }
+    let window = status
+        .backup_window
+        .as_ref()
+        .and_then(|w| w.seconds.clone())
+        .unwrap_or_default();
+    match &status.timings {
+        Some(t) => format!(
+            "Completed: {window}s in backup mode (checkpoint {:.0} ms, snapshots cut {:.0} ms, stop {:.0} ms, pgsnap {:.0} ms)",
+            t.checkpoint_seconds * 1000.0,
+            t.cut_seconds * 1000.0,
+            t.stop_seconds * 1000.0,
+            t.overhead_seconds * 1000.0
+        ),
+        None => format!("Completed: {window}s in backup mode"),
+    }
+}
+
+/// The Backup these flags describe, as the operator reads it.
+fn backup_of(namespace: &str, name: &str, args: &BackupArgs) -> Result<Backup, serde_json::Error> {
     let mut connection = serde_json::Map::new();
     if let Some((name, key)) = args.secret.as_deref().and_then(|s| s.split_once('/')) {
         connection.insert(
@@ -188,15 +301,16 @@ fn backup_of(namespace: &str, args: &CheckArgs) -> Result<Backup, serde_json::Er
     }
     serde_json::from_value(serde_json::json!({
         "apiVersion": "pgsnap.io/v1alpha1", "kind": "Backup",
-        "metadata": {"name": "kubectl-pgsnap-check", "namespace": namespace},
+        "metadata": {"name": name, "namespace": namespace},
         "spec": spec,
     }))
 }
 
 /// The operator's own steps before backup mode, in its order, each reported; a step whose
 /// input an earlier one could not give is skipped.
-async fn check(client: &Client, namespace: &str, args: &CheckArgs) -> Result<Vec<Check>, Error> {
-    let backup = std::sync::Arc::new(backup_of(namespace, args)?);
+async fn check(client: &Client, namespace: &str, args: &BackupArgs) -> Result<Vec<Check>, Error> {
+    // Never applied: the operator's steps run on it here.
+    let backup = std::sync::Arc::new(backup_of(namespace, "kubectl-pgsnap-check", args)?);
     let mut checks = Vec::new();
     let mut push = |check, result: Checked| checks.push(Check { check, result });
     let skipped = |what: &str| Checked::Skipped(format!("needs {what}"));

@@ -1,5 +1,6 @@
 //! `kubectl pgsnap` as users run it: the binary on the PATH, found and run by the real
-//! kubectl, against the test cluster: `list`, `describe`, and `check` before a first backup.
+//! kubectl, against the test cluster: `list`, `describe`, `check` before a first backup, and
+//! `backup --wait`.
 
 use std::process::Command;
 
@@ -286,6 +287,59 @@ async fn check_says_whether_a_database_can_be_backed_up_and_how_to_fix_it() {
     assert_eq!(
         (volumes.1.as_str(), volumes.2.split(':').next()),
         ("✗", Some("PathNotOnClaim")),
+        "{out}"
+    );
+}
+
+/// `backup --wait` creates a Backup and follows it phase by phase to its end: exit 0 and the
+/// split of its time in backup mode when Completed, exit 1 and the reason when Failed.
+#[tokio::test]
+async fn backup_wait_follows_a_backup_to_its_end() {
+    let cluster = Cluster::from_env().await;
+    let _operator = Operator::for_test(&cluster).await;
+    let db = postgres_pod(17).create(&cluster).await;
+    let secret = db.password_secret(&cluster).await;
+    let ns = cluster.namespace.as_str();
+    let (code, out, err) = kubectl_pgsnap(&[
+        "backup",
+        &db.name,
+        "-n",
+        ns,
+        "--secret",
+        &format!("{secret}/password"),
+        "--checkpoint",
+        "fast",
+        "--name",
+        "by-cli",
+        "--wait",
+    ]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "backup.pgsnap.io/by-cli created", "{out}");
+    let completed = lines
+        .iter()
+        .position(|l| l.contains("s  Completed"))
+        .expect(&out);
+    assert!(
+        lines[1..completed].iter().all(|l| !l.contains("Failed")),
+        "{out}"
+    );
+    assert!(
+        lines.last().unwrap().starts_with("Completed: ")
+            && out.contains("s in backup mode (checkpoint "),
+        "{out}"
+    );
+    let backup = cluster.api::<Backup>().get("by-cli").await.unwrap();
+    assert_eq!(backup.status.unwrap().phase, Some(Phase::Completed));
+
+    let (code, out, _) =
+        kubectl_pgsnap(&["backup", "nope", "-n", ns, "--name", "of-nothing", "--wait"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.lines()
+            .last()
+            .unwrap()
+            .starts_with("Failed: TargetPodNotFound: "),
         "{out}"
     );
 }
