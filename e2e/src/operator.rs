@@ -40,6 +40,26 @@ pub fn cluster_shell(script: &str) -> String {
     stdout
 }
 
+/// Runs `argv` as a user would at a shell after `eval "$(e2e/cluster env)"` (the cluster's
+/// kubectl and helm), with this build's binaries (`kubectl-pgsnap`) first on the PATH;
+/// (exit code, stdout, stderr).
+pub fn cluster_tool(argv: &[&str]) -> (i32, String, String) {
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg("eval \"$(e2e/cluster env)\"; PATH=\"$BUILD_DIR:$PATH\" \"$@\"")
+        .arg("cluster-tool")
+        .args(argv)
+        .env("BUILD_DIR", target_dir().join("debug"))
+        .current_dir(repo_root())
+        .output()
+        .expect("bash");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
 /// Applies pgsnap's CRDs, and the chart's ServiceAccount and RBAC (rendered by
 /// `helm template`), as an administrator would before installing the operator.
 pub fn install_chart_rbac() {

@@ -15,26 +15,18 @@ use pgsnap_e2e::backups::{
     apply, backup_spec, delete_snapshot_class, on, snapshot_class, wait_phase, wait_terminal,
 };
 use pgsnap_e2e::cluster::repo_root;
+use pgsnap_e2e::operator::cluster_tool;
 use pgsnap_e2e::{Cluster, postgres_pod};
 use serde::Deserialize;
 use serde_json::json;
 
 /// `helm <args>` from the cluster's tool cache; (success, stdout, stderr).
 fn helm(args: &[&str]) -> (bool, String, String) {
-    let script = "eval \"$(e2e/cluster env)\"; helm \"$@\"";
-    let out = Command::new("bash")
-        .arg("-c")
-        .arg(script)
-        .arg("helm")
-        .args(args)
-        .current_dir(repo_root())
-        .output()
-        .expect("bash");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
+    let argv: Vec<&str> = std::iter::once("helm")
+        .chain(args.iter().copied())
+        .collect();
+    let (code, out, err) = cluster_tool(&argv);
+    (code == 0, out, err)
 }
 
 /// `helm install` of the chart into the test's namespace as the tests run it: the node

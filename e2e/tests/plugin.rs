@@ -2,13 +2,10 @@
 //! kubectl, against the test cluster: `list`, `describe`, `check` before a first backup, and
 //! `backup --wait`.
 
-use std::process::Command;
-
 use pgsnap::api::Backup;
 use pgsnap::api::backup::Phase;
 use pgsnap_e2e::backups::{apply, backup_spec, on, wait_terminal};
-use pgsnap_e2e::cluster::{repo_root, target_dir};
-use pgsnap_e2e::operator::Operator;
+use pgsnap_e2e::operator::{Operator, cluster_tool};
 use pgsnap_e2e::postgres::password_secret;
 use pgsnap_e2e::{Cluster, postgres_pod};
 use serde_json::json;
@@ -16,20 +13,11 @@ use serde_json::json;
 /// `kubectl pgsnap <args>` with the cluster's kubectl and this build's plugin on the PATH;
 /// (exit code, stdout, stderr).
 fn kubectl_pgsnap(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new("bash")
-        .arg("-c")
-        .arg("eval \"$(e2e/cluster env)\"; PATH=\"$PLUGIN_DIR:$PATH\" kubectl pgsnap \"$@\"")
-        .arg("kubectl-pgsnap")
-        .args(args)
-        .env("PLUGIN_DIR", target_dir().join("debug"))
-        .current_dir(repo_root())
-        .output()
-        .expect("bash");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
+    let argv: Vec<&str> = ["kubectl", "pgsnap"]
+        .into_iter()
+        .chain(args.iter().copied())
+        .collect();
+    cluster_tool(&argv)
 }
 
 /// `list` and `describe` of a Completed Backup, for people and for scripts; a Backup that
