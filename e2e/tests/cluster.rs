@@ -728,11 +728,25 @@ async fn every_pod_has_a_network_of_its_own() {
         .expect("the same session works again");
     assert!(!rows.is_empty());
 
-    // The namespace goes with the pod.
+    // The bridge keeps its MAC address when a port with a lower one comes (and goes): one that
+    // followed its ports would leave the other pods' cached gateway address pointing nowhere,
+    // and an idle session's keepalives unanswered, for half a minute.
     let pods = cluster.api::<Pod>();
     let pod = pods.get(&a.name).await.unwrap();
     let ip = a.host.parse().unwrap();
-    let netns = network::netns_of(&network::bridge_of(ip).unwrap(), ip);
+    let bridge = network::bridge_of(ip).unwrap();
+    let mac = || std::fs::read_to_string(format!("/sys/class/net/{bridge}/address")).unwrap();
+    let before = mac();
+    let lowest = std::process::Command::new("ip")
+        .args(["link", "set", "dev", &network::host_veth(&bridge, ip)])
+        .args(["address", "00:00:00:00:00:01"])
+        .status()
+        .unwrap();
+    assert!(lowest.success());
+    assert_eq!(mac(), before, "the bridge took its new port's address");
+
+    // The namespace goes with the pod.
+    let netns = network::netns_of(&bridge, ip);
     assert!(netns.exists(), "{}", netns.display());
     pods.delete(&a.name, &DeleteParams::default())
         .await

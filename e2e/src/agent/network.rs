@@ -155,6 +155,13 @@ impl PodNetwork {
         if ip(&["link", "show", "dev", br]).is_err() {
             ip(&["link", "add", br, "type", "bridge"])?;
         }
+        // A bridge left to itself takes the lowest MAC address of its ports, so it changes when
+        // a pod comes or goes, and the other pods' cached gateway address then points nowhere
+        // until their ARP entry expires (half a minute without a packet through). One chosen,
+        // locally administered, it keeps.
+        let [a, b, c] = self.prefix;
+        let mac = format!("02:{a:02x}:{b:02x}:{c:02x}:00:01");
+        ip(&["link", "set", "dev", br, "address", &mac])?;
         let gw = format!("{}/24", self.gateway());
         // `replace`: idempotent across agent restarts.
         ip(&["addr", "replace", &gw, "dev", br])?;
