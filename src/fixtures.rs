@@ -347,6 +347,7 @@ impl Backup {
             },
             volume_snapshot_class_name: None,
             checkpoint: Default::default(),
+            wal_source: Default::default(),
             wait_for_archive: true,
             deadline: crate::api::Duration::from_secs(600),
             ready_timeout: crate::api::Duration::from_secs(86400),

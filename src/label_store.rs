@@ -31,6 +31,7 @@ pub mod annotations {
     pub const TABLESPACE_MAP_SHA256: &str = "pgsnap.io/tablespace-map-sha256";
     /// JSON list of [`super::SnapshotLocation`]: where each directory is inside each snapshot.
     pub const VOLUMES: &str = "pgsnap.io/volumes";
+    pub const WAL: &str = "pgsnap.io/wal";
     /// The Backup's full name (its label value may be shortened).
     pub const BACKUP_NAME: &str = "pgsnap.io/backup-name";
 }
@@ -70,6 +71,26 @@ pub struct SnapshotLocation {
 }
 
 /// What the label ConfigMap holds: written once by the backup, read by every restore.
+/// The backup's WAL kept with it: which snapshot holds it, where in that volume, and the
+/// segments a restore copies from there, proven present when the snapshot was cut.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WalRecord {
+    /// The snapshot (role `BackupWal`) of the volume holding `pg_wal`, cut after the stop.
+    pub volume_snapshot: String,
+    pub persistent_volume_claim: String,
+    /// `pg_wal`'s directory inside that volume ("" when it is the volume's root).
+    pub path_in_volume: String,
+    pub timeline: u32,
+    /// The segment holding the start's checkpoint redo, and the one holding the stop.
+    pub first_segment: String,
+    pub last_segment: String,
+    pub segment_size: u64,
+    /// How the segments were proven to be in the snapshot: listed by the server
+    /// (`pg_ls_waldir`) after the cut, while the backup's slot still held them.
+    pub checked_by: String,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LabelRecord {
     /// The Backup that took it (the ConfigMap's `pgsnap.io/backup-name` annotation); a copy
@@ -83,6 +104,8 @@ pub struct LabelRecord {
     pub server_version: String,
     pub system_identifier: String,
     pub volumes: Vec<SnapshotLocation>,
+    /// None for a backup whose WAL is in the archive.
+    pub wal: Option<WalRecord>,
 }
 
 impl LabelRecord {
@@ -174,6 +197,9 @@ pub fn build(
     ]);
     if let Some(backup) = &record.backup {
         annotations.insert(BACKUP_NAME.to_string(), backup.clone());
+    }
+    if let Some(wal) = &record.wal {
+        annotations.insert(WAL.to_string(), serde_json::to_string(wal)?);
     }
     Ok(ConfigMap {
         metadata: ObjectMeta {
@@ -278,6 +304,11 @@ pub fn read(cm: &ConfigMap) -> Result<LabelRecord, LabelStoreError> {
         server_version: get(SERVER_VERSION)?,
         system_identifier,
         volumes,
+        wal: ann
+            .get(WAL)
+            .map(|w| serde_json::from_str(w))
+            .transpose()
+            .map_err(|e| LabelStoreError::invalid(&name, format!("annotation {WAL}: {e}")))?,
     })
 }
 
@@ -363,6 +394,16 @@ mod tests {
                 location("orders-1-wal", VolumeRole::Wal, "/wal/pg_wal", "pg_wal"),
                 location("orders-1-ts", VolumeRole::Tablespace, "/ts", ""),
             ],
+            wal: Some(WalRecord {
+                volume_snapshot: "orders-1-wal-wal".into(),
+                persistent_volume_claim: "pvc-orders-1-wal".into(),
+                path_in_volume: "pg_wal".into(),
+                timeline: 1,
+                first_segment: "000000010000000000000002".into(),
+                last_segment: "000000010000000000000002".into(),
+                segment_size: 16 << 20,
+                checked_by: "pg_ls_waldir".into(),
+            }),
         }
     }
 
@@ -423,6 +464,12 @@ mod tests {
             ..record.clone()
         };
         assert_eq!(read(&config_map(&by_hand)).unwrap(), by_hand);
+        // A backup whose WAL is in the archive records none.
+        let archived = LabelRecord {
+            wal: None,
+            ..record.clone()
+        };
+        assert_eq!(read(&config_map(&archived)).unwrap(), archived);
         // A name longer than a label value comes back whole.
         let long = LabelRecord {
             backup: Some("b".repeat(253)),

@@ -12,7 +12,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{ListParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 
-use crate::api::backup::{Backup, Checkpoint, Phase};
+use crate::api::backup::{Backup, Checkpoint, Phase, WalSource};
 use crate::api::{SCHEDULE_NAME_LABEL, backup::BackupStatus};
 use crate::backup::{SecretsRead, phase, read_secrets, task};
 use crate::controller::Failure;
@@ -94,6 +94,16 @@ pub struct BackupArgs {
     /// The VolumeSnapshotClass a Backup would name (default: each driver's default class).
     #[arg(long)]
     pub snapshot_class: Option<String>,
+    /// Where a restore finds the backup's WAL: `snapshot` (kept with the backup, no archive
+    /// needed) or `archive` (the server's WAL archive).
+    #[arg(long, value_enum, default_value_t = WalSourceArg::Snapshot)]
+    pub wal_source: WalSourceArg,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum WalSourceArg {
+    Snapshot,
+    Archive,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -296,6 +306,11 @@ fn backup_of(namespace: &str, name: &str, args: &BackupArgs) -> Result<Backup, s
         connection.insert("port".into(), port.into());
     }
     let mut spec = serde_json::json!({"target": {"podName": args.pod}, "connection": connection});
+    spec["walSource"] = match args.wal_source {
+        WalSourceArg::Snapshot => "Snapshot",
+        WalSourceArg::Archive => "Archive",
+    }
+    .into();
     if let Some(class) = &args.snapshot_class {
         spec["volumeSnapshotClassName"] = class.clone().into();
     }
@@ -400,19 +415,39 @@ async fn check(client: &Client, namespace: &str, args: &BackupArgs) -> Result<Ve
         server.wal_level, server.role.name
     );
     push("server", ready.map(|()| detail).into());
-    let wal = phase::wal_source(server.in_recovery, &server.archive_mode, &server.archiver);
-    push(
-        "WAL source",
-        wal.map(|w| format!("{w:?} ({})", server.archiver)).into(),
+    let source = phase::wal_source(
+        backup.spec.wal_source,
+        server.in_recovery,
+        &server.archive_mode,
+        &server.archiver,
     );
-    match task::plan_snapshots(&mut session, &pod, &backup.spec).await {
-        Ok((plan, unlocated)) => {
+    let planned = task::plan_snapshots(&mut session, &pod, &backup.spec).await;
+    let wal = match (source, &planned) {
+        (Ok(WalSource::Snapshot), Ok((plan, location))) => {
+            let listing = session.check_wal_listing().await.map_err(Failure::from);
+            listing
+                .and_then(|()| phase::wal_volume(plan, location.unconfirmed()))
+                .map(|(p, _)| {
+                    format!(
+                        "Snapshot: kept with the backup, in a snapshot of {} cut after the stop",
+                        p.persistent_volume_claim
+                    )
+                })
+                .into()
+        }
+        (Ok(WalSource::Snapshot), Err(_)) => skipped("the volumes"),
+        (Ok(WalSource::Archive), _) => Checked::Passed(format!("Archive ({})", server.archiver)),
+        (Err(f), _) => Checked::Failed(f),
+    };
+    push("WAL source", wal);
+    match planned {
+        Ok((plan, location)) => {
             let claims: Vec<String> = plan
                 .iter()
                 .map(|p| format!("{:?}: {}", p.role, p.persistent_volume_claim))
                 .collect();
             let mut detail = claims.join(", ");
-            if let Some(note) = unlocated {
+            if let Some(note) = location.unconfirmed() {
                 detail.push_str(&format!(" ({note})"));
             }
             push("volumes", Checked::Passed(detail));

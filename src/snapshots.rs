@@ -82,6 +82,11 @@ pub fn snapshot_name(backup: &str, claim: &str) -> String {
     format!("{}-{hash}", &name[..242].trim_end_matches(['-', '.']))
 }
 
+/// The name of a backup's WAL snapshot of `claim`: beside its snapshot cut in backup mode.
+pub fn wal_snapshot_name(backup: &str, claim: &str) -> String {
+    snapshot_name(backup, &format!("{claim}-wal"))
+}
+
 /// The class to snapshot `claim` with: the one asked for, else the default of its CSI driver.
 pub async fn resolve_class(
     client: &Client,
@@ -142,13 +147,14 @@ pub fn default_class_for(classes: &[VolumeSnapshotClass], driver: &str) -> Optio
 pub async fn create(
     api: &Api<VolumeSnapshot>,
     backup: &Backup,
+    name: &str,
     claim: &str,
     class: &str,
     annotations: BTreeMap<String, String>,
 ) -> Result<VolumeSnapshot, SnapshotError> {
     let snapshot = VolumeSnapshot {
         metadata: ObjectMeta {
-            name: Some(snapshot_name(&backup.name_any(), claim)),
+            name: Some(name.to_string()),
             labels: Some(creator_labels(&BACKUP_CREATOR, backup)),
             annotations: Some(annotations),
             ..Default::default()

@@ -83,6 +83,8 @@ pub enum TimedStep {
     Ready,
     /// Time in backup mode minus start, cut and stop: what pgsnap itself adds.
     Overhead,
+    /// After backup mode: the WAL snapshot requested → cut and its segments listed.
+    WalSnapshot,
 }
 
 /// The operator's metrics, registered once and shared by every reconciler.

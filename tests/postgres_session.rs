@@ -141,7 +141,32 @@ async fn session_matrix(major: u32) {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(slots, 0, "slot dropped at stop");
+    assert_eq!(
+        slots, 1,
+        "the slot still holds the WAL after the stop, for the WAL snapshot"
+    );
+    let listed = s
+        .wal_segments(&label.start_wal_file, &stopped.stop_wal_file)
+        .await
+        .unwrap();
+    assert_eq!(listed.first().map(|l| &l.0), Some(&label.start_wal_file));
+    assert_eq!(listed.last().map(|l| &l.0), Some(&stopped.stop_wal_file));
+    assert!(
+        listed.iter().all(|(_, size)| *size == 16 << 20),
+        "{listed:?}"
+    );
+    s.release().await;
+    let slots: i64 = pg
+        .client()
+        .await
+        .query_one(
+            "select count(*) from pg_replication_slots where slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(slots, 0, "slot dropped at release");
     // The same session can take another backup.
     s.start("again", true, Duration::from_secs(60))
         .await

@@ -13,6 +13,13 @@
 //! Time in backup mode against database size instead: databases of 1 and 10 GB
 //! (`PGSNAP_BENCH_SIZES_GB`), N backups each (default 5), cut copy-on-write (XFS reflink, the
 //! way block storage cuts) and, for contrast on the smallest, by the driver's tar.
+//!
+//!   e2e/cluster up && cargo bench -p pgsnap-e2e --bench backup_overhead -- wal
+//!
+//! The backup's WAL kept in a snapshot (`walSource: Snapshot`) against the archive
+//! (`walSource: Archive`, no archive wait): N backups each (default 10), alternating, cut
+//! copy-on-write, under pgbench: time in backup mode (must be the same), the WAL snapshot's
+//! step after it, and the backup's total time (created → Completed).
 
 use std::time::Duration;
 
@@ -35,8 +42,15 @@ fn terminal() -> impl Condition<Backup> {
     }
 }
 
-/// A Backup of `pod` through `class` (default: the driver's default class).
-fn backup(name: &str, pod: &str, secret: Option<&str>, class: Option<&str>) -> Backup {
+/// A Backup of `pod` through `class` (default: the driver's default class), keeping its WAL
+/// in a snapshot (the default) or taking it from the archive.
+fn backup(
+    name: &str,
+    pod: &str,
+    secret: Option<&str>,
+    class: Option<&str>,
+    wal_source: &str,
+) -> Backup {
     let connection = match secret {
         Some(s) => json!({"passwordSecretRef": {"name": s, "key": "password"}}),
         None => json!({}),
@@ -45,7 +59,8 @@ fn backup(name: &str, pod: &str, secret: Option<&str>, class: Option<&str>) -> B
         "apiVersion": "pgsnap.io/v1alpha1", "kind": "Backup",
         "metadata": {"name": name},
         "spec": {"target": {"podName": pod}, "connection": connection, "checkpoint": "Fast",
-                 "waitForArchive": false, "volumeSnapshotClassName": class},
+                 "waitForArchive": false, "volumeSnapshotClassName": class,
+                 "walSource": wal_source},
     }))
     .expect("backup")
 }
@@ -97,6 +112,9 @@ async fn main() {
     if std::env::args().any(|a| a == "size") {
         return by_size().await;
     }
+    if std::env::args().any(|a| a == "wal") {
+        return wal_kept_or_archived().await;
+    }
     let runs = runs(30);
     let cluster = Cluster::from_env().await;
     let operator = Operator::for_test(&cluster).await;
@@ -106,12 +124,18 @@ async fn main() {
     let secret = db.password_secret(&cluster).await;
 
     let api = cluster.api::<Backup>();
-    let (mut window, mut checkpoint, mut cut, mut stop, mut overhead) =
-        (vec![], vec![], vec![], vec![], vec![]);
+    let (mut window, mut checkpoint, mut cut, mut stop, mut overhead, mut wal) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
     for i in 0..runs {
         let status = completed(
             &cluster,
-            backup(&format!("bench-{i}"), &db.name, Some(&secret), None),
+            backup(
+                &format!("bench-{i}"),
+                &db.name,
+                Some(&secret),
+                None,
+                "Snapshot",
+            ),
         )
         .await;
         let t = status.timings.clone().expect("timings");
@@ -120,6 +144,7 @@ async fn main() {
         cut.push(t.cut_seconds);
         stop.push(t.stop_seconds);
         overhead.push(t.overhead_seconds);
+        wal.push(t.wal_snapshot_seconds.unwrap_or_default());
     }
     println!(
         "## Backup timings ({runs} backups, PostgreSQL 17, fast checkpoint, idle server, CSI hostpath)\n"
@@ -131,6 +156,7 @@ async fn main() {
         ("stop call", &mut stop),
         ("time in backup mode", &mut window),
         ("operator overhead", &mut overhead),
+        ("WAL snapshot, after backup mode", &mut wal),
     ] {
         values.sort_by(f64::total_cmp);
         println!(
@@ -144,7 +170,7 @@ async fn main() {
     for i in 0..500 {
         api.create(
             &PostParams::default(),
-            &backup(&format!("mem-{i}"), "absent", None, None),
+            &backup(&format!("mem-{i}"), "absent", None, None, "Snapshot"),
         )
         .await
         .expect("create");
@@ -217,7 +243,7 @@ async fn by_size() {
                 let name = format!("size{gb}-{how}-{i}");
                 let status = completed(
                     &cluster,
-                    backup(&name, &db.name, Some(&secret), Some(class)),
+                    backup(&name, &db.name, Some(&secret), Some(class), "Snapshot"),
                 )
                 .await;
                 cut.push(status.timings.as_ref().map_or(0.0, |t| t.cut_seconds));
@@ -231,5 +257,66 @@ async fn by_size() {
                 percentile(&window, 0.5) * 1000.0
             );
         }
+    }
+}
+
+/// The WAL kept in a snapshot against the archive, under load: time in backup mode is the
+/// same (the WAL snapshot is cut after the stop); the total grows by that snapshot's cut.
+async fn wal_kept_or_archived() {
+    let runs = runs(10);
+    let cluster = Cluster::from_env().await;
+    let _operator = Operator::for_test(&cluster).await;
+    let db = postgres_pod(17)
+        .storage(REFLINK_CLASS, "2Gi")
+        .create(&cluster)
+        .await;
+    db.pgbench_init(10);
+    let secret = db.password_secret(&cluster).await;
+    let load = {
+        let db = db.clone();
+        tokio::task::spawn_blocking(move || db.pgbench_run(runs as u32 * 12))
+    };
+    #[derive(Default)]
+    struct Samples {
+        window: Vec<f64>,
+        wal: Vec<f64>,
+        total: Vec<f64>,
+    }
+    let mut by_source = [
+        ("Snapshot", Samples::default()),
+        ("Archive", Samples::default()),
+    ];
+    for i in 0..runs * 2 {
+        let (source, samples) = &mut by_source[i % 2];
+        let name = format!("wal-{}-{i}", source.to_lowercase());
+        let b = backup(&name, &db.name, Some(&secret), Some(REFLINK_CLASS), source);
+        let status = completed(&cluster, b).await;
+        samples.window.push(window_seconds(&status));
+        let wal = status.timings.and_then(|t| t.wal_snapshot_seconds);
+        samples.wal.push(wal.unwrap_or(0.0));
+        let started = status.backup_window.expect("in backup mode").started_at;
+        let done = status.completed_at.expect("completed");
+        samples
+            .total
+            .push(done.0.duration_since(started.0).as_secs_f64());
+    }
+    load.abort();
+    println!(
+        "## The backup's WAL: kept in a snapshot or in the archive ({runs} backups each, PostgreSQL 17 under pgbench, copy-on-write cut)\n"
+    );
+    println!(
+        "| walSource | median time in backup mode ms | p99 ms | median WAL snapshot ms | median backup mode start → Completed ms |\n|---|---|---|---|---|"
+    );
+    for (source, s) in &mut by_source {
+        for v in [&mut s.window, &mut s.wal, &mut s.total] {
+            v.sort_by(f64::total_cmp);
+        }
+        println!(
+            "| {source} | {:.0} | {:.0} | {:.0} | {:.0} |",
+            percentile(&s.window, 0.5) * 1000.0,
+            percentile(&s.window, 0.99) * 1000.0,
+            percentile(&s.wal, 0.5) * 1000.0,
+            percentile(&s.total, 0.5) * 1000.0
+        );
     }
 }

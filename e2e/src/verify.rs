@@ -12,7 +12,7 @@ use kube::ResourceExt;
 use kube::api::PostParams;
 use pgsnap::api::Backup;
 use pgsnap::api::backup::VolumeRole;
-use pgsnap::label_store::{BACKUP_LABEL_KEY, TABLESPACE_MAP_KEY, annotations};
+use pgsnap::label_store::{BACKUP_LABEL_KEY, TABLESPACE_MAP_KEY, WalRecord, annotations};
 use pgsnap::postgres::Lsn;
 use serde_json::json;
 use tokio::task::JoinHandle;
@@ -73,7 +73,8 @@ pub fn status_lsn(field: Option<&str>) -> Lsn {
 /// How the restore is prepared, so a negative control can leave something out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Prepare {
-    /// By restore-prepare, with WAL from the archive.
+    /// By restore-prepare, with the WAL kept with the backup when it has its WAL snapshot
+    /// (and no archive at all), else from the archive.
     Correct,
     /// The same, then backup_label removed: PostgreSQL then silently does plain crash
     /// recovery.
@@ -81,9 +82,9 @@ pub enum Prepare {
 }
 
 /// Restores `backup` into new PVCs (from its snapshots), prepares them with the product's
-/// restore-prepare and the label ConfigMap (WAL from the source's archive, recovery target
-/// "immediate": the end of the backup), starts PostgreSQL on them and returns the rows it
-/// holds, or why it could not start.
+/// restore-prepare and the label ConfigMap (WAL from the backup's WAL snapshot, or else the
+/// source's archive; recovery target "immediate": the end of the backup), starts PostgreSQL
+/// on them and returns the rows it holds, or why it could not start.
 pub async fn restore(
     cluster: &Cluster,
     source: &PostgresPod,
@@ -107,11 +108,24 @@ pub async fn restore(
     };
     // Named after the backup: a test may restore several backups of one server.
     let name = format!("{}-{suffix}", backup.name_any());
-    let mut mounts = vec![json!({"name": "archive", "mountPath": ARCHIVE_MOUNT})];
-    let mut volumes = vec![
-        json!({"name": "archive", "persistentVolumeClaim": {"claimName": source.claim("archive")}}),
-    ];
+    let wal: Option<WalRecord> = cm
+        .annotations()
+        .get(annotations::WAL)
+        .map(|w| serde_json::from_str(w))
+        .transpose()
+        .map_err(|e| format!("the label's {}: {e}", annotations::WAL))?;
+    // A backup that keeps its WAL restores without the archive: the restored server has none.
+    let (mut mounts, mut volumes) = match wal {
+        Some(_) => (vec![], vec![]),
+        None => (
+            vec![json!({"name": "archive", "mountPath": ARCHIVE_MOUNT})],
+            vec![
+                json!({"name": "archive", "persistentVolumeClaim": {"claimName": source.claim("archive")}}),
+            ],
+        ),
+    };
     let mut pgdata = None;
+    let mut wal_args = Vec::new();
     for snap in &status.snapshots {
         let claim = format!("{}-{:?}-{suffix}", backup.name_any(), snap.role).to_lowercase();
         let pvc: PersistentVolumeClaim = serde_json::from_value(json!({
@@ -136,6 +150,23 @@ pub async fn restore(
             }
             VolumeRole::Wal => WAL_MOUNT,
             VolumeRole::Tablespace => TABLESPACE_MOUNT,
+            // Read by restore-prepare only, as a Restore's Job does; the server never has it.
+            VolumeRole::BackupWal => {
+                let wal = wal
+                    .as_ref()
+                    .ok_or("a WAL snapshot, but no WAL in the label")?;
+                wal_args = vec![
+                    "--wal-from".to_string(),
+                    dir.join(&wal.path_in_volume).display().to_string(),
+                    "--wal-first".into(),
+                    wal.first_segment.clone(),
+                    "--wal-last".into(),
+                    wal.last_segment.clone(),
+                    "--wal-segment-size".into(),
+                    wal.segment_size.to_string(),
+                ];
+                continue;
+            }
         };
         mounts.push(json!({"name": claim, "mountPath": mount}));
         volumes.push(json!({"name": claim, "persistentVolumeClaim": {"claimName": claim}}));
@@ -166,13 +197,14 @@ pub async fn restore(
         stop_lsn: annotation(annotations::STOP_LSN)?,
     };
     // Paths as the restored server's pod sees them: the volumes are where they were.
-    let run = prepare.run(
-        &pgdata,
-        &[
+    let extra = match wal_args.is_empty() {
+        true => vec![
             "--restore-command".to_string(),
             format!("cp {ARCHIVE_MOUNT}/%f %p"),
         ],
-    );
+        false => wal_args,
+    };
+    let run = prepare.run(&pgdata, &extra);
     if run.code != 0 {
         return Err(format!("restore-prepare:\n{}{}", run.stdout, run.stderr));
     }

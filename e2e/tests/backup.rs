@@ -161,7 +161,8 @@ async fn expect_events(cluster: &Cluster, name: &str, reasons: &[&str]) {
 async fn happy_path(major: u32, negative_control: bool) {
     let cluster = Cluster::from_env().await;
     let operator = Operator::for_test(&cluster).await;
-    let db = postgres_pod(major).archive_volume().create(&cluster).await;
+    // The most common server in Kubernetes: no WAL archive. The backup keeps its own WAL.
+    let db = postgres_pod(major).no_archive().create(&cluster).await;
     db.pgbench_init(1);
     let secret = db.password_secret(&cluster).await;
     let writer = Writer::start(&db).await;
@@ -192,9 +193,16 @@ async fn happy_path(major: u32, negative_control: bool) {
     assert_clean(&cluster, &db, &name, true).await;
 
     let status = backup.status.clone().unwrap();
-    assert_eq!(status.snapshots.len(), 1);
-    assert_eq!(status.snapshots[0].role, VolumeRole::Data);
+    assert_eq!(
+        snapshot_roles(&backup),
+        [
+            (VolumeRole::Data, db.claim("data")),
+            (VolumeRole::BackupWal, db.claim("data"))
+        ]
+    );
     assert_eq!(status.snapshots[0].path_in_volume, "pgdata");
+    assert_eq!(status.snapshots[1].path_in_volume, "pgdata/pg_wal");
+    assert_eq!(status.wal_source, Some(WalSource::Snapshot));
     let postgres = status.postgres.clone().unwrap();
     assert!(postgres.version.unwrap().starts_with(&major.to_string()));
     let cm = cluster
@@ -213,6 +221,17 @@ async fn happy_path(major: u32, negative_control: bool) {
         cm.annotations()["pgsnap.io/backup-label-sha256"],
         pgsnap::label_store::sha256_hex(label.as_bytes())
     );
+    let wal: pgsnap::label_store::WalRecord =
+        serde_json::from_str(&cm.annotations()["pgsnap.io/wal"]).expect("the kept WAL");
+    assert_eq!(
+        (wal.volume_snapshot.as_str(), wal.first_segment.as_str()),
+        (
+            status.snapshots[1].name.as_str(),
+            status.start_wal.as_deref().unwrap()
+        )
+    );
+    assert_eq!(Some(wal.last_segment.as_str()), status.stop_wal.as_deref());
+    assert_eq!(wal.checked_by, "pg_ls_waldir");
     expect_events(
         &cluster,
         &name,
@@ -223,6 +242,7 @@ async fn happy_path(major: u32, negative_control: bool) {
         .expect_metrics(&[
             r#"pgsnap_backups_total{result="Completed",reason="Completed"} 1"#,
             r#"pgsnap_backup_step_seconds_count{step="Cut"} 1"#,
+            r#"pgsnap_backup_step_seconds_count{step="WalSnapshot"} 1"#,
             "pgsnap_backup_mode_seconds_count 1",
             "pgsnap_backups_in_flight 0",
         ])
@@ -252,15 +272,19 @@ async fn happy_path(major: u32, negative_control: bool) {
     );
 
     if negative_control {
-        // PostgreSQL then recovers from pg_control's checkpoint instead of the label's and is
-        // consistent at once: it comes up without an error, and without rows.
-        let rows = verify::restore(&cluster, &db, &backup, Prepare::WithoutLabel)
-            .await
-            .unwrap_or_else(|e| panic!("a restore without backup_label did not come up: {e}"));
-        assert!(
-            !proof::missing(&expected, &rows).is_empty(),
-            "a restore without backup_label passed the check: the check cannot fail"
-        );
+        // PostgreSQL then recovers from pg_control's checkpoint instead of the label's: it
+        // comes up without an error and without rows, or, when it reads the backup's WAL to
+        // its end before it counts as consistent, never reaches its target.
+        match verify::restore(&cluster, &db, &backup, Prepare::WithoutLabel).await {
+            Ok(rows) => assert!(
+                !proof::missing(&expected, &rows).is_empty(),
+                "a restore without backup_label passed the check: the check cannot fail"
+            ),
+            Err(e) => assert!(
+                e.contains("FATAL:  recovery ended before configured recovery target was reached"),
+                "a restore without backup_label failed for another reason: {e}"
+            ),
+        }
     }
 }
 
@@ -302,13 +326,14 @@ async fn a_copy_on_write_cut_restores_every_row() {
     assert_restores_every_row(&cluster, &db, &backup, &written).await;
 }
 
-/// Data, a WAL volume and a tablespace volume: one snapshot each, and the restore needs all three.
+/// Data, a WAL volume and a tablespace volume: one snapshot each, and the WAL volume's again
+/// after the stop; the restore needs all three and no archive.
 #[tokio::test]
 async fn every_volume_of_the_database_is_snapshotted() {
     let cluster = Cluster::from_env().await;
     let _operator = Operator::for_test(&cluster).await;
     let db = postgres_pod(16)
-        .archive_volume()
+        .no_archive()
         .wal_volume(true)
         .tablespace_volume(true)
         .create(&cluster)
@@ -339,7 +364,8 @@ async fn every_volume_of_the_database_is_snapshotted() {
         [
             (VolumeRole::Data, db.claim("data")),
             (VolumeRole::Wal, db.claim("wal")),
-            (VolumeRole::Tablespace, db.claim("tablespace"))
+            (VolumeRole::Tablespace, db.claim("tablespace")),
+            (VolumeRole::BackupWal, db.claim("wal"))
         ]
     );
     let cm = cluster
@@ -353,7 +379,9 @@ async fn every_volume_of_the_database_is_snapshotted() {
     assert_restores_every_row(&cluster, &db, &backup, &written).await;
 }
 
-/// A selector with role Standby picks the streaming replica; the label says so.
+/// A selector with role Standby picks the streaming replica; the label says so, and its backup
+/// restores from the WAL it kept. A standby that cannot archive its WAL itself is refused
+/// `walSource: Archive`.
 #[tokio::test]
 async fn a_standby_is_chosen_by_role_and_backed_up() {
     let cluster = Cluster::from_env().await;
@@ -385,24 +413,28 @@ async fn a_standby_is_chosen_by_role_and_backed_up() {
             json!({
                 "target": {"podName": leaves_it.name},
                 "connection": {"passwordSecretRef": {"name": secret, "key": "password"}},
+                "walSource": "Archive",
             }),
         ),
     )
     .await;
+    let writer = Writer::start(&primary).await;
     let name = apply(
         &cluster,
         backup_spec("from-standby", json!({
             "target": {"selector": {"matchLabels": {"app.kubernetes.io/name": "postgresql"}}, "role": "Standby"},
             "connection": {"passwordSecretRef": {"name": secret, "key": "password"}},
             "checkpoint": "Fast",
-            "waitForArchive": false,
         })),
     )
     .await;
     let backup = wait_terminal(&cluster, &name).await;
+    let written = writer.finish().await;
     assert_completed(&backup);
+    // The standby's own WAL, kept with the backup: the restore needs no archive.
+    assert_restores_every_row(&cluster, &standby, &backup, &written).await;
     let status = backup.status.unwrap();
-    assert_eq!(status.wal_source, Some(WalSource::Archive));
+    assert_eq!(status.wal_source, Some(WalSource::Snapshot));
     let postgres = status.postgres.unwrap();
     assert_eq!(postgres.pod, "pg-b");
     assert_eq!(
@@ -485,9 +517,18 @@ async fn bad_targets_fail_with_a_reason() {
         .create(&cluster)
         .await;
     db.sql("CREATE ROLE weak LOGIN PASSWORD 'weak'").await;
+    // Everything a backup in backup mode needs, but not what proves its WAL was kept.
+    db.sql(
+        "CREATE ROLE nolist LOGIN REPLICATION PASSWORD 'nolist'; \
+         GRANT EXECUTE ON FUNCTION pg_backup_start(text, boolean) TO nolist; \
+         GRANT EXECUTE ON FUNCTION pg_backup_stop(boolean) TO nolist; \
+         GRANT pg_read_all_settings TO nolist",
+    )
+    .await;
     let secret = db.password_secret(&cluster).await;
     let plain_secret = plain.password_secret(&cluster).await;
     password_secret(&cluster, "weak", "weak").await;
+    password_secret(&cluster, "nolist", "nolist").await;
     password_secret(&cluster, "wrong", "not-the-password").await;
     let cases = [
         (
@@ -512,8 +553,13 @@ async fn bad_targets_fail_with_a_reason() {
         ),
         (
             "no-archive",
-            json!({"target": {"podName": plain.name}, "connection": {"passwordSecretRef": {"name": plain_secret, "key": "password"}}}),
+            json!({"target": {"podName": plain.name}, "connection": {"passwordSecretRef": {"name": plain_secret, "key": "password"}}, "walSource": "Archive"}),
             "NoWalSource",
+        ),
+        (
+            "no-wal-listing",
+            json!({"target": {"podName": db.name}, "connection": {"user": "nolist", "passwordSecretRef": {"name": "nolist", "key": "password"}}}),
+            "MissingPrivilege",
         ),
     ];
     for (name, spec, _) in &cases {
@@ -543,7 +589,18 @@ async fn bad_targets_fail_with_a_reason() {
     assert_eq!(status.start_lsn, None);
     let message = status.error.unwrap().message;
     assert!(
-        message.starts_with("the server archives no WAL (archive_mode = off): turn on archiving"),
+        message.starts_with(
+            "walSource is Archive, but the server archives no WAL (archive_mode = off): turn on archiving"
+        ),
+        "{message}"
+    );
+    let refused = cluster.api::<Backup>().get("no-wal-listing").await.unwrap();
+    let status = refused.status.unwrap();
+    assert_eq!(status.start_lsn, None, "refused before backup mode");
+    let message = status.error.unwrap().message;
+    assert!(
+        message.contains("may not execute pg_ls_waldir()")
+            && message.contains("GRANT EXECUTE ON FUNCTION pg_ls_waldir() TO nolist"),
         "{message}"
     );
 }
@@ -570,6 +627,7 @@ async fn an_operator_killed_mid_backup_leaves_nothing_behind() {
                 &secret,
                 json!({
                     "checkpoint": "Fast",
+                    "walSource": "Archive",
                 }),
             ),
         ),
@@ -593,19 +651,12 @@ async fn an_operator_killed_mid_backup_leaves_nothing_behind() {
     }
     assert_clean(&cluster, &db, &name, false).await;
     // And a new backup starts at once: the server is not stuck in backup mode (the archive
-    // still fails, so this one does not wait for it).
+    // still fails; this one keeps its WAL instead).
     let again = apply(
         &cluster,
         backup_spec(
             "after-kill",
-            on(
-                &db,
-                &secret,
-                json!({
-                    "checkpoint": "Fast",
-                    "waitForArchive": false,
-                }),
-            ),
+            on(&db, &secret, json!({"checkpoint": "Fast"})),
         ),
     )
     .await;
@@ -631,6 +682,7 @@ async fn sigterm_and_the_deadline_abort_cleanly() {
             json!({
                 "checkpoint": "Fast",
                 "deadline": deadline,
+                "walSource": "Archive",
             }),
         )
     };
@@ -932,10 +984,12 @@ async fn verify_full_checks_the_ca_and_the_server_name() {
     );
 }
 
-/// PostgreSQL 10 cannot show where a linked pg_wal is. Without `spec.volumes` the backup
-/// holds the data volume alone, says why in an Event, and still restores every row
-/// (restore-prepare recreates pg_wal; the WAL is in the archive); with the volumes listed,
-/// pg_wal's volume is snapshotted too.
+/// PostgreSQL 10 cannot show where a linked pg_wal is, so a backup there cannot keep its WAL
+/// in a snapshot: with or without `spec.volumes` such a backup is refused `WalNotLocated`
+/// before backup mode (with the list the volume is known, but not where pg_wal's files are
+/// on it). With `walSource: Archive`, `spec.volumes` naming the claims has pg_wal's volume
+/// snapshotted; without it the backup holds the data volume alone, says why in an Event, and
+/// still restores every row (restore-prepare recreates pg_wal; the WAL is in the archive).
 #[tokio::test]
 async fn postgres_10_with_pg_wal_on_its_own_volume() {
     let cluster = Cluster::from_env().await;
@@ -946,83 +1000,124 @@ async fn postgres_10_with_pg_wal_on_its_own_volume() {
         .create(&cluster)
         .await;
     let secret = db.password_secret(&cluster).await;
-    let listed = json!([
-        {"persistentVolumeClaim": db.claim("data")},
-        {"persistentVolumeClaim": db.claim("wal")},
-    ]);
-    for (name, volumes, roles) in [
-        ("unlisted", json!([]), vec![VolumeRole::Data]),
-        ("listed", listed, vec![VolumeRole::Data, VolumeRole::Wal]),
+    let (data, wal) = (db.claim("data"), db.claim("wal"));
+    let listed = json!([{"persistentVolumeClaim": data}, {"persistentVolumeClaim": wal}]);
+    let spec = |extra: serde_json::Value| {
+        let mut spec = json!({"checkpoint": "Fast"});
+        spec.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        on(&db, &secret, spec)
+    };
+    let refusals = [
+        (
+            "unlocated",
+            json!({}),
+            "pg_wal may link to another of the pod's volumes",
+        ),
+        (
+            "located-volume",
+            json!({"volumes": listed}),
+            "pg_wal's files are somewhere on the volume mounted at /var/lib/postgresql/wal",
+        ),
+    ];
+    for (name, extra, _) in &refusals {
+        apply(&cluster, backup_spec(name, spec(extra.clone()))).await;
+    }
+    for (name, extra, roles) in [
+        (
+            "listed",
+            json!({"volumes": listed, "walSource": "Archive"}),
+            vec![
+                (VolumeRole::Data, data.clone()),
+                (VolumeRole::Wal, wal.clone()),
+            ],
+        ),
+        (
+            "unlisted",
+            json!({"walSource": "Archive"}),
+            vec![(VolumeRole::Data, data.clone())],
+        ),
     ] {
-        let spec = on(
-            &db,
-            &secret,
-            json!({"checkpoint": "Fast", "volumes": volumes}),
-        );
         let writer = Writer::start(&db).await;
-        let backup = wait_terminal(&cluster, &apply(&cluster, backup_spec(name, spec)).await).await;
+        let backup = wait_terminal(
+            &cluster,
+            &apply(&cluster, backup_spec(name, spec(extra))).await,
+        )
+        .await;
         let written = writer.finish().await;
         assert_completed(&backup);
-        let claims = roles
-            .iter()
-            .map(|r| (*r, db.claim(&format!("{r:?}").to_lowercase())));
-        assert_eq!(
-            snapshot_roles(&backup),
-            claims.collect::<Vec<_>>(),
-            "{name}"
-        );
+        assert_eq!(snapshot_roles(&backup), roles, "{name}");
         assert_restores_every_row(&cluster, &db, &backup, &written).await;
     }
     expect_events(&cluster, "unlisted", &["WalNotLocated"]).await;
+    for (name, _, why) in refusals {
+        let refused = wait_terminal(&cluster, name).await;
+        assert_failed(&refused, "WalNotLocated");
+        let message = refused.status.unwrap().error.unwrap().message;
+        assert!(
+            message.starts_with(&format!("walSource is Snapshot, but {why}")),
+            "{name}: {message}"
+        );
+    }
 }
 
-/// The README's grants and no file access (15+): on the common layout (data and a WAL
-/// archive volume, pg_wal inside the data directory) and with pg_wal on a volume of its own,
-/// the backup completes without `pg_read_server_files` and restores every row; pg_wal's
-/// volume is left out where the role cannot tell where it is, and an Event says so.
+/// The README's grants and no file access (15+): on the common layout (one data volume,
+/// pg_wal inside the data directory) the backup keeps its WAL without
+/// `pg_read_server_files` and restores every row with no archive. With pg_wal on a volume of
+/// its own the role cannot tell where it is: such a backup is refused `WalNotLocated` before
+/// backup mode; with `walSource: Archive` pg_wal's volume is left out, an Event says so, and
+/// the backup restores from the archive.
 #[tokio::test]
 async fn the_minimal_role_backs_up_every_layout() {
     let cluster = Cluster::from_env().await;
     let _operator = Operator::for_test(&cluster).await;
     let (plain, split) = tokio::join!(
-        postgres_pod(17)
-            .name("plain")
-            .archive_volume()
-            .create(&cluster),
+        postgres_pod(17).name("plain").no_archive().create(&cluster),
         postgres_pod(17)
             .name("split")
             .archive_volume()
             .wal_volume(true)
             .create(&cluster),
     );
-    for db in [&plain, &split] {
+    for (db, source) in [(&plain, "Snapshot"), (&split, "Archive")] {
         db.sql(
             "CREATE ROLE pgsnap LOGIN REPLICATION PASSWORD 'minimal'; \
              GRANT EXECUTE ON FUNCTION pg_backup_start(text, boolean) TO pgsnap; \
              GRANT EXECUTE ON FUNCTION pg_backup_stop(boolean) TO pgsnap; \
+             GRANT EXECUTE ON FUNCTION pg_ls_waldir() TO pgsnap; \
              GRANT pg_read_all_settings TO pgsnap",
         )
         .await;
         let secret = password_secret(&cluster, &format!("{}-minimal", db.name), "minimal").await;
-        let spec = json!({
-            "target": {"podName": db.name},
-            "connection": {"user": "pgsnap", "passwordSecretRef": {"name": secret, "key": "password"}},
-            "checkpoint": "Fast",
-        });
+        let spec = |source: &str| {
+            json!({
+                "target": {"podName": db.name},
+                "connection": {"user": "pgsnap", "passwordSecretRef": {"name": secret, "key": "password"}},
+                "checkpoint": "Fast",
+                "walSource": source,
+            })
+        };
         let writer = Writer::start(db).await;
         let backup = wait_terminal(
             &cluster,
-            &apply(&cluster, backup_spec(&db.name, spec)).await,
+            &apply(&cluster, backup_spec(&db.name, spec(source))).await,
         )
         .await;
         let written = writer.finish().await;
         assert_completed(&backup);
-        assert_eq!(
-            snapshot_roles(&backup),
-            [(VolumeRole::Data, db.claim("data"))]
-        );
+        let data = (VolumeRole::Data, db.claim("data"));
+        let roles = match source {
+            "Snapshot" => vec![data, (VolumeRole::BackupWal, db.claim("data"))],
+            _ => vec![data],
+        };
+        assert_eq!(snapshot_roles(&backup), roles, "{}", db.name);
         assert_restores_every_row(&cluster, db, &backup, &written).await;
-        expect_events(&cluster, &db.name, &["WalNotLocated"]).await;
+        if db.name == split.name {
+            expect_events(&cluster, &db.name, &["WalNotLocated"]).await;
+            let name = apply(&cluster, backup_spec("split-kept", spec("Snapshot"))).await;
+            assert_failed(&wait_terminal(&cluster, &name).await, "WalNotLocated");
+        }
     }
 }
 
@@ -1042,7 +1137,7 @@ async fn one_pod_by_name_and_by_selector_is_one_database() {
     let by_name = on(
         &db,
         &secret,
-        json!({"checkpoint": "Fast", "deadline": "60s"}),
+        json!({"checkpoint": "Fast", "deadline": "60s", "walSource": "Archive"}),
     );
     let first = apply(&cluster, backup_spec("by-name", by_name)).await;
     wait_phase(
@@ -1306,8 +1401,8 @@ async fn deletion_honours_the_deletion_policy() {
                     && cm.is_none_or(|c| c.metadata.deletion_timestamp.is_some())
             ),
             _ => assert!(
-                snapshots.items.len() == 1 && cm.is_some(),
-                "Retain lost the snapshot or its label"
+                snapshots.items.len() == 2 && cm.is_some(),
+                "Retain lost the snapshot, the WAL snapshot or the label"
             ),
         }
     }

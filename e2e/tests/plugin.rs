@@ -72,7 +72,7 @@ async fn list_and_describe_show_a_completed_backup() {
             "Completed",
             db.name.as_str(),
             &format!("{window}s"),
-            "Archive",
+            "Snapshot",
             "-"
         ],
         "{out}"
@@ -93,7 +93,7 @@ async fn list_and_describe_show_a_completed_backup() {
     for expected in [
         "Phase:          Completed",
         &format!("Database:       {} (PostgreSQL 17", db.name),
-        "WAL source:     Archive",
+        "WAL source:     Snapshot",
         &format!("Steps (time in backup mode {window}s):"),
         "checkpoint (start)",
         "pgsnap's overhead",
@@ -176,6 +176,14 @@ async fn check_says_whether_a_database_can_be_backed_up_and_how_to_fix_it() {
     assert!(rows.iter().all(|r| r.1 == "✓"), "{out}");
     assert!(rows[2].2.starts_with("PostgreSQL 17"), "{out}");
     assert_eq!(rows[5].2, format!("Data: {}", good.claim("data")), "{out}");
+    assert_eq!(
+        rows[4].2,
+        format!(
+            "Snapshot: kept with the backup, in a snapshot of {} cut after the stop",
+            good.claim("data")
+        ),
+        "{out}"
+    );
 
     // A role that may read the settings, but not call the backup functions.
     good.sql("CREATE ROLE weak LOGIN PASSWORD 'weak'; GRANT pg_read_all_settings TO weak")
@@ -194,6 +202,14 @@ async fn check_says_whether_a_database_can_be_backed_up_and_how_to_fix_it() {
     assert_eq!(code, 1, "{out}");
     let server = &check_rows(&out)[3];
     assert_eq!(server.1, "✗", "{out}");
+    let wal = &check_rows(&out)[4];
+    assert!(
+        wal.2.starts_with("MissingPrivilege: ")
+            && wal
+                .2
+                .contains("GRANT EXECUTE ON FUNCTION pg_ls_waldir() TO weak"),
+        "{out}"
+    );
     assert!(
         server.2.starts_with("MissingPrivilege: ")
             && server
@@ -210,6 +226,8 @@ async fn check_says_whether_a_database_can_be_backed_up_and_how_to_fix_it() {
         &ns,
         "--secret",
         &format!("{secret}/password"),
+        "--wal-source",
+        "archive",
         "-o",
         "json",
     ]);

@@ -11,7 +11,7 @@ use kube::ResourceExt;
 use kube::api::{DeleteParams, ObjectMeta, PostParams};
 use kube::runtime::wait::Condition;
 use pgsnap::api::Backup;
-use pgsnap::api::backup::Phase;
+use pgsnap::api::backup::{Phase, VolumeRole};
 use pgsnap::api::restore::{Restore, RestorePhase};
 use pgsnap_e2e::operator::Operator;
 use pgsnap_e2e::postgres::{ARCHIVE_MOUNT, POSTGRES_UID};
@@ -69,11 +69,13 @@ fn completed(b: &Backup) -> &pgsnap::api::BackupStatus {
     status
 }
 
-/// One claim per snapshot of the backup, named `<claim>-<suffix>`.
+/// One claim per snapshot of the backup that holds a volume of the database (not its WAL
+/// snapshot, which the Restore reads itself), named `<claim>-<suffix>`.
 fn claims_for(b: &Backup, suffix: &str) -> serde_json::Value {
     let snapshots = &b.status.as_ref().expect("status").snapshots;
     json!(snapshots
         .iter()
+        .filter(|s| s.role != VolumeRole::BackupWal)
         .map(|s| {
             let mut c = json!({"role": s.role, "name": format!("{}-{suffix}", s.persistent_volume_claim)});
             if let Some(t) = &s.tablespace {
@@ -150,19 +152,24 @@ fn assert_restored(r: &Restore) -> &pgsnap::api::restore::RestoreStatus {
     status
 }
 
-/// A PostgreSQL pod on the restored claims (each at its `mountPath`), WAL from the source's
-/// archive; waits for recovery to end. Returns a client and the recovery time.
+/// A PostgreSQL pod on the restored claims (each at its `mountPath`), with the source's
+/// archive when the restore reads WAL from it; waits for recovery to end. Returns a client
+/// and the recovery time.
 async fn start_restored(
     cluster: &Cluster,
     source: &PostgresPod,
     r: &Restore,
+    with_archive: bool,
 ) -> Result<(tokio_postgres::Client, Duration), String> {
     let status = r.status.as_ref().ok_or("no status")?;
     let name = pgsnap::controller::bounded_name(&r.name_any(), "pg", 63);
-    let mut mounts = vec![json!({"name": "archive", "mountPath": ARCHIVE_MOUNT})];
-    let mut volumes = vec![
-        json!({"name": "archive", "persistentVolumeClaim": {"claimName": source.claim("archive")}}),
-    ];
+    let (mut mounts, mut volumes) = (Vec::new(), Vec::new());
+    if with_archive {
+        mounts.push(json!({"name": "archive", "mountPath": ARCHIVE_MOUNT}));
+        volumes.push(
+            json!({"name": "archive", "persistentVolumeClaim": {"claimName": source.claim("archive")}}),
+        );
+    }
     let mut pgdata = None;
     for (i, c) in status.claims.iter().enumerate() {
         mounts.push(json!({"name": format!("c{i}"), "mountPath": c.mount_path}));
@@ -181,13 +188,15 @@ async fn start_restored(
     verify::serve_restored(cluster, source, &pod).await
 }
 
-/// Backup under pgbench and a row writer; Restore; PostgreSQL on the claims; every row
-/// committed before the stop is there. `multi`: data + WAL + tablespace volumes.
+/// Backup under pgbench and a row writer of a server without a WAL archive; Restore (no
+/// restore command: the WAL the backup kept); PostgreSQL on the claims; every row committed
+/// before the stop is there, and the Restore's temporary claim of the WAL snapshot is gone.
+/// `multi`: data + WAL + tablespace volumes.
 async fn round_trip(major: u32, multi: bool) {
     let cluster = Cluster::from_env().await;
     let operator = Operator::for_test(&cluster).await;
     let db = postgres_pod(major)
-        .archive_volume()
+        .no_archive()
         .wal_volume(multi)
         .tablespace_volume(multi)
         .create(&cluster)
@@ -209,7 +218,7 @@ async fn round_trip(major: u32, multi: bool) {
     let written = writer.finish().await;
     load.await.expect("pgbench");
     let status = completed(&b);
-    assert_eq!(status.snapshots.len(), if multi { 3 } else { 1 });
+    assert_eq!(status.snapshots.len(), if multi { 4 } else { 2 });
     let expected =
         proof::committed_before(&written, verify::status_lsn(status.stop_lsn.as_deref()));
 
@@ -217,17 +226,27 @@ async fn round_trip(major: u32, multi: bool) {
     let r = restore(
         &cluster,
         &format!("r{major}"),
-        json!({"backupName": b.name_any(), "claims": claims_for(&b, "r"), "recovery": {"restoreCommand": format!("cp {ARCHIVE_MOUNT}/%f %p")}}),
+        json!({"backupName": b.name_any(), "claims": claims_for(&b, "r")}),
     )
     .await;
     let restore_took = t0.elapsed();
     let rs = assert_restored(&r);
-    assert_eq!(rs.claims.len(), status.snapshots.len());
+    assert_eq!(rs.claims.len(), status.snapshots.len() - 1);
+    let wal_claim = pgsnap::restore::plan::backup_wal_claim_name(&r.name_any());
+    let left = cluster
+        .api::<PersistentVolumeClaim>()
+        .get_opt(&wal_claim)
+        .await
+        .unwrap();
+    assert!(
+        left.is_none_or(|c| c.metadata.deletion_timestamp.is_some()),
+        "the claim of the backup's WAL outlived the prepare Job"
+    );
     operator
         .expect_metrics(&[r#"pgsnap_restores_total{result="Completed",reason="Completed"} 1"#])
         .await;
     let timings = rs.timings.clone().unwrap_or_default();
-    let (client, recovery) = start_restored(&cluster, &db, &r)
+    let (client, recovery) = start_restored(&cluster, &db, &r, false)
         .await
         .unwrap_or_else(|e| panic!("PostgreSQL {major} on the restored claims: {e}"));
     eprintln!(
@@ -506,7 +525,7 @@ async fn refusals_retained_snapshots_and_a_time_target() {
     )
     .await;
     assert_restored(&r);
-    let (client, _) = start_restored(&cluster, &db, &r)
+    let (client, _) = start_restored(&cluster, &db, &r, true)
         .await
         .unwrap_or_else(|e| panic!("PostgreSQL on the retained snapshot: {e}"));
     let rows = proof::restored_marks(&client).await.expect("marks");
@@ -822,7 +841,7 @@ async fn a_restore_resumes_after_the_operator_dies() {
         .await
         .expect("jobs");
     assert_eq!(jobs.items.len(), 1, "one prepare Job");
-    let (client, _) = start_restored(&cluster, &db, &r)
+    let (client, _) = start_restored(&cluster, &db, &r, true)
         .await
         .unwrap_or_else(|e| panic!("PostgreSQL on the resumed restore: {e}"));
     assert_eq!(
@@ -859,7 +878,7 @@ async fn the_longest_names_back_up_restore_and_delete() {
     )
     .await;
     assert_restored(&r);
-    let (client, _) = start_restored(&cluster, &db, &r)
+    let (client, _) = start_restored(&cluster, &db, &r, true)
         .await
         .unwrap_or_else(|e| panic!("PostgreSQL on the restored claims: {e}"));
     assert_eq!(

@@ -55,8 +55,12 @@ pub struct BackupSpec {
     /// with default settings, but no I/O burst).
     #[serde(default)]
     pub checkpoint: Checkpoint,
-    /// Whether stopping waits until the last WAL segment of the backup is archived. Without
-    /// an archive, WAL needed for restore must be kept some other way.
+    /// Where a restore finds the WAL from the backup's start to its stop: `Snapshot` (kept
+    /// with the backup, no archive needed) or `Archive` (the server's WAL archive).
+    #[serde(default)]
+    pub wal_source: WalSource,
+    /// With `walSource: Archive`, whether stopping waits until the last WAL segment of the
+    /// backup is archived.
     #[serde(default = "default_true")]
     pub wait_for_archive: bool,
     /// Hard limit on the time the server spends in backup mode (Go duration, 10s–24h).
@@ -191,11 +195,18 @@ pub enum DeletionPolicy {
 }
 
 /// Where a restore of the backup finds the WAL from its start to its stop: the snapshots are
-/// cut in backup mode and never hold it themselves.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+/// cut in backup mode and never hold all of it themselves.
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema,
+)]
 pub enum WalSource {
+    /// Kept with the backup: after the stop, one more snapshot of the volume holding
+    /// `pg_wal` (role `BackupWal`), cut while a replication slot still holds the WAL, and
+    /// proven to hold every segment from the start to the stop. A restore needs no archive.
+    #[default]
+    Snapshot,
     /// The server's WAL archive (`archive_command` or `archive_library`); a restore names
-    /// `restoreCommand`.
+    /// `restoreCommand`. Refused when the server does not archive.
     Archive,
 }
 
@@ -337,6 +348,9 @@ pub struct BackupTimings {
     pub stop_seconds: f64,
     /// Backup window − cut − stop: what pgsnap itself added to backup mode.
     pub overhead_seconds: f64,
+    /// After backup mode: the WAL snapshot requested → cut and its segments listed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wal_snapshot_seconds: Option<f64>,
 }
 
 #[derive(
@@ -356,6 +370,9 @@ pub enum VolumeRole {
     Data,
     Wal,
     Tablespace,
+    /// The backup's WAL kept with it: the volume holding `pg_wal`, cut after the stop. A
+    /// restore reads its segments; it never becomes a claim of the restored server.
+    BackupWal,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, schemars::JsonSchema)]

@@ -176,6 +176,10 @@ pub struct RestoreStatus {
     pub source: Option<RestoreSource>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub claims: Vec<RestoredClaim>,
+    /// The temporary claim made of the backup's WAL snapshot, which the prepare Job copies
+    /// the backup's WAL from; deleted once the Job has ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup_wal_claim: Option<String>,
     /// The Job running `pgsnap restore-prepare`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prepare_job: Option<String>,

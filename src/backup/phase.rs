@@ -1,9 +1,11 @@
 //! The Backup's state machine as pure decisions: what to do in each phase, given what was
 //! observed. The reconciler and the session task do the I/O these decisions ask for.
 
+use super::volumes::PlannedSnapshot;
 use crate::api::Duration;
-use crate::api::backup::{Phase, TargetRole, WalSource};
+use crate::api::backup::{Phase, TargetRole, VolumeRole, WalSource};
 use crate::controller::Failure;
+use crate::label_store::Location;
 
 /// What the reconciler does with a Backup in a given phase.
 #[derive(Debug, PartialEq, Eq)]
@@ -148,15 +150,19 @@ pub fn readiness(snapshots: &[SnapshotObservation], overdue: Option<Duration>) -
 /// Where a restore will find this backup's WAL, or why there is no such place. Decided before
 /// backup mode: a backup whose WAL goes nowhere is unrestorable by construction.
 pub fn wal_source(
+    requested: WalSource,
     in_recovery: bool,
     archive_mode: &str,
     archiver: &str,
 ) -> Result<WalSource, Failure> {
+    if requested == WalSource::Snapshot {
+        return Ok(WalSource::Snapshot);
+    }
     let refuse = |why: String| {
         Err(Failure::new(
             "NoWalSource",
             format!(
-                "{why}; the snapshots are cut in backup mode and lack the WAL up to the backup's end, so this backup could not be restored"
+                "walSource is Archive, but {why}; the snapshots are cut in backup mode and lack the WAL up to the backup's end, so this backup could not be restored (walSource: Snapshot keeps that WAL with the backup)"
             ),
         ))
     };
@@ -166,6 +172,61 @@ pub fn wal_source(
         _ if archiver.trim().is_empty() => refuse(format!("archive_mode is {archive_mode} but neither archive_command nor archive_library is set, so no WAL reaches an archive")),
         _ => Ok(WalSource::Archive),
     }
+}
+
+/// The planned snapshot whose volume holds `pg_wal`, and where: the volume the WAL snapshot
+/// is cut of. `unconfirmed` says why nobody could tell exactly where pg_wal's files are; then
+/// the backup's WAL could not be kept, and the backup is refused before backup mode.
+pub fn wal_volume<'a>(
+    plan: &'a [PlannedSnapshot],
+    unconfirmed: Option<&str>,
+) -> Result<(&'a PlannedSnapshot, &'a Location), Failure> {
+    let not_located = |why: &str| {
+        Failure::new(
+            "WalNotLocated",
+            format!(
+                "walSource is Snapshot, but {why}; or set walSource: Archive on a server that archives"
+            ),
+        )
+    };
+    if let Some(why) = unconfirmed {
+        return Err(not_located(why));
+    }
+    plan.iter()
+        .find_map(|p| Some((p, p.locations.iter().find(|l| l.role == VolumeRole::Wal)?)))
+        .ok_or_else(|| not_located("no planned volume holds pg_wal"))
+}
+
+/// A backup's WAL counts as kept only when every segment from its first to its last was
+/// listed whole by the server after the WAL snapshot was cut: a segment present then was
+/// present at the cut (names only grow, and one is never recreated), and was complete,
+/// since the stop had flushed it.
+pub fn check_wal_kept(
+    first: &str,
+    last: &str,
+    segment_size: u64,
+    listed: &[(String, i64)],
+) -> Result<(), Failure> {
+    let incomplete = |message: String| Failure::new("WalIncomplete", message);
+    let needed = crate::postgres::wal_segments(first, last, segment_size)
+        .ok_or_else(|| incomplete(format!("{first}..{last} is not a range of WAL segments")))?;
+    let range = format!("needed from {first} to {last}");
+    for name in &needed {
+        match listed.iter().find(|(n, _)| n == name) {
+            None => {
+                return Err(incomplete(format!(
+                    "segment {name} ({range}) was no longer in pg_wal after the WAL snapshot was cut (recycled by a checkpoint: give the role the REPLICATION attribute, so a slot holds the WAL): the backup could not be restored without an archive"
+                )));
+            }
+            Some((_, size)) if u64::try_from(*size).ok() != Some(segment_size) => {
+                return Err(incomplete(format!(
+                    "segment {name} ({range}) is {size} bytes in pg_wal, a segment is {segment_size}"
+                )));
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
 }
 
 /// Picks the server to back up among the selected pods (name, in recovery), by role. Pods are
@@ -197,29 +258,106 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_an_archiving_server_has_a_wal_source() {
+    fn the_wal_comes_from_the_wal_snapshot_or_an_archiving_server() {
+        use WalSource::{Archive, Snapshot};
         let reason = |r: Result<WalSource, Failure>| r.map_err(|f| f.reason);
+        // Kept with the backup, whatever the server archives.
+        assert_eq!(reason(wal_source(Snapshot, false, "off", "")), Ok(Snapshot));
+        assert_eq!(reason(wal_source(Snapshot, true, "on", "")), Ok(Snapshot));
         assert_eq!(
-            reason(wal_source(false, "on", "cp %p /a/%f")),
-            Ok(WalSource::Archive)
+            reason(wal_source(Archive, false, "on", "cp %p /a/%f")),
+            Ok(Archive)
         );
         assert_eq!(
-            reason(wal_source(true, "always", "cp %p /a/%f")),
-            Ok(WalSource::Archive)
+            reason(wal_source(Archive, true, "always", "cp %p /a/%f")),
+            Ok(Archive)
         );
         assert_eq!(
-            reason(wal_source(false, "always", "basic_archive")),
-            Ok(WalSource::Archive)
+            reason(wal_source(Archive, false, "always", "basic_archive")),
+            Ok(Archive)
         );
         let no_source = Err("NoWalSource".to_string());
-        assert_eq!(reason(wal_source(false, "off", "cp %p /a/%f")), no_source);
-        assert_eq!(reason(wal_source(false, "on", "")), no_source);
-        assert_eq!(reason(wal_source(true, "on", "cp %p /a/%f")), no_source);
-        let message = wal_source(true, "on", "cp").unwrap_err().message;
+        let archive =
+            |standby, mode, archiver| reason(wal_source(Archive, standby, mode, archiver));
+        assert_eq!(archive(false, "off", "cp %p /a/%f"), no_source);
+        assert_eq!(archive(false, "on", ""), no_source);
+        assert_eq!(archive(true, "on", "cp %p /a/%f"), no_source);
+        let message = wal_source(Archive, true, "on", "cp").unwrap_err().message;
         assert!(
             message.contains("set archive_mode = always on the standby"),
             "{message}"
         );
+    }
+
+    #[test]
+    fn the_wal_snapshot_is_of_the_volume_holding_pg_wal_once_located() {
+        use crate::label_store::Location;
+        let location = |role, claim: &str| Location {
+            role,
+            tablespace: None,
+            tablespace_oid: None,
+            server_path: format!("/{claim}"),
+            persistent_volume_claim: claim.into(),
+            path_in_volume: String::new(),
+        };
+        let planned = |role, locations| PlannedSnapshot {
+            persistent_volume_claim: "c".into(),
+            role,
+            locations,
+        };
+        let inside = [planned(
+            VolumeRole::Data,
+            vec![
+                location(VolumeRole::Data, "data"),
+                location(VolumeRole::Wal, "data"),
+            ],
+        )];
+        let (p, l) = wal_volume(&inside, None).unwrap();
+        assert_eq!((p.role, l.role), (VolumeRole::Data, VolumeRole::Wal));
+        let apart = [
+            planned(VolumeRole::Data, vec![location(VolumeRole::Data, "data")]),
+            planned(VolumeRole::Wal, vec![location(VolumeRole::Wal, "wal")]),
+        ];
+        assert_eq!(wal_volume(&apart, None).unwrap().1.server_path, "/wal");
+        let unlocated = wal_volume(&apart, Some("pg_wal may link to another volume")).unwrap_err();
+        assert_eq!(unlocated.reason, "WalNotLocated");
+        assert!(
+            unlocated.message.contains("pg_wal may link"),
+            "{}",
+            unlocated.message
+        );
+    }
+
+    #[test]
+    fn the_wal_is_kept_only_when_every_segment_was_listed_whole_after_the_cut() {
+        const MB16: u64 = 16 << 20;
+        let whole = |names: &[&str]| -> Vec<(String, i64)> {
+            names.iter().map(|n| (n.to_string(), MB16 as i64)).collect()
+        };
+        let (first, last) = ("0000000100000000000000FE", "000000010000000100000001");
+        let all = [
+            "0000000100000000000000FE",
+            "0000000100000000000000FF",
+            "000000010000000100000000",
+            "000000010000000100000001",
+        ];
+        assert_eq!(
+            check_wal_kept(first, last, MB16, &whole(&all)).map_err(|f| f.reason),
+            Ok(())
+        );
+        let recycled = check_wal_kept(first, last, MB16, &whole(&all[1..])).unwrap_err();
+        assert_eq!(recycled.reason, "WalIncomplete");
+        assert!(
+            recycled
+                .message
+                .contains("segment 0000000100000000000000FE ("),
+            "{}",
+            recycled.message
+        );
+        let mut short = whole(&all);
+        short[3].1 = 8192;
+        let short = check_wal_kept(first, last, MB16, &short).unwrap_err();
+        assert!(short.message.contains("000000010000000100000001 (needed from 0000000100000000000000FE to 000000010000000100000001) is 8192 bytes"), "{}", short.message);
     }
 
     #[test]

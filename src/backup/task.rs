@@ -20,11 +20,13 @@ use super::{Context, phase};
 use crate::api::BACKUP_CREATOR;
 use crate::api::backup::{
     Backup, BackupSpec, BackupStatus, BackupTimings, BackupWindow, Checkpoint, Phase,
-    PostgresStatus, ServerRole, SnapshotStatus, TargetRole, VolumeRole,
+    PostgresStatus, ServerRole, SnapshotStatus, TargetRole, VolumeRole, WalSource,
 };
 use crate::api::snapshot::VolumeSnapshot;
 use crate::controller::{Failure, created_by, now, set_phase};
-use crate::label_store::{self, LABEL_CONFIGMAP_ANNOTATION, LabelRecord, SnapshotLocation};
+use crate::label_store::{
+    self, LABEL_CONFIGMAP_ANNOTATION, LabelRecord, Location, SnapshotLocation, WalRecord,
+};
 use crate::postgres::{self, ConnectOptions, Session, Started, Stopped};
 use crate::snapshots;
 use crate::telemetry::TimedStep;
@@ -248,19 +250,34 @@ async fn execute(
     let (mut session, pod) = connect(work).await?;
     let server = session.server().clone();
     status.postgres = Some(postgres_status(&pod, &server));
-    status.wal_source = Some(phase::wal_source(
+    let source = phase::wal_source(
+        backup.spec.wal_source,
         server.in_recovery,
         &server.archive_mode,
         &server.archiver,
-    )?);
-    let (plan, unlocated) = plan_snapshots(&mut session, &pod, &backup.spec).await?;
-    if let Some(message) = unlocated {
-        info!(%message, "pg_wal not located");
-        ctx.publish(backup, EventType::Normal, "WalNotLocated", message)
-            .await;
-    }
+    )?;
+    status.wal_source = Some(source);
+    let (plan, location) = plan_snapshots(&mut session, &pod, &backup.spec).await?;
+    let wal_volume = match source {
+        WalSource::Snapshot => {
+            session.check_wal_listing().await?;
+            let (planned, location) = phase::wal_volume(&plan, location.unconfirmed())?;
+            Some(WalVolume {
+                planned: planned.clone(),
+                location: location.clone(),
+            })
+        }
+        WalSource::Archive => {
+            if let WalLocation::Unknown(message) = location {
+                info!(%message, "pg_wal not located");
+                ctx.publish(backup, EventType::Normal, "WalNotLocated", message)
+                    .await;
+            }
+            None
+        }
+    };
     let classes = snapshot_classes(&ctx.client, backup, &plan).await?;
-    check_names_free(ctx, backup, &plan).await?;
+    check_names_free(ctx, backup, &plan, wal_volume.as_ref()).await?;
     announce_start(ctx, backup, status, &pod, &server).await?;
 
     // Backup mode begins here: from now on every step races the deadline.
@@ -277,13 +294,126 @@ async fn execute(
         deadline,
     )
     .await?;
-    let stopped = stop_backup(ctx, backup, session, status, &cut.snapshots, deadline).await?;
+    let stopped = stop_backup(ctx, backup, &mut session, status, &cut.snapshots, deadline).await?;
     let window = window_start.elapsed();
-    record_timings(ctx, status, &started, cut.took, &stopped, window);
+    let kept = match &wal_volume {
+        Some(volume) => {
+            let class = &classes[plan.iter().position(|p| *p == volume.planned).unwrap_or(0)];
+            let kept = keep_wal(
+                ctx, backup, &session, status, volume, class, &stopped, deadline,
+            );
+            Some(kept.await?)
+        }
+        None => None,
+    };
+    session.release().await;
+    drop(session);
+    record_timings(
+        ctx,
+        status,
+        &started,
+        cut.took,
+        &stopped,
+        window,
+        kept.as_ref(),
+    );
 
-    let record = label_record(backup, &server, &started, &stopped, &cut.snapshots);
+    let mut record = label_record(backup, &server, &started, &stopped, &cut.snapshots);
+    record.wal = kept.map(|k| k.record);
     store_label(ctx, backup, &record, &cut.snapshots).await?;
     finalize(ctx, backup, status, &stopped, window).await
+}
+
+/// The volume holding `pg_wal`, as planned: the WAL snapshot is cut of it.
+struct WalVolume {
+    planned: PlannedSnapshot,
+    location: Location,
+}
+
+/// The backup's WAL, kept and proven.
+struct KeptWal {
+    record: WalRecord,
+    /// WAL snapshot requested → cut and listed.
+    took: Duration,
+}
+
+/// After backup mode (the window does not grow): one more snapshot of pg_wal's volume, cut
+/// while the session's slot still holds the WAL from the start, then proven to hold every
+/// segment from the start to the stop by the server's own listing.
+#[allow(clippy::too_many_arguments)]
+async fn keep_wal(
+    ctx: &Context,
+    backup: &Backup,
+    session: &Session,
+    status: &mut BackupStatus,
+    volume: &WalVolume,
+    class: &str,
+    stopped: &Stopped,
+    deadline: Instant,
+) -> Result<KeptWal, Failure> {
+    let begin = Instant::now();
+    let uid = backup.uid().unwrap_or_default();
+    let api: Api<VolumeSnapshot> =
+        Api::namespaced(ctx.client.clone(), &backup.namespace().unwrap_or_default());
+    let claim = &volume.planned.persistent_volume_claim;
+    let name = snapshots::wal_snapshot_name(&backup.name_any(), claim);
+    let annotations = BTreeMap::from([(
+        LABEL_CONFIGMAP_ANNOTATION.to_string(),
+        label_store::config_map_name(&backup.name_any()),
+    )]);
+    let message = "out of backup mode; cutting the WAL snapshot that keeps the backup's WAL";
+    set_phase(status, backup, Phase::Stopping, "KeepingWal", message);
+    snapshots::create(&api, backup, &name, claim, class, annotations).await?;
+    let wait = timeout_at(
+        deadline.into(),
+        snapshots::wait_until(
+            &api,
+            &uid,
+            std::slice::from_ref(&name),
+            VolumeSnapshot::is_cut,
+        ),
+    );
+    let (cut, written) = tokio::join!(wait, ctx.patch_status(backup, status));
+    written?;
+    let snapshot = cut
+        .map_err(|_| {
+            deadline_exceeded(
+                backup.spec.deadline,
+                "waiting for the WAL snapshot to be cut",
+            )
+        })??
+        .remove(0);
+
+    let segment_size = session.server().wal_segment_size;
+    let (first, last) = (&stopped.label.start_wal_file, &stopped.stop_wal_file);
+    let listed = session.wal_segments(first, last).await?;
+    phase::check_wal_kept(first, last, segment_size, &listed)?;
+    let took = begin.elapsed();
+    ctx.metrics
+        .observe(TimedStep::WalSnapshot, took.as_secs_f64());
+    info!(snapshot = %name, %first, %last, seconds = took.as_secs_f64(), "the backup's WAL is kept");
+    status.snapshots.push(SnapshotStatus {
+        role: VolumeRole::BackupWal,
+        tablespace: None,
+        path_in_volume: volume.location.path_in_volume.clone(),
+        ..snapshot_status(&volume.planned, &snapshot)
+    });
+    Ok(KeptWal {
+        record: WalRecord {
+            volume_snapshot: name,
+            persistent_volume_claim: claim.clone(),
+            path_in_volume: volume.location.path_in_volume.clone(),
+            timeline: stopped
+                .label
+                .start_timeline
+                .unwrap_or(session.server().timeline),
+            first_segment: first.clone(),
+            last_segment: last.clone(),
+            segment_size,
+            checked_by: "pg_ls_waldir".into(),
+        },
+        took,
+    })
 }
 
 fn postgres_status(pod: &Pod, server: &postgres::ServerInfo) -> PostgresStatus {
@@ -300,14 +430,35 @@ fn postgres_status(pod: &Pod, server: &postgres::ServerInfo) -> PostgresStatus {
     }
 }
 
-/// Which claims to snapshot: the directories the server reports, through the pod's mounts.
-/// Also, when pg_wal may link to another volume that no one can name, why its volume is not
-/// in the plan.
+/// How well the plan knows where `pg_wal`'s files are.
+pub(crate) enum WalLocation {
+    /// The server said (or no other volume could hold them): the plan's WAL location is
+    /// exact.
+    Known,
+    /// Its volume is one of the listed claims, but not where on it: enough to snapshot the
+    /// volume, not to name the directory a restore takes the backup's WAL from. Why.
+    VolumeOnly(String),
+    /// It may link to another volume that no one can name, which the plan leaves out. Why.
+    Unknown(String),
+}
+
+impl WalLocation {
+    /// Why the backup's WAL could not be kept in a snapshot, if it could not.
+    pub(crate) fn unconfirmed(&self) -> Option<&str> {
+        match self {
+            WalLocation::Known => None,
+            WalLocation::VolumeOnly(why) | WalLocation::Unknown(why) => Some(why),
+        }
+    }
+}
+
+/// Which claims to snapshot: the directories the server reports, through the pod's mounts,
+/// and how well that knows where pg_wal is.
 pub(crate) async fn plan_snapshots(
     session: &mut Session,
     pod: &Pod,
     spec: &BackupSpec,
-) -> Result<(Vec<PlannedSnapshot>, Option<String>), Failure> {
+) -> Result<(Vec<PlannedSnapshot>, WalLocation), Failure> {
     let server = session.server().clone();
     let overrides: Vec<String> = spec
         .volumes
@@ -316,7 +467,7 @@ pub(crate) async fn plan_snapshots(
         .collect();
     let pod_spec = pod.spec.clone().unwrap_or_default();
     let mut dirs = database_dirs(&server);
-    let mut unlocated = None;
+    let mut location = WalLocation::Known;
     // pg_wal may be a link to another volume, which SQL cannot read; ask the server which of
     // the pod's other writable mounts is its WAL directory. Only when there are any: the
     // common single-volume pod needs no file-reading privilege.
@@ -333,18 +484,40 @@ pub(crate) async fn plan_snapshots(
             Err(e)
                 if server.major < 11 || matches!(e, postgres::Error::MissingPrivilege { .. }) =>
             {
-                match volumes::wal_on_listed_claim(&pod_spec, &dirs, &overrides) {
-                    Some(wal) => dirs[1].path = wal,
-                    None if overrides.is_empty() => {
-                        unlocated = Some(wal_not_located(&e, &candidates))
+                location = match volumes::wal_on_listed_claim(&pod_spec, &dirs, &overrides) {
+                    Some(wal) => {
+                        let why = format!(
+                            "pg_wal's files are somewhere on the volume mounted at {wal}, and {}",
+                            cannot_say(&e)
+                        );
+                        dirs[1].path = wal;
+                        WalLocation::VolumeOnly(why)
                     }
-                    None => {}
-                }
+                    None if overrides.is_empty() => {
+                        WalLocation::Unknown(wal_not_located(&e, &candidates))
+                    }
+                    None => WalLocation::VolumeOnly(format!(
+                        "pg_wal is taken to be inside the data directory, since every claim in spec.volumes holds another directory, and {}",
+                        cannot_say(&e)
+                    )),
+                };
             }
             Err(e) => return Err(e.into()),
         }
     }
-    Ok((volumes::plan(&pod_spec, &dirs, &overrides)?, unlocated))
+    Ok((volumes::plan(&pod_spec, &dirs, &overrides)?, location))
+}
+
+/// Why the server could not say where pg_wal is, and how to have it say.
+fn cannot_say(e: &postgres::Error) -> String {
+    match e {
+        postgres::Error::MissingPrivilege { grant, .. } => {
+            format!(
+                "the role may not read files outside the data directory to tell exactly ({grant})"
+            )
+        }
+        _ => "PostgreSQL 10 shows no directory outside the data directory to tell exactly".into(),
+    }
 }
 
 /// Why pg_wal's volume is left out, and how to have it in.
@@ -383,11 +556,18 @@ async fn check_names_free(
     ctx: &Context,
     backup: &Backup,
     plan: &[PlannedSnapshot],
+    wal: Option<&WalVolume>,
 ) -> Result<(), Failure> {
     let ns = backup.namespace().unwrap_or_default();
     let snapshot_api: Api<VolumeSnapshot> = Api::namespaced(ctx.client.clone(), &ns);
-    for planned in plan {
-        let name = snapshots::snapshot_name(&backup.name_any(), &planned.persistent_volume_claim);
+    let backup_name = backup.name_any();
+    let names = plan
+        .iter()
+        .map(|p| snapshots::snapshot_name(&backup_name, &p.persistent_volume_claim))
+        .chain(wal.map(|w| {
+            snapshots::wal_snapshot_name(&backup_name, &w.planned.persistent_volume_claim)
+        }));
+    for name in names {
         if let Some(existing) = snapshot_api.get_opt(&name).await?
             && !created_by(&existing, &BACKUP_CREATOR, backup)
         {
@@ -497,8 +677,9 @@ async fn cut_snapshots(
         for planned in &batch {
             let class = &classes[plan.iter().position(|p| p == *planned).unwrap_or(0)];
             let claim = &planned.persistent_volume_claim;
+            let name = snapshots::snapshot_name(&backup.name_any(), claim);
             let created =
-                snapshots::create(&api, backup, claim, class, annotations.clone()).await?;
+                snapshots::create(&api, backup, &name, claim, class, annotations.clone()).await?;
             names.push(created.name_any());
         }
         let wait = timeout_at(
@@ -532,7 +713,7 @@ async fn cut_snapshots(
 async fn stop_backup(
     ctx: &Context,
     backup: &Backup,
-    mut session: Session,
+    session: &mut Session,
     status: &mut BackupStatus,
     cut: &[(PlannedSnapshot, VolumeSnapshot)],
     deadline: Instant,
@@ -540,7 +721,10 @@ async fn stop_backup(
     let message = "all snapshots cut; stopping the backup";
     set_phase(status, backup, Phase::Stopping, "Stopping", message);
     status.snapshots = cut.iter().map(|(p, v)| snapshot_status(p, v)).collect();
-    let stop = timeout_at(deadline.into(), session.stop(backup.spec.wait_for_archive));
+    // With the WAL kept in a snapshot there is no archive to wait for.
+    let wait_for_archive =
+        backup.spec.wal_source == WalSource::Archive && backup.spec.wait_for_archive;
+    let stop = timeout_at(deadline.into(), session.stop(wait_for_archive));
     let (stopped, written) = tokio::join!(stop, ctx.patch_status(backup, status));
     let stopped = stopped.map_err(|_| {
         deadline_exceeded(
@@ -548,7 +732,6 @@ async fn stop_backup(
             "stopping the backup (waiting for WAL archiving)",
         )
     })??;
-    drop(session);
     written?;
     Ok(stopped)
 }
@@ -560,6 +743,7 @@ fn record_timings(
     cut_wait: Duration,
     stopped: &Stopped,
     window: Duration,
+    kept: Option<&KeptWal>,
 ) {
     ctx.metrics
         .observe(TimedStep::Stop, stopped.took.as_secs_f64());
@@ -577,6 +761,7 @@ fn record_timings(
         cut_seconds: cut_wait.as_secs_f64(),
         stop_seconds: stopped.took.as_secs_f64(),
         overhead_seconds: overhead,
+        wal_snapshot_seconds: kept.map(|k| k.took.as_secs_f64()),
     });
     info!(
         stop_lsn = %stopped.stop_lsn,
@@ -612,6 +797,7 @@ fn label_record(
                 })
             })
             .collect(),
+        wal: None,
     }
 }
 

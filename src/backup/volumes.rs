@@ -89,6 +89,7 @@ fn describe(dir: &DatabaseDir) -> String {
         (VolumeRole::Wal, _) => "WAL directory".into(),
         (VolumeRole::Tablespace, Some(name)) => format!("tablespace {name}"),
         (VolumeRole::Tablespace, None) => "tablespace".into(),
+        (VolumeRole::BackupWal, _) => "backup's WAL".into(),
     }
 }
 

@@ -14,15 +14,51 @@ impl Lsn {
     /// computes it. Computed here because `pg_walfile_name` refuses to run on a standby.
     pub fn wal_file_name(self, timeline: u32, wal_segment_size: u64) -> String {
         let seg_size = wal_segment_size.max(1);
-        let segno = self.0 / seg_size;
-        let segs_per_xlogid = 0x1_0000_0000 / seg_size;
-        format!(
-            "{:08X}{:08X}{:08X}",
-            timeline,
-            segno / segs_per_xlogid,
-            segno % segs_per_xlogid
-        )
+        segment_name(timeline, self.0 / seg_size, 0x1_0000_0000 / seg_size)
     }
+}
+
+/// A segment's file name: the timeline, then its number split at 4 GiB of WAL, the way
+/// PostgreSQL's `XLogFileName` writes it.
+fn segment_name(timeline: u32, segno: u64, segs_per_xlogid: u64) -> String {
+    format!(
+        "{:08X}{:08X}{:08X}",
+        timeline,
+        segno / segs_per_xlogid,
+        segno % segs_per_xlogid
+    )
+}
+
+/// Every WAL segment file name from `first` to `last` inclusive. None when either is not
+/// the name of a segment of `segment_size` bytes, they are on different timelines, `last`
+/// comes before `first`, or `segment_size` is not one PostgreSQL allows (a power of two
+/// from 1 MiB to 1 GiB).
+pub fn wal_segments(first: &str, last: &str, segment_size: u64) -> Option<Vec<String>> {
+    if !segment_size.is_power_of_two() || !(1 << 20..=1 << 30).contains(&segment_size) {
+        return None;
+    }
+    let segs_per_xlogid = 0x1_0000_0000 / segment_size;
+    let parse = |name: &str| -> Option<(u32, u64)> {
+        // Upper case only, as PostgreSQL writes them: a lower-case name is no file in pg_wal.
+        if name.len() != 24 || !name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'A'..=b'F')) {
+            return None;
+        }
+        let field = |at: usize| u32::from_str_radix(&name[at..at + 8], 16).ok();
+        let (timeline, xlogid, seg) = (field(0)?, u64::from(field(8)?), u64::from(field(16)?));
+        // The low part counts segments within 4 GiB only: 16 MiB segments end at ...000000FF,
+        // so ...00000100 is no segment (it would alias the next 4 GiB's first).
+        (seg < segs_per_xlogid).then_some((timeline, xlogid * segs_per_xlogid + seg))
+    };
+    let (timeline, from) = parse(first)?;
+    let (last_timeline, to) = parse(last)?;
+    if timeline != last_timeline || to < from {
+        return None;
+    }
+    Some(
+        (from..=to)
+            .map(|segno| segment_name(timeline, segno, segs_per_xlogid))
+            .collect(),
+    )
 }
 
 impl fmt::Display for Lsn {
@@ -238,5 +274,79 @@ INCREMENTAL FROM TLI: 1
             "000000030000000000000002"
         );
         assert!("16B374D848".parse::<Lsn>().is_err());
+    }
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn wal_segments_cross_into_the_next_4_gib() {
+        assert_eq!(
+            wal_segments(
+                "0000000100000000000000FE",
+                "000000010000000100000001",
+                16 * MIB
+            )
+            .unwrap(),
+            [
+                "0000000100000000000000FE",
+                "0000000100000000000000FF",
+                "000000010000000100000000",
+                "000000010000000100000001"
+            ]
+        );
+        assert_eq!(
+            wal_segments(
+                "00000002000000000000003F",
+                "000000020000000100000000",
+                64 * MIB
+            )
+            .unwrap(),
+            ["00000002000000000000003F", "000000020000000100000000"]
+        );
+        let one = "000000010000000000000002";
+        assert_eq!(wal_segments(one, one, 16 * MIB).unwrap(), [one]);
+        // The same naming as the server's, from the LSNs a backup records.
+        let (start, stop) = (Lsn(0x0000_0000_FE00_0028), Lsn(0x0000_0001_0100_0100));
+        assert_eq!(
+            wal_segments(
+                &start.wal_file_name(1, 16 * MIB),
+                &stop.wal_file_name(1, 16 * MIB),
+                16 * MIB
+            )
+            .unwrap()
+            .len(),
+            4
+        );
+    }
+
+    #[test]
+    fn wal_segments_refuse_what_is_not_a_range_of_segments() {
+        let first = "000000010000000000000002";
+        let last = "000000010000000000000005";
+        assert_eq!(
+            wal_segments(first, last, 16 * MIB).map(|s| s.len()),
+            Some(4)
+        );
+        for (first, last) in [
+            (last, first),
+            (first, "000000020000000000000005"),
+            (first, "00000001000000000000000a"),
+            (first, "00000001000000000000005"),
+            (first, "0000000100000000000000-5"),
+            (first, "000000010000000000000005.partial"),
+            // Past the last 16 MiB segment of the first 4 GiB.
+            (first, "000000010000000000000100"),
+        ] {
+            assert_eq!(wal_segments(first, last, 16 * MIB), None, "{first}..{last}");
+        }
+        assert_eq!(
+            wal_segments(first, "000000010000000000000040", 64 * MIB),
+            None
+        );
+        for size in [0, MIB / 2, 3 * MIB, 2048 * MIB] {
+            assert_eq!(wal_segments(first, last, size), None, "{size}");
+        }
+        assert!(wal_segments(first, first, MIB).is_some());
+        assert!(wal_segments(first, "000000010000000000000003", 1024 * MIB).is_some());
     }
 }

@@ -10,7 +10,7 @@ mod session;
 pub use catalog::{MIN_MAJOR, RoleInfo, ServerInfo, Tablespace};
 pub use connect::{ConnectOptions, SslMode};
 pub use error::{Error, Step};
-pub use label::{BackupFrom, BackupLabel, LabelError, Lsn};
+pub use label::{BackupFrom, BackupLabel, LabelError, Lsn, wal_segments};
 pub use session::{
     MAX_LABEL_BYTES, SERVER_GRACE, Session, Started, Stopped, backup_functions, grants,
 };

@@ -84,6 +84,9 @@ struct Shared {
 enum State {
     Idle,
     InBackup(InBackup),
+    /// Out of backup mode, with the backup's limits and slot still held until
+    /// [`Session::release`]: the WAL up to the stop cannot be recycled while it is captured.
+    Holding(InBackup),
     /// The connection is gone or being closed; a new session is needed.
     Broken,
 }
@@ -181,7 +184,7 @@ impl Session {
     pub fn time_in_backup_mode(&self) -> Option<Duration> {
         match self.state {
             State::InBackup(InBackup { called_at, .. }) => Some(called_at.elapsed()),
-            State::Idle | State::Broken => None,
+            State::Idle | State::Holding(_) | State::Broken => None,
         }
     }
 
@@ -257,7 +260,7 @@ impl Session {
     fn check_can_start(&mut self) -> Result<(), Error> {
         match self.state {
             State::Idle => Ok(()),
-            State::InBackup(_) => Err(Error::InvalidState {
+            State::InBackup(_) | State::Holding(_) => Err(Error::InvalidState {
                 step: Step::Start,
                 detail: "this session is already in backup mode",
             }),
@@ -305,7 +308,9 @@ impl Session {
         }
     }
 
-    /// Stops the backup in this session and returns the files a restore needs.
+    /// Stops the backup in this session and returns the files a restore needs. The session
+    /// then still holds the backup's slot and limits (the deadline still closes it) until
+    /// [`Session::release`], so the WAL up to the stop can be captured first.
     pub async fn stop(&mut self, wait_for_archive: bool) -> Result<Stopped, Error> {
         let backup = self.check_can_stop()?;
         // statement_timeout counts per statement: a stop stuck in the archive wait gets only
@@ -317,15 +322,7 @@ impl Session {
         let row = self.backup_stop(&backup, wait_for_archive).await?;
         let took = t0.elapsed();
         let backup_window = backup.returned_at.elapsed();
-        // The server is out of backup mode: nothing left for the deadline to abort.
-        self.control.send_replace(Control::Idle);
-        self.state = State::Idle;
-        // Nothing of the backup is left in the transaction: if it cannot end, the connection
-        // goes (a standby's backup then cannot be checked below, and fails).
-        if let Err(e) = self.client.batch_execute(&backup.guard.lift()).await {
-            warn!(error = %e, "could not end the backup's transaction; closing the session");
-            self.close_on_failure();
-        }
+        self.state = State::Holding(backup.clone());
 
         let stop_lsn: Lsn = row
             .get::<_, String>(0)
@@ -337,9 +334,6 @@ impl Session {
 
         if backup.from_standby {
             self.check_still_standby().await?;
-        }
-        if let Some(slot) = &backup.slot_name {
-            self.drop_slot(slot).await;
         }
 
         let timeline = label.start_timeline.unwrap_or(self.info.timeline);
@@ -367,7 +361,7 @@ impl Session {
     fn check_can_stop(&mut self) -> Result<InBackup, Error> {
         let backup = match &self.state {
             State::InBackup(backup) => backup.clone(),
-            State::Idle => {
+            State::Idle | State::Holding(_) => {
                 return Err(Error::InvalidState {
                     step: Step::Stop,
                     detail: "this session has no backup in progress",
@@ -390,6 +384,67 @@ impl Session {
             return Err(self.lost(Step::InBackup));
         }
         Ok(backup)
+    }
+
+    /// The WAL segments in `pg_wal` from `first` to `last` (file names on one timeline), with
+    /// their sizes, as the server lists them. Needs superuser or EXECUTE on `pg_ls_waldir()`.
+    pub async fn wal_segments(&self, first: &str, last: &str) -> Result<Vec<(String, i64)>, Error> {
+        let rows = self
+            .client
+            .query(
+                "select name, size from pg_ls_waldir() where length(name) = 24 and name between $1 and $2 order by name",
+                &[&first, &last],
+            )
+            .await
+            .map_err(|e| {
+                let grant = wal_listing_grant(&self.info.role.name);
+                Error::from_query("listing pg_wal", Step::Stop, &self.info.role.name, move || grant, e)
+            })?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// Whether the role may list `pg_wal`, which proving the backup's WAL takes: checked
+    /// before backup mode, so a backup that could not prove it never starts.
+    pub async fn check_wal_listing(&self) -> Result<(), Error> {
+        if self.info.role.superuser {
+            return Ok(());
+        }
+        let allowed: bool = self
+            .client
+            .query_one(
+                "select has_function_privilege('pg_ls_waldir()', 'EXECUTE')",
+                &[],
+            )
+            .await
+            .map_err(|e| self.query_error("has_function_privilege()", Step::Start, e))?
+            .get(0);
+        if allowed {
+            return Ok(());
+        }
+        Err(Error::MissingPrivilege {
+            user: self.info.role.name.clone(),
+            missing: "may not execute pg_ls_waldir(), which proves the backup's WAL is in its WAL snapshot".into(),
+            grant: wal_listing_grant(&self.info.role.name),
+        })
+    }
+
+    /// Ends what the stop left held: the backup's transaction and limits, and its slot. If
+    /// they cannot end, the connection goes, which ends them too.
+    pub async fn release(&mut self) {
+        let State::Holding(backup) = &self.state else {
+            return;
+        };
+        let backup = backup.clone();
+        self.control.send_replace(Control::Idle);
+        self.state = State::Idle;
+        if let Err(e) = self.client.batch_execute(&backup.guard.lift()).await {
+            warn!(error = %e, "could not end the backup's transaction; closing the session");
+            self.close_on_failure();
+            return;
+        }
+        if let Some(slot) = &backup.slot_name {
+            self.drop_slot(slot).await;
+        }
     }
 
     /// The stop function's row: the stop LSN, `backup_label` and `tablespace_map`.
@@ -711,17 +766,25 @@ pub fn backup_functions(major: u32) -> [&'static str; 2] {
 
 /// Every statement a superuser runs so that `role` can take backups on this major.
 pub fn grants(major: u32, role: &str) -> Vec<String> {
-    let role = quote_ident(role);
+    let quoted = quote_ident(role);
     let mut out = vec![
-        format!("ALTER ROLE {role} REPLICATION"),
-        format!("GRANT pg_read_all_settings TO {role}"),
+        format!("ALTER ROLE {quoted} REPLICATION"),
+        format!("GRANT pg_read_all_settings TO {quoted}"),
     ];
     out.extend(
         backup_functions(major)
             .iter()
-            .map(|f| format!("GRANT EXECUTE ON FUNCTION {f} TO {role}")),
+            .map(|f| format!("GRANT EXECUTE ON FUNCTION {f} TO {quoted}")),
     );
+    out.push(wal_listing_grant(role));
     out
+}
+
+fn wal_listing_grant(role: &str) -> String {
+    format!(
+        "GRANT EXECUTE ON FUNCTION pg_ls_waldir() TO {}",
+        quote_ident(role)
+    )
 }
 
 /// How the server itself ends a backup whose client froze or vanished behind a network that
@@ -974,6 +1037,7 @@ mod tests {
                 "GRANT pg_read_all_settings TO pgsnap",
                 "GRANT EXECUTE ON FUNCTION pg_backup_start(text, boolean) TO pgsnap",
                 "GRANT EXECUTE ON FUNCTION pg_backup_stop(boolean) TO pgsnap",
+                "GRANT EXECUTE ON FUNCTION pg_ls_waldir() TO pgsnap",
             ]
         );
         assert_eq!(

@@ -21,8 +21,8 @@ use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod};
 use k8s_openapi::api::storage::v1::StorageClass;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use kube::api::{ListParams, PostParams};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, OwnerReference, Time};
+use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::watcher;
@@ -183,6 +183,7 @@ async fn reconcile(restore: Arc<Restore>, ctx: Arc<Context>) -> Result<Action, E
     match step(&restore, &ctx, &mut status).await {
         Ok(action) => Ok(action),
         Err(Stop::Failed(failure)) => {
+            remove_backup_wal_claim(&restore, &ctx, &mut status).await?;
             ctx.fail(&restore, &mut status, failure).await?;
             Ok(Action::await_change())
         }
@@ -267,17 +268,15 @@ async fn resolve(restore: &Restore, ctx: &Context) -> Result<Source, Stop> {
     let volumes = plan::source_volumes(&config_map, &label)?;
     let snapshots: Api<VolumeSnapshot> = Api::namespaced(ctx.client.clone(), &ns);
     let mut sizes = HashMap::new();
-    for v in &volumes {
-        let snapshot = snapshots.get_opt(&v.snapshot).await?.ok_or_else(|| {
+    let wal_snapshot = label.wal.as_ref().map(|w| &w.volume_snapshot);
+    for name in volumes.iter().map(|v| &v.snapshot).chain(wal_snapshot) {
+        let snapshot = snapshots.get_opt(name).await?.ok_or_else(|| {
             Failure::new(
                 "SnapshotNotFound",
-                format!("VolumeSnapshot {} of the backup does not exist", v.snapshot),
+                format!("VolumeSnapshot {name} of the backup does not exist"),
             )
         })?;
-        sizes.insert(
-            v.snapshot.clone(),
-            phase::usable_snapshot(&v.snapshot, &snapshot)?,
-        );
+        sizes.insert(name.clone(), phase::usable_snapshot(name, &snapshot)?);
     }
     Ok(Source {
         config_map,
@@ -315,6 +314,8 @@ async fn label_config_map(restore: &Restore, ctx: &Context, ns: &str) -> Result<
 enum Provisioned {
     /// Some claims are not bound yet (the message says which).
     Waiting(String),
+    /// The restored claims, and the temporary one of the backup's WAL last, if the backup
+    /// kept its WAL.
     Bound(Vec<PlannedClaim>),
 }
 
@@ -337,17 +338,33 @@ async fn provision(
     )?;
     let mut waiting = Vec::new();
     status.claims.clear();
+    let owner = (restore.spec.claim_deletion_policy == ClaimDeletionPolicy::Delete)
+        .then(|| restore.controller_owner_ref(&()))
+        .flatten();
     for p in &planned {
-        let pvc = ensure_claim(restore, ctx, p).await?;
+        let pvc = ensure_claim(restore, ctx, p, owner.clone()).await?;
         if phase::claim_waits(&pvc, &classes) {
             waiting.push(p.name.clone());
         }
         status.claims.push(p.status(phase::is_bound(&pvc)));
     }
+    let mut all = planned;
+    if let Some(wal) = &source.label.wal {
+        let data_class = all.first().and_then(|c| c.storage_class.clone());
+        let size = source.sizes.get(&wal.volume_snapshot).cloned().flatten();
+        let claim = plan::backup_wal_claim(&restore.name_any(), wal, size, data_class)?;
+        // Temporary whatever the policy: it goes with the Restore at the latest.
+        let pvc = ensure_claim(restore, ctx, &claim, restore.controller_owner_ref(&())).await?;
+        if phase::claim_waits(&pvc, &classes) {
+            waiting.push(claim.name.clone());
+        }
+        status.backup_wal_claim = Some(claim.name.clone());
+        all.push(claim);
+    }
     status.started_at.get_or_insert_with(now);
     Ok(match waiting.is_empty() {
-        true => Provisioned::Bound(planned),
-        false => Provisioned::Waiting(phase::provisioning_message(planned.len(), &waiting)),
+        true => Provisioned::Bound(all),
+        false => Provisioned::Waiting(phase::provisioning_message(all.len(), &waiting)),
     })
 }
 
@@ -357,6 +374,7 @@ async fn ensure_claim(
     restore: &Restore,
     ctx: &Context,
     claim: &PlannedClaim,
+    owner: Option<OwnerReference>,
 ) -> Result<PersistentVolumeClaim, Stop> {
     let ns = restore.namespace().unwrap_or_default();
     let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
@@ -371,9 +389,6 @@ async fn ensure_claim(
         )
         .into()),
         None => {
-            let owner = (restore.spec.claim_deletion_policy == ClaimDeletionPolicy::Delete)
-                .then(|| restore.controller_owner_ref(&()))
-                .flatten();
             let pvc = plan::claim(claim, &ns, restore_labels(restore), owner);
             Ok(pvcs.create(&PostParams::default(), &pvc).await?)
         }
@@ -405,6 +420,7 @@ async fn prepare(
             .await?;
         }
         JobOutcome::Succeeded => {
+            remove_backup_wal_claim(restore, ctx, status).await?;
             let job_status = job.status.unwrap_or_default();
             if let (Some(start), Some(end)) = (&job_status.start_time, &job_status.completion_time)
                 && let Some(t) = status.timings.as_mut()
@@ -443,6 +459,28 @@ async fn prepare(
         }
     }
     Ok(Action::await_change())
+}
+
+/// The claim of the backup's WAL is read by the prepare Job only: it goes when the Job has
+/// ended, whatever the outcome (its pod keeps it until the pod is gone).
+async fn remove_backup_wal_claim(
+    restore: &Restore,
+    ctx: &Context,
+    status: &mut RestoreStatus,
+) -> Result<(), kube::Error> {
+    let Some(name) = status.backup_wal_claim.clone() else {
+        return Ok(());
+    };
+    let pvcs: Api<PersistentVolumeClaim> =
+        Api::namespaced(ctx.client.clone(), &restore.namespace().unwrap_or_default());
+    if let Some(pvc) = pvcs.get_opt(&name).await?
+        && phase::made_by(&pvc, restore)
+        && pvc.metadata.deletion_timestamp.is_none()
+    {
+        pvcs.delete(&name, &DeleteParams::default()).await?;
+    }
+    status.backup_wal_claim = None;
+    Ok(())
 }
 
 /// The prepare Job, created unless this Restore made it already.

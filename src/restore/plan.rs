@@ -21,7 +21,7 @@ use crate::api::backup::VolumeRole;
 use crate::api::restore::{RecoverySpec, RestoreClaim, RestoredClaim};
 use crate::controller::Failure;
 use crate::label_store::{
-    BACKUP_LABEL_KEY, LabelRecord, LabelStoreError, SnapshotLocation, TABLESPACE_MAP_KEY,
+    BACKUP_LABEL_KEY, LabelRecord, LabelStoreError, SnapshotLocation, TABLESPACE_MAP_KEY, WalRecord,
 };
 use crate::restore::prepare::EXIT_REFUSED;
 
@@ -170,6 +170,42 @@ impl PlannedClaim {
             bound,
         }
     }
+}
+
+/// Where the prepare Job mounts the claim made of the backup's WAL snapshot.
+pub const BACKUP_WAL_MOUNT: &str = "/pgsnap/backup-wal";
+
+pub fn backup_wal_claim_name(restore: &str) -> String {
+    crate::controller::bounded_name(restore, "backup-wal", 253)
+}
+
+/// The temporary claim made of the backup's WAL snapshot, which the prepare Job reads the
+/// backup's WAL from; it lives only until the Job ends.
+pub fn backup_wal_claim(
+    restore: &str,
+    wal: &WalRecord,
+    restore_size: Option<String>,
+    storage_class: Option<String>,
+) -> Result<PlannedClaim, Failure> {
+    let size = restore_size.ok_or_else(|| {
+        Failure::new(
+            "SizeUnknown",
+            format!(
+                "the backup's WAL snapshot {} reports no restoreSize, so no claim can be made of it",
+                wal.volume_snapshot
+            ),
+        )
+    })?;
+    Ok(PlannedClaim {
+        name: backup_wal_claim_name(restore),
+        role: VolumeRole::BackupWal,
+        tablespace: None,
+        snapshot: wal.volume_snapshot.clone(),
+        storage_class,
+        size,
+        mount_path: BACKUP_WAL_MOUNT.into(),
+        path_in_volume: wal.path_in_volume.clone(),
+    })
 }
 
 /// A role as a Restore's spec writes it (`Data`, `Tablespace (tablespace fast)`).
@@ -327,18 +363,20 @@ pub fn prepare_args(
     label: &LabelRecord,
     recovery: &RecoverySpec,
 ) -> Vec<String> {
-    let data = claims.iter().find(|c| c.role == VolumeRole::Data);
-    let data_dir = data.map(|c| {
-        if c.path_in_volume.is_empty() {
-            c.mount_path.clone()
-        } else {
-            format!(
-                "{}/{}",
-                c.mount_path.trim_end_matches('/'),
-                c.path_in_volume
-            )
-        }
-    });
+    let dir_of = |role| {
+        claims.iter().find(|c| c.role == role).map(|c| {
+            if c.path_in_volume.is_empty() {
+                c.mount_path.clone()
+            } else {
+                format!(
+                    "{}/{}",
+                    c.mount_path.trim_end_matches('/'),
+                    c.path_in_volume
+                )
+            }
+        })
+    };
+    let data_dir = dir_of(VolumeRole::Data);
     let mut args = vec![
         "restore-prepare".to_string(),
         "--data-dir".into(),
@@ -361,6 +399,18 @@ pub fn prepare_args(
         // and keep the restored server following a primary instead of recovering to the target.
         "--remove-standby-signal".into(),
     ];
+    if let (Some(wal), Some(dir)) = (&label.wal, dir_of(VolumeRole::BackupWal)) {
+        args.extend([
+            "--wal-from".into(),
+            dir,
+            "--wal-first".into(),
+            wal.first_segment.clone(),
+            "--wal-last".into(),
+            wal.last_segment.clone(),
+            "--wal-segment-size".into(),
+            wal.segment_size.to_string(),
+        ]);
+    }
     if let Some(cmd) = &recovery.restore_command {
         args.extend(["--restore-command".into(), cmd.clone()]);
     }
@@ -440,6 +490,8 @@ pub fn prepare_job(
         mounts.push(VolumeMount {
             name: vol,
             mount_path: c.mount_path.clone(),
+            // The backup's WAL is only read.
+            read_only: (c.role == VolumeRole::BackupWal).then_some(true),
             ..Default::default()
         });
     }
@@ -544,6 +596,7 @@ mod tests {
             server_version: "17.10".into(),
             system_identifier: "7312345678901234567".into(),
             volumes: volumes.to_vec(),
+            wal: None,
         }
     }
 
@@ -684,6 +737,70 @@ mod tests {
             ),
             (VolumeRole::Data, "/data", "pgdata")
         );
+    }
+
+    #[test]
+    fn the_backups_wal_is_read_from_a_claim_of_its_wal_snapshot_mounted_read_only() {
+        let mut label = record("L\n", &three_volumes());
+        let wal = crate::label_store::WalRecord {
+            volume_snapshot: "b1-wal-wal".into(),
+            persistent_volume_claim: "wal".into(),
+            path_in_volume: "pg_wal".into(),
+            timeline: 1,
+            first_segment: "000000010000000000000003".into(),
+            last_segment: "000000010000000000000005".into(),
+            segment_size: 16 << 20,
+            checked_by: "pg_ls_waldir".into(),
+        };
+        label.wal = Some(wal.clone());
+        let refused = backup_wal_claim("r1", &wal, None, None).unwrap_err();
+        assert_eq!(refused.reason, "SizeUnknown");
+        let temporary =
+            backup_wal_claim("r1", &wal, Some("2Gi".into()), Some("fast".into())).unwrap();
+        assert_eq!(
+            (
+                temporary.name.as_str(),
+                temporary.role,
+                temporary.snapshot.as_str()
+            ),
+            ("r1-backup-wal", VolumeRole::BackupWal, "b1-wal-wal")
+        );
+        let volumes = source_volumes("b1-backup-label", &label).unwrap();
+        let claims = vec![
+            claim_spec(VolumeRole::Data, None, "data-r", Some("1Gi")),
+            claim_spec(VolumeRole::Wal, None, "wal-r", Some("1Gi")),
+            claim_spec(VolumeRole::Tablespace, Some("fast"), "ts-r", Some("1Gi")),
+        ];
+        let mut planned = plan_claims(&claims, &volumes, &HashMap::new(), None).unwrap();
+        planned.push(temporary);
+        let args = prepare_args(&planned, &label, &RecoverySpec::default());
+        let arg = |flag: &str| {
+            args.iter()
+                .position(|a| a == flag)
+                .map(|i| args[i + 1].as_str())
+        };
+        assert_eq!(arg("--wal-from"), Some("/pgsnap/backup-wal/pg_wal"));
+        assert_eq!(arg("--wal-first"), Some("000000010000000000000003"));
+        assert_eq!(arg("--wal-last"), Some("000000010000000000000005"));
+        assert_eq!(arg("--wal-segment-size"), Some("16777216"));
+        assert_eq!(arg("--restore-command"), None, "no archive needed");
+        let id = JobIdentity {
+            name: "r1-prepare",
+            namespace: "shop",
+            labels: BTreeMap::new(),
+            owner: OwnerReference::default(),
+            image: "pgsnap:dev",
+            label_config_map: "b1-backup-label",
+        };
+        let job = prepare_job(id, &planned, &label, &RecoverySpec::default());
+        let pod = job.spec.unwrap().template.spec.unwrap();
+        let mounts = pod.containers[0].volume_mounts.clone().unwrap();
+        let read_only: Vec<_> = mounts
+            .iter()
+            .filter(|m| m.read_only == Some(true))
+            .map(|m| m.mount_path.as_str())
+            .collect();
+        assert_eq!(read_only, [LABEL_MOUNT, BACKUP_WAL_MOUNT]);
     }
 
     #[test]

@@ -8,6 +8,8 @@
 //! the label, and the `pgsnap-restore.done` marker last: a run cut short is simply run again.
 //! The marker also keeps a second run (an initContainer on every pod start) from putting the
 //! label back after PostgreSQL has recovered and moved on, which would rewind the database.
+//! The backup's WAL, when kept with it, is copied into `pg_wal` after the label: a start
+//! in between fails loudly for lack of it, and every segment was checked before the label.
 
 use std::fs;
 use std::io::{self, Write};
@@ -15,7 +17,7 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, symlink};
 use std::path::{Path, PathBuf};
 
 use crate::label_store::{BACKUP_LABEL_KEY, TABLESPACE_MAP_KEY, sha256_hex};
-use crate::postgres::Lsn;
+use crate::postgres::{Lsn, wal_segments};
 
 /// Written last, holding the sha256 of the `backup_label` it prepared the directory with.
 pub const DONE_MARKER: &str = "pgsnap-restore.done";
@@ -69,6 +71,22 @@ pub struct Inputs {
     pub recovery: Recovery,
     /// Remove `standby.signal` (12+), which would otherwise win over `recovery.signal`.
     pub remove_standby_signal: bool,
+    /// The WAL from the backup's start to its stop, copied into `pg_wal` so recovery reaches
+    /// the end of the backup without an archive.
+    pub backup_wal: Option<BackupWal>,
+}
+
+/// The backup's WAL kept with it: a directory holding the segments `first..=last`, i.e. the
+/// `pg_wal` of a volume made from the backup's WAL snapshot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackupWal {
+    pub dir: PathBuf,
+    /// The segment holding the backup's start (the label's START WAL LOCATION file).
+    pub first: String,
+    /// The segment holding the backup's stop.
+    pub last: String,
+    /// The server's `wal_segment_size` in bytes.
+    pub segment_size: u64,
 }
 
 /// Why restore-prepare refuses. `reason()` is stable: Job status, Events and scripts use it.
@@ -112,6 +130,15 @@ pub enum PrepareError {
         "pg_wal links to {0}, which is not there (its volume is not part of this restore), and no restore command names the archive the backup's WAL is in: pass --restore-command (Restore: spec.recovery.restoreCommand), or mount pg_wal's restored volume there"
     )]
     WalMissing(PathBuf),
+    #[error(
+        "the backup's WAL lacks segment {segment} (needed from {first} to {last}): {detail}; without it PostgreSQL cannot reach the end of the backup"
+    )]
+    WalIncomplete {
+        segment: String,
+        first: String,
+        last: String,
+        detail: String,
+    },
     #[error("{action} {path}: {source}")]
     Io {
         action: &'static str,
@@ -134,6 +161,7 @@ impl PrepareError {
             PrepareError::InvalidSetting { .. } => "InvalidRecoverySetting",
             PrepareError::Relocation(_) => "RelocationFailed",
             PrepareError::WalMissing(_) => "WalMissing",
+            PrepareError::WalIncomplete { .. } => "WalIncomplete",
             PrepareError::Io { .. } => "FilesystemError",
         }
     }
@@ -391,11 +419,21 @@ pub fn relocated_map(original: &str, moves: &[(u32, PathBuf)]) -> Result<String,
     Ok(render_tablespace_map(&entries))
 }
 
-/// Writes a file atomically (temporary file, fsync, rename) with mode 0600, owned like the
-/// data directory: a Job running as root must not leave files the server cannot read.
 fn write_file(data_dir: &Path, name: &str, contents: &[u8]) -> Result<(), PrepareError> {
-    let path = data_dir.join(name);
-    let tmp = data_dir.join(format!(".{name}.pgsnap-tmp"));
+    write_file_from(data_dir, data_dir, name, &mut &*contents)
+}
+
+/// Writes `dir/name` atomically (temporary file, fsync, rename, fsync of `dir`) with mode
+/// 0600, owned like the data directory: a Job running as root must not leave files the
+/// server cannot read.
+fn write_file_from(
+    data_dir: &Path,
+    dir: &Path,
+    name: &str,
+    contents: &mut impl io::Read,
+) -> Result<(), PrepareError> {
+    let path = dir.join(name);
+    let tmp = dir.join(format!(".{name}.pgsnap-tmp"));
     let mut file = fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -403,13 +441,13 @@ fn write_file(data_dir: &Path, name: &str, contents: &[u8]) -> Result<(), Prepar
         .mode(0o600)
         .open(&tmp)
         .map_err(io_err("create", &tmp))?;
-    file.write_all(contents).map_err(io_err("write", &tmp))?;
+    io::copy(contents, &mut file).map_err(io_err("write", &tmp))?;
     file.sync_all().map_err(io_err("fsync", &tmp))?;
     own_like_data_dir(data_dir, &tmp)?;
     fs::rename(&tmp, &path).map_err(io_err("rename into", &path))?;
-    fs::File::open(data_dir)
+    fs::File::open(dir)
         .and_then(|d| d.sync_all())
-        .map_err(io_err("fsync", data_dir))
+        .map_err(io_err("fsync", dir))
 }
 
 fn own_like_data_dir(data_dir: &Path, path: &Path) -> Result<(), PrepareError> {
@@ -521,11 +559,19 @@ pub fn prepare(inputs: &Inputs) -> Result<PrepareOutcome, PrepareError> {
     let map_out = relocated_map(&files.map, &inputs.tablespaces)?;
     let settings = recovery_settings(major, &inputs.recovery)?;
     let wal = wal_dir(data, inputs)?;
+    let backup_wal = inputs
+        .backup_wal
+        .as_ref()
+        .map(check_backup_wal)
+        .transpose()?;
 
     // The label first, the marker last.
     let mut actions = Vec::new();
     write_label_files(data, &files, &map_out, &mut actions)?;
     relink_volumes(data, inputs, &wal, &mut actions)?;
+    if let Some(backup_wal) = &backup_wal {
+        copy_backup_wal(data, backup_wal, &mut actions)?;
+    }
     remove_server_leftovers(data, inputs.remove_standby_signal, &mut actions)?;
     write_recovery_settings(data, major, &files.label_sha, &settings, &mut actions)?;
     write_file(
@@ -637,12 +683,20 @@ enum WalDir {
     Relink(PathBuf),
     /// A link to a volume this restore does not have (a backup that could not locate it, or
     /// a restore that left it out): an empty directory in its place. Nothing is lost, the
-    /// backup's WAL comes from the archive.
+    /// backup's WAL is copied in from its own snapshot, or comes from the archive.
     Recreate,
 }
 
 fn wal_dir(data: &Path, inputs: &Inputs) -> Result<WalDir, PrepareError> {
     if let Some(dir) = &inputs.wal_dir {
+        // The backup's WAL is copied through the new link: finding out only after the label
+        // is written that it leads nowhere here would break "check everything first".
+        if inputs.backup_wal.is_some() && !dir.is_dir() {
+            return Err(PrepareError::Relocation(format!(
+                "{} is not a directory here, and the backup's WAL is to be copied into it",
+                dir.display()
+            )));
+        }
         return Ok(WalDir::Relink(dir.clone()));
     }
     let pg_wal = data.join("pg_wal");
@@ -666,10 +720,106 @@ fn wal_dir(data: &Path, inputs: &Inputs) -> Result<WalDir, PrepareError> {
         Err(e) if not_found(&e) => pg_wal.clone(),
         Err(e) => return Err(io_err("stat", &pg_wal)(e)),
     };
-    if inputs.recovery.restore_command.is_none() {
+    if inputs.recovery.restore_command.is_none() && inputs.backup_wal.is_none() {
         return Err(PrepareError::WalMissing(missing));
     }
     Ok(WalDir::Recreate)
+}
+
+/// The backup's WAL, checked: what `copy_backup_wal` copies.
+struct CheckedWal<'a> {
+    wal: &'a BackupWal,
+    segments: Vec<String>,
+    /// Timeline history files of the segments' timeline and earlier ones.
+    histories: Vec<String>,
+}
+
+/// Every segment from the backup's start to its stop, whole: recovery needs each one to
+/// reach the end of the backup, and a gap found only by PostgreSQL is a failed start after
+/// the label was written.
+fn check_backup_wal(wal: &BackupWal) -> Result<CheckedWal<'_>, PrepareError> {
+    let segments = wal_segments(&wal.first, &wal.last, wal.segment_size).ok_or_else(|| {
+        PrepareError::InvalidSetting {
+            name: "wal range",
+            detail: format!(
+                "{}..{} with {}-byte segments is not a range of WAL segments on one timeline (a segment is a power of two from 1 MiB to 1 GiB)",
+                wal.first, wal.last, wal.segment_size
+            ),
+        }
+    })?;
+    for segment in &segments {
+        let incomplete = |detail: String| PrepareError::WalIncomplete {
+            segment: segment.clone(),
+            first: wal.first.clone(),
+            last: wal.last.clone(),
+            detail,
+        };
+        let path = wal.dir.join(segment);
+        match fs::metadata(&path) {
+            Ok(m) if !m.is_file() => return Err(incomplete("it is not a regular file".into())),
+            Ok(m) if m.len() != wal.segment_size => {
+                return Err(incomplete(format!(
+                    "it is {} bytes, a segment is {}",
+                    m.len(),
+                    wal.segment_size
+                )));
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(incomplete(format!("it is not in {}", wal.dir.display())));
+            }
+            Err(e) => return Err(io_err("stat", &path)(e)),
+        }
+    }
+    // The segment names were checked: the first 8 characters are the timeline.
+    let timeline = &wal.first[..8];
+    let mut histories = Vec::new();
+    for entry in fs::read_dir(&wal.dir).map_err(io_err("list", &wal.dir))? {
+        let entry = entry.map_err(io_err("list", &wal.dir))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if is_history_up_to(&name, timeline) && entry.path().is_file() {
+            histories.push(name);
+        }
+    }
+    histories.sort();
+    Ok(CheckedWal {
+        wal,
+        segments,
+        histories,
+    })
+}
+
+/// `TTTTTTTT.history` of `timeline` or an earlier one. A later timeline forked after the
+/// backup (a restore that promoted); its history in pg_wal could lead recovery onto it.
+/// Both are 8 upper-case hex digits, so they compare as the numbers do.
+fn is_history_up_to(name: &str, timeline: &str) -> bool {
+    name.strip_suffix(".history").is_some_and(|t| {
+        t.len() == 8 && t.bytes().all(|b| matches!(b, b'0'..=b'9' | b'A'..=b'F')) && t <= timeline
+    })
+}
+
+/// Replaces any file of the same name: a snapshot cut in backup mode may hold the last
+/// segments half written.
+fn copy_backup_wal(
+    data: &Path,
+    checked: &CheckedWal,
+    actions: &mut Vec<String>,
+) -> Result<(), PrepareError> {
+    let pg_wal = data.join("pg_wal");
+    for name in checked.segments.iter().chain(&checked.histories) {
+        let from = checked.wal.dir.join(name);
+        let mut source = fs::File::open(&from).map_err(io_err("open", &from))?;
+        write_file_from(data, &pg_wal, name, &mut source)?;
+    }
+    actions.push(format!(
+        "copied {} WAL segments {}..{} (and {} timeline history files) from {} into pg_wal",
+        checked.segments.len(),
+        checked.wal.first,
+        checked.wal.last,
+        checked.histories.len(),
+        checked.wal.dir.display()
+    ));
+    Ok(())
 }
 
 fn relink_volumes(
@@ -701,8 +851,12 @@ fn relink_volumes(
                 .create(&pg_wal)
                 .map_err(io_err("create", &pg_wal))?;
             own_like_data_dir(data, &pg_wal)?;
+            let source = match &inputs.backup_wal {
+                Some(_) => "the backup's WAL is copied into it",
+                None => "WAL comes from the archive",
+            };
             actions.push(format!(
-                "replaced pg_wal ({was}) by an empty directory: WAL comes from the archive"
+                "replaced pg_wal ({was}) by an empty directory: {source}"
             ));
         }
     }
@@ -843,6 +997,21 @@ pub struct Args {
     pub promote: bool,
     #[arg(long)]
     pub remove_standby_signal: bool,
+    /// A directory holding the backup's WAL segments (the pg_wal of a volume made from the
+    /// backup's WAL snapshot): they are checked, then copied into pg_wal, so recovery reaches
+    /// the end of the backup without an archive.
+    #[arg(long, requires_all = ["wal_first", "wal_last", "wal_segment_size"])]
+    pub wal_from: Option<PathBuf>,
+    /// The first segment to copy from --wal-from: the backup's start segment, e.g.
+    /// 000000010000000000000002.
+    #[arg(long, requires = "wal_from")]
+    pub wal_first: Option<String>,
+    /// The last segment to copy from --wal-from: the backup's stop segment.
+    #[arg(long, requires = "wal_from")]
+    pub wal_last: Option<String>,
+    /// The backed-up server's wal_segment_size in bytes, e.g. 16777216.
+    #[arg(long, requires = "wal_from")]
+    pub wal_segment_size: Option<u64>,
     /// Also write "<Reason>: <message>" on refusal into this existing file (Kubernetes:
     /// /dev/termination-log).
     #[arg(long, env = "PGSNAP_TERMINATION_MESSAGE_PATH")]
@@ -882,6 +1051,20 @@ impl Args {
                 promote: self.promote,
             },
             remove_standby_signal: self.remove_standby_signal,
+            backup_wal: match (
+                &self.wal_from,
+                &self.wal_first,
+                &self.wal_last,
+                self.wal_segment_size,
+            ) {
+                (Some(dir), Some(first), Some(last), Some(segment_size)) => Some(BackupWal {
+                    dir: dir.clone(),
+                    first: first.clone(),
+                    last: last.clone(),
+                    segment_size,
+                }),
+                _ => None,
+            },
         }
     }
 }
@@ -1012,6 +1195,7 @@ mod tests {
                 promote: true,
             },
             remove_standby_signal: false,
+            backup_wal: None,
         };
         (Dir(root), inputs)
     }
@@ -1068,6 +1252,224 @@ mod tests {
         fs::rename(data.join("backup_label"), data.join("backup_label.old")).unwrap();
         assert_eq!(prepare(&inputs).unwrap(), PrepareOutcome::AlreadyPrepared);
         assert!(!data.join("backup_label").exists());
+    }
+
+    const MIB: u64 = 1 << 20;
+
+    fn segment(timeline: u32, n: u8) -> String {
+        format!("{timeline:08X}00000000000000{n:02X}")
+    }
+
+    /// The backup's WAL in `<root>/backup-wal`: segments 2 to 5 of `timeline`, 1 MiB each,
+    /// each one filled with its number.
+    fn with_backup_wal(dir: &Dir, inputs: &mut Inputs, timeline: u32) -> PathBuf {
+        let wal = dir.0.join("backup-wal");
+        fs::create_dir_all(&wal).unwrap();
+        for n in 2..=5 {
+            fs::write(wal.join(segment(timeline, n)), vec![n; MIB as usize]).unwrap();
+        }
+        inputs.backup_wal = Some(BackupWal {
+            dir: wal.clone(),
+            first: segment(timeline, 2),
+            last: segment(timeline, 5),
+            segment_size: MIB,
+        });
+        wal
+    }
+
+    #[test]
+    fn the_backups_wal_replaces_what_the_snapshot_holds_in_pg_wal() {
+        let (dir, mut inputs) = scratch("16");
+        let wal = with_backup_wal(&dir, &mut inputs, 1);
+        let pg_wal = inputs.data_dir.join("pg_wal");
+        fs::write(pg_wal.join(segment(1, 5)), b"half written").unwrap();
+        fs::write(pg_wal.join(segment(1, 1)), b"older").unwrap();
+        let Ok(PrepareOutcome::Prepared { actions, .. }) = prepare(&inputs) else {
+            panic!("not prepared")
+        };
+        let data = fs::metadata(&inputs.data_dir).unwrap();
+        for n in 2..=5 {
+            let path = pg_wal.join(segment(1, n));
+            assert_eq!(fs::read(&path).unwrap(), vec![n; MIB as usize], "{n}");
+            let meta = fs::metadata(&path).unwrap();
+            assert_eq!(meta.mode() & 0o777, 0o600);
+            assert_eq!((meta.uid(), meta.gid()), (data.uid(), data.gid()));
+        }
+        assert_eq!(fs::read(pg_wal.join(segment(1, 1))).unwrap(), b"older");
+        assert_eq!(
+            fs::read_dir(&pg_wal).unwrap().count(),
+            5,
+            "no temporary file left"
+        );
+        let line = format!(
+            "copied 4 WAL segments 000000010000000000000002..000000010000000000000005 (and 0 timeline history files) from {} into pg_wal",
+            wal.display()
+        );
+        assert!(actions.contains(&line), "{actions:?}");
+        assert_eq!(prepare(&inputs).unwrap(), PrepareOutcome::AlreadyPrepared);
+    }
+
+    #[test]
+    fn an_incomplete_backup_wal_is_refused_before_anything_is_written() {
+        let (dir, mut inputs) = scratch("16");
+        let wal = with_backup_wal(&dir, &mut inputs, 1);
+        let before = walk(&inputs.data_dir);
+        let refused = |inputs: &Inputs| {
+            let e = prepare(inputs).unwrap_err();
+            assert_eq!(walk(&inputs.data_dir), before, "a refusal wrote: {e}");
+            e
+        };
+
+        fs::remove_file(wal.join(segment(1, 5))).unwrap();
+        let e = refused(&inputs);
+        assert_eq!(e.reason(), "WalIncomplete");
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "the backup's WAL lacks segment 000000010000000000000005 (needed from 000000010000000000000002 to 000000010000000000000005): it is not in {}; without it PostgreSQL cannot reach the end of the backup",
+                wal.display()
+            )
+        );
+
+        fs::write(wal.join(segment(1, 5)), vec![5; MIB as usize]).unwrap();
+        fs::write(wal.join(segment(1, 3)), vec![3; 123]).unwrap();
+        let e = refused(&inputs);
+        assert_eq!(e.reason(), "WalIncomplete");
+        assert!(
+            e.to_string()
+                .contains("segment 000000010000000000000003 (needed from ")
+                && e.to_string()
+                    .contains("it is 123 bytes, a segment is 1048576;"),
+            "{e}"
+        );
+
+        fs::remove_file(wal.join(segment(1, 3))).unwrap();
+        fs::create_dir(wal.join(segment(1, 3))).unwrap();
+        let e = refused(&inputs);
+        assert!(e.to_string().contains("it is not a regular file"), "{e}");
+        fs::remove_dir(wal.join(segment(1, 3))).unwrap();
+        fs::write(wal.join(segment(1, 3)), vec![3; MIB as usize]).unwrap();
+
+        let backwards = inputs.backup_wal.as_mut().unwrap();
+        (backwards.first, backwards.last) = (segment(1, 5), segment(1, 2));
+        let e = refused(&inputs);
+        assert_eq!(e.reason(), "InvalidRecoverySetting");
+        assert!(
+            e.to_string()
+                .starts_with("invalid recovery setting wal range: "),
+            "{e}"
+        );
+
+        let (dir, mut inputs) = scratch("16");
+        with_backup_wal(&dir, &mut inputs, 1);
+        fs::remove_dir(inputs.data_dir.join("pg_wal")).unwrap();
+        let old_wal = dir.0.join("old-wal");
+        fs::create_dir(&old_wal).unwrap();
+        symlink(&old_wal, inputs.data_dir.join("pg_wal")).unwrap();
+        inputs.wal_dir = Some("/nonexistent/wal".into());
+        let before = walk(&inputs.data_dir);
+        assert_eq!(prepare(&inputs).unwrap_err().reason(), "RelocationFailed");
+        assert_eq!(walk(&inputs.data_dir), before);
+    }
+
+    #[test]
+    fn a_pg_wal_link_to_nowhere_is_recreated_and_filled_from_the_backups_wal() {
+        let (dir, mut inputs) = scratch("15");
+        with_backup_wal(&dir, &mut inputs, 1);
+        let pg_wal = inputs.data_dir.join("pg_wal");
+        fs::remove_dir(&pg_wal).unwrap();
+        symlink("/nonexistent/wal/pg_wal", &pg_wal).unwrap();
+        inputs.recovery.restore_command = None;
+        let Ok(PrepareOutcome::Prepared { actions, .. }) = prepare(&inputs) else {
+            panic!("not prepared")
+        };
+        assert!(fs::symlink_metadata(&pg_wal).unwrap().is_dir());
+        for n in 2..=5 {
+            assert_eq!(fs::read(pg_wal.join(segment(1, n))).unwrap()[0], n);
+        }
+        assert!(
+            actions.iter().any(|a| a.starts_with("replaced pg_wal")
+                && a.ends_with("the backup's WAL is copied into it")),
+            "{actions:?}"
+        );
+        let auto = fs::read_to_string(inputs.data_dir.join("postgresql.auto.conf")).unwrap();
+        assert!(auto.contains("restore_command = 'false'"), "{auto}");
+    }
+
+    #[test]
+    fn history_files_of_later_timelines_are_left_behind() {
+        let (dir, mut inputs) = scratch("16");
+        let wal = with_backup_wal(&dir, &mut inputs, 2);
+        for name in [
+            "00000001.history",
+            "00000002.history",
+            "00000003.history",
+            "0000000a.history",
+            "00000001.history.backup",
+        ] {
+            fs::write(wal.join(name), name).unwrap();
+        }
+        let Ok(PrepareOutcome::Prepared { actions, .. }) = prepare(&inputs) else {
+            panic!("not prepared")
+        };
+        let mut copied: Vec<_> = fs::read_dir(inputs.data_dir.join("pg_wal"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.ends_with(".history"))
+            .collect();
+        copied.sort();
+        assert_eq!(copied, ["00000001.history", "00000002.history"]);
+        assert!(
+            actions
+                .iter()
+                .any(|a| a.contains("(and 2 timeline history files)")),
+            "{actions:?}"
+        );
+    }
+
+    #[test]
+    fn the_wal_flags_come_all_together() {
+        use clap::Parser;
+        let parse = |extra: &[&str]| {
+            let base = [
+                "pgsnap",
+                "restore-prepare",
+                "--data-dir=/d",
+                "--label-dir=/l",
+                "--backup-label-sha256=abc",
+                "--system-identifier=1",
+                "--stop-lsn=0/3000100",
+            ];
+            crate::cli::Cli::try_parse_from(base.iter().chain(extra)).map(|cli| {
+                let crate::cli::Command::RestorePrepare(args) = cli.command else {
+                    panic!("not restore-prepare")
+                };
+                args.inputs().backup_wal
+            })
+        };
+        assert_eq!(parse(&[]).unwrap(), None);
+        let all = [
+            "--wal-from=/wal/pg_wal",
+            "--wal-first=000000010000000000000002",
+            "--wal-last=000000010000000000000005",
+            "--wal-segment-size=16777216",
+        ];
+        assert_eq!(
+            parse(&all).unwrap(),
+            Some(BackupWal {
+                dir: "/wal/pg_wal".into(),
+                first: "000000010000000000000002".into(),
+                last: "000000010000000000000005".into(),
+                segment_size: 16 << 20,
+            })
+        );
+        for left_out in 0..all.len() {
+            let some: Vec<_> = (0..all.len())
+                .filter(|i| *i != left_out)
+                .map(|i| all[i])
+                .collect();
+            assert!(parse(&some).is_err(), "without {}", all[left_out]);
+        }
     }
 
     fn walk(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {

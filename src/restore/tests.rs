@@ -60,6 +60,7 @@ fn label_config_map() -> ConfigMap {
                 path_in_volume: "pgdata".into(),
             },
         }],
+        wal: None,
     };
     let owner = snapshot(DATA_SNAPSHOT, true, None);
     let labels = [(BACKUP_NAME_LABEL.to_string(), BACKUP.to_string())].into();
