@@ -31,6 +31,7 @@ pub mod annotations {
     pub const TABLESPACE_MAP_SHA256: &str = "pgsnap.io/tablespace-map-sha256";
     /// JSON list of [`super::SnapshotLocation`]: where each directory is inside each snapshot.
     pub const VOLUMES: &str = "pgsnap.io/volumes";
+    /// JSON [`super::WalRecord`]: the backup's WAL kept with it; absent when it is in the archive.
     pub const WAL: &str = "pgsnap.io/wal";
     /// The Backup's full name (its label value may be shortened).
     pub const BACKUP_NAME: &str = "pgsnap.io/backup-name";
@@ -70,7 +71,6 @@ pub struct SnapshotLocation {
     pub location: Location,
 }
 
-/// What the label ConfigMap holds: written once by the backup, read by every restore.
 /// The backup's WAL kept with it: which snapshot holds it, where in that volume, and the
 /// segments a restore copies from there, proven present when the snapshot was cut.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -91,6 +91,7 @@ pub struct WalRecord {
     pub checked_by: String,
 }
 
+/// What the label ConfigMap holds: written once by the backup, read by every restore.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LabelRecord {
     /// The Backup that took it (the ConfigMap's `pgsnap.io/backup-name` annotation); a copy

@@ -172,7 +172,9 @@ pub async fn create(
         Ok(created) => Ok(created),
         Err(kube::Error::Api(s)) if s.code == 409 => {
             let existing = api.get(&snapshot.name_any()).await?;
-            if created_by(&existing, &BACKUP_CREATOR, backup) {
+            let same_source =
+                existing.spec.source.persistent_volume_claim_name.as_deref() == Some(claim);
+            if created_by(&existing, &BACKUP_CREATOR, backup) && same_source {
                 Ok(existing)
             } else {
                 Err(SnapshotError::NameConflict {

@@ -146,7 +146,7 @@ async fn session_matrix(major: u32) {
         "the slot still holds the WAL after the stop, for the WAL snapshot"
     );
     let listed = s
-        .wal_segments(&label.start_wal_file, &stopped.stop_wal_file)
+        .list_wal(&label.start_wal_file, &stopped.stop_wal_file)
         .await
         .unwrap();
     assert_eq!(listed.first().map(|l| &l.0), Some(&label.start_wal_file));

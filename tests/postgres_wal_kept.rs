@@ -66,7 +66,7 @@ async fn wal_kept_matrix(major: u32) {
     let wal = dir.0.join("wal-snapshot");
     tokio::task::block_in_place(|| fuzzy_copy(&pg.data.join("pg_wal"), &wal, Duration::ZERO));
     let (first, last) = (&stopped.label.start_wal_file, &stopped.stop_wal_file);
-    let listed = s.wal_segments(first, last).await.unwrap();
+    let listed = s.list_wal(first, last).await.unwrap();
     check_wal_kept(first, last, segment_size, &listed).unwrap();
     s.release().await;
     load.finish();

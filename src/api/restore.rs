@@ -71,6 +71,7 @@ pub struct RestoreSpec {
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[x_kube(validation = Rule::new("has(self.tablespace) == (self.role == 'Tablespace')").message("tablespace names the tablespace of a claim with role Tablespace, and only then"))]
+#[x_kube(validation = Rule::new("self.role != 'BackupWal'").message("the backup's WAL is no volume of the restored server: the Restore reads it itself"))]
 #[serde(rename_all = "camelCase")]
 pub struct RestoreClaim {
     pub role: VolumeRole,

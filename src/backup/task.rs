@@ -268,7 +268,10 @@ async fn execute(
             })
         }
         WalSource::Archive => {
-            if let WalLocation::Unknown(message) = location {
+            if let WalLocation::Unknown(why) = location {
+                let message = format!(
+                    "{why}: the backup holds the data directory without that volume; a restore takes the backup's WAL from the archive, and restore-prepare recreates pg_wal if its volume is not restored"
+                );
                 info!(%message, "pg_wal not located");
                 ctx.publish(backup, EventType::Normal, "WalNotLocated", message)
                     .await;
@@ -386,7 +389,7 @@ async fn keep_wal(
 
     let segment_size = session.server().wal_segment_size;
     let (first, last) = (&stopped.label.start_wal_file, &stopped.stop_wal_file);
-    let listed = session.wal_segments(first, last).await?;
+    let listed = session.list_wal(first, last).await?;
     phase::check_wal_kept(first, last, segment_size, &listed)?;
     let took = begin.elapsed();
     ctx.metrics
@@ -403,10 +406,7 @@ async fn keep_wal(
             volume_snapshot: name,
             persistent_volume_claim: claim.clone(),
             path_in_volume: volume.location.path_in_volume.clone(),
-            timeline: stopped
-                .label
-                .start_timeline
-                .unwrap_or(session.server().timeline),
+            timeline: stopped.timeline,
             first_segment: first.clone(),
             last_segment: last.clone(),
             segment_size,
@@ -478,9 +478,9 @@ pub(crate) async fn plan_snapshots(
             Ok(Some(wal)) => dirs[1].path = wal,
             Ok(None) => {}
             // PostgreSQL 10 cannot say, nor can a role without file access: pg_wal is then
-            // on the one listed claim no other directory uses, or not in the backup at all.
-            // Nothing is lost either way: the backup's WAL is in the archive, never in a
-            // snapshot, and restore-prepare recreates a pg_wal whose volume is not restored.
+            // on the one listed claim no other directory uses (where on it, nobody knows),
+            // inside the data directory when the listed claims leave no other (the user's list
+            // is the database's claims), or unknown.
             Err(e)
                 if server.major < 11 || matches!(e, postgres::Error::MissingPrivilege { .. }) =>
             {
@@ -493,13 +493,12 @@ pub(crate) async fn plan_snapshots(
                         dirs[1].path = wal;
                         WalLocation::VolumeOnly(why)
                     }
-                    None if overrides.is_empty() => {
-                        WalLocation::Unknown(wal_not_located(&e, &candidates))
-                    }
-                    None => WalLocation::VolumeOnly(format!(
-                        "pg_wal is taken to be inside the data directory, since every claim in spec.volumes holds another directory, and {}",
+                    None if overrides.is_empty() => WalLocation::Unknown(format!(
+                        "pg_wal may link to another of the pod's volumes ({}), and {} (or list the database's claims in spec.volumes: the data claim alone when pg_wal is inside the data directory)",
+                        candidates.join(", "),
                         cannot_say(&e)
                     )),
+                    None => WalLocation::Known,
                 };
             }
             Err(e) => return Err(e.into()),
@@ -518,20 +517,6 @@ fn cannot_say(e: &postgres::Error) -> String {
         }
         _ => "PostgreSQL 10 shows no directory outside the data directory to tell exactly".into(),
     }
-}
-
-/// Why pg_wal's volume is left out, and how to have it in.
-fn wal_not_located(e: &postgres::Error, candidates: &[&str]) -> String {
-    let why = match e {
-        postgres::Error::MissingPrivilege { grant, .. } => {
-            format!("the role may not read files outside the data directory ({grant} to have it snapshotted)")
-        }
-        _ => "PostgreSQL 10 shows no directory outside the data directory (list the database's claims in spec.volumes to have it snapshotted)".into(),
-    };
-    format!(
-        "pg_wal may link to another of the pod's volumes ({}), and {why}: the backup holds the data directory without that volume; a restore takes the backup's WAL from the archive as always, and restore-prepare recreates pg_wal if its volume is not restored",
-        candidates.join(", ")
-    )
 }
 
 /// The VolumeSnapshotClass of each planned snapshot, resolved before backup mode begins.
@@ -561,12 +546,23 @@ async fn check_names_free(
     let ns = backup.namespace().unwrap_or_default();
     let snapshot_api: Api<VolumeSnapshot> = Api::namespaced(ctx.client.clone(), &ns);
     let backup_name = backup.name_any();
-    let names = plan
+    let mut names: Vec<String> = plan
         .iter()
         .map(|p| snapshots::snapshot_name(&backup_name, &p.persistent_volume_claim))
-        .chain(wal.map(|w| {
-            snapshots::wal_snapshot_name(&backup_name, &w.planned.persistent_volume_claim)
-        }));
+        .collect();
+    if let Some(w) = wal {
+        let name = snapshots::wal_snapshot_name(&backup_name, &w.planned.persistent_volume_claim);
+        if names.contains(&name) {
+            return Err(Failure::new(
+                "NameConflict",
+                format!(
+                    "the WAL snapshot of claim {} would be named {name}, like the snapshot of another of the pod's claims; walSource: Archive avoids it",
+                    w.planned.persistent_volume_claim
+                ),
+            ));
+        }
+        names.push(name);
+    }
     for name in names {
         if let Some(existing) = snapshot_api.get_opt(&name).await?
             && !created_by(&existing, &BACKUP_CREATOR, backup)
@@ -785,7 +781,7 @@ fn label_record(
         tablespace_map: stopped.spcmapfile.clone(),
         start_lsn: started.start_lsn.to_string(),
         stop_lsn: stopped.stop_lsn.to_string(),
-        timeline: stopped.label.start_timeline.unwrap_or(server.timeline),
+        timeline: stopped.timeline,
         server_version: server.version.clone(),
         system_identifier: server.system_identifier.to_string(),
         volumes: cut

@@ -51,6 +51,9 @@ pub struct Started {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stopped {
     pub stop_lsn: Lsn,
+    /// The timeline of every segment from the start to the stop: the start's (a standby
+    /// whose timeline changed meanwhile fails the stop with `TimelineChanged`).
+    pub timeline: u32,
     /// The last WAL segment a restore of this backup needs.
     pub stop_wal_file: String,
     /// `backup_label`, byte for byte as the server returned it.
@@ -332,11 +335,12 @@ impl Session {
         let spcmapfile: Option<String> = row.get(2);
         let label: BackupLabel = labelfile.parse()?;
 
+        let timeline = label.start_timeline.unwrap_or(self.info.timeline);
         if backup.from_standby {
             self.check_still_standby().await?;
+            self.check_timeline_kept(timeline).await?;
         }
 
-        let timeline = label.start_timeline.unwrap_or(self.info.timeline);
         let stop_wal_file =
             Lsn(stop_lsn.0.saturating_sub(1)).wal_file_name(timeline, self.info.wal_segment_size);
         info!(
@@ -348,6 +352,7 @@ impl Session {
         );
         Ok(Stopped {
             stop_lsn,
+            timeline,
             stop_wal_file,
             labelfile,
             spcmapfile: spcmapfile.unwrap_or_default(),
@@ -388,7 +393,7 @@ impl Session {
 
     /// The WAL segments in `pg_wal` from `first` to `last` (file names on one timeline), with
     /// their sizes, as the server lists them. Needs superuser or EXECUTE on `pg_ls_waldir()`.
-    pub async fn wal_segments(&self, first: &str, last: &str) -> Result<Vec<(String, i64)>, Error> {
+    pub async fn list_wal(&self, first: &str, last: &str) -> Result<Vec<(String, i64)>, Error> {
         let rows = self
             .client
             .query(
@@ -489,6 +494,28 @@ impl Session {
             });
         }
         Ok(())
+    }
+
+    /// A primary's timeline cannot change while it runs; a standby's changes when it follows
+    /// a failover upstream, and its last restartpoint (the start) may predate that. The stop's
+    /// timeline is that of the standby's minimum recovery point, which the stop returned.
+    async fn check_timeline_kept(&mut self, start: u32) -> Result<(), Error> {
+        let stop: i32 = self
+            .client
+            .query_one(
+                "select min_recovery_end_timeline from pg_control_recovery()",
+                &[],
+            )
+            .await
+            .map_err(|e| self.query_error("pg_control_recovery()", Step::Stop, e))?
+            .get(0);
+        match u32::try_from(stop) {
+            Ok(stop) if stop != start && stop != 0 => {
+                self.close_on_failure();
+                Err(Error::TimelineChanged { start, stop })
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Statements without results around start and stop; a failure leaves the session's

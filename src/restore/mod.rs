@@ -348,11 +348,10 @@ async fn provision(
         }
         status.claims.push(p.status(phase::is_bound(&pvc)));
     }
+    let temporary =
+        plan::backup_wal_claim(&restore.name_any(), &source.label, &planned, &source.sizes)?;
     let mut all = planned;
-    if let Some(wal) = &source.label.wal {
-        let data_class = all.first().and_then(|c| c.storage_class.clone());
-        let size = source.sizes.get(&wal.volume_snapshot).cloned().flatten();
-        let claim = plan::backup_wal_claim(&restore.name_any(), wal, size, data_class)?;
+    if let Some(claim) = temporary {
         // Temporary whatever the policy: it goes with the Restore at the latest.
         let pvc = ensure_claim(restore, ctx, &claim, restore.controller_owner_ref(&())).await?;
         if phase::claim_waits(&pvc, &classes) {
@@ -462,7 +461,9 @@ async fn prepare(
 }
 
 /// The claim of the backup's WAL is read by the prepare Job only: it goes when the Job has
-/// ended, whatever the outcome (its pod keeps it until the pod is gone).
+/// ended, whatever the outcome. A finished pod still holds a claim it mounts (the claim stays
+/// Terminating while the pod exists), so the Job goes first, its pods with it; its outcome
+/// stays in the Restore's status and Events.
 async fn remove_backup_wal_claim(
     restore: &Restore,
     ctx: &Context,
@@ -471,8 +472,17 @@ async fn remove_backup_wal_claim(
     let Some(name) = status.backup_wal_claim.clone() else {
         return Ok(());
     };
-    let pvcs: Api<PersistentVolumeClaim> =
-        Api::namespaced(ctx.client.clone(), &restore.namespace().unwrap_or_default());
+    let ns = restore.namespace().unwrap_or_default();
+    let background = DeleteParams::background();
+    if let Some(job_name) = &status.prepare_job {
+        let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
+        if let Some(job) = jobs.get_opt(job_name).await?
+            && phase::made_by(&job, restore)
+        {
+            jobs.delete(job_name, &background).await?;
+        }
+    }
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
     if let Some(pvc) = pvcs.get_opt(&name).await?
         && phase::made_by(&pvc, restore)
         && pvc.metadata.deletion_timestamp.is_none()

@@ -21,7 +21,7 @@ use crate::api::backup::VolumeRole;
 use crate::api::restore::{RecoverySpec, RestoreClaim, RestoredClaim};
 use crate::controller::Failure;
 use crate::label_store::{
-    BACKUP_LABEL_KEY, LabelRecord, LabelStoreError, SnapshotLocation, TABLESPACE_MAP_KEY, WalRecord,
+    BACKUP_LABEL_KEY, LabelRecord, LabelStoreError, SnapshotLocation, TABLESPACE_MAP_KEY,
 };
 use crate::restore::prepare::EXIT_REFUSED;
 
@@ -180,14 +180,29 @@ pub fn backup_wal_claim_name(restore: &str) -> String {
 }
 
 /// The temporary claim made of the backup's WAL snapshot, which the prepare Job reads the
-/// backup's WAL from; it lives only until the Job ends.
+/// backup's WAL from; it lives only until the Job ends. None for a backup whose WAL is in
+/// the archive. It takes the storage class of the restored claim of the same volume, whose
+/// driver can make a claim of that volume's snapshot.
 pub fn backup_wal_claim(
     restore: &str,
-    wal: &WalRecord,
-    restore_size: Option<String>,
-    storage_class: Option<String>,
-) -> Result<PlannedClaim, Failure> {
-    let size = restore_size.ok_or_else(|| {
+    label: &LabelRecord,
+    planned: &[PlannedClaim],
+    restore_sizes: &HashMap<String, Option<String>>,
+) -> Result<Option<PlannedClaim>, Failure> {
+    let Some(wal) = &label.wal else {
+        return Ok(None);
+    };
+    let name = backup_wal_claim_name(restore);
+    if planned.iter().any(|c| c.name == name) {
+        return Err(Failure::new(
+            "ClaimNameReserved",
+            format!(
+                "claim {name} is the name of the Restore's temporary claim of the backup's WAL; choose another name"
+            ),
+        ));
+    }
+    let size = restore_sizes.get(&wal.volume_snapshot).cloned().flatten();
+    let size = size.ok_or_else(|| {
         Failure::new(
             "SizeUnknown",
             format!(
@@ -196,16 +211,21 @@ pub fn backup_wal_claim(
             ),
         )
     })?;
-    Ok(PlannedClaim {
-        name: backup_wal_claim_name(restore),
+    let same_volume = label
+        .volumes
+        .iter()
+        .find(|v| v.location.persistent_volume_claim == wal.persistent_volume_claim)
+        .and_then(|v| planned.iter().find(|c| c.snapshot == v.volume_snapshot));
+    Ok(Some(PlannedClaim {
+        name,
         role: VolumeRole::BackupWal,
         tablespace: None,
         snapshot: wal.volume_snapshot.clone(),
-        storage_class,
+        storage_class: same_volume.and_then(|c| c.storage_class.clone()),
         size,
         mount_path: BACKUP_WAL_MOUNT.into(),
         path_in_volume: wal.path_in_volume.clone(),
-    })
+    }))
 }
 
 /// A role as a Restore's spec writes it (`Data`, `Tablespace (tablespace fast)`).
@@ -744,7 +764,7 @@ mod tests {
         let mut label = record("L\n", &three_volumes());
         let wal = crate::label_store::WalRecord {
             volume_snapshot: "b1-wal-wal".into(),
-            persistent_volume_claim: "wal".into(),
+            persistent_volume_claim: "pvc-b1-wal".into(),
             path_in_volume: "pg_wal".into(),
             timeline: 1,
             first_segment: "000000010000000000000003".into(),
@@ -753,10 +773,21 @@ mod tests {
             checked_by: "pg_ls_waldir".into(),
         };
         label.wal = Some(wal.clone());
-        let refused = backup_wal_claim("r1", &wal, None, None).unwrap_err();
+        let volumes = source_volumes("b1-backup-label", &label).unwrap();
+        let mut claims = vec![
+            claim_spec(VolumeRole::Data, None, "data-r", Some("1Gi")),
+            claim_spec(VolumeRole::Wal, None, "wal-r", Some("1Gi")),
+            claim_spec(VolumeRole::Tablespace, Some("fast"), "ts-r", Some("1Gi")),
+        ];
+        claims[1].storage_class_name = Some("wal-class".into());
+        let mut planned = plan_claims(&claims, &volumes, &HashMap::new(), Some("std")).unwrap();
+        let mut sizes = HashMap::new();
+        let refused = backup_wal_claim("r1", &label, &planned, &sizes).unwrap_err();
         assert_eq!(refused.reason, "SizeUnknown");
-        let temporary =
-            backup_wal_claim("r1", &wal, Some("2Gi".into()), Some("fast".into())).unwrap();
+        sizes.insert("b1-wal-wal".to_string(), Some("2Gi".to_string()));
+        let temporary = backup_wal_claim("r1", &label, &planned, &sizes)
+            .unwrap()
+            .unwrap();
         assert_eq!(
             (
                 temporary.name.as_str(),
@@ -765,13 +796,20 @@ mod tests {
             ),
             ("r1-backup-wal", VolumeRole::BackupWal, "b1-wal-wal")
         );
-        let volumes = source_volumes("b1-backup-label", &label).unwrap();
-        let claims = vec![
-            claim_spec(VolumeRole::Data, None, "data-r", Some("1Gi")),
-            claim_spec(VolumeRole::Wal, None, "wal-r", Some("1Gi")),
-            claim_spec(VolumeRole::Tablespace, Some("fast"), "ts-r", Some("1Gi")),
-        ];
-        let mut planned = plan_claims(&claims, &volumes, &HashMap::new(), None).unwrap();
+        // A claim of the WAL volume's snapshot needs that volume's driver: its class.
+        assert_eq!(temporary.storage_class.as_deref(), Some("wal-class"));
+        let mut alike = planned.clone();
+        alike[0].name = "r1-backup-wal".into();
+        let named_alike = backup_wal_claim("r1", &label, &alike, &sizes).unwrap_err();
+        assert_eq!(named_alike.reason, "ClaimNameReserved");
+        let archived = LabelRecord {
+            wal: None,
+            ..label.clone()
+        };
+        assert_eq!(
+            backup_wal_claim("r1", &archived, &planned, &sizes).map_err(|f| f.reason),
+            Ok(None)
+        );
         planned.push(temporary);
         let args = prepare_args(&planned, &label, &RecoverySpec::default());
         let arg = |flag: &str| {

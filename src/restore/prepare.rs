@@ -562,7 +562,7 @@ pub fn prepare(inputs: &Inputs) -> Result<PrepareOutcome, PrepareError> {
     let backup_wal = inputs
         .backup_wal
         .as_ref()
-        .map(check_backup_wal)
+        .map(|w| check_backup_wal(w, inputs.system_identifier))
         .transpose()?;
 
     // The label first, the marker last.
@@ -737,7 +737,10 @@ struct CheckedWal<'a> {
 /// Every segment from the backup's start to its stop, whole: recovery needs each one to
 /// reach the end of the backup, and a gap found only by PostgreSQL is a failed start after
 /// the label was written.
-fn check_backup_wal(wal: &BackupWal) -> Result<CheckedWal<'_>, PrepareError> {
+fn check_backup_wal(
+    wal: &BackupWal,
+    system_identifier: u64,
+) -> Result<CheckedWal<'_>, PrepareError> {
     let segments = wal_segments(&wal.first, &wal.last, wal.segment_size).ok_or_else(|| {
         PrepareError::InvalidSetting {
             name: "wal range",
@@ -747,6 +750,21 @@ fn check_backup_wal(wal: &BackupWal) -> Result<CheckedWal<'_>, PrepareError> {
             ),
         }
     })?;
+    // A pg_wal that was a link in the backed-up volume leads, in this pod, wherever its
+    // target path is here (the restored data volume, say): not to the WAL snapshot's files.
+    if fs::symlink_metadata(&wal.dir).is_ok_and(|m| m.file_type().is_symlink()) {
+        let target = fs::read_link(&wal.dir).unwrap_or_default();
+        return Err(PrepareError::WalIncomplete {
+            segment: wal.first.clone(),
+            first: wal.first.clone(),
+            last: wal.last.clone(),
+            detail: format!(
+                "{} is a link (to {}), not the WAL snapshot's pg_wal",
+                wal.dir.display(),
+                target.display()
+            ),
+        });
+    }
     for segment in &segments {
         let incomplete = |detail: String| PrepareError::WalIncomplete {
             segment: segment.clone(),
@@ -770,6 +788,8 @@ fn check_backup_wal(wal: &BackupWal) -> Result<CheckedWal<'_>, PrepareError> {
             }
             Err(e) => return Err(io_err("stat", &path)(e)),
         }
+        check_segment_header(&path, segment, wal.segment_size, system_identifier)
+            .map_err(incomplete)?;
     }
     // The segment names were checked: the first 8 characters are the timeline.
     let timeline = &wal.first[..8];
@@ -787,6 +807,48 @@ fn check_backup_wal(wal: &BackupWal) -> Result<CheckedWal<'_>, PrepareError> {
         segments,
         histories,
     })
+}
+
+/// The first page of a segment says whose WAL it holds and where (`XLogLongPageHeaderData`,
+/// the same on 10–18, little-endian): a recycled file keeps an older segment's header, a
+/// file of another database another system identifier. Err: why the file is not the
+/// segment. Called on files of the right size.
+fn check_segment_header(
+    path: &Path,
+    name: &str,
+    segment_size: u64,
+    system_identifier: u64,
+) -> Result<(), String> {
+    const XLP_LONG_HEADER: u16 = 0x0002;
+    let mut header = [0u8; 40];
+    fs::File::open(path)
+        .and_then(|mut f| io::Read::read_exact(&mut f, &mut header))
+        .map_err(|e| format!("its header cannot be read: {e}"))?;
+    let u16_at = |at: usize| u16::from_le_bytes([header[at], header[at + 1]]);
+    let u32_at = |at: usize| u32::from_le_bytes(header[at..at + 4].try_into().unwrap_or_default());
+    let u64_at = |at: usize| u64::from_le_bytes(header[at..at + 8].try_into().unwrap_or_default());
+    let hex = |at: usize| u64::from_str_radix(&name[at..at + 8], 16).unwrap_or_default();
+    let expected = (hex(8) << 32) + hex(16) * segment_size;
+    if u16_at(2) & XLP_LONG_HEADER == 0 {
+        return Err("its first page has no segment header: it holds no WAL".into());
+    }
+    if u64_at(8) != expected {
+        return Err(format!(
+            "its first page is WAL at {}, not {}: a recycled file, not this segment",
+            Lsn(u64_at(8)),
+            Lsn(expected)
+        ));
+    }
+    if u64_at(24) != system_identifier {
+        return Err(format!(
+            "it is WAL of database system {}, not {system_identifier}",
+            u64_at(24)
+        ));
+    }
+    if u64::from(u32_at(32)) != segment_size {
+        return Err(format!("its header says segments are {} bytes", u32_at(32)));
+    }
+    Ok(())
 }
 
 /// `TTTTTTTT.history` of `timeline` or an earlier one. A later timeline forked after the
@@ -1260,13 +1322,24 @@ mod tests {
         format!("{timeline:08X}00000000000000{n:02X}")
     }
 
+    /// Segment `n` of 1 MiB as PostgreSQL writes it: its long page header (WAL at `n` MiB of
+    /// database system [`SYSID`]), then bytes of its number.
+    fn segment_bytes(n: u8) -> Vec<u8> {
+        let mut bytes = vec![n; MIB as usize];
+        bytes[2..4].copy_from_slice(&2u16.to_le_bytes());
+        bytes[8..16].copy_from_slice(&(u64::from(n) * MIB).to_le_bytes());
+        bytes[24..32].copy_from_slice(&SYSID.to_le_bytes());
+        bytes[32..36].copy_from_slice(&(MIB as u32).to_le_bytes());
+        bytes
+    }
+
     /// The backup's WAL in `<root>/backup-wal`: segments 2 to 5 of `timeline`, 1 MiB each,
     /// each one filled with its number.
     fn with_backup_wal(dir: &Dir, inputs: &mut Inputs, timeline: u32) -> PathBuf {
         let wal = dir.0.join("backup-wal");
         fs::create_dir_all(&wal).unwrap();
         for n in 2..=5 {
-            fs::write(wal.join(segment(timeline, n)), vec![n; MIB as usize]).unwrap();
+            fs::write(wal.join(segment(timeline, n)), segment_bytes(n)).unwrap();
         }
         inputs.backup_wal = Some(BackupWal {
             dir: wal.clone(),
@@ -1290,7 +1363,7 @@ mod tests {
         let data = fs::metadata(&inputs.data_dir).unwrap();
         for n in 2..=5 {
             let path = pg_wal.join(segment(1, n));
-            assert_eq!(fs::read(&path).unwrap(), vec![n; MIB as usize], "{n}");
+            assert_eq!(fs::read(&path).unwrap(), segment_bytes(n), "{n}");
             let meta = fs::metadata(&path).unwrap();
             assert_eq!(meta.mode() & 0o777, 0o600);
             assert_eq!((meta.uid(), meta.gid()), (data.uid(), data.gid()));
@@ -1331,7 +1404,7 @@ mod tests {
             )
         );
 
-        fs::write(wal.join(segment(1, 5)), vec![5; MIB as usize]).unwrap();
+        fs::write(wal.join(segment(1, 5)), segment_bytes(5)).unwrap();
         fs::write(wal.join(segment(1, 3)), vec![3; 123]).unwrap();
         let e = refused(&inputs);
         assert_eq!(e.reason(), "WalIncomplete");
@@ -1348,7 +1421,38 @@ mod tests {
         let e = refused(&inputs);
         assert!(e.to_string().contains("it is not a regular file"), "{e}");
         fs::remove_dir(wal.join(segment(1, 3))).unwrap();
-        fs::write(wal.join(segment(1, 3)), vec![3; MIB as usize]).unwrap();
+        fs::write(wal.join(segment(1, 3)), segment_bytes(3)).unwrap();
+
+        // A recycled file: an older segment's WAL under this segment's name.
+        fs::write(wal.join(segment(1, 4)), segment_bytes(2)).unwrap();
+        let e = refused(&inputs);
+        assert!(
+            e.to_string().contains(
+                "segment 000000010000000000000004 (needed from 000000010000000000000002 to 000000010000000000000005): its first page is WAL at 0/200000, not 0/400000: a recycled file"
+            ),
+            "{e}"
+        );
+        let mut foreign = segment_bytes(4);
+        foreign[24..32].copy_from_slice(&1u64.to_le_bytes());
+        fs::write(wal.join(segment(1, 4)), foreign).unwrap();
+        let e = refused(&inputs);
+        assert!(
+            e.to_string()
+                .contains("it is WAL of database system 1, not "),
+            "{e}"
+        );
+        fs::write(wal.join(segment(1, 4)), segment_bytes(4)).unwrap();
+
+        // pg_wal was a link in the backed-up volume: here it leads elsewhere.
+        let linked = dir.0.join("linked-wal");
+        symlink(&wal, &linked).unwrap();
+        let real = std::mem::replace(&mut inputs.backup_wal.as_mut().unwrap().dir, linked);
+        let e = refused(&inputs);
+        assert!(
+            e.to_string().contains("linked-wal is a link (to ") && e.reason() == "WalIncomplete",
+            "{e}"
+        );
+        inputs.backup_wal.as_mut().unwrap().dir = real;
 
         let backwards = inputs.backup_wal.as_mut().unwrap();
         (backwards.first, backwards.last) = (segment(1, 5), segment(1, 2));
@@ -1385,7 +1489,10 @@ mod tests {
         };
         assert!(fs::symlink_metadata(&pg_wal).unwrap().is_dir());
         for n in 2..=5 {
-            assert_eq!(fs::read(pg_wal.join(segment(1, n))).unwrap()[0], n);
+            assert_eq!(
+                fs::read(pg_wal.join(segment(1, n))).unwrap(),
+                segment_bytes(n)
+            );
         }
         assert!(
             actions.iter().any(|a| a.starts_with("replaced pg_wal")

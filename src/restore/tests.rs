@@ -15,7 +15,7 @@ use crate::fixtures::{
     self, BACKUP, BACKUP_PATH, CONFIG_MAPS_PATH, Call, LABEL_CONFIG_MAP, NS, SNAPSHOTS_PATH,
     assert_failed, assert_phase, ready_message, snapshot,
 };
-use crate::label_store::{self, LabelRecord, Location, SnapshotLocation};
+use crate::label_store::{self, LabelRecord, Location, SnapshotLocation, WalRecord};
 use crate::telemetry::Metrics;
 
 const RESTORE_PATH: &str = "/apis/pgsnap.io/v1alpha1/namespaces/shop/restores/r1";
@@ -40,6 +40,26 @@ async fn reconcile_with(restore: Restore, script: Vec<Call>) -> Action {
 
 /// The label of a backup of one data volume, mounted at /var/lib/postgresql/data.
 fn label_config_map() -> ConfigMap {
+    label_config_map_with(None)
+}
+
+/// The WAL snapshot of a backup that kept its WAL, and its record in the label.
+const WAL_SNAPSHOT: &str = "orders-1-data-db-0-wal";
+
+fn kept_wal() -> WalRecord {
+    WalRecord {
+        volume_snapshot: WAL_SNAPSHOT.into(),
+        persistent_volume_claim: "data-db-0".into(),
+        path_in_volume: "pgdata/pg_wal".into(),
+        timeline: 1,
+        first_segment: "000000010000000000000002".into(),
+        last_segment: "000000010000000000000003".into(),
+        segment_size: 16 << 20,
+        checked_by: "pg_ls_waldir".into(),
+    }
+}
+
+fn label_config_map_with(wal: Option<WalRecord>) -> ConfigMap {
     let record = LabelRecord {
         backup: Some(BACKUP.into()),
         backup_label: "START WAL LOCATION: 0/2000028 (file 000000010000000000000002)\n".into(),
@@ -60,7 +80,7 @@ fn label_config_map() -> ConfigMap {
                 path_in_volume: "pgdata".into(),
             },
         }],
-        wal: None,
+        wal,
     };
     let owner = snapshot(DATA_SNAPSHOT, true, None);
     let labels = [(BACKUP_NAME_LABEL.to_string(), BACKUP.to_string())].into();
@@ -293,6 +313,48 @@ async fn a_succeeded_job_completes_the_restore_with_where_to_start_postgres() {
             assert_eq!(status["timings"]["prepareSeconds"], "4.0");
         }),
         Call::event("Normal", "Completed").body(move |e| assert_eq!(e["note"], hint)),
+    ]);
+    reconcile_with(restore, script).await;
+}
+
+/// A backup that kept its WAL: the Job reads it from a temporary claim of the WAL snapshot,
+/// which goes, after the Job and its pod (which would hold it), once the Job has ended.
+#[tokio::test]
+async fn the_backups_wal_is_read_from_a_temporary_claim_that_goes_when_the_job_ends() {
+    let restore = Restore::test().in_phase(RestorePhase::Preparing);
+    let temporary = "r1-backup-wal";
+    let mut wal_claim = claim("Bound");
+    wal_claim["metadata"]["name"] = json!(temporary);
+    let mut script = vec![
+        Call::get(BACKUP_PATH).returns(backup_in(Phase::Completed)),
+        Call::get(format!("{CONFIG_MAPS_PATH}/{LABEL_CONFIG_MAP}"))
+            .returns(label_config_map_with(Some(kept_wal()))),
+    ];
+    script.extend(provisioned().into_iter().skip(2).take(1));
+    script.extend([
+        Call::get(format!("{SNAPSHOTS_PATH}/{WAL_SNAPSHOT}")).returns(snapshot(
+            WAL_SNAPSHOT,
+            true,
+            None,
+        )),
+    ]);
+    script.extend(provisioned().into_iter().skip(3));
+    script.extend([
+        Call::get(format!("{CLAIMS_PATH}/{temporary}")).returns(wal_claim.clone()),
+        Call::get(format!("{JOBS_PATH}/{JOB}"))
+            .returns(job(json!([{ "type": "Complete", "status": "True" }]))),
+        Call::get(format!("{JOBS_PATH}/{JOB}"))
+            .returns(job(json!([{ "type": "Complete", "status": "True" }]))),
+        Call::delete(format!("{JOBS_PATH}/{JOB}"))
+            .body(|b| assert_eq!(b["propagationPolicy"], "Background")),
+        Call::get(format!("{CLAIMS_PATH}/{temporary}")).returns(wal_claim),
+        Call::delete(format!("{CLAIMS_PATH}/{temporary}")),
+        Call::apply_status(RESTORE_PATH, &restore).body(|body| {
+            let status = &body["status"];
+            assert_phase(status, "Completed", "True", "Completed");
+            assert_eq!(status.get("backupWalClaim"), None, "{status}");
+        }),
+        Call::event("Normal", "Completed"),
     ]);
     reconcile_with(restore, script).await;
 }
