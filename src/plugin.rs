@@ -695,12 +695,16 @@ fn describe(backup: &Backup, events: &[Event], colour: bool) -> String {
         out.push_str("\nSteps (time in backup mode ");
         let _ = writeln!(out, "{window}s):");
         let ms = |s: f64| format!("{:.0} ms", s * 1000.0);
-        out.push_str(&indent(&table(&[
+        let mut steps = vec![
             vec!["checkpoint (start)".into(), ms(t.checkpoint_seconds)],
             vec!["snapshots cut".into(), ms(t.cut_seconds)],
             vec!["stop".into(), ms(t.stop_seconds)],
             vec!["pgsnap's overhead".into(), ms(t.overhead_seconds)],
-        ])));
+        ];
+        if let Some(kept) = t.wal_snapshot_seconds {
+            steps.push(vec!["WAL snapshot (after)".into(), ms(kept)]);
+        }
+        out.push_str(&indent(&table(&steps)));
     }
     if !status.snapshots.is_empty() {
         out.push_str("\nSnapshots:\n");

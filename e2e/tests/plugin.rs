@@ -97,6 +97,8 @@ async fn list_and_describe_show_a_completed_backup() {
         &format!("Steps (time in backup mode {window}s):"),
         "checkpoint (start)",
         "pgsnap's overhead",
+        "WAL snapshot (after)",
+        "BackupWal",
         "Snapshots:",
         &db.claim("data"),
         "Events:",
