@@ -704,6 +704,9 @@ fn describe(backup: &Backup, events: &[Event], colour: bool) -> String {
         if let Some(kept) = t.wal_snapshot_seconds {
             steps.push(vec!["WAL snapshot (after)".into(), ms(kept)]);
         }
+        if let Some(wait) = t.archive_wait_seconds {
+            steps.push(vec!["archive wait (after)".into(), ms(wait)]);
+        }
         out.push_str(&indent(&table(&steps)));
     }
     if !status.snapshots.is_empty() {

@@ -85,6 +85,8 @@ pub enum TimedStep {
     Overhead,
     /// After backup mode: the WAL snapshot requested → cut and its segments listed.
     WalSnapshot,
+    /// After backup mode: until the backup's last WAL segment was archived.
+    ArchiveWait,
 }
 
 /// The operator's metrics, registered once and shared by every reconciler.

@@ -105,17 +105,14 @@ async fn wal_level_minimal(major: u32) {
     assert!(!err.is_retryable());
 }
 
-macro_rules! per_major {
-    ($($name:ident: $major:expr),* $(,)?) => {$(
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn $name() {
-            wal_link($major).await;
-            wal_level_minimal($major).await;
-        }
-    )*};
+/// What the catalog tells of a server of `major`.
+async fn catalog_matrix(major: u32) {
+    wal_link(major).await;
+    wal_level_minimal(major).await;
 }
 
-per_major! {
+pgsnap_e2e::per_major! {
+    catalog_matrix;
     wal_link_pg10: 10, wal_link_pg11: 11, wal_link_pg12: 12, wal_link_pg13: 13, wal_link_pg14: 14,
     wal_link_pg15: 15, wal_link_pg16: 16, wal_link_pg17: 17, wal_link_pg18: 18,
 }

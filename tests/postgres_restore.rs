@@ -174,16 +174,8 @@ async fn restore_matrix(major: u32) {
     no_wal.stop();
 }
 
-macro_rules! per_major {
-    ($($name:ident: $major:expr),* $(,)?) => {$(
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn $name() {
-            restore_matrix($major).await;
-        }
-    )*};
-}
-
-per_major! {
+pgsnap_e2e::per_major! {
+    restore_matrix;
     restore_pg10: 10, restore_pg11: 11, restore_pg12: 12, restore_pg13: 13, restore_pg14: 14,
     restore_pg15: 15, restore_pg16: 16, restore_pg17: 17, restore_pg18: 18,
 }

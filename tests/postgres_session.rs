@@ -131,18 +131,20 @@ async fn session_matrix(major: u32) {
         stopped.stop_wal_file
     );
     assert!(archive.join(&label.start_wal_file).exists());
-    let slots: i64 = pg
-        .client()
-        .await
-        .query_one(
-            "select count(*) from pg_replication_slots where slot_name = $1",
-            &[&slot],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let slots = async || -> i64 {
+        pg.client()
+            .await
+            .query_one(
+                "select count(*) from pg_replication_slots where slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    };
     assert_eq!(
-        slots, 1,
+        slots().await,
+        1,
         "the slot still holds the WAL after the stop, for the WAL snapshot"
     );
     let listed = s
@@ -156,22 +158,23 @@ async fn session_matrix(major: u32) {
         "{listed:?}"
     );
     s.release().await;
-    let slots: i64 = pg
-        .client()
-        .await
-        .query_one(
-            "select count(*) from pg_replication_slots where slot_name = $1",
-            &[&slot],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(slots, 0, "slot dropped at release");
+    assert_eq!(slots().await, 0, "slot dropped at release");
     // The same session can take another backup.
     s.start("again", true, Duration::from_secs(60))
         .await
         .unwrap();
-    s.stop(false).await.unwrap();
+    // A stop that does not wait, then the wait outside backup mode (inside the backup's
+    // transaction on 10–13, whose statistics snapshot must not hide the archiver's progress).
+    let again = s.stop(false).await.unwrap();
+    let waited = tokio::time::timeout(
+        Duration::from_secs(10),
+        s.wait_archived(&again.stop_wal_file),
+    )
+    .await
+    .expect("archived within 10 s")
+    .unwrap();
+    assert!(archive.join(&again.stop_wal_file).exists());
+    eprintln!("PostgreSQL {major}: archived {waited:?} after the stop");
 
     // 3. Two concurrent backups.
     let mut a = Session::connect(&pg.opts("postgres", None)).await.unwrap();
@@ -539,16 +542,8 @@ async fn session_matrix(major: u32) {
     assert!(err.is_retryable());
 }
 
-macro_rules! per_major {
-    ($($name:ident: $major:expr),* $(,)?) => {$(
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn $name() {
-            session_matrix($major).await;
-        }
-    )*};
-}
-
-per_major! {
+pgsnap_e2e::per_major! {
+    session_matrix;
     session_pg10: 10, session_pg11: 11, session_pg12: 12, session_pg13: 13, session_pg14: 14,
     session_pg15: 15, session_pg16: 16, session_pg17: 17, session_pg18: 18,
 }

@@ -263,16 +263,8 @@ async fn standby_matrix(major: u32) {
     primary.stop();
 }
 
-macro_rules! per_major {
-    ($($name:ident: $major:expr),* $(,)?) => {$(
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn $name() {
-            standby_matrix($major).await;
-        }
-    )*};
-}
-
-per_major! {
+pgsnap_e2e::per_major! {
+    standby_matrix;
     standby_pg10: 10, standby_pg11: 11, standby_pg12: 12, standby_pg13: 13, standby_pg14: 14,
     standby_pg15: 15, standby_pg16: 16, standby_pg17: 17, standby_pg18: 18,
 }

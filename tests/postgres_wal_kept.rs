@@ -153,16 +153,8 @@ async fn wal_kept_matrix(major: u32) {
     bypassed.stop();
 }
 
-macro_rules! per_major {
-    ($($name:ident: $major:expr),* $(,)?) => {$(
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn $name() {
-            wal_kept_matrix($major).await;
-        }
-    )*};
-}
-
-per_major! {
+pgsnap_e2e::per_major! {
+    wal_kept_matrix;
     wal_kept_pg10: 10, wal_kept_pg11: 11, wal_kept_pg12: 12, wal_kept_pg13: 13,
     wal_kept_pg14: 14, wal_kept_pg15: 15, wal_kept_pg16: 16, wal_kept_pg17: 17,
     wal_kept_pg18: 18,

@@ -259,16 +259,8 @@ async fn prove(major: u32) {
     );
 }
 
-macro_rules! per_major {
-    ($($name:ident: $major:expr),* $(,)?) => {$(
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn $name() {
-            prove($major).await;
-        }
-    )*};
-}
-
-per_major! {
+pgsnap_e2e::per_major! {
+    prove;
     prepare_pg10: 10, prepare_pg11: 11, prepare_pg12: 12, prepare_pg13: 13, prepare_pg14: 14,
     prepare_pg15: 15, prepare_pg16: 16, prepare_pg17: 17, prepare_pg18: 18,
 }

@@ -33,3 +33,16 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     let rank = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[rank.min(sorted.len() - 1)]
 }
+
+/// One test per PostgreSQL major: `per_major! { matrix; name_pg10: 10, name_pg11: 11, ... }`
+/// runs `matrix(major).await` in each, on a runtime with two workers (the server's clients
+/// and the test's blocking copies run side by side).
+#[macro_export]
+macro_rules! per_major {
+    ($matrix:path; $($name:ident: $major:expr),* $(,)?) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            $matrix($major).await;
+        }
+    )*};
+}

@@ -59,8 +59,8 @@ pub struct BackupSpec {
     /// with the backup, no archive needed) or `Archive` (the server's WAL archive).
     #[serde(default)]
     pub wal_source: WalSource,
-    /// With `walSource: Archive`, whether stopping waits until the last WAL segment of the
-    /// backup is archived.
+    /// With `walSource: Archive`, whether the backup, once out of backup mode, waits until its
+    /// last WAL segment is archived (so a restore finds every segment it needs there).
     #[serde(default = "default_true")]
     pub wait_for_archive: bool,
     /// Hard limit on the time the server spends in backup mode (Go duration, 10s–24h).
@@ -344,13 +344,17 @@ pub struct BackupTimings {
     pub checkpoint_seconds: f64,
     /// Snapshots requested → all cut: the storage driver.
     pub cut_seconds: f64,
-    /// The stop call: mostly waiting for the archive.
+    /// The stop call: the end-of-backup record (it never waits for the archive).
     pub stop_seconds: f64,
     /// Backup window − cut − stop: what pgsnap itself added to backup mode.
     pub overhead_seconds: f64,
     /// After backup mode: the WAL snapshot requested → cut and its segments listed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wal_snapshot_seconds: Option<f64>,
+    /// After backup mode, with `walSource: Archive` and `waitForArchive`: until the backup's
+    /// last segment was archived.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archive_wait_seconds: Option<f64>,
 }
 
 #[derive(

@@ -156,6 +156,14 @@ pub fn wal_source(
     archiver: &str,
 ) -> Result<WalSource, Failure> {
     if requested == WalSource::Snapshot {
+        // A standby replays WAL it may have fetched from an archive, which never lands in its
+        // pg_wal, and a segment can appear there after a cut: its listing proves nothing yet.
+        if in_recovery {
+            return Err(Failure::new(
+                "WalSourceUnsupported",
+                "walSource: Snapshot is for primaries: a standby's pg_wal need not hold the WAL it replayed; back it up with walSource: Archive (archive_mode = always on the standby)",
+            ));
+        }
         return Ok(WalSource::Snapshot);
     }
     let refuse = |why: String| {
@@ -263,7 +271,10 @@ mod tests {
         let reason = |r: Result<WalSource, Failure>| r.map_err(|f| f.reason);
         // Kept with the backup, whatever the server archives.
         assert_eq!(reason(wal_source(Snapshot, false, "off", "")), Ok(Snapshot));
-        assert_eq!(reason(wal_source(Snapshot, true, "on", "")), Ok(Snapshot));
+        assert_eq!(
+            reason(wal_source(Snapshot, true, "always", "cp %p /a/%f")),
+            Err("WalSourceUnsupported".to_string())
+        );
         assert_eq!(
             reason(wal_source(Archive, false, "on", "cp %p /a/%f")),
             Ok(Archive)

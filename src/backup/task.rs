@@ -299,6 +299,10 @@ async fn execute(
     .await?;
     let stopped = stop_backup(ctx, backup, &mut session, status, &cut.snapshots, deadline).await?;
     let window = window_start.elapsed();
+    let archive_wait = match source == WalSource::Archive && backup.spec.wait_for_archive {
+        true => Some(wait_archived(ctx, backup, &session, status, &stopped, deadline).await?),
+        false => None,
+    };
     let kept = match &wal_volume {
         Some(volume) => {
             let class = &classes[plan.iter().position(|p| *p == volume.planned).unwrap_or(0)];
@@ -311,20 +315,22 @@ async fn execute(
     };
     session.release().await;
     drop(session);
-    record_timings(
-        ctx,
-        status,
-        &started,
-        cut.took,
-        &stopped,
-        window,
-        kept.as_ref(),
-    );
+    let after = AfterBackupMode {
+        archive_wait,
+        kept: kept.as_ref().map(|k| k.took),
+    };
+    record_timings(ctx, status, &started, cut.took, &stopped, window, after);
 
     let mut record = label_record(backup, &server, &started, &stopped, &cut.snapshots);
     record.wal = kept.map(|k| k.record);
     store_label(ctx, backup, &record, &cut.snapshots).await?;
     finalize(ctx, backup, status, &stopped, window).await
+}
+
+/// What a backup waited for after backup mode: the archive, or its WAL snapshot.
+struct AfterBackupMode {
+    archive_wait: Option<Duration>,
+    kept: Option<Duration>,
 }
 
 /// The volume holding `pg_wal`, as planned: the WAL snapshot is cut of it.
@@ -366,6 +372,11 @@ async fn keep_wal(
     )]);
     let message = "out of backup mode; cutting the WAL snapshot that keeps the backup's WAL";
     set_phase(status, backup, Phase::Stopping, "KeepingWal", message);
+    let segment_size = session.server().wal_segment_size;
+    let (first, last) = (&stopped.label.start_wal_file, &stopped.stop_wal_file);
+    // Listed before the cut as well as after: present in both, a segment was there at it.
+    let listed = session.list_wal(first, last).await?;
+    phase::check_wal_kept(first, last, segment_size, &listed)?;
     snapshots::create(&api, backup, &name, claim, class, annotations).await?;
     let wait = timeout_at(
         deadline.into(),
@@ -387,8 +398,6 @@ async fn keep_wal(
         })??
         .remove(0);
 
-    let segment_size = session.server().wal_segment_size;
-    let (first, last) = (&stopped.label.start_wal_file, &stopped.stop_wal_file);
     let listed = session.list_wal(first, last).await?;
     phase::check_wal_kept(first, last, segment_size, &listed)?;
     let took = begin.elapsed();
@@ -717,19 +726,50 @@ async fn stop_backup(
     let message = "all snapshots cut; stopping the backup";
     set_phase(status, backup, Phase::Stopping, "Stopping", message);
     status.snapshots = cut.iter().map(|(p, v)| snapshot_status(p, v)).collect();
-    // With the WAL kept in a snapshot there is no archive to wait for.
-    let wait_for_archive =
-        backup.spec.wal_source == WalSource::Archive && backup.spec.wait_for_archive;
-    let stop = timeout_at(deadline.into(), session.stop(wait_for_archive));
+    // The stop never waits for the archive itself: that wait, when asked for, comes after it,
+    // outside backup mode (`wait_archived`).
+    let stop = timeout_at(deadline.into(), session.stop(false));
     let (stopped, written) = tokio::join!(stop, ctx.patch_status(backup, status));
-    let stopped = stopped.map_err(|_| {
-        deadline_exceeded(
-            backup.spec.deadline,
-            "stopping the backup (waiting for WAL archiving)",
+    let stopped =
+        stopped.map_err(|_| deadline_exceeded(backup.spec.deadline, "stopping the backup"))??;
+    written?;
+    Ok(stopped)
+}
+
+/// After backup mode, with `walSource: Archive` and `waitForArchive`: until the backup's last
+/// segment is archived, so a restore finds every segment it needs there. Its time.
+async fn wait_archived(
+    ctx: &Context,
+    backup: &Backup,
+    session: &Session,
+    status: &mut BackupStatus,
+    stopped: &Stopped,
+    deadline: Instant,
+) -> Result<Duration, Failure> {
+    let segment = &stopped.stop_wal_file;
+    let message = format!("out of backup mode; waiting until {segment} is archived");
+    set_phase(
+        status,
+        backup,
+        Phase::Stopping,
+        "WaitingForArchive",
+        &message,
+    );
+    let wait = timeout_at(deadline.into(), session.wait_archived(segment));
+    let (archived, written) = tokio::join!(wait, ctx.patch_status(backup, status));
+    let took = archived.map_err(|_| {
+        Failure::new(
+            "DeadlineExceeded",
+            format!(
+                "the backup exceeded its deadline of {} while waiting until {segment} was archived (the server had left backup mode): the archive lacks the backup's WAL, so the backup could not be restored",
+                backup.spec.deadline
+            ),
         )
     })??;
     written?;
-    Ok(stopped)
+    ctx.metrics
+        .observe(TimedStep::ArchiveWait, took.as_secs_f64());
+    Ok(took)
 }
 
 fn record_timings(
@@ -739,7 +779,7 @@ fn record_timings(
     cut_wait: Duration,
     stopped: &Stopped,
     window: Duration,
-    kept: Option<&KeptWal>,
+    after: AfterBackupMode,
 ) {
     ctx.metrics
         .observe(TimedStep::Stop, stopped.took.as_secs_f64());
@@ -757,7 +797,8 @@ fn record_timings(
         cut_seconds: cut_wait.as_secs_f64(),
         stop_seconds: stopped.took.as_secs_f64(),
         overhead_seconds: overhead,
-        wal_snapshot_seconds: kept.map(|k| k.took.as_secs_f64()),
+        wal_snapshot_seconds: after.kept.map(|d| d.as_secs_f64()),
+        archive_wait_seconds: after.archive_wait.map(|d| d.as_secs_f64()),
     });
     info!(
         stop_lsn = %stopped.stop_lsn,

@@ -70,11 +70,6 @@ pub enum Error {
     StandbyPromoted { detail: String },
 
     #[error(
-        "the standby's timeline changed during the backup (it started on timeline {start} and stopped on {stop}, after a failover upstream), so its WAL cannot be kept as one range of segments; take a new backup"
-    )]
-    TimelineChanged { start: u32, stop: u32 },
-
-    #[error(
         "WAL written with full_page_writes = off reached the standby, so a backup taken there would be corrupt: {detail}; set full_page_writes = on and run CHECKPOINT on the primary, then back up again"
     )]
     FullPageWritesOff { detail: String },
@@ -120,7 +115,6 @@ impl Error {
             Error::WalLevelTooLow { .. } => "WalLevelTooLow",
             Error::UnsupportedVersion { .. } => "UnsupportedVersion",
             Error::StandbyPromoted { .. } => "StandbyPromoted",
-            Error::TimelineChanged { .. } => "TimelineChanged",
             Error::FullPageWritesOff { .. } => "FullPageWritesOff",
             Error::LabelTooLong { .. } => "LabelTooLong",
             Error::LabelHasControlCharacters { .. } => "LabelHasControlCharacters",
@@ -140,8 +134,7 @@ impl Error {
             Error::Unreachable { .. }
             | Error::SessionLost { .. }
             | Error::DeadlineExceeded { .. }
-            | Error::StandbyPromoted { .. }
-            | Error::TimelineChanged { .. } => true,
+            | Error::StandbyPromoted { .. } => true,
             // Connection problems, shutdowns, resource shortages and serialization
             // conflicts come and go; anything else is a fact about the server.
             Error::Query { sqlstate, .. } => sqlstate

@@ -25,6 +25,9 @@ use super::label::{BackupLabel, Lsn};
 /// PostgreSQL's limit on the label (MAXPGPATH).
 pub const MAX_LABEL_BYTES: usize = 1024;
 
+/// How often [`Session::wait_archived`] asks the archiver.
+const ARCHIVE_POLL: Duration = Duration::from_millis(100);
+
 /// How long the cancel request sent on abort may take; the connection is closed anyway.
 const CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -51,8 +54,7 @@ pub struct Started {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stopped {
     pub stop_lsn: Lsn,
-    /// The timeline of every segment from the start to the stop: the start's (a standby
-    /// whose timeline changed meanwhile fails the stop with `TimelineChanged`).
+    /// The backup's timeline: the start's (a primary's never changes while it runs).
     pub timeline: u32,
     /// The last WAL segment a restore of this backup needs.
     pub stop_wal_file: String,
@@ -338,7 +340,6 @@ impl Session {
         let timeline = label.start_timeline.unwrap_or(self.info.timeline);
         if backup.from_standby {
             self.check_still_standby().await?;
-            self.check_timeline_kept(timeline).await?;
         }
 
         let stop_wal_file =
@@ -391,6 +392,35 @@ impl Session {
         Ok(backup)
     }
 
+    /// Waits until the server's archiver has archived `segment`, asking every 100 ms: after a
+    /// stop that did not wait, so the wait is outside backup mode and finer than the stop's
+    /// own one-second poll. The archiver takes the oldest ready segment first, so one archived
+    /// at or past `segment` means every segment up to it is. Bounded by the caller (the
+    /// session's deadline still closes it).
+    pub async fn wait_archived(&self, segment: &str) -> Result<Duration, Error> {
+        let t0 = Instant::now();
+        loop {
+            // A transaction reads the statistics once (10–14), and on 10–13 primaries the
+            // backup's session is one transaction until it is released.
+            self.client
+                .batch_execute("select pg_stat_clear_snapshot()")
+                .await
+                .map_err(|e| self.query_error("pg_stat_clear_snapshot()", Step::Stop, e))?;
+            let row = self
+                .client
+                .query_one(
+                    "select coalesce(left(last_archived_wal, 24) >= $1, false) from pg_stat_archiver",
+                    &[&segment],
+                )
+                .await
+                .map_err(|e| self.query_error("pg_stat_archiver", Step::Stop, e))?;
+            if row.get::<_, bool>(0) {
+                return Ok(t0.elapsed());
+            }
+            tokio::time::sleep(ARCHIVE_POLL).await;
+        }
+    }
+
     /// The WAL segments in `pg_wal` from `first` to `last` (file names on one timeline), with
     /// their sizes, as the server lists them. Needs superuser or EXECUTE on `pg_ls_waldir()`.
     pub async fn list_wal(&self, first: &str, last: &str) -> Result<Vec<(String, i64)>, Error> {
@@ -414,16 +444,7 @@ impl Session {
         if self.info.role.superuser {
             return Ok(());
         }
-        let allowed: bool = self
-            .client
-            .query_one(
-                "select has_function_privilege('pg_ls_waldir()', 'EXECUTE')",
-                &[],
-            )
-            .await
-            .map_err(|e| self.query_error("has_function_privilege()", Step::Start, e))?
-            .get(0);
-        if allowed {
+        if self.may_execute("pg_ls_waldir()").await? {
             return Ok(());
         }
         Err(Error::MissingPrivilege {
@@ -496,28 +517,6 @@ impl Session {
         Ok(())
     }
 
-    /// A primary's timeline cannot change while it runs; a standby's changes when it follows
-    /// a failover upstream, and its last restartpoint (the start) may predate that. The stop's
-    /// timeline is that of the standby's minimum recovery point, which the stop returned.
-    async fn check_timeline_kept(&mut self, start: u32) -> Result<(), Error> {
-        let stop: i32 = self
-            .client
-            .query_one(
-                "select min_recovery_end_timeline from pg_control_recovery()",
-                &[],
-            )
-            .await
-            .map_err(|e| self.query_error("pg_control_recovery()", Step::Stop, e))?
-            .get(0);
-        match u32::try_from(stop) {
-            Ok(stop) if stop != start && stop != 0 => {
-                self.close_on_failure();
-                Err(Error::TimelineChanged { start, stop })
-            }
-            _ => Ok(()),
-        }
-    }
-
     /// Statements without results around start and stop; a failure leaves the session's
     /// backup state unknown, so the session is closed.
     async fn batch(&mut self, sql: &str, step: Step, deadline: Duration) -> Result<(), Error> {
@@ -544,22 +543,26 @@ impl Session {
         }
     }
 
+    /// Whether the role may call the function of this signature.
+    async fn may_execute(&self, signature: &str) -> Result<bool, Error> {
+        Ok(self
+            .client
+            .query_one(
+                "select has_function_privilege($1, 'EXECUTE')",
+                &[&signature],
+            )
+            .await
+            .map_err(|e| self.query_error("has_function_privilege()", Step::Start, e))?
+            .get(0))
+    }
+
     /// Fails before the backup starts rather than after the snapshots are cut.
     async fn check_privileges(&self) -> Result<(), Error> {
         if self.info.role.superuser {
             return Ok(());
         }
         for signature in backup_functions(self.info.major) {
-            let allowed: bool = self
-                .client
-                .query_one(
-                    "select has_function_privilege($1, 'EXECUTE')",
-                    &[&signature],
-                )
-                .await
-                .map_err(|e| self.query_error("has_function_privilege()", Step::Start, e))?
-                .get(0);
-            if !allowed {
+            if !self.may_execute(signature).await? {
                 return Err(Error::MissingPrivilege {
                     user: self.info.role.name.clone(),
                     missing: format!("may not execute {signature}"),
