@@ -295,6 +295,8 @@ async fn after_an_outage_one_catch_up_run_and_a_restore_holds_its_backup() {
         "target": {"podName": db.name},
         "connection": {"passwordSecretRef": {"name": secret, "key": "password"}},
         "checkpoint": "Fast", "waitForArchive": false,
+        // A run every 4 s with Replace: no WAL snapshot, so a run ends before the next.
+        "walSource": "Archive",
     });
     let mut often = schedule("often", "*/4 * * * * *", template);
     often.spec.retention.keep_last = Some(1);
