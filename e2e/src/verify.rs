@@ -155,16 +155,8 @@ pub async fn restore(
                 let wal = wal
                     .as_ref()
                     .ok_or("a WAL snapshot, but no WAL in the label")?;
-                wal_args = vec![
-                    "--wal-from".to_string(),
-                    dir.join(&wal.path_in_volume).display().to_string(),
-                    "--wal-first".into(),
-                    wal.first_segment.clone(),
-                    "--wal-last".into(),
-                    wal.last_segment.clone(),
-                    "--wal-segment-size".into(),
-                    wal.segment_size.to_string(),
-                ];
+                let from = dir.join(&wal.path_in_volume).display().to_string();
+                wal_args = pgsnap::restore::plan::wal_flags(wal, from);
                 continue;
             }
         };

@@ -420,16 +420,7 @@ pub fn prepare_args(
         "--remove-standby-signal".into(),
     ];
     if let (Some(wal), Some(dir)) = (&label.wal, dir_of(VolumeRole::BackupWal)) {
-        args.extend([
-            "--wal-from".into(),
-            dir,
-            "--wal-first".into(),
-            wal.first_segment.clone(),
-            "--wal-last".into(),
-            wal.last_segment.clone(),
-            "--wal-segment-size".into(),
-            wal.segment_size.to_string(),
-        ]);
+        args.extend(wal_flags(wal, dir));
     }
     if let Some(cmd) = &recovery.restore_command {
         args.extend(["--restore-command".into(), cmd.clone()]);
@@ -440,6 +431,20 @@ pub fn prepare_args(
         args.extend(["--target-lsn".into(), l.clone()]);
     }
     args
+}
+
+/// `restore-prepare`'s flags for the backup's WAL, found in `dir`.
+pub fn wal_flags(wal: &crate::label_store::WalRecord, dir: String) -> Vec<String> {
+    vec![
+        "--wal-from".into(),
+        dir,
+        "--wal-first".into(),
+        wal.first_segment.clone(),
+        "--wal-last".into(),
+        wal.last_segment.clone(),
+        "--wal-segment-size".into(),
+        wal.segment_size.to_string(),
+    ]
 }
 
 /// Who the prepare Job is: its name, where, whose (the Restore's labels), and what it runs.
