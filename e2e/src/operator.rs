@@ -60,6 +60,35 @@ pub fn cluster_tool(argv: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// `kubectl pgsnap <args>` with the cluster's kubectl and this build's plugin on the PATH;
+/// (exit code, stdout, stderr).
+pub fn kubectl_pgsnap(args: &[&str]) -> (i32, String, String) {
+    let argv: Vec<&str> = ["kubectl", "pgsnap"]
+        .into_iter()
+        .chain(args.iter().copied())
+        .collect();
+    cluster_tool(&argv)
+}
+
+/// The rows of `kubectl pgsnap check`'s table: (check, mark, detail).
+pub fn check_rows(out: &str) -> Vec<(String, String, String)> {
+    out.lines()
+        .skip(1)
+        .map(|l| {
+            let cells: Vec<&str> = l
+                .split("   ")
+                .map(str::trim)
+                .filter(|c| !c.is_empty())
+                .collect();
+            (
+                cells[0].to_string(),
+                cells[1].to_string(),
+                cells.get(2).unwrap_or(&"").to_string(),
+            )
+        })
+        .collect()
+}
+
 /// Applies pgsnap's CRDs, and the chart's ServiceAccount and RBAC (rendered by
 /// `helm template`), as an administrator would before installing the operator.
 pub fn install_chart_rbac() {

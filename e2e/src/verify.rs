@@ -275,12 +275,24 @@ pub async fn serve_restored(
         .create(&PostParams::default(), pod)
         .await
         .map_err(|e| format!("pod {name}: {e}"))?;
+    let client = wait_serving(cluster, source, &name).await?;
+    Ok((client, t0.elapsed()))
+}
+
+/// Waits until the pod `name`, a server restored from `source`, accepts `source`'s superuser
+/// out of recovery; a session.
+pub async fn wait_serving(
+    cluster: &Cluster,
+    source: &PostgresPod,
+    name: &str,
+) -> Result<tokio_postgres::Client, String> {
+    let t0 = std::time::Instant::now();
     let mut last = String::new();
     // Recovery ends with a promotion; until then the server refuses or is in recovery.
     while t0.elapsed() < Duration::from_secs(90) {
         let status = cluster
             .api::<Pod>()
-            .get(&name)
+            .get(name)
             .await
             .ok()
             .and_then(|p| p.status)
@@ -289,7 +301,7 @@ pub async fn serve_restored(
         if phase == "Failed" || phase == "Succeeded" {
             return Err(format!(
                 "the restored server exited ({phase}):\n{}",
-                cluster.pod_logs(&name).await
+                cluster.pod_logs(name).await
             ));
         }
         let conninfo = format!(
@@ -302,7 +314,7 @@ pub async fn serve_restored(
             Ok((client, conn)) => {
                 tokio::spawn(conn);
                 match client.query_one("SELECT pg_is_in_recovery()", &[]).await {
-                    Ok(row) if !row.get::<_, bool>(0) => return Ok((client, t0.elapsed())),
+                    Ok(row) if !row.get::<_, bool>(0) => return Ok(client),
                     Ok(_) => last = "still in recovery".into(),
                     Err(e) => last = e.to_string(),
                 }
@@ -313,6 +325,6 @@ pub async fn serve_restored(
     }
     Err(format!(
         "recovery did not end in 90 s ({last}):\n{}",
-        cluster.pod_logs(&name).await
+        cluster.pod_logs(name).await
     ))
 }

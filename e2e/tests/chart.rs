@@ -15,7 +15,7 @@ use pgsnap_e2e::backups::{
     apply, backup_spec, delete_snapshot_class, on, snapshot_class, wait_phase, wait_terminal,
 };
 use pgsnap_e2e::cluster::repo_root;
-use pgsnap_e2e::operator::cluster_tool;
+use pgsnap_e2e::operator::{check_rows, cluster_tool, kubectl_pgsnap};
 use pgsnap_e2e::{Cluster, postgres_pod};
 use serde::Deserialize;
 use serde_json::json;
@@ -349,6 +349,49 @@ async fn helm_install_runs_the_operator_and_a_backup_completes() {
         Some(Phase::Completed),
         "{:?}\noperator:\n{operator_logs}",
         status.error
+    );
+
+    // `kubectl pgsnap check` finds this operator by its Lease and asks the API server what
+    // its pod's ServiceAccount may do: all a Backup needs here, and not in a namespace it
+    // does not watch.
+    let lease = format!("{ns}/pgsnap-leader");
+    let (code, out, err) = kubectl_pgsnap(&[
+        "check",
+        &db.name,
+        "-n",
+        &ns,
+        "--secret",
+        "pw/password",
+        "--operator-lease",
+        &lease,
+    ]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let operator = &check_rows(&out)[7];
+    assert!(
+        operator.0 == "operator"
+            && operator.2.starts_with(&format!("{release}-"))
+            && operator
+                .2
+                .ends_with(&format!("; its ServiceAccount may act in {ns}")),
+        "{out}"
+    );
+    let (code, out, _) = kubectl_pgsnap(&[
+        "check",
+        "nothing",
+        "-n",
+        "default",
+        "--operator-lease",
+        &lease,
+    ]);
+    assert_eq!(code, 1, "{out}");
+    let operator = &check_rows(&out)[7];
+    assert!(
+        operator.1 == "✗"
+            && operator.2.starts_with("OperatorNotAllowed: ")
+            && operator
+                .2
+                .contains("may not patch backups/status in default: add default to the chart's watchNamespaces"),
+        "{out}"
     );
 
     // Uninstall the way a user would: Backups first, while the operator still removes their finalizers.

@@ -1,24 +1,19 @@
 //! `kubectl pgsnap` as users run it: the binary on the PATH, found and run by the real
-//! kubectl, against the test cluster: `list`, `describe`, `check` before a first backup, and
-//! `backup --wait`.
+//! kubectl, against the test cluster: `list`, `describe`, `check` before a first backup,
+//! `backup --wait`, and `restore` with the StatefulSet it prints.
 
+use k8s_openapi::api::apps::v1::StatefulSet;
 use pgsnap::api::Backup;
 use pgsnap::api::backup::Phase;
+use pgsnap::api::restore::Restore;
 use pgsnap_e2e::backups::{apply, backup_spec, on, wait_terminal};
-use pgsnap_e2e::operator::{Operator, cluster_tool};
+use pgsnap_e2e::cluster::cluster_dir;
+use pgsnap_e2e::operator::{
+    OPERATOR_NAMESPACE, Operator, check_rows, cluster_shell, cluster_tool, kubectl_pgsnap,
+};
 use pgsnap_e2e::postgres::password_secret;
-use pgsnap_e2e::{Cluster, postgres_pod};
+use pgsnap_e2e::{Cluster, postgres_pod, verify};
 use serde_json::json;
-
-/// `kubectl pgsnap <args>` with the cluster's kubectl and this build's plugin on the PATH;
-/// (exit code, stdout, stderr).
-fn kubectl_pgsnap(args: &[&str]) -> (i32, String, String) {
-    let argv: Vec<&str> = ["kubectl", "pgsnap"]
-        .into_iter()
-        .chain(args.iter().copied())
-        .collect();
-    cluster_tool(&argv)
-}
 
 /// `list` and `describe` of a Completed Backup, for people and for scripts; a Backup that
 /// does not exist is an error naming it.
@@ -115,25 +110,6 @@ async fn list_and_describe_show_a_completed_backup() {
     );
 }
 
-/// The rows of `check`'s table: (check, mark, detail).
-fn check_rows(out: &str) -> Vec<(String, String, String)> {
-    out.lines()
-        .skip(1)
-        .map(|l| {
-            let cells: Vec<&str> = l
-                .split("   ")
-                .map(str::trim)
-                .filter(|c| !c.is_empty())
-                .collect();
-            (
-                cells[0].to_string(),
-                cells[1].to_string(),
-                cells.get(2).unwrap_or(&"").to_string(),
-            )
-        })
-        .collect()
-}
-
 /// `check` before a first backup: a server that can be backed up passes every check (exit
 /// 0); a role without the backup functions, `wal_level = minimal`, and a data directory on no
 /// PVC each fail their check with the reason a Backup would fail with and the fix (exit 1).
@@ -150,6 +126,17 @@ async fn check_says_whether_a_database_can_be_backed_up_and_how_to_fix_it() {
             .setting("max_wal_senders", "0")
             .create(&cluster),
     );
+    // An operator for this namespace under a Lease of its own.
+    let lease = format!("check-{ns}");
+    let _operator = Operator::start(
+        &cluster.client,
+        &[
+            &format!("--namespace={ns}"),
+            &format!("--lease-name={lease}"),
+        ],
+    )
+    .await;
+    let operator_lease = format!("{OPERATOR_NAMESPACE}/{lease}");
     let secret = good.password_secret(&cluster).await;
     let (code, out, err) = kubectl_pgsnap(&[
         "check",
@@ -158,6 +145,8 @@ async fn check_says_whether_a_database_can_be_backed_up_and_how_to_fix_it() {
         &ns,
         "--secret",
         &format!("{secret}/password"),
+        "--operator-lease",
+        &operator_lease,
     ]);
     assert_eq!(code, 0, "{out}\n{err}");
     let rows = check_rows(&out);
@@ -171,7 +160,8 @@ async fn check_says_whether_a_database_can_be_backed_up_and_how_to_fix_it() {
             "server",
             "WAL source",
             "volumes",
-            "snapshot classes"
+            "snapshot classes",
+            "operator"
         ],
         "{out}"
     );
@@ -184,6 +174,17 @@ async fn check_says_whether_a_database_can_be_backed_up_and_how_to_fix_it() {
             "Snapshot: kept with the backup, in a snapshot of {} cut after the stop",
             good.claim("data")
         ),
+        "{out}"
+    );
+    // The operator runs here as a process, not a pod: whether it leads is all there is to see.
+    assert!(
+        rows[7].2.starts_with("pgsnap-e2e-")
+            && rows[7]
+                .2
+                .contains(&format!("leads (Lease {operator_lease} renewed "))
+            && rows[7]
+                .2
+                .ends_with("; not a pod here, its rights unchecked"),
         "{out}"
     );
 
@@ -200,8 +201,16 @@ async fn check_says_whether_a_database_can_be_backed_up_and_how_to_fix_it() {
         &format!("{weak}/password"),
         "--user",
         "weak",
+        "--operator-lease",
+        &format!("{OPERATOR_NAMESPACE}/nobody"),
     ]);
     assert_eq!(code, 1, "{out}");
+    let operator = &check_rows(&out)[7];
+    assert_eq!(
+        (operator.1.as_str(), operator.2.split(':').next()),
+        ("✗", Some("OperatorNotFound")),
+        "{out}"
+    );
     let server = &check_rows(&out)[3];
     assert_eq!(server.1, "✗", "{out}");
     let wal = &check_rows(&out)[4];
@@ -348,6 +357,129 @@ async fn backup_wait_follows_a_backup_to_its_end() {
             .last()
             .unwrap()
             .starts_with("Failed: TargetPodNotFound: "),
+        "{out}"
+    );
+}
+
+/// `restore --to NAME -o yaml`: a Restore into the claims a StatefulSet NAME adopts
+/// (`<volume>-NAME-0`), followed to its end, then that StatefulSet on stdout; `kubectl apply`
+/// of it starts PostgreSQL on the restored claims with every row. Asking again changes
+/// nothing; a bad name and a Backup that does not exist are refused.
+#[tokio::test]
+async fn restore_prints_a_statefulset_that_serves_the_restored_claims() {
+    let cluster = Cluster::from_env().await;
+    let _operator = Operator::for_test(&cluster).await;
+    let db = postgres_pod(16).no_archive().create(&cluster).await;
+    db.sql("CREATE TABLE kept AS SELECT generate_series(1, 500) AS v")
+        .await;
+    let secret = db.password_secret(&cluster).await;
+    let name = apply(
+        &cluster,
+        backup_spec("b", on(&db, &secret, json!({"checkpoint": "Fast"}))),
+    )
+    .await;
+    let backup = wait_terminal(&cluster, &name).await;
+    assert_eq!(
+        backup.status.as_ref().and_then(|s| s.phase),
+        Some(Phase::Completed)
+    );
+    let ns = cluster.namespace.as_str();
+
+    let (code, out, err) =
+        kubectl_pgsnap(&["restore", "b", "--to", "back", "-n", ns, "-o", "yaml"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        err.starts_with("restore.pgsnap.io/back created\n") && err.contains("s  Completed"),
+        "{err}"
+    );
+    let server: StatefulSet = serde_yaml::from_str(&out).expect(&out);
+    let spec = server.spec.clone().unwrap();
+    // The pod calls its data volume by its claim's name.
+    let volume = db.claim("data");
+    let templates: Vec<String> = spec
+        .volume_claim_templates
+        .iter()
+        .flatten()
+        .map(|t| t.metadata.name.clone().unwrap())
+        .collect();
+    assert_eq!(templates, std::slice::from_ref(&volume), "{out}");
+    let restored = cluster
+        .api::<Restore>()
+        .get("back")
+        .await
+        .unwrap()
+        .status
+        .unwrap();
+    assert_eq!(restored.claims[0].name, format!("{volume}-back-0"));
+
+    let manifest = cluster_dir().join(format!("{ns}-back.yaml"));
+    std::fs::write(&manifest, &out).unwrap();
+    let (code, _, err) = cluster_tool(&[
+        "kubectl",
+        "apply",
+        "-n",
+        ns,
+        "-f",
+        manifest.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let client = verify::wait_serving(&cluster, &db, "back-0")
+        .await
+        .unwrap_or_else(|e| panic!("the restored StatefulSet's server: {e}"));
+    let rows: i64 = client
+        .query_one("SELECT count(*) FROM kept", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 500);
+
+    let (code, again, err) =
+        kubectl_pgsnap(&["restore", "b", "--to", "back", "-n", ns, "-o", "yaml"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.starts_with("restore.pgsnap.io/back unchanged\n"),
+        "{err}"
+    );
+    assert_eq!(again, out);
+
+    let (code, _, err) = kubectl_pgsnap(&["restore", "b", "--to", "Back_2", "-n", ns]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("--to \"Back_2\": a StatefulSet's name"),
+        "{err}"
+    );
+    let (code, _, err) = kubectl_pgsnap(&["restore", "nope", "--to", "x", "-n", ns]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("backups.pgsnap.io \"nope\" not found"),
+        "{err}"
+    );
+}
+
+/// The krew manifest installs the plugin: `hack/krew-package` packs this build and renders
+/// `.krew.yaml` as krew-release-bot does on a release; the real krew installs it into an
+/// empty KREW_ROOT, and kubectl finds `kubectl pgsnap` there and nowhere else.
+#[test]
+fn krew_installs_the_plugin_from_its_manifest() {
+    let root = cluster_dir().join(format!("krew-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let binary = pgsnap_e2e::cluster::target_dir().join("debug/kubectl-pgsnap");
+    let out = cluster_shell(&format!(
+        "root={root}; export KREW_ROOT=$root; \
+         files=$(KREW_OUT=$root/out hack/krew-package {binary}); \
+         krew install --manifest=$(sed -n 1p <<<\"$files\") --archive=$(sed -n 2p <<<\"$files\") 2>&1; \
+         PATH=$root/bin:$PATH; kubectl plugin list 2>/dev/null; kubectl pgsnap --version",
+        root = root.display(),
+        binary = binary.display()
+    ));
+    let _ = std::fs::remove_dir_all(&root);
+    assert!(out.contains("Installed plugin: pgsnap"), "{out}");
+    assert!(
+        out.contains(&format!("{}/bin/kubectl-pgsnap", root.display())),
+        "{out}"
+    );
+    assert!(
+        out.ends_with(&format!("kubectl-pgsnap {}\n", env!("CARGO_PKG_VERSION"))),
         "{out}"
     );
 }

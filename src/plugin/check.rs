@@ -1,0 +1,368 @@
+//! `kubectl pgsnap check`: the operator's own steps before backup mode, run from the command
+//! line, and whether an operator runs that may back up this namespace.
+
+use k8s_openapi::api::authorization::v1::{
+    ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
+};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::PostParams;
+use kube::{Api, Client};
+
+use super::{BackupArgs, Error, backup_of, show};
+use crate::api::backup::WalSource;
+use crate::backup::{SecretsRead, phase, read_secrets, task};
+use crate::controller::Failure;
+
+#[derive(serde::Serialize)]
+pub struct Check {
+    check: &'static str,
+    #[serde(flatten)]
+    result: Checked,
+}
+
+#[derive(serde::Serialize)]
+#[serde(tag = "result", content = "detail", rename_all = "lowercase")]
+enum Checked {
+    Passed(String),
+    /// The reason a Backup would fail with, and its message (which says the fix).
+    Failed(Failure),
+    /// Not checked: an earlier check it needs failed.
+    Skipped(String),
+}
+
+impl From<Result<String, Failure>> for Checked {
+    fn from(r: Result<String, Failure>) -> Self {
+        match r {
+            Ok(detail) => Checked::Passed(detail),
+            Err(f) => Checked::Failed(f),
+        }
+    }
+}
+
+/// Whether a backup would pass every check.
+pub fn passed(checks: &[Check]) -> bool {
+    checks
+        .iter()
+        .all(|c| !matches!(c.result, Checked::Failed(_)))
+}
+
+/// The operator's own steps before backup mode, in its order, each reported (a step whose
+/// input an earlier one could not give is skipped), then the operator itself.
+pub async fn run(client: &Client, namespace: &str, args: &BackupArgs) -> Result<Vec<Check>, Error> {
+    let mut checks = steps(client, namespace, args).await?;
+    checks.push(Check {
+        check: "operator",
+        result: operator(client, namespace, &args.operator_lease).await,
+    });
+    Ok(checks)
+}
+
+async fn steps(client: &Client, namespace: &str, args: &BackupArgs) -> Result<Vec<Check>, Error> {
+    // Never applied: the operator's steps run on it here.
+    let backup = std::sync::Arc::new(backup_of(namespace, "kubectl-pgsnap-check", args)?);
+    let mut checks = Vec::new();
+    let mut push = |check, result: Checked| checks.push(Check { check, result });
+    let skipped = |what: &str| Checked::Skipped(format!("needs {what}"));
+
+    let pods = match task::target_pods(client, &backup).await {
+        Ok(pods) => {
+            push(
+                "target pod",
+                Checked::Passed(format!("{} is running", args.pod)),
+            );
+            pods
+        }
+        Err(f) => {
+            push("target pod", Checked::Failed(f));
+            for c in [
+                "credentials",
+                "connection",
+                "server",
+                "WAL source",
+                "volumes",
+                "snapshot classes",
+            ] {
+                push(c, skipped("the target pod"));
+            }
+            return Ok(checks);
+        }
+    };
+    let secrets = match read_secrets(client, &backup).await? {
+        SecretsRead::Found(s) => {
+            let what = match &args.secret {
+                Some(s) => format!("Secret {s}"),
+                None => "no password (trust or a client certificate)".into(),
+            };
+            push("credentials", Checked::Passed(what));
+            s
+        }
+        SecretsRead::Missing(message) => {
+            push(
+                "credentials",
+                Checked::Failed(Failure::new("SecretNotFound", message)),
+            );
+            return Ok(checks);
+        }
+        SecretsRead::Invalid(f) => {
+            push("credentials", Checked::Failed(f));
+            return Ok(checks);
+        }
+    };
+    let work = task::Assignment {
+        backup: backup.clone(),
+        connect_timeout: std::time::Duration::from_secs(10),
+        pods,
+        password: secrets.password,
+        ca_cert: secrets.ca_cert,
+    };
+    let (mut session, pod) = match task::connect(&work).await {
+        Ok(connected) => connected,
+        Err(mut f) => {
+            if f.reason == "Unreachable" {
+                f.message.push_str(
+                    " (check connects from this machine to the pod's address, as the operator does from its pod: run it where pod addresses are reachable)",
+                );
+            }
+            push("connection", Checked::Failed(f));
+            for c in ["server", "WAL source", "volumes", "snapshot classes"] {
+                push(c, skipped("a connection"));
+            }
+            return Ok(checks);
+        }
+    };
+    let server = session.server().clone();
+    push(
+        "connection",
+        Checked::Passed(format!(
+            "PostgreSQL {} as {}, {}",
+            server.version,
+            server.role.name,
+            if server.in_recovery {
+                "standby"
+            } else {
+                "primary"
+            }
+        )),
+    );
+    let ready = session.check_ready().await.map_err(Failure::from);
+    let standby = match server.in_recovery {
+        true => "; the primary writes full-page images",
+        false => "",
+    };
+    let detail = format!(
+        "wal_level {}; {} may call the backup functions{standby}",
+        server.wal_level, server.role.name
+    );
+    push("server", ready.map(|()| detail).into());
+    let source = phase::wal_source(
+        backup.spec.wal_source,
+        server.in_recovery,
+        &server.archive_mode,
+        &server.archiver,
+    );
+    let planned = task::plan_snapshots(&mut session, &pod, &backup.spec).await;
+    let wal = match (source, &planned) {
+        (Ok(WalSource::Snapshot), Ok((plan, location))) => {
+            let listing = session.check_wal_listing().await.map_err(Failure::from);
+            listing
+                .and_then(|()| phase::wal_volume(plan, location.unconfirmed()))
+                .map(|(p, _)| {
+                    format!(
+                        "Snapshot: kept with the backup, in a snapshot of {} cut after the stop",
+                        p.persistent_volume_claim
+                    )
+                })
+                .into()
+        }
+        (Ok(WalSource::Snapshot), Err(_)) => skipped("the volumes"),
+        (Ok(WalSource::Archive), _) => Checked::Passed(format!("Archive ({})", server.archiver)),
+        (Err(f), _) => Checked::Failed(f),
+    };
+    push("WAL source", wal);
+    match planned {
+        Ok((plan, location)) => {
+            let claims: Vec<String> = plan
+                .iter()
+                .map(|p| format!("{:?}: {}", p.role, p.persistent_volume_claim))
+                .collect();
+            let mut detail = claims.join(", ");
+            if let Some(note) = location.unconfirmed() {
+                detail.push_str(&format!(" ({note})"));
+            }
+            push("volumes", Checked::Passed(detail));
+            let classes = task::snapshot_classes(client, &backup, &plan).await;
+            push("snapshot classes", classes.map(|c| c.join(", ")).into());
+        }
+        Err(f) => {
+            push("volumes", Checked::Failed(f));
+            push("snapshot classes", skipped("the volumes"));
+        }
+    }
+    Ok(checks)
+}
+
+pub fn table(checks: &[Check], colour: bool) -> String {
+    let paint = |code: &str, text: &str| match colour {
+        true => format!("\u{1b}[{code}m{text}\u{1b}[0m"),
+        false => text.to_string(),
+    };
+    let mut rows = vec![["CHECK", "", "DETAIL"].map(String::from).to_vec()];
+    for c in checks {
+        let (mark, detail) = match &c.result {
+            Checked::Passed(d) => (paint("32", "✓"), d.clone()),
+            Checked::Failed(f) => (paint("31", "✗"), format!("{}: {}", f.reason, f.message)),
+            Checked::Skipped(d) => ("-".to_string(), d.clone()),
+        };
+        rows.push(vec![c.check.to_string(), mark, detail]);
+    }
+    show::table(&rows)
+}
+
+/// What a Backup in `namespace` needs the operator's ServiceAccount to be allowed.
+const OPERATOR_NEEDS: [(&str, &str, &str, &str); 3] = [
+    ("patch", "pgsnap.io", "backups", "status"),
+    ("get", "", "pods", ""),
+    ("create", "snapshot.storage.k8s.io", "volumesnapshots", ""),
+];
+
+/// A leader renewing its Lease, and (when it runs as a pod here) its ServiceAccount allowed
+/// what a Backup in `namespace` needs, as the API server's authorizer says.
+async fn operator(client: &Client, namespace: &str, lease: &str) -> Checked {
+    let Some((lease_ns, lease_name)) = lease.split_once('/') else {
+        return Checked::Skipped(format!("--operator-lease {lease} is not NAMESPACE/NAME"));
+    };
+    let lease = match Api::<Lease>::namespaced(client.clone(), lease_ns)
+        .get_opt(lease_name)
+        .await
+    {
+        Ok(Some(lease)) => lease,
+        Ok(None) => {
+            return Checked::Failed(Failure::new(
+                "OperatorNotFound",
+                format!(
+                    "no Lease {lease_ns}/{lease_name}: no pgsnap operator runs there; install the chart (README), or name its Lease with --operator-lease NAMESPACE/NAME"
+                ),
+            ));
+        }
+        Err(e) => return Checked::Skipped(format!("reading Lease {lease_ns}/{lease_name}: {e}")),
+    };
+    let spec = lease.spec.unwrap_or_default();
+    let holder = spec.holder_identity.clone().unwrap_or_default();
+    let renewed = spec
+        .renew_time
+        .map(|t| Timestamp::now().duration_since(t.0).as_secs());
+    let duration = i64::from(spec.lease_duration_seconds.unwrap_or(15));
+    let leads = match renewed {
+        // This machine's clock against the leader's: twice the lease allows for some skew.
+        Some(age) if !holder.is_empty() && age <= 2 * duration => {
+            format!(
+                "{holder} leads (Lease {lease_ns}/{lease_name} renewed {}s ago)",
+                age.max(0)
+            )
+        }
+        _ => {
+            return Checked::Failed(Failure::new(
+                "OperatorNotRunning",
+                format!(
+                    "Lease {lease_ns}/{lease_name} is not renewed (last holder {holder:?}): no pgsnap replica leads; see the operator's pods and logs"
+                ),
+            ));
+        }
+    };
+    let account = match Api::<Pod>::namespaced(client.clone(), lease_ns)
+        .get_opt(&holder)
+        .await
+    {
+        Ok(Some(pod)) => pod
+            .spec
+            .and_then(|s| s.service_account_name)
+            .unwrap_or_else(|| "default".into()),
+        Ok(None) => {
+            return Checked::Passed(format!("{leads}; not a pod here, its rights unchecked"));
+        }
+        Err(e) => return Checked::Skipped(format!("{leads}; reading its pod: {e}")),
+    };
+    let user = format!("system:serviceaccount:{lease_ns}:{account}");
+    for (verb, group, resource, subresource) in OPERATOR_NEEDS {
+        let review = SubjectAccessReview {
+            spec: SubjectAccessReviewSpec {
+                user: Some(user.clone()),
+                groups: Some(vec![
+                    "system:serviceaccounts".into(),
+                    format!("system:serviceaccounts:{lease_ns}"),
+                ]),
+                resource_attributes: Some(ResourceAttributes {
+                    verb: Some(verb.into()),
+                    group: Some(group.into()),
+                    resource: Some(resource.into()),
+                    subresource: Some(subresource.into()),
+                    namespace: Some(namespace.into()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let allowed = Api::<SubjectAccessReview>::all(client.clone())
+            .create(&PostParams::default(), &review)
+            .await
+            .map(|r| r.status.is_some_and(|s| s.allowed));
+        let what = match subresource {
+            "" => resource.to_string(),
+            s => format!("{resource}/{s}"),
+        };
+        match allowed {
+            Ok(true) => {}
+            Ok(false) => {
+                return Checked::Failed(Failure::new(
+                    "OperatorNotAllowed",
+                    format!(
+                        "{leads}, but its ServiceAccount {lease_ns}/{account} may not {verb} {what} in {namespace}: add {namespace} to the chart's watchNamespaces"
+                    ),
+                ));
+            }
+            Err(e) => {
+                return Checked::Skipped(format!("{leads}; asking whether it may act here: {e}"));
+            }
+        }
+    }
+    Checked::Passed(format!(
+        "{leads}; its ServiceAccount may act in {namespace}"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::golden;
+    use super::*;
+
+    #[test]
+    fn the_check_table_reads_as_the_golden_file() {
+        let checks = vec![
+            Check {
+                check: "target pod",
+                result: Checked::Passed("orders-db-0 is running".into()),
+            },
+            Check {
+                check: "server",
+                result: Checked::Failed(Failure::new(
+                    "WalLevelTooLow",
+                    "wal_level is minimal: set wal_level = replica and restart",
+                )),
+            },
+            Check {
+                check: "volumes",
+                result: Checked::Skipped("needs a connection".into()),
+            },
+        ];
+        assert!(!passed(&checks));
+        assert!(passed(&checks[..1]));
+        golden("plugin-check.txt", &table(&checks, false));
+        golden(
+            "plugin-check.json",
+            &serde_json::to_string_pretty(&checks).unwrap(),
+        );
+    }
+}
