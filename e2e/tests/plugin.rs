@@ -6,6 +6,7 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use pgsnap::api::Backup;
 use pgsnap::api::backup::Phase;
 use pgsnap::api::restore::Restore;
+use pgsnap::postgres::grants;
 use pgsnap_e2e::backups::{apply, backup_spec, on, wait_terminal};
 use pgsnap_e2e::cluster::cluster_dir;
 use pgsnap_e2e::operator::{
@@ -228,6 +229,52 @@ async fn check_says_whether_a_database_can_be_backed_up_and_how_to_fix_it() {
                 .contains("GRANT EXECUTE ON FUNCTION pg_backup_start(text, boolean) TO weak"),
         "{out}"
     );
+
+    // Each privilege a backup needs, missing alone: what fails is MissingPrivilege naming
+    // exactly that GRANT; without REPLICATION a backup runs, but no slot pins its WAL.
+    for i in 0..grants(17, "x").len() {
+        let role = format!("lacks{i}");
+        let mut all = grants(17, &role);
+        let missing = all.remove(i);
+        good.sql(&format!(
+            "CREATE ROLE {role} LOGIN PASSWORD '{role}'; {}",
+            all.join("; ")
+        ))
+        .await;
+        let secret = password_secret(&cluster, &role, &role).await;
+        let (code, out, _) = kubectl_pgsnap(&[
+            "check",
+            "good",
+            "-n",
+            &ns,
+            "--secret",
+            &format!("{secret}/password"),
+            "--user",
+            &role,
+            "--operator-lease",
+            &operator_lease,
+        ]);
+        if missing.starts_with("ALTER ROLE") {
+            let server = &check_rows(&out)[3];
+            assert!(
+                code == 0 && server.1 == "!" && server.2.contains(&missing),
+                "without `{missing}`:\n{out}"
+            );
+            continue;
+        }
+        assert_eq!(code, 1, "without `{missing}`:\n{out}");
+        let failed: Vec<_> = check_rows(&out)
+            .into_iter()
+            .filter(|r| r.1 == "✗")
+            .collect();
+        assert!(
+            !failed.is_empty()
+                && failed
+                    .iter()
+                    .all(|r| r.2.starts_with("MissingPrivilege: ") && r.2.contains(&missing)),
+            "without `{missing}`:\n{out}"
+        );
+    }
 
     let secret = minimal.password_secret(&cluster).await;
     let (code, out, _) = kubectl_pgsnap(&[

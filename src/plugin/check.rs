@@ -28,6 +28,8 @@ enum Checked {
     Passed(String),
     /// The reason a Backup would fail with, and its message (which says the fix).
     Failed(Failure),
+    /// A backup would run, at a risk the detail names with its fix.
+    Warned(String),
     /// Not checked: an earlier check it needs failed.
     Skipped(String),
 }
@@ -155,7 +157,13 @@ async fn steps(client: &Client, namespace: &str, args: &BackupArgs) -> Result<Ve
         "wal_level {}; {} may call the backup functions{standby}",
         server.wal_level, server.role.name
     );
-    push("server", ready.map(|()| detail).into());
+    let server_row = match (ready, session.unpinnable()) {
+        (Ok(()), Some(why)) => Checked::Warned(format!(
+            "{detail}; but no slot will pin the backup's WAL: {why}, so a checkpoint may recycle it before it is kept"
+        )),
+        (ready, _) => ready.map(|()| detail).into(),
+    };
+    push("server", server_row);
     let source = phase::wal_source(
         backup.spec.wal_source,
         server.in_recovery,
@@ -213,6 +221,7 @@ pub fn table(checks: &[Check], colour: bool) -> String {
         let (mark, detail) = match &c.result {
             Checked::Passed(d) => (paint("32", "✓"), d.clone()),
             Checked::Failed(f) => (paint("31", "✗"), format!("{}: {}", f.reason, f.message)),
+            Checked::Warned(d) => (paint("33", "!"), d.clone()),
             Checked::Skipped(d) => ("-".to_string(), d.clone()),
         };
         rows.push(vec![c.check.to_string(), mark, detail]);
@@ -355,6 +364,10 @@ mod tests {
             Check {
                 check: "volumes",
                 result: Checked::Skipped("needs a connection".into()),
+            },
+            Check {
+                check: "server",
+                result: Checked::Warned("no slot will pin the backup's WAL".into()),
             },
         ];
         assert!(!passed(&checks));

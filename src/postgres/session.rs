@@ -605,19 +605,23 @@ impl Session {
         Ok(())
     }
 
+    /// Why this role cannot pin WAL with a slot, with the fix; None when it can.
+    pub fn unpinnable(&self) -> Option<String> {
+        let role = &self.info.role;
+        (!role.superuser && !role.replication).then(|| {
+            format!(
+                "role \"{}\" has no REPLICATION attribute (ALTER ROLE {} REPLICATION)",
+                role.name,
+                quote_ident(&role.name)
+            )
+        })
+    }
+
     /// Creates a temporary slot that reserves WAL now, before the start checkpoint. Never
     /// fails the backup: without a slot it proceeds and says why WAL is not pinned.
     async fn pin_wal(&self) -> (Option<String>, Option<String>) {
-        let role = &self.info.role;
-        if !role.superuser && !role.replication {
-            return (
-                None,
-                Some(format!(
-                    "role \"{}\" has no REPLICATION attribute (ALTER ROLE {} REPLICATION)",
-                    role.name,
-                    quote_ident(&role.name)
-                )),
-            );
+        if let Some(why) = self.unpinnable() {
+            return (None, Some(why));
         }
         // Unique among live backends; a temporary slot dies with its backend.
         let name = format!("pgsnap_{}", self.backend_pid);
