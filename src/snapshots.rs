@@ -33,6 +33,15 @@ pub enum SnapshotError {
     NoDefaultClass { driver: String, claim: String },
     #[error("VolumeSnapshotClass {0} does not exist")]
     ClassNotFound(String),
+    #[error(
+        "VolumeSnapshotClass {class} is for CSI driver {class_driver}, but PVC {claim} is a volume of {driver}: name a class of {driver}, or none for its default"
+    )]
+    ClassOfAnotherDriver {
+        class: String,
+        class_driver: String,
+        claim: String,
+        driver: String,
+    },
     #[error("snapshot {name} failed: {message}")]
     Failed { name: String, message: String },
     #[error("snapshot {0} was deleted while the backup waited for it")]
@@ -60,9 +69,9 @@ impl SnapshotError {
         match self {
             SnapshotError::ClaimNotFound(_) | SnapshotError::ClaimNotBound(_) => "ClaimNotReady",
             SnapshotError::NotCsi { .. } => "ClaimNotCsi",
-            SnapshotError::NoDefaultClass { .. } | SnapshotError::ClassNotFound(_) => {
-                "NoSnapshotClass"
-            }
+            SnapshotError::NoDefaultClass { .. }
+            | SnapshotError::ClassNotFound(_)
+            | SnapshotError::ClassOfAnotherDriver { .. } => "NoSnapshotClass",
             SnapshotError::Failed { .. } | SnapshotError::Deleted(_) => "SnapshotFailed",
             SnapshotError::NameConflict { .. } => "NameConflict",
             SnapshotError::Api(_) | SnapshotError::Watch(_) => "KubernetesApi",
@@ -93,14 +102,7 @@ pub async fn resolve_class(
     namespace: &str,
     claim: &str,
     requested: Option<&str>,
-) -> Result<String, SnapshotError> {
-    let classes: Api<VolumeSnapshotClass> = Api::all(client.clone());
-    if let Some(name) = requested {
-        return match classes.get_opt(name).await? {
-            Some(_) => Ok(name.to_string()),
-            None => Err(SnapshotError::ClassNotFound(name.to_string())),
-        };
-    }
+) -> Result<ResolvedClass, SnapshotError> {
     let pvc = Api::<PersistentVolumeClaim>::namespaced(client.clone(), namespace)
         .get_opt(claim)
         .await?
@@ -119,11 +121,40 @@ pub async fn resolve_class(
         .ok_or_else(|| SnapshotError::NotCsi {
             claim: claim.to_string(),
         })?;
-    let list = classes.list(&ListParams::default()).await?;
-    default_class_for(&list.items, &driver).ok_or_else(|| SnapshotError::NoDefaultClass {
-        driver,
-        claim: claim.to_string(),
-    })
+    let classes: Api<VolumeSnapshotClass> = Api::all(client.clone());
+    let name = match requested {
+        // A class of another driver would be refused by the snapshot controller only once
+        // the cut is asked for, in backup mode.
+        Some(name) => match classes.get_opt(name).await? {
+            Some(class) if class.driver == driver => name.to_string(),
+            Some(class) => {
+                return Err(SnapshotError::ClassOfAnotherDriver {
+                    class: name.to_string(),
+                    class_driver: class.driver,
+                    claim: claim.to_string(),
+                    driver,
+                });
+            }
+            None => return Err(SnapshotError::ClassNotFound(name.to_string())),
+        },
+        None => {
+            let list = classes.list(&ListParams::default()).await?;
+            default_class_for(&list.items, &driver).ok_or_else(|| {
+                SnapshotError::NoDefaultClass {
+                    driver: driver.clone(),
+                    claim: claim.to_string(),
+                }
+            })?
+        }
+    };
+    Ok(ResolvedClass { name, driver })
+}
+
+/// The VolumeSnapshotClass a claim's snapshots use, and the claim's CSI driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvedClass {
+    pub name: String,
+    pub driver: String,
 }
 
 /// The driver's default class; with several defaults, the first by name, so the choice is stable.

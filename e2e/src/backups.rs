@@ -92,7 +92,8 @@ pub async fn wait_terminal(cluster: &Cluster, name: &str) -> Backup {
     .await
 }
 
-fn snapshot_classes(cluster: &Cluster) -> Api<DynamicObject> {
+/// The cluster-scoped VolumeSnapshotClasses.
+pub fn snapshot_classes(cluster: &Cluster) -> Api<DynamicObject> {
     let gvk =
         kube::api::GroupVersionKind::gvk("snapshot.storage.k8s.io", "v1", "VolumeSnapshotClass");
     Api::all_with(

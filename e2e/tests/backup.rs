@@ -5,14 +5,15 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::api::{DeleteParams, ListParams, PostParams};
+use kube::api::{DeleteParams, DynamicObject, ListParams, PostParams};
 use kube::{Api, ResourceExt};
 use pgsnap::api::Backup;
 use pgsnap::api::backup::{Phase, VolumeRole, WalSource};
 use pgsnap::api::snapshot::VolumeSnapshot;
 use pgsnap::postgres::SERVER_GRACE;
 use pgsnap_e2e::backups::{
-    apply, backup_spec, delete_snapshot_class, on, snapshot_class, wait_phase, wait_terminal,
+    apply, backup_spec, delete_snapshot_class, on, snapshot_class, snapshot_classes, wait_phase,
+    wait_terminal,
 };
 use pgsnap_e2e::operator::{Operator, operator_may};
 use pgsnap_e2e::postgres::{POSTGRES_UID, REFLINK_CLASS, password_secret, secret};
@@ -543,6 +544,17 @@ async fn bad_targets_fail_with_a_reason() {
     let secret = db.password_secret(&cluster).await;
     let plain_secret = plain.password_secret(&cluster).await;
     password_secret(&cluster, "weak", "weak").await;
+    // A class of a driver these volumes are not on.
+    let foreign = format!("foreign-{}", cluster.namespace);
+    let class: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshotClass",
+        "metadata": {"name": foreign}, "driver": "other.csi.example.com", "deletionPolicy": "Delete",
+    }))
+    .unwrap();
+    snapshot_classes(&cluster)
+        .create(&PostParams::default(), &class)
+        .await
+        .unwrap();
     password_secret(&cluster, "nolist", "nolist").await;
     password_secret(&cluster, "wrong", "not-the-password").await;
     let cases = [
@@ -570,6 +582,11 @@ async fn bad_targets_fail_with_a_reason() {
             "no-archive",
             json!({"target": {"podName": plain.name}, "connection": {"passwordSecretRef": {"name": plain_secret, "key": "password"}}, "walSource": "Archive"}),
             "NoWalSource",
+        ),
+        (
+            "foreign-class",
+            json!({"target": {"podName": db.name}, "connection": {"passwordSecretRef": {"name": secret, "key": "password"}}, "volumeSnapshotClassName": foreign}),
+            "NoSnapshotClass",
         ),
         (
             "no-wal-listing",
@@ -609,6 +626,17 @@ async fn bad_targets_fail_with_a_reason() {
         ),
         "{message}"
     );
+    let refused = cluster.api::<Backup>().get("foreign-class").await.unwrap();
+    let status = refused.status.unwrap();
+    assert_eq!(status.start_lsn, None, "refused before backup mode");
+    assert_eq!(
+        status.error.unwrap().message,
+        format!(
+            "VolumeSnapshotClass {foreign} is for CSI driver other.csi.example.com, but PVC {} is a volume of hostpath.csi.k8s.io: name a class of hostpath.csi.k8s.io, or none for its default",
+            db.claim("data")
+        )
+    );
+    delete_snapshot_class(&cluster, &foreign).await;
     let refused = cluster.api::<Backup>().get("no-wal-listing").await.unwrap();
     let status = refused.status.unwrap();
     assert_eq!(status.start_lsn, None, "refused before backup mode");

@@ -170,6 +170,14 @@ async fn check_says_whether_a_database_can_be_backed_up_and_how_to_fix_it() {
     assert!(rows[2].2.starts_with("PostgreSQL 17"), "{out}");
     assert_eq!(rows[5].2, format!("Data: {}", good.claim("data")), "{out}");
     assert_eq!(
+        rows[6].2,
+        format!(
+            "{}: csi-hostpath-snapclass (hostpath.csi.k8s.io)",
+            good.claim("data")
+        ),
+        "{out}"
+    );
+    assert_eq!(
         rows[4].2,
         format!(
             "Snapshot: kept with the backup, in a snapshot of {} cut after the stop",

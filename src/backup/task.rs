@@ -305,7 +305,7 @@ async fn execute(
     };
     let kept = match &wal_volume {
         Some(volume) => {
-            let class = &classes[plan.iter().position(|p| *p == volume.planned).unwrap_or(0)];
+            let class = &classes[plan.iter().position(|p| *p == volume.planned).unwrap_or(0)].name;
             let kept = keep_wal(
                 ctx, backup, &session, status, volume, class, &stopped, deadline,
             );
@@ -533,7 +533,7 @@ pub(crate) async fn snapshot_classes(
     client: &Client,
     backup: &Backup,
     plan: &[PlannedSnapshot],
-) -> Result<Vec<String>, Failure> {
+) -> Result<Vec<snapshots::ResolvedClass>, Failure> {
     let ns = backup.namespace().unwrap_or_default();
     let requested = backup.spec.volume_snapshot_class_name.as_deref();
     let mut classes = Vec::with_capacity(plan.len());
@@ -655,7 +655,7 @@ async fn cut_snapshots(
     backup: &Backup,
     status: &mut BackupStatus,
     plan: &[PlannedSnapshot],
-    classes: &[String],
+    classes: &[snapshots::ResolvedClass],
     standby: bool,
     deadline: Instant,
 ) -> Result<Cut, Failure> {
@@ -680,7 +680,7 @@ async fn cut_snapshots(
     for batch in volumes::batches(plan, standby) {
         let mut names = Vec::new();
         for planned in &batch {
-            let class = &classes[plan.iter().position(|p| p == *planned).unwrap_or(0)];
+            let class = &classes[plan.iter().position(|p| p == *planned).unwrap_or(0)].name;
             let claim = &planned.persistent_volume_claim;
             let name = snapshots::snapshot_name(&backup.name_any(), claim);
             let created =

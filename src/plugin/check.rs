@@ -201,7 +201,17 @@ async fn steps(client: &Client, namespace: &str, args: &BackupArgs) -> Result<Ve
             }
             push("volumes", Checked::Passed(detail));
             let classes = task::snapshot_classes(client, &backup, &plan).await;
-            push("snapshot classes", classes.map(|c| c.join(", ")).into());
+            let detail = |classes: Vec<crate::snapshots::ResolvedClass>| {
+                let named: Vec<String> = plan
+                    .iter()
+                    .zip(classes)
+                    .map(|(p, c)| {
+                        format!("{}: {} ({})", p.persistent_volume_claim, c.name, c.driver)
+                    })
+                    .collect();
+                named.join(", ")
+            };
+            push("snapshot classes", classes.map(detail).into());
         }
         Err(f) => {
             push("volumes", Checked::Failed(f));
