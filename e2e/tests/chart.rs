@@ -390,7 +390,7 @@ async fn helm_install_runs_the_operator_and_a_backup_completes() {
             && operator.2.starts_with("OperatorNotAllowed: ")
             && operator
                 .2
-                .contains("may not patch backups/status in default: add default to the chart's watchNamespaces"),
+                .contains("may not watch backups in default: its RBAC does not reach this namespace (the chart: add it to watchNamespaces)"),
         "{out}"
     );
 

@@ -424,7 +424,8 @@ async fn backup_wait_follows_a_backup_to_its_end() {
 async fn restore_prints_a_statefulset_that_serves_the_restored_claims() {
     let cluster = Cluster::from_env().await;
     let _operator = Operator::for_test(&cluster).await;
-    let db = postgres_pod(16).no_archive().create(&cluster).await;
+    // It archives into a claim of its own, which the backup does not hold.
+    let db = postgres_pod(16).archive_volume().create(&cluster).await;
     db.sql("CREATE TABLE kept AS SELECT generate_series(1, 500) AS v")
         .await;
     let secret = db.password_secret(&cluster).await;
@@ -440,11 +441,44 @@ async fn restore_prints_a_statefulset_that_serves_the_restored_claims() {
     );
     let ns = cluster.namespace.as_str();
 
-    let (code, out, err) =
-        kubectl_pgsnap(&["restore", "b", "--to", "back", "-n", ns, "-o", "yaml"]);
+    // Sharing the source's archive is never a default: refused before anything is made.
+    let archive = db.claim("archive");
+    let (code, _, err) = kubectl_pgsnap(&["restore", "b", "--to", "back", "-n", ns, "-o", "yaml"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(&format!(
+            "the backed-up pod's volumes {archive} are storage the backup does not hold"
+        )),
+        "{err}"
+    );
+    assert!(
+        cluster
+            .api::<Restore>()
+            .get_opt("back")
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    let restore = [
+        "restore",
+        "b",
+        "--to",
+        "back",
+        "-n",
+        ns,
+        "-o",
+        "yaml",
+        "--empty-volume",
+        &archive,
+    ];
+    let (code, out, err) = kubectl_pgsnap(&restore);
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(
-        err.starts_with("restore.pgsnap.io/back created\n") && err.contains("s  Completed"),
+        err.starts_with(&format!(
+            "warning: {} has no StatefulSet: its spec is taken as it runs, with what webhooks added to it\nrestore.pgsnap.io/back created\n",
+            db.name
+        )) && err.contains("s  Completed"),
         "{err}"
     );
     let server: StatefulSet = serde_yaml::from_str(&out).expect(&out);
@@ -488,11 +522,10 @@ async fn restore_prints_a_statefulset_that_serves_the_restored_claims() {
         .get(0);
     assert_eq!(rows, 500);
 
-    let (code, again, err) =
-        kubectl_pgsnap(&["restore", "b", "--to", "back", "-n", ns, "-o", "yaml"]);
+    let (code, again, err) = kubectl_pgsnap(&restore);
     assert_eq!(code, 0, "{err}");
     assert!(
-        err.starts_with("restore.pgsnap.io/back unchanged\n"),
+        err.contains("\nrestore.pgsnap.io/back unchanged\n"),
         "{err}"
     );
     assert_eq!(again, out);
@@ -529,8 +562,13 @@ fn krew_installs_the_plugin_from_its_manifest() {
     ));
     let _ = std::fs::remove_dir_all(&root);
     assert!(out.contains("Installed plugin: pgsnap"), "{out}");
-    assert!(
-        out.contains(&format!("{}/bin/kubectl-pgsnap", root.display())),
+    let found: Vec<&str> = out
+        .lines()
+        .filter(|l| l.ends_with("/kubectl-pgsnap"))
+        .collect();
+    assert_eq!(
+        found,
+        [format!("{}/bin/kubectl-pgsnap", root.display())],
         "{out}"
     );
     assert!(

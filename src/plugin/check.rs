@@ -2,7 +2,7 @@
 //! line, and whether an operator runs that may back up this namespace.
 
 use k8s_openapi::api::authorization::v1::{
-    ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
+    LocalSubjectAccessReview, ResourceAttributes, SubjectAccessReviewSpec,
 };
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
@@ -222,16 +222,16 @@ async fn steps(client: &Client, namespace: &str, args: &BackupArgs) -> Result<Ve
 }
 
 pub fn table(checks: &[Check], colour: bool) -> String {
-    let paint = |code: &str, text: &str| match colour {
-        true => format!("\u{1b}[{code}m{text}\u{1b}[0m"),
-        false => text.to_string(),
-    };
+    let paint = |code, text| show::paint(colour, code, text);
     let mut rows = vec![["CHECK", "", "DETAIL"].map(String::from).to_vec()];
     for c in checks {
         let (mark, detail) = match &c.result {
-            Checked::Passed(d) => (paint("32", "✓"), d.clone()),
-            Checked::Failed(f) => (paint("31", "✗"), format!("{}: {}", f.reason, f.message)),
-            Checked::Warned(d) => (paint("33", "!"), d.clone()),
+            Checked::Passed(d) => (paint(show::GREEN, "✓"), d.clone()),
+            Checked::Failed(f) => (
+                paint(show::RED, "✗"),
+                format!("{}: {}", f.reason, f.message),
+            ),
+            Checked::Warned(d) => (paint(show::YELLOW, "!"), d.clone()),
             Checked::Skipped(d) => ("-".to_string(), d.clone()),
         };
         rows.push(vec![c.check.to_string(), mark, detail]);
@@ -240,23 +240,24 @@ pub fn table(checks: &[Check], colour: bool) -> String {
 }
 
 /// What a Backup in `namespace` needs the operator's ServiceAccount to be allowed.
-const OPERATOR_NEEDS: [(&str, &str, &str, &str); 3] = [
+const OPERATOR_NEEDS: [(&str, &str, &str, &str); 6] = [
+    ("watch", "pgsnap.io", "backups", ""),
     ("patch", "pgsnap.io", "backups", "status"),
     ("get", "", "pods", ""),
+    ("get", "", "secrets", ""),
     ("create", "snapshot.storage.k8s.io", "volumesnapshots", ""),
+    ("create", "events.k8s.io", "events", ""),
 ];
 
-/// A leader renewing its Lease, and (when it runs as a pod here) its ServiceAccount allowed
-/// what a Backup in `namespace` needs, as the API server's authorizer says.
+/// A leader renewing its Lease and, when it runs as a pod here, watching `namespace` with a
+/// ServiceAccount allowed what a Backup there needs, as the API server's authorizer says.
 async fn operator(client: &Client, namespace: &str, lease: &str) -> Checked {
     let Some((lease_ns, lease_name)) = lease.split_once('/') else {
         return Checked::Skipped(format!("--operator-lease {lease} is not NAMESPACE/NAME"));
     };
-    let lease = match Api::<Lease>::namespaced(client.clone(), lease_ns)
-        .get_opt(lease_name)
-        .await
-    {
-        Ok(Some(lease)) => lease,
+    let leases = Api::<Lease>::namespaced(client.clone(), lease_ns);
+    let spec = match leases.get_opt(lease_name).await {
+        Ok(Some(lease)) => lease.spec.unwrap_or_default(),
         Ok(None) => {
             return Checked::Failed(Failure::new(
                 "OperatorNotFound",
@@ -267,50 +268,75 @@ async fn operator(client: &Client, namespace: &str, lease: &str) -> Checked {
         }
         Err(e) => return Checked::Skipped(format!("reading Lease {lease_ns}/{lease_name}: {e}")),
     };
-    let spec = lease.spec.unwrap_or_default();
     let holder = spec.holder_identity.clone().unwrap_or_default();
-    let renewed = spec
-        .renew_time
-        .map(|t| Timestamp::now().duration_since(t.0).as_secs());
-    let duration = i64::from(spec.lease_duration_seconds.unwrap_or(15));
-    let leads = match renewed {
-        // This machine's clock against the leader's: twice the lease allows for some skew.
-        Some(age) if !holder.is_empty() && age <= 2 * duration => {
-            format!(
-                "{holder} leads (Lease {lease_ns}/{lease_name} renewed {}s ago)",
-                age.max(0)
-            )
+    let duration = u64::try_from(spec.lease_duration_seconds.unwrap_or(15)).unwrap_or(15);
+    let renewed = |s: &k8s_openapi::api::coordination::v1::LeaseSpec| s.renew_time.clone();
+    let age = renewed(&spec).map(|t| Timestamp::now().duration_since(t.0).as_secs());
+    let leads = match age {
+        Some(age) if !holder.is_empty() && (0..=duration as i64).contains(&age) => {
+            format!("{holder} leads (Lease {lease_ns}/{lease_name} renewed {age}s ago)")
+        }
+        // The renewal time is the leader's clock, not this machine's: what tells is whether
+        // it still changes.
+        _ if !holder.is_empty() => {
+            let first = renewed(&spec);
+            let mut changed = false;
+            for _ in 0..duration {
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                let now = leases.get_opt(lease_name).await.ok().flatten();
+                if now.and_then(|l| l.spec).as_ref().and_then(renewed) != first {
+                    changed = true;
+                    break;
+                }
+            }
+            if !changed {
+                return Checked::Failed(Failure::new(
+                    "OperatorNotRunning",
+                    format!(
+                        "Lease {lease_ns}/{lease_name} was not renewed in {duration}s (last holder {holder}): no pgsnap replica leads; see the operator's pods and logs"
+                    ),
+                ));
+            }
+            format!("{holder} leads (Lease {lease_ns}/{lease_name} renewed while watched)")
         }
         _ => {
             return Checked::Failed(Failure::new(
                 "OperatorNotRunning",
                 format!(
-                    "Lease {lease_ns}/{lease_name} is not renewed (last holder {holder:?}): no pgsnap replica leads; see the operator's pods and logs"
+                    "Lease {lease_ns}/{lease_name} has no holder: no pgsnap replica leads; see the operator's pods and logs"
                 ),
             ));
         }
     };
-    let account = match Api::<Pod>::namespaced(client.clone(), lease_ns)
+    let pod = match Api::<Pod>::namespaced(client.clone(), lease_ns)
         .get_opt(&holder)
         .await
     {
-        Ok(Some(pod)) => pod
-            .spec
-            .and_then(|s| s.service_account_name)
-            .unwrap_or_else(|| "default".into()),
+        Ok(Some(pod)) => pod,
         Ok(None) => {
             return Checked::Passed(format!("{leads}; not a pod here, its rights unchecked"));
         }
         Err(e) => return Checked::Skipped(format!("{leads}; reading its pod: {e}")),
     };
+    let spec = pod.spec.unwrap_or_default();
+    let account = spec
+        .service_account_name
+        .clone()
+        .unwrap_or_else(|| "default".into());
     let user = format!("system:serviceaccount:{lease_ns}:{account}");
     for (verb, group, resource, subresource) in OPERATOR_NEEDS {
-        let review = SubjectAccessReview {
+        // Namespaced, so a namespace's admin may ask too.
+        let review = LocalSubjectAccessReview {
+            metadata: kube::api::ObjectMeta {
+                namespace: Some(namespace.into()),
+                ..Default::default()
+            },
             spec: SubjectAccessReviewSpec {
                 user: Some(user.clone()),
                 groups: Some(vec![
                     "system:serviceaccounts".into(),
                     format!("system:serviceaccounts:{lease_ns}"),
+                    "system:authenticated".into(),
                 ]),
                 resource_attributes: Some(ResourceAttributes {
                     verb: Some(verb.into()),
@@ -322,9 +348,9 @@ async fn operator(client: &Client, namespace: &str, lease: &str) -> Checked {
                 }),
                 ..Default::default()
             },
-            ..Default::default()
+            status: None,
         };
-        let allowed = Api::<SubjectAccessReview>::all(client.clone())
+        let allowed = Api::<LocalSubjectAccessReview>::namespaced(client.clone(), namespace)
             .create(&PostParams::default(), &review)
             .await
             .map(|r| r.status.is_some_and(|s| s.allowed));
@@ -338,7 +364,7 @@ async fn operator(client: &Client, namespace: &str, lease: &str) -> Checked {
                 return Checked::Failed(Failure::new(
                     "OperatorNotAllowed",
                     format!(
-                        "{leads}, but its ServiceAccount {lease_ns}/{account} may not {verb} {what} in {namespace}: add {namespace} to the chart's watchNamespaces"
+                        "{leads}, but its ServiceAccount {lease_ns}/{account} may not {verb} {what} in {namespace}: its RBAC does not reach this namespace (the chart: add it to watchNamespaces)"
                     ),
                 ));
             }

@@ -131,8 +131,6 @@ pub enum Error {
     Json(#[from] serde_json::Error),
     #[error("encoding YAML: {0}")]
     Yaml(#[from] serde_yaml::Error),
-    #[error("watching the Backup: {0}")]
-    Watch(#[from] kube::runtime::watcher::Error),
     #[error("{0} was deleted")]
     Deleted(String),
     #[error("{0}")]
@@ -182,8 +180,13 @@ pub async fn main(cli: Cli) -> Result<bool, Error> {
                     _ => encode(cli.output, &made)?,
                 }
             } else {
-                println!("backup.pgsnap.io/{name} created");
-                let ended = follow(&api, &name, &mut std::io::stdout()).await?;
+                // Progress for people; on stderr when stdout is for scripts.
+                let mut progress: Box<dyn Write> = match cli.output {
+                    Output::Table => Box::new(std::io::stdout()),
+                    _ => Box::new(std::io::stderr()),
+                };
+                let _ = writeln!(progress, "backup.pgsnap.io/{name} created");
+                let ended = follow(&api, &name, &mut progress).await?;
                 let status = ended.status.clone().unwrap_or_default();
                 ok = status.phase == Some(Phase::Completed);
                 match cli.output {
@@ -275,18 +278,46 @@ impl Phased for Restore {
     }
 }
 
-/// Writes each phase the object takes, from its watch, until it ends.
+/// Writes each phase the object takes, from its watch, until it ends; says so when nothing
+/// moves it out of Pending (no operator acting on it).
 async fn follow<K: Phased>(api: &Api<K>, name: &str, to: &mut impl Write) -> Result<K, Error> {
-    use futures::TryStreamExt;
-    use kube::runtime::{WatchStreamExt, watcher};
+    use futures::StreamExt;
+    use kube::runtime::watcher::{self, Event};
+    use kube::runtime::{WatchStreamExt, watcher as watch};
+    const QUIET: std::time::Duration = std::time::Duration::from_secs(30);
     let t0 = std::time::Instant::now();
     let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
-    let mut objects = std::pin::pin!(watcher(api.clone(), config).applied_objects());
-    let mut last = None;
-    while let Some(object) = objects.try_next().await? {
+    let mut events = std::pin::pin!(watch(api.clone(), config).default_backoff());
+    let mut last: Option<String> = None;
+    // The terminal is where these lines go; one it cannot be written to changes nothing.
+    loop {
+        let event = match tokio::time::timeout(QUIET, events.next()).await {
+            Ok(Some(event)) => event,
+            Ok(None) => return Err(Error::Deleted(format!("{} {name}", K::kind(&())))),
+            Err(_) => {
+                if last.as_deref().is_none_or(|p| p == "Pending") {
+                    let _ = writeln!(
+                        to,
+                        "{:>7.1}s  still Pending: is a pgsnap operator running for this namespace? (kubectl pgsnap check says)",
+                        t0.elapsed().as_secs_f64()
+                    );
+                }
+                continue;
+            }
+        };
+        let object = match event {
+            Ok(Event::Apply(object) | Event::InitApply(object)) => object,
+            Ok(Event::Delete(_)) => {
+                return Err(Error::Deleted(format!("{} {name}", K::kind(&()))));
+            }
+            Ok(Event::Init | Event::InitDone) => continue,
+            Err(e) => {
+                let _ = writeln!(to, "watching {name}: {e}; retrying");
+                continue;
+            }
+        };
         let (phase, ended, said) = object.progress();
         if last.as_ref() != Some(&phase) {
-            // The terminal is where this goes; one it cannot be written to changes nothing.
             let _ = writeln!(
                 to,
                 "{:>7.1}s  {phase:<13}{said}",
@@ -298,7 +329,6 @@ async fn follow<K: Phased>(api: &Api<K>, name: &str, to: &mut impl Write) -> Res
             return Ok(object);
         }
     }
-    Err(Error::Deleted(format!("{} {name}", K::kind(&()))))
 }
 
 /// The Backup these flags describe, as the operator reads it.

@@ -4,9 +4,9 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 
-use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
+use k8s_openapi::api::apps::v1::{ControllerRevision, StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
-    Container, PersistentVolumeClaim, PersistentVolumeClaimSpec, Pod, PodSpec, PodTemplateSpec,
+    PersistentVolumeClaim, PersistentVolumeClaimSpec, Pod, PodSpec, PodTemplateSpec, Volume,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use kube::api::PostParams;
@@ -14,7 +14,7 @@ use kube::{Api, Client, ResourceExt};
 
 use super::{Error, Output, encode, follow};
 use crate::api::backup::{Backup, Phase, SnapshotStatus, VolumeRole};
-use crate::api::restore::{Restore, RestorePhase};
+use crate::api::restore::{Restore, RestorePhase, RestoredClaim};
 
 #[derive(clap::Args)]
 pub struct RestoreArgs {
@@ -39,6 +39,13 @@ pub struct RestoreArgs {
     /// Follow the Restore to its end (`-o yaml` always does).
     #[arg(long)]
     pub wait: bool,
+    /// With `-o yaml`: a volume of the backed-up pod on storage the backup does not hold
+    /// that the restored server shares with the source (repeatable).
+    #[arg(long, value_name = "VOLUME")]
+    pub keep_volume: Vec<String>,
+    /// With `-o yaml`: such a volume the restored server gets empty (repeatable).
+    #[arg(long, value_name = "VOLUME")]
+    pub empty_volume: Vec<String>,
 }
 
 /// The label the restored server's pods carry, and its StatefulSet selects.
@@ -68,18 +75,37 @@ pub async fn run(
     let pod = Api::<Pod>::namespaced(client.clone(), namespace)
         .get_opt(&pod_name)
         .await?;
-    if output == Output::Yaml && pod.is_none() {
-        return Err(Error::Refused(format!(
-            "the StatefulSet is made of the backed-up pod {pod_name}, which is gone: restore without -o yaml and mount the claims yourself (the Restore's status.claims names each one's mount path)"
-        )));
-    }
     let restore = restore_of(namespace, &backup, pod.as_ref(), args)?;
-    let api = Api::<Restore>::namespaced(client.clone(), namespace);
     // People for a table, the terminal for everything else, whose stdout is for scripts.
     let mut progress: Box<dyn Write> = match output {
         Output::Table => Box::new(std::io::stdout()),
         _ => Box::new(std::io::stderr()),
     };
+    // What can refuse the StatefulSet is checked before anything is created.
+    let source = match (output, &pod) {
+        (Output::Yaml, Some(pod)) => {
+            let source = source_template(client, pod).await?;
+            let templated = claim_volumes(&restore, &args.to);
+            planned_volumes(
+                &source.spec,
+                &templated,
+                &args.keep_volume,
+                &args.empty_volume,
+            )
+            .map_err(Error::Refused)?;
+            if let Some(note) = &source.note {
+                let _ = writeln!(progress, "warning: {note}");
+            }
+            Some(source)
+        }
+        (Output::Yaml, None) => {
+            return Err(Error::Refused(format!(
+                "the StatefulSet is made of the backed-up pod {pod_name}, which is gone: restore without -o yaml and mount the claims yourself (the Restore's status.claims names each one's mount path)"
+            )));
+        }
+        _ => None,
+    };
+    let api = Api::<Restore>::namespaced(client.clone(), namespace);
     let made = match api.create(&PostParams::default(), &restore).await {
         Ok(made) => {
             let _ = writeln!(progress, "restore.pgsnap.io/{} created", args.to);
@@ -88,9 +114,15 @@ pub async fn run(
         Err(kube::Error::Api(e)) if e.code == 409 => {
             let existing = api.get(&args.to).await?;
             if existing.spec != restore.spec {
+                let of = existing
+                    .spec
+                    .backup_name
+                    .as_deref()
+                    .unwrap_or("its snapshots");
                 return Err(Error::Refused(format!(
-                    "Restore {} exists and restores something else: choose another --to",
-                    args.to
+                    "Restore {} exists already, restoring {of} into claims {}: choose another --to, or delete it",
+                    args.to,
+                    claim_names(&existing).join(", ")
                 )));
             }
             let _ = writeln!(progress, "restore.pgsnap.io/{} unchanged", args.to);
@@ -122,29 +154,30 @@ pub async fn run(
             }
         });
     }
-    let text = match (output, pod) {
-        (Output::Yaml, Some(pod)) => {
+    let text = match source {
+        Some(source) => {
             let pvcs = Api::<PersistentVolumeClaim>::namespaced(client.clone(), namespace);
             let mut claims = Vec::new();
             for c in &status.claims {
-                claims.push(pvcs.get(&c.name).await?);
+                claims.push((pvcs.get(&c.name).await?, c.clone()));
             }
-            let (server, kept) = restored_server(&args.to, &args.backup, &pod, &claims);
-            for volume in kept {
-                let _ = writeln!(
-                    progress,
-                    "warning: volume {volume} still names the backed-up pod's claim: pgsnap did not back it up"
-                );
-            }
+            let choices = (&args.keep_volume[..], &args.empty_volume[..]);
+            let server = restored_server(&args.to, &args.backup, source, &claims, choices)
+                .map_err(|why| {
+                    Error::Refused(format!(
+                        "{why}; the Restore {} is complete: mount its claims yourself (status.claims names each one's mount path)",
+                        args.to
+                    ))
+                })?;
             format!(
-                "# PostgreSQL on the claims restored from Backup {} (Restore {}), with the pod\n# spec of {pod_name}. It has that server's settings: if it archives WAL, give this\n# one another archive before applying.\n{}",
+                "# PostgreSQL on the claims restored from Backup {} (Restore {}), with the spec of\n# the backed-up server's pod: its settings and its environment as they are. If that\n# server archives WAL, give this one another archive before applying.\n{}",
                 args.backup,
                 args.to,
                 encode(output, &server)?
             )
         }
-        (Output::Json, _) => encode(output, &ended)?,
-        _ => format!(
+        None if output == Output::Json => encode(output, &ended)?,
+        None => format!(
             "Completed: claims {}\nPostgreSQL on them: kubectl pgsnap restore {} --to {} -o yaml | kubectl apply -f -",
             claim_names(&ended).join(", "),
             args.backup,
@@ -158,21 +191,35 @@ fn claim_names(restore: &Restore) -> Vec<String> {
     restore.spec.claims.iter().map(|c| c.name.clone()).collect()
 }
 
+/// The volume names of a Restore's claims `<volume>-<to>-0`: the StatefulSet's templates.
+fn claim_volumes(restore: &Restore, to: &str) -> Vec<String> {
+    let suffix = format!("-{to}-0");
+    restore
+        .spec
+        .claims
+        .iter()
+        .map(|c| c.name.strip_suffix(&suffix).unwrap_or(&c.name).to_string())
+        .collect()
+}
+
 /// A StatefulSet's name must leave room for its pods' `-0` and its revisions' hash label.
 fn check_server_name(name: &str) -> Result<(), Error> {
-    let label = !name.is_empty()
-        && name.len() <= 52
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !name.starts_with('-')
-        && !name.ends_with('-');
-    match label {
+    match dns_label(name, 52) {
         true => Ok(()),
         false => Err(Error::Refused(format!(
             "--to {name:?}: a StatefulSet's name, at most 52 lower-case letters, digits and '-', starting and ending with a letter or digit"
         ))),
     }
+}
+
+fn dns_label(name: &str, max: usize) -> bool {
+    !name.is_empty()
+        && name.len() <= max
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
 }
 
 /// The name the backed-up pod gives the volume of `snapshot`'s claim, or one for its role.
@@ -189,11 +236,11 @@ fn volume_name(pod: Option<&Pod>, snapshot: &SnapshotStatus) -> String {
         .map(|v| v.name.clone());
     named.unwrap_or_else(|| match (&snapshot.role, &snapshot.tablespace) {
         (VolumeRole::Wal, _) => "wal".into(),
-        (VolumeRole::Tablespace, Some(t)) => format!(
-            "tablespace-{}",
-            t.to_lowercase()
-                .replace(|c: char| !c.is_ascii_alphanumeric(), "-")
-        ),
+        // A tablespace's name need not be a DNS label, and two may differ only in case.
+        (VolumeRole::Tablespace, Some(t)) if dns_label(t, 40) => format!("tablespace-{t}"),
+        (VolumeRole::Tablespace, Some(t)) => {
+            format!("tablespace-{}", crate::controller::hash_prefix(t, 10))
+        }
         _ => "data".into(),
     })
 }
@@ -239,32 +286,180 @@ fn restore_of(
     }))
 }
 
-/// A StatefulSet `name` of one replica running `source`'s spec on the restored `claims`
-/// (`<volume>-<name>-0`, which its claim templates adopt), and the names of the source's
-/// other claim volumes, which it keeps as they are.
+/// The pod spec the restored server runs, and what a user should know about where it came
+/// from.
+struct SourceTemplate {
+    namespace: Option<String>,
+    spec: PodSpec,
+    annotations: Option<BTreeMap<String, String>>,
+    note: Option<String>,
+}
+
+/// A StatefulSet's pod is built from its current revision: the spec as its owner wrote it,
+/// without what admission webhooks (sidecar injectors) and the API server added to the pod,
+/// which they add again. Any other pod is taken as it runs.
+async fn source_template(client: &Client, pod: &Pod) -> Result<SourceTemplate, Error> {
+    let owned_by_statefulset = pod
+        .owner_references()
+        .iter()
+        .any(|o| o.kind == "StatefulSet" && o.controller == Some(true));
+    let revision = pod.labels().get("controller-revision-hash");
+    if let (true, Some(revision)) = (owned_by_statefulset, revision) {
+        let api = Api::<ControllerRevision>::namespaced(
+            client.clone(),
+            &pod.namespace().unwrap_or_default(),
+        );
+        let template = api
+            .get(revision)
+            .await?
+            .data
+            .and_then(|d| d.0.pointer("/spec/template").cloned())
+            .and_then(|t| serde_json::from_value::<PodTemplateSpec>(t).ok());
+        if let Some(PodTemplateSpec {
+            metadata,
+            spec: Some(spec),
+        }) = template
+        {
+            return Ok(SourceTemplate {
+                namespace: pod.namespace(),
+                spec,
+                annotations: metadata.and_then(|m| m.annotations),
+                note: None,
+            });
+        }
+    }
+    Ok(live_template(pod))
+}
+
+/// A pod's spec as it runs, but for the ServiceAccount token volume the API server gave it
+/// (it gives the new pod its own).
+fn live_template(pod: &Pod) -> SourceTemplate {
+    let mut spec = pod.spec.clone().unwrap_or_default();
+    let token = |v: &Volume| {
+        v.projected.as_ref().is_some_and(|p| {
+            p.sources
+                .iter()
+                .flatten()
+                .any(|s| s.service_account_token.is_some())
+        }) && v.name.starts_with("kube-api-access-")
+    };
+    let tokens: Vec<String> = spec
+        .volumes
+        .iter()
+        .flatten()
+        .filter(|v| token(v))
+        .map(|v| v.name.clone())
+        .collect();
+    if let Some(volumes) = &mut spec.volumes {
+        volumes.retain(|v| !tokens.contains(&v.name));
+    }
+    for c in spec
+        .containers
+        .iter_mut()
+        .chain(spec.init_containers.iter_mut().flatten())
+    {
+        if let Some(mounts) = &mut c.volume_mounts {
+            mounts.retain(|m| !tokens.contains(&m.name));
+        }
+    }
+    SourceTemplate {
+        namespace: pod.namespace(),
+        spec,
+        annotations: None,
+        note: Some(format!(
+            "{} has no StatefulSet: its spec is taken as it runs, with what webhooks added to it",
+            pod.name_any()
+        )),
+    }
+}
+
+/// The source's volumes the restored server keeps: all but the restored claims' (`templated`),
+/// where storage the backup does not hold (another claim, a host path, a network share)
+/// must be chosen for, kept (`keep`, shared with the source) or made an empty directory
+/// (`empty`): a restored server writing into the source's storage, its WAL archive above
+/// all, is never a default.
+fn planned_volumes(
+    spec: &PodSpec,
+    templated: &[String],
+    keep: &[String],
+    empty: &[String],
+) -> Result<Vec<Volume>, String> {
+    let mut planned = Vec::new();
+    let mut undecided = Vec::new();
+    for v in spec.volumes.iter().flatten() {
+        if templated.contains(&v.name) {
+            continue;
+        }
+        // What the pod itself holds, or the API server gives it.
+        let own = v.config_map.is_some()
+            || v.secret.is_some()
+            || v.downward_api.is_some()
+            || v.projected.is_some()
+            || v.empty_dir.is_some()
+            || v.ephemeral.is_some();
+        if own || keep.contains(&v.name) {
+            planned.push(v.clone());
+        } else if empty.contains(&v.name) {
+            planned.push(Volume {
+                name: v.name.clone(),
+                empty_dir: Some(Default::default()),
+                ..Default::default()
+            });
+        } else {
+            undecided.push(v.name.clone());
+        }
+    }
+    match undecided.is_empty() {
+        true => Ok(planned),
+        false => Err(format!(
+            "the backed-up pod's volumes {} are storage the backup does not hold, which the restored server would share with the source: say for each --keep-volume NAME (share it) or --empty-volume NAME (an empty directory)",
+            undecided.join(", ")
+        )),
+    }
+}
+
+/// A StatefulSet `name` of one replica running the source's pod spec on the restored
+/// `claims` (`<volume>-<name>-0`, which its claim templates adopt), each mounted where the
+/// Restore prepared it for; the source's other volumes as `choices` (keep, empty) say.
 ///
 /// It selects a label of its own, never the source's: the source's Services must not send
-/// it their clients. What only the source's node, or admission, may set is left out.
+/// it their clients. What the node, admission or the source's identity set is left out, and
+/// so are liveness and startup probes, which a long replay would fail and restart.
 fn restored_server(
     name: &str,
     backup: &str,
-    source: &Pod,
-    claims: &[PersistentVolumeClaim],
-) -> (StatefulSet, Vec<String>) {
+    source: SourceTemplate,
+    claims: &[(PersistentVolumeClaim, RestoredClaim)],
+    choices: (&[String], &[String]),
+) -> Result<StatefulSet, String> {
     let suffix = format!("-{name}-0");
+    let volume_of = |c: &RestoredClaim| c.name.strip_suffix(&suffix).unwrap_or(&c.name).to_string();
+    let templated: Vec<String> = claims.iter().map(|(_, c)| volume_of(c)).collect();
+    let volumes = planned_volumes(&source.spec, &templated, choices.0, choices.1)?;
+    let mut spec = source.spec;
+    for (_, restored) in claims {
+        let volume = volume_of(restored);
+        let at = restored.mount_path.trim_end_matches('/');
+        let mounted = spec.containers.iter().any(|c| {
+            c.volume_mounts
+                .iter()
+                .flatten()
+                .any(|m| m.name == volume && m.mount_path.trim_end_matches('/') == at)
+        });
+        if !mounted {
+            return Err(format!(
+                "no container of the backed-up pod mounts volume {volume} at {at}, where claim {} must be (the links in its data directory point there)",
+                restored.name
+            ));
+        }
+    }
     let templates: Vec<PersistentVolumeClaim> = claims
         .iter()
-        .map(|c| {
-            let claim_name = c.name_any();
-            let spec = c.spec.clone().unwrap_or_default();
+        .map(|(pvc, restored)| {
+            let spec = pvc.spec.clone().unwrap_or_default();
             PersistentVolumeClaim {
                 metadata: ObjectMeta {
-                    name: Some(
-                        claim_name
-                            .strip_suffix(&suffix)
-                            .unwrap_or(&claim_name)
-                            .to_string(),
-                    ),
+                    name: Some(volume_of(restored)),
                     ..Default::default()
                 },
                 spec: Some(PersistentVolumeClaimSpec {
@@ -278,33 +473,11 @@ fn restored_server(
             }
         })
         .collect();
-    let templated = |volume: &str| templates.iter().any(|t| t.name_any() == volume);
-    let mut spec = source.spec.clone().unwrap_or_default();
-    // The API server's own: its ServiceAccount token volume comes back by itself.
-    let injected = |volume: &str| volume.starts_with("kube-api-access-");
-    let volumes = spec.volumes.take().unwrap_or_default();
-    let kept: Vec<String> = volumes
-        .iter()
-        .filter(|v| v.persistent_volume_claim.is_some() && !templated(&v.name))
-        .map(|v| v.name.clone())
-        .collect();
-    let volumes: Vec<_> = volumes
-        .into_iter()
-        .filter(|v| !templated(&v.name) && !injected(&v.name))
-        .collect();
-    let unmount = |containers: &mut Vec<Container>| {
-        for c in containers {
-            if let Some(mounts) = &mut c.volume_mounts {
-                mounts.retain(|m| !injected(&m.name));
-            }
-        }
-    };
-    unmount(&mut spec.containers);
-    if let Some(init) = &mut spec.init_containers {
-        unmount(init);
+    for c in &mut spec.containers {
+        c.liveness_probe = None;
+        c.startup_probe = None;
     }
-    // Admission's defaults come back by themselves; the node and the source's own DNS name
-    // are the source's.
+    // Admission's defaults come back by themselves.
     let default_toleration = |t: &k8s_openapi::api::core::v1::Toleration| {
         matches!(
             t.key.as_deref(),
@@ -322,16 +495,19 @@ fn restored_server(
         subdomain: None,
         priority: None,
         preemption_policy: None,
+        overhead: None,
+        // Refused in a StatefulSet's template.
+        active_deadline_seconds: None,
         ephemeral_containers: None,
         service_account: None,
         tolerations: spec.tolerations.filter(|t| !t.is_empty()),
         ..spec
     };
     let labels = BTreeMap::from([(SERVER_LABEL.to_string(), name.to_string())]);
-    let server = StatefulSet {
+    Ok(StatefulSet {
         metadata: ObjectMeta {
             name: Some(name.into()),
-            namespace: source.namespace(),
+            namespace: source.namespace,
             labels: Some(labels.clone()),
             annotations: Some(BTreeMap::from([(
                 "pgsnap.io/restored-from".to_string(),
@@ -349,6 +525,7 @@ fn restored_server(
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(labels),
+                    annotations: source.annotations,
                     ..Default::default()
                 }),
                 spec: Some(spec),
@@ -357,8 +534,7 @@ fn restored_server(
             ..Default::default()
         }),
         status: None,
-    };
-    (server, kept)
+    })
 }
 
 #[cfg(test)]
@@ -395,6 +571,8 @@ mod tests {
             target_time: None,
             target_lsn: Some("0/3000060".into()),
             wait: false,
+            keep_volume: Vec::new(),
+            empty_volume: Vec::new(),
         }
     }
 
@@ -402,6 +580,11 @@ mod tests {
     fn claims_take_the_pods_volume_names_or_their_roles() {
         let restore =
             restore_of("shop", &backup(), Some(&source_pod()), &args("orders-r")).unwrap();
+        // Its claim is not the pod's: named for its role, its name hashed (not a DNS label).
+        let tablespace = format!(
+            "tablespace-{}-orders-r-0",
+            crate::controller::hash_prefix("Fast_TS", 10)
+        );
         let claims: Vec<(VolumeRole, &str, Option<&str>)> = restore
             .spec
             .claims
@@ -413,11 +596,7 @@ mod tests {
             [
                 (VolumeRole::Data, "data-orders-r-0", Some("fast")),
                 (VolumeRole::Wal, "wal-orders-r-0", Some("fast")),
-                (
-                    VolumeRole::Tablespace,
-                    "tablespace-fast-ts-orders-r-0",
-                    Some("fast")
-                ),
+                (VolumeRole::Tablespace, tablespace.as_str(), Some("fast")),
             ]
         );
         assert_eq!(restore.spec.backup_name.as_deref(), Some("orders-1"));
@@ -440,8 +619,8 @@ mod tests {
 
     #[test]
     fn the_restored_server_is_the_source_pod_on_the_restored_claims() {
-        let claim = |name: &str, size: &str| -> PersistentVolumeClaim {
-            serde_json::from_value(serde_json::json!({
+        let claim = |name: &str, size: &str, at: &str| {
+            let pvc: PersistentVolumeClaim = serde_json::from_value(serde_json::json!({
                 "metadata": {"name": name, "uid": "u", "resourceVersion": "1"},
                 "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "fast",
                          "resources": {"requests": {"storage": size}},
@@ -449,21 +628,66 @@ mod tests {
                          "volumeName": "pv-1"},
                 "status": {"phase": "Bound"},
             }))
-            .unwrap()
+            .unwrap();
+            let restored = RestoredClaim {
+                name: name.into(),
+                role: VolumeRole::Data,
+                tablespace: None,
+                volume_snapshot: "x".into(),
+                mount_path: at.into(),
+                path_in_volume: String::new(),
+                bound: true,
+            };
+            (pvc, restored)
         };
-        let (server, kept) = restored_server(
-            "orders-r",
-            "orders-1",
-            &source_pod(),
-            &[
-                claim("data-orders-r-0", "1Gi"),
-                claim("wal-orders-r-0", "512Mi"),
-            ],
+        let claims = [
+            claim("data-orders-r-0", "1Gi", "/var/lib/postgresql/data"),
+            claim("wal-orders-r-0", "512Mi", "/var/lib/postgresql/wal/"),
+        ];
+        let source = || live_template(&source_pod());
+        let none: &[String] = &[];
+        // The source's WAL archive claim is never shared by default.
+        let refused = restored_server("orders-r", "orders-1", source(), &claims, (none, none));
+        assert_eq!(
+            refused.unwrap_err(),
+            "the backed-up pod's volumes archive are storage the backup does not hold, which the restored server would share with the source: say for each --keep-volume NAME (share it) or --empty-volume NAME (an empty directory)"
         );
-        assert_eq!(kept, ["archive"]);
+        let empty = ["archive".to_string()];
+        let server = restored_server("orders-r", "orders-1", source(), &claims, (none, &empty));
         golden(
             "restore-statefulset.yaml",
-            &serde_yaml::to_string(&server).unwrap(),
+            &serde_yaml::to_string(&server.unwrap()).unwrap(),
         );
+        // A claim must be mounted where the Restore prepared it for.
+        let moved = [claim("data-orders-r-0", "1Gi", "/data"), claims[1].clone()];
+        let refused = restored_server("orders-r", "orders-1", source(), &moved, (none, &empty));
+        assert_eq!(
+            refused.unwrap_err(),
+            "no container of the backed-up pod mounts volume data at /data, where claim data-orders-r-0 must be (the links in its data directory point there)"
+        );
+    }
+
+    #[test]
+    fn tablespace_volumes_are_dns_labels() {
+        let snapshot = |t: &str| SnapshotStatus {
+            name: "s".into(),
+            persistent_volume_claim: "gone".into(),
+            role: VolumeRole::Tablespace,
+            tablespace: Some(t.into()),
+            path_in_volume: String::new(),
+            cut_at: None,
+            ready_to_use: true,
+            restore_size: None,
+        };
+        assert_eq!(volume_name(None, &snapshot("fast")), "tablespace-fast");
+        let (upper, lower) = (
+            volume_name(None, &snapshot("Fast_TS")),
+            volume_name(None, &snapshot("fast_ts")),
+        );
+        assert!(dns_label(&upper, 63) && dns_label(&lower, 63) && upper != lower);
+        assert!(dns_label(
+            &volume_name(None, &snapshot(&"t".repeat(63))),
+            63
+        ));
     }
 }

@@ -81,18 +81,26 @@ fn visible_len(s: &str) -> usize {
     n
 }
 
+/// Green for done, red for failed, yellow for a warning, as kubectl plugins people know do.
+pub const GREEN: &str = "32";
+pub const RED: &str = "31";
+pub const YELLOW: &str = "33";
+
+/// `text` in a terminal colour, when colour is on.
+pub fn paint(colour: bool, code: &str, text: &str) -> String {
+    match colour {
+        true => format!("\u{1b}[{code}m{text}\u{1b}[0m"),
+        false => text.to_string(),
+    }
+}
+
 fn phase_cell(status: Option<&BackupStatus>, colour: bool) -> String {
     let phase = status.and_then(|s| s.phase);
     let text = phase.map_or("Pending".to_string(), |p| format!("{p:?}"));
-    // Green for done, red for failed, as kubectl plugins people know do.
-    let code = match phase {
-        Some(Phase::Completed) => "32",
-        Some(Phase::Failed) => "31",
-        _ => return text,
-    };
-    match colour {
-        true => format!("\u{1b}[{code}m{text}\u{1b}[0m"),
-        false => text,
+    match phase {
+        Some(Phase::Completed) => paint(colour, GREEN, &text),
+        Some(Phase::Failed) => paint(colour, RED, &text),
+        _ => text,
     }
 }
 
