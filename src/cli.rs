@@ -23,6 +23,8 @@ pub enum Command {
     Crd,
     /// Prepare a restored data directory for recovery from a pgsnap backup.
     RestorePrepare(crate::restore::prepare::Args),
+    /// Check a restored server beside it in a Verification's pod (run by the operator).
+    VerifyServer(crate::verify::server::Args),
 }
 
 #[derive(clap::Args)]
@@ -54,7 +56,8 @@ pub struct RunArgs {
     /// This replica's name in the Lease (default: POD_NAME, else the host name).
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
-    /// The image of a Restore's prepare Job: this operator's own (it has restore-prepare).
+    /// The image of what pgsnap runs in the cluster itself, a Restore's prepare Job and a
+    /// Verification's checker: this operator's own (restore-prepare, verify-server).
     #[arg(long, env = "PGSNAP_IMAGE", default_value = "pgsnap:dev")]
     pub restore_image: String,
 }

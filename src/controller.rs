@@ -101,10 +101,42 @@ pub enum Progress {
 }
 
 pub trait PhasedStatus {
-    type Phase: Copy;
+    type Phase: Copy + PartialEq;
     fn progress(phase: Self::Phase) -> Progress;
+    fn phase(&self) -> Option<Self::Phase>;
     fn set_phase_fields(&mut self, phase: Self::Phase, generation: Option<i64>);
     fn conditions_mut(&mut self) -> &mut Vec<Condition>;
+}
+
+/// Moves `object` to `phase`: its status (phase and conditions) written, and an Event, a
+/// Warning when it failed, when that is news; whether it was, so the caller counts it once.
+pub async fn enter<K, S>(
+    reporter: &Reporter,
+    object: &K,
+    status: &mut S,
+    phase: S::Phase,
+    reason: &str,
+    message: String,
+) -> Result<bool, kube::Error>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + Debug,
+    S: PhasedStatus + Serialize,
+{
+    let news =
+        status.phase() != Some(phase) || !ready_says(status.conditions_mut(), reason, &message);
+    set_phase(status, object, phase, reason, &message);
+    reporter.patch_status(object, status).await?;
+    if news {
+        let type_ = match S::progress(phase) {
+            Progress::Failed => EventType::Warning,
+            _ => EventType::Normal,
+        };
+        reporter.publish(object, type_, reason, message).await;
+    }
+    Ok(news)
 }
 
 /// Sets the phase, `observedGeneration` and the conditions that mirror the phase: `Ready`

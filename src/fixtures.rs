@@ -456,6 +456,23 @@ pub(crate) fn snapshot(name: &str, ready: bool, error: Option<&str>) -> VolumeSn
     snapshot
 }
 
+/// Compares `actual` with `tests/golden/<name>`; `PGSNAP_UPDATE_GOLDEN=1` rewrites it.
+pub fn golden(name: &str, actual: &str) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(name);
+    if std::env::var_os("PGSNAP_UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, actual).expect("write the golden file");
+    }
+    let expected = std::fs::read_to_string(&path).unwrap_or_default();
+    assert_eq!(
+        actual,
+        expected,
+        "{} differs (PGSNAP_UPDATE_GOLDEN=1 rewrites it)",
+        path.display()
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use k8s_openapi::api::core::v1::ConfigMap;

@@ -16,3 +16,4 @@ pub mod restore;
 pub mod schedule;
 pub mod snapshots;
 pub mod telemetry;
+pub mod verify;

@@ -5,7 +5,7 @@ use std::time::Duration;
 use clap::Parser;
 use pgsnap::cli::{Cli, Command, RunArgs};
 use pgsnap::telemetry::{self, Health, Metrics};
-use pgsnap::{backup, leader, restore, schedule};
+use pgsnap::{backup, leader, restore, schedule, verify};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -16,6 +16,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Crd => print!("{}", pgsnap::api::crds_yaml()?),
         Command::Run(args) => run(args).await?,
         Command::RestorePrepare(args) => std::process::exit(pgsnap::restore::prepare::main(args)),
+        Command::VerifyServer(args) => std::process::exit(pgsnap::verify::server::main(args).await),
     }
     Ok(())
 }
@@ -107,6 +108,10 @@ async fn run_controllers(
         namespace: args.namespace.clone(),
         image: args.restore_image.clone(),
     };
+    let verifications = verify::Settings {
+        namespace: args.namespace.clone(),
+        image: args.restore_image.clone(),
+    };
     tokio::join!(
         backup::run(
             client.clone(),
@@ -117,6 +122,12 @@ async fn run_controllers(
         restore::run(
             client.clone(),
             restores,
+            metrics.clone(),
+            shutdown_on(stop.clone())
+        ),
+        verify::run(
+            client.clone(),
+            verifications,
             metrics.clone(),
             shutdown_on(stop.clone())
         ),

@@ -112,6 +112,23 @@ pub struct Metrics {
     pub database_last_success: Family<DatabaseLabels, Gauge>,
     /// Per database: when its newest backup failed (Unix seconds).
     pub database_last_failure: Family<DatabaseLabels, Gauge>,
+    pub verifications: Family<VerificationLabels, Counter>,
+    /// Per database: when one of its backups last passed a Verification (Unix seconds).
+    pub database_last_verified: Family<DatabaseLabels, Gauge>,
+    pub verification_seconds: Histogram,
+}
+
+/// A Verification's end: passed or failed, and the reason.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VerificationLabels {
+    pub result: VerificationResult,
+    pub reason: String,
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum VerificationResult {
+    Passed,
+    Failed,
 }
 
 impl Default for Metrics {
@@ -136,6 +153,25 @@ impl Default for Metrics {
         let schedule_last_failure = Family::<ScheduleLabels, Gauge>::default();
         let database_last_success = Family::<DatabaseLabels, Gauge>::default();
         let database_last_failure = Family::<DatabaseLabels, Gauge>::default();
+        let verifications = Family::<VerificationLabels, Counter>::default();
+        let database_last_verified = Family::<DatabaseLabels, Gauge>::default();
+        let verification_seconds =
+            Histogram::new([10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0]);
+        registry.register(
+            "verifications",
+            "Verifications that ended, by result and reason",
+            verifications.clone(),
+        );
+        registry.register(
+            "database_last_verified_timestamp_seconds",
+            "When a backup of each database last passed a Verification",
+            database_last_verified.clone(),
+        );
+        registry.register(
+            "verification_seconds",
+            "Duration of a Verification, restore and checks",
+            verification_seconds.clone(),
+        );
         registry.register(
             "schedule_last_failure_timestamp_seconds",
             "When each schedule's newest Failed Backup failed",
@@ -210,6 +246,9 @@ impl Default for Metrics {
             schedule_last_failure,
             database_last_success,
             database_last_failure,
+            verifications,
+            database_last_verified,
+            verification_seconds,
         }
     }
 }
@@ -231,6 +270,34 @@ impl Metrics {
         let gauge = family.get_or_create(&labels);
         if gauge.get() < at {
             gauge.set(at);
+        }
+    }
+
+    /// A Verification that ended at `at`, `seconds` after its turn came.
+    pub fn verification_ended(
+        &self,
+        passed: bool,
+        reason: &str,
+        database: DatabaseLabels,
+        at: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
+        seconds: Option<f64>,
+    ) {
+        let result = match passed {
+            true => VerificationResult::Passed,
+            false => VerificationResult::Failed,
+        };
+        self.verifications
+            .get_or_create(&VerificationLabels {
+                result,
+                reason: reason.to_string(),
+            })
+            .inc();
+        if let Some(s) = seconds {
+            self.verification_seconds.observe(s);
+        }
+        if passed {
+            let gauge = self.database_last_verified.get_or_create(&database);
+            gauge.set(gauge.get().max(at.0.as_second()));
         }
     }
 

@@ -55,6 +55,7 @@ async fn list_and_describe_show_a_completed_backup() {
             "BACKUP MODE",
             "SIZE",
             "WAL",
+            "VERIFIED",
             "SCHEDULE"
         ],
         "{out}"
@@ -62,13 +63,14 @@ async fn list_and_describe_show_a_completed_backup() {
     let window = status.backup_window.unwrap().seconds.unwrap();
     let row = &lines[1];
     assert_eq!(
-        [row[0], row[1], row[2], row[4], row[6], row[7]],
+        [row[0], row[1], row[2], row[4], row[6], row[7], row[8]],
         [
             "first",
             "Completed",
             db.name.as_str(),
             &format!("{window}s"),
             "Snapshot",
+            "-",
             "-"
         ],
         "{out}"

@@ -28,6 +28,12 @@ pub use crate::postgres::SslMode;
         json_path = ".status.backupWindow.seconds"
     ),
     printcolumn(
+        name = "Verified",
+        type_ = "string",
+        description = "The last Verification's result: Passed or Failed",
+        json_path = ".status.verification.result"
+    ),
+    printcolumn(
         name = "Reason",
         type_ = "string",
         json_path = ".status.error.reason",
@@ -285,6 +291,9 @@ pub struct BackupStatus {
     pub completed_at: Option<Time>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<BackupError>,
+    /// The last Verification of this backup (written by the Verification controller).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verification: Option<super::verification::BackupVerification>,
 }
 
 impl BackupStatus {

@@ -6,6 +6,7 @@ pub mod backup;
 pub mod restore;
 pub mod schedule;
 pub mod snapshot;
+pub mod verification;
 
 pub use backup::{Backup, BackupSpec, BackupStatus, Phase};
 
@@ -34,6 +35,11 @@ pub const SCHEDULE_NAME_LABEL: &str = "pgsnap.io/schedule";
 /// Backups with its own uid, never one made by hand or by another schedule of the same name.
 pub const SCHEDULE_UID_LABEL: &str = "pgsnap.io/schedule-uid";
 
+/// Label on every object a Verification creates (its Restore, ConfigMap and pod): its name,
+/// as a label value, and its uid, which ownership goes by.
+pub const VERIFICATION_NAME_LABEL: &str = "pgsnap.io/verification";
+pub const VERIFICATION_UID_LABEL: &str = "pgsnap.io/verification-uid";
+
 /// The two labels that tie an object to the Backup or Restore that created it.
 pub struct CreatorLabels {
     pub name: &'static str,
@@ -50,6 +56,11 @@ pub const RESTORE_CREATOR: CreatorLabels = CreatorLabels {
     uid: RESTORE_UID_LABEL,
 };
 
+pub const VERIFICATION_CREATOR: CreatorLabels = CreatorLabels {
+    name: VERIFICATION_NAME_LABEL,
+    uid: VERIFICATION_UID_LABEL,
+};
+
 pub const SCHEDULE_CREATOR: CreatorLabels = CreatorLabels {
     name: SCHEDULE_NAME_LABEL,
     uid: SCHEDULE_UID_LABEL,
@@ -62,6 +73,7 @@ pub fn crds_yaml() -> Result<String, serde_yaml::Error> {
         Backup::crd(),
         restore::Restore::crd(),
         schedule::BackupSchedule::crd(),
+        verification::Verification::crd(),
     ] {
         let mut crd = serde_yaml::to_value(&crd)?;
         unwrap_descriptions(&mut crd);

@@ -62,6 +62,10 @@ impl PhasedStatus for BackupStatus {
         }
     }
 
+    fn phase(&self) -> Option<Phase> {
+        self.phase
+    }
+
     fn set_phase_fields(&mut self, phase: Phase, generation: Option<i64>) {
         self.phase = Some(phase);
         self.observed_generation = generation;
@@ -209,6 +213,12 @@ impl Context {
         backup: &Backup,
         status: &BackupStatus,
     ) -> Result<(), kube::Error> {
+        // status.verification is the Verification controller's, under its own field manager:
+        // this manager never sends it, so it never takes it over or writes back an old one.
+        let status = &BackupStatus {
+            verification: None,
+            ..status.clone()
+        };
         self.reporter.patch_status(backup, status).await?;
         if let (Some(phase), Some(uid)) = (status.phase, backup.uid()) {
             self.written

@@ -380,8 +380,8 @@ async fn operator(client: &Client, namespace: &str, lease: &str) -> Checked {
 
 #[cfg(test)]
 mod tests {
-    use super::super::golden;
     use super::*;
+    use crate::fixtures::golden;
 
     #[test]
     fn the_check_table_reads_as_the_golden_file() {

@@ -57,7 +57,7 @@ pub enum Command {
         wait: bool,
     },
     /// The Backups, newest first: database, age, time in backup mode, size, WAL source,
-    /// schedule.
+    /// the last Verification's result, schedule.
     List {
         /// In every namespace.
         #[arg(short = 'A', long)]
@@ -362,22 +362,4 @@ fn backup_of(namespace: &str, name: &str, args: &BackupArgs) -> Result<Backup, s
         "metadata": {"name": name, "namespace": namespace},
         "spec": spec,
     }))
-}
-
-/// Compares `actual` with `tests/golden/<name>`; `PGSNAP_UPDATE_GOLDEN=1` rewrites it.
-#[cfg(test)]
-fn golden(name: &str, actual: &str) {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/golden")
-        .join(name);
-    if std::env::var_os("PGSNAP_UPDATE_GOLDEN").is_some() {
-        std::fs::write(&path, actual).expect("write the golden file");
-    }
-    let expected = std::fs::read_to_string(&path).unwrap_or_default();
-    assert_eq!(
-        actual,
-        expected,
-        "{} differs (PGSNAP_UPDATE_GOLDEN=1 rewrites it)",
-        path.display()
-    );
 }

@@ -539,8 +539,8 @@ fn restored_server(
 
 #[cfg(test)]
 mod tests {
-    use super::super::golden;
     use super::*;
+    use crate::fixtures::golden;
 
     /// The backed-up pod, as the API server returns a StatefulSet's pod.
     fn source_pod() -> Pod {

@@ -150,6 +150,7 @@ pub fn list_table(
             "BACKUP MODE",
             "SIZE",
             "WAL",
+            "VERIFIED",
             "SCHEDULE",
         ]
         .map(String::from),
@@ -178,6 +179,9 @@ pub fn list_table(
             status
                 .and_then(|s| s.wal_source)
                 .map_or("-".into(), |w| format!("{w:?}")),
+            status
+                .and_then(|s| s.verification.as_ref())
+                .map_or("-".into(), |v| v.result.clone()),
             b.labels()
                 .get(SCHEDULE_NAME_LABEL)
                 .cloned()
@@ -235,6 +239,20 @@ pub fn describe(backup: &Backup, events: &[Event], colour: bool) -> String {
     }
     if let Some(cm) = &status.label_config_map {
         field(&mut out, "Label", cm);
+    }
+    if let Some(v) = &status.verification {
+        let why = match (&v.reason, &v.message) {
+            (Some(reason), Some(message)) => format!(": {reason}: {message}"),
+            _ => String::new(),
+        };
+        field(
+            &mut out,
+            "Verified",
+            &format!(
+                "{} (Verification {}, {}){why}",
+                v.result, v.verification, v.verified_at.0
+            ),
+        );
     }
     if let Some(t) = &status.timings {
         let window = status
@@ -304,8 +322,8 @@ fn indent(text: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::super::golden;
     use super::*;
+    use crate::fixtures::golden;
 
     fn backups() -> Vec<Backup> {
         serde_yaml::from_str(include_str!("../../tests/golden/plugin-backups.yaml")).unwrap()

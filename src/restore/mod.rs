@@ -24,7 +24,6 @@ use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, OwnerReference, Time};
 use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::EventType;
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
 use tracing::{info, warn};
@@ -36,7 +35,7 @@ use crate::api::restore::{
 };
 use crate::api::snapshot::VolumeSnapshot;
 use crate::api::{RESTORE_CREATOR, RESTORE_UID_LABEL};
-use crate::controller::{self, Failure, PhasedStatus, Progress, Reporter, now, set_phase};
+use crate::controller::{self, Failure, PhasedStatus, Progress, Reporter, now};
 use crate::label_store::{self, LabelRecord};
 use crate::telemetry::{Metrics, Outcome};
 use phase::JobOutcome;
@@ -92,6 +91,10 @@ impl PhasedStatus for RestoreStatus {
         }
     }
 
+    fn phase(&self) -> Option<RestorePhase> {
+        self.phase
+    }
+
     fn set_phase_fields(&mut self, phase: RestorePhase, generation: Option<i64>) {
         self.phase = Some(phase);
         self.observed_generation = generation;
@@ -128,23 +131,14 @@ impl Context {
         reason: &str,
         message: String,
     ) -> Result<(), kube::Error> {
-        let news = status.phase != Some(phase)
-            || !controller::ready_says(&status.conditions, reason, &message);
-        set_phase(status, restore, phase, reason, &message);
-        self.reporter.patch_status(restore, status).await?;
-        if news {
-            info!(?phase, reason, %message, "restore");
+        let said = message.clone();
+        if controller::enter(&self.reporter, restore, status, phase, reason, message).await? {
+            info!(?phase, reason, message = %said, "restore");
             match phase {
                 RestorePhase::Completed => self.metrics.restore_ended(Outcome::Completed, reason),
                 RestorePhase::Failed => self.metrics.restore_ended(Outcome::Failed, reason),
                 _ => {}
             }
-            let type_ = if phase == RestorePhase::Failed {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            };
-            self.reporter.publish(restore, type_, reason, message).await;
         }
         Ok(())
     }
