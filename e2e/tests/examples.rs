@@ -1,5 +1,5 @@
 //! The YAML users copy from `examples/`, applied unchanged: PostgreSQL with its grants, a
-//! Backup, a Restore and PostgreSQL on the restored claim.
+//! Backup, a Restore and PostgreSQL on the restored claim, a Verification, a schedule.
 
 use std::time::Duration;
 
@@ -7,6 +7,7 @@ use pgsnap::api::Backup;
 use pgsnap::api::backup::Phase;
 use pgsnap::api::restore::{Restore, RestorePhase};
 use pgsnap::api::schedule::BackupSchedule;
+use pgsnap::api::verification::{Verification, VerificationPhase};
 use pgsnap_e2e::Cluster;
 use pgsnap_e2e::operator::{Operator, cluster_shell};
 use tokio_postgres::NoTls;
@@ -126,6 +127,30 @@ async fn the_examples_back_up_and_restore() {
         Ok(5000),
         "the restored server of examples/restore.yaml:\n{}",
         cluster.pod_logs("orders-restored").await
+    );
+
+    cluster_shell(&format!(
+        "kubectl -n {ns} apply -f examples/verification.yaml >/dev/null"
+    ));
+    let verified = cluster
+        .wait_for(
+            cluster.api::<Verification>(),
+            "orders-1-verify",
+            "done",
+            Duration::from_secs(180),
+            |v: Option<&Verification>| {
+                v.and_then(|v| v.status.as_ref())
+                    .and_then(|s| s.phase)
+                    .is_some_and(VerificationPhase::is_terminal)
+            },
+        )
+        .await;
+    let status = verified.status.unwrap();
+    assert_eq!(
+        status.phase,
+        Some(VerificationPhase::Passed),
+        "examples/verification.yaml: {:?}",
+        status.error
     );
 
     // The schedule is accepted and planned (its first run is tonight).

@@ -6,12 +6,13 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod};
 use kube::ResourceExt;
-use kube::api::{ListParams, PostParams};
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use pgsnap::api::Backup;
 use pgsnap::api::backup::Phase;
 use pgsnap::api::restore::Restore;
+use pgsnap::api::schedule::BackupSchedule;
 use pgsnap::api::verification::{Verification, VerificationPhase};
-use pgsnap_e2e::backups::{apply, backup_spec, on, wait_terminal};
+use pgsnap_e2e::backups::{apply, backup_spec, on, schedule, wait_terminal};
 use pgsnap_e2e::operator::Operator;
 use pgsnap_e2e::{Cluster, PostgresPod, per_major, postgres_pod};
 use serde_json::json;
@@ -336,4 +337,99 @@ async fn a_tampered_label_and_a_timeout_fail_and_leave_nothing() {
     );
     assert_eq!(status.pod, None, "no server was started");
     assert_nothing_left(&cluster, &tampered).await;
+}
+
+/// A BackupSchedule with `verification: {every: 2}`: its first Completed backup is verified,
+/// then every second one; each Verification is owned by its Backup and passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schedule_verifies_every_second_backup() {
+    let cluster = Cluster::from_env().await;
+    let _operator = Operator::for_test(&cluster).await;
+    let db = postgres_pod(17).no_archive().create(&cluster).await;
+    let secret = db.password_secret(&cluster).await;
+    let mut often = schedule(
+        "often",
+        "*/4 * * * * *",
+        on(&db, &secret, json!({"checkpoint": "Fast"})),
+    );
+    often.spec.retention.keep_last = Some(20);
+    often.spec.verification =
+        Some(serde_json::from_value(json!({"every": 2, "template": {"timeout": "5m"}})).unwrap());
+    let schedules = cluster.api::<BackupSchedule>();
+    let made = schedules
+        .create(&PostParams::default(), &often)
+        .await
+        .unwrap();
+    let by_schedule =
+        ListParams::default().labels(&format!("pgsnap.io/schedule-uid={}", made.uid().unwrap()));
+    let since = std::time::Instant::now();
+    let verifications = loop {
+        let list = cluster
+            .api::<Verification>()
+            .list(&by_schedule)
+            .await
+            .unwrap()
+            .items;
+        if list.len() >= 2 {
+            break list;
+        }
+        assert!(
+            since.elapsed() < Duration::from_secs(120),
+            "{} Verifications after 2 min",
+            list.len()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    schedules
+        .patch(
+            "often",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"suspend": true}})),
+        )
+        .await
+        .unwrap();
+    // Named by their scheduled times, the schedule's Backups sort in the order they ran.
+    let mut completed: Vec<String> = cluster
+        .api::<Backup>()
+        .list(&by_schedule)
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|b| b.status.as_ref().and_then(|s| s.phase) == Some(Phase::Completed))
+        .map(|b| b.name_any())
+        .collect();
+    completed.sort();
+    let mut verified: Vec<&str> = verifications
+        .iter()
+        .map(|v| v.spec.backup_name.as_str())
+        .collect();
+    verified.sort();
+    let at = |name: &str| {
+        completed
+            .iter()
+            .position(|c| c == name)
+            .unwrap_or_else(|| panic!("{name} in {completed:?}"))
+    };
+    assert_eq!(
+        at(verified[0]),
+        0,
+        "the first Completed backup is verified: {verified:?} of {completed:?}"
+    );
+    assert_eq!(
+        at(verified[1]),
+        2,
+        "then every second: {verified:?} of {completed:?}"
+    );
+    for v in &verifications {
+        assert_eq!(v.owner_references()[0].name, v.spec.backup_name);
+        let ended = ended(&cluster, &v.name_any(), Duration::from_secs(180)).await;
+        let status = ended.status.unwrap();
+        assert_eq!(
+            status.phase,
+            Some(VerificationPhase::Passed),
+            "{:?}",
+            status.error
+        );
+    }
 }

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::Duration;
 use super::backup::BackupSpec;
+use super::verification::VerificationSettings;
 
 /// Backups of one database on a cron schedule, with grandfather-father-son retention.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -64,6 +65,28 @@ pub struct BackupScheduleSpec {
     /// `deletionPolicy` then decides its snapshots).
     #[serde(default)]
     pub backup_deletion_policy: BackupDeletionPolicy,
+    /// Proof that the schedule's backups restore: a Verification of the chosen ones, owned
+    /// by its Backup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verification: Option<ScheduleVerification>,
+}
+
+/// Which of a schedule's Completed backups are verified, and how.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("has(self.every) != self.daily").message("set every (each Nth backup) or daily: true (the first of each day), one of them"))]
+#[serde(rename_all = "camelCase")]
+pub struct ScheduleVerification {
+    /// Each Nth Completed backup (1: every one), counting from the first the schedule made
+    /// since verification was asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub every: Option<u32>,
+    /// The first Completed backup of each day, in the schedule's time zone.
+    #[serde(default)]
+    pub daily: bool,
+    /// The Verifications' settings (each one's backupName is its Backup).
+    #[serde(default)]
+    pub template: VerificationSettings,
 }
 
 fn default_starting_deadline() -> Duration {
@@ -141,6 +164,12 @@ pub struct BackupScheduleStatus {
     pub next_schedule_time: Option<Time>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_successful_backup: Option<BackupRef>,
+    /// The last Backup a Verification was made for, and how many Completed backups came
+    /// since (for `verification.every`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_verified_backup: Option<BackupRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completed_since_verified: Option<u32>,
     /// The Backups retention keeps, newest first, each with why.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub kept: Vec<KeptBackup>,

@@ -40,6 +40,15 @@ pub struct VerificationSpec {
     /// A Completed Backup in this namespace.
     #[schemars(length(min = 1, max = 253))]
     pub backup_name: String,
+    /// What is checked, and with what.
+    #[serde(flatten)]
+    pub settings: VerificationSettings,
+}
+
+/// A Verification's settings but its Backup: what a BackupSchedule's Verifications share.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct VerificationSettings {
     /// amcheck's heapallindexed: also check that every table row is in each of its indexes
     /// (reads every table; slower).
     #[serde(default)]
@@ -67,6 +76,19 @@ pub struct VerificationSpec {
     /// Requests and limits of the temporary PostgreSQL container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+}
+
+impl Default for VerificationSettings {
+    fn default() -> Self {
+        VerificationSettings {
+            heap_all_indexed: false,
+            checks: Vec::new(),
+            restore_command: None,
+            timeout: default_timeout(),
+            storage_class_name: None,
+            resources: None,
+        }
+    }
 }
 
 fn default_timeout() -> Duration {

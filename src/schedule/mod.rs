@@ -16,14 +16,16 @@ use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{self, finalizer};
 use kube::runtime::watcher;
-use kube::{Api, Client, ResourceExt};
+use kube::{Api, Client, Resource, ResourceExt};
 use tracing::{info, warn};
 
 use crate::api::backup::{Backup, BackupStatus, Phase};
 use crate::api::restore::Restore;
 use crate::api::schedule::{
     BackupDeletionPolicy, BackupRef, BackupSchedule, BackupScheduleStatus, ConcurrencyPolicy,
+    ScheduleVerification,
 };
+use crate::api::verification::{Verification, VerificationSpec};
 use crate::api::{SCHEDULE_CREATOR, SCHEDULE_UID_LABEL};
 use crate::controller::{self, Reporter, creator_labels, delete_exactly, now};
 use crate::telemetry::{Metrics, ScheduleLabels};
@@ -193,6 +195,22 @@ async fn apply(schedule: Arc<BackupSchedule>, ctx: &Context) -> Result<Action, E
 
     prune(ctx, &schedule, &backups, &clock, now, &mut status).await?;
     status.next_schedule_time = clock.next_after(now).map(Time);
+    if let (Some(policy), Some(newest)) = (&spec.verification, newest_completed(&backups)) {
+        let (verify, since) = plan::to_verify(
+            policy,
+            &newest,
+            status.last_successful_backup.as_ref(),
+            status.last_verified_backup.as_ref(),
+            status.completed_since_verified.unwrap_or(0),
+            clock.time_zone(),
+        );
+        status.completed_since_verified = Some(since);
+        if let (true, Some(backup)) = (verify, backups.iter().find(|b| b.name_any() == newest.name))
+        {
+            verify_backup(ctx, &schedule, backup, policy).await?;
+            status.last_verified_backup = Some(newest);
+        }
+    }
     // Never backwards: a pruned or deleted newest Backup does not make the last success older.
     status.last_successful_backup = match (
         newest_completed(&backups),
@@ -232,6 +250,46 @@ async fn apply(schedule: Arc<BackupSchedule>, ctx: &Context) -> Result<Action, E
     Ok(Action::requeue(
         until_next.clamp(Duration::from_millis(100), RECHECK),
     ))
+}
+
+/// A Verification of `backup`, owned by it (so it goes with the Backup when retention prunes
+/// it); one made by an earlier pass is fine.
+async fn verify_backup(
+    ctx: &Context,
+    schedule: &BackupSchedule,
+    backup: &Backup,
+    policy: &ScheduleVerification,
+) -> Result<(), Error> {
+    let ns = schedule.namespace().unwrap_or_default();
+    let name = controller::bounded_name(&backup.name_any(), "verify", 253);
+    let verification = Verification {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            namespace: Some(ns.clone()),
+            labels: Some(creator_labels(&SCHEDULE_CREATOR, schedule)),
+            owner_references: backup.controller_owner_ref(&()).map(|o| vec![o]),
+            ..Default::default()
+        },
+        spec: VerificationSpec {
+            backup_name: backup.name_any(),
+            settings: policy.template.clone(),
+        },
+        status: None,
+    };
+    match Api::<Verification>::namespaced(ctx.client.clone(), &ns)
+        .create(&PostParams::default(), &verification)
+        .await
+    {
+        Ok(_) => {
+            let note = format!("Verification {name} of Backup {}", backup.name_any());
+            ctx.reporter
+                .publish(schedule, EventType::Normal, "VerificationCreated", note)
+                .await;
+            Ok(())
+        }
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// What starting a run did.

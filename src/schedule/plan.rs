@@ -8,7 +8,7 @@ use croner::parser::{CronParser, Seconds};
 use jiff::tz::TimeZone;
 use jiff::{SignedDuration, Timestamp, Zoned};
 
-use crate::api::schedule::{KeptBackup, Retention};
+use crate::api::schedule::{BackupRef, KeptBackup, Retention, ScheduleVerification};
 
 /// A parsed schedule in its time zone.
 #[derive(Debug, Clone)]
@@ -275,6 +275,35 @@ pub fn backup_name(schedule: &str, at: Timestamp) -> String {
     crate::controller::bounded_name(schedule, &stamp, 253)
 }
 
+/// Whether the schedule's newest Completed backup, `newest`, is to be verified now, and the
+/// count of Completed backups since the last verified one afterwards. `seen` is the newest
+/// Completed backup the last pass saw: only a new one counts.
+pub fn to_verify(
+    policy: &ScheduleVerification,
+    newest: &BackupRef,
+    seen: Option<&BackupRef>,
+    last_verified: Option<&BackupRef>,
+    since: u32,
+    tz: &TimeZone,
+) -> (bool, u32) {
+    if seen.is_some_and(|s| s.name == newest.name)
+        || last_verified.is_some_and(|v| v.name == newest.name)
+    {
+        return (false, since);
+    }
+    let since = since + 1;
+    let day = |b: &BackupRef| b.time.as_ref().map(|t| t.0.to_zoned(tz.clone()).date());
+    let due = match (policy.every, last_verified) {
+        (_, None) => true,
+        (Some(every), Some(_)) => since >= every,
+        (None, Some(last)) => day(last) != day(newest),
+    };
+    match due {
+        true => (true, 0),
+        false => (false, since),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -477,5 +506,74 @@ mod tests {
             "nightly-20260102-030405"
         );
         assert!(backup_name(&"x".repeat(253), ts("2026-01-02T03:04:05Z")).len() <= 253);
+    }
+
+    #[test]
+    fn every_nth_backup_or_the_first_of_each_day_is_verified() {
+        let at = |name: &str, time: &str| BackupRef {
+            name: name.into(),
+            time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                time.parse().unwrap(),
+            )),
+        };
+        let every = |n| ScheduleVerification {
+            every: Some(n),
+            daily: false,
+            template: Default::default(),
+        };
+        let utc = TimeZone::UTC;
+        let (a, b, c, d) = (
+            at("a", "2026-12-03T10:00:00Z"),
+            at("b", "2026-12-03T11:00:00Z"),
+            at("c", "2026-12-03T12:00:00Z"),
+            at("d", "2026-12-03T13:00:00Z"),
+        );
+        // The first one is verified; then each 3rd; a pass that sees no new backup counts none.
+        assert_eq!(to_verify(&every(3), &a, None, None, 0, &utc), (true, 0));
+        assert_eq!(
+            to_verify(&every(3), &a, Some(&a), Some(&a), 0, &utc),
+            (false, 0)
+        );
+        assert_eq!(
+            to_verify(&every(3), &b, Some(&a), Some(&a), 0, &utc),
+            (false, 1)
+        );
+        assert_eq!(
+            to_verify(&every(3), &b, Some(&b), Some(&a), 1, &utc),
+            (false, 1)
+        );
+        assert_eq!(
+            to_verify(&every(3), &c, Some(&b), Some(&a), 1, &utc),
+            (false, 2)
+        );
+        assert_eq!(
+            to_verify(&every(3), &d, Some(&c), Some(&a), 2, &utc),
+            (true, 0)
+        );
+        assert_eq!(
+            to_verify(&every(1), &b, Some(&a), Some(&a), 0, &utc),
+            (true, 0)
+        );
+
+        // Daily, in the schedule's zone: 23:30 UTC on the 3rd is the 4th in Tokyo.
+        let daily = ScheduleVerification {
+            every: None,
+            daily: true,
+            template: Default::default(),
+        };
+        let late = at("late", "2026-12-03T23:30:00Z");
+        assert_eq!(
+            to_verify(&daily, &b, Some(&a), Some(&a), 0, &utc),
+            (false, 1)
+        );
+        assert_eq!(
+            to_verify(&daily, &late, Some(&b), Some(&a), 1, &utc),
+            (false, 2)
+        );
+        let tokyo = TimeZone::get("Asia/Tokyo").unwrap();
+        assert_eq!(
+            to_verify(&daily, &late, Some(&b), Some(&a), 1, &tokyo),
+            (true, 0)
+        );
     }
 }

@@ -150,10 +150,16 @@ async fn step(
     ctx: &Context,
     status: &mut VerificationStatus,
 ) -> Result<Action, Stop> {
-    if plan::timed_out(status.started_at.as_ref(), v.spec.timeout.0, &now()) {
-        return Err(
-            Failure::new("Timeout", format!("not done within {:?}", v.spec.timeout.0)).into(),
-        );
+    if plan::timed_out(
+        status.started_at.as_ref(),
+        v.spec.settings.timeout.0,
+        &now(),
+    ) {
+        return Err(Failure::new(
+            "Timeout",
+            format!("not done within {:?}", v.spec.settings.timeout.0),
+        )
+        .into());
     }
     let phase = status.phase.unwrap_or(VerificationPhase::Pending);
     let action = match phase {
@@ -163,12 +169,11 @@ async fn step(
         VerificationPhase::Passed | VerificationPhase::Failed => return Ok(Action::await_change()),
     };
     // The timeout wakes it even when nothing else does.
-    let left = status.started_at.as_ref().map(|s| {
-        v.spec
-            .timeout
-            .0
-            .saturating_sub(now().0.duration_since(s.0).unsigned_abs())
-    });
+    let left = plan::time_left(
+        status.started_at.as_ref(),
+        v.spec.settings.timeout.0,
+        &now(),
+    );
     Ok(match (action, left) {
         (Some(action), _) => action,
         (None, Some(left)) => Action::requeue(left + Duration::from_secs(1)),
@@ -199,7 +204,9 @@ async fn pending(
     }
     let backup = completed_backup(v, ctx, &ns).await?;
     let backup_status = backup.status.clone().unwrap_or_default();
-    if backup_status.wal_source == Some(WalSource::Archive) && v.spec.restore_command.is_none() {
+    if backup_status.wal_source == Some(WalSource::Archive)
+        && v.spec.settings.restore_command.is_none()
+    {
         return Err(Failure::new(
             "NoWalSource",
             format!(
@@ -342,7 +349,8 @@ async fn restoring(
             )
             .into());
         }
-        _ => return Ok(Some(Action::await_change())),
+        // Woken by the Restore's changes, and by the timeout.
+        _ => return Ok(None),
     }
     let backup = completed_backup(v, ctx, &ns).await?;
     let source = source_server(&backup, ctx, &ns).await?;
@@ -352,16 +360,12 @@ async fn restoring(
     if let (Some(started), Some(done)) = (&status.started_at, &rs.completed_at) {
         timings.restore_seconds = Some(done.0.duration_since(started.0).as_secs_f64());
     }
-    let left = status
-        .started_at
-        .as_ref()
-        .map(|s| {
-            v.spec
-                .timeout
-                .0
-                .saturating_sub(now().0.duration_since(s.0).unsigned_abs())
-        })
-        .unwrap_or(v.spec.timeout.0);
+    let left = plan::time_left(
+        status.started_at.as_ref(),
+        v.spec.settings.timeout.0,
+        &now(),
+    )
+    .unwrap_or(v.spec.settings.timeout.0);
     let pod = plan::server_pod(plan::ServerPod {
         name: &v.name_any(),
         namespace: &ns,
@@ -373,7 +377,7 @@ async fn restoring(
         claims: &rs.claims,
         checker_image: &ctx.settings.image,
         checker_args: checker_args(v, &backup, left)?,
-        resources: v.spec.resources.clone(),
+        resources: v.spec.settings.resources.clone(),
     })?;
     create_or_keep(&Api::namespaced(ctx.client.clone(), &ns), &pod).await?;
     status.pod = pod.metadata.name.clone();
@@ -384,7 +388,7 @@ async fn restoring(
     );
     ctx.enter(v, status, VerificationPhase::Checking, "Checking", message)
         .await?;
-    Ok(Some(Action::await_change()))
+    Ok(None)
 }
 
 /// `pgsnap verify-server`'s arguments: what the restored server must be.
@@ -416,10 +420,10 @@ fn checker_args(v: &Verification, backup: &Backup, left: Duration) -> Result<Vec
         format!("--recovery-timeout={}s", left.as_secs().max(1)),
         format!(
             "--checks={}",
-            serde_json::to_string(&v.spec.checks).unwrap_or_else(|_| "[]".into())
+            serde_json::to_string(&v.spec.settings.checks).unwrap_or_else(|_| "[]".into())
         ),
     ];
-    if v.spec.heap_all_indexed {
+    if v.spec.settings.heap_all_indexed {
         args.push("--heap-all-indexed".into());
     }
     Ok(args)

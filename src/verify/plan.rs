@@ -61,6 +61,15 @@ pub fn timed_out(started: Option<&Time>, timeout: std::time::Duration, now: &Tim
     started.is_some_and(|s| now.0.duration_since(s.0).unsigned_abs() > timeout)
 }
 
+/// What is left of the timeout, once its turn came.
+pub fn time_left(
+    started: Option<&Time>,
+    timeout: std::time::Duration,
+    now: &Time,
+) -> Option<std::time::Duration> {
+    started.map(|s| timeout.saturating_sub(now.0.duration_since(s.0).unsigned_abs()))
+}
+
 /// The Restore of the backup into claims that go with it (and it with the Verification).
 pub fn restore(
     verification: &Verification,
@@ -82,14 +91,14 @@ pub fn restore(
             if let Some(t) = &s.tablespace {
                 claim["tablespace"] = t.clone().into();
             }
-            if let Some(class) = &verification.spec.storage_class_name {
+            if let Some(class) = &verification.spec.settings.storage_class_name {
                 claim["storageClassName"] = class.clone().into();
             }
             claim
         })
         .collect();
     let mut recovery = serde_json::json!({"target": {}, "promote": true});
-    if let Some(command) = &verification.spec.restore_command {
+    if let Some(command) = &verification.spec.settings.restore_command {
         recovery["restoreCommand"] = command.clone().into();
     }
     serde_json::from_value(serde_json::json!({
