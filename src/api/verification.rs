@@ -76,6 +76,16 @@ pub struct VerificationSettings {
     /// Requests and limits of the temporary PostgreSQL container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+    /// The temporary server's image instead of the backed-up pod's (which is also what lets
+    /// a backup whose pod is gone be verified).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024))]
+    pub image: Option<String>,
+    /// PostgreSQL settings for the temporary server, after the backed-up server's own
+    /// (`-c name=value`), e.g. a smaller `shared_buffers`. The verification's own
+    /// (`listen_addresses`, `port`, `hba_file`, `archive_mode`) come last and win.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub parameters: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for VerificationSettings {
@@ -87,6 +97,8 @@ impl Default for VerificationSettings {
             timeout: default_timeout(),
             storage_class_name: None,
             resources: None,
+            image: None,
+            parameters: Default::default(),
         }
     }
 }

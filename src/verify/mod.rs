@@ -216,7 +216,7 @@ async fn pending(
         )
         .into());
     }
-    let source = source_server(&backup, ctx, &ns).await?;
+    let source = source_server(v, &backup, ctx, &ns).await?;
     let owner = v
         .controller_owner_ref(&())
         .expect("a stored object has a uid");
@@ -263,8 +263,10 @@ async fn completed_backup(v: &Verification, ctx: &Context, ns: &str) -> Result<B
     }
 }
 
-/// The backed-up server's container, which the temporary one copies.
+/// The backed-up server's container, which the temporary one copies, with the
+/// Verification's own image and parameters over it.
 async fn source_server(
+    v: &Verification,
     backup: &Backup,
     ctx: &Context,
     ns: &str,
@@ -279,16 +281,12 @@ async fn source_server(
         .unwrap_or_default();
     let pod = Api::<Pod>::namespaced(ctx.client.clone(), ns)
         .get_opt(&pod_name)
-        .await?
-        .ok_or_else(|| {
-            Failure::new(
-                "SourcePodGone",
-                format!(
-                    "the temporary server runs the image and settings of the backed-up pod {pod_name}, which is gone"
-                ),
-            )
-        })?;
-    Ok(plan::source_server(&pod, &data_claim)?)
+        .await?;
+    Ok(plan::with_settings(
+        pod.as_ref(),
+        &data_claim,
+        &v.spec.settings,
+    )?)
 }
 
 /// Creates `object`; one of that name made by this Verification before is kept.
@@ -353,7 +351,7 @@ async fn restoring(
         _ => return Ok(None),
     }
     let backup = completed_backup(v, ctx, &ns).await?;
-    let source = source_server(&backup, ctx, &ns).await?;
+    let source = source_server(v, &backup, ctx, &ns).await?;
     let timings = status
         .timings
         .get_or_insert_with(VerificationTimings::default);

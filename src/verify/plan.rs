@@ -13,7 +13,7 @@ use kube::api::ObjectMeta;
 use super::server::Report;
 use crate::api::backup::{Backup, VolumeRole};
 use crate::api::restore::{Restore, RestoredClaim};
-use crate::api::verification::{Verification, VerificationPhase};
+use crate::api::verification::{Verification, VerificationPhase, VerificationSettings};
 use crate::controller::{Failure, bounded_name};
 
 /// The temporary server's `pg_hba.conf`: every role trusted, on the pod's loopback only (the
@@ -216,6 +216,40 @@ pub fn source_server(pod: &Pod, data_claim: &str) -> Result<SourceServer, Failur
         volumes: kept_volumes,
         mounts,
     })
+}
+
+/// The temporary server: the backed-up pod's (when it still exists), with the
+/// Verification's image and parameters over it. Without the pod only an image makes one.
+pub fn with_settings(
+    pod: Option<&Pod>,
+    data_claim: &str,
+    settings: &VerificationSettings,
+) -> Result<SourceServer, Failure> {
+    let mut server = match (pod, &settings.image) {
+        (Some(pod), _) => source_server(pod, data_claim)?,
+        (None, Some(image)) => SourceServer {
+            image: image.clone(),
+            settings: Vec::new(),
+            env: Vec::new(),
+            pod_security: None,
+            security: None,
+            volumes: Vec::new(),
+            mounts: Vec::new(),
+        },
+        (None, None) => {
+            return Err(Failure::new(
+                "SourcePodGone",
+                "the temporary server runs the image and settings of the backed-up pod, which is gone: set the Verification's image",
+            ));
+        }
+    };
+    if let Some(image) = &settings.image {
+        server.image = image.clone();
+    }
+    server
+        .settings
+        .extend(settings.parameters.iter().map(|(k, v)| format!("{k}={v}")));
+    Ok(server)
 }
 
 /// The `-c name=value` (`-cname=value`, `--name=value`) settings of a server's command line.
@@ -527,6 +561,34 @@ mod tests {
         crate::fixtures::golden(
             "verify-server-pod.yaml",
             &serde_yaml::to_string(&pod).unwrap(),
+        );
+    }
+
+    #[test]
+    fn the_verification_s_image_and_parameters_come_over_the_source_s() {
+        let mut settings = VerificationSettings::default();
+        settings
+            .parameters
+            .insert("shared_buffers".into(), "32MB".into());
+        let server = with_settings(Some(&source_pod()), "data-orders-db-0", &settings).unwrap();
+        assert_eq!(
+            server.settings,
+            [
+                "shared_preload_libraries=pg_stat_statements",
+                "shared_buffers=32MB"
+            ]
+        );
+        assert_eq!(
+            with_settings(None, "data-orders-db-0", &settings)
+                .unwrap_err()
+                .reason,
+            "SourcePodGone"
+        );
+        settings.image = Some("postgres:17.2".into());
+        let server = with_settings(None, "data-orders-db-0", &settings).unwrap();
+        assert_eq!(
+            (server.image.as_str(), server.env.len()),
+            ("postgres:17.2", 0)
         );
     }
 
