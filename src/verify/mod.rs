@@ -127,7 +127,16 @@ impl Context {
     }
 }
 
-async fn reconcile(v: Arc<Verification>, ctx: Arc<Context>) -> Result<Action, Error> {
+async fn reconcile(cached: Arc<Verification>, ctx: Arc<Context>) -> Result<Action, Error> {
+    // Read again, not from the cache: a deleted pod or Restore wakes this after the outcome
+    // was written, and a cached copy from before it would take them for a failure.
+    let api = Api::<Verification>::namespaced(
+        ctx.client.clone(),
+        &cached.namespace().unwrap_or_default(),
+    );
+    let Some(v) = api.get_opt(&cached.name_any()).await? else {
+        return Ok(Action::await_change());
+    };
     let mut status = v.status.clone().unwrap_or_default();
     if status.phase.is_some_and(VerificationPhase::is_terminal) {
         // Whatever the outcome, nothing temporary stays; a delete that failed is retried.
@@ -150,17 +159,6 @@ async fn step(
     ctx: &Context,
     status: &mut VerificationStatus,
 ) -> Result<Action, Stop> {
-    if plan::timed_out(
-        status.started_at.as_ref(),
-        v.spec.settings.timeout.0,
-        &now(),
-    ) {
-        return Err(Failure::new(
-            "Timeout",
-            format!("not done within {:?}", v.spec.settings.timeout.0),
-        )
-        .into());
-    }
     let phase = status.phase.unwrap_or(VerificationPhase::Pending);
     let action = match phase {
         VerificationPhase::Pending => pending(v, ctx, status).await?,
@@ -168,6 +166,27 @@ async fn step(
         VerificationPhase::Checking => checking(v, ctx, status).await?,
         VerificationPhase::Passed | VerificationPhase::Failed => return Ok(Action::await_change()),
     };
+    // Still waiting (a report that arrived in time is never a timeout).
+    if action.is_none()
+        && plan::timed_out(
+            status.started_at.as_ref(),
+            v.spec.settings.timeout.0,
+            &now(),
+        )
+    {
+        let during = match phase {
+            VerificationPhase::Restoring => "restoring",
+            _ => "recovering and checking",
+        };
+        return Err(Failure::new(
+            "Timeout",
+            format!(
+                "not done within {:?}: still {during}",
+                v.spec.settings.timeout.0
+            ),
+        )
+        .into());
+    }
     // The timeout wakes it even when nothing else does.
     let left = plan::time_left(
         status.started_at.as_ref(),
@@ -192,6 +211,8 @@ async fn pending(
     status: &mut VerificationStatus,
 ) -> Result<Option<Action>, Stop> {
     let ns = v.namespace().unwrap_or_default();
+    // A Verification that cannot run fails at once, without waiting its turn.
+    let backup = completed_backup(v, ctx, &ns).await?;
     let all = Api::<Verification>::namespaced(ctx.client.clone(), &ns)
         .list(&Default::default())
         .await?
@@ -202,7 +223,6 @@ async fn pending(
             .await?;
         return Ok(Some(Action::await_change()));
     }
-    let backup = completed_backup(v, ctx, &ns).await?;
     let backup_status = backup.status.clone().unwrap_or_default();
     if backup_status.wal_source == Some(WalSource::Archive)
         && v.spec.settings.restore_command.is_none()
@@ -317,6 +337,18 @@ where
                 .into()),
             }
         }
+        // Refused (a quota, an admission webhook, a rule of the CRD): it would be refused
+        // again, and this Verification would hold the namespace's queue for ever.
+        Err(kube::Error::Api(e)) if matches!(e.code, 400 | 403 | 422) => Err(Failure::new(
+            "Refused",
+            format!(
+                "creating {} {}: {}",
+                K::kind(&()),
+                object.name_any(),
+                e.message
+            ),
+        )
+        .into()),
         Err(e) => Err(e.into()),
     }
 }
@@ -351,7 +383,11 @@ async fn restoring(
         _ => return Ok(None),
     }
     let backup = completed_backup(v, ctx, &ns).await?;
-    let source = source_server(v, &backup, ctx, &ns).await?;
+    let mut source = source_server(v, &backup, ctx, &ns).await?;
+    // The image read when its turn came, even if the pod changed since.
+    if let Some(image) = &status.image {
+        source.image = image.clone();
+    }
     let timings = status
         .timings
         .get_or_insert_with(VerificationTimings::default);
@@ -402,6 +438,7 @@ fn checker_args(v: &Verification, backup: &Backup, left: Duration) -> Result<Vec
     let mut args = vec![
         "verify-server".to_string(),
         format!("--user={}", backup.spec.connection.user),
+        format!("--database={}", backup.spec.connection.database),
         format!(
             "--system-identifier={}",
             pg.system_identifier
@@ -512,28 +549,41 @@ async fn finish(
         "apiVersion": "pgsnap.io/v1alpha1", "kind": "Backup",
         "status": {"verification": record},
     });
-    let backup = Api::<Backup>::namespaced(ctx.client.clone(), &ns)
-        .patch_status(
-            &v.spec.backup_name,
-            &PatchParams::apply(BACKUP_FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await;
-    let backup = match backup {
-        Ok(backup) => Some(backup),
-        // The Backup went meanwhile: the Verification keeps the outcome.
-        Err(kube::Error::Api(e)) if e.code == 404 => None,
-        Err(e) => return Err(e),
+    let backups = Api::<Backup>::namespaced(ctx.client.clone(), &ns);
+    // Only a verdict on the backup goes onto it: a verification that could not run (its
+    // turn timed out, its pod was refused) says nothing about it, and never replaces a
+    // verdict; nor does one of a Backup not Completed.
+    let verdict = outcome
+        .as_ref()
+        .err()
+        .is_none_or(|f| plan::is_verdict(&f.reason));
+    let backup = match backups.get_opt(&v.spec.backup_name).await? {
+        Some(b) if verdict && b.status.as_ref().and_then(|s| s.phase) == Some(Phase::Completed) => {
+            let written = backups
+                .patch_status(
+                    &v.spec.backup_name,
+                    &PatchParams::apply(BACKUP_FIELD_MANAGER).force(),
+                    &Patch::Apply(&patch),
+                )
+                .await;
+            match written {
+                Ok(backup) => Some(backup),
+                // The Backup went meanwhile: the Verification keeps the outcome.
+                Err(kube::Error::Api(e)) if e.code == 404 => None,
+                Err(e) => return Err(e),
+            }
+        }
+        _ => None,
     };
     if ctx
         .enter(v, status, phase, &reason, message.clone())
         .await?
     {
-        let database = backup
+        let database = status
+            .checked
             .as_ref()
-            .and_then(|b| b.status.as_ref())
-            .and_then(|s| s.postgres.as_ref())
-            .and_then(|p| p.system_identifier.clone())
+            .map(|c| c.system_identifier.clone())
+            .filter(|id| !id.is_empty())
             .unwrap_or_default();
         let seconds = status
             .started_at

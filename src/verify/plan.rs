@@ -16,13 +16,51 @@ use crate::api::restore::{Restore, RestoredClaim};
 use crate::api::verification::{Verification, VerificationPhase, VerificationSettings};
 use crate::controller::{Failure, bounded_name};
 
-/// The temporary server's `pg_hba.conf`: every role trusted, on the pod's loopback only (the
-/// server listens nowhere else), so the checker needs no password and nothing outside the
-/// pod reaches the restored data.
-pub const HBA: &str =
-    "local all all trust\nhost all all 127.0.0.1/32 trust\nhost all all ::1/128 trust\n";
+/// The temporary server's `pg_hba.conf`: every role trusted over its Unix socket, the only
+/// way in (it listens on no address), in a directory only the pod's two containers mount.
+pub const HBA: &str = "local all all trust\n";
 const HBA_KEY: &str = "pg_hba.conf";
 const HBA_MOUNT: &str = "/pgsnap/verify";
+const SOCKET_DIR: &str = "/pgsnap/run";
+
+/// What the temporary server is told last, over anything from the backed-up server: no
+/// address but the pod's socket, the Verification's `pg_hba.conf`, and nothing that reaches
+/// out of the pod, archiving, a subscription's apply workers, or waits on a standby that
+/// never comes.
+fn forced() -> Vec<String> {
+    vec![
+        "listen_addresses=".into(),
+        format!("unix_socket_directories={SOCKET_DIR}"),
+        "port=5432".into(),
+        format!("hba_file={HBA_MOUNT}/{HBA_KEY}"),
+        "archive_mode=off".into(),
+        "max_logical_replication_workers=0".into(),
+        "synchronous_standby_names=".into(),
+        "ssl=off".into(),
+    ]
+}
+
+/// Settings of the backed-up server the temporary one never takes: recovery is the
+/// Restore's (in postgresql.auto.conf, which the command line would override), and
+/// replication and archiving are the source's business.
+fn refused(setting: &str) -> bool {
+    let name = setting
+        .split('=')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_lowercase();
+    name.starts_with("recovery_")
+        || name.starts_with("archive_")
+        || name.starts_with("primary_")
+        || matches!(
+            name.as_str(),
+            "restore_command" | "hot_standby" | "promote_trigger_file" | "config_file"
+        )
+        || forced()
+            .iter()
+            .any(|f| f.split('=').next() == Some(name.as_str()))
+}
 /// The containers of the temporary pod.
 pub const SERVER: &str = "postgres";
 pub const CHECKER: &str = "verify";
@@ -51,9 +89,34 @@ pub fn first_in_line(me: &Verification, all: &[Verification]) -> Option<String> 
                 .and_then(|s| s.phase)
                 .is_some_and(VerificationPhase::is_terminal)
         })
-        .min_by_key(|v| key(v))
+        // One already running goes on, whatever its age (two created in one second).
+        .min_by_key(|v| {
+            let running = v.status.as_ref().and_then(|s| s.phase).is_some_and(|p| {
+                matches!(
+                    p,
+                    VerificationPhase::Restoring | VerificationPhase::Checking
+                )
+            });
+            (!running, key(v))
+        })
         .map(|v| v.name_any())
         .filter(|first| *first != me.name_any())
+}
+
+/// Whether a failure is a verdict on the backup (its data, its WAL, its label, what the
+/// user asked of it) rather than on the verification's own run.
+pub fn is_verdict(reason: &str) -> bool {
+    matches!(
+        reason,
+        "CorruptIndex"
+            | "CorruptTable"
+            | "RecoveryShort"
+            | "NotPromoted"
+            | "WrongServer"
+            | "SqlCheckFailed"
+            | "ServerFailed"
+            | "RestoreFailed"
+    )
 }
 
 /// Whether the verification outlived its timeout, counted from when it left the queue.
@@ -146,6 +209,17 @@ pub struct SourceServer {
     pub security: Option<SecurityContext>,
     pub volumes: Vec<Volume>,
     pub mounts: Vec<VolumeMount>,
+    pub placement: Placement,
+}
+
+/// Where the backed-up pod could run and pull its image from.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Placement {
+    pub image_pull_secrets: Option<Vec<k8s_openapi::api::core::v1::LocalObjectReference>>,
+    pub node_selector: Option<BTreeMap<String, String>>,
+    pub affinity: Option<k8s_openapi::api::core::v1::Affinity>,
+    pub tolerations: Option<Vec<k8s_openapi::api::core::v1::Toleration>>,
+    pub service_account_name: Option<String>,
 }
 
 /// The server's container (the one mounting the data claim) of the backed-up pod.
@@ -215,6 +289,18 @@ pub fn source_server(pod: &Pod, data_claim: &str) -> Result<SourceServer, Failur
         security: container.security_context.clone(),
         volumes: kept_volumes,
         mounts,
+        placement: Placement {
+            image_pull_secrets: spec.image_pull_secrets.clone(),
+            node_selector: spec.node_selector.clone(),
+            affinity: spec.affinity.clone(),
+            // Admission's defaults come back by themselves.
+            tolerations: spec.tolerations.clone().map(|t| {
+                t.into_iter()
+                    .filter(|t| t.toleration_seconds != Some(300))
+                    .collect()
+            }),
+            service_account_name: spec.service_account_name.clone(),
+        },
     })
 }
 
@@ -235,6 +321,7 @@ pub fn with_settings(
             security: None,
             volumes: Vec::new(),
             mounts: Vec::new(),
+            placement: Placement::default(),
         },
         (None, None) => {
             return Err(Failure::new(
@@ -252,19 +339,26 @@ pub fn with_settings(
     Ok(server)
 }
 
-/// The `-c name=value` (`-cname=value`, `--name=value`) settings of a server's command line.
+/// The `-c name=value` (`-cname=value`, `--name=value`) settings of a server's command line,
+/// after its `postgres` when it has one (a wrapper's own flags come before it), but none the
+/// temporary server refuses.
 pub fn settings<'a>(argv: impl Iterator<Item = &'a String>) -> Vec<String> {
+    let argv: Vec<&String> = argv.collect();
+    let start = argv
+        .iter()
+        .rposition(|a| *a == "postgres" || a.ends_with("/postgres"))
+        .map_or(0, |i| i + 1);
     let mut out = Vec::new();
-    let mut argv = argv.peekable();
-    while let Some(a) = argv.next() {
+    let mut rest = argv[start..].iter().copied();
+    while let Some(a) = rest.next() {
         let setting = if a == "-c" {
-            argv.next().cloned()
+            rest.next().cloned()
         } else if let Some(s) = a.strip_prefix("-c") {
             Some(s.to_string())
         } else {
             a.strip_prefix("--").map(str::to_string)
         };
-        out.extend(setting.filter(|s| s.contains('=')));
+        out.extend(setting.filter(|s| s.contains('=') && !refused(s)));
     }
     out
 }
@@ -315,6 +409,17 @@ pub fn server_pod(p: ServerPod) -> Result<Pod, Failure> {
         });
     }
     volumes.push(Volume {
+        name: "pgsnap-run".into(),
+        empty_dir: Some(Default::default()),
+        ..Default::default()
+    });
+    let socket = VolumeMount {
+        name: "pgsnap-run".into(),
+        mount_path: SOCKET_DIR.into(),
+        ..Default::default()
+    };
+    mounts.push(socket.clone());
+    volumes.push(Volume {
         name: "pgsnap-hba".into(),
         config_map: Some(ConfigMapVolumeSource {
             name: hba_name(p.name),
@@ -333,13 +438,8 @@ pub fn server_pod(p: ServerPod) -> Result<Pod, Failure> {
     // refuses) and then runs `postgres` with these arguments as the image's user.
     let mut args = vec!["postgres".to_string(), "-D".to_string(), pgdata.clone()];
     // The source's settings first: the verification's own come after and win.
-    for s in p.source.settings.iter().map(String::as_str).chain([
-        "listen_addresses=localhost",
-        "port=5432",
-        &format!("hba_file={HBA_MOUNT}/{HBA_KEY}"),
-        "archive_mode=off",
-    ]) {
-        args.extend(["-c".to_string(), s.to_string()]);
+    for s in p.source.settings.iter().cloned().chain(forced()) {
+        args.extend(["-c".to_string(), s]);
     }
     let mut env = p.source.env.clone();
     env.retain(|e| e.name != "PGDATA");
@@ -360,10 +460,22 @@ pub fn server_pod(p: ServerPod) -> Result<Pod, Failure> {
         termination_message_policy: Some("FallbackToLogsOnError".into()),
         ..Default::default()
     };
+    let mut checker_args = p.checker_args;
+    checker_args.push(format!("--socket-dir={SOCKET_DIR}"));
     let checker = Container {
         name: CHECKER.into(),
         image: Some(p.checker_image.to_string()),
-        args: Some(p.checker_args),
+        args: Some(checker_args),
+        volume_mounts: Some(vec![socket]),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            capabilities: Some(k8s_openapi::api::core::v1::Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
         ..Default::default()
     };
     Ok(Pod {
@@ -377,6 +489,12 @@ pub fn server_pod(p: ServerPod) -> Result<Pod, Failure> {
         spec: Some(PodSpec {
             restart_policy: Some("Never".into()),
             security_context: p.source.pod_security.clone(),
+            // Where and how the backed-up server could run, this one can.
+            image_pull_secrets: p.source.placement.image_pull_secrets.clone(),
+            node_selector: p.source.placement.node_selector.clone(),
+            affinity: p.source.placement.affinity.clone(),
+            tolerations: p.source.placement.tolerations.clone(),
+            service_account_name: p.source.placement.service_account_name.clone(),
             containers: vec![server, checker],
             volumes: Some(volumes),
             // Nothing in it talks to the API server.
@@ -424,6 +542,13 @@ pub fn pod_outcome(pod: &Pod) -> PodOutcome {
             )),
         };
     }
+    let status = pod.status.as_ref();
+    if status.and_then(|s| s.phase.as_deref()) == Some("Failed") {
+        let why = status
+            .and_then(|s| s.message.clone().or(s.reason.clone()))
+            .unwrap_or_default();
+        return PodOutcome::ServerStopped(format!("the pod failed: {why}"));
+    }
     if let Some(t) = terminated(SERVER) {
         return PodOutcome::ServerStopped(format!(
             "PostgreSQL exited {} on the restored data: {}",
@@ -457,6 +582,10 @@ mod tests {
         assert_eq!(first_in_line(&young, &all).as_deref(), Some("old"));
         assert_eq!(first_in_line(&old, &all), None);
         assert_eq!(first_in_line(&young, &[done, young.clone()]), None);
+        // One running goes on before an older one still queued.
+        let older = verification("older", "2026-12-03T09:30:00Z", None);
+        let queue = [older.clone(), old.clone()];
+        assert_eq!(first_in_line(&older, &queue).as_deref(), Some("old"));
     }
 
     #[test]
@@ -480,7 +609,17 @@ mod tests {
     #[test]
     fn settings_come_from_every_form_of_the_command_line() {
         let argv: Vec<String> = [
+            "dumb-init",
+            "--rewrite=15:2",
             "postgres",
+            "-c",
+            "archive_command=cp %p /x",
+            "-c",
+            "primary_conninfo=host=db",
+            "-c",
+            "listen_addresses=*",
+            "-c",
+            "Recovery_Target_Time=now",
             "-c",
             "shared_preload_libraries=pg_stat_statements",
             "-cwork_mem=8MB",

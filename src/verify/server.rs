@@ -1,8 +1,9 @@
 //! `pgsnap verify-server`: the checks of a Verification, run beside the temporary PostgreSQL
-//! in its pod. The server listens on the pod's loopback only, where its `pg_hba.conf` (the
-//! Verification's) trusts every role, so the checker needs no password and nothing outside
-//! the pod reaches the restored data. What it found goes to the termination message, which
-//! the controller reads.
+//! in its pod. The server listens on no address, only on a Unix socket in a directory the
+//! two containers share, where its `pg_hba.conf` (the Verification's) trusts every role: the
+//! checker needs no password, and nothing outside the pod, a port-forward included, reaches
+//! the restored data. What it found goes to the termination message, which the controller
+//! reads.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -15,11 +16,14 @@ use crate::postgres::Lsn;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// A role of the backed-up server (the one the Backup connected as).
+    /// A role of the backed-up server, and a database it connects to (the Backup's).
     #[arg(long)]
     pub user: String,
-    #[arg(long, default_value_t = 5432)]
-    pub port: u16,
+    #[arg(long, default_value = "postgres")]
+    pub database: String,
+    /// The directory of the server's Unix socket.
+    #[arg(long)]
+    pub socket_dir: PathBuf,
     /// What the restored server must be: the Backup's system identifier...
     #[arg(long)]
     pub system_identifier: String,
@@ -53,8 +57,11 @@ pub struct Report {
     pub failure: Option<VerificationError>,
 }
 
-/// A termination message holds 4096 bytes; a failure's message is cut well below that.
-const MAX_MESSAGE: usize = 2048;
+/// A termination message holds 4096 bytes; a failure's message is cut so that its JSON,
+/// every character escaped at worst, still fits with the rest of the report.
+const MAX_MESSAGE: usize = 500;
+// Escaped at worst six bytes a character, the report still fits a termination message.
+const _: () = assert!(6 * MAX_MESSAGE + 1000 < 4096);
 
 fn failure(reason: &str, message: impl Into<String>) -> VerificationError {
     let mut message: String = message.into();
@@ -114,11 +121,16 @@ async fn run(args: &Args) -> Report {
 async fn connect(args: &Args, user: &str, database: &str) -> Result<Client, tokio_postgres::Error> {
     let mut config = tokio_postgres::Config::new();
     config
-        .host("localhost")
-        .port(args.port)
+        .host_path(&args.socket_dir)
         .user(user)
         .dbname(database)
         .application_name("pgsnap-verify")
+        // Over what a database or role sets (ALTER DATABASE ... SET): a timeout or a
+        // read-only default there must not read as corruption.
+        .options(
+            "-c statement_timeout=0 -c lock_timeout=0 -c idle_in_transaction_session_timeout=0 \
+             -c default_transaction_read_only=off -c synchronous_commit=local",
+        )
         .connect_timeout(Duration::from_secs(5));
     let (client, connection) = config.connect(NoTls).await?;
     tokio::spawn(connection);
@@ -131,7 +143,7 @@ async fn promoted(args: &Args) -> Result<Client, VerificationError> {
     let deadline = Instant::now() + args.recovery_timeout.0;
     let mut last = String::from("not tried");
     while Instant::now() < deadline {
-        match connect(args, &args.user, "postgres").await {
+        match connect(args, &args.user, &args.database).await {
             Ok(client) => match client.query_one("select pg_is_in_recovery()", &[]).await {
                 Ok(row) if !row.get::<_, bool>(0) => return Ok(client),
                 Ok(_) => last = "still in recovery".into(),
@@ -165,15 +177,18 @@ async fn check(
     let sql_error = |what: &str, e: tokio_postgres::Error| {
         failure("CheckError", format!("{what}: {}", db_message(&e)))
     };
-    // The role the backup used need not read everything: the bootstrap superuser does.
+    // The role the backup used need not read everything: a superuser does.
     let superuser: String = first
-        .query_one("select rolname::text from pg_roles where oid = 10", &[])
+        .query_one(
+            "select rolname::text from pg_roles where rolsuper and rolcanlogin order by oid limit 1",
+            &[],
+        )
         .await
-        .map_err(|e| sql_error("finding the superuser", e))?
+        .map_err(|e| sql_error("finding a superuser", e))?
         .get(0);
-    let admin = connect(args, &superuser, "postgres")
+    let admin = connect(args, &superuser, &args.database)
         .await
-        .map_err(|e| sql_error("connecting as the superuser", e))?;
+        .map_err(|e| sql_error("connecting as a superuser", e))?;
     let major: i32 = admin
         .query_one(
             "select current_setting('server_version_num')::int / 10000",
@@ -186,7 +201,8 @@ async fn check(
 
     let databases: Vec<String> = admin
         .query(
-            "select datname::text from pg_database where datallowconn order by 1",
+            // An invalid database (a DROP DATABASE cut short, 15.4+) takes no connection.
+            "select datname::text from pg_database where datallowconn and datconnlimit <> -2 order by 1",
             &[],
         )
         .await
@@ -198,9 +214,10 @@ async fn check(
         let db = connect(args, &superuser, database)
             .await
             .map_err(|e| sql_error(&format!("connecting to database {database}"), e))?;
-        indexes(args, &db, database, major, checked).await?;
+        let schema = amcheck(&db, database).await?;
+        indexes(args, &db, &schema, database, major, checked).await?;
         if major >= 14 {
-            tables(&db, database, checked).await?;
+            tables(&db, &schema, database, checked).await?;
         }
         checked.databases += 1;
     }
@@ -225,13 +242,15 @@ async fn check(
                     format!("check {} returned false: {}", c.name, c.sql),
                 ));
             }
+            // Only the SQLSTATE: a message can quote the data (a value that did not cast),
+            // and this one goes into status and Events.
             Err(e) => {
+                let code = e.code().map_or("none", |c| c.code());
                 return Err(failure(
                     "SqlCheckFailed",
                     format!(
-                        "check {} (one row, one boolean) failed: {}",
-                        c.name,
-                        db_message(&e)
+                        "check {} (one row, one boolean) failed with SQLSTATE {code}",
+                        c.name
                     ),
                 ));
             }
@@ -317,15 +336,10 @@ pub fn branch_point(history: &str, parent: u32) -> Option<Lsn> {
     })
 }
 
-/// amcheck over every valid B-tree index of the database; the first corrupt one fails.
-async fn indexes(
-    args: &Args,
-    db: &Client,
-    database: &str,
-    major: i32,
-    checked: &mut Checked,
-) -> Result<(), VerificationError> {
-    db.batch_execute("create extension if not exists amcheck")
+/// amcheck in the database (the copy is thrown away), current, and its schema, which the
+/// checks call it in whatever the search_path.
+async fn amcheck(db: &Client, database: &str) -> Result<String, VerificationError> {
+    db.batch_execute("create extension if not exists amcheck; alter extension amcheck update")
         .await
         .map_err(|e| {
             failure(
@@ -336,12 +350,47 @@ async fn indexes(
                 ),
             )
         })?;
+    let row = db
+        .query_one(
+            "select quote_ident(n.nspname::text) from pg_extension e \
+             join pg_namespace n on n.oid = e.extnamespace where e.extname = 'amcheck'",
+            &[],
+        )
+        .await
+        .map_err(|e| {
+            failure(
+                "CheckError",
+                format!("amcheck's schema: {}", db_message(&e)),
+            )
+        })?;
+    Ok(row.get(0))
+}
+
+/// `corrupt` when PostgreSQL says the data is (SQLSTATE data_corrupted, index_corrupted);
+/// anything else (a lock, a cancel, a missing function) is no verdict on the backup.
+fn corrupt_or_not<'a>(e: &tokio_postgres::Error, corrupt: &'a str) -> &'a str {
+    match e.code().map(|c| c.code()) {
+        Some("XX001" | "XX002") => corrupt,
+        _ => "CheckError",
+    }
+}
+
+/// amcheck over every valid B-tree index of the database; the first corrupt one fails.
+async fn indexes(
+    args: &Args,
+    db: &Client,
+    schema: &str,
+    database: &str,
+    major: i32,
+    checked: &mut Checked,
+) -> Result<(), VerificationError> {
+    // Leaf indexes only: a partitioned index (relkind I) holds no data and amcheck refuses it.
     let list = db
         .query(
             "select c.oid::regclass::text from pg_index i \
              join pg_class c on c.oid = i.indexrelid \
              join pg_am a on a.oid = c.relam \
-             where a.amname = 'btree' and i.indisvalid and i.indisready \
+             where a.amname = 'btree' and c.relkind = 'i' and i.indisvalid and i.indisready \
                and c.relpersistence <> 't' \
              order by 1",
             &[],
@@ -350,18 +399,18 @@ async fn indexes(
         .map_err(|e| failure("CheckError", format!("listing indexes: {}", db_message(&e))))?;
     // heapallindexed exists from 11.
     let sql = match major >= 11 {
-        true => "select bt_index_check($1::text::regclass, $2)",
-        false => "select bt_index_check($1::text::regclass)",
+        true => format!("select {schema}.bt_index_check($1::text::regclass, $2)"),
+        false => format!("select {schema}.bt_index_check($1::text::regclass)"),
     };
     for row in list {
         let index: String = row.get(0);
         let result = match major >= 11 {
-            true => db.execute(sql, &[&index, &args.heap_all_indexed]).await,
-            false => db.execute(sql, &[&index]).await,
+            true => db.execute(&sql, &[&index, &args.heap_all_indexed]).await,
+            false => db.execute(&sql, &[&index]).await,
         };
         if let Err(e) = result {
             return Err(failure(
-                "CorruptIndex",
+                corrupt_or_not(&e, "CorruptIndex"),
                 format!("index {index} in database {database}: {}", db_message(&e)),
             ));
         }
@@ -370,9 +419,10 @@ async fn indexes(
     Ok(())
 }
 
-/// verify_heapam over every table of the database (PostgreSQL 14+).
+/// verify_heapam over every table of the database and its TOAST (PostgreSQL 14+).
 async fn tables(
     db: &Client,
+    schema: &str,
     database: &str,
     checked: &mut Checked,
 ) -> Result<(), VerificationError> {
@@ -384,16 +434,14 @@ async fn tables(
         )
         .await
         .map_err(|e| failure("CheckError", format!("listing tables: {}", db_message(&e))))?;
+    let sql = format!(
+        "select blkno::text, coalesce(offnum::text, '-'), msg \
+         from {schema}.verify_heapam($1::text::regclass, on_error_stop => true, check_toast => true) \
+         limit 1"
+    );
     for row in list {
         let table: String = row.get(0);
-        let found = db
-            .query_opt(
-                "select blkno::text, coalesce(offnum::text, '-'), msg \
-                 from verify_heapam($1::text::regclass) limit 1",
-                &[&table],
-            )
-            .await;
-        match found {
+        match db.query_opt(&sql, &[&table]).await {
             Ok(None) => checked.tables += 1,
             Ok(Some(r)) => {
                 let (block, offset, msg): (String, String, String) = (r.get(0), r.get(1), r.get(2));
@@ -406,7 +454,7 @@ async fn tables(
             }
             Err(e) => {
                 return Err(failure(
-                    "CorruptTable",
+                    corrupt_or_not(&e, "CorruptTable"),
                     format!("table {table} in database {database}: {}", db_message(&e)),
                 ));
             }
