@@ -58,6 +58,47 @@ impl From<kube::Error> for Failure {
     }
 }
 
+/// What the Restore and Verification controllers are told: where to watch, and the image of
+/// what they run in the cluster themselves (this operator's own).
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Watch one namespace only; none watches all.
+    pub namespace: Option<String>,
+    /// The image with `pgsnap restore-prepare` and `pgsnap verify-server`.
+    pub image: String,
+}
+
+/// Errors of one reconcile, all worth a retry; permanent problems become a Failed status.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+}
+
+impl Error {
+    pub fn reason(&self) -> &'static str {
+        "KubernetesApi"
+    }
+}
+
+/// How a phase ends early: failed for good, or the API needs a retry.
+pub enum Stop {
+    Failed(Failure),
+    Api(kube::Error),
+}
+
+impl From<Failure> for Stop {
+    fn from(f: Failure) -> Self {
+        Stop::Failed(f)
+    }
+}
+
+impl From<kube::Error> for Stop {
+    fn from(e: kube::Error) -> Self {
+        Stop::Api(e)
+    }
+}
+
 pub fn now() -> Time {
     Time(k8s_openapi::jiff::Timestamp::now())
 }

@@ -45,6 +45,31 @@ pub fn backup_spec(name: &str, spec: serde_json::Value) -> Backup {
     .expect("a Backup")
 }
 
+/// A Backup of `db` named `name` (a fast checkpoint, `rest` on top of it) once it ended;
+/// panics unless it Completed.
+pub async fn completed_backup(
+    cluster: &Cluster,
+    db: &PostgresPod,
+    name: &str,
+    rest: serde_json::Value,
+) -> Backup {
+    let secret = db.password_secret(cluster).await;
+    let mut spec = json!({"checkpoint": "Fast"});
+    spec.as_object_mut()
+        .unwrap()
+        .extend(rest.as_object().cloned().unwrap_or_default());
+    apply(cluster, backup_spec(name, on(db, &secret, spec))).await;
+    let backup = wait_terminal(cluster, name).await;
+    let status = backup.status.clone().unwrap_or_default();
+    assert_eq!(
+        status.phase,
+        Some(Phase::Completed),
+        "{name}: {:?}",
+        status.error
+    );
+    backup
+}
+
 pub async fn apply(cluster: &Cluster, backup: Backup) -> String {
     let name = backup.name_any();
     cluster

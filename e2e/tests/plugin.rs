@@ -7,7 +7,7 @@ use pgsnap::api::Backup;
 use pgsnap::api::backup::Phase;
 use pgsnap::api::restore::Restore;
 use pgsnap::postgres::grants;
-use pgsnap_e2e::backups::{apply, backup_spec, on, wait_terminal};
+use pgsnap_e2e::backups::completed_backup;
 use pgsnap_e2e::cluster::cluster_dir;
 use pgsnap_e2e::operator::{
     OPERATOR_NAMESPACE, Operator, check_rows, cluster_shell, cluster_tool, kubectl_pgsnap,
@@ -23,15 +23,8 @@ async fn list_and_describe_show_a_completed_backup() {
     let cluster = Cluster::from_env().await;
     let _operator = Operator::for_test(&cluster).await;
     let db = postgres_pod(17).create(&cluster).await;
-    let secret = db.password_secret(&cluster).await;
-    let name = apply(
-        &cluster,
-        backup_spec("first", on(&db, &secret, json!({"checkpoint": "Fast"}))),
-    )
-    .await;
-    let backup = wait_terminal(&cluster, &name).await;
+    let backup = completed_backup(&cluster, &db, "first", json!({})).await;
     let status = backup.status.clone().unwrap();
-    assert_eq!(status.phase, Some(Phase::Completed), "{:?}", status.error);
     let ns = cluster.namespace.as_str();
 
     let (code, out, err) = kubectl_pgsnap(&["list", "-n", ns]);
@@ -430,17 +423,7 @@ async fn restore_prints_a_statefulset_that_serves_the_restored_claims() {
     let db = postgres_pod(16).archive_volume().create(&cluster).await;
     db.sql("CREATE TABLE kept AS SELECT generate_series(1, 500) AS v")
         .await;
-    let secret = db.password_secret(&cluster).await;
-    let name = apply(
-        &cluster,
-        backup_spec("b", on(&db, &secret, json!({"checkpoint": "Fast"}))),
-    )
-    .await;
-    let backup = wait_terminal(&cluster, &name).await;
-    assert_eq!(
-        backup.status.as_ref().and_then(|s| s.phase),
-        Some(Phase::Completed)
-    );
+    completed_backup(&cluster, &db, "b", json!({})).await;
     let ns = cluster.namespace.as_str();
 
     // Sharing the source's archive is never a default: refused before anything is made.

@@ -12,24 +12,10 @@ use pgsnap::api::backup::Phase;
 use pgsnap::api::restore::Restore;
 use pgsnap::api::schedule::BackupSchedule;
 use pgsnap::api::verification::{Verification, VerificationPhase};
-use pgsnap_e2e::backups::{apply, backup_spec, on, schedule, wait_terminal};
+use pgsnap_e2e::backups::{completed_backup, on, schedule};
 use pgsnap_e2e::operator::Operator;
-use pgsnap_e2e::{Cluster, PostgresPod, per_major, postgres_pod};
+use pgsnap_e2e::{Cluster, per_major, postgres_pod};
 use serde_json::json;
-
-/// A Completed Backup of `db`, named `name`.
-async fn backup(cluster: &Cluster, db: &PostgresPod, name: &str) -> Backup {
-    let secret = db.password_secret(cluster).await;
-    apply(
-        cluster,
-        backup_spec(name, on(db, &secret, json!({"checkpoint": "Fast"}))),
-    )
-    .await;
-    let b = wait_terminal(cluster, name).await;
-    let status = b.status.clone().unwrap();
-    assert_eq!(status.phase, Some(Phase::Completed), "{:?}", status.error);
-    b
-}
 
 async fn verify(cluster: &Cluster, name: &str, spec: serde_json::Value) {
     let v: Verification = serde_json::from_value(json!({
@@ -136,7 +122,7 @@ async fn a_backup_is_verified(major: u32) {
          INSERT INTO events SELECT g, '2026-06-01' FROM generate_series(1, 1000) g",
     )
     .await;
-    let b = backup(&cluster, &db, "b").await;
+    let b = completed_backup(&cluster, &db, "b", json!({})).await;
     verify(
         &cluster,
         "v",
@@ -239,7 +225,7 @@ async fn a_corrupt_index_fails_verification_and_names_the_index() {
         .sql_value("SELECT pg_relation_filepath('small_pkey')")
         .await;
     corrupt_first_key(&db.pgdata_host_dir().join(file));
-    backup(&cluster, &db, "b").await;
+    completed_backup(&cluster, &db, "b", json!({})).await;
     verify(&cluster, "first", json!({"backupName": "b"})).await;
     verify(&cluster, "second", json!({"backupName": "b"})).await;
     let first = ended(&cluster, "first", Duration::from_secs(240)).await;
@@ -287,7 +273,7 @@ async fn a_tampered_label_and_a_timeout_fail_and_leave_nothing() {
     let cluster = Cluster::from_env().await;
     let _operator = Operator::for_test(&cluster).await;
     let db = postgres_pod(16).no_archive().create(&cluster).await;
-    let b = backup(&cluster, &db, "b").await;
+    let b = completed_backup(&cluster, &db, "b", json!({})).await;
 
     verify(
         &cluster,

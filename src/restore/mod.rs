@@ -41,44 +41,8 @@ use crate::telemetry::{Metrics, Outcome};
 use phase::JobOutcome;
 use plan::{PlannedClaim, SourceVolume};
 
-#[derive(Clone, Debug)]
-pub struct Settings {
-    /// Watch one namespace only; none watches all.
-    pub namespace: Option<String>,
-    /// The image of the prepare Job: this operator's own, which has `pgsnap restore-prepare`.
-    pub image: String,
-}
-
-/// Errors of one reconcile, all worth a retry; permanent problems become a Failed status.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("Kubernetes API: {0}")]
-    Kube(#[from] kube::Error),
-}
-
-impl Error {
-    pub fn reason(&self) -> &'static str {
-        "KubernetesApi"
-    }
-}
-
-/// How a phase ends early: the Restore failed for good, or the API needs a retry.
-enum Stop {
-    Failed(Failure),
-    Api(kube::Error),
-}
-
-impl From<Failure> for Stop {
-    fn from(f: Failure) -> Self {
-        Stop::Failed(f)
-    }
-}
-
-impl From<kube::Error> for Stop {
-    fn from(e: kube::Error) -> Self {
-        Stop::Api(e)
-    }
-}
+use crate::controller::Stop;
+pub use crate::controller::{Error, Settings};
 
 impl PhasedStatus for RestoreStatus {
     type Phase = RestorePhase;

@@ -38,44 +38,8 @@ use plan::PodOutcome;
 /// The field manager of `status.verification` on Backups: not the Backup controller's.
 const BACKUP_FIELD_MANAGER: &str = "pgsnap-verification";
 
-#[derive(Clone, Debug)]
-pub struct Settings {
-    /// Watch one namespace only; none watches all.
-    pub namespace: Option<String>,
-    /// The checker's image: this operator's own, which has `pgsnap verify-server`.
-    pub image: String,
-}
-
-/// Errors of one reconcile, all worth a retry; permanent problems become a Failed status.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("Kubernetes API: {0}")]
-    Kube(#[from] kube::Error),
-}
-
-impl Error {
-    pub fn reason(&self) -> &'static str {
-        "KubernetesApi"
-    }
-}
-
-/// How a phase ends early: the verification failed for good, or the API needs a retry.
-enum Stop {
-    Failed(Failure),
-    Api(kube::Error),
-}
-
-impl From<Failure> for Stop {
-    fn from(f: Failure) -> Self {
-        Stop::Failed(f)
-    }
-}
-
-impl From<kube::Error> for Stop {
-    fn from(e: kube::Error) -> Self {
-        Stop::Api(e)
-    }
-}
+use crate::controller::Stop;
+pub use crate::controller::{Error, Settings};
 
 impl PhasedStatus for VerificationStatus {
     type Phase = VerificationPhase;
