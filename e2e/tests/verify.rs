@@ -167,11 +167,21 @@ async fn a_backup_is_verified(major: u32) {
         checked.tables
     );
     let on_backup = cluster.api::<Backup>().get("b").await.unwrap();
-    let recorded = on_backup.status.unwrap().verification.unwrap();
+    let backup_status = on_backup.status.unwrap();
+    let recorded = backup_status.verification.unwrap();
     assert_eq!(
         (recorded.result.as_str(), recorded.verification.as_str()),
         ("Passed", "v")
     );
+    // Beside the Backup controller's own conditions, each under its field manager.
+    let types: Vec<(&str, &str)> = backup_status
+        .conditions
+        .iter()
+        .map(|c| (c.type_.as_str(), c.status.as_str()))
+        .collect();
+    for expected in [("Ready", "True"), ("Verified", "True")] {
+        assert!(types.contains(&expected), "{types:?}");
+    }
     assert_nothing_left(&cluster, &v).await;
     operator
         .expect_metrics(&[r#"pgsnap_verifications_total{result="Passed",reason="Passed"} 1"#])
@@ -239,15 +249,20 @@ async fn a_corrupt_index_fails_verification_and_names_the_index() {
             "index small_pkey in database postgres: item order invariant violated for index \"small_pkey\""
         )
     );
-    let recorded = cluster
+    let backup_status = cluster
         .api::<Backup>()
         .get("b")
         .await
         .unwrap()
         .status
-        .unwrap()
-        .verification
         .unwrap();
+    let verified = backup_status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Verified")
+        .map(|c| (c.status.as_str(), c.reason.as_str()));
+    assert_eq!(verified, Some(("False", "CorruptIndex")));
+    let recorded = backup_status.verification.unwrap();
     assert_eq!(
         (recorded.result.as_str(), recorded.reason.as_deref()),
         ("Failed", Some("CorruptIndex"))

@@ -213,12 +213,17 @@ impl Context {
         backup: &Backup,
         status: &BackupStatus,
     ) -> Result<(), kube::Error> {
-        // status.verification is the Verification controller's, under its own field manager:
-        // this manager never sends it, so it never takes it over or writes back an old one.
-        let status = &BackupStatus {
+        // status.verification and the Verified condition are the Verification controller's,
+        // under its own field manager: this one never sends them, so it never takes them
+        // over or writes back an old one.
+        let mut status = BackupStatus {
             verification: None,
             ..status.clone()
         };
+        status
+            .conditions
+            .retain(|c| c.type_ != crate::verify::VERIFIED_CONDITION);
+        let status = &status;
         self.reporter.patch_status(backup, status).await?;
         if let (Some(phase), Some(uid)) = (status.phase, backup.uid()) {
             self.written

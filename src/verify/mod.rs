@@ -35,8 +35,11 @@ use crate::controller::{self, Failure, PhasedStatus, Progress, Reporter, now};
 use crate::telemetry::{DatabaseLabels, Metrics};
 use plan::PodOutcome;
 
-/// The field manager of `status.verification` on Backups: not the Backup controller's.
+/// The field manager of `status.verification` and the `Verified` condition on Backups: not
+/// the Backup controller's.
 const BACKUP_FIELD_MANAGER: &str = "pgsnap-verification";
+/// The condition on a Backup that says whether its last verdict passed.
+pub const VERIFIED_CONDITION: &str = "Verified";
 
 use crate::controller::Stop;
 pub use crate::controller::{Error, Settings};
@@ -509,9 +512,17 @@ async fn finish(
         reason: outcome.as_ref().err().map(|f| f.reason.clone()),
         message: outcome.as_ref().err().map(|f| f.message.clone()),
     };
+    let condition = Condition {
+        type_: VERIFIED_CONDITION.into(),
+        status: if outcome.is_ok() { "True" } else { "False" }.into(),
+        reason: reason.clone(),
+        message: format!("Verification {}: {message}", v.name_any()),
+        observed_generation: None,
+        last_transition_time: done.clone(),
+    };
     let patch = serde_json::json!({
         "apiVersion": "pgsnap.io/v1alpha1", "kind": "Backup",
-        "status": {"verification": record},
+        "status": {"verification": record, "conditions": [condition]},
     });
     let backups = Api::<Backup>::namespaced(ctx.client.clone(), &ns);
     // Only a verdict on the backup goes onto it: a verification that could not run (its
