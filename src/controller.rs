@@ -239,6 +239,15 @@ pub fn ready_says(conditions: &[Condition], reason: &str, message: &str) -> bool
         .any(|c| c.type_ == "Ready" && c.reason == reason && c.message == message)
 }
 
+/// A toleration admission gives every pod (DefaultTolerationSeconds): a spec copied from a
+/// live pod leaves it out, and the copy's own pod gets it back.
+pub fn added_by_admission(t: &k8s_openapi::api::core::v1::Toleration) -> bool {
+    matches!(
+        t.key.as_deref(),
+        Some("node.kubernetes.io/not-ready" | "node.kubernetes.io/unreachable")
+    ) && t.toleration_seconds == Some(300)
+}
+
 /// The first `len` hex digits of the sha256 of `text`: what keeps shortened names distinct.
 pub fn hash_prefix(text: &str, len: usize) -> String {
     hex::encode(Sha256::digest(text.as_bytes()))[..len].to_string()

@@ -48,54 +48,31 @@ async fn ended(cluster: &Cluster, name: &str, within: Duration) -> Verification 
 
 /// Nothing the Verification made is left: its pod, its Restore and claims, its ConfigMap.
 async fn assert_nothing_left(cluster: &Cluster, v: &Verification) {
-    let selector = format!("pgsnap.io/verification-uid={}", v.uid().unwrap());
+    /// "<kind> <name>" of each object of kind K that `params` selects.
+    async fn named<K>(cluster: &Cluster, params: &ListParams) -> Vec<String>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+    {
+        let items = cluster.api::<K>().list(params).await.unwrap().items;
+        items
+            .iter()
+            .map(|o| format!("{} {}", K::kind(&()), o.name_any()))
+            .collect()
+    }
+    let by =
+        ListParams::default().labels(&format!("pgsnap.io/verification-uid={}", v.uid().unwrap()));
+    // The Restore's claims carry its labels, not the Verification's.
+    let restore = pgsnap::verify::plan::restore_name(&v.name_any());
+    let claims = ListParams::default().labels(&format!("pgsnap.io/restore={restore}"));
     let mut left = Vec::new();
     for _ in 0..150 {
-        let by = ListParams::default().labels(&selector);
-        left = Vec::new();
-        left.extend(
-            cluster
-                .api::<Pod>()
-                .list(&by)
-                .await
-                .unwrap()
-                .items
-                .iter()
-                .map(|p| format!("pod {}", p.name_any())),
-        );
-        left.extend(
-            cluster
-                .api::<Restore>()
-                .list(&by)
-                .await
-                .unwrap()
-                .items
-                .iter()
-                .map(|r| format!("restore {}", r.name_any())),
-        );
-        left.extend(
-            cluster
-                .api::<ConfigMap>()
-                .list(&by)
-                .await
-                .unwrap()
-                .items
-                .iter()
-                .map(|c| format!("configmap {}", c.name_any())),
-        );
-        // The Restore's claims carry its labels, not the Verification's.
-        let restore = pgsnap::verify::plan::restore_name(&v.name_any());
-        let claims = ListParams::default().labels(&format!("pgsnap.io/restore={restore}"));
-        left.extend(
-            cluster
-                .api::<PersistentVolumeClaim>()
-                .list(&claims)
-                .await
-                .unwrap()
-                .items
-                .iter()
-                .map(|c| format!("claim {}", c.name_any())),
-        );
+        left = named::<Pod>(cluster, &by).await;
+        left.extend(named::<Restore>(cluster, &by).await);
+        left.extend(named::<ConfigMap>(cluster, &by).await);
+        left.extend(named::<PersistentVolumeClaim>(cluster, &claims).await);
         if left.is_empty() {
             return;
         }

@@ -478,14 +478,8 @@ fn restored_server(
         c.startup_probe = None;
     }
     // Admission's defaults come back by themselves.
-    let default_toleration = |t: &k8s_openapi::api::core::v1::Toleration| {
-        matches!(
-            t.key.as_deref(),
-            Some("node.kubernetes.io/not-ready" | "node.kubernetes.io/unreachable")
-        ) && t.toleration_seconds == Some(300)
-    };
     if let Some(tolerations) = &mut spec.tolerations {
-        tolerations.retain(|t| !default_toleration(t));
+        tolerations.retain(|t| !crate::controller::added_by_admission(t));
     }
     let spec = PodSpec {
         volumes: (!volumes.is_empty()).then_some(volumes),

@@ -208,10 +208,10 @@ async fn pending(
         .controller_owner_ref(&())
         .expect("a stored object has a uid");
     let hba = plan::hba(&v.name_any(), &ns, owner.clone(), labels(v));
-    create_or_keep(&Api::namespaced(ctx.client.clone(), &ns), &hba).await?;
+    create_or_keep(&Api::namespaced(ctx.client.clone(), &ns), &hba, v).await?;
     let restore = plan::restore(v, &backup, owner, labels(v))
         .map_err(|e| Failure::new("InvalidSpec", e.to_string()))?;
-    create_or_keep(&Api::namespaced(ctx.client.clone(), &ns), &restore).await?;
+    create_or_keep(&Api::namespaced(ctx.client.clone(), &ns), &restore, v).await?;
     status.image = Some(source.image);
     status.restore = Some(restore.name_any());
     status.started_at = Some(now());
@@ -277,7 +277,7 @@ async fn source_server(
 }
 
 /// Creates `object`; one of that name made by this Verification before is kept.
-async fn create_or_keep<K>(api: &Api<K>, object: &K) -> Result<(), Stop>
+async fn create_or_keep<K>(api: &Api<K>, object: &K, v: &Verification) -> Result<(), Stop>
 where
     K: Resource<DynamicType = ()>
         + Clone
@@ -289,9 +289,7 @@ where
         Ok(_) => Ok(()),
         Err(kube::Error::Api(e)) if e.code == 409 => {
             let existing = api.get(&object.name_any()).await?;
-            let ours = existing.labels().get(VERIFICATION_UID_LABEL)
-                == object.labels().get(VERIFICATION_UID_LABEL);
-            match ours {
+            match controller::created_by(&existing, &VERIFICATION_CREATOR, v) {
                 true => Ok(()),
                 false => Err(Failure::new(
                     "NameConflict",
@@ -380,7 +378,7 @@ async fn restoring(
         checker_args: checker_args(v, &backup, left)?,
         resources: v.spec.settings.resources.clone(),
     })?;
-    create_or_keep(&Api::namespaced(ctx.client.clone(), &ns), &pod).await?;
+    create_or_keep(&Api::namespaced(ctx.client.clone(), &ns), &pod, v).await?;
     status.pod = pod.metadata.name.clone();
     let message = format!(
         "PostgreSQL ({}) recovering on the restored claims in pod {}, then the checks",

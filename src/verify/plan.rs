@@ -296,7 +296,7 @@ pub fn source_server(pod: &Pod, data_claim: &str) -> Result<SourceServer, Failur
             // Admission's defaults come back by themselves.
             tolerations: spec.tolerations.clone().map(|t| {
                 t.into_iter()
-                    .filter(|t| t.toleration_seconds != Some(300))
+                    .filter(|t| !crate::controller::added_by_admission(t))
                     .collect()
             }),
             service_account_name: spec.service_account_name.clone(),
