@@ -110,6 +110,193 @@ async fn a_volume_snapshot_restores_into_a_new_pvc() {
     );
 }
 
+/// A VolumeGroupSnapshot of two PVCs (by label, class csi-hostpath-group): one member
+/// VolumeSnapshot per PVC, owned by the group; a member restores like any snapshot; deleting
+/// the group deletes the members, their contents and the driver's copies.
+#[tokio::test]
+async fn a_volume_group_snapshot_cuts_each_pvc_and_deletes_with_its_members() {
+    let cluster = Cluster::from_env().await;
+    let pvcs = cluster.api::<PersistentVolumeClaim>();
+    let mut dirs = vec![];
+    for name in ["one", "two"] {
+        let mut claim = pvc(name, None);
+        claim["metadata"]["labels"] = json!({"e2e.pgsnap.io/group": "together"});
+        create(&pvcs, claim).await;
+        let dir = cluster.pvc_host_dir(name).await;
+        std::fs::write(dir.join("hello.txt"), format!("hello from {name}\n")).unwrap();
+        dirs.push(dir);
+    }
+    // Not in the group: the selector must leave it out.
+    create(&pvcs, pvc("other", None)).await;
+    cluster
+        .wait_for(pvcs.clone(), "other", "Bound", T, bound)
+        .await;
+
+    let dynamic = |group: &str, version: &str, kind: &str| {
+        ApiResource::from_gvk(&GroupVersionKind::gvk(group, version, kind))
+    };
+    let vgs_ar = dynamic("groupsnapshot.storage.k8s.io", "v1", "VolumeGroupSnapshot");
+    let groups: Api<DynamicObject> =
+        Api::namespaced_with(cluster.client.clone(), &cluster.namespace, &vgs_ar);
+    let group_contents: Api<DynamicObject> = Api::all_with(
+        cluster.client.clone(),
+        &dynamic(
+            "groupsnapshot.storage.k8s.io",
+            "v1",
+            "VolumeGroupSnapshotContent",
+        ),
+    );
+    let snapshots: Api<DynamicObject> = Api::namespaced_with(
+        cluster.client.clone(),
+        &cluster.namespace,
+        &dynamic("snapshot.storage.k8s.io", "v1", "VolumeSnapshot"),
+    );
+    let contents: Api<DynamicObject> = Api::all_with(
+        cluster.client.clone(),
+        &dynamic("snapshot.storage.k8s.io", "v1", "VolumeSnapshotContent"),
+    );
+
+    let t0 = std::time::Instant::now();
+    let group: DynamicObject = from_json(json!({
+        "apiVersion": "groupsnapshot.storage.k8s.io/v1", "kind": "VolumeGroupSnapshot",
+        "metadata": {"name": "both"},
+        "spec": {
+            "volumeGroupSnapshotClassName": "csi-hostpath-group",
+            "source": {"selector": {"matchLabels": {"e2e.pgsnap.io/group": "together"}}}
+        }
+    }));
+    groups
+        .create(&PostParams::default(), &group)
+        .await
+        .expect("create VolumeGroupSnapshot");
+    let ready = |s: Option<&DynamicObject>| {
+        s.is_some_and(|s| s.data["status"]["readyToUse"] == json!(true))
+    };
+    let group = cluster
+        .wait_for(groups.clone(), "both", "readyToUse", T, ready)
+        .await;
+    let took = t0.elapsed();
+    let group_uid = group.metadata.uid.clone().unwrap();
+    let group_content = group.data["status"]["boundVolumeGroupSnapshotContentName"]
+        .as_str()
+        .expect("a ready group names its content")
+        .to_string();
+    assert!(group.data["status"]["creationTime"].is_string());
+
+    // The members: made by the snapshot-controller once the group is cut, so they may come
+    // (and be ready) a moment after the group is.
+    let deadline = std::time::Instant::now() + T;
+    let members = loop {
+        let members: Vec<DynamicObject> = snapshots
+            .list(&Default::default())
+            .await
+            .expect("list VolumeSnapshots")
+            .items
+            .into_iter()
+            .filter(|s| {
+                s.metadata
+                    .owner_references
+                    .iter()
+                    .flatten()
+                    .any(|o| o.uid == group_uid && o.kind == "VolumeGroupSnapshot")
+            })
+            .collect();
+        if members.len() >= 2 || std::time::Instant::now() > deadline {
+            break members;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let mut by_claim = std::collections::BTreeMap::new();
+    for m in &members {
+        let name = m.metadata.name.clone().unwrap();
+        let m = cluster
+            .wait_for(snapshots.clone(), &name, "readyToUse", T, ready)
+            .await;
+        assert_eq!(m.data["status"]["volumeGroupSnapshotName"], json!("both"));
+        let claim = m.data["spec"]["source"]["persistentVolumeClaimName"]
+            .as_str()
+            .expect("a member names its PVC")
+            .to_string();
+        let content = m.data["status"]["boundVolumeSnapshotContentName"]
+            .as_str()
+            .expect("a ready member names its content")
+            .to_string();
+        let content = contents.get(&content).await.expect("member content");
+        by_claim.insert(claim, (m, content));
+    }
+    assert_eq!(
+        by_claim.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["one", "two"],
+        "one member per PVC with the label, none for the other"
+    );
+    eprintln!(
+        "group of {} volumes readyToUse in {took:?}, members {:?}",
+        members.len(),
+        members
+            .iter()
+            .map(|m| m.metadata.name.clone().unwrap())
+            .collect::<Vec<_>>()
+    );
+
+    // A member restores like any VolumeSnapshot.
+    let member_of_two = by_claim["two"].0.metadata.name.clone().unwrap();
+    create(&pvcs, pvc("restored", Some(&member_of_two))).await;
+    cluster.wait_for(pvcs, "restored", "Bound", T, bound).await;
+    let restored = cluster.pvc_host_dir("restored").await;
+    assert!(!dirs.contains(&restored));
+    assert_eq!(
+        std::fs::read_to_string(restored.join("hello.txt")).unwrap(),
+        "hello from two\n"
+    );
+
+    // Deleting the group deletes its members, their contents and the driver's copies.
+    let handles: Vec<String> = by_claim
+        .values()
+        .map(|(_, c)| {
+            c.data["status"]["snapshotHandle"]
+                .as_str()
+                .expect("a member content has a handle")
+                .to_string()
+        })
+        .collect();
+    let group_content_uid = group_contents
+        .get(&group_content)
+        .await
+        .expect("group content")
+        .metadata
+        .uid
+        .unwrap();
+    groups
+        .delete("both", &DeleteParams::background())
+        .await
+        .expect("delete VolumeGroupSnapshot");
+    cluster.wait_deleted(groups, "both", &group_uid, T).await;
+    cluster
+        .wait_deleted(group_contents, &group_content, &group_content_uid, T)
+        .await;
+    for (m, c) in by_claim.values() {
+        let (name, uid) = (
+            m.metadata.name.clone().unwrap(),
+            m.metadata.uid.clone().unwrap(),
+        );
+        cluster
+            .wait_deleted(snapshots.clone(), &name, &uid, T)
+            .await;
+        let (name, uid) = (
+            c.metadata.name.clone().unwrap(),
+            c.metadata.uid.clone().unwrap(),
+        );
+        cluster.wait_deleted(contents.clone(), &name, &uid, T).await;
+    }
+    let state = cluster.dir.join("hostpath");
+    for h in handles {
+        assert!(
+            !state.join(format!("{h}.snap")).exists(),
+            "the driver's copy {h}.snap is removed with its group"
+        );
+    }
+}
+
 #[tokio::test]
 async fn deleting_an_owner_deletes_its_dependent() {
     let cluster = Cluster::from_env().await;

@@ -18,8 +18,17 @@
 //   - neverReady=true: cut, and never ready;
 //   - failWith=MESSAGE: CreateSnapshot fails with MESSAGE.
 //
-// Only the identity and controller services are served: the node agent bind-mounts volume
-// directories itself, so no NodePublish is needed.
+// Group snapshots (the CSI GroupController service, VolumeGroupSnapshot): a group is one
+// snapshot per source volume, cut by the same code with the same class parameters, all started
+// at once (one goroutine each); CreateVolumeGroupSnapshot answers when every member is cut, and
+// if one fails the others are removed and the call fails. The members are cut concurrently, not
+// at one instant: a group is as fuzzy across volumes as one tar is across files. This storage
+// cannot cut several volumes atomically; real drivers with group snapshots cut them all at one
+// instant (crash-consistent). Here correctness comes from PostgreSQL's backup mode, as for one
+// volume. A member is an ordinary snapshot too (ListSnapshots, DeleteSnapshot, restore).
+//
+// The identity, controller and group controller services are served: the node agent
+// bind-mounts volume directories itself, so no NodePublish is needed.
 package main
 
 import (
@@ -63,6 +72,7 @@ type snapshot struct {
 	ID       string    `json:"id"`
 	Name     string    `json:"name"`
 	VolumeID string    `json:"volumeId"`
+	Group    string    `json:"group,omitempty"` // the group snapshot it is a member of
 	Size     int64     `json:"size"`
 	Path     string    `json:"path"`
 	Created  time.Time `json:"created"`
@@ -77,15 +87,28 @@ func (s *snapshot) ready() bool {
 	return s.Ready || (s.Cut && s.ReadyAt != nil && !time.Now().Before(*s.ReadyAt))
 }
 
+// A group snapshot: one snapshot per source volume, cut concurrently.
+type group struct {
+	ID        string    `json:"id"`
+	Name      string    `json:"name"`
+	VolumeIDs []string  `json:"volumeIds"`
+	Snapshots []string  `json:"snapshots"` // member snapshot ids, in the order of VolumeIDs
+	Created   time.Time `json:"created"`   // when the first member's cut started
+	// Cut: every member is cut. Until then the group is being cut (or its call was cut short).
+	Cut bool `json:"cut"`
+}
+
 type state struct {
 	Volumes   map[string]*volume   `json:"volumes"`
 	Snapshots map[string]*snapshot `json:"snapshots"`
+	Groups    map[string]*group    `json:"groups"` // absent from a state.json written before groups
 }
 
 type driver struct {
 	csi.UnimplementedIdentityServer
 	csi.UnimplementedControllerServer
 	csi.UnimplementedNodeServer
+	csi.UnimplementedGroupControllerServer
 
 	name, version, nodeID, dir string
 	// An XFS file system with reflink, for reflink volumes and their snapshots; "" if none.
@@ -98,7 +121,7 @@ type driver struct {
 func (d *driver) statePath() string { return filepath.Join(d.dir, "state.json") }
 
 func (d *driver) load() error {
-	d.st = state{Volumes: map[string]*volume{}, Snapshots: map[string]*snapshot{}}
+	d.st = state{Volumes: map[string]*volume{}, Snapshots: map[string]*snapshot{}, Groups: map[string]*group{}}
 	b, err := os.ReadFile(d.statePath())
 	if errors.Is(err, os.ErrNotExist) {
 		return nil
@@ -114,6 +137,21 @@ func (d *driver) load() error {
 	}
 	if d.st.Snapshots == nil {
 		d.st.Snapshots = map[string]*snapshot{}
+	}
+	if d.st.Groups == nil {
+		d.st.Groups = map[string]*group{}
+	}
+	// A group whose cut a restart cut short failed as a whole: its members go with it.
+	for id, g := range d.st.Groups {
+		if !g.Cut {
+			for _, sid := range g.Snapshots {
+				if s, ok := d.st.Snapshots[sid]; ok {
+					os.RemoveAll(s.Path)
+					delete(d.st.Snapshots, sid)
+				}
+			}
+			delete(d.st.Groups, id)
+		}
 	}
 	// A snapshot whose tar was cut short by a restart is worthless.
 	for id, s := range d.st.Snapshots {
@@ -156,6 +194,7 @@ func (d *driver) GetPluginInfo(context.Context, *csi.GetPluginInfoRequest) (*csi
 func (d *driver) GetPluginCapabilities(context.Context, *csi.GetPluginCapabilitiesRequest) (*csi.GetPluginCapabilitiesResponse, error) {
 	return &csi.GetPluginCapabilitiesResponse{Capabilities: []*csi.PluginCapability{
 		{Type: &csi.PluginCapability_Service_{Service: &csi.PluginCapability_Service{Type: csi.PluginCapability_Service_CONTROLLER_SERVICE}}},
+		{Type: &csi.PluginCapability_Service_{Service: &csi.PluginCapability_Service{Type: csi.PluginCapability_Service_GROUP_CONTROLLER_SERVICE}}},
 		{Type: &csi.PluginCapability_VolumeExpansion_{VolumeExpansion: &csi.PluginCapability_VolumeExpansion{Type: csi.PluginCapability_VolumeExpansion_ONLINE}}},
 	}}, nil
 }
@@ -343,12 +382,125 @@ func (d *driver) ControllerExpandVolume(_ context.Context, req *csi.ControllerEx
 
 func (s *snapshot) csi() *csi.Snapshot {
 	return &csi.Snapshot{SnapshotId: s.ID, SourceVolumeId: s.VolumeID, SizeBytes: s.Size,
-		CreationTime: timestamppb.New(s.Created), ReadyToUse: s.ready()}
+		CreationTime: timestamppb.New(s.Created), ReadyToUse: s.ready(), GroupSnapshotId: s.Group}
 }
 
-func (d *driver) CreateSnapshot(ctx context.Context, req *csi.CreateSnapshotRequest) (*csi.CreateSnapshotResponse, error) {
+// cutOptions is what a class's parameters ask of a cut, for a VolumeSnapshotClass and a
+// VolumeGroupSnapshotClass alike.
+type cutOptions struct {
+	failWith         string        // failWith: the cut fails with this message
+	takes            time.Duration // cutSeconds: the cut takes this much longer
+	reflink          bool          // cut=reflink
+	ignoreFailedRead bool
+	neverReady       bool
+	upload           *time.Duration // uploadSeconds: ready this long after the cut (nil: at once)
+}
+
+func parseCutOptions(p map[string]string) (cutOptions, error) {
+	o := cutOptions{
+		failWith:         p["failWith"],
+		reflink:          strings.EqualFold(p["cut"], "reflink"),
+		ignoreFailedRead: strings.EqualFold(p["ignoreFailedRead"], "true"),
+		neverReady:       strings.EqualFold(p["neverReady"], "true"),
+	}
+	if cut := p["cutSeconds"]; cut != "" {
+		var err error
+		if o.takes, err = time.ParseDuration(cut + "s"); err != nil {
+			return o, status.Errorf(codes.InvalidArgument, "cutSeconds %q: %v", cut, err)
+		}
+	}
+	if upload := p["uploadSeconds"]; upload != "" {
+		seconds, err := time.ParseDuration(upload + "s")
+		if err != nil {
+			return o, status.Errorf(codes.InvalidArgument, "uploadSeconds %q: %v", upload, err)
+		}
+		o.upload = &seconds
+	}
+	return o, nil
+}
+
+// cutSource is the directory a cut of v copies: the volume's directory, or for cut=reflink the
+// real directory on the reflink file system (refused for a volume elsewhere). mu held.
+func (d *driver) cutSource(v *volume, o cutOptions) (string, error) {
+	if !o.reflink {
+		return v.Path, nil
+	}
+	real, err := os.Readlink(v.Path)
+	if err != nil || filepath.Dir(real) != d.reflinkDir {
+		return "", status.Errorf(codes.InvalidArgument, "cut=reflink needs a volume of a StorageClass with reflink=true; %s is not one", v.ID)
+	}
+	return real, nil
+}
+
+// newCut records a snapshot of v named name, not cut yet, as a member of group ("" for none).
+// mu held; the caller saves.
+func (d *driver) newCut(name string, v *volume, group string, o cutOptions) *snapshot {
+	s := &snapshot{ID: newID(), Name: name, VolumeID: v.ID, Group: group, Size: v.Size, Created: time.Now().UTC()}
+	s.Path = filepath.Join(d.dir, s.ID+".snap")
+	if o.reflink {
+		s.Path = filepath.Join(d.reflinkDir, s.ID+".snap.d")
+	}
+	d.st.Snapshots[s.ID] = s
+	return s
+}
+
+// cut copies source (v's files) into s, which newCut recorded, and records the outcome: a
+// failed copy is removed, a whole one is Cut, and ready as o says. The copy runs without mu
+// and without the caller's context: it must finish even when the sidecar's call times out, so
+// that a retry finds it.
+func (d *driver) cut(s *snapshot, v *volume, source string, o cutOptions) error {
+	time.Sleep(o.takes)
+	var out []byte
+	var err error
+	if o.reflink {
+		// Files are cloned one by one: as fuzzy across files as tar.
+		out, err = exec.Command("cp", "-a", "--reflink=always", source+"/.", s.Path).CombinedOutput()
+	} else {
+		args := []string{"-c", "-z", "-f", s.Path}
+		if o.ignoreFailedRead {
+			args = append(args, "--ignore-failed-read")
+		}
+		args = append(args, "-C", source, ".")
+		out, err = exec.Command("tar", args...).CombinedOutput()
+		var ee *exec.ExitError
+		// GNU tar exits 1 when a file changed while it was read: that is the fuzzy copy we model.
+		if errors.As(err, &ee) && ee.ExitCode() == 1 {
+			log.Printf("cut %s: files changed while read: %s", s.Name, strings.TrimSpace(string(out)))
+			err = nil
+		}
+	}
+
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if err != nil {
+		os.RemoveAll(s.Path)
+		delete(d.st.Snapshots, s.ID)
+		d.save()
+		return status.Errorf(codes.Internal, "copying volume %s failed: %v: %s", v.ID, err, out)
+	}
+	s.Cut = true
+	switch {
+	case o.neverReady:
+	case o.upload != nil:
+		at := time.Now().Add(*o.upload)
+		s.ReadyAt = &at
+	default:
+		s.Ready = true
+	}
+	log.Printf("cut %s -> %s of %s (cut at %s, took %s)", s.Name, s.Path, v.ID, s.Created.Format(time.RFC3339Nano), time.Since(s.Created))
+	if err := d.save(); err != nil {
+		return status.Error(codes.Internal, err.Error())
+	}
+	return nil
+}
+
+func (d *driver) CreateSnapshot(_ context.Context, req *csi.CreateSnapshotRequest) (*csi.CreateSnapshotResponse, error) {
 	if req.GetName() == "" || req.GetSourceVolumeId() == "" {
 		return nil, status.Error(codes.InvalidArgument, "name and source volume id are required")
+	}
+	o, err := parseCutOptions(req.GetParameters())
+	if err != nil {
+		return nil, err
 	}
 	d.mu.Lock()
 	for _, s := range d.st.Snapshots {
@@ -371,82 +523,25 @@ func (d *driver) CreateSnapshot(ctx context.Context, req *csi.CreateSnapshotRequ
 		d.mu.Unlock()
 		return nil, status.Errorf(codes.NotFound, "volume %s not found", req.GetSourceVolumeId())
 	}
-	if msg := req.GetParameters()["failWith"]; msg != "" {
+	if o.failWith != "" {
 		d.mu.Unlock()
-		return nil, status.Error(codes.Internal, msg)
+		return nil, status.Error(codes.Internal, o.failWith)
 	}
-	var cutTakes time.Duration
-	if cut := req.GetParameters()["cutSeconds"]; cut != "" {
-		var err error
-		if cutTakes, err = time.ParseDuration(cut + "s"); err != nil {
-			d.mu.Unlock()
-			return nil, status.Errorf(codes.InvalidArgument, "cutSeconds %q: %v", cut, err)
-		}
+	source, err := d.cutSource(v, o)
+	if err != nil {
+		d.mu.Unlock()
+		return nil, err
 	}
-	reflink := strings.EqualFold(req.GetParameters()["cut"], "reflink")
-	var source string
-	if reflink {
-		real, err := os.Readlink(v.Path)
-		if err != nil || filepath.Dir(real) != d.reflinkDir {
-			d.mu.Unlock()
-			return nil, status.Errorf(codes.InvalidArgument, "cut=reflink needs a volume of a StorageClass with reflink=true; %s is not one", v.ID)
-		}
-		source = real
-	}
-	s := &snapshot{ID: newID(), Name: req.GetName(), VolumeID: v.ID, Size: v.Size, Created: time.Now().UTC()}
-	s.Path = filepath.Join(d.dir, s.ID+".snap")
-	if reflink {
-		s.Path = filepath.Join(d.reflinkDir, s.ID+".snap.d")
-	}
-	d.st.Snapshots[s.ID] = s
+	s := d.newCut(req.GetName(), v, "", o)
 	d.save()
 	d.mu.Unlock()
 
-	time.Sleep(cutTakes)
-	var out []byte
-	var err error
-	if reflink {
-		// Not ctx, like tar below. Files are cloned one by one: as fuzzy across files as tar.
-		out, err = exec.Command("cp", "-a", "--reflink=always", source+"/.", s.Path).CombinedOutput()
-	} else {
-		args := []string{"-c", "-z", "-f", s.Path}
-		if strings.EqualFold(req.GetParameters()["ignoreFailedRead"], "true") {
-			args = append(args, "--ignore-failed-read")
-		}
-		args = append(args, "-C", v.Path, ".")
-		// Not ctx: the tar must finish even when the sidecar's call times out, so a retry finds it.
-		out, err = exec.Command("tar", args...).CombinedOutput()
-		var ee *exec.ExitError
-		// GNU tar exits 1 when a file changed while it was read: that is the fuzzy copy we model.
-		if errors.As(err, &ee) && ee.ExitCode() == 1 {
-			log.Printf("CreateSnapshot %s: files changed while read: %s", s.Name, strings.TrimSpace(string(out)))
-			err = nil
-		}
+	if err := d.cut(s, v, source, o); err != nil {
+		return nil, err
 	}
-
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if err != nil {
-		os.RemoveAll(s.Path)
-		delete(d.st.Snapshots, s.ID)
-		d.save()
-		return nil, status.Errorf(codes.Internal, "copying volume %s failed: %v: %s", v.ID, err, out)
-	}
-	s.Cut = true
-	switch upload := req.GetParameters()["uploadSeconds"]; {
-	case strings.EqualFold(req.GetParameters()["neverReady"], "true"):
-	case upload != "":
-		seconds, err := time.ParseDuration(upload + "s")
-		if err != nil {
-			return nil, status.Errorf(codes.InvalidArgument, "uploadSeconds %q: %v", upload, err)
-		}
-		at := time.Now().Add(seconds)
-		s.ReadyAt = &at
-	default:
-		s.Ready = true
-	}
-	log.Printf("CreateSnapshot %s -> %s of %s (cut at %s, took %s)", s.Name, s.Path, v.ID, s.Created.Format(time.RFC3339Nano), time.Since(s.Created))
-	return &csi.CreateSnapshotResponse{Snapshot: s.csi()}, d.save()
+	return &csi.CreateSnapshotResponse{Snapshot: s.csi()}, nil
 }
 
 func (d *driver) DeleteSnapshot(_ context.Context, req *csi.DeleteSnapshotRequest) (*csi.DeleteSnapshotResponse, error) {
@@ -457,6 +552,9 @@ func (d *driver) DeleteSnapshot(_ context.Context, req *csi.DeleteSnapshotReques
 	defer d.mu.Unlock()
 	s, ok := d.st.Snapshots[req.GetSnapshotId()]
 	if !ok {
+		// Deleted before (a retry), or a member gone with its group. (external-snapshotter
+		// deletes a group's members only through DeleteVolumeGroupSnapshot, but may ask anyway.)
+		log.Printf("DeleteSnapshot %s: already gone", req.GetSnapshotId())
 		return &csi.DeleteSnapshotResponse{}, nil
 	}
 	if !s.Cut {
@@ -484,6 +582,213 @@ func (d *driver) ListSnapshots(_ context.Context, req *csi.ListSnapshotsRequest)
 		out = append(out, &csi.ListSnapshotsResponse_Entry{Snapshot: s.csi()})
 	}
 	return &csi.ListSnapshotsResponse{Entries: out}, nil
+}
+
+// ---- group controller
+
+func (d *driver) GroupControllerGetCapabilities(context.Context, *csi.GroupControllerGetCapabilitiesRequest) (*csi.GroupControllerGetCapabilitiesResponse, error) {
+	return &csi.GroupControllerGetCapabilitiesResponse{Capabilities: []*csi.GroupControllerServiceCapability{
+		{Type: &csi.GroupControllerServiceCapability_Rpc{Rpc: &csi.GroupControllerServiceCapability_RPC{
+			Type: csi.GroupControllerServiceCapability_RPC_CREATE_DELETE_GET_VOLUME_GROUP_SNAPSHOT}}},
+	}}, nil
+}
+
+// csi is the group as CSI reports it, mu held: its members that still exist, ready when every
+// member exists and is ready.
+func (g *group) csi(st *state) *csi.VolumeGroupSnapshot {
+	out := &csi.VolumeGroupSnapshot{GroupSnapshotId: g.ID, CreationTime: timestamppb.New(g.Created), ReadyToUse: true}
+	for _, id := range g.Snapshots {
+		s, ok := st.Snapshots[id]
+		if !ok {
+			out.ReadyToUse = false
+			continue
+		}
+		m := s.csi()
+		out.Snapshots = append(out.Snapshots, m)
+		out.ReadyToUse = out.ReadyToUse && m.ReadyToUse
+	}
+	return out
+}
+
+// sameSet says whether a and b hold the same strings, in any order.
+func sameSet(a, b []string) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	n := map[string]int{}
+	for _, x := range a {
+		n[x]++
+	}
+	for _, x := range b {
+		if n[x]--; n[x] < 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// checkMembers refuses snapshot ids the caller names that are not the group's (CSI asks a
+// plugin that can tell to say so).
+func (g *group) checkMembers(ids []string) error {
+	for _, id := range ids {
+		found := false
+		for _, m := range g.Snapshots {
+			found = found || m == id
+		}
+		if !found {
+			return status.Errorf(codes.InvalidArgument, "snapshot %s is not a member of group snapshot %s", id, g.ID)
+		}
+	}
+	return nil
+}
+
+// CreateVolumeGroupSnapshot cuts one snapshot per source volume with CreateSnapshot's cut and
+// the class's parameters, all at once, and answers when every member is cut. Not atomic across
+// volumes: each member is as fuzzy as one tar, and the members start within moments of one
+// another rather than at one instant.
+func (d *driver) CreateVolumeGroupSnapshot(_ context.Context, req *csi.CreateVolumeGroupSnapshotRequest) (*csi.CreateVolumeGroupSnapshotResponse, error) {
+	ids := req.GetSourceVolumeIds()
+	if req.GetName() == "" || len(ids) == 0 {
+		return nil, status.Error(codes.InvalidArgument, "name and source volume ids are required")
+	}
+	for i, id := range ids {
+		for _, other := range ids[:i] {
+			if id == other {
+				return nil, status.Errorf(codes.InvalidArgument, "volume %s named twice", id)
+			}
+		}
+	}
+	o, err := parseCutOptions(req.GetParameters())
+	if err != nil {
+		return nil, err
+	}
+	d.mu.Lock()
+	for _, g := range d.st.Groups {
+		if g.Name == req.GetName() {
+			defer d.mu.Unlock()
+			if !sameSet(g.VolumeIDs, ids) {
+				return nil, status.Errorf(codes.AlreadyExists, "group snapshot %s exists for other volumes", g.Name)
+			}
+			if !g.Cut {
+				// As CreateSnapshot: no creationTime before every member is whole.
+				return nil, status.Errorf(codes.Aborted, "group snapshot %s is still being cut", g.Name)
+			}
+			return &csi.CreateVolumeGroupSnapshotResponse{GroupSnapshot: g.csi(&d.st)}, nil
+		}
+	}
+	vols := make([]*volume, len(ids))
+	sources := make([]string, len(ids))
+	for i, id := range ids {
+		v, ok := d.st.Volumes[id]
+		if !ok {
+			d.mu.Unlock()
+			return nil, status.Errorf(codes.NotFound, "volume %s not found", id)
+		}
+		if sources[i], err = d.cutSource(v, o); err != nil {
+			d.mu.Unlock()
+			return nil, err
+		}
+		vols[i] = v
+	}
+	if o.failWith != "" {
+		d.mu.Unlock()
+		return nil, status.Error(codes.Internal, o.failWith)
+	}
+	g := &group{ID: newID(), Name: req.GetName(), VolumeIDs: ids, Created: time.Now().UTC()}
+	members := make([]*snapshot, len(ids))
+	for i, v := range vols {
+		// Member names cannot meet a CreateSnapshot name: Kubernetes names hold no "/".
+		members[i] = d.newCut(g.Name+"/"+v.ID, v, g.ID, o)
+		g.Snapshots = append(g.Snapshots, members[i].ID)
+	}
+	d.st.Groups[g.ID] = g
+	d.save()
+	d.mu.Unlock()
+
+	errs := make([]error, len(ids))
+	var wg sync.WaitGroup
+	for i := range members {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = d.cut(members[i], vols[i], sources[i], o)
+		}()
+	}
+	wg.Wait()
+
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if err := errors.Join(errs...); err != nil {
+		// One member failed: the group fails whole, and the members that were cut go.
+		for _, s := range members {
+			if _, ok := d.st.Snapshots[s.ID]; ok {
+				os.RemoveAll(s.Path)
+				delete(d.st.Snapshots, s.ID)
+			}
+		}
+		delete(d.st.Groups, g.ID)
+		d.save()
+		return nil, status.Errorf(codes.Internal, "group snapshot %s: %v", g.Name, err)
+	}
+	g.Cut = true
+	log.Printf("CreateVolumeGroupSnapshot %s -> %s: %d members (%s), took %s", g.Name, g.ID, len(members), strings.Join(g.Snapshots, ", "), time.Since(g.Created))
+	if err := d.save(); err != nil {
+		return nil, status.Error(codes.Internal, err.Error())
+	}
+	return &csi.CreateVolumeGroupSnapshotResponse{GroupSnapshot: g.csi(&d.st)}, nil
+}
+
+// DeleteVolumeGroupSnapshot deletes the members (those already deleted on their own are fine)
+// and the group.
+func (d *driver) DeleteVolumeGroupSnapshot(_ context.Context, req *csi.DeleteVolumeGroupSnapshotRequest) (*csi.DeleteVolumeGroupSnapshotResponse, error) {
+	if req.GetGroupSnapshotId() == "" {
+		return nil, status.Error(codes.InvalidArgument, "group snapshot id missing")
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	g, ok := d.st.Groups[req.GetGroupSnapshotId()]
+	if !ok {
+		return &csi.DeleteVolumeGroupSnapshotResponse{}, nil
+	}
+	if !g.Cut {
+		return nil, status.Errorf(codes.FailedPrecondition, "group snapshot %s is still being cut", g.ID)
+	}
+	if err := g.checkMembers(req.GetSnapshotIds()); err != nil {
+		return nil, err
+	}
+	for _, id := range g.Snapshots {
+		s, ok := d.st.Snapshots[id]
+		if !ok {
+			continue
+		}
+		if err := os.RemoveAll(s.Path); err != nil {
+			d.save()
+			return nil, status.Error(codes.Internal, err.Error())
+		}
+		delete(d.st.Snapshots, id)
+	}
+	delete(d.st.Groups, g.ID)
+	log.Printf("DeleteVolumeGroupSnapshot %s (%s)", g.ID, g.Name)
+	return &csi.DeleteVolumeGroupSnapshotResponse{}, d.save()
+}
+
+func (d *driver) GetVolumeGroupSnapshot(_ context.Context, req *csi.GetVolumeGroupSnapshotRequest) (*csi.GetVolumeGroupSnapshotResponse, error) {
+	if req.GetGroupSnapshotId() == "" {
+		return nil, status.Error(codes.InvalidArgument, "group snapshot id missing")
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	g, ok := d.st.Groups[req.GetGroupSnapshotId()]
+	if !ok {
+		return nil, status.Errorf(codes.NotFound, "group snapshot %s not found", req.GetGroupSnapshotId())
+	}
+	if !g.Cut {
+		return nil, status.Errorf(codes.Aborted, "group snapshot %s is still being cut", g.ID)
+	}
+	if err := g.checkMembers(req.GetSnapshotIds()); err != nil {
+		return nil, err
+	}
+	return &csi.GetVolumeGroupSnapshotResponse{GroupSnapshot: g.csi(&d.st)}, nil
 }
 
 // ---- node: only what a caller could ask of a plugin that has no node service in use.
@@ -532,6 +837,7 @@ func main() {
 	csi.RegisterIdentityServer(srv, d)
 	csi.RegisterControllerServer(srv, d)
 	csi.RegisterNodeServer(srv, d)
+	csi.RegisterGroupControllerServer(srv, d)
 	go func() {
 		c := make(chan os.Signal, 1)
 		signal.Notify(c, syscall.SIGTERM, syscall.SIGINT)
