@@ -84,6 +84,13 @@ impl Call {
         call
     }
 
+    /// A JSON merge patch, such as a label or a deletion policy.
+    pub(crate) fn merge_patch(path: impl Into<String>) -> Self {
+        let mut call = Call::new(Method::PATCH, path);
+        call.content_type = Some("application/merge-patch+json");
+        call
+    }
+
     /// A list of the objects labelled `selector`.
     pub(crate) fn list(path: impl Into<String>, selector: &str) -> Self {
         Call::get(path).query("labelSelector", selector)
@@ -346,6 +353,8 @@ impl Backup {
                 ..Default::default()
             },
             volume_snapshot_class_name: None,
+            group_snapshot: Default::default(),
+            volume_group_snapshot_class_name: None,
             checkpoint: Default::default(),
             wal_source: Default::default(),
             wait_for_archive: true,

@@ -77,6 +77,8 @@ pub enum TimedStep {
     Start,
     /// Snapshots requested → all cut: the storage driver.
     Cut,
+    /// One VolumeGroupSnapshot of every volume requested → cut: the storage driver.
+    GroupCut,
     /// `pg_backup_stop` called → returned: mostly the archive wait.
     Stop,
     /// Cut → ready to use, outside backup mode.

@@ -47,6 +47,7 @@ pub use crate::postgres::SslMode;
     validation = Rule::new("self.spec == oldSelf.spec").message("a Backup's spec is immutable: create a new Backup instead")
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.volumeGroupSnapshotClassName) || !has(self.groupSnapshot) || self.groupSnapshot != 'Never'").message("volumeGroupSnapshotClassName names the class of a group snapshot; groupSnapshot Never takes none"))]
 pub struct BackupSpec {
     /// The pod whose PostgreSQL server is backed up.
     pub target: Target,
@@ -57,6 +58,15 @@ pub struct BackupSpec {
     /// PVC's CSI driver.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume_snapshot_class_name: Option<String>,
+    /// Whether the volumes are cut as one CSI VolumeGroupSnapshot, at one instant: `Auto` when
+    /// the database spans several PVCs of one driver with a VolumeGroupSnapshotClass, `Always`
+    /// (refused before backup mode where impossible) or `Never` (one snapshot per volume).
+    #[serde(default)]
+    pub group_snapshot: GroupSnapshotPolicy,
+    /// The VolumeGroupSnapshotClass of the group. Default: the default class of the PVCs'
+    /// CSI driver.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_group_snapshot_class_name: Option<String>,
     /// `Fast` requests an immediate checkpoint; `Spread` waits for a spread one (minutes
     /// with default settings, but no I/O burst).
     #[serde(default)]
@@ -216,6 +226,22 @@ pub enum WalSource {
     Archive,
 }
 
+/// Whether a backup's volumes are cut as one VolumeGroupSnapshot.
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema,
+)]
+pub enum GroupSnapshotPolicy {
+    /// A group when the database spans several PVCs and a group is possible; else one
+    /// snapshot per volume, and `status.cut` says why.
+    #[default]
+    Auto,
+    /// A group, even of one PVC; a backup where a group is impossible is refused before
+    /// backup mode.
+    Always,
+    /// One snapshot per volume.
+    Never,
+}
+
 /// A PVC to snapshot, named explicitly.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -282,6 +308,9 @@ pub struct BackupStatus {
     /// Where the backup window went: what the server and the storage took, and what pgsnap added.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timings: Option<BackupTimings>,
+    /// How the volumes were cut in backup mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cut: Option<CutStatus>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub snapshots: Vec<SnapshotStatus>,
     /// A failed backup's snapshots that were still being cut when it failed: each is deleted
@@ -389,6 +418,33 @@ pub enum VolumeRole {
     /// The backup's WAL kept with it: the volume holding `pg_wal`, cut after the stop. A
     /// restore reads its segments; it never becomes a claim of the restored server.
     BackupWal,
+}
+
+/// How a backup's volumes were cut.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CutStatus {
+    pub method: CutMethod,
+    /// The group, with `method: VolumeGroupSnapshot`; its members are `snapshots`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_group_snapshot: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_group_snapshot_class: Option<String>,
+    /// Why `groupSnapshot: Auto` cut one snapshot per volume although the database spans
+    /// several.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
+)]
+pub enum CutMethod {
+    /// One VolumeSnapshot per volume (from a standby, the data volume last).
+    #[default]
+    VolumeSnapshots,
+    /// One VolumeGroupSnapshot of every volume, at one instant.
+    VolumeGroupSnapshot,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, schemars::JsonSchema)]

@@ -1,7 +1,8 @@
-//! The parts of the CSI snapshot API (`snapshot.storage.k8s.io/v1`) that pgsnap uses. The
-//! CRDs themselves ship with the external-snapshotter; these types only read and write them.
+//! The parts of the CSI snapshot APIs (`snapshot.storage.k8s.io/v1` and
+//! `groupsnapshot.storage.k8s.io/v1`) that pgsnap uses. The CRDs themselves ship with the
+//! external-snapshotter; these types only read and write them.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, Time};
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -45,6 +46,9 @@ pub struct VolumeSnapshotStatus {
     pub restore_size: Option<k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<VolumeSnapshotError>,
+    /// Set on a member of a VolumeGroupSnapshot: the group's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_group_snapshot_name: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
@@ -72,66 +76,188 @@ pub struct VolumeSnapshotContentSpec {
     pub volume_snapshot_ref: k8s_openapi::api::core::v1::ObjectReference,
 }
 
-impl VolumeSnapshot {
+/// What a snapshot and a group snapshot report alike: their cut, readiness and error.
+pub trait Cut {
+    fn bound(&self) -> bool;
+    fn creation_time(&self) -> Option<&Time>;
+    fn ready_to_use(&self) -> Option<bool>;
+    fn error(&self) -> Option<&VolumeSnapshotError>;
+
     /// Cut: the storage system has taken the point-in-time copy, so the database may leave
     /// backup mode even though the copy may still be uploading.
-    pub fn is_cut(&self) -> bool {
-        self.status.as_ref().is_some_and(|s| {
-            s.bound_volume_snapshot_content_name.is_some() && s.creation_time.is_some()
-        })
+    fn is_cut(&self) -> bool {
+        self.bound() && self.creation_time().is_some()
     }
 
     /// Requested, and the storage has reported neither a cut nor an error: it may be cutting
     /// right now.
-    pub fn is_being_cut(&self) -> bool {
-        let cut_at = self.status.as_ref().and_then(|s| s.creation_time.as_ref());
-        cut_at.is_none() && self.error_message().is_none()
+    fn is_being_cut(&self) -> bool {
+        self.creation_time().is_none() && self.error().is_none()
     }
 
-    pub fn is_ready(&self) -> bool {
-        self.status
-            .as_ref()
-            .and_then(|s| s.ready_to_use)
-            .unwrap_or(false)
+    fn is_ready(&self) -> bool {
+        self.ready_to_use().unwrap_or(false)
     }
 
-    pub fn error_message(&self) -> Option<String> {
-        let err = self.status.as_ref()?.error.as_ref()?;
+    fn error_message(&self) -> Option<String> {
         Some(
-            err.message
+            self.error()?
+                .message
                 .clone()
                 .unwrap_or_else(|| "the snapshot failed without a message".into()),
         )
     }
 }
 
-/// A class of snapshots of one CSI driver (cluster-scoped).
+impl Cut for VolumeSnapshot {
+    fn bound(&self) -> bool {
+        self.status
+            .as_ref()
+            .is_some_and(|s| s.bound_volume_snapshot_content_name.is_some())
+    }
+    fn creation_time(&self) -> Option<&Time> {
+        self.status.as_ref()?.creation_time.as_ref()
+    }
+    fn ready_to_use(&self) -> Option<bool> {
+        self.status.as_ref()?.ready_to_use
+    }
+    fn error(&self) -> Option<&VolumeSnapshotError> {
+        self.status.as_ref()?.error.as_ref()
+    }
+}
+
+/// A request to cut several PVCs, chosen by a label selector, at one instant.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "groupsnapshot.storage.k8s.io",
+    version = "v1",
+    kind = "VolumeGroupSnapshot",
+    namespaced,
+    status = "VolumeGroupSnapshotStatus"
+)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeGroupSnapshotSpec {
+    pub source: VolumeGroupSnapshotSource,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_group_snapshot_class_name: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeGroupSnapshotSource {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<LabelSelector>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_group_snapshot_content_name: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeGroupSnapshotStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bound_volume_group_snapshot_content_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creation_time: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_to_use: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<VolumeSnapshotError>,
+}
+
+impl Cut for VolumeGroupSnapshot {
+    fn bound(&self) -> bool {
+        self.status
+            .as_ref()
+            .is_some_and(|s| s.bound_volume_group_snapshot_content_name.is_some())
+    }
+    fn creation_time(&self) -> Option<&Time> {
+        self.status.as_ref()?.creation_time.as_ref()
+    }
+    fn ready_to_use(&self) -> Option<bool> {
+        self.status.as_ref()?.ready_to_use
+    }
+    fn error(&self) -> Option<&VolumeSnapshotError> {
+        self.status.as_ref()?.error.as_ref()
+    }
+}
+
+/// The storage side of a group snapshot, cluster-scoped: pgsnap only switches the one bound
+/// to its own group to deletionPolicy Delete.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "groupsnapshot.storage.k8s.io",
+    version = "v1",
+    kind = "VolumeGroupSnapshotContent"
+)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeGroupSnapshotContentSpec {
+    #[serde(default)]
+    pub deletion_policy: String,
+    #[serde(default)]
+    pub volume_group_snapshot_ref: k8s_openapi::api::core::v1::ObjectReference,
+}
+
+/// A class of snapshots (or of group snapshots) of one CSI driver, cluster-scoped: both
+/// kinds have the same fields, and no spec.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-pub struct VolumeSnapshotClass {
+pub struct SnapshotClass<K> {
     pub metadata: kube::api::ObjectMeta,
     pub driver: String,
     #[serde(default)]
     pub deletion_policy: String,
     #[serde(default)]
     pub parameters: std::collections::BTreeMap<String, String>,
+    #[serde(skip)]
+    pub kind: std::marker::PhantomData<K>,
 }
 
-impl kube::Resource for VolumeSnapshotClass {
+/// Which class kind a `SnapshotClass` is.
+pub trait ClassKind {
+    const KIND: &'static str;
+    const GROUP: &'static str;
+    const PLURAL: &'static str;
+    /// The annotation that marks a class as its driver's default.
+    const DEFAULT_ANNOTATION: &'static str;
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Single {}
+#[derive(Clone, Debug, PartialEq)]
+pub enum Grouped {}
+
+impl ClassKind for Single {
+    const KIND: &'static str = "VolumeSnapshotClass";
+    const GROUP: &'static str = "snapshot.storage.k8s.io";
+    const PLURAL: &'static str = "volumesnapshotclasses";
+    const DEFAULT_ANNOTATION: &'static str = DEFAULT_CLASS_ANNOTATION;
+}
+
+impl ClassKind for Grouped {
+    const KIND: &'static str = "VolumeGroupSnapshotClass";
+    const GROUP: &'static str = "groupsnapshot.storage.k8s.io";
+    const PLURAL: &'static str = "volumegroupsnapshotclasses";
+    const DEFAULT_ANNOTATION: &'static str = "groupsnapshot.storage.kubernetes.io/is-default-class";
+}
+
+pub type VolumeSnapshotClass = SnapshotClass<Single>;
+pub type VolumeGroupSnapshotClass = SnapshotClass<Grouped>;
+
+impl<K: ClassKind> kube::Resource for SnapshotClass<K> {
     type DynamicType = ();
     type Scope = kube::core::ClusterResourceScope;
 
     fn kind(_: &()) -> std::borrow::Cow<'_, str> {
-        "VolumeSnapshotClass".into()
+        K::KIND.into()
     }
     fn group(_: &()) -> std::borrow::Cow<'_, str> {
-        "snapshot.storage.k8s.io".into()
+        K::GROUP.into()
     }
     fn version(_: &()) -> std::borrow::Cow<'_, str> {
         "v1".into()
     }
     fn plural(_: &()) -> std::borrow::Cow<'_, str> {
-        "volumesnapshotclasses".into()
+        K::PLURAL.into()
     }
     fn meta(&self) -> &kube::api::ObjectMeta {
         &self.metadata

@@ -25,7 +25,7 @@ use tokio::sync::{oneshot, watch};
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::api::backup::{Backup, BackupError, BackupStatus, DeletionPolicy, Phase};
-use crate::api::snapshot::VolumeSnapshot;
+use crate::api::snapshot::{Cut as _, VolumeSnapshot};
 use crate::api::{BACKUP_CREATOR, BACKUP_UID_LABEL};
 use crate::controller::{
     self, CLEANUP_PATIENCE, Failure, PhasedStatus, Progress, Reporter, delete_if_created_by, now,
@@ -242,7 +242,7 @@ impl Context {
         status: &mut BackupStatus,
         failure: Failure,
     ) -> Result<(), kube::Error> {
-        let removed = self.remove_made(backup).await;
+        let removed = self.remove_made(backup, status).await;
         let cleanup_note = match &removed {
             Ok(r) => removal_note(r),
             Err(e) => format!(
@@ -275,9 +275,13 @@ impl Context {
 
     /// Deletes the snapshots (those still being cut later, see `snapshots::delete_all`) and the
     /// label ConfigMap this very Backup (by uid) made, and nothing else.
-    async fn remove_made(&self, backup: &Backup) -> Result<Removal, SnapshotError> {
+    async fn remove_made(
+        &self,
+        backup: &Backup,
+        status: &BackupStatus,
+    ) -> Result<Removal, SnapshotError> {
         let ns = backup.namespace().unwrap_or_default();
-        let removed = snapshots::delete_all(&self.client, backup).await?;
+        let removed = snapshots::delete_all(&self.client, backup, status).await?;
         let cm: Api<ConfigMap> = Api::namespaced(self.client.clone(), &ns);
         let name = label_store::config_map_name(&backup.name_any());
         delete_if_created_by(&cm, &name, &BACKUP_CREATOR, backup).await?;
@@ -428,7 +432,7 @@ async fn finish_removal(
     ctx: Arc<Context>,
     mut status: BackupStatus,
 ) -> Result<Action, Error> {
-    let removal = ctx.remove_made(&backup).await?;
+    let removal = ctx.remove_made(&backup, &status).await?;
     let waiting = !removal.deferred.is_empty();
     if removal.deferred != status.snapshots_to_delete {
         info!(
@@ -693,7 +697,8 @@ async fn cleanup(backup: Arc<Backup>, ctx: Arc<Context>) -> Result<Action, Error
         info!("deletionPolicy Retain: keeping the backup's snapshots and label ConfigMap");
         return Ok(Action::await_change());
     }
-    match ctx.remove_made(&backup).await {
+    let status = backup.status.clone().unwrap_or_default();
+    match ctx.remove_made(&backup, &status).await {
         Ok(removal) if !removal.deferred.is_empty() => Err(Error::BeingCut(removal.deferred)),
         Ok(removal) => {
             info!(

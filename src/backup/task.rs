@@ -13,22 +13,23 @@ use kube::runtime::events::EventType;
 use kube::{Api, Client, ResourceExt};
 use tokio::sync::oneshot;
 use tokio::time::timeout_at;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::volumes::{self, DatabaseDir, PlannedSnapshot};
 use super::{Context, phase};
 use crate::api::BACKUP_CREATOR;
 use crate::api::backup::{
-    Backup, BackupSpec, BackupStatus, BackupTimings, BackupWindow, Checkpoint, Phase,
-    PostgresStatus, ServerRole, SnapshotStatus, TargetRole, VolumeRole, WalSource,
+    Backup, BackupSpec, BackupStatus, BackupTimings, BackupWindow, Checkpoint, CutMethod,
+    CutStatus, GroupSnapshotPolicy, Phase, PostgresStatus, ServerRole, SnapshotStatus, TargetRole,
+    VolumeRole, WalSource,
 };
-use crate::api::snapshot::VolumeSnapshot;
+use crate::api::snapshot::{Cut as _, VolumeGroupSnapshot, VolumeSnapshot};
 use crate::controller::{Failure, created_by, now, set_phase};
 use crate::label_store::{
     self, LABEL_CONFIGMAP_ANNOTATION, LabelRecord, Location, SnapshotLocation, WalRecord,
 };
 use crate::postgres::{self, ConnectOptions, Session, Started, Stopped};
-use crate::snapshots;
+use crate::snapshots::{self, group, group::CutPlan};
 use crate::telemetry::TimedStep;
 
 /// What the reconciler resolved for a backup before admitting it.
@@ -280,25 +281,42 @@ async fn execute(
         }
     };
     let classes = snapshot_classes(&ctx.client, backup, &plan).await?;
-    check_names_free(ctx, backup, &plan, wal_volume.as_ref()).await?;
+    let cut_plan = plan_cut(ctx, backup, status, &classes).await?;
+    check_names_free(ctx, backup, &plan, wal_volume.as_ref(), &cut_plan).await?;
+    // Written with status.cut: a failure from here on finds the group's label to remove.
     announce_start(ctx, backup, status, &pod, &server).await?;
+    if let CutPlan::Group { .. } = cut_plan {
+        let claims: Vec<String> = plan
+            .iter()
+            .map(|p| p.persistent_volume_claim.clone())
+            .collect();
+        let ns = backup.namespace().unwrap_or_default();
+        group::label_claims(&ctx.client, &ns, &claims, &backup.uid().unwrap_or_default()).await?;
+    }
 
     // Backup mode begins here: from now on every step races the deadline.
     let deadline = Instant::now() + backup.spec.deadline.0;
     let started = start_backup(ctx, backup, &mut session, status).await?;
     let window_start = Instant::now();
-    let cut = cut_snapshots(
-        ctx,
-        backup,
-        status,
-        &plan,
-        &classes,
-        server.in_recovery,
-        deadline,
-    )
-    .await?;
+    let mut cut = match &cut_plan {
+        CutPlan::Group { class } => {
+            cut_group(ctx, backup, status, plan.len(), class, deadline).await?
+        }
+        CutPlan::Volumes { .. } => {
+            let standby = server.in_recovery;
+            cut_snapshots(ctx, backup, status, &plan, &classes, standby, deadline).await?
+        }
+    };
     let stopped = stop_backup(ctx, backup, &mut session, status, &cut.snapshots, deadline).await?;
     let window = window_start.elapsed();
+    if let Some(g) = &cut.group {
+        cut.snapshots = take_members(ctx, backup, &plan, g, deadline).await?;
+        status.snapshots = cut
+            .snapshots
+            .iter()
+            .map(|(p, v)| snapshot_status(p, v))
+            .collect();
+    }
     let archive_wait = match source == WalSource::Archive && backup.spec.wait_for_archive {
         true => Some(wait_archived(ctx, backup, &session, status, &stopped, deadline).await?),
         false => None,
@@ -551,14 +569,19 @@ async fn check_names_free(
     backup: &Backup,
     plan: &[PlannedSnapshot],
     wal: Option<&WalVolume>,
+    cut: &CutPlan,
 ) -> Result<(), Failure> {
     let ns = backup.namespace().unwrap_or_default();
     let snapshot_api: Api<VolumeSnapshot> = Api::namespaced(ctx.client.clone(), &ns);
     let backup_name = backup.name_any();
-    let mut names: Vec<String> = plan
-        .iter()
-        .map(|p| snapshots::snapshot_name(&backup_name, &p.persistent_volume_claim))
-        .collect();
+    let mut names: Vec<String> = match cut {
+        CutPlan::Volumes { .. } => plan
+            .iter()
+            .map(|p| snapshots::snapshot_name(&backup_name, &p.persistent_volume_claim))
+            .collect(),
+        // The snapshot controller names a group's members, uniquely.
+        CutPlan::Group { .. } => Vec::new(),
+    };
     if let Some(w) = wal {
         let name = snapshots::wal_snapshot_name(&backup_name, &w.planned.persistent_volume_claim);
         if names.contains(&name) {
@@ -577,6 +600,16 @@ async fn check_names_free(
             && !created_by(&existing, &BACKUP_CREATOR, backup)
         {
             let kind = "VolumeSnapshot";
+            return Err(snapshots::SnapshotError::NameConflict { kind, name }.into());
+        }
+    }
+    if let CutPlan::Group { .. } = cut {
+        let groups: Api<VolumeGroupSnapshot> = Api::namespaced(ctx.client.clone(), &ns);
+        let name = group::name(backup);
+        if let Some(existing) = groups.get_opt(&name).await?
+            && !created_by(&existing, &BACKUP_CREATOR, backup)
+        {
+            let kind = "VolumeGroupSnapshot";
             return Err(snapshots::SnapshotError::NameConflict { kind, name }.into());
         }
     }
@@ -644,9 +677,160 @@ async fn start_backup(
 
 /// The snapshots, cut, each with the plan entry it was made for.
 struct Cut {
+    /// Of a group: empty until its members are taken on, after backup mode.
     snapshots: Vec<(PlannedSnapshot, VolumeSnapshot)>,
     /// Snapshots requested → all cut: the storage driver's share of backup mode.
     took: Duration,
+    group: Option<VolumeGroupSnapshot>,
+}
+
+/// Whether the volumes are cut as one group (`group::plan`), from the claims' drivers (one
+/// class per claim) and, when a group could be wanted, the cluster's group classes.
+pub(crate) async fn cut_plan(
+    client: &Client,
+    backup: &Backup,
+    classes: &[snapshots::ResolvedClass],
+) -> Result<CutPlan, Failure> {
+    let drivers: Vec<&str> = classes.iter().map(|c| c.driver.as_str()).collect();
+    let spec = &backup.spec;
+    let wants_group = spec.group_snapshot == GroupSnapshotPolicy::Always
+        || (spec.group_snapshot == GroupSnapshotPolicy::Auto && drivers.len() > 1);
+    let group_classes = match wants_group {
+        true => group::classes(client).await?,
+        false => None,
+    };
+    let requested = spec.volume_group_snapshot_class_name.as_deref();
+    Ok(group::plan(
+        spec.group_snapshot,
+        requested,
+        &drivers,
+        group_classes.as_deref(),
+    )?)
+}
+
+/// How the volumes are cut, recorded in status; a fallback of `groupSnapshot: Auto` is said
+/// in an Event too.
+async fn plan_cut(
+    ctx: &Context,
+    backup: &Backup,
+    status: &mut BackupStatus,
+    classes: &[snapshots::ResolvedClass],
+) -> Result<CutPlan, Failure> {
+    let plan = cut_plan(&ctx.client, backup, classes).await?;
+    status.cut = Some(match &plan {
+        CutPlan::Group { class } => CutStatus {
+            method: CutMethod::VolumeGroupSnapshot,
+            volume_group_snapshot: Some(group::name(backup)),
+            volume_group_snapshot_class: Some(class.clone()),
+            reason: None,
+        },
+        CutPlan::Volumes { why_not_group } => CutStatus {
+            reason: why_not_group.clone(),
+            ..Default::default()
+        },
+    });
+    if let CutPlan::Volumes {
+        why_not_group: Some(why),
+    } = &plan
+    {
+        let message = format!("cutting one snapshot per volume, not a group: {why}");
+        info!(%message, "no group snapshot");
+        ctx.publish(backup, EventType::Normal, "OneSnapshotPerVolume", message)
+            .await;
+    }
+    Ok(plan)
+}
+
+/// Snapshotting, as one group: request the VolumeGroupSnapshot of the labelled claims and
+/// wait (by watch) until it is cut. Its members are taken on after backup mode.
+async fn cut_group(
+    ctx: &Context,
+    backup: &Backup,
+    status: &mut BackupStatus,
+    volumes: usize,
+    class: &str,
+    deadline: Instant,
+) -> Result<Cut, Failure> {
+    let uid = backup.uid().unwrap_or_default();
+    let api: Api<VolumeGroupSnapshot> =
+        Api::namespaced(ctx.client.clone(), &backup.namespace().unwrap_or_default());
+    let begin = Instant::now();
+    let message = format!("cutting {volumes} volume(s) as one VolumeGroupSnapshot in backup mode");
+    set_phase(
+        status,
+        backup,
+        Phase::Snapshotting,
+        "Snapshotting",
+        &message,
+    );
+    let name = group::create(&api, backup, class).await?.name_any();
+    let wait = timeout_at(
+        deadline.into(),
+        snapshots::wait_until(
+            &api,
+            &uid,
+            std::slice::from_ref(&name),
+            VolumeGroupSnapshot::is_cut,
+        ),
+    );
+    let (done, written) = tokio::join!(wait, ctx.patch_status(backup, status));
+    written?;
+    let group = done
+        .map_err(|_| {
+            deadline_exceeded(
+                backup.spec.deadline,
+                "waiting for the group snapshot to be cut",
+            )
+        })??
+        .remove(0);
+    let took = begin.elapsed();
+    ctx.metrics.observe(TimedStep::GroupCut, took.as_secs_f64());
+    Ok(Cut {
+        snapshots: Vec::new(),
+        took,
+        group: Some(group),
+    })
+}
+
+/// After backup mode: the claims lose the group's label, and the group's members (made by
+/// the snapshot controller) become the backup's snapshots, one per planned volume.
+async fn take_members(
+    ctx: &Context,
+    backup: &Backup,
+    plan: &[PlannedSnapshot],
+    group: &VolumeGroupSnapshot,
+    deadline: Instant,
+) -> Result<Vec<(PlannedSnapshot, VolumeSnapshot)>, Failure> {
+    let ns = backup.namespace().unwrap_or_default();
+    let uid = backup.uid().unwrap_or_default();
+    // Only the label's tidiness is at stake: the group chose its claims when it was created.
+    if let Err(e) = group::unlabel_claims(&ctx.client, &ns, &uid).await {
+        warn!(error = %e, "could not remove the group label from the claims; it is removed with the Backup");
+    }
+    let api: Api<VolumeSnapshot> = Api::namespaced(ctx.client.clone(), &ns);
+    let claims: Vec<String> = plan
+        .iter()
+        .map(|p| p.persistent_volume_claim.clone())
+        .collect();
+    let annotations = BTreeMap::from([(
+        LABEL_CONFIGMAP_ANNOTATION.to_string(),
+        label_store::config_map_name(&backup.name_any()),
+    )]);
+    let adopt = group::adopt_members(&api, backup, group, &claims, &annotations);
+    let mut members = timeout_at(deadline.into(), adopt).await.map_err(|_| {
+        Failure::new(
+            "DeadlineExceeded",
+            format!(
+                "the backup exceeded its deadline of {} while waiting for the members of group snapshot {} (the server had left backup mode)",
+                backup.spec.deadline,
+                group.name_any()
+            ),
+        )
+    })??;
+    Ok(plan
+        .iter()
+        .filter_map(|p| Some((p.clone(), members.remove(&p.persistent_volume_claim)?)))
+        .collect())
 }
 
 /// Snapshotting: request each batch of snapshots and wait (by watch) until all are cut.
@@ -710,6 +894,7 @@ async fn cut_snapshots(
     Ok(Cut {
         snapshots: cut,
         took,
+        group: None,
     })
 }
 

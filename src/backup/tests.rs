@@ -13,7 +13,8 @@ use tokio::sync::watch;
 
 use super::{Context, FINALIZER, Running, Settings, reconcile};
 use crate::api::backup::{
-    Backup, BackupStatus, BackupWindow, DeletionPolicy, Phase, SnapshotStatus, VolumeRole,
+    Backup, BackupStatus, BackupWindow, CutMethod, CutStatus, DeletionPolicy, Phase,
+    SnapshotStatus, VolumeRole,
 };
 use crate::controller::{CLEANUP_PATIENCE, REFUSED_PATIENCE, now};
 use crate::fixtures::{
@@ -473,6 +474,73 @@ async fn deleting_a_backup_with_policy_delete_removes_its_snapshots_and_label() 
     script.extend([
         Call::delete(format!("{SNAPSHOTS_PATH}/{DATA_SNAPSHOT}")),
         Call::delete(format!("{SNAPSHOTS_PATH}/orders-1-wal")),
+        Call::get(format!("{CONFIG_MAPS_PATH}/{LABEL_CONFIG_MAP}")).returns(own_label_config_map()),
+        Call::delete(format!("{CONFIG_MAPS_PATH}/{LABEL_CONFIG_MAP}"))
+            .body(|b| assert_eq!(b["preconditions"]["uid"], "label-uid")),
+        finalizer_removed(&backup),
+    ]);
+    reconcile_with(backup, script).await;
+}
+
+/// A backup cut as one group: the group goes first (the snapshot controller keeps its members
+/// until it is gone), its content switched from the class's Retain to Delete so no storage
+/// snapshot outlives it; the group's label comes off the claims that still carry it.
+#[tokio::test]
+async fn deleting_a_backup_cut_as_a_group_deletes_the_group_first() {
+    const GROUPS_PATH: &str =
+        "/apis/groupsnapshot.storage.k8s.io/v1/namespaces/shop/volumegroupsnapshots";
+    const CONTENT_PATH: &str =
+        "/apis/groupsnapshot.storage.k8s.io/v1/volumegroupsnapshotcontents/groupcontent-1";
+    const CLAIMS_PATH: &str = "/api/v1/namespaces/shop/persistentvolumeclaims";
+    let status = BackupStatus {
+        cut: Some(CutStatus {
+            method: CutMethod::VolumeGroupSnapshot,
+            volume_group_snapshot: Some(fixtures::BACKUP.into()),
+            ..Default::default()
+        }),
+        ..completed()
+    };
+    let backup = Backup::test().with_status(status).deleted();
+    let group = json!({
+        "apiVersion": "groupsnapshot.storage.k8s.io/v1", "kind": "VolumeGroupSnapshot",
+        "metadata": {"name": fixtures::BACKUP, "namespace": fixtures::NS, "uid": "group-uid",
+                     "labels": fixtures::backup_labels()},
+        "spec": {"source": {"selector": {"matchLabels": {"pgsnap.io/group-snapshot": "backup-uid"}}}},
+        "status": {"boundVolumeGroupSnapshotContentName": "groupcontent-1",
+                   "creationTime": "2026-12-03T10:00:00Z", "readyToUse": true},
+    });
+    let content = json!({
+        "apiVersion": "groupsnapshot.storage.k8s.io/v1", "kind": "VolumeGroupSnapshotContent",
+        "metadata": {"name": "groupcontent-1"},
+        "spec": {"deletionPolicy": "Retain", "volumeGroupSnapshotRef": {"uid": "group-uid"}},
+    });
+    let claim = json!({
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+        "metadata": {"name": "wal-db-0", "namespace": fixtures::NS,
+                     "labels": {"pgsnap.io/group-snapshot": "backup-uid"}},
+    });
+    let mut script = vec![
+        Call::list(GROUPS_PATH, SELECTOR).returns_list([group]),
+        Call::get(CONTENT_PATH).returns(content.clone()),
+        Call::merge_patch(CONTENT_PATH)
+            .body(|b| assert_eq!(b, &json!({"spec": {"deletionPolicy": "Delete"}})))
+            .returns(content),
+        Call::delete(format!("{GROUPS_PATH}/{}", fixtures::BACKUP))
+            .body(|b| assert_eq!(b["preconditions"]["uid"], "group-uid")),
+        Call::list(CLAIMS_PATH, "pgsnap.io/group-snapshot=backup-uid")
+            .returns_list([claim.clone()]),
+        Call::merge_patch(format!("{CLAIMS_PATH}/wal-db-0"))
+            .body(|b| {
+                assert_eq!(
+                    b,
+                    &json!({"metadata": {"labels": {"pgsnap.io/group-snapshot": null}}})
+                )
+            })
+            .returns(claim),
+    ];
+    script.extend(own_snapshots([snapshot(DATA_SNAPSHOT, true, None)]));
+    script.extend([
+        Call::delete(format!("{SNAPSHOTS_PATH}/{DATA_SNAPSHOT}")),
         Call::get(format!("{CONFIG_MAPS_PATH}/{LABEL_CONFIG_MAP}")).returns(own_label_config_map()),
         Call::delete(format!("{CONFIG_MAPS_PATH}/{LABEL_CONFIG_MAP}"))
             .body(|b| assert_eq!(b["preconditions"]["uid"], "label-uid")),

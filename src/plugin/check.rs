@@ -14,6 +14,7 @@ use super::{BackupArgs, Error, backup_of, show};
 use crate::api::backup::WalSource;
 use crate::backup::{SecretsRead, phase, read_secrets, task};
 use crate::controller::Failure;
+use crate::snapshots::group::CutPlan;
 
 #[derive(serde::Serialize)]
 pub struct Check {
@@ -85,6 +86,7 @@ async fn steps(client: &Client, namespace: &str, args: &BackupArgs) -> Result<Ve
                 "WAL source",
                 "volumes",
                 "snapshot classes",
+                "group snapshot",
             ] {
                 push(c, skipped("the target pod"));
             }
@@ -128,7 +130,13 @@ async fn steps(client: &Client, namespace: &str, args: &BackupArgs) -> Result<Ve
                 );
             }
             push("connection", Checked::Failed(f));
-            for c in ["server", "WAL source", "volumes", "snapshot classes"] {
+            for c in [
+                "server",
+                "WAL source",
+                "volumes",
+                "snapshot classes",
+                "group snapshot",
+            ] {
                 push(c, skipped("a connection"));
             }
             return Ok(checks);
@@ -211,11 +219,28 @@ async fn steps(client: &Client, namespace: &str, args: &BackupArgs) -> Result<Ve
                     .collect();
                 named.join(", ")
             };
+            let cut = match &classes {
+                Ok(classes) => match task::cut_plan(client, &backup, classes).await {
+                    Ok(CutPlan::Group { class }) => Checked::Passed(format!(
+                        "one VolumeGroupSnapshot of class {class}: every volume at one instant"
+                    )),
+                    Ok(CutPlan::Volumes {
+                        why_not_group: Some(why),
+                    }) => Checked::Passed(format!("one snapshot per volume: {why}")),
+                    Ok(CutPlan::Volumes {
+                        why_not_group: None,
+                    }) => Checked::Passed("one snapshot per volume".into()),
+                    Err(f) => Checked::Failed(f),
+                },
+                Err(_) => skipped("the snapshot classes"),
+            };
             push("snapshot classes", classes.map(detail).into());
+            push("group snapshot", cut);
         }
         Err(f) => {
             push("volumes", Checked::Failed(f));
             push("snapshot classes", skipped("the volumes"));
+            push("group snapshot", skipped("the volumes"));
         }
     }
     Ok(checks)

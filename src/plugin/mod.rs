@@ -106,6 +106,19 @@ pub struct BackupArgs {
     /// needed) or `archive` (the server's WAL archive).
     #[arg(long, value_enum, default_value_t = WalSourceArg::Snapshot)]
     pub wal_source: WalSourceArg,
+    /// Whether the volumes are cut as one VolumeGroupSnapshot: `auto`, `always` or `never`.
+    #[arg(long, value_enum, default_value_t = GroupSnapshotArg::Auto)]
+    pub group_snapshot: GroupSnapshotArg,
+    /// The VolumeGroupSnapshotClass a Backup would name (default: the driver's default).
+    #[arg(long)]
+    pub group_snapshot_class: Option<String>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum GroupSnapshotArg {
+    Auto,
+    Always,
+    Never,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -356,6 +369,15 @@ fn backup_of(namespace: &str, name: &str, args: &BackupArgs) -> Result<Backup, s
     .into();
     if let Some(class) = &args.snapshot_class {
         spec["volumeSnapshotClassName"] = class.clone().into();
+    }
+    spec["groupSnapshot"] = match args.group_snapshot {
+        GroupSnapshotArg::Auto => "Auto",
+        GroupSnapshotArg::Always => "Always",
+        GroupSnapshotArg::Never => "Never",
+    }
+    .into();
+    if let Some(class) = &args.group_snapshot_class {
+        spec["volumeGroupSnapshotClassName"] = class.clone().into();
     }
     serde_json::from_value(serde_json::json!({
         "apiVersion": "pgsnap.io/v1alpha1", "kind": "Backup",

@@ -1,5 +1,7 @@
-//! CSI VolumeSnapshots of a backup: create one per claim, wait (by watch) until each is cut
-//! or ready, delete them all.
+//! CSI VolumeSnapshots of a backup: create one per claim (or one group of them, see `group`),
+//! wait (by watch) until each is cut or ready, delete them all.
+
+pub mod group;
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -7,12 +9,14 @@ use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use kube::api::{ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
-use kube::{Api, Client, ResourceExt};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use std::fmt::Debug;
 
-use crate::api::backup::Backup;
+use crate::api::backup::{Backup, BackupStatus, CutMethod};
 use crate::api::snapshot::{
-    DEFAULT_CLASS_ANNOTATION, VolumeSnapshot, VolumeSnapshotClass, VolumeSnapshotContent,
-    VolumeSnapshotSource, VolumeSnapshotSpec,
+    ClassKind, Cut, DEFAULT_CLASS_ANNOTATION, SnapshotClass, VolumeGroupSnapshot, VolumeSnapshot,
+    VolumeSnapshotClass, VolumeSnapshotContent, VolumeSnapshotSource, VolumeSnapshotSpec,
 };
 use crate::api::{BACKUP_CREATOR, BACKUP_NAME_LABEL, BACKUP_UID_LABEL};
 use crate::controller::{
@@ -41,6 +45,26 @@ pub enum SnapshotError {
         class_driver: String,
         claim: String,
         driver: String,
+    },
+    #[error("groupSnapshot Always, but {0}")]
+    GroupImpossible(String),
+    #[error("VolumeGroupSnapshotClass {0} does not exist")]
+    GroupClassNotFound(String),
+    #[error(
+        "VolumeGroupSnapshotClass {class} is for CSI driver {class_driver}, but the volumes are of {driver}: name a group class of {driver}, or none for its default"
+    )]
+    GroupClassOfAnotherDriver {
+        class: String,
+        class_driver: String,
+        driver: String,
+    },
+    #[error(
+        "VolumeGroupSnapshot {group} holds snapshots of the claims {held:?}, not of exactly {expected:?}"
+    )]
+    GroupMembers {
+        group: String,
+        held: Vec<String>,
+        expected: Vec<String>,
     },
     #[error("snapshot {name} failed: {message}")]
     Failed { name: String, message: String },
@@ -72,7 +96,12 @@ impl SnapshotError {
             SnapshotError::NoDefaultClass { .. }
             | SnapshotError::ClassNotFound(_)
             | SnapshotError::ClassOfAnotherDriver { .. } => "NoSnapshotClass",
-            SnapshotError::Failed { .. } | SnapshotError::Deleted(_) => "SnapshotFailed",
+            SnapshotError::GroupImpossible(_) => "GroupSnapshotImpossible",
+            SnapshotError::GroupClassNotFound(_)
+            | SnapshotError::GroupClassOfAnotherDriver { .. } => "NoGroupSnapshotClass",
+            SnapshotError::Failed { .. }
+            | SnapshotError::Deleted(_)
+            | SnapshotError::GroupMembers { .. } => "SnapshotFailed",
             SnapshotError::NameConflict { .. } => "NameConflict",
             SnapshotError::Api(_) | SnapshotError::Watch(_) => "KubernetesApi",
         }
@@ -158,13 +187,16 @@ pub struct ResolvedClass {
 }
 
 /// The driver's default class; with several defaults, the first by name, so the choice is stable.
-pub fn default_class_for(classes: &[VolumeSnapshotClass], driver: &str) -> Option<String> {
+pub fn default_class_for<K: ClassKind>(
+    classes: &[SnapshotClass<K>],
+    driver: &str,
+) -> Option<String> {
     let mut defaults: Vec<_> = classes
         .iter()
         .filter(|c| {
             c.driver == driver
                 && c.annotations()
-                    .get(DEFAULT_CLASS_ANNOTATION)
+                    .get(K::DEFAULT_ANNOTATION)
                     .is_some_and(|v| v == "true")
         })
         .map(|c| c.name_any())
@@ -249,15 +281,18 @@ pub async fn list_own(
 
 /// Watches the backup's snapshots until every one of `names` satisfies `done`; a snapshot
 /// error or deletion ends the wait at once. The caller bounds it with its deadline.
-pub async fn wait_until(
-    api: &Api<VolumeSnapshot>,
+pub async fn wait_until<K>(
+    api: &Api<K>,
     backup_uid: &str,
     names: &[String],
-    done: fn(&VolumeSnapshot) -> bool,
-) -> Result<Vec<VolumeSnapshot>, SnapshotError> {
+    done: fn(&K) -> bool,
+) -> Result<Vec<K>, SnapshotError>
+where
+    K: Resource<DynamicType = ()> + Cut + Clone + DeserializeOwned + Debug + Send + 'static,
+{
     let config = watcher::Config::default().labels(&format!("{BACKUP_UID_LABEL}={backup_uid}"));
     let mut events = watcher(api.clone(), config).boxed();
-    let mut seen: HashMap<String, VolumeSnapshot> = HashMap::new();
+    let mut seen: HashMap<String, K> = HashMap::new();
     while let Some(event) = events.try_next().await? {
         match event {
             watcher::Event::Apply(s) | watcher::Event::InitApply(s) => {
@@ -294,17 +329,40 @@ pub struct Removal {
     pub deferred: Vec<String>,
 }
 
-/// Deletes every snapshot `backup` made, and with each its storage snapshot: a content its
-/// class would retain is switched to Delete first, or it would outlive the backup as an
-/// orphan. A snapshot still being cut is deferred: deleted mid-cut, external-snapshotter's
+/// Deletes every snapshot and group `backup` made, and with each its storage snapshot: a
+/// content its class would retain is switched to Delete first, or it would outlive the backup
+/// as an orphan. A snapshot still being cut is deferred: deleted mid-cut, external-snapshotter's
 /// two controllers can race and keep it until their next resync, 15 minutes later
 /// (kubernetes-csi/external-snapshotter#880, seen here with 8.6). One cutting for longer
-/// than `CLEANUP_PATIENCE` is deleted anyway.
-pub async fn delete_all(client: &Client, backup: &Backup) -> Result<Removal, SnapshotError> {
-    let api: Api<VolumeSnapshot> =
-        Api::namespaced(client.clone(), &backup.namespace().unwrap_or_default());
+/// than `CLEANUP_PATIENCE` is deleted anyway. Groups go first: the snapshot controller keeps
+/// a group's members until their group is deleted, and then deletes them itself.
+pub async fn delete_all(
+    client: &Client,
+    backup: &Backup,
+    status: &BackupStatus,
+) -> Result<Removal, SnapshotError> {
+    let ns = backup.namespace().unwrap_or_default();
+    let api: Api<VolumeSnapshot> = Api::namespaced(client.clone(), &ns);
     let mut removal = Removal::default();
     let now = now();
+    // Recorded before the claims are labelled and the group is requested.
+    let grouped = status
+        .cut
+        .as_ref()
+        .is_some_and(|c| c.method == CutMethod::VolumeGroupSnapshot);
+    if grouped {
+        let groups: Api<VolumeGroupSnapshot> = Api::namespaced(client.clone(), &ns);
+        for g in group::list_own(&groups, backup).await? {
+            if g.is_being_cut() && !out_of_patience(g.metadata.creation_timestamp.as_ref(), &now) {
+                removal.deferred.push(g.name_any());
+                continue;
+            }
+            group::release_content(client, &g).await?;
+            delete_exactly(&groups, &g).await?;
+            removal.deleted += 1;
+        }
+        group::unlabel_claims(client, &ns, &backup.uid().unwrap_or_default()).await?;
+    }
     for snapshot in list_own(&api, backup).await? {
         if snapshot.is_being_cut()
             && !out_of_patience(snapshot.metadata.creation_timestamp.as_ref(), &now)
@@ -364,6 +422,7 @@ mod tests {
             driver: driver.into(),
             deletion_policy: "Delete".into(),
             parameters: BTreeMap::new(),
+            kind: std::marker::PhantomData,
         }
     }
 
