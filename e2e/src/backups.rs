@@ -119,8 +119,20 @@ pub async fn wait_terminal(cluster: &Cluster, name: &str) -> Backup {
 
 /// The cluster-scoped VolumeSnapshotClasses.
 pub fn snapshot_classes(cluster: &Cluster) -> Api<DynamicObject> {
-    let gvk =
-        kube::api::GroupVersionKind::gvk("snapshot.storage.k8s.io", "v1", "VolumeSnapshotClass");
+    cluster_scoped(cluster, "snapshot.storage.k8s.io", "VolumeSnapshotClass")
+}
+
+/// The cluster-scoped VolumeGroupSnapshotClasses.
+pub fn group_snapshot_classes(cluster: &Cluster) -> Api<DynamicObject> {
+    cluster_scoped(
+        cluster,
+        "groupsnapshot.storage.k8s.io",
+        "VolumeGroupSnapshotClass",
+    )
+}
+
+fn cluster_scoped(cluster: &Cluster, group: &str, kind: &str) -> Api<DynamicObject> {
+    let gvk = kube::api::GroupVersionKind::gvk(group, "v1", kind);
     Api::all_with(
         cluster.client.clone(),
         &kube::api::ApiResource::from_gvk(&gvk),

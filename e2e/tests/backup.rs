@@ -8,12 +8,12 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{DeleteParams, DynamicObject, ListParams, PostParams};
 use kube::{Api, ResourceExt};
 use pgsnap::api::Backup;
-use pgsnap::api::backup::{Phase, VolumeRole, WalSource};
+use pgsnap::api::backup::{CutMethod, CutStatus, Phase, VolumeRole, WalSource};
 use pgsnap::api::snapshot::VolumeSnapshot;
 use pgsnap::postgres::SERVER_GRACE;
 use pgsnap_e2e::backups::{
-    apply, backup_spec, delete_snapshot_class, on, snapshot_class, snapshot_classes, wait_phase,
-    wait_terminal,
+    apply, backup_spec, delete_snapshot_class, group_snapshot_classes, on, snapshot_class,
+    snapshot_classes, wait_phase, wait_terminal,
 };
 use pgsnap_e2e::operator::{Operator, operator_may};
 use pgsnap_e2e::postgres::{POSTGRES_UID, REFLINK_CLASS, password_secret, secret};
@@ -362,6 +362,17 @@ async fn every_volume_of_the_database_is_snapshotted() {
     let written = writer.finish().await;
     assert_completed(&backup);
     let status = backup.status.clone().unwrap();
+    // The test cluster marks no group class default: groupSnapshot Auto cuts one by one, and
+    // says why.
+    assert_eq!(
+        status.cut,
+        Some(CutStatus {
+            method: CutMethod::VolumeSnapshots,
+            reason: Some("no VolumeGroupSnapshotClass is marked default for CSI driver hostpath.csi.k8s.io: name one in spec.volumeGroupSnapshotClassName or annotate one with groupsnapshot.storage.kubernetes.io/is-default-class=\"true\"".into()),
+            ..Default::default()
+        })
+    );
+    expect_events(&cluster, &name, &["OneSnapshotPerVolume"]).await;
     assert_eq!(
         snapshot_roles(&backup),
         [
@@ -555,6 +566,16 @@ async fn bad_targets_fail_with_a_reason() {
         .create(&PostParams::default(), &class)
         .await
         .unwrap();
+    let foreign_group = format!("foreign-group-{}", cluster.namespace);
+    let class: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "groupsnapshot.storage.k8s.io/v1", "kind": "VolumeGroupSnapshotClass",
+        "metadata": {"name": foreign_group}, "driver": "other.csi.example.com", "deletionPolicy": "Delete",
+    }))
+    .unwrap();
+    group_snapshot_classes(&cluster)
+        .create(&PostParams::default(), &class)
+        .await
+        .unwrap();
     password_secret(&cluster, "nolist", "nolist").await;
     password_secret(&cluster, "wrong", "not-the-password").await;
     let cases = [
@@ -587,6 +608,16 @@ async fn bad_targets_fail_with_a_reason() {
             "foreign-class",
             json!({"target": {"podName": db.name}, "connection": {"passwordSecretRef": {"name": secret, "key": "password"}}, "volumeSnapshotClassName": foreign}),
             "NoSnapshotClass",
+        ),
+        (
+            "always-group",
+            json!({"target": {"podName": db.name}, "connection": {"passwordSecretRef": {"name": secret, "key": "password"}}, "groupSnapshot": "Always"}),
+            "GroupSnapshotImpossible",
+        ),
+        (
+            "foreign-group-class",
+            json!({"target": {"podName": db.name}, "connection": {"passwordSecretRef": {"name": secret, "key": "password"}}, "volumeGroupSnapshotClassName": foreign_group}),
+            "NoGroupSnapshotClass",
         ),
         (
             "no-wal-listing",
@@ -637,6 +668,30 @@ async fn bad_targets_fail_with_a_reason() {
         )
     );
     delete_snapshot_class(&cluster, &foreign).await;
+    // No default group class in the test cluster: Always has nothing to cut with.
+    let refused = cluster.api::<Backup>().get("always-group").await.unwrap();
+    let status = refused.status.unwrap();
+    assert_eq!(status.start_lsn, None, "refused before backup mode");
+    assert_eq!(
+        status.error.unwrap().message,
+        "groupSnapshot Always, but no VolumeGroupSnapshotClass is marked default for CSI driver hostpath.csi.k8s.io: name one in spec.volumeGroupSnapshotClassName or annotate one with groupsnapshot.storage.kubernetes.io/is-default-class=\"true\""
+    );
+    let refused = cluster
+        .api::<Backup>()
+        .get("foreign-group-class")
+        .await
+        .unwrap();
+    let status = refused.status.unwrap();
+    assert_eq!(status.start_lsn, None, "refused before backup mode");
+    assert_eq!(
+        status.error.unwrap().message,
+        format!(
+            "VolumeGroupSnapshotClass {foreign_group} is for CSI driver other.csi.example.com, but the volumes are of hostpath.csi.k8s.io: name a group class of hostpath.csi.k8s.io, or none for its default"
+        )
+    );
+    let _ = group_snapshot_classes(&cluster)
+        .delete(&foreign_group, &DeleteParams::default())
+        .await;
     let refused = cluster.api::<Backup>().get("no-wal-listing").await.unwrap();
     let status = refused.status.unwrap();
     assert_eq!(status.start_lsn, None, "refused before backup mode");

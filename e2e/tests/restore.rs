@@ -7,12 +7,15 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod};
-use kube::ResourceExt;
-use kube::api::{DeleteParams, ObjectMeta, PostParams};
+use kube::api::{
+    ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, ObjectMeta, PostParams,
+};
 use kube::runtime::wait::Condition;
+use kube::{Api, ResourceExt};
 use pgsnap::api::Backup;
 use pgsnap::api::backup::{Phase, VolumeRole};
 use pgsnap::api::restore::{Restore, RestorePhase};
+use pgsnap::api::snapshot::VolumeSnapshot;
 use pgsnap_e2e::operator::Operator;
 use pgsnap_e2e::postgres::{ARCHIVE_MOUNT, POSTGRES_UID};
 use pgsnap_e2e::proof;
@@ -192,7 +195,7 @@ async fn start_restored(
 /// restore command: the WAL the backup kept); PostgreSQL on the claims; every row committed
 /// before the stop is there, and the Restore's temporary claim of the WAL snapshot is gone.
 /// `multi`: data + WAL + tablespace volumes.
-async fn round_trip(major: u32, multi: bool) {
+async fn round_trip(major: u32, multi: bool, spec: serde_json::Value) {
     let cluster = Cluster::from_env().await;
     let operator = Operator::for_test(&cluster).await;
     let db = postgres_pod(major)
@@ -213,12 +216,19 @@ async fn round_trip(major: u32, multi: bool) {
         tokio::task::spawn_blocking(move || db.pgbench_run(8))
     };
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let b = backup(&cluster, &db, &format!("b{major}"), json!({})).await;
+    let b = backup(&cluster, &db, &format!("b{major}"), spec).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let written = writer.finish().await;
     load.await.expect("pgbench");
     let status = completed(&b);
     assert_eq!(status.snapshots.len(), if multi { 4 } else { 2 });
+    let group = status
+        .cut
+        .as_ref()
+        .and_then(|c| c.volume_group_snapshot.clone());
+    if let Some(group) = &group {
+        assert_group_members(&cluster, &b, group).await;
+    }
     let expected =
         proof::committed_before(&written, verify::status_lsn(status.stop_lsn.as_deref()));
 
@@ -300,21 +310,114 @@ async fn round_trip(major: u32, multi: bool) {
             c.name
         );
     }
+    if let Some(group) = group {
+        // The group goes with its Backup (deletionPolicy Delete), and its members with it.
+        let backups = cluster.api::<Backup>();
+        backups
+            .delete(&b.name_any(), &DeleteParams::default())
+            .await
+            .expect("delete backup");
+        let uid = b.uid().unwrap();
+        cluster
+            .wait_deleted(backups, &b.name_any(), &uid, Duration::from_secs(60))
+            .await;
+        // The snapshot controller deletes the group, then its members, once their finalizers
+        // are done.
+        let patience = Duration::from_secs(60);
+        let groups = group_snapshots(&cluster);
+        let group_uid = groups.get(&group).await.ok().and_then(|g| g.metadata.uid);
+        if let Some(uid) = group_uid {
+            cluster.wait_deleted(groups, &group, &uid, patience).await;
+        }
+        let snapshots = cluster.api::<VolumeSnapshot>();
+        for s in &status.snapshots {
+            if let Some(left) = snapshots.get_opt(&s.name).await.unwrap() {
+                let uid = left.uid().unwrap();
+                cluster
+                    .wait_deleted(snapshots.clone(), &s.name, &uid, patience)
+                    .await;
+            }
+        }
+    }
+}
+
+fn group_snapshots(cluster: &Cluster) -> Api<DynamicObject> {
+    let gvk = GroupVersionKind::gvk("groupsnapshot.storage.k8s.io", "v1", "VolumeGroupSnapshot");
+    Api::namespaced_with(
+        cluster.client.clone(),
+        &cluster.namespace,
+        &ApiResource::from_gvk(&gvk),
+    )
+}
+
+/// A backup cut as one group: its snapshots of the data, WAL and tablespace volumes are the
+/// group's members (owned by it, cut at its instant), taken on with the backup's labels; the
+/// WAL snapshot, cut after backup mode, is not one of them.
+async fn assert_group_members(cluster: &Cluster, b: &Backup, group: &str) {
+    let status = b.status.as_ref().unwrap();
+    let g = group_snapshots(cluster)
+        .get(group)
+        .await
+        .expect("the backup's group");
+    assert_eq!(g.labels()["pgsnap.io/backup-uid"], b.uid().unwrap());
+    let cut_at = g.data["status"]["creationTime"]
+        .as_str()
+        .expect("the group's cut")
+        .to_string();
+    let snapshots = cluster.api::<VolumeSnapshot>();
+    for s in &status.snapshots {
+        let v = snapshots.get(&s.name).await.expect("snapshot");
+        let in_group = v
+            .owner_references()
+            .iter()
+            .any(|o| Some(&o.uid) == g.metadata.uid.as_ref());
+        assert_eq!(
+            in_group,
+            s.role != VolumeRole::BackupWal,
+            "{} in the group",
+            s.name
+        );
+        assert_eq!(v.labels()["pgsnap.io/backup-uid"], b.uid().unwrap());
+        if in_group {
+            assert_eq!(
+                s.cut_at.as_ref().map(|t| t.0.to_string()),
+                Some(cut_at.clone()),
+                "{} was cut at the group's instant",
+                s.name
+            );
+        }
+    }
+    let claims = cluster.api::<PersistentVolumeClaim>();
+    let labelled = claims
+        .list(&ListParams::default().labels("pgsnap.io/group-snapshot"))
+        .await
+        .unwrap();
+    assert!(
+        labelled.items.is_empty(),
+        "claims keep the group's label: {:?}",
+        labelled
+            .items
+            .iter()
+            .map(|c| c.name_any())
+            .collect::<Vec<_>>()
+    );
 }
 
 #[tokio::test]
 async fn restore_recovers_every_committed_row_on_postgres_12() {
-    round_trip(12, false).await;
+    round_trip(12, false, json!({})).await;
 }
 
 #[tokio::test]
-async fn restore_of_data_wal_and_tablespace_volumes_on_postgres_15() {
-    round_trip(15, true).await;
+async fn restore_of_data_wal_and_tablespace_volumes_cut_as_one_group_on_postgres_15() {
+    let group =
+        json!({"groupSnapshot": "Always", "volumeGroupSnapshotClassName": "csi-hostpath-group"});
+    round_trip(15, true, group).await;
 }
 
 #[tokio::test]
 async fn restore_recovers_every_committed_row_on_postgres_18() {
-    round_trip(18, false).await;
+    round_trip(18, false, json!({})).await;
 }
 
 /// Refusals end Failed with a reason and leave no prepared data volume; a retained snapshot

@@ -693,13 +693,14 @@ pub(crate) async fn cut_plan(
 ) -> Result<CutPlan, Failure> {
     let drivers: Vec<&str> = classes.iter().map(|c| c.driver.as_str()).collect();
     let spec = &backup.spec;
+    let requested = spec.volume_group_snapshot_class_name.as_deref();
     let wants_group = spec.group_snapshot == GroupSnapshotPolicy::Always
-        || (spec.group_snapshot == GroupSnapshotPolicy::Auto && drivers.len() > 1);
+        || (spec.group_snapshot == GroupSnapshotPolicy::Auto
+            && (drivers.len() > 1 || requested.is_some()));
     let group_classes = match wants_group {
         true => group::classes(client).await?,
         false => None,
     };
-    let requested = spec.volume_group_snapshot_class_name.as_deref();
     Ok(group::plan(
         spec.group_snapshot,
         requested,

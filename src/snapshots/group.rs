@@ -43,20 +43,21 @@ pub fn plan(
     classes: Option<&[VolumeGroupSnapshotClass]>,
 ) -> Result<CutPlan, SnapshotError> {
     let volumes = |why: Option<String>| Ok(CutPlan::Volumes { why_not_group: why });
-    if policy == GroupSnapshotPolicy::Never
-        || (policy == GroupSnapshotPolicy::Auto && drivers.len() < 2)
-    {
+    // One volume has nothing to be cut at one instant with, but a class named for it is
+    // still checked: a mistake in a spec is never passed over quietly.
+    let alone = policy == GroupSnapshotPolicy::Auto && drivers.len() < 2;
+    if policy == GroupSnapshotPolicy::Never || (alone && requested.is_none()) {
         return volumes(None);
     }
     let impossible = |why: String| match policy {
         GroupSnapshotPolicy::Always => Err(SnapshotError::GroupImpossible(why)),
+        _ if alone => volumes(None),
         _ => volumes(Some(why)),
     };
     let Some(classes) = classes else {
         return impossible(format!(
-            "the cluster serves no {}/v1 {} API (external-snapshotter 8.2+ with its group CRDs and the CSIVolumeGroupSnapshot feature gate)",
-            Grouped::GROUP,
-            "VolumeGroupSnapshot"
+            "the cluster serves no {}/v1 VolumeGroupSnapshot API (external-snapshotter 8.2+ with its group CRDs and the CSIVolumeGroupSnapshot feature gate)",
+            Grouped::GROUP
         ));
     };
     let distinct: BTreeSet<&str> = drivers.iter().copied().collect();
@@ -69,26 +70,31 @@ pub fn plan(
             ));
         }
     };
-    // A class the user named is never passed over quietly, whatever the policy.
-    if let Some(name) = requested {
-        return match classes.iter().find(|c| c.name_any() == name) {
-            Some(class) if class.driver == driver => Ok(CutPlan::Group {
-                class: name.to_string(),
-            }),
-            Some(class) => Err(SnapshotError::GroupClassOfAnotherDriver {
-                class: name.to_string(),
-                class_driver: class.driver.clone(),
-                driver: driver.to_string(),
-            }),
-            None => Err(SnapshotError::GroupClassNotFound(name.to_string())),
-        };
-    }
-    match default_class_for(classes, driver) {
-        Some(class) => Ok(CutPlan::Group { class }),
-        None => impossible(format!(
-            "no VolumeGroupSnapshotClass is marked default for CSI driver {driver}: name one in spec.volumeGroupSnapshotClassName or annotate one with {}=\"true\"",
-            Grouped::DEFAULT_ANNOTATION
-        )),
+    let class = match requested {
+        Some(name) => match classes.iter().find(|c| c.name_any() == name) {
+            Some(class) if class.driver == driver => name.to_string(),
+            Some(class) => {
+                return Err(SnapshotError::GroupClassOfAnotherDriver {
+                    class: name.to_string(),
+                    class_driver: class.driver.clone(),
+                    driver: driver.to_string(),
+                });
+            }
+            None => return Err(SnapshotError::GroupClassNotFound(name.to_string())),
+        },
+        None => match default_class_for(classes, driver) {
+            Some(class) => class,
+            None => {
+                return impossible(format!(
+                    "no VolumeGroupSnapshotClass is marked default for CSI driver {driver}: name one in spec.volumeGroupSnapshotClassName or annotate one with {}=\"true\"",
+                    Grouped::DEFAULT_ANNOTATION
+                ));
+            }
+        },
+    };
+    match alone {
+        true => volumes(None),
+        false => Ok(CutPlan::Group { class }),
     }
 }
 
@@ -428,6 +434,15 @@ mod tests {
     fn a_named_class_is_never_passed_over() {
         let two = [HOSTPATH, HOSTPATH];
         let classes = [class("a", HOSTPATH, true), class("c", "other", false)];
+        let alone = plan(Auto, Some("a"), &[HOSTPATH], Some(&classes)).unwrap();
+        assert_eq!(
+            alone,
+            CutPlan::Volumes {
+                why_not_group: None
+            }
+        );
+        let missing = plan(Auto, Some("x"), &[HOSTPATH], Some(&classes)).unwrap_err();
+        assert_eq!(missing.reason(), "NoGroupSnapshotClass");
         for policy in [Auto, Always] {
             let missing = plan(policy, Some("x"), &two, Some(&classes)).unwrap_err();
             assert_eq!(missing.reason(), "NoGroupSnapshotClass");

@@ -699,6 +699,8 @@ func (d *driver) CreateVolumeGroupSnapshot(_ context.Context, req *csi.CreateVol
 	for i, v := range vols {
 		// Member names cannot meet a CreateSnapshot name: Kubernetes names hold no "/".
 		members[i] = d.newCut(g.Name+"/"+v.ID, v, g.ID, o)
+		// A member holds the group's instant, as on storage that cuts a group atomically.
+		members[i].Created = g.Created
 		g.Snapshots = append(g.Snapshots, members[i].ID)
 	}
 	d.st.Groups[g.ID] = g
