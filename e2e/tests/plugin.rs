@@ -157,6 +157,7 @@ async fn check_says_whether_a_database_can_be_backed_up_and_how_to_fix_it() {
             "WAL source",
             "volumes",
             "snapshot classes",
+            "group snapshot",
             "operator"
         ],
         "{out}"
@@ -180,15 +181,52 @@ async fn check_says_whether_a_database_can_be_backed_up_and_how_to_fix_it() {
         ),
         "{out}"
     );
+    assert_eq!(rows[7].2, "one snapshot per volume", "{out}");
     // The operator runs here as a process, not a pod: whether it leads is all there is to see.
     assert!(
-        rows[7].2.starts_with("pgsnap-e2e-")
-            && rows[7]
+        rows[8].2.starts_with("pgsnap-e2e-")
+            && rows[8]
                 .2
                 .contains(&format!("leads (Lease {operator_lease} renewed "))
-            && rows[7]
+            && rows[8]
                 .2
                 .ends_with("; not a pod here, its rights unchecked"),
+        "{out}"
+    );
+
+    // A group: of the class named, or refused where the cluster marks no class default.
+    let base = [
+        "check",
+        "good",
+        "-n",
+        &ns,
+        "--secret",
+        &format!("{secret}/password"),
+        "--operator-lease",
+        &operator_lease,
+        "--group-snapshot",
+        "always",
+    ];
+    let (code, out, _) =
+        kubectl_pgsnap(&[&base[..], &["--group-snapshot-class", "csi-hostpath-group"]].concat());
+    assert_eq!(code, 0, "{out}");
+    let group = &check_rows(&out)[7];
+    assert_eq!(
+        (group.1.as_str(), group.2.as_str()),
+        (
+            "✓",
+            "one VolumeGroupSnapshot of class csi-hostpath-group: every volume at one instant"
+        ),
+        "{out}"
+    );
+    let (code, out, _) = kubectl_pgsnap(&base);
+    assert_eq!(code, 1, "{out}");
+    let group = &check_rows(&out)[7];
+    assert_eq!(group.1, "✗", "{out}");
+    assert!(
+        group
+            .2
+            .starts_with("GroupSnapshotImpossible: groupSnapshot Always, but no VolumeGroupSnapshotClass is marked default for CSI driver hostpath.csi.k8s.io"),
         "{out}"
     );
 
@@ -209,7 +247,7 @@ async fn check_says_whether_a_database_can_be_backed_up_and_how_to_fix_it() {
         &format!("{OPERATOR_NAMESPACE}/nobody"),
     ]);
     assert_eq!(code, 1, "{out}");
-    let operator = &check_rows(&out)[7];
+    let operator = &check_rows(&out)[8];
     assert_eq!(
         (operator.1.as_str(), operator.2.split(':').next()),
         ("✗", Some("OperatorNotFound")),
