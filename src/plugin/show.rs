@@ -8,7 +8,7 @@ use kube::api::ListParams;
 use kube::{Api, Client, ResourceExt};
 
 use crate::api::SCHEDULE_NAME_LABEL;
-use crate::api::backup::{Backup, BackupStatus, Phase};
+use crate::api::backup::{Backup, BackupStatus, CutMethod, Phase};
 use crate::restore::plan::quantity_bytes;
 
 /// The last line of `backup --wait`.
@@ -23,8 +23,9 @@ pub fn outcome(status: &BackupStatus) -> String {
         .unwrap_or_default();
     match &status.timings {
         Some(t) => format!(
-            "Completed: {window}s in backup mode (checkpoint {:.0} ms, snapshots cut {:.0} ms, stop {:.0} ms, pgsnap {:.0} ms)",
+            "Completed: {window}s in backup mode (checkpoint {:.0} ms, {} {:.0} ms, stop {:.0} ms, pgsnap {:.0} ms)",
             t.checkpoint_seconds * 1000.0,
+            cut_step(status),
             t.cut_seconds * 1000.0,
             t.stop_seconds * 1000.0,
             t.overhead_seconds * 1000.0
@@ -192,6 +193,13 @@ pub fn list_table(
     table(&rows)
 }
 
+fn cut_step(status: &BackupStatus) -> &'static str {
+    match status.cut.as_ref().map(|c| c.method) {
+        Some(CutMethod::VolumeGroupSnapshot) => "group snapshot cut",
+        _ => "snapshots cut",
+    }
+}
+
 pub fn describe(backup: &Backup, events: &[Event], colour: bool) -> String {
     let status = backup.status.clone().unwrap_or_default();
     let mut out = String::new();
@@ -237,6 +245,20 @@ pub fn describe(backup: &Backup, events: &[Event], colour: bool) -> String {
             &format!("{stop} ({})", wal(&status.stop_wal)),
         );
     }
+    if let Some(cut) = &status.cut {
+        let how = match (
+            &cut.volume_group_snapshot,
+            &cut.volume_group_snapshot_class,
+            &cut.reason,
+        ) {
+            (Some(group), Some(class), _) => {
+                format!("one VolumeGroupSnapshot, {group} (class {class})")
+            }
+            (_, _, Some(why)) => format!("one snapshot per volume: {why}"),
+            _ => "one snapshot per volume".into(),
+        };
+        field(&mut out, "Cut", &how);
+    }
     if let Some(cm) = &status.label_config_map {
         field(&mut out, "Label", cm);
     }
@@ -265,7 +287,7 @@ pub fn describe(backup: &Backup, events: &[Event], colour: bool) -> String {
         let ms = |s: f64| format!("{:.0} ms", s * 1000.0);
         let mut steps = vec![
             vec!["checkpoint (start)".into(), ms(t.checkpoint_seconds)],
-            vec!["snapshots cut".into(), ms(t.cut_seconds)],
+            vec![cut_step(&status).into(), ms(t.cut_seconds)],
             vec!["stop".into(), ms(t.stop_seconds)],
             vec!["pgsnap's overhead".into(), ms(t.overhead_seconds)],
         ];
@@ -351,7 +373,7 @@ mod tests {
         );
         assert_eq!(
             outcome(backups()[0].status.as_ref().unwrap()),
-            "Completed: 1.94s in backup mode (checkpoint 412 ms, snapshots cut 1318 ms, stop 31 ms, pgsnap 179 ms)"
+            "Completed: 1.94s in backup mode (checkpoint 412 ms, group snapshot cut 1318 ms, stop 31 ms, pgsnap 179 ms)"
         );
     }
 
