@@ -131,6 +131,20 @@ pub fn group_snapshot_classes(cluster: &Cluster) -> Api<DynamicObject> {
     )
 }
 
+/// The test namespace's VolumeGroupSnapshots.
+pub fn group_snapshots(cluster: &Cluster) -> Api<DynamicObject> {
+    let gvk = kube::api::GroupVersionKind::gvk(
+        "groupsnapshot.storage.k8s.io",
+        "v1",
+        "VolumeGroupSnapshot",
+    );
+    Api::namespaced_with(
+        cluster.client.clone(),
+        &cluster.namespace,
+        &kube::api::ApiResource::from_gvk(&gvk),
+    )
+}
+
 fn cluster_scoped(cluster: &Cluster, group: &str, kind: &str) -> Api<DynamicObject> {
     let gvk = kube::api::GroupVersionKind::gvk(group, "v1", kind);
     Api::all_with(

@@ -12,8 +12,8 @@ use pgsnap::api::backup::{CutMethod, CutStatus, Phase, VolumeRole, WalSource};
 use pgsnap::api::snapshot::VolumeSnapshot;
 use pgsnap::postgres::SERVER_GRACE;
 use pgsnap_e2e::backups::{
-    apply, backup_spec, delete_snapshot_class, group_snapshot_classes, on, snapshot_class,
-    snapshot_classes, wait_phase, wait_terminal,
+    apply, backup_spec, delete_snapshot_class, group_snapshot_classes, group_snapshots, on,
+    snapshot_class, snapshot_classes, wait_phase, wait_terminal,
 };
 use pgsnap_e2e::operator::{Operator, operator_may};
 use pgsnap_e2e::postgres::{POSTGRES_UID, REFLINK_CLASS, password_secret, secret};
@@ -576,6 +576,18 @@ async fn bad_targets_fail_with_a_reason() {
         .create(&PostParams::default(), &class)
         .await
         .unwrap();
+    // A group the storage refuses to cut.
+    let failing_group = format!("failing-group-{}", cluster.namespace);
+    let class: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "groupsnapshot.storage.k8s.io/v1", "kind": "VolumeGroupSnapshotClass",
+        "metadata": {"name": failing_group}, "driver": "hostpath.csi.k8s.io", "deletionPolicy": "Delete",
+        "parameters": {"failWith": "the storage refused the group"},
+    }))
+    .unwrap();
+    group_snapshot_classes(&cluster)
+        .create(&PostParams::default(), &class)
+        .await
+        .unwrap();
     password_secret(&cluster, "nolist", "nolist").await;
     password_secret(&cluster, "wrong", "not-the-password").await;
     let cases = [
@@ -618,6 +630,11 @@ async fn bad_targets_fail_with_a_reason() {
             "foreign-group-class",
             json!({"target": {"podName": db.name}, "connection": {"passwordSecretRef": {"name": secret, "key": "password"}}, "volumeGroupSnapshotClassName": foreign_group}),
             "NoGroupSnapshotClass",
+        ),
+        (
+            "group-fails",
+            json!({"target": {"podName": db.name}, "connection": {"passwordSecretRef": {"name": secret, "key": "password"}}, "groupSnapshot": "Always", "volumeGroupSnapshotClassName": failing_group}),
+            "SnapshotFailed",
         ),
         (
             "no-wal-listing",
@@ -689,9 +706,36 @@ async fn bad_targets_fail_with_a_reason() {
             "VolumeGroupSnapshotClass {foreign_group} is for CSI driver other.csi.example.com, but the volumes are of hostpath.csi.k8s.io: name a group class of hostpath.csi.k8s.io, or none for its default"
         )
     );
-    let _ = group_snapshot_classes(&cluster)
-        .delete(&foreign_group, &DeleteParams::default())
-        .await;
+    // A group the storage fails: the driver's message, the group deleted, the claims' label
+    // removed.
+    let failed = cluster.api::<Backup>().get("group-fails").await.unwrap();
+    let message = failed.status.unwrap().error.unwrap().message;
+    assert!(
+        message.starts_with("snapshot group-fails failed: ")
+            && message.contains("the storage refused the group"),
+        "{message}"
+    );
+    let groups = group_snapshots(&cluster);
+    let mut left = vec![];
+    for _ in 0..150 {
+        left = groups.list(&ListParams::default()).await.unwrap().items;
+        if left.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(left.is_empty(), "groups left: {left:?}");
+    let labelled = cluster
+        .api::<k8s_openapi::api::core::v1::PersistentVolumeClaim>()
+        .list(&ListParams::default().labels("pgsnap.io/group-snapshot"))
+        .await
+        .unwrap();
+    assert!(labelled.items.is_empty(), "a claim keeps the group's label");
+    for class in [&foreign_group, &failing_group] {
+        let _ = group_snapshot_classes(&cluster)
+            .delete(class, &DeleteParams::default())
+            .await;
+    }
     let refused = cluster.api::<Backup>().get("no-wal-listing").await.unwrap();
     let status = refused.status.unwrap();
     assert_eq!(status.start_lsn, None, "refused before backup mode");

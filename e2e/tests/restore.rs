@@ -7,15 +7,14 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod};
-use kube::api::{
-    ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, ObjectMeta, PostParams,
-};
+use kube::ResourceExt;
+use kube::api::{DeleteParams, ListParams, ObjectMeta, PostParams};
 use kube::runtime::wait::Condition;
-use kube::{Api, ResourceExt};
 use pgsnap::api::Backup;
 use pgsnap::api::backup::{Phase, VolumeRole};
 use pgsnap::api::restore::{Restore, RestorePhase};
 use pgsnap::api::snapshot::VolumeSnapshot;
+use pgsnap_e2e::backups::group_snapshots;
 use pgsnap_e2e::operator::Operator;
 use pgsnap_e2e::postgres::{ARCHIVE_MOUNT, POSTGRES_UID};
 use pgsnap_e2e::proof;
@@ -339,15 +338,6 @@ async fn round_trip(major: u32, multi: bool, spec: serde_json::Value) {
             }
         }
     }
-}
-
-fn group_snapshots(cluster: &Cluster) -> Api<DynamicObject> {
-    let gvk = GroupVersionKind::gvk("groupsnapshot.storage.k8s.io", "v1", "VolumeGroupSnapshot");
-    Api::namespaced_with(
-        cluster.client.clone(),
-        &cluster.namespace,
-        &ApiResource::from_gvk(&gvk),
-    )
 }
 
 /// A backup cut as one group: its snapshots of the data, WAL and tablespace volumes are the
