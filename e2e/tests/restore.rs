@@ -7,13 +7,13 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod};
-use kube::ResourceExt;
 use kube::api::{DeleteParams, ListParams, ObjectMeta, PostParams};
 use kube::runtime::wait::Condition;
+use kube::{Api, ResourceExt};
 use pgsnap::api::Backup;
-use pgsnap::api::backup::{Phase, VolumeRole};
+use pgsnap::api::backup::{CutMethod, Phase, VolumeRole};
 use pgsnap::api::restore::{Restore, RestorePhase};
-use pgsnap::api::snapshot::VolumeSnapshot;
+use pgsnap::api::snapshot::{VolumeGroupSnapshotContent, VolumeSnapshot, VolumeSnapshotContent};
 use pgsnap_e2e::backups::group_snapshots;
 use pgsnap_e2e::operator::Operator;
 use pgsnap_e2e::postgres::{ARCHIVE_MOUNT, POSTGRES_UID};
@@ -215,16 +215,21 @@ async fn round_trip(major: u32, multi: bool, spec: serde_json::Value) {
         tokio::task::spawn_blocking(move || db.pgbench_run(8))
     };
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let b = backup(&cluster, &db, &format!("b{major}"), spec).await;
+    let spec_groups = spec["groupSnapshot"].as_str();
+    let b = backup(&cluster, &db, &format!("b{major}"), spec.clone()).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let written = writer.finish().await;
     load.await.expect("pgbench");
     let status = completed(&b);
     assert_eq!(status.snapshots.len(), if multi { 4 } else { 2 });
-    let group = status
-        .cut
-        .as_ref()
-        .and_then(|c| c.volume_group_snapshot.clone());
+    let cut = status.cut.clone().expect("status.cut");
+    let grouped = spec_groups == Some("Always");
+    assert_eq!(
+        cut.method == CutMethod::VolumeGroupSnapshot,
+        grouped,
+        "{cut:?}"
+    );
+    let group = cut.volume_group_snapshot.filter(|_| grouped);
     if let Some(group) = &group {
         assert_group_members(&cluster, &b, group).await;
     }
@@ -337,6 +342,37 @@ async fn round_trip(major: u32, multi: bool, spec: serde_json::Value) {
                     .await;
             }
         }
+        // And the storage's side: no content of this namespace's snapshots or group is left.
+        let ns = cluster.namespace.clone();
+        let mut left = Vec::new();
+        for _ in 0..150 {
+            let contents = Api::<VolumeSnapshotContent>::all(cluster.client.clone());
+            let groups = Api::<VolumeGroupSnapshotContent>::all(cluster.client.clone());
+            left = contents
+                .list(&ListParams::default())
+                .await
+                .unwrap()
+                .items
+                .into_iter()
+                .filter(|c| c.spec.volume_snapshot_ref.namespace.as_deref() == Some(&ns))
+                .map(|c| c.name_any())
+                .collect::<Vec<_>>();
+            left.extend(
+                groups
+                    .list(&ListParams::default())
+                    .await
+                    .unwrap()
+                    .items
+                    .into_iter()
+                    .filter(|c| c.spec.volume_group_snapshot_ref.namespace.as_deref() == Some(&ns))
+                    .map(|c| c.name_any()),
+            );
+            if left.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert!(left.is_empty(), "contents outlived the Backup: {left:?}");
     }
 }
 
@@ -399,10 +435,15 @@ async fn restore_recovers_every_committed_row_on_postgres_12() {
 }
 
 #[tokio::test]
-async fn restore_of_data_wal_and_tablespace_volumes_cut_as_one_group_on_postgres_15() {
+async fn restore_of_data_wal_and_tablespace_volumes_on_postgres_15() {
+    round_trip(15, true, json!({})).await;
+}
+
+#[tokio::test]
+async fn restore_of_data_wal_and_tablespace_volumes_cut_as_one_group_on_postgres_17() {
     let group =
         json!({"groupSnapshot": "Always", "volumeGroupSnapshotClassName": "csi-hostpath-group"});
-    round_trip(15, true, group).await;
+    round_trip(17, true, group).await;
 }
 
 #[tokio::test]

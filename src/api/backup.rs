@@ -55,7 +55,7 @@ pub struct BackupSpec {
     #[serde(default)]
     pub connection: Connection,
     /// The VolumeSnapshotClass for every snapshot. Default: the default class of each
-    /// PVC's CSI driver.
+    /// PVC's CSI driver. The members of a group snapshot take the group's class instead.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume_snapshot_class_name: Option<String>,
     /// Whether the volumes are cut as one CSI VolumeGroupSnapshot, at one instant: `Auto` when
@@ -443,7 +443,8 @@ pub enum CutMethod {
     /// One VolumeSnapshot per volume (from a standby, the data volume last).
     #[default]
     VolumeSnapshots,
-    /// One VolumeGroupSnapshot of every volume, at one instant.
+    /// One VolumeGroupSnapshot of every volume, at one instant (from a standby too: an
+    /// instant's copy holds pg_control no older than any page, as cutting it last does).
     VolumeGroupSnapshot,
 }
 

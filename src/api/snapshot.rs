@@ -78,7 +78,12 @@ pub struct VolumeSnapshotContentSpec {
 
 /// What a snapshot and a group snapshot report alike: their cut, readiness and error.
 pub trait Cut {
-    fn bound(&self) -> bool;
+    /// What it is, in messages: "snapshot" or "group snapshot".
+    const WHAT: &'static str;
+    /// The content (storage side) it is bound to.
+    type Content: Content;
+
+    fn content_name(&self) -> Option<&str>;
     fn creation_time(&self) -> Option<&Time>;
     fn ready_to_use(&self) -> Option<bool>;
     fn error(&self) -> Option<&VolumeSnapshotError>;
@@ -86,7 +91,7 @@ pub trait Cut {
     /// Cut: the storage system has taken the point-in-time copy, so the database may leave
     /// backup mode even though the copy may still be uploading.
     fn is_cut(&self) -> bool {
-        self.bound() && self.creation_time().is_some()
+        self.content_name().is_some() && self.creation_time().is_some()
     }
 
     /// Requested, and the storage has reported neither a cut nor an error: it may be cutting
@@ -110,10 +115,14 @@ pub trait Cut {
 }
 
 impl Cut for VolumeSnapshot {
-    fn bound(&self) -> bool {
+    const WHAT: &'static str = "snapshot";
+    type Content = VolumeSnapshotContent;
+
+    fn content_name(&self) -> Option<&str> {
         self.status
-            .as_ref()
-            .is_some_and(|s| s.bound_volume_snapshot_content_name.is_some())
+            .as_ref()?
+            .bound_volume_snapshot_content_name
+            .as_deref()
     }
     fn creation_time(&self) -> Option<&Time> {
         self.status.as_ref()?.creation_time.as_ref()
@@ -165,10 +174,14 @@ pub struct VolumeGroupSnapshotStatus {
 }
 
 impl Cut for VolumeGroupSnapshot {
-    fn bound(&self) -> bool {
+    const WHAT: &'static str = "group snapshot";
+    type Content = VolumeGroupSnapshotContent;
+
+    fn content_name(&self) -> Option<&str> {
         self.status
-            .as_ref()
-            .is_some_and(|s| s.bound_volume_group_snapshot_content_name.is_some())
+            .as_ref()?
+            .bound_volume_group_snapshot_content_name
+            .as_deref()
     }
     fn creation_time(&self) -> Option<&Time> {
         self.status.as_ref()?.creation_time.as_ref()
@@ -181,13 +194,14 @@ impl Cut for VolumeGroupSnapshot {
     }
 }
 
-/// The storage side of a group snapshot, cluster-scoped: pgsnap only switches the one bound
-/// to its own group to deletionPolicy Delete.
+/// The storage side of a group snapshot, cluster-scoped: pgsnap watches the one bound to its
+/// own group for the cut, and switches it to deletionPolicy Delete.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
     group = "groupsnapshot.storage.k8s.io",
     version = "v1",
-    kind = "VolumeGroupSnapshotContent"
+    kind = "VolumeGroupSnapshotContent",
+    status = "VolumeGroupSnapshotContentStatus"
 )]
 #[serde(rename_all = "camelCase")]
 pub struct VolumeGroupSnapshotContentSpec {
@@ -195,6 +209,47 @@ pub struct VolumeGroupSnapshotContentSpec {
     pub deletion_policy: String,
     #[serde(default)]
     pub volume_group_snapshot_ref: k8s_openapi::api::core::v1::ObjectReference,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeGroupSnapshotContentStatus {
+    /// Set by the CSI sidecar as soon as the driver has cut the group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creation_time: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<VolumeSnapshotError>,
+}
+
+/// The storage side of a snapshot or a group: which object it was made for, and whether
+/// deleting it deletes the storage's copy.
+pub trait Content:
+    kube::Resource<DynamicType = (), Scope = kube::core::ClusterResourceScope>
+    + Clone
+    + std::fmt::Debug
+    + serde::de::DeserializeOwned
+{
+    /// The uid of the snapshot or group it is bound to.
+    fn bound_to(&self) -> Option<&str>;
+    fn deletion_policy(&self) -> &str;
+}
+
+impl Content for VolumeSnapshotContent {
+    fn bound_to(&self) -> Option<&str> {
+        self.spec.volume_snapshot_ref.uid.as_deref()
+    }
+    fn deletion_policy(&self) -> &str {
+        &self.spec.deletion_policy
+    }
+}
+
+impl Content for VolumeGroupSnapshotContent {
+    fn bound_to(&self) -> Option<&str> {
+        self.spec.volume_group_snapshot_ref.uid.as_deref()
+    }
+    fn deletion_policy(&self) -> &str {
+        &self.spec.deletion_policy
+    }
 }
 
 /// A class of snapshots (or of group snapshots) of one CSI driver, cluster-scoped: both

@@ -39,6 +39,9 @@ use phase::{Admission, Next, Readiness, SnapshotObservation};
 /// How often a Backup waiting for its Secret looks for it again.
 const SECRET_RECHECK: Duration = Duration::from_secs(5);
 
+/// How often a failed Backup looks again at its group still being cut, to delete it.
+const GROUP_RECHECK: Duration = Duration::from_secs(5);
+
 /// Keeps a Backup until its snapshots are dealt with as its deletionPolicy says.
 pub const FINALIZER: &str = "pgsnap.io/backup-protection";
 
@@ -242,7 +245,7 @@ impl Context {
         status: &mut BackupStatus,
         failure: Failure,
     ) -> Result<(), kube::Error> {
-        let removed = self.remove_made(backup, status).await;
+        let removed = self.remove_made(backup).await;
         let cleanup_note = match &removed {
             Ok(r) => removal_note(r),
             Err(e) => format!(
@@ -275,13 +278,9 @@ impl Context {
 
     /// Deletes the snapshots (those still being cut later, see `snapshots::delete_all`) and the
     /// label ConfigMap this very Backup (by uid) made, and nothing else.
-    async fn remove_made(
-        &self,
-        backup: &Backup,
-        status: &BackupStatus,
-    ) -> Result<Removal, SnapshotError> {
+    async fn remove_made(&self, backup: &Backup) -> Result<Removal, SnapshotError> {
         let ns = backup.namespace().unwrap_or_default();
-        let removed = snapshots::delete_all(&self.client, backup, status).await?;
+        let removed = snapshots::delete_all(&self.client, backup).await?;
         let cm: Api<ConfigMap> = Api::namespaced(self.client.clone(), &ns);
         let name = label_store::config_map_name(&backup.name_any());
         delete_if_created_by(&cm, &name, &BACKUP_CREATOR, backup).await?;
@@ -432,7 +431,7 @@ async fn finish_removal(
     ctx: Arc<Context>,
     mut status: BackupStatus,
 ) -> Result<Action, Error> {
-    let removal = ctx.remove_made(&backup, &status).await?;
+    let removal = ctx.remove_made(&backup).await?;
     let waiting = !removal.deferred.is_empty();
     if removal.deferred != status.snapshots_to_delete {
         info!(
@@ -440,13 +439,15 @@ async fn finish_removal(
             still_being_cut = removal.deferred.len(),
             "deleting the failed backup's snapshots once cut"
         );
-        status.snapshots_to_delete = removal.deferred;
+        status.snapshots_to_delete = removal.deferred.clone();
         ctx.patch_status(&backup, &status).await?;
     }
-    // A cut wakes the Backup; a snapshot that never changes is deleted after the patience.
-    Ok(match waiting {
-        true => Action::requeue(CLEANUP_PATIENCE),
-        false => Action::await_change(),
+    // A snapshot's cut wakes the Backup, a group's does not; one that never changes is
+    // deleted after the patience.
+    Ok(match (waiting, removal.group_deferred) {
+        (true, true) => Action::requeue(GROUP_RECHECK),
+        (true, false) => Action::requeue(CLEANUP_PATIENCE),
+        (false, _) => Action::await_change(),
     })
 }
 
@@ -697,8 +698,7 @@ async fn cleanup(backup: Arc<Backup>, ctx: Arc<Context>) -> Result<Action, Error
         info!("deletionPolicy Retain: keeping the backup's snapshots and label ConfigMap");
         return Ok(Action::await_change());
     }
-    let status = backup.status.clone().unwrap_or_default();
-    match ctx.remove_made(&backup, &status).await {
+    match ctx.remove_made(&backup).await {
         Ok(removal) if !removal.deferred.is_empty() => Err(Error::BeingCut(removal.deferred)),
         Ok(removal) => {
             info!(

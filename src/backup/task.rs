@@ -281,17 +281,14 @@ async fn execute(
         }
     };
     let classes = snapshot_classes(&ctx.client, backup, &plan).await?;
-    let cut_plan = plan_cut(ctx, backup, status, &classes).await?;
+    let cut_plan = cut_plan(&ctx.client, backup, &classes).await?;
     check_names_free(ctx, backup, &plan, wal_volume.as_ref(), &cut_plan).await?;
-    // Written with status.cut: a failure from here on finds the group's label to remove.
+    record_cut(ctx, backup, status, &cut_plan).await;
     announce_start(ctx, backup, status, &pod, &server).await?;
     if let CutPlan::Group { .. } = cut_plan {
-        let claims: Vec<String> = plan
-            .iter()
-            .map(|p| p.persistent_volume_claim.clone())
-            .collect();
         let ns = backup.namespace().unwrap_or_default();
-        group::label_claims(&ctx.client, &ns, &claims, &backup.uid().unwrap_or_default()).await?;
+        let uid = backup.uid().unwrap_or_default();
+        group::label_claims(&ctx.client, &ns, &claims_of(&plan), &uid).await?;
     }
 
     // Backup mode begins here: from now on every step races the deadline.
@@ -299,6 +296,9 @@ async fn execute(
     let started = start_backup(ctx, backup, &mut session, status).await?;
     let window_start = Instant::now();
     let mut cut = match &cut_plan {
+        // From a standby too: a cut at one instant holds pg_control as of that instant, and
+        // minRecoveryPoint in it is raised before any page it covers is written, which is
+        // what cutting the data volume last achieves one by one.
         CutPlan::Group { class } => {
             cut_group(ctx, backup, status, plan.len(), class, deadline).await?
         }
@@ -384,10 +384,7 @@ async fn keep_wal(
         Api::namespaced(ctx.client.clone(), &backup.namespace().unwrap_or_default());
     let claim = &volume.planned.persistent_volume_claim;
     let name = snapshots::wal_snapshot_name(&backup.name_any(), claim);
-    let annotations = BTreeMap::from([(
-        LABEL_CONFIGMAP_ANNOTATION.to_string(),
-        label_store::config_map_name(&backup.name_any()),
-    )]);
+    let annotations = label_annotations(backup);
     let message = "out of backup mode; cutting the WAL snapshot that keeps the backup's WAL";
     set_phase(status, backup, Phase::Stopping, "KeepingWal", message);
     let segment_size = session.server().wal_segment_size;
@@ -685,7 +682,7 @@ struct Cut {
 }
 
 /// Whether the volumes are cut as one group (`group::plan`), from the claims' drivers (one
-/// class per claim) and, when a group could be wanted, the cluster's group classes.
+/// class per claim) and the cluster's group classes.
 pub(crate) async fn cut_plan(
     client: &Client,
     backup: &Backup,
@@ -693,14 +690,11 @@ pub(crate) async fn cut_plan(
 ) -> Result<CutPlan, Failure> {
     let drivers: Vec<&str> = classes.iter().map(|c| c.driver.as_str()).collect();
     let spec = &backup.spec;
-    let requested = spec.volume_group_snapshot_class_name.as_deref();
-    let wants_group = spec.group_snapshot == GroupSnapshotPolicy::Always
-        || (spec.group_snapshot == GroupSnapshotPolicy::Auto
-            && (drivers.len() > 1 || requested.is_some()));
-    let group_classes = match wants_group {
-        true => group::classes(client).await?,
-        false => None,
+    let group_classes = match spec.group_snapshot {
+        GroupSnapshotPolicy::Never => None,
+        _ => group::classes(client).await?,
     };
+    let requested = spec.volume_group_snapshot_class_name.as_deref();
     Ok(group::plan(
         spec.group_snapshot,
         requested,
@@ -709,16 +703,10 @@ pub(crate) async fn cut_plan(
     )?)
 }
 
-/// How the volumes are cut, recorded in status; a fallback of `groupSnapshot: Auto` is said
-/// in an Event too.
-async fn plan_cut(
-    ctx: &Context,
-    backup: &Backup,
-    status: &mut BackupStatus,
-    classes: &[snapshots::ResolvedClass],
-) -> Result<CutPlan, Failure> {
-    let plan = cut_plan(&ctx.client, backup, classes).await?;
-    status.cut = Some(match &plan {
+/// How the volumes are cut, recorded in status before backup mode; a fallback of
+/// `groupSnapshot: Auto` is said in an Event too.
+async fn record_cut(ctx: &Context, backup: &Backup, status: &mut BackupStatus, plan: &CutPlan) {
+    status.cut = Some(match plan {
         CutPlan::Group { class } => CutStatus {
             method: CutMethod::VolumeGroupSnapshot,
             volume_group_snapshot: Some(group::name(backup)),
@@ -732,14 +720,27 @@ async fn plan_cut(
     });
     if let CutPlan::Volumes {
         why_not_group: Some(why),
-    } = &plan
+    } = plan
     {
         let message = format!("cutting one snapshot per volume, not a group: {why}");
         info!(%message, "no group snapshot");
         ctx.publish(backup, EventType::Normal, "OneSnapshotPerVolume", message)
             .await;
     }
-    Ok(plan)
+}
+
+fn claims_of(plan: &[PlannedSnapshot]) -> Vec<String> {
+    plan.iter()
+        .map(|p| p.persistent_volume_claim.clone())
+        .collect()
+}
+
+/// Every snapshot of a backup names its label ConfigMap.
+fn label_annotations(backup: &Backup) -> BTreeMap<String, String> {
+    BTreeMap::from([(
+        LABEL_CONFIGMAP_ANNOTATION.to_string(),
+        label_store::config_map_name(&backup.name_any()),
+    )])
 }
 
 /// Snapshotting, as one group: request the VolumeGroupSnapshot of the labelled claims and
@@ -765,25 +766,34 @@ async fn cut_group(
         &message,
     );
     let name = group::create(&api, backup, class).await?.name_any();
+    let bound = |g: &VolumeGroupSnapshot| g.content_name().is_some();
     let wait = timeout_at(
         deadline.into(),
-        snapshots::wait_until(
-            &api,
-            &uid,
-            std::slice::from_ref(&name),
-            VolumeGroupSnapshot::is_cut,
-        ),
+        snapshots::wait_until(&api, &uid, std::slice::from_ref(&name), bound),
     );
     let (done, written) = tokio::join!(wait, ctx.patch_status(backup, status));
     written?;
+    // A snapshot controller without its CSIVolumeGroupSnapshot feature gate never takes the
+    // group up: the message says so.
     let group = done
         .map_err(|_| {
             deadline_exceeded(
                 backup.spec.deadline,
-                "waiting for the group snapshot to be cut",
+                "waiting for the snapshot controller to take up the group snapshot (it never made its VolumeGroupSnapshotContent: does it run with --feature-gates=CSIVolumeGroupSnapshot=true?)",
             )
         })??
         .remove(0);
+    timeout_at(
+        deadline.into(),
+        group::wait_content_cut(&ctx.client, &group),
+    )
+    .await
+    .map_err(|_| {
+        deadline_exceeded(
+            backup.spec.deadline,
+            "waiting for the group snapshot to be cut",
+        )
+    })??;
     let took = begin.elapsed();
     ctx.metrics.observe(TimedStep::GroupCut, took.as_secs_f64());
     Ok(Cut {
@@ -809,14 +819,7 @@ async fn take_members(
         warn!(error = %e, "could not remove the group label from the claims; it is removed with the Backup");
     }
     let api: Api<VolumeSnapshot> = Api::namespaced(ctx.client.clone(), &ns);
-    let claims: Vec<String> = plan
-        .iter()
-        .map(|p| p.persistent_volume_claim.clone())
-        .collect();
-    let annotations = BTreeMap::from([(
-        LABEL_CONFIGMAP_ANNOTATION.to_string(),
-        label_store::config_map_name(&backup.name_any()),
-    )]);
+    let (claims, annotations) = (claims_of(plan), label_annotations(backup));
     let adopt = group::adopt_members(&api, backup, group, &claims, &annotations);
     let mut members = timeout_at(deadline.into(), adopt).await.map_err(|_| {
         Failure::new(
@@ -847,10 +850,7 @@ async fn cut_snapshots(
     let uid = backup.uid().unwrap_or_default();
     let api: Api<VolumeSnapshot> =
         Api::namespaced(ctx.client.clone(), &backup.namespace().unwrap_or_default());
-    let annotations = BTreeMap::from([(
-        LABEL_CONFIGMAP_ANNOTATION.to_string(),
-        label_store::config_map_name(&backup.name_any()),
-    )]);
+    let annotations = label_annotations(backup);
     let begin = Instant::now();
     let message = format!("cutting {} snapshot(s) in backup mode", plan.len());
     set_phase(

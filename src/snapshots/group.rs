@@ -9,18 +9,18 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
-use kube::api::{ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{ListParams, ObjectMeta, Patch, PatchParams};
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 
-use super::{SnapshotError, default_class_for};
+use super::{SnapshotError, create_own, default_class_for};
 use crate::api::BACKUP_CREATOR;
 use crate::api::backup::{Backup, GroupSnapshotPolicy};
 use crate::api::snapshot::{
-    ClassKind, Cut, Grouped, VolumeGroupSnapshot, VolumeGroupSnapshotClass,
+    ClassKind, Content as _, Cut, Grouped, VolumeGroupSnapshot, VolumeGroupSnapshotClass,
     VolumeGroupSnapshotContent, VolumeGroupSnapshotSource, VolumeGroupSnapshotSpec, VolumeSnapshot,
 };
-use crate::controller::{created_by, creator_labels};
+use crate::controller::creator_labels;
 
 /// On a claim while its backup's group is cut: the backup's uid, which the group selects.
 pub const CLAIM_LABEL: &str = "pgsnap.io/group-snapshot";
@@ -55,6 +55,9 @@ pub fn plan(
         _ => volumes(Some(why)),
     };
     let Some(classes) = classes else {
+        if let Some(name) = requested {
+            return Err(SnapshotError::GroupClassNotFound(name.to_string()));
+        }
         return impossible(format!(
             "the cluster serves no {}/v1 VolumeGroupSnapshot API (external-snapshotter 8.2+ with its group CRDs and the CSIVolumeGroupSnapshot feature gate)",
             Grouped::GROUP
@@ -149,12 +152,17 @@ pub async fn unlabel_claims(
     let labelled = ListParams::default().labels(&format!("{CLAIM_LABEL}={uid}"));
     let patch = serde_json::json!({"metadata": {"labels": {CLAIM_LABEL: null}}});
     for claim in api.list(&labelled).await? {
-        api.patch(
-            &claim.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
-        .await?;
+        let (name, params, merge) = (
+            claim.name_any(),
+            PatchParams::default(),
+            Patch::Merge(&patch),
+        );
+        match api.patch(&name, &params, &merge).await {
+            Ok(_) => {}
+            // Deleted since the list: nothing left to unlabel.
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
     }
     Ok(())
 }
@@ -181,20 +189,54 @@ pub async fn create(
         },
         status: None,
     };
-    match api.create(&PostParams::default(), &group).await {
-        Ok(created) => Ok(created),
-        Err(kube::Error::Api(s)) if s.code == 409 => {
-            let existing = api.get(&group.name_any()).await?;
-            match created_by(&existing, &BACKUP_CREATOR, backup) {
-                true => Ok(existing),
-                false => Err(SnapshotError::NameConflict {
-                    kind: "VolumeGroupSnapshot",
+    create_own(api, backup, &group, "VolumeGroupSnapshot", |_| true).await
+}
+
+/// Waits (by watch) until the storage has cut `group`, bound to its content (`group` as the
+/// snapshot controller bound it): the content's creationTime, which the CSI sidecar sets as
+/// soon as the driver has cut. The group's own creationTime comes only once the snapshot
+/// controller has made every member, seconds later under its retries, and backup mode need
+/// not last for that.
+pub async fn wait_content_cut(
+    client: &Client,
+    group: &VolumeGroupSnapshot,
+) -> Result<VolumeGroupSnapshotContent, SnapshotError> {
+    let name = group.content_name().unwrap_or_default();
+    let contents: Api<VolumeGroupSnapshotContent> = Api::all(client.clone());
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let mut events = watcher(contents, config).boxed();
+    let failed = |message| SnapshotError::Failed {
+        what: VolumeGroupSnapshot::WHAT,
+        name: group.name_any(),
+        message,
+    };
+    while let Some(event) = events.try_next().await? {
+        let content = match event {
+            watcher::Event::Apply(c) | watcher::Event::InitApply(c) => c,
+            watcher::Event::Delete(_) => {
+                return Err(SnapshotError::Deleted {
+                    what: VolumeGroupSnapshot::WHAT,
                     name: group.name_any(),
-                }),
+                });
             }
+            _ => continue,
+        };
+        // A content that names another group is not this group's cut.
+        if content.bound_to() != group.uid().as_deref() {
+            return Err(failed(format!(
+                "its content {name} is bound to another group"
+            )));
         }
-        Err(e) => Err(e.into()),
+        let status = content.status.clone().unwrap_or_default();
+        if let Some(error) = status.error {
+            let message = error.message.unwrap_or_else(|| "no message".into());
+            return Err(failed(message));
+        }
+        if status.creation_time.is_some() {
+            return Ok(content);
+        }
     }
+    Err(SnapshotError::Watch(watcher::Error::NoResourceVersion))
 }
 
 /// Waits (by watch) until the snapshot controller has made a member of `group` for every one
@@ -221,7 +263,10 @@ pub async fn adopt_members(
                 members.insert(s.name_any(), s);
             }
             watcher::Event::Delete(s) if members.contains_key(&s.name_any()) => {
-                return Err(SnapshotError::Deleted(s.name_any()));
+                return Err(SnapshotError::Deleted {
+                    what: VolumeSnapshot::WHAT,
+                    name: s.name_any(),
+                });
             }
             _ => {}
         }
@@ -229,7 +274,11 @@ pub async fn adopt_members(
             .values()
             .find_map(|s| Some((s.name_any(), s.error_message()?)))
         {
-            return Err(SnapshotError::Failed { name, message });
+            return Err(SnapshotError::Failed {
+                what: VolumeSnapshot::WHAT,
+                name,
+                message,
+            });
         }
         let by_claim = by_claim(members.values());
         if claims
@@ -296,32 +345,19 @@ pub async fn list_own(
     }
 }
 
-/// Sets the deletion policy of the content bound to `group` to Delete, when the content is
-/// that very group's, so that deleting the group deletes every member's storage snapshot.
-pub async fn release_content(
-    client: &Client,
+/// The members the snapshot controller made of `group` (they carry its uid as their owner),
+/// whether or not the backup has taken them on yet.
+pub async fn members(
+    api: &Api<VolumeSnapshot>,
     group: &VolumeGroupSnapshot,
-) -> Result<(), SnapshotError> {
-    let Some(name) = group
-        .status
-        .as_ref()
-        .and_then(|s| s.bound_volume_group_snapshot_content_name.as_deref())
-    else {
-        return Ok(());
-    };
-    let contents: Api<VolumeGroupSnapshotContent> = Api::all(client.clone());
-    let Some(content) = contents.get_opt(name).await? else {
-        return Ok(());
-    };
-    let reference = &content.spec.volume_group_snapshot_ref;
-    let ours = reference.uid.is_some() && reference.uid == group.uid();
-    if ours && content.spec.deletion_policy != "Delete" {
-        let patch = serde_json::json!({"spec": {"deletionPolicy": "Delete"}});
-        contents
-            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await?;
-    }
-    Ok(())
+) -> Result<Vec<VolumeSnapshot>, SnapshotError> {
+    let uid = group.uid().unwrap_or_default();
+    let all = api.list(&ListParams::default()).await?;
+    Ok(all
+        .items
+        .into_iter()
+        .filter(|s| s.owner_references().iter().any(|o| o.uid == uid))
+        .collect())
 }
 
 #[cfg(test)]
@@ -443,6 +479,11 @@ mod tests {
         );
         let missing = plan(Auto, Some("x"), &[HOSTPATH], Some(&classes)).unwrap_err();
         assert_eq!(missing.reason(), "NoGroupSnapshotClass");
+        let unserved = plan(Auto, Some("a"), &two, None).unwrap_err();
+        assert_eq!(
+            unserved.to_string(),
+            "VolumeGroupSnapshotClass a does not exist"
+        );
         for policy in [Auto, Always] {
             let missing = plan(policy, Some("x"), &two, Some(&classes)).unwrap_err();
             assert_eq!(missing.reason(), "NoGroupSnapshotClass");

@@ -10,13 +10,14 @@ use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use kube::api::{ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
+use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::fmt::Debug;
 
-use crate::api::backup::{Backup, BackupStatus, CutMethod};
+use crate::api::backup::Backup;
 use crate::api::snapshot::{
-    ClassKind, Cut, DEFAULT_CLASS_ANNOTATION, SnapshotClass, VolumeGroupSnapshot, VolumeSnapshot,
-    VolumeSnapshotClass, VolumeSnapshotContent, VolumeSnapshotSource, VolumeSnapshotSpec,
+    ClassKind, Content as _, Cut, DEFAULT_CLASS_ANNOTATION, SnapshotClass, VolumeGroupSnapshot,
+    VolumeSnapshot, VolumeSnapshotClass, VolumeSnapshotSource, VolumeSnapshotSpec,
 };
 use crate::api::{BACKUP_CREATOR, BACKUP_NAME_LABEL, BACKUP_UID_LABEL};
 use crate::controller::{
@@ -66,10 +67,14 @@ pub enum SnapshotError {
         held: Vec<String>,
         expected: Vec<String>,
     },
-    #[error("snapshot {name} failed: {message}")]
-    Failed { name: String, message: String },
-    #[error("snapshot {0} was deleted while the backup waited for it")]
-    Deleted(String),
+    #[error("{what} {name} failed: {message}")]
+    Failed {
+        what: &'static str,
+        name: String,
+        message: String,
+    },
+    #[error("{what} {name} was deleted while the backup waited for it")]
+    Deleted { what: &'static str, name: String },
     #[error(
         "{kind} {name} already exists and belongs to another backup (an earlier Backup of this name whose deletionPolicy retained it, or another object): pgsnap never adopts or overwrites it. Delete it if it is not needed, or give this Backup another name"
     )]
@@ -100,7 +105,7 @@ impl SnapshotError {
             SnapshotError::GroupClassNotFound(_)
             | SnapshotError::GroupClassOfAnotherDriver { .. } => "NoGroupSnapshotClass",
             SnapshotError::Failed { .. }
-            | SnapshotError::Deleted(_)
+            | SnapshotError::Deleted { .. }
             | SnapshotError::GroupMembers { .. } => "SnapshotFailed",
             SnapshotError::NameConflict { .. } => "NameConflict",
             SnapshotError::Api(_) | SnapshotError::Watch(_) => "KubernetesApi",
@@ -205,8 +210,7 @@ pub fn default_class_for<K: ClassKind>(
     defaults.into_iter().next()
 }
 
-/// Requests a snapshot of `claim` for `backup`. Creating one that exists already is a retry
-/// when it is this backup's own, and a `NameConflict` when it is anyone else's.
+/// Requests a snapshot of `claim` for `backup`.
 pub async fn create(
     api: &Api<VolumeSnapshot>,
     backup: &Backup,
@@ -231,18 +235,34 @@ pub async fn create(
         },
         status: None,
     };
-    match api.create(&PostParams::default(), &snapshot).await {
+    let same_source = |existing: &VolumeSnapshot| {
+        existing.spec.source.persistent_volume_claim_name.as_deref() == Some(claim)
+    };
+    create_own(api, backup, &snapshot, "VolumeSnapshot", same_source).await
+}
+
+/// Creates `object` for `backup`. Creating one that exists already is a retry when it is this
+/// backup's own and `same` says it is the same request, and a `NameConflict` otherwise.
+pub(crate) async fn create_own<K>(
+    api: &Api<K>,
+    backup: &Backup,
+    object: &K,
+    kind: &'static str,
+    same: impl Fn(&K) -> bool,
+) -> Result<K, SnapshotError>
+where
+    K: Resource + Clone + DeserializeOwned + Serialize + Debug,
+{
+    match api.create(&PostParams::default(), object).await {
         Ok(created) => Ok(created),
         Err(kube::Error::Api(s)) if s.code == 409 => {
-            let existing = api.get(&snapshot.name_any()).await?;
-            let same_source =
-                existing.spec.source.persistent_volume_claim_name.as_deref() == Some(claim);
-            if created_by(&existing, &BACKUP_CREATOR, backup) && same_source {
+            let existing = api.get(&object.name_any()).await?;
+            if created_by(&existing, &BACKUP_CREATOR, backup) && same(&existing) {
                 Ok(existing)
             } else {
                 Err(SnapshotError::NameConflict {
-                    kind: "VolumeSnapshot",
-                    name: snapshot.name_any(),
+                    kind,
+                    name: object.name_any(),
                 })
             }
         }
@@ -299,7 +319,10 @@ where
                 seen.insert(s.name_any(), s);
             }
             watcher::Event::Delete(s) if names.contains(&s.name_any()) => {
-                return Err(SnapshotError::Deleted(s.name_any()));
+                return Err(SnapshotError::Deleted {
+                    what: K::WHAT,
+                    name: s.name_any(),
+                });
             }
             watcher::Event::Delete(_) | watcher::Event::Init => {}
             watcher::Event::InitDone => {}
@@ -310,6 +333,7 @@ where
             .find_map(|s| Some((s.name_any(), s.error_message()?)))
         {
             return Err(SnapshotError::Failed {
+                what: K::WHAT,
                 name: failed.0,
                 message: failed.1,
             });
@@ -325,8 +349,10 @@ where
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Removal {
     pub deleted: usize,
-    /// Snapshots still being cut, left to delete once cut.
+    /// Snapshots and groups still being cut, left to delete once cut.
     pub deferred: Vec<String>,
+    /// Whether a group is among them: no watch wakes its Backup when it is cut.
+    pub group_deferred: bool,
 }
 
 /// Deletes every snapshot and group `backup` made, and with each its storage snapshot: a
@@ -336,33 +362,30 @@ pub struct Removal {
 /// (kubernetes-csi/external-snapshotter#880, seen here with 8.6). One cutting for longer
 /// than `CLEANUP_PATIENCE` is deleted anyway. Groups go first: the snapshot controller keeps
 /// a group's members until their group is deleted, and then deletes them itself.
-pub async fn delete_all(
-    client: &Client,
-    backup: &Backup,
-    status: &BackupStatus,
-) -> Result<Removal, SnapshotError> {
+pub async fn delete_all(client: &Client, backup: &Backup) -> Result<Removal, SnapshotError> {
     let ns = backup.namespace().unwrap_or_default();
     let api: Api<VolumeSnapshot> = Api::namespaced(client.clone(), &ns);
     let mut removal = Removal::default();
     let now = now();
-    // Recorded before the claims are labelled and the group is requested.
-    let grouped = status
-        .cut
-        .as_ref()
-        .is_some_and(|c| c.method == CutMethod::VolumeGroupSnapshot);
-    if grouped {
-        let groups: Api<VolumeGroupSnapshot> = Api::namespaced(client.clone(), &ns);
-        for g in group::list_own(&groups, backup).await? {
-            if g.is_being_cut() && !out_of_patience(g.metadata.creation_timestamp.as_ref(), &now) {
-                removal.deferred.push(g.name_any());
-                continue;
-            }
-            group::release_content(client, &g).await?;
-            delete_exactly(&groups, &g).await?;
-            removal.deleted += 1;
+    // Looked for whatever the status says: a Backup deleted before its status write was seen
+    // may have made a group all the same. None where the cluster serves no group API.
+    let groups: Api<VolumeGroupSnapshot> = Api::namespaced(client.clone(), &ns);
+    for g in group::list_own(&groups, backup).await? {
+        if g.is_being_cut() && !out_of_patience(g.metadata.creation_timestamp.as_ref(), &now) {
+            removal.deferred.push(g.name_any());
+            removal.group_deferred = true;
+            continue;
         }
-        group::unlabel_claims(client, &ns, &backup.uid().unwrap_or_default()).await?;
+        // Each member's content took the group content's deletion policy, and the snapshot
+        // controller deletes the members with the group, adopted or not.
+        for member in group::members(&api, &g).await? {
+            release_content(client, &member).await?;
+        }
+        release_content(client, &g).await?;
+        delete_exactly(&groups, &g).await?;
+        removal.deleted += 1;
     }
+    group::unlabel_claims(client, &ns, &backup.uid().unwrap_or_default()).await?;
     for snapshot in list_own(&api, backup).await? {
         if snapshot.is_being_cut()
             && !out_of_patience(snapshot.metadata.creation_timestamp.as_ref(), &now)
@@ -377,23 +400,21 @@ pub async fn delete_all(
     Ok(removal)
 }
 
-/// Sets the deletion policy of the content bound to `snapshot` to Delete, when the content
-/// is that very snapshot's (its volumeSnapshotRef names the snapshot's uid).
-async fn release_content(client: &Client, snapshot: &VolumeSnapshot) -> Result<(), SnapshotError> {
-    let Some(name) = snapshot
-        .status
-        .as_ref()
-        .and_then(|s| s.bound_volume_snapshot_content_name.as_deref())
-    else {
+/// Sets the deletion policy of the content bound to `snapshot` (a snapshot or a group) to
+/// Delete, when the content is that very object's (it names the object's uid).
+pub(crate) async fn release_content<S: Cut + Resource>(
+    client: &Client,
+    snapshot: &S,
+) -> Result<(), SnapshotError> {
+    let Some(name) = snapshot.content_name() else {
         return Ok(());
     };
-    let contents: Api<VolumeSnapshotContent> = Api::all(client.clone());
+    let contents: Api<S::Content> = Api::all(client.clone());
     let Some(content) = contents.get_opt(name).await? else {
         return Ok(());
     };
-    let ours = content.spec.volume_snapshot_ref.uid.is_some()
-        && content.spec.volume_snapshot_ref.uid == snapshot.uid();
-    if ours && content.spec.deletion_policy != "Delete" {
+    let ours = content.bound_to().is_some() && content.bound_to() == snapshot.meta().uid.as_deref();
+    if ours && content.deletion_policy() != "Delete" {
         let patch = serde_json::json!({"spec": {"deletionPolicy": "Delete"}});
         contents
             .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
