@@ -406,7 +406,7 @@ async fn group_or_one_by_one() {
     ] {
         let mut samples: Vec<[Vec<f64>; 3]> = vec![Default::default(), Default::default()];
         for i in 0..runs * 2 {
-            let (way, spec) = &ways[i % 2];
+            let (_, spec) = &ways[i % 2];
             let name = format!(
                 "{server}-{}-{i}",
                 if i % 2 == 0 { "group" } else { "single" }
@@ -427,7 +427,6 @@ async fn group_or_one_by_one() {
             s[2].push(t0.elapsed().as_secs_f64());
             s[0].push(window_seconds(&status));
             s[1].push(status.timings.expect("timings").cut_seconds);
-            let _ = way;
         }
         for ((way, _), s) in ways.iter().zip(&mut samples) {
             for v in s.iter_mut() {
