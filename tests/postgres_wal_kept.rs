@@ -9,6 +9,12 @@
 //! Negative controls: the WAL copy without its last segment is refused by restore-prepare
 //! (`WalIncomplete`, naming it); with that check bypassed, PostgreSQL itself refuses to come
 //! up, so the check is what stands between a user and a broken restore.
+//!
+//! Two layouts on each major: everything in the data directory, and the layout of a pod with
+//! three volumes, pg_wal on its own (`initdb --waldir`, the data directory's pg_wal a link to
+//! it) and a tablespace, each copied on its own; the WAL snapshot is then of pg_wal's own
+//! directory, and the restore re-points the link at the restored copy of it, as mounting the
+//! restored WAL volume at the same path does.
 
 use std::fs;
 use std::time::Duration;
@@ -21,9 +27,22 @@ use pgsnap_e2e::pgharness::{
 use pgsnap_e2e::prepare::RestorePrepare;
 use pgsnap_e2e::proof::committed_before;
 
-async fn wal_kept_matrix(major: u32) {
-    let dir = TestDir::new(&format!("walkept{major}"));
-    let mut pg = Pg::init(
+async fn wal_kept_data_only(major: u32) {
+    wal_kept(major, false).await;
+}
+
+async fn wal_kept_split(major: u32) {
+    wal_kept(major, true).await;
+}
+
+/// `split`: pg_wal and a tablespace on volumes of their own.
+async fn wal_kept(major: u32, split: bool) {
+    let layout = if split { "split" } else { "" };
+    let dir = TestDir::new(&format!("walkept{layout}{major}"));
+    let (wal_dir, tablespace) = (dir.owned("wal"), dir.owned("tablespace"));
+    let waldir_arg = format!("--waldir={}", wal_dir.display());
+    let initdb_args: &[&str] = if split { &[&waldir_arg] } else { &[] };
+    let mut pg = Pg::init_with(
         major,
         &dir,
         "primary",
@@ -32,8 +51,12 @@ async fn wal_kept_matrix(major: u32) {
             // Checkpoints during the copy make the fuzzy copy fuzzier.
             ("checkpoint_timeout", "'30s'"),
         ],
+        initdb_args,
     );
     pg.start(Duration::from_secs(60)).await.unwrap();
+    if split {
+        pg.tablespace_with_rows(&tablespace).await;
+    }
     pg.pgbench_init(1);
     let client = pg.client().await;
     let mut written = write_marks(&client, 1, 10).await;
@@ -41,6 +64,8 @@ async fn wal_kept_matrix(major: u32) {
     let load = pg.pgbench_load(2, 120);
     let mut s = Session::connect(&pg.opts("postgres", None)).await.unwrap();
     let sysid = s.server().system_identifier;
+    let s_tablespace_oid = s.server().tablespaces.first().map(|t| t.oid);
+    assert_eq!(s_tablespace_oid.is_some(), split);
     let segment_size = s.server().wal_segment_size;
     let started = s
         .start(&format!("wal kept {major}"), true, Duration::from_secs(300))
@@ -49,8 +74,24 @@ async fn wal_kept_matrix(major: u32) {
     assert!(started.wal_pinned);
     let copy = dir.0.join("copy");
     tokio::task::block_in_place(|| {
-        fuzzy_copy(&pg.data, &copy.join("data"), Duration::from_millis(5))
+        fuzzy_copy(&pg.data, &copy.join("data"), Duration::from_millis(5));
+        if split {
+            fuzzy_copy(&wal_dir, &copy.join("wal"), Duration::from_millis(5));
+            fuzzy_copy(
+                &tablespace,
+                &copy.join("tablespace"),
+                Duration::from_millis(5),
+            );
+        }
     });
+    if split {
+        client
+            .batch_execute(
+                "insert into in_ts select g, md5(g::text) from generate_series(1001, 1100) g",
+            )
+            .await
+            .unwrap();
+    }
     // Committed after the snapshot, before the stop: only the kept WAL brings these back;
     // across segments, so the range is one to verify link by link.
     for round in 0..3 {
@@ -64,7 +105,12 @@ async fn wal_kept_matrix(major: u32) {
 
     // The WAL snapshot, cut after the stop while pgbench still writes, and the proof.
     let wal = dir.0.join("wal-snapshot");
-    tokio::task::block_in_place(|| fuzzy_copy(&pg.data.join("pg_wal"), &wal, Duration::ZERO));
+    let pg_wal = if split {
+        wal_dir.clone()
+    } else {
+        pg.data.join("pg_wal")
+    };
+    tokio::task::block_in_place(|| fuzzy_copy(&pg_wal, &wal, Duration::ZERO));
     let (first, last) = (&stopped.label.start_wal_file, &stopped.stop_wal_file);
     let listed = s.list_wal(first, last).await.unwrap();
     check_wal_kept(first, last, segment_size, &listed).unwrap();
@@ -72,18 +118,46 @@ async fn wal_kept_matrix(major: u32) {
     load.finish();
     assert!(listed.len() >= 4, "{listed:?}");
     eprintln!(
-        "PostgreSQL {major}: WAL kept from {first} to {last} ({} segments)",
+        "PostgreSQL {major}{}: WAL kept from {first} to {last} ({} segments)",
+        if split {
+            " (pg_wal and a tablespace apart)"
+        } else {
+            ""
+        },
         listed.len()
     );
 
     let expect = Expect {
         marks: committed_before(&written, stopped.stop_lsn),
-        in_tablespace: Default::default(),
+        in_tablespace: if split {
+            (1..=1100).collect()
+        } else {
+            Vec::new()
+        },
         pgbench: true,
     };
     let prepare = RestorePrepare::new(env!("CARGO_BIN_EXE_pgsnap"), &dir.0, &stopped, sysid);
-    let wal_flags = |from: &std::path::Path| {
-        vec![
+    let oid = s_tablespace_oid;
+    let target = |name: &str| {
+        let target = tokio::task::block_in_place(|| restore_target(major, &dir, &copy, name));
+        if split {
+            // The restored WAL volume, mounted where the link points on the pod.
+            let link = target.join("data/pg_wal");
+            fs::remove_file(&link).unwrap();
+            std::os::unix::fs::symlink(target.join("wal"), &link).unwrap();
+        }
+        target
+    };
+    // Where the restored server finds the tablespace: its own restored copy.
+    let tablespace_flags = |target: &std::path::Path| match oid {
+        Some(oid) => vec![
+            "--tablespace".to_string(),
+            format!("{oid}={}", target.join("tablespace").display()),
+        ],
+        None => Vec::new(),
+    };
+    let flags = |from: &std::path::Path, target: &std::path::Path| {
+        let mut flags = vec![
             "--wal-from".to_string(),
             from.display().to_string(),
             "--wal-first".into(),
@@ -92,16 +166,15 @@ async fn wal_kept_matrix(major: u32) {
             last.clone(),
             "--wal-segment-size".into(),
             segment_size.to_string(),
-        ]
-    };
-    let target = |name: &str| {
-        let target = tokio::task::block_in_place(|| restore_target(major, &dir, &copy, name));
-        target.join("data")
+        ];
+        flags.extend(tablespace_flags(target));
+        flags
     };
 
     // The proof: no archive, no restore command.
-    let data = target("restored");
-    let run = prepare.prepare(&data, &wal_flags(&wal));
+    let restored = target("restored");
+    let data = restored.join("data");
+    let run = prepare.prepare(&data, &flags(&wal, &restored));
     assert!(
         run.stdout
             .contains(&format!("WAL segments {first}..{last}")),
@@ -120,8 +193,9 @@ async fn wal_kept_matrix(major: u32) {
     let short = dir.0.join("wal-short");
     tokio::task::block_in_place(|| fuzzy_copy(&wal, &short, Duration::ZERO));
     fs::remove_file(short.join(last)).unwrap();
-    let data = target("short");
-    let run = prepare.run(&data, &wal_flags(&short));
+    let short_target = target("short");
+    let data = short_target.join("data");
+    let run = prepare.run(&data, &flags(&short, &short_target));
     assert_eq!(run.code, 3, "{}{}", run.stdout, run.stderr);
     assert!(
         run.stderr.contains(&format!(
@@ -137,8 +211,10 @@ async fn wal_kept_matrix(major: u32) {
 
     // The check bypassed: the same segments put into pg_wal by hand and the copy prepared
     // without them. PostgreSQL refuses to reach consistency.
-    tokio::task::block_in_place(|| fuzzy_copy(&short, &data.join("pg_wal"), Duration::ZERO));
-    prepare.prepare(&data, &[]);
+    // Into the directory itself, pg_wal being a link to it with the WAL apart.
+    let pg_wal = fs::canonicalize(data.join("pg_wal")).unwrap();
+    tokio::task::block_in_place(|| fuzzy_copy(&short, &pg_wal, Duration::ZERO));
+    prepare.prepare(&data, &tablespace_flags(&short_target));
     let mut bypassed = Pg::existing(major, &data, dir.0.join("short.log"));
     let report = check_restore(&mut bypassed, &expect).await;
     let Err(Failure::NotServing(log)) = report else {
@@ -154,8 +230,15 @@ async fn wal_kept_matrix(major: u32) {
 }
 
 pgsnap_e2e::per_major! {
-    wal_kept_matrix;
+    wal_kept_data_only;
     wal_kept_pg10: 10, wal_kept_pg11: 11, wal_kept_pg12: 12, wal_kept_pg13: 13,
     wal_kept_pg14: 14, wal_kept_pg15: 15, wal_kept_pg16: 16, wal_kept_pg17: 17,
     wal_kept_pg18: 18,
+}
+
+pgsnap_e2e::per_major! {
+    wal_kept_split;
+    wal_kept_split_pg10: 10, wal_kept_split_pg11: 11, wal_kept_split_pg12: 12,
+    wal_kept_split_pg13: 13, wal_kept_split_pg14: 14, wal_kept_split_pg15: 15,
+    wal_kept_split_pg16: 16, wal_kept_split_pg17: 17, wal_kept_split_pg18: 18,
 }
