@@ -87,7 +87,8 @@ pub struct WalRecord {
     pub last_segment: String,
     pub segment_size: u64,
     /// How the segments were proven to be in the snapshot: listed by the server
-    /// (`pg_ls_waldir`) after the cut, while the backup's slot still held them.
+    /// (`pg_ls_waldir`) after the cut, while the backup's slot still held them; from a
+    /// standby also written there by its WAL receiver (`pg_ls_waldir,pg_stat_wal_receiver`).
     pub checked_by: String,
 }
 

@@ -8,9 +8,11 @@ use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use pgsnap::backup::phase::{check_wal_kept, standby_streams, streamed};
 use pgsnap::postgres::{BackupFrom, Error, Lsn, Session};
 use pgsnap_e2e::pgharness::{
-    Expect, Pg, TestDir, archive_command, check_restore, chown, fuzzy_copy, write_marks,
+    Expect, Pg, TestDir, archive_command, check_restore, chown, fuzzy_copy, restore_target,
+    write_marks,
 };
 use pgsnap_e2e::prepare::RestorePrepare;
 use pgsnap_e2e::proof::committed_before;
@@ -267,4 +269,139 @@ pgsnap_e2e::per_major! {
     standby_matrix;
     standby_pg10: 10, standby_pg11: 11, standby_pg12: 12, standby_pg13: 13, standby_pg14: 14,
     standby_pg15: 15, standby_pg16: 16, standby_pg17: 17, standby_pg18: 18,
+}
+
+/// A standby's backup keeps its own WAL, with no archive: the standby streams, the backup's
+/// session holds a slot on it, and after the stop its WAL receiver is shown to have written
+/// every segment of the backup into pg_wal (one receiver, streaming from before the backup's
+/// start, flushed past its stop), pg_wal is copied (the WAL snapshot) and listed. The restore
+/// takes those segments and recovers with no restore command to the standby's consistent
+/// point, holding every row the standby had replayed before the backup started.
+async fn standby_wal_kept(major: u32) {
+    let dir = TestDir::new(&format!("standbykept{major}"));
+    let archive = dir.owned("archive");
+    let mut primary = Pg::init(
+        major,
+        &dir,
+        "primary",
+        &[
+            ("archive_mode", "on"),
+            ("archive_command", &archive_command(&archive)),
+        ],
+    );
+    primary.start(Duration::from_secs(60)).await.unwrap();
+    primary.pgbench_init(1);
+    let pclient = primary.client().await;
+    let mut replayed = write_marks(&pclient, 1, 10).await;
+    let mut standby = make_standby(&primary, &dir, &archive).await;
+    // A restartpoint on WAL the standby streamed: the backup starts there.
+    replayed.extend(write_marks(&pclient, 100, 30).await);
+    pclient.batch_execute("checkpoint").await.unwrap();
+    replayed.extend(write_marks(&pclient, 200, 1).await);
+    wait_replayed(&standby, 200).await;
+
+    let load = primary.pgbench_load(2, 120);
+    let mut s = Session::connect(&standby.opts("postgres", None))
+        .await
+        .unwrap();
+    let before = s.wal_receiver().await.unwrap().expect("a WAL receiver");
+    standby_streams(Some(&before), "postgres").unwrap();
+    let segment_size = s.server().wal_segment_size;
+    let sysid = s.server().system_identifier;
+    let started = s
+        .start("standby keeps its WAL", true, Duration::from_secs(120))
+        .await
+        .unwrap();
+    assert!(started.wal_pinned, "{:?}", started.wal_not_pinned_reason);
+    let copy = dir.0.join("copy");
+    tokio::task::block_in_place(|| {
+        fuzzy_copy(&standby.data, &copy.join("data"), Duration::from_millis(5))
+    });
+    // Across segments. A standby's stop is its minimum recovery point, which lags what it
+    // replayed until pages are flushed.
+    for round in 0..3 {
+        write_marks(&pclient, 1000 + round * 100, 30).await;
+        pclient
+            .batch_execute("select pg_switch_wal()")
+            .await
+            .unwrap();
+    }
+    write_marks(&pclient, 2000, 1).await;
+    wait_replayed(&standby, 2000).await;
+    // A restartpoint flushes the standby and moves its minimum recovery point on: the range
+    // spans the switched segments, and only the backup's slot keeps the restartpoint from
+    // recycling its first ones.
+    let sclient = standby.client().await;
+    sclient.batch_execute("checkpoint").await.unwrap();
+    let stopped = s.stop(false).await.unwrap();
+    assert_eq!(stopped.label.backup_from, BackupFrom::Standby);
+    let after = s.wal_receiver().await.unwrap();
+    streamed(
+        &before,
+        after.as_ref(),
+        stopped.label.start_wal_location,
+        stopped.stop_lsn,
+        stopped.timeline,
+    )
+    .unwrap();
+    let (first, last) = (&stopped.label.start_wal_file, &stopped.stop_wal_file);
+    let wal = dir.0.join("wal-snapshot");
+    tokio::task::block_in_place(|| fuzzy_copy(&standby.data.join("pg_wal"), &wal, Duration::ZERO));
+    let listed = s.list_wal(first, last).await.unwrap();
+    check_wal_kept(first, last, segment_size, &listed).unwrap();
+    assert!(listed.len() >= 3, "{listed:?}");
+    s.release().await;
+    load.finish();
+    eprintln!(
+        "PostgreSQL {major} standby: WAL kept from {first} to {last} ({} segments), streamed from {:?}",
+        listed.len(),
+        before.start
+    );
+
+    let target = tokio::task::block_in_place(|| restore_target(major, &dir, &copy, "restored"));
+    let data = target.join("data");
+    let run = RestorePrepare::new(env!("CARGO_BIN_EXE_pgsnap"), &dir.0, &stopped, sysid).prepare(
+        &data,
+        &[
+            "--wal-from".to_string(),
+            wal.display().to_string(),
+            "--wal-first".into(),
+            first.clone(),
+            "--wal-last".into(),
+            last.clone(),
+            "--wal-segment-size".into(),
+            segment_size.to_string(),
+            "--remove-standby-signal".into(),
+        ],
+    );
+    assert!(
+        run.stdout
+            .contains(&format!("WAL segments {first}..{last}")),
+        "{}",
+        run.stdout
+    );
+    let mut restored = Pg::existing(major, &data, dir.0.join("restored.log"));
+    let report = check_restore(
+        &mut restored,
+        &Expect {
+            marks: replayed.iter().map(|(id, _)| *id).collect(),
+            in_tablespace: vec![],
+            pgbench: true,
+        },
+    )
+    .await;
+    assert!(
+        report.is_ok(),
+        "restore of a PostgreSQL {major} standby backup from its kept WAL: {report:?}"
+    );
+    restored.stop();
+    standby.stop();
+    primary.stop();
+}
+
+pgsnap_e2e::per_major! {
+    standby_wal_kept;
+    standby_wal_kept_pg10: 10, standby_wal_kept_pg11: 11, standby_wal_kept_pg12: 12,
+    standby_wal_kept_pg13: 13, standby_wal_kept_pg14: 14, standby_wal_kept_pg15: 15,
+    standby_wal_kept_pg16: 16, standby_wal_kept_pg17: 17, standby_wal_kept_pg18: 18,
 }

@@ -6,6 +6,7 @@ use crate::api::Duration;
 use crate::api::backup::{Phase, TargetRole, VolumeRole, WalSource};
 use crate::controller::Failure;
 use crate::label_store::Location;
+use crate::postgres::{Lsn, WalReceiver};
 
 /// What the reconciler does with a Backup in a given phase.
 #[derive(Debug, PartialEq, Eq)]
@@ -156,14 +157,7 @@ pub fn wal_source(
     archiver: &str,
 ) -> Result<WalSource, Failure> {
     if requested == WalSource::Snapshot {
-        // A standby replays WAL it may have fetched from an archive, which never lands in its
-        // pg_wal, and a segment can appear there after a cut: its listing proves nothing yet.
-        if in_recovery {
-            return Err(Failure::new(
-                "WalSourceUnsupported",
-                "walSource: Snapshot is for primaries: a standby's pg_wal need not hold the WAL it replayed; back it up with walSource: Archive (archive_mode = always on the standby)",
-            ));
-        }
+        // A standby's WAL is proven by its receiver too (`standby_streams`, `streamed`).
         return Ok(WalSource::Snapshot);
     }
     let refuse = |why: String| {
@@ -179,6 +173,73 @@ pub fn wal_source(
         "on" if in_recovery => refuse("a standby with archive_mode = on leaves archiving to its primary, and its backup cannot wait for that archive: set archive_mode = always on the standby".into()),
         _ if archiver.trim().is_empty() => refuse(format!("archive_mode is {archive_mode} but neither archive_command nor archive_library is set, so no WAL reaches an archive")),
         _ => Ok(WalSource::Archive),
+    }
+}
+
+/// Before backup mode, on a standby keeping its WAL: a standby's pg_wal holds what its WAL
+/// receiver wrote there, not what it replayed from an archive, and a segment may even be a
+/// recycled file under a future name. So it must stream, and the role must see from where
+/// (`pg_stat_wal_receiver`'s positions, for `pg_read_all_stats`) to prove the WAL later.
+pub fn standby_streams(receiver: Option<&WalReceiver>, role: &str) -> Result<(), Failure> {
+    match receiver {
+        Some(r) if r.streaming && r.start.is_some() && r.flushed.is_some() => Ok(()),
+        Some(r) if r.streaming => Err(Failure::new(
+            "MissingPrivilege",
+            format!(
+                "role {role} may not see where the standby's WAL receiver started streaming (pg_stat_wal_receiver), which proves the backup's WAL is in pg_wal: GRANT pg_read_all_stats TO {}",
+                crate::postgres::quote_ident(role)
+            ),
+        )),
+        _ => Err(Failure::new(
+            "WalSourceUnsupported",
+            "walSource: Snapshot on a standby needs it to stream from its primary, and it has no streaming WAL receiver now: WAL it replays from an archive need not be in its pg_wal. Back it up with walSource: Archive (archive_mode = always on the standby), or once it streams",
+        )),
+    }
+}
+
+/// After the stop, before the WAL snapshot of a standby: every segment of the backup was
+/// written into pg_wal by one WAL receiver, the one that streamed when the backup started
+/// (same process, same start), which started at or before the backup's first segment (it
+/// starts at a segment's beginning, and writes each segment whole from there), on the
+/// backup's timeline, and has flushed past the stop.
+pub fn streamed(
+    before: &WalReceiver,
+    after: Option<&WalReceiver>,
+    start: Lsn,
+    stop: Lsn,
+    timeline: u32,
+) -> Result<(), Failure> {
+    let incomplete = |why: String| {
+        Err(Failure::new(
+            "WalIncomplete",
+            format!("{why}: the backup could not be restored without an archive"),
+        ))
+    };
+    let Some(after) =
+        after.filter(|a| a.streaming && a.pid == before.pid && a.start == before.start)
+    else {
+        return incomplete(format!(
+            "the standby's WAL receiver (pid {}) stopped or restarted during the backup, so the backup's WAL may have come from elsewhere",
+            before.pid
+        ));
+    };
+    match (before.start, after.flushed) {
+        (Some(from), _) if from > start => incomplete(format!(
+            "the standby's WAL receiver started streaming at {from}, after the backup's start {start}; the WAL before that was replayed from elsewhere and need not be in pg_wal (a backup that starts later is kept)"
+        )),
+        (_, Some(flushed)) if flushed < stop => incomplete(format!(
+            "the standby's WAL receiver had flushed WAL only to {flushed}, before the backup's stop {stop}"
+        )),
+        (Some(_), Some(_))
+            if before.start_timeline != Some(timeline) || after.timeline != Some(timeline) =>
+        {
+            incomplete(format!(
+                "the standby's WAL receiver streams timeline {:?} (from {:?}), the backup is on {timeline}",
+                after.timeline, before.start_timeline
+            ))
+        }
+        (Some(_), Some(_)) => Ok(()),
+        _ => incomplete("the standby's WAL receiver positions could not be read".into()),
     }
 }
 
@@ -271,10 +332,7 @@ mod tests {
         let reason = |r: Result<WalSource, Failure>| r.map_err(|f| f.reason);
         // Kept with the backup, whatever the server archives.
         assert_eq!(reason(wal_source(Snapshot, false, "off", "")), Ok(Snapshot));
-        assert_eq!(
-            reason(wal_source(Snapshot, true, "always", "cp %p /a/%f")),
-            Err("WalSourceUnsupported".to_string())
-        );
+        assert_eq!(reason(wal_source(Snapshot, true, "off", "")), Ok(Snapshot));
         assert_eq!(
             reason(wal_source(Archive, false, "on", "cp %p /a/%f")),
             Ok(Archive)
@@ -297,6 +355,77 @@ mod tests {
         assert!(
             message.contains("set archive_mode = always on the standby"),
             "{message}"
+        );
+    }
+
+    #[test]
+    fn a_standbys_wal_is_kept_only_when_one_receiver_streamed_all_of_it() {
+        let lsn = |s: &str| s.parse::<Lsn>().unwrap();
+        let receiver = WalReceiver {
+            pid: 42,
+            streaming: true,
+            start: Some(lsn("0/3000000")),
+            start_timeline: Some(1),
+            flushed: Some(lsn("0/7000100")),
+            timeline: Some(1),
+        };
+        assert_eq!(standby_streams(Some(&receiver), "pgsnap"), Ok(()));
+        let hidden = WalReceiver {
+            start: None,
+            flushed: None,
+            ..receiver.clone()
+        };
+        let refused = standby_streams(Some(&hidden), "pgsnap").unwrap_err();
+        assert_eq!(refused.reason, "MissingPrivilege");
+        assert!(
+            refused
+                .message
+                .ends_with("GRANT pg_read_all_stats TO pgsnap"),
+            "{}",
+            refused.message
+        );
+        assert_eq!(
+            standby_streams(None, "pgsnap").unwrap_err().reason,
+            "WalSourceUnsupported"
+        );
+        let idle = WalReceiver {
+            streaming: false,
+            ..receiver.clone()
+        };
+        assert_eq!(
+            standby_streams(Some(&idle), "pgsnap").unwrap_err().reason,
+            "WalSourceUnsupported"
+        );
+
+        let (start, stop) = (lsn("0/4000028"), lsn("0/6000100"));
+        assert_eq!(streamed(&receiver, Some(&receiver), start, stop, 1), Ok(()));
+        let message = |after: Option<&WalReceiver>, timeline| {
+            let failure = streamed(&receiver, after, start, stop, timeline).unwrap_err();
+            assert_eq!(failure.reason, "WalIncomplete");
+            failure.message
+        };
+        let restarted = WalReceiver {
+            pid: 43,
+            ..receiver.clone()
+        };
+        assert!(message(Some(&restarted), 1).starts_with(
+            "the standby's WAL receiver (pid 42) stopped or restarted during the backup"
+        ));
+        assert!(message(None, 1).contains("stopped or restarted"));
+        let late = WalReceiver {
+            start: Some(lsn("0/5000000")),
+            ..receiver.clone()
+        };
+        let failure = streamed(&late, Some(&late), start, stop, 1).unwrap_err();
+        assert!(failure.message.starts_with("the standby's WAL receiver started streaming at 0/5000000, after the backup's start 0/4000028"), "{}", failure.message);
+        let behind = WalReceiver {
+            flushed: Some(lsn("0/6000000")),
+            ..receiver.clone()
+        };
+        assert!(message(Some(&behind), 1).starts_with("the standby's WAL receiver had flushed WAL only to 0/6000000, before the backup's stop 0/6000100"));
+        assert!(
+            message(Some(&receiver), 2)
+                .starts_with("the standby's WAL receiver streams timeline Some(1)")
         );
     }
 

@@ -28,7 +28,7 @@ use crate::controller::{Failure, created_by, now, set_phase};
 use crate::label_store::{
     self, LABEL_CONFIGMAP_ANNOTATION, LabelRecord, Location, SnapshotLocation, WalRecord,
 };
-use crate::postgres::{self, ConnectOptions, Session, Started, Stopped};
+use crate::postgres::{self, ConnectOptions, Session, Started, Stopped, WalReceiver};
 use crate::snapshots::{self, group, group::CutPlan};
 use crate::telemetry::TimedStep;
 
@@ -262,10 +262,19 @@ async fn execute(
     let wal_volume = match source {
         WalSource::Snapshot => {
             session.check_wal_listing().await?;
+            let receiver = match server.in_recovery {
+                true => {
+                    let receiver = session.wal_receiver().await?;
+                    phase::standby_streams(receiver.as_ref(), &server.role.name)?;
+                    receiver
+                }
+                false => None,
+            };
             let (planned, location) = phase::wal_volume(&plan, location.unconfirmed())?;
             Some(WalVolume {
                 planned: planned.clone(),
                 location: location.clone(),
+                receiver,
             })
         }
         WalSource::Archive => {
@@ -355,6 +364,8 @@ struct AfterBackupMode {
 struct WalVolume {
     planned: PlannedSnapshot,
     location: Location,
+    /// A standby's WAL receiver before backup mode, which must have streamed all of its WAL.
+    receiver: Option<WalReceiver>,
 }
 
 /// The backup's WAL, kept and proven.
@@ -389,6 +400,17 @@ async fn keep_wal(
     set_phase(status, backup, Phase::Stopping, "KeepingWal", message);
     let segment_size = session.server().wal_segment_size;
     let (first, last) = (&stopped.label.start_wal_file, &stopped.stop_wal_file);
+    if let Some(before) = &volume.receiver {
+        let after = session.wal_receiver().await?;
+        let start = stopped.label.start_wal_location;
+        phase::streamed(
+            before,
+            after.as_ref(),
+            start,
+            stopped.stop_lsn,
+            stopped.timeline,
+        )?;
+    }
     // Listed before the cut as well as after: present in both, a segment was there at it.
     let listed = session.list_wal(first, last).await?;
     phase::check_wal_kept(first, last, segment_size, &listed)?;
@@ -434,7 +456,10 @@ async fn keep_wal(
             first_segment: first.clone(),
             last_segment: last.clone(),
             segment_size,
-            checked_by: "pg_ls_waldir".into(),
+            checked_by: match volume.receiver {
+                Some(_) => "pg_ls_waldir,pg_stat_wal_receiver".into(),
+                None => "pg_ls_waldir".into(),
+            },
         },
         took,
     })

@@ -181,7 +181,12 @@ async fn steps(client: &Client, namespace: &str, args: &BackupArgs) -> Result<Ve
     let planned = task::plan_snapshots(&mut session, &pod, &backup.spec).await;
     let wal = match (source, &planned) {
         (Ok(WalSource::Snapshot), Ok((plan, location))) => {
-            let listing = session.check_wal_listing().await.map_err(Failure::from);
+            let mut listing = session.check_wal_listing().await.map_err(Failure::from);
+            if listing.is_ok() && server.in_recovery {
+                let receiver = session.wal_receiver().await.map_err(Failure::from);
+                listing =
+                    receiver.and_then(|r| phase::standby_streams(r.as_ref(), &server.role.name));
+            }
             listing
                 .and_then(|()| phase::wal_volume(plan, location.unconfirmed()))
                 .map(|(p, _)| {

@@ -263,7 +263,7 @@ pub(crate) fn check_version(version_num: u32, version: &str) -> Result<(), Error
 }
 
 /// A role name as it must appear in a GRANT statement.
-pub(crate) fn quote_ident(name: &str) -> String {
+pub fn quote_ident(name: &str) -> String {
     let plain = name
         .chars()
         .next()

@@ -51,6 +51,21 @@ pub struct Started {
     pub took: Duration,
 }
 
+/// A standby's WAL receiver (`pg_stat_wal_receiver`). Its positions are None for a role that
+/// may not see them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WalReceiver {
+    pub pid: i32,
+    pub streaming: bool,
+    /// Where it started streaming: the start of a segment, from which on it wrote every
+    /// segment into pg_wal itself.
+    pub start: Option<Lsn>,
+    pub start_timeline: Option<u32>,
+    /// Written and flushed to pg_wal up to here.
+    pub flushed: Option<Lsn>,
+    pub timeline: Option<u32>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stopped {
     pub stop_lsn: Lsn,
@@ -419,6 +434,37 @@ impl Session {
             }
             tokio::time::sleep(ARCHIVE_POLL).await;
         }
+    }
+
+    /// A standby's WAL receiver as `pg_stat_wal_receiver` shows it; None when it has none.
+    /// Its positions are shown to superusers and members of `pg_read_all_stats` only.
+    pub async fn wal_receiver(&self) -> Result<Option<WalReceiver>, Error> {
+        // 10–12 call the flushed position received_lsn.
+        let flushed = match self.info.major {
+            ..=12 => "received_lsn",
+            _ => "flushed_lsn",
+        };
+        let sql = format!(
+            "select pid, status, receive_start_lsn::text, receive_start_tli, {flushed}::text, received_tli from pg_stat_wal_receiver"
+        );
+        let row = self
+            .client
+            .query_opt(&sql, &[])
+            .await
+            .map_err(|e| self.query_error("pg_stat_wal_receiver", Step::Stop, e))?;
+        let lsn = |s: Option<String>| s.and_then(|s| s.parse::<Lsn>().ok());
+        Ok(row.map(|r| WalReceiver {
+            pid: r.get(0),
+            streaming: r.get::<_, Option<String>>(1).as_deref() == Some("streaming"),
+            start: lsn(r.get(2)),
+            start_timeline: r
+                .get::<_, Option<i32>>(3)
+                .and_then(|t| u32::try_from(t).ok()),
+            flushed: lsn(r.get(4)),
+            timeline: r
+                .get::<_, Option<i32>>(5)
+                .and_then(|t| u32::try_from(t).ok()),
+        }))
     }
 
     /// The WAL segments in `pg_wal` from `first` to `last` (file names on one timeline), with
