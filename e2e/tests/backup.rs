@@ -395,7 +395,8 @@ async fn every_volume_of_the_database_is_snapshotted() {
 
 /// A selector with role Standby picks the streaming replica and backs it up with
 /// `walSource: Archive`; the label says so. A standby that cannot archive its WAL itself is
-/// refused that, and `walSource: Snapshot` is refused on a standby (`WalSourceUnsupported`).
+/// refused that. With `walSource: Snapshot` the standby keeps its own WAL, proven by its WAL
+/// receiver as well as its listing.
 #[tokio::test]
 async fn a_standby_is_chosen_by_role_and_backed_up() {
     let cluster = Cluster::from_env().await;
@@ -443,6 +444,18 @@ async fn a_standby_is_chosen_by_role_and_backed_up() {
         })),
     )
     .await;
+    // A standby keeps the WAL its receiver streamed: the backup starts at the restartpoint
+    // of a checkpoint the standby streamed, not one it had before it streamed.
+    let checkpoint = primary
+        .sql_value("CHECKPOINT; SELECT pg_current_wal_lsn()")
+        .await;
+    let replayed = format!("SELECT pg_last_wal_replay_lsn() >= '{checkpoint}'");
+    for _ in 0..300 {
+        if standby.sql_value(&replayed).await == "t" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let kept = apply(
         &cluster,
         backup_spec(
@@ -450,6 +463,7 @@ async fn a_standby_is_chosen_by_role_and_backed_up() {
             json!({
                 "target": {"podName": standby.name},
                 "connection": {"passwordSecretRef": {"name": secret, "key": "password"}},
+                "checkpoint": "Fast",
             }),
         ),
     )
@@ -470,10 +484,18 @@ async fn a_standby_is_chosen_by_role_and_backed_up() {
         .await
         .unwrap();
     assert!(cm.data.unwrap()["backup_label"].contains("BACKUP FROM: standby"));
-    assert_failed(
-        &wait_terminal(&cluster, &kept).await,
-        "WalSourceUnsupported",
-    );
+    let kept = wait_terminal(&cluster, &kept).await;
+    assert_completed(&kept);
+    let status = kept.status.unwrap();
+    assert_eq!(status.wal_source, Some(WalSource::Snapshot));
+    let cm = cluster
+        .api::<ConfigMap>()
+        .get(status.label_config_map.as_deref().unwrap())
+        .await
+        .unwrap();
+    let wal: pgsnap::label_store::WalRecord =
+        serde_json::from_str(&cm.annotations()["pgsnap.io/wal"]).expect("the kept WAL");
+    assert_eq!(wal.checked_by, "pg_ls_waldir,pg_stat_wal_receiver");
     let refused = wait_terminal(&cluster, &refused).await;
     assert_failed(&refused, "NoWalSource");
     let message = refused.status.unwrap().error.unwrap().message;
