@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use pgsnap::backup::phase::{check_wal_kept, standby_streams, streamed};
-use pgsnap::postgres::{BackupFrom, Error, Lsn, Session};
+use pgsnap::postgres::{BackupFrom, Error, Lsn, Session, Step};
 use pgsnap_e2e::pgharness::{
     Expect, Pg, TestDir, archive_command, check_restore, chown, fuzzy_copy, restore_target,
     write_marks,
@@ -280,6 +280,13 @@ pgsnap_e2e::per_major! {
 async fn standby_wal_kept(major: u32) {
     let dir = TestDir::new(&format!("standbykept{major}"));
     let archive = dir.owned("archive");
+    // The standby has no slot on the primary: kept WAL, or the primary's checkpoint during the
+    // backup may remove segments it has not streamed yet, and its receiver restarts from the
+    // archive (pgsnap then refuses, rightly, as WalIncomplete).
+    let keep = match major {
+        ..=12 => ("wal_keep_segments", "64"),
+        _ => ("wal_keep_size", "'1GB'"),
+    };
     let mut primary = Pg::init(
         major,
         &dir,
@@ -287,6 +294,7 @@ async fn standby_wal_kept(major: u32) {
         &[
             ("archive_mode", "on"),
             ("archive_command", &archive_command(&archive)),
+            keep,
         ],
     );
     primary.start(Duration::from_secs(60)).await.unwrap();
@@ -304,7 +312,11 @@ async fn standby_wal_kept(major: u32) {
     let mut s = Session::connect(&standby.opts("postgres", None))
         .await
         .unwrap();
-    let before = s.wal_receiver().await.unwrap().expect("a WAL receiver");
+    let before = s
+        .wal_receiver(Step::Connect)
+        .await
+        .unwrap()
+        .expect("a WAL receiver");
     standby_streams(Some(&before), "postgres").unwrap();
     let segment_size = s.server().wal_segment_size;
     let sysid = s.server().system_identifier;
@@ -326,16 +338,28 @@ async fn standby_wal_kept(major: u32) {
             .await
             .unwrap();
     }
+    // A checkpoint the standby replays, then its restartpoint there: its minimum recovery
+    // point moves on, so the range spans the switched segments, and the restartpoint would
+    // recycle the range's first ones but for the backup's slot.
+    pclient.batch_execute("checkpoint").await.unwrap();
     write_marks(&pclient, 2000, 1).await;
     wait_replayed(&standby, 2000).await;
-    // A restartpoint flushes the standby and moves its minimum recovery point on: the range
-    // spans the switched segments, and only the backup's slot keeps the restartpoint from
-    // recycling its first ones.
     let sclient = standby.client().await;
     sclient.batch_execute("checkpoint").await.unwrap();
+    let redo: Lsn = sclient
+        .query_one("select redo_lsn::text from pg_control_checkpoint()", &[])
+        .await
+        .unwrap()
+        .get::<_, &str>(0)
+        .parse()
+        .unwrap();
+    assert!(
+        redo.0 / segment_size > started.start_lsn.0 / segment_size,
+        "the restartpoint's redo {redo} is past the backup's first segment"
+    );
     let stopped = s.stop(false).await.unwrap();
     assert_eq!(stopped.label.backup_from, BackupFrom::Standby);
-    let after = s.wal_receiver().await.unwrap();
+    let after = s.wal_receiver(Step::Stop).await.unwrap();
     streamed(
         &before,
         after.as_ref(),

@@ -737,8 +737,6 @@ async fn bad_targets_fail_with_a_reason() {
             && message.contains("the storage refused the group"),
         "{message}"
     );
-    // Deleted by pgsnap; the snapshot controller, backing off from the failing group, takes
-    // its time (about 40 s here) to let it go.
     let groups = group_snapshots(&cluster);
     let left = groups.list(&ListParams::default()).await.unwrap().items;
     assert!(
@@ -751,11 +749,6 @@ async fn bad_targets_fail_with_a_reason() {
         .await
         .unwrap();
     assert!(labelled.items.is_empty(), "a claim keeps the group's label");
-    for class in [&foreign_group, &failing_group] {
-        let _ = group_snapshot_classes(&cluster)
-            .delete(class, &DeleteParams::default())
-            .await;
-    }
     let refused = cluster.api::<Backup>().get("no-wal-listing").await.unwrap();
     let status = refused.status.unwrap();
     assert_eq!(status.start_lsn, None, "refused before backup mode");
@@ -765,6 +758,27 @@ async fn bad_targets_fail_with_a_reason() {
             && message.contains("GRANT EXECUTE ON FUNCTION pg_ls_waldir() TO nolist"),
         "{message}"
     );
+    // The snapshot controller, backing off from the failing group, lets it go some 40 s after
+    // pgsnap deleted it; its class stays until then, or the group could never go.
+    for _ in 0..600 {
+        if groups
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let left = groups.list(&ListParams::default()).await.unwrap().items;
+    assert!(left.is_empty(), "a group outlived its Backup: {left:?}");
+    for class in [&foreign_group, &failing_group] {
+        let _ = group_snapshot_classes(&cluster)
+            .delete(class, &DeleteParams::default())
+            .await;
+    }
 }
 
 /// The operator dies mid-backup (the session dies with it): on restart the Backup ends

@@ -176,23 +176,23 @@ pub fn wal_source(
     }
 }
 
-/// Before backup mode, on a standby keeping its WAL: a standby's pg_wal holds what its WAL
-/// receiver wrote there, not what it replayed from an archive, and a segment may even be a
-/// recycled file under a future name. So it must stream, and the role must see from where
-/// (`pg_stat_wal_receiver`'s positions, for `pg_read_all_stats`) to prove the WAL later.
+/// Before backup mode, on a standby keeping its WAL: what is proven in a standby's pg_wal is
+/// what its WAL receiver streamed there; the directory may also hold segments restored from
+/// an archive and recycled files under future names. So it must stream, and the role must see
+/// the receiver (`pg_stat_wal_receiver` shows others only its pid; `pg_read_all_stats`).
 pub fn standby_streams(receiver: Option<&WalReceiver>, role: &str) -> Result<(), Failure> {
     match receiver {
-        Some(r) if r.streaming && r.start.is_some() && r.flushed.is_some() => Ok(()),
-        Some(r) if r.streaming => Err(Failure::new(
+        Some(r) if r.status.is_none() => Err(Failure::new(
             "MissingPrivilege",
             format!(
                 "role {role} may not see where the standby's WAL receiver started streaming (pg_stat_wal_receiver), which proves the backup's WAL is in pg_wal: GRANT pg_read_all_stats TO {}",
                 crate::postgres::quote_ident(role)
             ),
         )),
+        Some(r) if r.status.as_deref() == Some("streaming") => Ok(()),
         _ => Err(Failure::new(
             "WalSourceUnsupported",
-            "walSource: Snapshot on a standby needs it to stream from its primary, and it has no streaming WAL receiver now: WAL it replays from an archive need not be in its pg_wal. Back it up with walSource: Archive (archive_mode = always on the standby), or once it streams",
+            "walSource: Snapshot on a standby needs it to stream from its primary, and it has no streaming WAL receiver now: only what a receiver streamed into pg_wal is proven there (pg_wal may also hold archive-restored or recycled files). Back it up with walSource: Archive (archive_mode = always on the standby), or once it streams",
         )),
     }
 }
@@ -215,11 +215,22 @@ pub fn streamed(
             format!("{why}: the backup could not be restored without an archive"),
         ))
     };
-    let Some(after) =
-        after.filter(|a| a.streaming && a.pid == before.pid && a.start == before.start)
+    let streaming = |r: &&WalReceiver| r.status.as_deref() == Some("streaming");
+    let Some(after) = after
+        .filter(streaming)
+        .filter(|a| a.pid == before.pid && a.start == before.start)
     else {
+        let now = match after {
+            Some(a) => format!(
+                "pid {}, {}, streaming from {:?}",
+                a.pid,
+                a.status.as_deref().unwrap_or("?"),
+                a.start
+            ),
+            None => "none".into(),
+        };
         return incomplete(format!(
-            "the standby's WAL receiver (pid {}) stopped or restarted during the backup, so the backup's WAL may have come from elsewhere",
+            "the standby's WAL receiver (pid {}) stopped or restarted during the backup (now: {now}), so the backup's WAL may have come from elsewhere",
             before.pid
         ));
     };
@@ -363,17 +374,21 @@ mod tests {
         let lsn = |s: &str| s.parse::<Lsn>().unwrap();
         let receiver = WalReceiver {
             pid: 42,
-            streaming: true,
+            status: Some("streaming".into()),
             start: Some(lsn("0/3000000")),
             start_timeline: Some(1),
             flushed: Some(lsn("0/7000100")),
             timeline: Some(1),
         };
         assert_eq!(standby_streams(Some(&receiver), "pgsnap"), Ok(()));
+        // What PostgreSQL shows a role without pg_read_all_stats: the pid alone.
         let hidden = WalReceiver {
+            pid: 42,
+            status: None,
             start: None,
+            start_timeline: None,
             flushed: None,
-            ..receiver.clone()
+            timeline: None,
         };
         let refused = standby_streams(Some(&hidden), "pgsnap").unwrap_err();
         assert_eq!(refused.reason, "MissingPrivilege");
@@ -389,7 +404,7 @@ mod tests {
             "WalSourceUnsupported"
         );
         let idle = WalReceiver {
-            streaming: false,
+            status: Some("waiting".into()),
             ..receiver.clone()
         };
         assert_eq!(

@@ -28,7 +28,7 @@ use crate::controller::{Failure, created_by, now, set_phase};
 use crate::label_store::{
     self, LABEL_CONFIGMAP_ANNOTATION, LabelRecord, Location, SnapshotLocation, WalRecord,
 };
-use crate::postgres::{self, ConnectOptions, Session, Started, Stopped, WalReceiver};
+use crate::postgres::{self, ConnectOptions, Session, Started, Step, Stopped, WalReceiver};
 use crate::snapshots::{self, group, group::CutPlan};
 use crate::telemetry::TimedStep;
 
@@ -264,7 +264,7 @@ async fn execute(
             session.check_wal_listing().await?;
             let receiver = match server.in_recovery {
                 true => {
-                    let receiver = session.wal_receiver().await?;
+                    let receiver = session.wal_receiver(Step::Connect).await?;
                     phase::standby_streams(receiver.as_ref(), &server.role.name)?;
                     receiver
                 }
@@ -401,7 +401,7 @@ async fn keep_wal(
     let segment_size = session.server().wal_segment_size;
     let (first, last) = (&stopped.label.start_wal_file, &stopped.stop_wal_file);
     if let Some(before) = &volume.receiver {
-        let after = session.wal_receiver().await?;
+        let after = session.wal_receiver(Step::Stop).await?;
         let start = stopped.label.start_wal_location;
         phase::streamed(
             before,

@@ -183,7 +183,10 @@ async fn steps(client: &Client, namespace: &str, args: &BackupArgs) -> Result<Ve
         (Ok(WalSource::Snapshot), Ok((plan, location))) => {
             let mut listing = session.check_wal_listing().await.map_err(Failure::from);
             if listing.is_ok() && server.in_recovery {
-                let receiver = session.wal_receiver().await.map_err(Failure::from);
+                let receiver = session
+                    .wal_receiver(crate::postgres::Step::Connect)
+                    .await
+                    .map_err(Failure::from);
                 listing =
                     receiver.and_then(|r| phase::standby_streams(r.as_ref(), &server.role.name));
             }

@@ -51,12 +51,13 @@ pub struct Started {
     pub took: Duration,
 }
 
-/// A standby's WAL receiver (`pg_stat_wal_receiver`). Its positions are None for a role that
-/// may not see them.
+/// A standby's WAL receiver (`pg_stat_wal_receiver`). All but its pid is None for a role that
+/// may not see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WalReceiver {
     pub pid: i32,
-    pub streaming: bool,
+    /// `streaming`, `starting`, `waiting`, ...
+    pub status: Option<String>,
     /// Where it started streaming: the start of a segment, from which on it wrote every
     /// segment into pg_wal itself.
     pub start: Option<Lsn>,
@@ -438,7 +439,7 @@ impl Session {
 
     /// A standby's WAL receiver as `pg_stat_wal_receiver` shows it; None when it has none.
     /// Its positions are shown to superusers and members of `pg_read_all_stats` only.
-    pub async fn wal_receiver(&self) -> Result<Option<WalReceiver>, Error> {
+    pub async fn wal_receiver(&self, step: Step) -> Result<Option<WalReceiver>, Error> {
         // 10–12 call the flushed position received_lsn.
         let flushed = match self.info.major {
             ..=12 => "received_lsn",
@@ -451,11 +452,11 @@ impl Session {
             .client
             .query_opt(&sql, &[])
             .await
-            .map_err(|e| self.query_error("pg_stat_wal_receiver", Step::Stop, e))?;
+            .map_err(|e| self.query_error("pg_stat_wal_receiver", step, e))?;
         let lsn = |s: Option<String>| s.and_then(|s| s.parse::<Lsn>().ok());
         Ok(row.map(|r| WalReceiver {
             pid: r.get(0),
-            streaming: r.get::<_, Option<String>>(1).as_deref() == Some("streaming"),
+            status: r.get(1),
             start: lsn(r.get(2)),
             start_timeline: r
                 .get::<_, Option<i32>>(3)
