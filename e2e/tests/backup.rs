@@ -456,6 +456,11 @@ async fn a_standby_is_chosen_by_role_and_backed_up() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    assert_eq!(
+        standby.sql_value(&replayed).await,
+        "t",
+        "the standby never replayed the primary's checkpoint"
+    );
     let kept = apply(
         &cluster,
         backup_spec(
