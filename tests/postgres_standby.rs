@@ -14,7 +14,7 @@ use pgsnap_e2e::pgharness::{
     Expect, Pg, TestDir, archive_command, check_restore, chown, fuzzy_copy, restore_target,
     write_marks,
 };
-use pgsnap_e2e::prepare::RestorePrepare;
+use pgsnap_e2e::prepare::{RestorePrepare, kept_wal_flags};
 use pgsnap_e2e::proof::committed_before;
 
 /// A streaming standby of `primary` in `dir/standby`, seeded by a pgsnap backup.
@@ -384,20 +384,10 @@ async fn standby_wal_kept(major: u32) {
 
     let target = tokio::task::block_in_place(|| restore_target(major, &dir, &copy, "restored"));
     let data = target.join("data");
-    let run = RestorePrepare::new(env!("CARGO_BIN_EXE_pgsnap"), &dir.0, &stopped, sysid).prepare(
-        &data,
-        &[
-            "--wal-from".to_string(),
-            wal.display().to_string(),
-            "--wal-first".into(),
-            first.clone(),
-            "--wal-last".into(),
-            last.clone(),
-            "--wal-segment-size".into(),
-            segment_size.to_string(),
-            "--remove-standby-signal".into(),
-        ],
-    );
+    let mut flags = kept_wal_flags(&wal, &stopped, segment_size);
+    flags.push("--remove-standby-signal".into());
+    let run = RestorePrepare::new(env!("CARGO_BIN_EXE_pgsnap"), &dir.0, &stopped, sysid)
+        .prepare(&data, &flags);
     assert!(
         run.stdout
             .contains(&format!("WAL segments {first}..{last}")),

@@ -24,7 +24,7 @@ use pgsnap::postgres::Session;
 use pgsnap_e2e::pgharness::{
     Expect, Failure, Pg, TestDir, check_restore, fuzzy_copy, restore_target, write_marks,
 };
-use pgsnap_e2e::prepare::RestorePrepare;
+use pgsnap_e2e::prepare::{RestorePrepare, kept_wal_flags};
 use pgsnap_e2e::proof::committed_before;
 
 async fn wal_kept_data_only(major: u32) {
@@ -157,16 +157,7 @@ async fn wal_kept(major: u32, split: bool) {
         None => Vec::new(),
     };
     let flags = |from: &std::path::Path, target: &std::path::Path| {
-        let mut flags = vec![
-            "--wal-from".to_string(),
-            from.display().to_string(),
-            "--wal-first".into(),
-            first.clone(),
-            "--wal-last".into(),
-            last.clone(),
-            "--wal-segment-size".into(),
-            segment_size.to_string(),
-        ];
+        let mut flags = kept_wal_flags(from, &stopped, segment_size);
         flags.extend(tablespace_flags(target));
         flags
     };

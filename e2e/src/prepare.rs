@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use pgsnap::label_store::sha256_hex;
+use pgsnap::label_store::{WalRecord, sha256_hex};
 use pgsnap::postgres::Stopped;
 
 /// The label ConfigMap as a restore mounts it: one file per key, in `root/name`.
@@ -17,6 +17,22 @@ pub fn label_dir(root: &Path, name: &str, backup_label: &str, tablespace_map: &s
     fs::write(dir.join("backup_label"), backup_label).unwrap();
     fs::write(dir.join("tablespace_map"), tablespace_map).unwrap();
     dir
+}
+
+/// restore-prepare's flags for the WAL of backup `stopped` kept in `from` (a copy of pg_wal
+/// made after the stop), built as the operator builds them from a Backup's record.
+pub fn kept_wal_flags(from: &Path, stopped: &Stopped, segment_size: u64) -> Vec<String> {
+    let record = WalRecord {
+        volume_snapshot: String::new(),
+        persistent_volume_claim: String::new(),
+        path_in_volume: String::new(),
+        timeline: stopped.timeline,
+        first_segment: stopped.label.start_wal_file.clone(),
+        last_segment: stopped.stop_wal_file.clone(),
+        segment_size,
+        checked_by: String::new(),
+    };
+    pgsnap::restore::plan::wal_flags(&record, from.display().to_string())
 }
 
 /// `pgsnap restore-prepare` for one backup, run as a Restore's Job runs it: the product's
