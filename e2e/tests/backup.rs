@@ -103,9 +103,10 @@ async fn assert_clean(cluster: &Cluster, db: &PostgresPod, backup: &str, expect_
     // The server ends an aborted session, and the snapshot controller releases a deleted
     // snapshot's finalizer, a moment after the operator has acted; a snapshot still being cut
     // goes once the snapshot controllers report the cut, which under the whole suite's load
-    // took up to half a minute after the driver's.
+    // took up to half a minute after the driver's, csi-snapshotter throttling itself at
+    // client-go's default 5 requests/s (it has no flag to raise it); then its deletion's turn.
     let (mut sessions, mut snapshots) = (String::new(), Vec::new());
-    for _ in 0..300 {
+    for _ in 0..600 {
         sessions = db
             .sql_value("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgsnap'")
             .await;
