@@ -229,12 +229,27 @@ pub trait Content:
     + std::fmt::Debug
     + serde::de::DeserializeOwned
 {
+    /// The annotation the CSI sidecar keeps on it while it creates the storage's copy.
+    const BEING_CREATED: &'static str;
+
     /// The uid of the snapshot or group it is bound to.
     fn bound_to(&self) -> Option<&str>;
     fn deletion_policy(&self) -> &str;
+
+    /// The sidecar is still creating it, or finishing (it removes the annotation last): a
+    /// deletion now races it (kubernetes-csi/external-snapshotter#880).
+    fn being_created(&self) -> bool {
+        self.meta()
+            .annotations
+            .as_ref()
+            .is_some_and(|a| a.contains_key(Self::BEING_CREATED))
+    }
 }
 
 impl Content for VolumeSnapshotContent {
+    const BEING_CREATED: &'static str =
+        "snapshot.storage.kubernetes.io/volumesnapshot-being-created";
+
     fn bound_to(&self) -> Option<&str> {
         self.spec.volume_snapshot_ref.uid.as_deref()
     }
@@ -244,6 +259,9 @@ impl Content for VolumeSnapshotContent {
 }
 
 impl Content for VolumeGroupSnapshotContent {
+    const BEING_CREATED: &'static str =
+        "groupsnapshot.storage.kubernetes.io/volumegroupsnapshot-being-created";
+
     fn bound_to(&self) -> Option<&str> {
         self.spec.volume_group_snapshot_ref.uid.as_deref()
     }

@@ -39,8 +39,8 @@ use phase::{Admission, Next, Readiness, SnapshotObservation};
 /// How often a Backup waiting for its Secret looks for it again.
 const SECRET_RECHECK: Duration = Duration::from_secs(5);
 
-/// How often a failed Backup looks again at its group still being cut, to delete it.
-const GROUP_RECHECK: Duration = Duration::from_secs(5);
+/// How often a failed Backup looks again at what it defers that no watch wakes it for.
+const RECHECK: Duration = Duration::from_secs(5);
 
 /// Keeps a Backup until its snapshots are dealt with as its deletionPolicy says.
 pub const FINALIZER: &str = "pgsnap.io/backup-protection";
@@ -442,10 +442,10 @@ async fn finish_removal(
         status.snapshots_to_delete = removal.deferred.clone();
         ctx.patch_status(&backup, &status).await?;
     }
-    // A snapshot's cut wakes the Backup, a group's does not; one that never changes is
-    // deleted after the patience.
-    Ok(match (waiting, removal.group_deferred) {
-        (true, true) => Action::requeue(GROUP_RECHECK),
+    // A snapshot's cut wakes the Backup; a group's, or a content the sidecar finishes, does
+    // not. One that never changes is deleted after the patience.
+    Ok(match (waiting, removal.recheck) {
+        (true, true) => Action::requeue(RECHECK),
         (true, false) => Action::requeue(CLEANUP_PATIENCE),
         (false, _) => Action::await_change(),
     })

@@ -16,7 +16,7 @@ use std::fmt::Debug;
 
 use crate::api::backup::Backup;
 use crate::api::snapshot::{
-    ClassKind, Content as _, Cut, DEFAULT_CLASS_ANNOTATION, SnapshotClass, VolumeGroupSnapshot,
+    ClassKind, Content, Cut, DEFAULT_CLASS_ANNOTATION, SnapshotClass, VolumeGroupSnapshot,
     VolumeSnapshot, VolumeSnapshotClass, VolumeSnapshotSource, VolumeSnapshotSpec,
 };
 use crate::api::{BACKUP_CREATOR, BACKUP_NAME_LABEL, BACKUP_UID_LABEL};
@@ -351,8 +351,9 @@ pub struct Removal {
     pub deleted: usize,
     /// Snapshots and groups still being cut, left to delete once cut.
     pub deferred: Vec<String>,
-    /// Whether a group is among them: no watch wakes its Backup when it is cut.
-    pub group_deferred: bool,
+    /// Whether one of them waits on something no watch of the Backup sees (a group, or a
+    /// content the CSI sidecar is still finishing): look again soon.
+    pub recheck: bool,
 }
 
 /// Deletes every snapshot and group `backup` made, and with each its storage snapshot: a
@@ -360,8 +361,10 @@ pub struct Removal {
 /// as an orphan. A snapshot still being cut is deferred: deleted mid-cut, external-snapshotter's
 /// two controllers can race and keep it until their next resync, 15 minutes later
 /// (kubernetes-csi/external-snapshotter#880, seen here with 8.6). One cutting for longer
-/// than `CLEANUP_PATIENCE` is deleted anyway. Groups go first: the snapshot controller keeps
-/// a group's members until their group is deleted, and then deletes them itself.
+/// than `CLEANUP_PATIENCE` is deleted anyway. So is one whose content the CSI sidecar is still
+/// finishing (its being-created annotation), which deleted at once met the same race in CI
+/// just after the cut was reported. Groups go first: the snapshot controller keeps a group's
+/// members until their group is deleted, and then deletes them itself.
 pub async fn delete_all(client: &Client, backup: &Backup) -> Result<Removal, SnapshotError> {
     let ns = backup.namespace().unwrap_or_default();
     let api: Api<VolumeSnapshot> = Api::namespaced(client.clone(), &ns);
@@ -371,55 +374,73 @@ pub async fn delete_all(client: &Client, backup: &Backup) -> Result<Removal, Sna
     // may have made a group all the same. None where the cluster serves no group API.
     let groups: Api<VolumeGroupSnapshot> = Api::namespaced(client.clone(), &ns);
     for g in group::list_own(&groups, backup).await? {
-        if g.is_being_cut() && !out_of_patience(g.metadata.creation_timestamp.as_ref(), &now) {
+        let content = own_content(client, &g).await?;
+        let unsettled = g.is_being_cut() || content.as_ref().is_some_and(Content::being_created);
+        if unsettled && !out_of_patience(g.metadata.creation_timestamp.as_ref(), &now) {
             removal.deferred.push(g.name_any());
-            removal.group_deferred = true;
+            removal.recheck = true;
             continue;
         }
         // Each member's content took the group content's deletion policy, and the snapshot
         // controller deletes the members with the group, adopted or not.
         for member in group::members(&api, &g).await? {
-            release_content(client, &member).await?;
+            let member_content = own_content(client, &member).await?;
+            release_content(client, member_content).await?;
         }
-        release_content(client, &g).await?;
+        release_content(client, content).await?;
         delete_exactly(&groups, &g).await?;
         removal.deleted += 1;
     }
     group::unlabel_claims(client, &ns, &backup.uid().unwrap_or_default()).await?;
     for snapshot in list_own(&api, backup).await? {
-        if snapshot.is_being_cut()
+        let content = own_content(client, &snapshot).await?;
+        let finishing = content.as_ref().is_some_and(Content::being_created);
+        if (snapshot.is_being_cut() || finishing)
             && !out_of_patience(snapshot.metadata.creation_timestamp.as_ref(), &now)
         {
             removal.deferred.push(snapshot.name_any());
+            removal.recheck |= finishing;
             continue;
         }
-        release_content(client, &snapshot).await?;
+        release_content(client, content).await?;
         delete_exactly(&api, &snapshot).await?;
         removal.deleted += 1;
     }
     Ok(removal)
 }
 
-/// Sets the deletion policy of the content bound to `snapshot` (a snapshot or a group) to
-/// Delete, when the content is that very object's (it names the object's uid).
-pub(crate) async fn release_content<S: Cut + Resource>(
+/// The content bound to `snapshot` (a snapshot or a group), when it is that very object's
+/// (it names the object's uid).
+async fn own_content<S: Cut + Resource>(
     client: &Client,
     snapshot: &S,
-) -> Result<(), SnapshotError> {
+) -> Result<Option<S::Content>, SnapshotError> {
     let Some(name) = snapshot.content_name() else {
-        return Ok(());
+        return Ok(None);
     };
     let contents: Api<S::Content> = Api::all(client.clone());
-    let Some(content) = contents.get_opt(name).await? else {
+    let content = contents.get_opt(name).await?;
+    let uid = snapshot.meta().uid.as_deref();
+    Ok(content.filter(|c| c.bound_to().is_some() && c.bound_to() == uid))
+}
+
+/// Sets a snapshot's or group's own content to deletionPolicy Delete, so deleting the object
+/// deletes the storage's copy.
+async fn release_content<C: Content>(
+    client: &Client,
+    content: Option<C>,
+) -> Result<(), SnapshotError> {
+    let Some(content) = content.filter(|c| c.deletion_policy() != "Delete") else {
         return Ok(());
     };
-    let ours = content.bound_to().is_some() && content.bound_to() == snapshot.meta().uid.as_deref();
-    if ours && content.deletion_policy() != "Delete" {
-        let patch = serde_json::json!({"spec": {"deletionPolicy": "Delete"}});
-        contents
-            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await?;
-    }
+    let patch = serde_json::json!({"spec": {"deletionPolicy": "Delete"}});
+    Api::<C>::all(client.clone())
+        .patch(
+            &content.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?;
     Ok(())
 }
 
