@@ -375,7 +375,9 @@ pub async fn delete_all(client: &Client, backup: &Backup) -> Result<Removal, Sna
     let groups: Api<VolumeGroupSnapshot> = Api::namespaced(client.clone(), &ns);
     for g in group::list_own(&groups, backup).await? {
         let content = own_content(client, &g).await?;
-        let unsettled = g.is_being_cut() || content.as_ref().is_some_and(Content::being_created);
+        // A failed group's sidecar retries for ever under that annotation: it goes now.
+        let finishing = g.error().is_none() && content.as_ref().is_some_and(Content::being_created);
+        let unsettled = g.is_being_cut() || finishing;
         if unsettled && !out_of_patience(g.metadata.creation_timestamp.as_ref(), &now) {
             removal.deferred.push(g.name_any());
             removal.recheck = true;
@@ -394,7 +396,8 @@ pub async fn delete_all(client: &Client, backup: &Backup) -> Result<Removal, Sna
     group::unlabel_claims(client, &ns, &backup.uid().unwrap_or_default()).await?;
     for snapshot in list_own(&api, backup).await? {
         let content = own_content(client, &snapshot).await?;
-        let finishing = content.as_ref().is_some_and(Content::being_created);
+        let finishing =
+            snapshot.error().is_none() && content.as_ref().is_some_and(Content::being_created);
         if (snapshot.is_being_cut() || finishing)
             && !out_of_patience(snapshot.metadata.creation_timestamp.as_ref(), &now)
         {
