@@ -366,7 +366,11 @@ async fn helm_install_runs_the_operator_and_a_backup_completes() {
         &lease,
     ]);
     assert_eq!(code, 0, "{out}\n{err}");
-    let operator = &check_rows(&out)[7];
+    let rows = check_rows(&out);
+    let operator = rows
+        .iter()
+        .find(|r| r.0 == "operator")
+        .expect("the operator line");
     assert!(
         operator.0 == "operator"
             && operator.2.starts_with(&format!("{release}-"))
@@ -384,7 +388,11 @@ async fn helm_install_runs_the_operator_and_a_backup_completes() {
         &lease,
     ]);
     assert_eq!(code, 1, "{out}");
-    let operator = &check_rows(&out)[7];
+    let rows = check_rows(&out);
+    let operator = rows
+        .iter()
+        .find(|r| r.0 == "operator")
+        .expect("the operator line");
     assert!(
         operator.1 == "✗"
             && operator.2.starts_with("OperatorNotAllowed: ")
