@@ -77,7 +77,7 @@ pub struct VolumeSnapshotContentSpec {
 }
 
 /// What a snapshot and a group snapshot report alike: their cut, readiness and error.
-pub trait Cut {
+pub trait SnapshotLike {
     /// What it is, in messages: "snapshot" or "group snapshot".
     const WHAT: &'static str;
     /// The content (storage side) it is bound to.
@@ -88,7 +88,7 @@ pub trait Cut {
     fn ready_to_use(&self) -> Option<bool>;
     fn error(&self) -> Option<&VolumeSnapshotError>;
 
-    /// Cut: the storage system has taken the point-in-time copy, so the database may leave
+    /// SnapshotLike: the storage system has taken the point-in-time copy, so the database may leave
     /// backup mode even though the copy may still be uploading.
     fn is_cut(&self) -> bool {
         self.content_name().is_some() && self.creation_time().is_some()
@@ -114,7 +114,7 @@ pub trait Cut {
     }
 }
 
-impl Cut for VolumeSnapshot {
+impl SnapshotLike for VolumeSnapshot {
     const WHAT: &'static str = "snapshot";
     type Content = VolumeSnapshotContent;
 
@@ -173,7 +173,7 @@ pub struct VolumeGroupSnapshotStatus {
     pub error: Option<VolumeSnapshotError>,
 }
 
-impl Cut for VolumeGroupSnapshot {
+impl SnapshotLike for VolumeGroupSnapshot {
     const WHAT: &'static str = "group snapshot";
     type Content = VolumeGroupSnapshotContent;
 

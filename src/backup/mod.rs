@@ -25,7 +25,7 @@ use tokio::sync::{oneshot, watch};
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::api::backup::{Backup, BackupError, BackupStatus, DeletionPolicy, Phase};
-use crate::api::snapshot::{Cut as _, VolumeSnapshot};
+use crate::api::snapshot::{SnapshotLike as _, VolumeSnapshot};
 use crate::api::{BACKUP_CREATOR, BACKUP_UID_LABEL};
 use crate::controller::{
     self, CLEANUP_PATIENCE, Failure, PhasedStatus, Progress, Reporter, delete_if_created_by, now,

@@ -23,7 +23,7 @@ use crate::api::backup::{
     CutStatus, GroupSnapshotPolicy, Phase, PostgresStatus, ServerRole, SnapshotStatus, TargetRole,
     VolumeRole, WalSource,
 };
-use crate::api::snapshot::{Cut as _, VolumeGroupSnapshot, VolumeSnapshot};
+use crate::api::snapshot::{SnapshotLike as _, VolumeGroupSnapshot, VolumeSnapshot};
 use crate::controller::{Failure, created_by, now, set_phase};
 use crate::label_store::{
     self, LABEL_CONFIGMAP_ANNOTATION, LabelRecord, Location, SnapshotLocation, WalRecord,

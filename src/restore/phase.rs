@@ -13,7 +13,7 @@ use kube::{Resource, ResourceExt};
 use crate::api::RESTORE_CREATOR;
 use crate::api::backup::{BackupStatus, Phase, VolumeRole};
 use crate::api::restore::{Restore, RestoreSpec};
-use crate::api::snapshot::{Cut as _, VolumeSnapshot};
+use crate::api::snapshot::{SnapshotLike as _, VolumeSnapshot};
 use crate::controller::{Failure, created_by};
 use crate::label_store::{self, LabelRecord};
 use crate::restore::plan::PlannedClaim;

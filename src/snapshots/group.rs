@@ -17,7 +17,7 @@ use super::{SnapshotError, create_own, default_class_for};
 use crate::api::BACKUP_CREATOR;
 use crate::api::backup::{Backup, GroupSnapshotPolicy};
 use crate::api::snapshot::{
-    ClassKind, Content as _, Cut, Grouped, VolumeGroupSnapshot, VolumeGroupSnapshotClass,
+    ClassKind, Content as _, Grouped, SnapshotLike, VolumeGroupSnapshot, VolumeGroupSnapshotClass,
     VolumeGroupSnapshotContent, VolumeGroupSnapshotSource, VolumeGroupSnapshotSpec, VolumeSnapshot,
 };
 use crate::controller::creator_labels;

@@ -16,7 +16,7 @@ use std::fmt::Debug;
 
 use crate::api::backup::Backup;
 use crate::api::snapshot::{
-    ClassKind, Content, Cut, DEFAULT_CLASS_ANNOTATION, SnapshotClass, VolumeGroupSnapshot,
+    ClassKind, Content, DEFAULT_CLASS_ANNOTATION, SnapshotClass, SnapshotLike, VolumeGroupSnapshot,
     VolumeSnapshot, VolumeSnapshotClass, VolumeSnapshotSource, VolumeSnapshotSpec,
 };
 use crate::api::{BACKUP_CREATOR, BACKUP_NAME_LABEL, BACKUP_UID_LABEL};
@@ -308,7 +308,13 @@ pub async fn wait_until<K>(
     done: fn(&K) -> bool,
 ) -> Result<Vec<K>, SnapshotError>
 where
-    K: Resource<DynamicType = ()> + Cut + Clone + DeserializeOwned + Debug + Send + 'static,
+    K: Resource<DynamicType = ()>
+        + SnapshotLike
+        + Clone
+        + DeserializeOwned
+        + Debug
+        + Send
+        + 'static,
 {
     let config = watcher::Config::default().labels(&format!("{BACKUP_UID_LABEL}={backup_uid}"));
     let mut events = watcher(api.clone(), config).boxed();
@@ -414,7 +420,7 @@ pub async fn delete_all(client: &Client, backup: &Backup) -> Result<Removal, Sna
 
 /// The content bound to `snapshot` (a snapshot or a group), when it is that very object's
 /// (it names the object's uid).
-async fn own_content<S: Cut + Resource>(
+async fn own_content<S: SnapshotLike + Resource>(
     client: &Client,
     snapshot: &S,
 ) -> Result<Option<S::Content>, SnapshotError> {
